@@ -1,0 +1,80 @@
+"""plasticity_lightning: measure and maintain the plasticity of neural networks in PyTorch Lightning.
+
+The public API is re-exported here::
+
+    from plasticity_lightning import MLP, DigitsDataModule, PermutedInputs, TaskAccuracyTable
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from plasticity_lightning.callbacks import TaskAccuracyTable, TaskAwareCallback
+from plasticity_lightning.core import (
+    DataNotFoundError,
+    PlasticityConfigError,
+    TaskContext,
+    TaskProvider,
+    get_task_context,
+    per_task_accuracy_key,
+)
+from plasticity_lightning.data import (
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    ClassIncremental,
+    DigitsDataModule,
+    FashionMNISTDataModule,
+    IndexedTensorDataset,
+    LabelShuffle,
+    MNISTDataModule,
+    PermutedInputs,
+    PlasticityDataModule,
+    TaskSchedule,
+    ToyDataModule,
+    make_toy,
+)
+from plasticity_lightning.losses import build_loss, register_loss
+from plasticity_lightning.metrics import PerTaskAccuracy, per_task_accuracy
+from plasticity_lightning.models import MLP, ConvNet, ResNet18, SupervisedModule
+from plasticity_lightning.nn import Sine, activation_gain, build_activation, init_layer_, sample_init_
+
+try:
+    __version__ = version("plasticity-lightning")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "MLP",
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "ClassIncremental",
+    "ConvNet",
+    "DataNotFoundError",
+    "DigitsDataModule",
+    "FashionMNISTDataModule",
+    "IndexedTensorDataset",
+    "LabelShuffle",
+    "MNISTDataModule",
+    "PerTaskAccuracy",
+    "PermutedInputs",
+    "PlasticityConfigError",
+    "PlasticityDataModule",
+    "ResNet18",
+    "Sine",
+    "SupervisedModule",
+    "TaskAccuracyTable",
+    "TaskAwareCallback",
+    "TaskContext",
+    "TaskProvider",
+    "TaskSchedule",
+    "ToyDataModule",
+    "__version__",
+    "activation_gain",
+    "build_activation",
+    "build_loss",
+    "get_task_context",
+    "init_layer_",
+    "make_toy",
+    "per_task_accuracy",
+    "per_task_accuracy_key",
+    "register_loss",
+    "sample_init_",
+]

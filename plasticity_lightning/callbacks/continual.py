@@ -1,0 +1,178 @@
+"""Per-task accuracy bookkeeping for continual streams."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
+
+from plasticity_lightning.callbacks.base import TaskAwareCallback
+from plasticity_lightning.core.errors import check_choice, check_positive_int
+from plasticity_lightning.core.tasks import TaskContext, get_task_context, per_task_accuracy_key
+
+log = logging.getLogger(__name__)
+
+
+class TaskAccuracyTable(TaskAwareCallback):
+    """The accuracy matrix of a continual run, printed, logged and saved.
+
+    ``R[t][k]`` is the accuracy on task ``k`` at the last validation while training on task ``t`` (read from the
+    ``val/acc_task_<k>`` values that the library's models log). When a task ends the callback prints one line
+    and logs ``continual/new_task_acc`` (accuracy on the task just learned: the plasticity signal, which falls
+    when a network loses plasticity), ``continual/avg_seen_acc`` and ``continual/avg_forgetting``. At the end of
+    ``fit`` it prints the matrix (or a summary for long streams) and writes it as CSV to the log directory.
+
+    Args:
+        stage: ``"val"`` reads validation accuracies (``"test"`` reads ``test/acc_task_<k>``).
+        filename: CSV file name inside ``trainer.log_dir``; ``None`` disables the file.
+        max_printed_tasks: print the full matrix only up to this many tasks.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[TaskAccuracyTable()], logger=False, enable_progress_bar=False)
+    """
+
+    def __init__(self, stage: str = "val", filename: str | None = "task_accuracy.csv", max_printed_tasks: int = 12):
+        super().__init__()
+        self.stage = check_choice("TaskAccuracyTable", "stage", stage, ("val", "test"))
+        self.filename = filename
+        self.max_printed_tasks = check_positive_int("TaskAccuracyTable", "max_printed_tasks", max_printed_tasks)
+        self.num_tasks: int | None = None
+        self.rows: dict[int, list[float]] = {}
+        self._latest: tuple[int, list[float]] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(stage=self.stage)
+
+    # ------------------------------------------------------------------ collecting
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        context = get_task_context(trainer)
+        if context is None:
+            return
+        self.num_tasks = context.num_tasks
+        metrics = trainer.callback_metrics
+        values = []
+        for k in range(context.num_tasks):
+            value = metrics.get(per_task_accuracy_key(self.stage, k))
+            values.append(float(value) if value is not None else math.nan)
+        self._latest = (context.task_id, values)
+
+    @override
+    def on_task_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, context: TaskContext, previous_task: int | None
+    ) -> None:
+        if previous_task is not None:
+            self._finish_task(trainer, previous_task)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._latest is not None:
+            self._finish_task(trainer, self._latest[0])
+        if not self.rows or not trainer.is_global_zero:
+            return
+        self._print_matrix()
+        path = self._write_csv(trainer)
+        if path is not None:
+            rank_zero_info(f"Task accuracy matrix saved to {path}")
+
+    def _finish_task(self, trainer: pl.Trainer, task: int) -> None:
+        if self._latest is None or self._latest[0] != task or task in self.rows:
+            return
+        self.rows[task] = list(self._latest[1])
+        summary = self.summary()
+        new = self.rows[task][task]
+        rank_zero_info(
+            f"Task {task} done: accuracy on it {new:.4f} | mean over tasks 0-{task}: {summary['avg_seen_acc']:.4f}"
+            + (f" | mean forgetting {summary['avg_forgetting']:.4f}" if task > 0 else "")
+        )
+        metrics = {f"continual/{name}": value for name, value in summary.items() if not math.isnan(value)}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    # ------------------------------------------------------------------ results
+    def summary(self) -> dict[str, float]:
+        """Standard continual-learning numbers from the finished rows.
+
+        ``new_task_acc``: accuracy on the latest finished task right after learning it; ``avg_seen_acc``: mean
+        accuracy over tasks 0..t after task t; ``avg_forgetting``: mean over earlier tasks k of
+        (best accuracy on k after learning it − accuracy on k now).
+        """
+        if not self.rows:
+            return {}
+        last = max(self.rows)
+        row = self.rows[last]
+        seen = [row[k] for k in range(last + 1) if not math.isnan(row[k])]
+        forgetting = []
+        for k in range(last):
+            history = [self.rows[t][k] for t in self.rows if k <= t < last and not math.isnan(self.rows[t][k])]
+            if history and not math.isnan(row[k]):
+                forgetting.append(max(history) - row[k])
+        return {
+            "new_task_acc": row[last],
+            "avg_seen_acc": sum(seen) / len(seen) if seen else math.nan,
+            "avg_forgetting": sum(forgetting) / len(forgetting) if forgetting else math.nan,
+        }
+
+    def _print_matrix(self) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        tasks = sorted(self.rows)
+        num_tasks = self.num_tasks or (max(tasks) + 1)
+        if num_tasks <= self.max_printed_tasks:
+            table = Table(title=f"{self.stage} accuracy on task k (columns) after training on task t (rows)")
+            table.add_column("t", justify="right")
+            for k in range(num_tasks):
+                table.add_column(str(k), justify="right")
+            for t in tasks:
+                table.add_row(str(t), *("" if math.isnan(v) else f"{v:.2f}" for v in self.rows[t]))
+        else:
+            table = Table(title=f"Accuracy on the newest task ({self.stage}) — the plasticity curve")
+            table.add_column("task", justify="right")
+            table.add_column("acc right after learning it", justify="right")
+            for t in tasks:
+                table.add_row(str(t), f"{self.rows[t][t]:.3f}")
+        Console().print(table)
+        summary = self.summary()
+        Console().print(
+            "  ".join(f"{name}={value:.4f}" for name, value in summary.items() if not math.isnan(value)),
+            highlight=False,
+        )
+
+    def _write_csv(self, trainer: pl.Trainer) -> Path | None:
+        if self.filename is None:
+            return None
+        directory = Path(trainer.log_dir or trainer.default_root_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / self.filename
+        num_tasks = self.num_tasks or (max(self.rows) + 1)
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["after_task", *(f"acc_task_{k}" for k in range(num_tasks))])
+            for t in sorted(self.rows):
+                writer.writerow([t, *("" if math.isnan(v) else f"{v:.6f}" for v in self.rows[t])])
+        return path
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "num_tasks": self.num_tasks, "rows": dict(self.rows), "latest": self._latest}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.num_tasks = state_dict.get("num_tasks")
+        self.rows = {int(k): list(v) for k, v in state_dict.get("rows", {}).items()}
+        latest = state_dict.get("latest")
+        self._latest = (int(latest[0]), list(latest[1])) if latest is not None else None

@@ -1,0 +1,114 @@
+"""The ``plasticity`` command: LightningCLI over any LightningModule and LightningDataModule.
+
+.. code-block:: bash
+
+    plasticity fit --config recipes/quickstart.yaml
+    plasticity fit --model MLP --data ToyDataModule --data.dataset moons --trainer.max_epochs 50
+    plasticity fit --config recipes/cbp_cifar.yaml --config configs/trainer/gpu.yaml --config configs/logger/wandb.yaml
+    plasticity fit --config recipes/quickstart.yaml --print_config
+
+The library's models and datamodules are importable by their short names (``MLP``, ``DigitsDataModule``);
+anything else by its import path (``my_package.MyModel``). Configs compose with repeated ``--config``:
+later files override earlier ones key by key.
+
+Defaults a recipe can override: a CSV logger writing to ``runs/``, a rich progress bar (unless the recipe
+adds another progress bar or disables it), and a checkpoint callback that also keeps ``last.ckpt``.
+
+Configuration errors (bad values, missing data files) print one line and exit with status 2; set
+``PLASTICITY_TRACEBACK=1`` to see the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+# Imported for their side effect: jsonargparse resolves short class names among imported subclasses.
+import plasticity_lightning.callbacks
+import plasticity_lightning.data
+import plasticity_lightning.models  # noqa: F401
+from plasticity_lightning import __version__
+from plasticity_lightning.core.errors import DataNotFoundError
+
+DESCRIPTION = "Measure and maintain the plasticity of neural networks with PyTorch Lightning."
+DEFAULT_LOGGER = {
+    "class_path": "lightning.pytorch.loggers.CSVLogger",
+    "init_args": {"save_dir": "runs", "name": "plasticity"},
+}
+
+
+class PlasticityCLI(LightningCLI):
+    """LightningCLI with the library's conventions.
+
+    * subclass mode for model and data, so ``--model`` / ``--data`` take any class (short names for ours);
+    * the optimizer and LR scheduler are model arguments (``--model.optimizer``), not top-level
+      ``--optimizer`` flags, so a model can build parameter groups that callbacks later adjust;
+    * trainer defaults: CSV logger to ``runs/``, rich progress bar, checkpoints with ``last.ckpt``;
+    * ``--version``.
+    """
+
+    def __init__(self, args: ArgsType = None, **kwargs: Any) -> None:
+        kwargs.setdefault("model_class", pl.LightningModule)
+        kwargs.setdefault("datamodule_class", pl.LightningDataModule)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", {"version": __version__, "description": DESCRIPTION})
+        super().__init__(args=args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.set_defaults({"trainer.logger": DEFAULT_LOGGER})
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = list(config.get("callbacks") or [])
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(RichProgressBar())
+        if config.get("enable_checkpointing") is not False and not any(
+            isinstance(c, ModelCheckpoint) for c in callbacks
+        ):
+            callbacks.append(ModelCheckpoint(save_last=True))
+        kwargs.setdefault("callbacks", callbacks)
+        return super().instantiate_trainer(**kwargs)
+
+
+_CONFIG_ERRORS = (MisconfigurationException, DataNotFoundError)
+
+
+def configuration_error(err: BaseException) -> BaseException | None:
+    """The configuration error behind ``err``, if any.
+
+    jsonargparse wraps exceptions raised while it instantiates classes (e.g. ``MLP(activation="foo")``) in its
+    own ``ValueError``; the user's mistake is the cause further down the chain.
+    """
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, _CONFIG_ERRORS):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def main(args: ArgsType = None) -> None:
+    """Entry point of ``plasticity`` and ``python -m plasticity_lightning``."""
+    try:
+        PlasticityCLI(args=args)
+    except Exception as err:
+        cause = configuration_error(err)
+        if cause is None or os.environ.get("PLASTICITY_TRACEBACK"):
+            raise
+        message = " ".join(str(cause).split())  # one line, whatever the message's own layout
+        sys.stderr.write(f"plasticity: error: {message}\n")
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,45 @@
+"""LightningDataModules (toy 2-D, digits, torchvision image sets) and continual task schedules."""
+
+from plasticity_lightning.data.base import IndexedTensorDataset, PlasticityDataModule
+from plasticity_lightning.data.continual import ClassIncremental, LabelShuffle, PermutedInputs, TaskSchedule
+from plasticity_lightning.data.toy import (
+    TOY_DATASETS,
+    ToyDataModule,
+    make_circles,
+    make_moons,
+    make_spirals,
+    make_toy,
+    make_xor,
+)
+from plasticity_lightning.data.vision import (
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    DigitsDataModule,
+    FashionMNISTDataModule,
+    ImageDataModule,
+    MNISTDataModule,
+    TorchvisionDataModule,
+)
+
+__all__ = [
+    "TOY_DATASETS",
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "ClassIncremental",
+    "DigitsDataModule",
+    "FashionMNISTDataModule",
+    "ImageDataModule",
+    "IndexedTensorDataset",
+    "LabelShuffle",
+    "MNISTDataModule",
+    "PermutedInputs",
+    "PlasticityDataModule",
+    "TaskSchedule",
+    "TorchvisionDataModule",
+    "ToyDataModule",
+    "make_circles",
+    "make_moons",
+    "make_spirals",
+    "make_toy",
+    "make_xor",
+]

@@ -1,0 +1,231 @@
+"""The base datamodule: in-memory splits, dataloaders and continual task schedules.
+
+Every datamodule of the library holds its splits as tensors (:class:`IndexedTensorDataset`) and exposes
+``num_classes`` (or ``num_targets``) and ``input_shape`` so models can size themselves.
+
+Batches leave the dataloader as ``(x, y, index)``. Inside a Trainer, :meth:`on_after_batch_transfer`
+turns them into what the model sees:
+
+* training and prediction: ``(x, y)`` as they look in the current task;
+* validation and test with a ``schedule``: ``(x, y, task_ids)`` covering every evaluated task;
+* without a schedule: ``(x, y)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from plasticity_lightning.core.errors import PlasticityConfigError, check_positive_int
+from plasticity_lightning.core.tasks import TaskContext
+from plasticity_lightning.data.continual import Split, TaskSchedule
+
+_EVAL_SPLITS = ("val", "test")
+
+
+class IndexedTensorDataset(Dataset):
+    """Tensors in memory; items are ``(transform(inputs[i]), targets[i], i)``.
+
+    The index lets task schedules give each sample its own per-task label (``LabelShuffle`` random labels).
+
+    Args:
+        inputs: ``[N, ...]`` inputs (float features, or uint8 images converted by ``transform``).
+        targets: ``[N]`` class ids or ``[N, D]`` regression targets.
+        transform: optional per-item transform of the input (e.g. normalisation, augmentation).
+    """
+
+    def __init__(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        if len(inputs) != len(targets):
+            raise ValueError(f"inputs and targets differ in length: {len(inputs)} vs {len(targets)}")
+        self.inputs = inputs
+        self.targets = targets
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        x = self.inputs[index]
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, self.targets[index], index
+
+
+class PlasticityDataModule(pl.LightningDataModule):
+    """Base class of the library's datamodules.
+
+    Subclasses set ``num_classes`` (classification) or ``num_targets`` (regression) and ``input_shape`` in
+    ``__init__``, and implement :meth:`load_splits`.
+
+    Args:
+        batch_size: training batch size.
+        eval_batch_size: validation/test batch size (defaults to ``batch_size``). With a schedule, an evaluation
+            batch grows to ``eval_batch_size × evaluated tasks`` rows once expanded.
+        num_workers: dataloader worker processes.
+        pin_memory: pin host memory for faster GPU transfer.
+        schedule: optional continual task schedule (:class:`PermutedInputs`, :class:`LabelShuffle`,
+            :class:`ClassIncremental`), e.g. in YAML ``{class_path: PermutedInputs, init_args: {...}}``.
+        seed: seed of data generation and splits (independent of ``seed_everything``).
+    """
+
+    num_classes: int | None = None
+    num_targets: int | None = None
+    input_shape: tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        schedule: TaskSchedule | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        self.batch_size = check_positive_int(owner, "batch_size", batch_size)
+        self.eval_batch_size = check_positive_int(owner, "eval_batch_size", eval_batch_size or batch_size)
+        self.num_workers = check_positive_int(owner, "num_workers", num_workers, allow_zero=True)
+        self.pin_memory = pin_memory
+        if schedule is not None and not isinstance(schedule, TaskSchedule):
+            raise PlasticityConfigError(
+                f"{owner}.schedule={schedule!r} is invalid; expected a TaskSchedule such as PermutedInputs, "
+                "LabelShuffle or ClassIncremental"
+            )
+        self.schedule = schedule
+        self.seed = seed
+        self.splits: dict[str, IndexedTensorDataset] = {}
+        # Collects subclass arguments too. The schedule object stays out so checkpoints load with torch's safe
+        # `weights_only` unpickler (the CLI's saved config.yaml records it).
+        self.save_hyperparameters(ignore=["schedule"])
+
+    # ------------------------------------------------------------------ loading
+    def load_splits(self) -> dict[str, IndexedTensorDataset]:
+        """Return ``{"train": ..., "val": ..., "test": ...}``. Called once, in :meth:`setup`."""
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        if not self.splits:
+            self.splits = self.load_splits()
+        if self.schedule is not None:
+            self.schedule.bind(
+                num_classes=self.num_classes,
+                split_sizes={name: len(split) for name, split in self.splits.items()},
+                owner=type(self).__name__,
+            )
+            self._configure_reloading()
+
+    def _configure_reloading(self) -> None:
+        trainer = self._trainer_or_none()
+        if trainer is None or not self.schedule.changes_samples:
+            return
+        every = trainer.reload_dataloaders_every_n_epochs
+        if every == 0:
+            # The training set changes at task boundaries; Lightning only rebuilds dataloaders when asked to.
+            trainer.reload_dataloaders_every_n_epochs = 1
+            rank_zero_info(
+                f"{type(self).__name__}: {type(self.schedule).__name__} changes the training set between tasks; "
+                "setting trainer.reload_dataloaders_every_n_epochs=1"
+            )
+        elif self.schedule.epochs_per_task % every != 0:
+            raise PlasticityConfigError(
+                f"trainer.reload_dataloaders_every_n_epochs={every} does not divide "
+                f"{type(self.schedule).__name__}.epochs_per_task={self.schedule.epochs_per_task}; "
+                "use 1 (or a divisor) so every task starts with its own data"
+            )
+
+    # ------------------------------------------------------------------ tasks
+    def _trainer_or_none(self) -> pl.Trainer | None:
+        return getattr(self, "trainer", None)
+
+    @property
+    def current_task(self) -> int | None:
+        """Index of the task the trainer is on, or ``None`` without a schedule or trainer."""
+        trainer = self._trainer_or_none()
+        if self.schedule is None or trainer is None:
+            return None
+        return self.schedule.task_at(trainer.current_epoch, trainer.global_step)
+
+    def _eval_split(self) -> Split:
+        trainer = self._trainer_or_none()
+        return "test" if trainer is not None and (trainer.testing or trainer.predicting) else "val"
+
+    def task_context(self) -> TaskContext | None:
+        """The current task (see :class:`~plasticity_lightning.core.TaskProvider`)."""
+        task = self.current_task
+        if task is None:
+            return None
+        trainer = self._trainer_or_none()
+        if trainer is not None and trainer.training:
+            in_play: Sequence[int] = range(task + 1)
+        else:
+            in_play = self.schedule.eval_tasks(task, self._eval_split())
+        return TaskContext(
+            task_id=task, num_tasks=self.schedule.num_tasks, class_mask=self.schedule.class_mask(in_play)
+        )
+
+    # ------------------------------------------------------------------ dataloaders
+    def _split(self, name: str) -> IndexedTensorDataset:
+        if not self.splits:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before requesting dataloaders")
+        return self.splits[name]
+
+    def _task_subset(self, split: Split) -> Dataset:
+        dataset = self._split(split if split != "predict" else "test")
+        task = self.current_task
+        if task is None:
+            return dataset
+        tasks = self.schedule.train_tasks(task) if split == "train" else self.schedule.eval_tasks(task, split)
+        indices = self.schedule.subset_indices(dataset.targets, tasks, split)
+        return dataset if indices is None else Subset(dataset, indices.tolist())
+
+    def _loader(self, dataset: Dataset, *, batch_size: int, shuffle: bool) -> DataLoader:
+        reloads = self.schedule is not None and self.schedule.changes_samples
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0 and not reloads,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._task_subset("train"), batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._task_subset("val"), batch_size=self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._task_subset("test"), batch_size=self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self._split("test"), batch_size=self.eval_batch_size, shuffle=False)
+
+    # ------------------------------------------------------------------ batches
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        x, y, idx = batch
+        trainer = self._trainer_or_none()
+        task = self.current_task
+        if task is None or trainer is None:
+            return x, y
+        if trainer.training:
+            return self.schedule.transform(x, y, idx, task, "train")
+        if trainer.predicting:
+            return self.schedule.transform(x, y, idx, task, "predict")
+        split = self._eval_split()
+        return self.schedule.expand_eval(x, y, idx, self.schedule.eval_tasks(task, split), split)
+
+    def state_dict(self) -> dict[str, Any]:
+        # Nothing to save: the task is a function of the trainer's progress.
+        return {}

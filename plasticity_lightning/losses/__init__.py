@@ -1,0 +1,54 @@
+"""Losses by name, so a YAML recipe can say ``loss: cross_entropy`` or pass any ``nn.Module``.
+
+Later modules register more names (e.g. StableMax cross-entropy) with :func:`register_loss`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from plasticity_lightning.core.errors import PlasticityConfigError, check_choice
+
+_LOSSES: dict[str, tuple[Callable[[], nn.Module], str]] = {
+    "cross_entropy": (nn.CrossEntropyLoss, "classification"),
+    "mse": (nn.MSELoss, "regression"),
+    "mae": (nn.L1Loss, "regression"),
+    "huber": (nn.HuberLoss, "regression"),
+    "smooth_l1": (nn.SmoothL1Loss, "regression"),
+}
+
+DEFAULT_LOSS = {"classification": "cross_entropy", "regression": "mse"}
+
+
+def register_loss(name: str, factory: Callable[[], nn.Module], task: str) -> None:
+    """Make ``factory`` available to every model as ``loss: <name>`` for ``task`` (classification/regression)."""
+    check_choice("register_loss", "task", task, DEFAULT_LOSS)
+    _LOSSES[name] = (factory, task)
+
+
+def available_losses(task: str | None = None) -> list[str]:
+    """Names usable as ``loss`` (for one task, or all)."""
+    return [name for name, (_, kind) in _LOSSES.items() if task is None or kind == task]
+
+
+def build_loss(spec: str | nn.Module | None, task: str, *, owner: str = "") -> nn.Module:
+    """An ``nn.Module`` loss from a name, an instance, or ``None`` (the task's default).
+
+    Example::
+
+        >>> build_loss(None, "classification")
+        CrossEntropyLoss()
+    """
+    if spec is None:
+        spec = DEFAULT_LOSS[task]
+    if isinstance(spec, nn.Module):
+        return spec
+    if not isinstance(spec, str):
+        raise PlasticityConfigError(f"{owner}.loss={spec!r} is invalid; expected a loss name or an nn.Module")
+    check_choice(owner, "loss", spec, available_losses(task))
+    return _LOSSES[spec][0]()
+
+
+__all__ = ["DEFAULT_LOSS", "available_losses", "build_loss", "register_loss"]

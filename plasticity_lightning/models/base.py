@@ -1,0 +1,318 @@
+"""The one base class of every classification/regression model in the library.
+
+It owns what every model shares, so that subclasses only build layers:
+
+* loss by name or module (:func:`~plasticity_lightning.losses.build_loss`);
+* torchmetrics accuracy (classification) or MSE/MAE/R² (regression), per stage;
+* continual-task awareness: it logs the current task id, masks classes not seen yet in class-incremental
+  streams, and reports validation/test accuracy per task (current task and all tasks seen so far);
+* optimizer and LR-scheduler injection (``OptimizerCallable``), built from :meth:`parameter_groups`
+  so callbacks can later add or re-weight groups;
+* ``save_hyperparameters`` and lazy shape inference: sizes left as ``None`` are read from the
+  datamodule (``input_shape``, ``num_classes`` / ``num_targets``) in :meth:`configure_model`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, R2Score
+from torchmetrics.classification import MulticlassAccuracy
+
+from plasticity_lightning.core.errors import PlasticityConfigError, check_choice
+from plasticity_lightning.core.tasks import (
+    CURRENT_TASK_ACCURACY,
+    SEEN_TASKS_ACCURACY,
+    TASK_ID_KEY,
+    TaskContext,
+    get_task_context,
+    per_task_accuracy_key,
+)
+from plasticity_lightning.losses import build_loss
+from plasticity_lightning.metrics import PerTaskAccuracy
+
+TaskType = Literal["classification", "regression"]
+
+_STAGES = ("train", "val", "test")
+
+
+class SupervisedModule(pl.LightningModule):
+    """Shared base for supervised models (classification or regression).
+
+    Subclasses implement :meth:`build` (create layers once sizes are known), :meth:`forward`,
+    :meth:`hidden_layers` and :meth:`output_layer`, and declare which constructor arguments are sizes
+    that may be inferred (:attr:`inferred_sizes`).
+
+    Args:
+        task: ``"classification"`` (cross-entropy on logits, accuracy) or ``"regression"`` (MSE, MAE, R²).
+        loss: a loss name (``cross_entropy``, ``mse``, ``mae``, ``huber``, ``smooth_l1``, or one registered
+            later such as ``stablemax_cross_entropy``) or an ``nn.Module``. ``None`` picks the task's default.
+        optimizer: a callable that takes parameter groups and returns an optimizer, e.g.
+            ``torch.optim.SGD`` or, in YAML, ``{class_path: torch.optim.SGD, init_args: {lr: 0.01}}``.
+        lr_scheduler: optional callable that takes the optimizer and returns an LR scheduler.
+        lr_scheduler_interval: step the scheduler every ``"epoch"`` or every ``"step"``.
+        lr_scheduler_monitor: metric that ``ReduceLROnPlateau`` watches.
+        mask_unseen_classes: in class-incremental streams, give classes not yet introduced a logit of
+            ``-inf`` (Dohare et al.'s head masking), so they are never predicted and receive no gradient.
+    """
+
+    #: constructor arguments that may be ``None`` and are then read from the datamodule
+    inferred_sizes: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        *,
+        task: TaskType = "classification",
+        loss: str | nn.Module | None = None,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
+        lr_scheduler_monitor: str = "val/loss",
+        mask_unseen_classes: bool = True,
+    ) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        self.task = check_choice(owner, "task", task, ("classification", "regression"))
+        check_choice(owner, "lr_scheduler_interval", lr_scheduler_interval, ("epoch", "step"))
+        self.criterion = build_loss(loss, task, owner=owner)
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.lr_scheduler_interval = lr_scheduler_interval
+        self.lr_scheduler_monitor = lr_scheduler_monitor
+        self.mask_unseen_classes = mask_unseen_classes
+        # Collects the subclass's constructor arguments too (Lightning walks the __init__ frames). Callables and
+        # modules stay out, so checkpoints load under torch's safe `weights_only` unpickler; pass them again to
+        # `load_from_checkpoint` to continue training with them.
+        holds_object = {
+            "loss": isinstance(loss, nn.Module),
+            "optimizer": True,
+            "lr_scheduler": lr_scheduler is not None,
+        }
+        self.save_hyperparameters(ignore=[name for name, is_object in holds_object.items() if is_object])
+        self._built = False
+        # Keyed "<stage>_" because nn.Module reserves "train" as a method name.
+        self.metrics = nn.ModuleDict()
+        self.task_metrics = nn.ModuleDict()
+
+    # ------------------------------------------------------------------ building
+    def build(self) -> None:
+        """Create the layers. Called once every size in :attr:`inferred_sizes` is known."""
+        raise NotImplementedError
+
+    @property
+    def num_outputs(self) -> int:
+        """Width of the output layer (classes or regression targets)."""
+        raise NotImplementedError
+
+    def _sizes_known(self) -> bool:
+        return all(self.hparams.get(name) is not None for name in self.inferred_sizes)
+
+    def _maybe_build(self) -> None:
+        if self._built or not self._sizes_known():
+            return
+        self.build()
+        self._build_metrics()
+        self._built = True
+
+    def _require_built(self) -> None:
+        if not self._built:
+            missing = [name for name in self.inferred_sizes if self.hparams.get(name) is None]
+            raise PlasticityConfigError(
+                f"{type(self).__name__} has no layers yet: {', '.join(missing)} unknown. Pass them to the constructor, "
+                "or let a Trainer infer them from the datamodule (they are built in `configure_model`)"
+            )
+
+    def infer_sizes(self, datamodule: Any) -> dict[str, Any]:
+        """Sizes this model can read from ``datamodule``; subclasses map names (see :attr:`inferred_sizes`)."""
+        raise NotImplementedError
+
+    def configure_model(self) -> None:
+        """Resolve sizes left as ``None`` from the trainer's datamodule, then build the layers (idempotent)."""
+        if self._built:
+            self._check_against_datamodule()
+            return
+        missing = [name for name in self.inferred_sizes if self.hparams.get(name) is None]
+        if missing:
+            datamodule = self.trainer.datamodule if self._trainer is not None else None
+            if datamodule is None:
+                raise PlasticityConfigError(
+                    f"{type(self).__name__}: {', '.join(missing)} not set and no datamodule to infer "
+                    f"{'it' if len(missing) == 1 else 'them'} from; pass {', '.join(missing)} explicitly"
+                )
+            inferred = self.infer_sizes(datamodule)
+            for name in missing:
+                self.hparams[name] = inferred[name]
+        self._maybe_build()
+        self._check_against_datamodule()
+
+    def _check_against_datamodule(self) -> None:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is None:
+            return
+        try:
+            expected = self.infer_sizes(datamodule)
+        except AttributeError:
+            return  # a user's datamodule without size attributes: nothing to check against
+        for name in self.inferred_sizes:
+            given, wanted = self.hparams.get(name), expected.get(name)
+            if wanted is not None and given != wanted:
+                raise PlasticityConfigError(
+                    f"{type(self).__name__}.{name}={given!r} does not match the datamodule "
+                    f"({type(datamodule).__name__} provides {wanted!r}); set it to {wanted!r} or leave it unset"
+                )
+
+    def _build_metrics(self) -> None:
+        for stage in _STAGES:
+            if self.task == "classification":
+                collection = MetricCollection(
+                    {"acc": MulticlassAccuracy(num_classes=self.num_outputs, average="micro")}
+                )
+            else:
+                collection = MetricCollection(
+                    {
+                        "mse": MeanSquaredError(),
+                        "mae": MeanAbsoluteError(),
+                        "r2": R2Score(multioutput="uniform_average"),
+                    }
+                )
+            self.metrics[f"{stage}_"] = collection.clone(prefix=f"{stage}/")
+
+    def setup(self, stage: str) -> None:
+        # Per-task accuracy needs the stream's length, known once the datamodule is set up.
+        context = get_task_context(self.trainer)
+        if context is None or self.task != "classification":
+            self.task_metrics.clear()
+            return
+        for split in ("val_", "test_"):
+            metric = self.task_metrics[split] if split in self.task_metrics else None  # noqa: SIM401 (no .get)
+            if metric is None or metric.num_tasks != context.num_tasks:
+                self.task_metrics[split] = PerTaskAccuracy(context.num_tasks)
+
+    # ------------------------------------------------------------------ introspection for callbacks
+    def hidden_layers(self) -> list[tuple[str, nn.Module]]:
+        """Ordered ``(name, module)`` pairs whose outputs are hidden units (post-activation).
+
+        Names are those of :meth:`named_modules`, so ``layers=[...]`` arguments of callbacks can use them.
+        """
+        raise NotImplementedError
+
+    def output_layer(self) -> tuple[str, nn.Module]:
+        """``(name, module)`` of the final layer producing logits / predictions."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ optimisation
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Parameter groups handed to the optimizer callable. Override to split groups (e.g. no weight decay)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "name": "default"}]
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer(self.parameter_groups())
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": self.lr_scheduler_interval}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = self.lr_scheduler_monitor
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    # ------------------------------------------------------------------ steps
+    def _task_context(self) -> TaskContext | None:
+        return get_task_context(self._trainer) if self._trainer is not None else None
+
+    def _unpack(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if isinstance(batch, dict):
+            return batch["x"], batch["y"], batch.get("task_ids")
+        if isinstance(batch, Sequence) and len(batch) in (2, 3):
+            return batch[0], batch[1], batch[2] if len(batch) == 3 else None
+        raise PlasticityConfigError(
+            f"{type(self).__name__} expects batches (x, y) or (x, y, task_ids); got {type(batch).__name__}"
+            f"{f' of length {len(batch)}' if isinstance(batch, Sequence) else ''}"
+        )
+
+    def _outputs(self, x: torch.Tensor, context: TaskContext | None) -> torch.Tensor:
+        out = self(x)
+        masked = self.task == "classification" and self.mask_unseen_classes
+        if masked and context is not None and context.class_mask is not None:
+            out = out.masked_fill(~context.class_mask.to(out.device), float("-inf"))
+        return out
+
+    def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.task == "regression" and out.ndim == 2 and out.shape[1] == 1 and y.ndim == 1:
+            out = out.squeeze(1)
+        elif self.task == "regression":
+            y = y.to(out.dtype)
+        return self.criterion(out, y)
+
+    def _update_metrics(self, stage: str, out: torch.Tensor, y: torch.Tensor) -> None:
+        if self.task == "regression":
+            out = out.squeeze(1) if out.ndim == 2 and out.shape[1] == 1 and y.ndim == 1 else out
+            y = y.to(out.dtype)
+        self.metrics[f"{stage}_"].update(out.detach(), y)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y, _ = self._unpack(batch)
+        context = self._task_context()
+        out = self._outputs(x, context)
+        loss = self._loss(out, y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self._update_metrics("train", out, y)
+        self.log_dict(self.metrics["train_"], on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
+        if context is not None:
+            self.log(TASK_ID_KEY, float(context.task_id), on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    def _eval_step(self, stage: str, batch: Any) -> torch.Tensor:
+        x, y, task_ids = self._unpack(batch)
+        out = self._outputs(x, self._task_context())
+        loss = self._loss(out, y)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(y))
+        self._update_metrics(stage, out, y)
+        self.log_dict(self.metrics[f"{stage}_"], on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        if task_ids is not None and f"{stage}_" in self.task_metrics:
+            self.task_metrics[f"{stage}_"].update(out.detach(), y, task_ids)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._eval_step("val", batch)
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._eval_step("test", batch)
+
+    def _log_per_task(self, stage: str) -> None:
+        if f"{stage}_" not in self.task_metrics:
+            return
+        metric = self.task_metrics[f"{stage}_"]
+        if not metric.update_called:  # same on every rank: DDP samplers give each rank the same batch count
+            return
+        accuracy = metric.compute()  # synchronised across processes by torchmetrics
+        metric.reset()
+        evaluated = [k for k in range(metric.num_tasks) if not torch.isnan(accuracy[k])]
+        if not evaluated:
+            return
+        # Values are already reduced across ranks; sync_dist only averages identical numbers (and keeps
+        # Lightning from warning about epoch-level logging without it).
+        values = {per_task_accuracy_key(stage, k): accuracy[k] for k in evaluated}
+        context = self._task_context()
+        if context is not None and not torch.isnan(accuracy[context.task_id]):
+            values[CURRENT_TASK_ACCURACY.format(stage=stage)] = accuracy[context.task_id]
+        values[SEEN_TASKS_ACCURACY.format(stage=stage)] = accuracy[evaluated].mean()
+        self.log_dict(values, on_step=False, on_epoch=True, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_per_task("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_per_task("test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        x = batch[0] if isinstance(batch, Sequence) else batch["x"] if isinstance(batch, dict) else batch
+        out = self._outputs(x, self._task_context())
+        if self.task == "classification":
+            probs = out.softmax(dim=-1)
+            return {"preds": probs.argmax(dim=-1), "probs": probs}
+        return {"preds": out}

@@ -1,0 +1,129 @@
+"""Fully connected network with any depth/width profile, activation, init and optional skips."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from plasticity_lightning.core.errors import check_positive_int, check_positive_ints
+from plasticity_lightning.models.base import SupervisedModule
+from plasticity_lightning.nn import activation_gain, build_activation, init_layer_, resolve_init_scheme
+
+
+class DenseBlock(nn.Module):
+    """``act(linear(x))``, plus ``x`` when ``skip`` is on and the widths match (Neural Elements' rule).
+
+    The skip is added after the activation, so ``act``'s output is the block's units and the block's
+    output is ``units + x``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, activation: str, *, bias: bool, skip: bool) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features, bias=bias)
+        self.act = build_activation(activation)
+        self.skip = skip and in_features == out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        units = self.act(self.linear(x))
+        return units + x if self.skip else units
+
+
+class MLP(SupervisedModule):
+    """Multi-layer perceptron for classification or regression.
+
+    ``hidden_sizes`` covers depth and width at once: ``[100, 100]`` (2×100), ``[32, 8, 32]`` (bottleneck),
+    ``[256, 128, 64]`` (pyramid), ``[]`` (linear model).
+
+    Args:
+        input_dim: number of input features after flattening; ``None`` = read from the datamodule's ``input_shape``.
+        num_outputs: classes (classification) or targets (regression); ``None`` = read from the datamodule.
+        hidden_sizes: width of each hidden layer, input side first. Every entry must be a positive integer.
+        activation: one of relu, leaky_relu, tanh, sigmoid, gelu, silu, swish, sine, elu, selu, softplus, linear.
+        skip_connections: add each hidden layer's input to its output where the two widths are equal.
+        init: weight init of every layer: kaiming (= kaiming_uniform), kaiming_normal, xavier (= xavier_uniform),
+            xavier_normal, lecun (= lecun_normal), lecun_uniform or default (PyTorch's). Named schemes zero the
+            biases and use the activation's gain; the output layer uses gain 1.
+        bias: give linear layers a bias.
+        flatten: flatten inputs of any shape (e.g. images) to ``[batch, input_dim]``.
+        **kwargs: :class:`~plasticity_lightning.models.SupervisedModule` arguments (task, loss, optimizer, ...).
+
+    Example::
+
+        >>> model = MLP(input_dim=4, num_outputs=3, hidden_sizes=[8, 8], activation="tanh")
+        >>> model(torch.randn(5, 4)).shape
+        torch.Size([5, 3])
+        >>> [name for name, _ in model.hidden_layers()]
+        ['hidden.0.act', 'hidden.1.act']
+    """
+
+    inferred_sizes = ("input_dim", "num_outputs")
+
+    def __init__(
+        self,
+        input_dim: int | None = None,
+        num_outputs: int | None = None,
+        hidden_sizes: Sequence[int] = (100, 100),
+        activation: str = "relu",
+        skip_connections: bool = False,
+        init: str = "kaiming",
+        bias: bool = True,
+        flatten: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        owner = type(self).__name__
+        if input_dim is not None:
+            check_positive_int(owner, "input_dim", input_dim)
+        if num_outputs is not None:
+            check_positive_int(owner, "num_outputs", num_outputs)
+        self.hidden_sizes = check_positive_ints(owner, "hidden_sizes", hidden_sizes)
+        build_activation(activation, owner=owner)  # validates the name early
+        self.activation = activation
+        self.skip_connections = skip_connections
+        self.init = resolve_init_scheme(init, owner=owner)
+        self.bias = bias
+        self.flatten = nn.Flatten(start_dim=1) if flatten else nn.Identity()
+        self.hidden = nn.ModuleList()
+        self.head: nn.Linear | None = None
+        self._maybe_build()
+
+    @property
+    def input_dim(self) -> int | None:
+        return self.hparams["input_dim"]
+
+    @property
+    def num_outputs(self) -> int:
+        return self.hparams["num_outputs"]
+
+    def infer_sizes(self, datamodule: Any) -> dict[str, Any]:
+        outputs = datamodule.num_classes if self.task == "classification" else datamodule.num_targets
+        return {"input_dim": math.prod(datamodule.input_shape), "num_outputs": outputs}
+
+    def build(self) -> None:
+        widths = [self.input_dim, *self.hidden_sizes]
+        gain = activation_gain(self.activation)
+        self.hidden = nn.ModuleList(
+            DenseBlock(w_in, w_out, self.activation, bias=self.bias, skip=self.skip_connections)
+            for w_in, w_out in itertools.pairwise(widths)
+        )
+        for block in self.hidden:
+            init_layer_(block.linear, self.init, gain=gain)
+        self.head = init_layer_(nn.Linear(widths[-1], self.num_outputs, bias=self.bias), self.init, gain=1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._require_built()
+        h = self.flatten(x)
+        for block in self.hidden:
+            h = block(h)
+        return self.head(h)
+
+    def hidden_layers(self) -> list[tuple[str, nn.Module]]:
+        return [(f"hidden.{i}.act", block.act) for i, block in enumerate(self.hidden)]
+
+    def output_layer(self) -> tuple[str, nn.Module]:
+        return "head", self.head
