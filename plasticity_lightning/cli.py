@@ -60,7 +60,7 @@ class PlasticityCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_kwargs", {"version": __version__, "description": DESCRIPTION})
+        kwargs.setdefault("parser_kwargs", {"prog": "plasticity", "version": __version__, "description": DESCRIPTION})
         super().__init__(args=args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

@@ -79,10 +79,12 @@ class TaskAccuracyTable(TaskAwareCallback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._latest is not None:
             self._finish_task(trainer, self._latest[0])
+        # trainer.log_dir broadcasts from rank 0: every rank must ask, never only rank 0 (it would hang)
+        directory = Path(trainer.log_dir or trainer.default_root_dir)
         if not self.rows or not trainer.is_global_zero:
             return
         self._print_matrix()
-        path = self._write_csv(trainer)
+        path = self._write_csv(directory)
         if path is not None:
             rank_zero_info(f"Task accuracy matrix saved to {path}")
 
@@ -150,10 +152,9 @@ class TaskAccuracyTable(TaskAwareCallback):
             highlight=False,
         )
 
-    def _write_csv(self, trainer: pl.Trainer) -> Path | None:
+    def _write_csv(self, directory: Path) -> Path | None:
         if self.filename is None:
             return None
-        directory = Path(trainer.log_dir or trainer.default_root_dir)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / self.filename
         num_tasks = self.num_tasks or (max(self.rows) + 1)

@@ -144,6 +144,13 @@ class PlasticityDataModule(pl.LightningDataModule):
                 "use 1 (or a divisor) so every task starts with its own data"
             )
 
+    @property
+    def num_labels(self) -> int | None:
+        """Labels the model must output: ``num_classes``, or ``classes_per_task`` under a relabelling schedule."""
+        if self.schedule is None or self.num_classes is None:
+            return self.num_classes
+        return self.schedule.num_labels(self.num_classes)
+
     # ------------------------------------------------------------------ tasks
     def _trainer_or_none(self) -> pl.Trainer | None:
         return getattr(self, "trainer", None)

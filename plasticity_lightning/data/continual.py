@@ -125,6 +125,10 @@ class TaskSchedule:
             return [current_task]
         return list(range(current_task + 1))
 
+    def num_labels(self, num_classes: int) -> int:
+        """Distinct labels the model must output under this schedule."""
+        return num_classes
+
     # ------------------------------------------------------------------ data hooks
     def train_tasks(self, task: int) -> list[int]:
         """Tasks whose data the training set holds while on ``task``."""
@@ -338,6 +342,9 @@ class ClassIncremental(TaskSchedule):
         self.class_to_task[used] = torch.arange(len(used)) // self.classes_per_task
         self.class_to_local = torch.full((num_classes,), -1, dtype=torch.long)
         self.class_to_local[used] = torch.arange(len(used)) % self.classes_per_task
+
+    def num_labels(self, num_classes: int) -> int:
+        return self.classes_per_task if self.relabel else num_classes
 
     def task_classes(self, task: int) -> torch.Tensor:
         """Original class ids introduced by ``task``."""

@@ -69,13 +69,25 @@ class PixelTransform:
         return x
 
 
-def _stratified_split(targets: torch.Tensor, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(kept, held-out) row indices, the held-out share stratified by class."""
+def _stratified_split(
+    targets: torch.Tensor, fraction: float, seed: int, *, field: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held-out) row indices; the held-out share is stratified by class where the counts allow it."""
     rows = np.arange(len(targets))
     if fraction == 0:
         return rows, rows[:0]
-    kept, held = train_test_split(rows, test_size=fraction, random_state=seed, stratify=targets.numpy())
-    return np.sort(kept), np.sort(held)
+    labels = targets.numpy()
+    counts = np.bincount(labels)
+    held = int(np.ceil(fraction * len(rows)))
+    if held >= len(rows):
+        raise PlasticityConfigError(
+            f"{field}={fraction} holds out all {len(rows)} images, leaving none for training; lower it"
+        )
+    classes = int((counts > 0).sum())
+    # Stratifying needs two rows per class and room for every class on both sides (tiny synthetic sets lack it).
+    stratify = labels if counts[counts > 0].min() >= 2 and classes <= held <= len(rows) - classes else None
+    kept, held_out = train_test_split(rows, test_size=held, random_state=seed, stratify=stratify)
+    return np.sort(kept), np.sort(held_out)
 
 
 class ImageDataModule(PlasticityDataModule):
@@ -109,7 +121,9 @@ class ImageDataModule(PlasticityDataModule):
     def load_splits(self) -> dict[str, IndexedTensorDataset]:
         arrays = self.load_arrays()
         images, targets = arrays["train"]
-        kept, held = _stratified_split(targets, self.val_fraction, self.seed)
+        kept, held = _stratified_split(
+            targets, self.val_fraction, self.seed, field=f"{type(self).__name__}.val_fraction"
+        )
         mean, std = (self.mean, self.std) if self.normalize else (None, None)
         plain = PixelTransform(self.pixel_max, mean, std)
         train = PixelTransform(self.pixel_max, mean, std, self.augmentation() if self.augment else None)
@@ -164,10 +178,14 @@ class DigitsDataModule(ImageDataModule):
         digits = load_digits()
         images = torch.as_tensor(digits.images, dtype=torch.uint8).unsqueeze(1)
         targets = torch.as_tensor(digits.target, dtype=torch.long)
-        rest, test = _stratified_split(targets, self.test_fraction, self.seed)
+        rest, test = _stratified_split(
+            targets, self.test_fraction, self.seed, field=f"{type(self).__name__}.test_fraction"
+        )
         # val_fraction is a share of all images; re-express it as a share of what is left after the test split
         val_share = self.val_fraction / (1 - self.test_fraction)
-        train_rows, val_rows = _stratified_split(targets[rest], val_share, self.seed)
+        train_rows, val_rows = _stratified_split(
+            targets[rest], val_share, self.seed, field=f"{type(self).__name__}.val_fraction"
+        )
         train, val = rest[train_rows], rest[val_rows]
         mean, std = (self.mean, self.std) if self.normalize else (None, None)
         transform = PixelTransform(self.pixel_max, mean, std)

@@ -96,7 +96,7 @@ class ConvNet(SupervisedModule):
                 f"ConvNet needs square image inputs (C, H, W); {type(datamodule).__name__}.input_shape={shape}"
             )
         self._check_input_size(shape[1])
-        return {"num_classes": datamodule.num_classes, "in_channels": shape[0], "input_size": shape[1]}
+        return {"num_classes": self.labels_of(datamodule), "in_channels": shape[0], "input_size": shape[1]}
 
     def build(self) -> None:
         gain = activation_gain(self.activation)

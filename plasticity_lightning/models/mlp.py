@@ -101,7 +101,7 @@ class MLP(SupervisedModule):
         return self.hparams["num_outputs"]
 
     def infer_sizes(self, datamodule: Any) -> dict[str, Any]:
-        outputs = datamodule.num_classes if self.task == "classification" else datamodule.num_targets
+        outputs = self.labels_of(datamodule) if self.task == "classification" else datamodule.num_targets
         return {"input_dim": math.prod(datamodule.input_shape), "num_outputs": outputs}
 
     def build(self) -> None:

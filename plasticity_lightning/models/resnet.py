@@ -91,7 +91,7 @@ class ResNet18(SupervisedModule):
             raise PlasticityConfigError(
                 f"ResNet18 needs image inputs (C, H, W); {type(datamodule).__name__}.input_shape={shape}"
             )
-        return {"num_classes": datamodule.num_classes, "in_channels": shape[0]}
+        return {"num_classes": self.labels_of(datamodule), "in_channels": shape[0]}
 
     def build(self) -> None:
         net = ResNet(

@@ -1,0 +1,242 @@
+"""The `plasticity` command: recipes, config composition, subcommands and error messages."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import RECIPES, REPO
+
+from plasticity_lightning.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _argv(monkeypatch):
+    # main(args) stands in for the command line; pytest's own arguments must not look like plasticity's
+    monkeypatch.setattr(sys, "argv", ["plasticity"])
+
+
+CIFAR_RECIPES = {"convnet_cifar10_pairs.yaml", "resnet18_cifar100.yaml"}
+OFFLINE = ["--data.init_args.synthetic=true", "--data.init_args.num_workers=0"]
+
+
+def _offline_args(recipe: Path) -> list[str]:
+    return OFFLINE if recipe.name in CIFAR_RECIPES else []
+
+
+def _print_config(args, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args, "--print_config"])
+    assert exit_info.value.code in (None, 0)
+    return capsys.readouterr().out
+
+
+def test_recipes_exist():
+    assert {"quickstart.yaml", "mlp_spirals.yaml", "convnet_cifar10_pairs.yaml", "resnet18_cifar100.yaml"} <= {
+        r.name for r in RECIPES
+    }
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r.stem)
+def test_recipe_print_config_round_trips(recipe, in_tmp, capsys):
+    first = _print_config(["--config", str(recipe)], capsys)
+    dumped = in_tmp / "dumped.yaml"
+    dumped.write_text(first)
+    assert _print_config(["--config", str(dumped)], capsys) == first
+    config = yaml.safe_load(first)
+    assert config["model"]["class_path"].startswith("plasticity_lightning.models.")
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r.stem)
+def test_recipe_fast_dev_run(recipe, in_tmp):
+    main(
+        [
+            "fit",
+            "--config",
+            str(recipe),
+            "--trainer.fast_dev_run=1",
+            "--trainer.accelerator=cpu",
+            *_offline_args(recipe),
+        ]
+    )
+
+
+def test_quickstart_through_the_console_script_prints_per_task_accuracy(in_tmp):
+    args = [
+        "fit",
+        "--config",
+        str(REPO / "recipes" / "quickstart.yaml"),
+        "--trainer.max_epochs=6",
+        "--trainer.enable_progress_bar=false",
+        "--data.init_args.schedule.init_args.epochs_per_task=2",
+    ]
+    result = subprocess.run(
+        [Path(sys.executable).with_name("plasticity"), *args], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "Task 0 done: accuracy on it" in output and "Task 2 done" in output
+    run = in_tmp / "runs" / "quickstart" / "version_0"
+    assert (run / "task_accuracy.csv").exists() and (run / "checkpoints" / "last.ckpt").exists()
+    with (run / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    accuracies = [float(r["val/acc_task_0"]) for r in rows if r.get("val/acc_task_0")]
+    assert len(accuracies) == 6 and accuracies[1] > 0.8  # task 0 is learned before the first switch
+
+
+def test_module_entry_point_prints_the_version():
+    import plasticity_lightning
+
+    result = subprocess.run(
+        [sys.executable, "-m", "plasticity_lightning", "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"plasticity {plasticity_lightning.__version__}"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["fit", "--help"], ["test", "--help"]])
+def test_help(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: plasticity")
+    if args[0] == "fit":
+        assert "--model.help [CLASS_PATH_OR_NAME]" in text and "--trainer.max_epochs" in text
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_other_subcommands(subcommand, in_tmp):
+    main([subcommand, "--config", str(REPO / "recipes" / "quickstart.yaml"), "--trainer.fast_dev_run=1"])
+
+
+def test_short_class_names_on_the_command_line(in_tmp):
+    main(
+        [
+            "fit",
+            "--model",
+            "MLP",
+            "--model.hidden_sizes=[8]",
+            "--data",
+            "ToyDataModule",
+            "--data.dataset",
+            "moons",
+            "--trainer.fast_dev_run=1",
+        ]
+    )
+
+
+def test_fragments_compose(in_tmp, capsys):
+    recipe = str(REPO / "recipes" / "mlp_spirals.yaml")
+    fragments = ["configs/trainer/cpu.yaml", "configs/logger/tensorboard.yaml", "configs/callbacks/task_accuracy.yaml"]
+    args = ["--config", recipe]
+    for fragment in fragments:
+        args += ["--config", str(REPO / fragment)]
+    config = yaml.safe_load(_print_config(args, capsys))
+    assert config["trainer"]["accelerator"] == "cpu" and config["trainer"]["precision"] == "32-true"
+    assert config["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.TensorBoardLogger"
+    assert [c["class_path"] for c in config["trainer"]["callbacks"]] == [
+        "plasticity_lightning.callbacks.TaskAccuracyTable"
+    ]
+    assert config["model"]["init_args"]["activation"] == "sine"  # the recipe's values survive
+
+
+@pytest.mark.parametrize("fragment", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.stem)
+def test_every_fragment_parses_with_the_quickstart(fragment, in_tmp, capsys):
+    _print_config(["--config", str(REPO / "recipes" / "quickstart.yaml"), "--config", str(fragment)], capsys)
+
+
+def test_wandb_fragment_runs_offline(in_tmp, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(in_tmp))
+    main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "recipes" / "quickstart.yaml"),
+            "--config",
+            str(REPO / "configs" / "logger" / "wandb.yaml"),
+            "--trainer.logger.init_args.offline=true",
+            "--trainer.max_steps=3",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    assert list(in_tmp.rglob("offline-run-*")), "W&B wrote no offline run"
+
+
+def _run_error(args, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("plasticity: error:")]
+    assert len(lines) == 1
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model.activation", "foo"], "MLP.activation='foo' is not supported; choose one of: relu"),
+        (["--model.hidden_sizes", "[64, -3]"], "MLP.hidden_sizes[1]=-3 is invalid"),
+        (["--data.schedule.num_tasks", "0"], "PermutedInputs.num_tasks=0 is invalid"),
+    ],
+)
+def test_bad_values_give_one_line(extra, message, in_tmp, capsys):
+    line = _run_error(
+        ["fit", "--config", str(REPO / "recipes" / "quickstart.yaml"), *extra, "--trainer.fast_dev_run=1"], capsys
+    )
+    assert message in line
+
+
+def test_unknown_dataset_gives_one_line(in_tmp, capsys):
+    line = _run_error(["fit", "--model", "MLP", "--data", "ToyDataModule", "--data.dataset", "swiss_roll"], capsys)
+    assert "ToyDataModule.dataset='swiss_roll' is not supported; choose one of: xor, moons, circles, spirals" in line
+
+
+def test_missing_cifar_without_the_switch_gives_one_line(in_tmp, capsys):
+    line = _run_error(
+        [
+            "fit",
+            "--config",
+            str(REPO / "recipes" / "resnet18_cifar100.yaml"),
+            "--data.init_args.download=false",
+            "--data.init_args.num_workers=0",
+            "--trainer.fast_dev_run=1",
+        ],
+        capsys,
+    )
+    assert "CIFAR100DataModule: no CIFAR100 files in data_dir='data'" in line and "synthetic: true" in line
+
+
+def test_traceback_on_request(in_tmp, monkeypatch):
+    monkeypatch.setenv("PLASTICITY_TRACEBACK", "1")
+    with pytest.raises(Exception, match=r"MLP\.activation='foo'"):
+        main(["fit", "--model", "MLP", "--model.activation", "foo", "--data", "DigitsDataModule"])
+
+
+@pytest.mark.skipif(os.cpu_count() < 2, reason="needs two CPU cores for two DDP processes")
+def test_ddp_two_cpu_processes(in_tmp):
+    args = [
+        "fit",
+        "--config",
+        str(REPO / "recipes" / "quickstart.yaml"),
+        "--config",
+        str(REPO / "configs" / "trainer" / "cpu.yaml"),
+        "--config",
+        str(REPO / "configs" / "trainer" / "ddp.yaml"),
+        "--trainer.devices=2",
+        "--trainer.max_epochs=2",
+        "--trainer.enable_progress_bar=false",
+        "--data.init_args.schedule.init_args.epochs_per_task=1",
+    ]
+    result = subprocess.run(
+        [Path(sys.executable).with_name("plasticity"), *args], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with (in_tmp / "runs" / "quickstart" / "version_0" / "metrics.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/acc_task_1")]
+    assert len(rows) == 1 and 0 <= float(rows[0]["val/acc_task_0"]) <= 1

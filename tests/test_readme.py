@@ -1,0 +1,43 @@
+"""The README's promises: two set-up commands first, CI runs them verbatim, and the snippet works."""
+
+import re
+import runpy
+import shlex
+
+from conftest import REPO
+
+README = (REPO / "README.md").read_text()
+
+
+def _setup_commands() -> list[str]:
+    first_block = re.search(r"```bash\n(.*?)```", README, re.S)
+    assert first_block is not None and README.index(first_block.group(0)) < README.index("## ")
+    return [line for line in first_block.group(1).splitlines() if line.strip()]
+
+
+def test_readme_starts_with_exactly_two_setup_commands():
+    install_and_run, install_and_test = _setup_commands()
+    assert install_and_run == 'pip install -e ".[all]" && plasticity fit --config recipes/quickstart.yaml'
+    assert install_and_test.startswith('pip install -e ".[test]" && pytest')
+    assert shlex.split(install_and_run)[3] == ".[all]"
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "python3 -m venv" in ci and "set -euo pipefail" in ci
+    # CI takes the command from the README itself, so the two cannot drift apart
+    assert "README.md" in ci
+    assert (REPO / ".ci" / "run").stat().st_mode & 0o111
+
+
+def test_own_trainer_snippet_runs(in_tmp, capsys):
+    match = re.search(r"<!-- snippet: own-trainer.*?-->\n```python\n(.*?)```", README, re.S)
+    assert match, "README lost its own-trainer snippet"
+    script = in_tmp / "snippet.py"
+    script.write_text(match.group(1))
+    namespace = runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "step 0: task 0 of 3 begins" in out and "task 2 of 3 begins" in out
+    table = next(cb for cb in namespace["trainer"].callbacks if type(cb).__name__ == "TaskAccuracyTable")
+    assert sorted(table.rows) == [0, 1, 2]
+    assert table.rows[2][2] > 0.7  # the last task is learned
