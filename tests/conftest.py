@@ -6,6 +6,7 @@ import os
 import struct
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 
@@ -23,6 +24,20 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Run in a fresh directory so runs/ and data/ land in tmp."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def make_trainer(root: Path, **kwargs) -> pl.Trainer:
+    """A quiet CPU Trainer for tests: no logger, progress bar, summary or checkpoints unless asked for."""
+    defaults = {
+        "default_root_dir": root,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "accelerator": "cpu",
+        "devices": 1,
+    }
+    return pl.Trainer(**{**defaults, **kwargs})
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

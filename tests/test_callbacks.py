@@ -6,25 +6,17 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from conftest import make_trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from plasticity_lightning import MLP, DigitsDataModule, PermutedInputs, PlasticityConfigError, TaskAccuracyTable
 
 
-def _fit(tmp_path, table, *, epochs=3, epochs_per_task=1, logger=None):
+def _fit(tmp_path, callbacks, *, epochs=3, epochs_per_task=1, logger=False):
     pl.seed_everything(0)
     model = MLP(hidden_sizes=[64], optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
     dm = DigitsDataModule(batch_size=64, schedule=PermutedInputs(num_tasks=3, epochs_per_task=epochs_per_task))
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=epochs,
-        logger=logger or False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        callbacks=[table],
-        num_sanity_val_steps=0,
-    )
+    trainer = make_trainer(tmp_path, max_epochs=epochs, logger=logger, callbacks=callbacks, num_sanity_val_steps=0)
     trainer.fit(model, dm)
     return trainer
 
@@ -44,21 +36,7 @@ class Snapshot(pl.Callback):
 
 def test_matrix_rows_are_the_last_validation_of_each_task(tmp_path, capsys, caplog):
     table, snapshot = TaskAccuracyTable(), Snapshot()
-    pl.seed_everything(0)
-    model = MLP(hidden_sizes=[64], optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
-    dm = DigitsDataModule(batch_size=64, schedule=PermutedInputs(num_tasks=3, epochs_per_task=2))
-    logger = CSVLogger(tmp_path, name="run")
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=6,
-        logger=logger,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        callbacks=[snapshot, table],
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(model, dm)
+    _fit(tmp_path, [snapshot, table], epochs=6, epochs_per_task=2, logger=CSVLogger(tmp_path, name="run"))
     # validation after epochs 1, 3, 5 closes tasks 0, 1, 2
     expected = {t: snapshot.rows[2 * t + 1] for t in range(3)}
     assert set(table.rows) == {0, 1, 2}
@@ -86,7 +64,7 @@ def test_matrix_rows_are_the_last_validation_of_each_task(tmp_path, capsys, capl
 
 def test_state_dict_round_trip_and_pickle(tmp_path):
     table = pickle.loads(pickle.dumps(TaskAccuracyTable(filename=None)))  # picklable before use (DDP spawn)
-    _fit(tmp_path, table)
+    _fit(tmp_path, [table])
     state = table.state_dict()
     restored = TaskAccuracyTable(filename=None)
     restored.load_state_dict(pickle.loads(pickle.dumps(state)))
@@ -98,17 +76,8 @@ def test_state_dict_round_trip_and_pickle(tmp_path):
 
 def test_without_tasks_nothing_is_recorded(tmp_path):
     table = TaskAccuracyTable()
-    model = MLP(hidden_sizes=[8])
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        callbacks=[table],
-    )
-    trainer.fit(model, DigitsDataModule())
+    trainer = make_trainer(tmp_path, max_epochs=1, callbacks=[table])
+    trainer.fit(MLP(hidden_sizes=[8]), DigitsDataModule())
     assert table.rows == {} and not (tmp_path / "task_accuracy.csv").exists()
 
 

@@ -27,6 +27,14 @@ def _offline_args(recipe: Path) -> list[str]:
     return OFFLINE if recipe.name in CIFAR_RECIPES else []
 
 
+def _console_script(args: list[str]) -> subprocess.CompletedProcess:
+    """Run the installed `plasticity` script, as a user would, and require success."""
+    script = Path(sys.executable).with_name("plasticity")
+    result = subprocess.run([script, *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def _print_config(args, capsys) -> str:
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", *args, "--print_config"])
@@ -73,10 +81,7 @@ def test_quickstart_through_the_console_script_prints_per_task_accuracy(in_tmp):
         "--trainer.enable_progress_bar=false",
         "--data.init_args.schedule.init_args.epochs_per_task=2",
     ]
-    result = subprocess.run(
-        [Path(sys.executable).with_name("plasticity"), *args], capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _console_script(args)
     output = result.stdout + result.stderr
     assert "Task 0 done: accuracy on it" in output and "Task 2 done" in output
     run = in_tmp / "runs" / "quickstart" / "version_0"
@@ -233,10 +238,7 @@ def test_ddp_two_cpu_processes(in_tmp):
         "--trainer.enable_progress_bar=false",
         "--data.init_args.schedule.init_args.epochs_per_task=1",
     ]
-    result = subprocess.run(
-        [Path(sys.executable).with_name("plasticity"), *args], capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    _console_script(args)
     with (in_tmp / "runs" / "quickstart" / "version_0" / "metrics.csv").open() as f:
         rows = [r for r in csv.DictReader(f) if r.get("val/acc_task_1")]
     assert len(rows) == 1 and 0 <= float(rows[0]["val/acc_task_0"]) <= 1

@@ -1,6 +1,6 @@
-import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import make_trainer
 
 from plasticity_lightning import (
     MLP,
@@ -16,17 +16,7 @@ from plasticity_lightning import (
 
 
 def _trainer(tmp_path, **kwargs):
-    defaults = dict(
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        accelerator="cpu",
-        devices=1,
-        num_sanity_val_steps=0,
-    )
-    return pl.Trainer(**{**defaults, **kwargs})
+    return make_trainer(tmp_path, num_sanity_val_steps=0, **kwargs)
 
 
 def _bound(schedule, num_classes=10, sizes=None):

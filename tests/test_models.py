@@ -1,6 +1,6 @@
-import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import make_trainer
 from torch import nn
 
 from plasticity_lightning import (
@@ -15,16 +15,7 @@ from plasticity_lightning.nn import ACTIVATIONS
 
 
 def _trainer(tmp_path, **kwargs):
-    defaults = dict(
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        accelerator="cpu",
-        devices=1,
-    )
-    return pl.Trainer(**{**defaults, **kwargs})
+    return make_trainer(tmp_path, **kwargs)
 
 
 def _hook_order(model, x):
@@ -132,6 +123,11 @@ def test_explicit_size_mismatch_is_reported(tmp_path):
     trainer = _trainer(tmp_path, fast_dev_run=True)
     with pytest.raises(PlasticityConfigError, match=r"MLP.num_outputs=3 does not match the datamodule"):
         trainer.fit(model, DigitsDataModule())
+
+
+def test_regression_model_on_a_classification_datamodule_is_a_clear_error(tmp_path):
+    with pytest.raises(PlasticityConfigError, match=r"MLP\(task='regression'\): DigitsDataModule does not provide"):
+        _trainer(tmp_path, fast_dev_run=True).fit(MLP(task="regression"), DigitsDataModule())
 
 
 def test_optimizer_and_scheduler_injection():

@@ -71,6 +71,17 @@ def check_fraction(owner: str, name: str, value: Any, *, low_open: bool = False,
     return float(value)
 
 
+def check_split_fractions(owner: str, val_fraction: Any, test_fraction: Any) -> tuple[float, float]:
+    """Validate held-out shares: each in [0, 1) and together leaving rows for training."""
+    val = check_fraction(owner, "val_fraction", val_fraction)
+    test = check_fraction(owner, "test_fraction", test_fraction)
+    if val + test >= 1:
+        raise PlasticityConfigError(
+            f"{owner}: val_fraction + test_fraction = {val + test} leaves no training rows; keep their sum below 1"
+        )
+    return val, test
+
+
 def check_positive_float(owner: str, name: str, value: Any, *, allow_zero: bool = False) -> float:
     """Return ``value`` if it is a number > 0 (or >= 0), else raise a clear error."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -15,11 +15,10 @@ import numpy as np
 import torch
 
 from plasticity_lightning.core.errors import (
-    PlasticityConfigError,
     check_choice,
-    check_fraction,
     check_positive_float,
     check_positive_int,
+    check_split_fractions,
 )
 from plasticity_lightning.data.base import IndexedTensorDataset, PlasticityDataModule
 
@@ -159,13 +158,7 @@ class ToyDataModule(PlasticityDataModule):
         self.noise = None if noise is None else check_positive_float(owner, "noise", noise, allow_zero=True)
         self.factor = check_positive_float(owner, "factor", factor)
         self.n_turns = check_positive_float(owner, "n_turns", n_turns)
-        self.val_fraction = check_fraction(owner, "val_fraction", val_fraction)
-        self.test_fraction = check_fraction(owner, "test_fraction", test_fraction)
-        if self.val_fraction + self.test_fraction >= 1:
-            raise PlasticityConfigError(
-                f"{owner}: val_fraction + test_fraction = {self.val_fraction + self.test_fraction} leaves no "
-                "training rows; keep their sum below 1"
-            )
+        self.val_fraction, self.test_fraction = check_split_fractions(owner, val_fraction, test_fraction)
 
     def load_splits(self) -> dict[str, IndexedTensorDataset]:
         extra = {"factor": self.factor} if self.dataset == "circles" else {}

@@ -36,6 +36,7 @@ from plasticity_lightning.core.errors import (
     PlasticityConfigError,
     check_fraction,
     check_positive_int,
+    check_split_fractions,
 )
 from plasticity_lightning.data.base import IndexedTensorDataset, PlasticityDataModule
 
@@ -164,13 +165,7 @@ class DigitsDataModule(ImageDataModule):
 
     def __init__(self, val_fraction: float = 0.2, test_fraction: float = 0.2, **kwargs: Any) -> None:
         super().__init__(val_fraction=val_fraction, **kwargs)
-        owner = type(self).__name__
-        self.test_fraction = check_fraction(owner, "test_fraction", test_fraction)
-        if self.val_fraction + self.test_fraction >= 1:
-            raise PlasticityConfigError(
-                f"{owner}: val_fraction + test_fraction = {self.val_fraction + self.test_fraction} leaves no "
-                "training images; keep their sum below 1"
-            )
+        self.val_fraction, self.test_fraction = check_split_fractions(type(self).__name__, val_fraction, test_fraction)
 
     def load_splits(self) -> dict[str, IndexedTensorDataset]:
         from sklearn.datasets import load_digits

@@ -24,7 +24,7 @@ from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, R2Score
 from torchmetrics.classification import MulticlassAccuracy
 
-from plasticity_lightning.core.errors import PlasticityConfigError, check_choice
+from plasticity_lightning.core.errors import PlasticityConfigError, check_choice, check_positive_int
 from plasticity_lightning.core.tasks import (
     CURRENT_TASK_ACCURACY,
     SEEN_TASKS_ACCURACY,
@@ -63,6 +63,8 @@ class SupervisedModule(pl.LightningModule):
 
     #: constructor arguments that may be ``None`` and are then read from the datamodule
     inferred_sizes: tuple[str, ...] = ()
+    #: architectures that only make sense as classifiers reject ``task="regression"``
+    classification_only: bool = False
 
     def __init__(
         self,
@@ -78,6 +80,8 @@ class SupervisedModule(pl.LightningModule):
         super().__init__()
         owner = type(self).__name__
         self.task = check_choice(owner, "task", task, ("classification", "regression"))
+        if self.classification_only and task != "classification":
+            raise PlasticityConfigError(f"{owner}.task={task!r} is not supported; {owner} is a classifier")
         check_choice(owner, "lr_scheduler_interval", lr_scheduler_interval, ("epoch", "step"))
         self.criterion = build_loss(loss, task, owner=owner)
         self.optimizer = optimizer
@@ -119,6 +123,12 @@ class SupervisedModule(pl.LightningModule):
         self._build_metrics()
         self._built = True
 
+    def _check_sizes(self, **sizes: int | None) -> None:
+        """Validate size arguments that may be ``None`` (inferred later) but otherwise must be positive ints."""
+        for name, value in sizes.items():
+            if value is not None:
+                check_positive_int(type(self).__name__, name, value)
+
     def _require_built(self) -> None:
         if not self._built:
             missing = [name for name in self.inferred_sizes if self.hparams.get(name) is None]
@@ -151,6 +161,13 @@ class SupervisedModule(pl.LightningModule):
                     f"{'it' if len(missing) == 1 else 'them'} from; pass {', '.join(missing)} explicitly"
                 )
             inferred = self.infer_sizes(datamodule)
+            unknown = [name for name in missing if inferred.get(name) is None]
+            if unknown:
+                raise PlasticityConfigError(
+                    f"{type(self).__name__}(task={self.task!r}): {type(datamodule).__name__} does not provide "
+                    f"{', '.join(unknown)}; pass {'it' if len(unknown) == 1 else 'them'} explicitly or use a "
+                    f"{'classification' if self.task == 'classification' else 'regression'} datamodule"
+                )
             for name in missing:
                 self.hparams[name] = inferred[name]
         self._maybe_build()

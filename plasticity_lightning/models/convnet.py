@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from plasticity_lightning.core.errors import PlasticityConfigError, check_positive_int
+from plasticity_lightning.core.errors import PlasticityConfigError
 from plasticity_lightning.models.base import SupervisedModule
 from plasticity_lightning.nn import activation_gain, build_activation, init_layer_, resolve_init_scheme
 
@@ -50,6 +50,7 @@ class ConvNet(SupervisedModule):
     """
 
     inferred_sizes = ("num_classes", "in_channels", "input_size")
+    classification_only = True
 
     def __init__(
         self,
@@ -60,14 +61,9 @@ class ConvNet(SupervisedModule):
         init: str = "default",
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("task", "classification")
         super().__init__(**kwargs)
         owner = type(self).__name__
-        if self.task != "classification":
-            raise PlasticityConfigError(f"{owner}.task={self.task!r} is not supported; ConvNet is a classifier")
-        for name, value in (("num_classes", num_classes), ("in_channels", in_channels), ("input_size", input_size)):
-            if value is not None:
-                check_positive_int(owner, name, value)
+        self._check_sizes(num_classes=num_classes, in_channels=in_channels, input_size=input_size)
         if input_size is not None:
             self._check_input_size(input_size)
         build_activation(activation, owner=owner)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from plasticity_lightning.core.errors import check_positive_int, check_positive_ints
+from plasticity_lightning.core.errors import check_positive_ints
 from plasticity_lightning.models.base import SupervisedModule
 from plasticity_lightning.nn import activation_gain, build_activation, init_layer_, resolve_init_scheme
 
@@ -77,10 +77,7 @@ class MLP(SupervisedModule):
     ) -> None:
         super().__init__(**kwargs)
         owner = type(self).__name__
-        if input_dim is not None:
-            check_positive_int(owner, "input_dim", input_dim)
-        if num_outputs is not None:
-            check_positive_int(owner, "num_outputs", num_outputs)
+        self._check_sizes(input_dim=input_dim, num_outputs=num_outputs)
         self.hidden_sizes = check_positive_ints(owner, "hidden_sizes", hidden_sizes)
         build_activation(activation, owner=owner)  # validates the name early
         self.activation = activation

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from plasticity_lightning.core.errors import PlasticityConfigError, check_positive_int
+from plasticity_lightning.core.errors import PlasticityConfigError
 from plasticity_lightning.models.base import SupervisedModule
 
 
@@ -59,6 +59,7 @@ class ResNet18(SupervisedModule):
     """
 
     inferred_sizes = ("num_classes", "in_channels")
+    classification_only = True
 
     def __init__(
         self,
@@ -68,14 +69,8 @@ class ResNet18(SupervisedModule):
         zero_init_residual: bool = False,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("task", "classification")
         super().__init__(**kwargs)
-        owner = type(self).__name__
-        if self.task != "classification":
-            raise PlasticityConfigError(f"{owner}.task={self.task!r} is not supported; ResNet18 is a classifier")
-        for name, value in (("num_classes", num_classes), ("in_channels", in_channels)):
-            if value is not None:
-                check_positive_int(owner, name, value)
+        self._check_sizes(num_classes=num_classes, in_channels=in_channels)
         self.cifar_stem = cifar_stem
         self.zero_init_residual = zero_init_residual
         self.net: ResNet | None = None
