@@ -21,13 +21,15 @@ Configuration errors (bad values, missing data files) print one line and exit wi
 from __future__ import annotations
 
 import os
+import re
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 # Imported for their side effect: jsonargparse resolves short class names among imported subclasses.
 import plasticity_lightning.callbacks
@@ -41,6 +43,49 @@ DEFAULT_LOGGER = {
     "class_path": "lightning.pytorch.loggers.CSVLogger",
     "init_args": {"save_dir": "runs", "name": "plasticity"},
 }
+
+
+def _library_classes(base: type) -> list[str]:
+    """Short names of the library's concrete subclasses of ``base`` (what ``--model``/``--data`` accept)."""
+    found: list[str] = []
+    pending = list(base.__subclasses__())
+    while pending:
+        cls = pending.pop(0)
+        pending.extend(cls.__subclasses__())
+        if cls.__module__.startswith("plasticity_lightning") and not cls.__name__.startswith("_"):
+            found.append(cls.__name__)
+    return sorted(set(found) - {"SupervisedModule", "PlasticityDataModule", "ImageDataModule", "TorchvisionDataModule"})
+
+
+def summarize_parser_error(message: str) -> str:
+    """One line from jsonargparse's multi-line parse error: the field, the bad value and what is allowed."""
+    keys = list(dict.fromkeys(re.findall(r'Parser key "([^"]+)"', message)))
+    value_match = re.search(r"Got value: (.*)", message) or re.search(r"Given value: (.*)", message)
+    value = value_match.group(1).strip() if value_match else "?"
+    if keys and keys[0] in ("model", "data") and ("dot import path" in message or "not accessible" in message):
+        base, example = (pl.LightningModule, "MyModel") if keys[0] == "model" else (pl.LightningDataModule, "MyData")
+        return (
+            f"--{keys[0]} {value}: no such class; use one of {', '.join(_library_classes(base))}, "
+            f"or a full import path such as my_package.{example}"
+        )
+    expected = [name for name in re.findall(r"Expected a <class '([^']+)'>", message) if name != "NoneType"]
+    field = ".".join(keys) if keys else "argument"
+    if expected:
+        return f"{field}={value!r} is invalid; expected {' or '.join(dict.fromkeys(expected))}"
+    skip = ("Subtypes", "Errors", "Given value", "Does not validate")
+    lines = [line.strip(" -") for line in message.splitlines() if line.strip() and not line.strip().startswith(skip)]
+    return " ".join(lines)[:400]
+
+
+class PlasticityArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser with one-line errors instead of a page of usage text."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get("PLASTICITY_TRACEBACK"):
+            super().error(message, ex)
+        prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
+        sys.stderr.write(f"plasticity: error: {summarize_parser_error(message)} (see: {prog} --help)\n")
+        sys.exit(2)
 
 
 class PlasticityCLI(LightningCLI):
@@ -61,6 +106,7 @@ class PlasticityCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"prog": "plasticity", "version": __version__, "description": DESCRIPTION})
+        kwargs.setdefault("parser_class", PlasticityArgumentParser)
         super().__init__(args=args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -68,7 +114,7 @@ class PlasticityCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         config = self._get(self.config_init, "trainer", default={})
-        callbacks = list(config.get("callbacks") or [])
+        callbacks = _without_duplicates(list(config.get("callbacks") or []))
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(RichProgressBar())
         if config.get("enable_checkpointing") is not False and not any(
@@ -77,6 +123,24 @@ class PlasticityCLI(LightningCLI):
             callbacks.append(ModelCheckpoint(save_last=True))
         kwargs.setdefault("callbacks", callbacks)
         return super().instantiate_trainer(**kwargs)
+
+
+def _without_duplicates(callbacks: list[Callback]) -> list[Callback]:
+    """Drop a callback that repeats an earlier one's type and state key.
+
+    Composed configs easily add the same monitor twice (a recipe lists it, a fragment adds it again); Lightning
+    would refuse two stateful callbacks with one state key. The first occurrence (the recipe's) is kept.
+    """
+    kept: list[Callback] = []
+    seen: set[tuple[type, str]] = set()
+    for callback in callbacks:
+        key = (type(callback), callback.state_key)
+        if key in seen:
+            rank_zero_info(f"plasticity: {type(callback).__name__} is configured twice; keeping the first one")
+            continue
+        seen.add(key)
+        kept.append(callback)
+    return kept
 
 
 _CONFIG_ERRORS = (MisconfigurationException, DataNotFoundError)

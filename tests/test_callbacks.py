@@ -51,8 +51,9 @@ def test_matrix_rows_are_the_last_validation_of_each_task(tmp_path, capsys, capl
 
     with (tmp_path / "run" / "version_0" / "task_accuracy.csv").open() as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["after_task", "acc_task_0", "acc_task_1", "acc_task_2"]
-    assert float(rows[3][3]) == pytest.approx(expected[2][2], abs=1e-6) and rows[1][2] == ""
+    assert rows[0] == ["after_task", "complete", "acc_task_0", "acc_task_1", "acc_task_2"]
+    assert [row[1] for row in rows[1:]] == ["1", "1", "1"]
+    assert float(rows[3][4]) == pytest.approx(expected[2][2], abs=1e-6) and rows[1][3] == ""
     with (tmp_path / "run" / "version_0" / "metrics.csv").open() as f:
         logged = [row for row in csv.DictReader(f) if row.get("continual/new_task_acc")]
     assert len(logged) == 3
@@ -79,6 +80,29 @@ def test_without_tasks_nothing_is_recorded(tmp_path):
     trainer = make_trainer(tmp_path, max_epochs=1, callbacks=[table])
     trainer.fit(MLP(hidden_sizes=[8]), DigitsDataModule())
     assert table.rows == {} and not (tmp_path / "task_accuracy.csv").exists()
+
+
+def test_a_task_cut_short_is_reported_as_unfinished(tmp_path, caplog):
+    table = TaskAccuracyTable()
+    logger = CSVLogger(tmp_path, name="cut")
+    _fit(tmp_path, [table], epochs=3, epochs_per_task=2, logger=logger)  # task 1 gets one of its two epochs
+    assert sorted(table.rows) == [0] and table.partial is not None and table.partial[0] == 1
+    assert any("Task 1 stopped before its end" in r.getMessage() for r in caplog.records)
+    assert not any(r.getMessage().startswith("Task 1 done") for r in caplog.records)
+    with (tmp_path / "cut" / "version_0" / "task_accuracy.csv").open() as f:
+        rows = list(csv.reader(f))
+    assert [row[:2] for row in rows[1:]] == [["0", "1"], ["1", "0"]]
+    with (tmp_path / "cut" / "version_0" / "metrics.csv").open() as f:
+        logged = [row for row in csv.DictReader(f) if row.get("continual/new_task_acc")]
+    assert len(logged) == 1  # only the finished task is logged as finished
+
+
+def test_no_logger_no_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    table = TaskAccuracyTable()
+    _fit(tmp_path, [table], epochs=2)
+    assert sorted(table.rows) == [0, 1]
+    assert not list(tmp_path.rglob("task_accuracy.csv"))
 
 
 def test_bad_arguments():

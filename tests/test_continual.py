@@ -1,3 +1,4 @@
+import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import make_trainer
@@ -279,3 +280,112 @@ def test_no_schedule_means_no_task_context(tmp_path):
     model = NoTask()
     trainer.fit(model, DigitsDataModule(batch_size=16))
     assert not any(key.startswith("val/acc_task") for key in trainer.callback_metrics)
+
+
+class TaskAtValidation(pl.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.seen.append((trainer.global_step, get_task_context(trainer).task_id))
+
+
+def test_step_schedule_validation_right_after_a_task_reports_that_task(tmp_path, recwarn):
+    from plasticity_lightning import TaskAccuracyTable
+
+    probe, table = TaskAtValidation(), TaskAccuracyTable(filename=None)
+    dm = DigitsDataModule(batch_size=32, schedule=PermutedInputs(num_tasks=3, steps_per_task=10))
+    trainer = _trainer(
+        tmp_path, max_steps=30, val_check_interval=10, check_val_every_n_epoch=None, callbacks=[probe, table]
+    )
+    trainer.fit(Recorder(), dm)
+    # the step counter already points at the next task when validation runs; the task reported is the one trained
+    assert probe.seen == [(10, 0), (20, 1), (30, 2)]
+    assert sorted(table.rows) == [0, 1, 2]
+    assert not [w for w in recwarn if "runs past the last" in str(w.message)]
+
+
+def test_logged_task_id_is_current_at_every_logged_step(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    dm = DigitsDataModule(batch_size=32, schedule=PermutedInputs(num_tasks=5, steps_per_task=7))
+    trainer = _trainer(
+        tmp_path, max_steps=35, limit_val_batches=0, log_every_n_steps=10, logger=CSVLogger(tmp_path, name="ids")
+    )
+    trainer.fit(Recorder(), dm)
+    with (tmp_path / "ids" / "version_0" / "metrics.csv").open() as f:
+        rows = [r for r in __import__("csv").DictReader(f) if r.get("task_id")]
+    assert [int(r["step"]) for r in rows] == [9, 19, 29]
+    assert [int(float(r["task_id"])) for r in rows] == [step // 7 for step in (9, 19, 29)]
+
+
+def test_eval_on_current_and_all(tmp_path):
+    for eval_on, expected in (("current", lambda t: [t]), ("all", lambda t: [0, 1, 2])):
+        model = Recorder()
+        dm = DigitsDataModule(batch_size=64, schedule=PermutedInputs(num_tasks=3, epochs_per_task=1, eval_on=eval_on))
+        trainer = _trainer(tmp_path, max_epochs=2)
+        trainer.fit(model, dm)
+        for task, _, _, task_ids in model.val_seen:
+            assert sorted(task_ids.unique().tolist()) == expected(task)
+        metrics = trainer.callback_metrics
+        if eval_on == "all":
+            # after training tasks 0 and 1: "seen" averages those two, "all" includes the untrained task 2
+            seen = (metrics["val/acc_task_0"] + metrics["val/acc_task_1"]) / 2
+            assert metrics["val/acc_seen_tasks"] == pytest.approx(seen.item())
+            everything = (metrics["val/acc_task_0"] + metrics["val/acc_task_1"] + metrics["val/acc_task_2"]) / 3
+            assert metrics["val/acc_all_tasks"] == pytest.approx(everything.item())
+        else:
+            assert metrics["val/acc_current_task"] == metrics["val/acc_task_1"] == metrics["val/acc_seen_tasks"]
+
+
+def test_label_shuffle_validation_uses_the_task_labels(tmp_path):
+    model = Recorder()
+    schedule = LabelShuffle(num_tasks=2, epochs_per_task=3)
+    trainer = _trainer(tmp_path, max_epochs=6)
+    trainer.fit(model, DigitsDataModule(batch_size=32, schedule=schedule))
+    # validation labels are the task's relabelled classes: a model that learned the task scores far above chance
+    assert trainer.callback_metrics["val/acc_task_1"] > 0.8
+    last_validation_ids = [ids for task, _, _, ids in model.val_seen if task == 1][-1]
+    assert set(last_validation_ids.tolist()) == {0, 1}
+
+
+def test_class_pairs_with_relabelling_size_the_head_from_the_schedule(tmp_path):
+    model = MLP(hidden_sizes=[32], optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    schedule = ClassIncremental(classes_per_task=2, cumulative=False, relabel=True, epochs_per_task=2)
+    trainer = _trainer(tmp_path, max_epochs=4)
+    trainer.fit(model, DigitsDataModule(batch_size=32, schedule=schedule))
+    assert model.num_outputs == 2 and model.head.out_features == 2
+    assert trainer.callback_metrics["val/acc_task_1"] > 0.8
+
+
+def test_validate_and_test_from_a_checkpoint_report_the_trained_tasks(tmp_path, monkeypatch):
+    import sys
+
+    from conftest import REPO
+
+    from plasticity_lightning.cli import PlasticityCLI
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["plasticity"])
+    recipe = str(REPO / "recipes" / "quickstart.yaml")
+    common = [
+        "--config",
+        recipe,
+        "--trainer.enable_progress_bar=false",
+        "--data.init_args.schedule.init_args.epochs_per_task=1",
+    ]
+    PlasticityCLI(args=["fit", *common, "--trainer.max_epochs=2"])
+    checkpoint = str(tmp_path / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt")
+    validate = PlasticityCLI(args=["validate", *common, "--ckpt_path", checkpoint])
+    metrics = validate.trainer.callback_metrics
+    assert "val/acc_task_1" in metrics and "val/acc_task_2" not in metrics  # trained through task 1
+    assert metrics["val/acc_current_task"] == metrics["val/acc_task_1"]
+    tested = PlasticityCLI(args=["test", *common, "--ckpt_path", checkpoint]).trainer.callback_metrics
+    assert tested["test/acc_current_task"] == tested["test/acc_task_1"]
+    assert tested["test/acc_seen_tasks"] == pytest.approx(
+        ((tested["test/acc_task_0"] + tested["test/acc_task_1"]) / 2).item()
+    )
+    assert tested["test/acc_all_tasks"] == pytest.approx(
+        torch.stack([tested[f"test/acc_task_{k}"] for k in range(10)]).mean().item()
+    )

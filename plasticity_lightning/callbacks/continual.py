@@ -30,7 +30,8 @@ class TaskAccuracyTable(TaskAwareCallback):
 
     Args:
         stage: ``"val"`` reads validation accuracies (``"test"`` reads ``test/acc_task_<k>``).
-        filename: CSV file name inside ``trainer.log_dir``; ``None`` disables the file.
+        filename: CSV file name inside ``trainer.log_dir`` (written when the trainer has a logger); ``None``
+            disables the file.
         max_printed_tasks: print the full matrix only up to this many tasks.
 
     Example::
@@ -47,10 +48,15 @@ class TaskAccuracyTable(TaskAwareCallback):
         self.num_tasks: int | None = None
         self.rows: dict[int, list[float]] = {}
         self._latest: tuple[int, list[float]] | None = None
+        self.partial: tuple[int, list[float]] | None = None  # the unfinished task when fit stopped mid-task
+        self._state_key: str | None = None
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(stage=self.stage)
+        # Lightning reads state_key around every hook call (profiler names): build it once.
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(stage=self.stage)
+        return self._state_key
 
     # ------------------------------------------------------------------ collecting
     @override
@@ -77,27 +83,38 @@ class TaskAccuracyTable(TaskAwareCallback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.partial = None
         if self._latest is not None:
-            self._finish_task(trainer, self._latest[0])
+            task = self._latest[0]
+            completed = getattr(trainer.datamodule, "task_completed", None)
+            if callable(completed) and completed() is False:
+                # stopped before the task's scheduled end: report it as such; a resumed fit finishes it
+                self.partial = (task, list(self._latest[1]))
+                rank_zero_info(f"Task {task} stopped before its end: accuracy on it so far {self._latest[1][task]:.4f}")
+            else:
+                self._finish_task(trainer, task)
         # trainer.log_dir broadcasts from rank 0: every rank must ask, never only rank 0 (it would hang)
         directory = Path(trainer.log_dir or trainer.default_root_dir)
-        if not self.rows or not trainer.is_global_zero:
+        if not (self.rows or self.partial) or not trainer.is_global_zero:
             return
         self._print_matrix()
-        path = self._write_csv(directory)
-        if path is not None:
-            rank_zero_info(f"Task accuracy matrix saved to {path}")
+        # no logger (or fast_dev_run's dummy one) means no run directory to write into
+        if trainer.loggers and not trainer.fast_dev_run:
+            path = self._write_csv(directory)
+            if path is not None:
+                rank_zero_info(f"Task accuracy matrix saved to {path}")
 
     def _finish_task(self, trainer: pl.Trainer, task: int) -> None:
         if self._latest is None or self._latest[0] != task or task in self.rows:
             return
         self.rows[task] = list(self._latest[1])
         summary = self.summary()
-        new = self.rows[task][task]
-        rank_zero_info(
-            f"Task {task} done: accuracy on it {new:.4f} | mean over tasks 0-{task}: {summary['avg_seen_acc']:.4f}"
-            + (f" | mean forgetting {summary['avg_forgetting']:.4f}" if task > 0 else "")
-        )
+        message = f"Task {task} done: accuracy on it {self.rows[task][task]:.4f}"
+        if not math.isnan(summary["avg_seen_acc"]):
+            message += f" | mean over tasks 0-{task}: {summary['avg_seen_acc']:.4f}"
+        if not math.isnan(summary["avg_forgetting"]):
+            message += f" | mean forgetting {summary['avg_forgetting']:.4f}"
+        rank_zero_info(message)
         metrics = {f"continual/{name}": value for name, value in summary.items() if not math.isnan(value)}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
@@ -108,13 +125,16 @@ class TaskAccuracyTable(TaskAwareCallback):
 
         ``new_task_acc``: accuracy on the latest finished task right after learning it; ``avg_seen_acc``: mean
         accuracy over tasks 0..t after task t; ``avg_forgetting``: mean over earlier tasks k of
-        (best accuracy on k after learning it − accuracy on k now).
+        (best accuracy on k after learning it − accuracy on k now). The last two are NaN when validation did not
+        evaluate the earlier tasks (``eval_on: current``).
         """
         if not self.rows:
             return {}
         last = max(self.rows)
         row = self.rows[last]
         seen = [row[k] for k in range(last + 1) if not math.isnan(row[k])]
+        if len(seen) < last + 1:
+            seen = []  # earlier tasks were not evaluated: no mean over "all seen tasks" to report
         forgetting = []
         for k in range(last):
             history = [self.rows[t][k] for t in self.rows if k <= t < last and not math.isnan(self.rows[t][k])]
@@ -126,43 +146,58 @@ class TaskAccuracyTable(TaskAwareCallback):
             "avg_forgetting": sum(forgetting) / len(forgetting) if forgetting else math.nan,
         }
 
+    def _table_rows(self) -> list[tuple[int, list[float], bool]]:
+        """(task, row, complete) for every finished task, then the unfinished one if fit stopped mid-task."""
+        rows = [(t, self.rows[t], True) for t in sorted(self.rows)]
+        if self.partial is not None and self.partial[0] not in self.rows:
+            rows.append((self.partial[0], self.partial[1], False))
+        return rows
+
     def _print_matrix(self) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        tasks = sorted(self.rows)
-        num_tasks = self.num_tasks or (max(tasks) + 1)
+        rows = self._table_rows()
+        num_tasks = self.num_tasks or (max(t for t, _, _ in rows) + 1)
         if num_tasks <= self.max_printed_tasks:
             table = Table(title=f"{self.stage} accuracy on task k (columns) after training on task t (rows)")
             table.add_column("t", justify="right")
             for k in range(num_tasks):
                 table.add_column(str(k), justify="right")
-            for t in tasks:
-                table.add_row(str(t), *("" if math.isnan(v) else f"{v:.2f}" for v in self.rows[t]))
+            for t, row, complete in rows:
+                table.add_row(f"{t}" if complete else f"{t}*", *("" if math.isnan(v) else f"{v:.2f}" for v in row))
         else:
             table = Table(title=f"Accuracy on the newest task ({self.stage}) — the plasticity curve")
             table.add_column("task", justify="right")
             table.add_column("acc right after learning it", justify="right")
-            for t in tasks:
-                table.add_row(str(t), f"{self.rows[t][t]:.3f}")
-        Console().print(table)
+            # an evenly spaced selection (first and last included) keeps long streams readable
+            step = max(1, math.ceil(len(rows) / self.max_printed_tasks))
+            for index in sorted({*range(0, len(rows), step), len(rows) - 1}):
+                t, row, complete = rows[index]
+                table.add_row(f"{t}" if complete else f"{t}*", f"{row[t]:.3f}")
+        console = Console()
+        console.print(table)
+        if self.partial is not None:
+            console.print("* training stopped before this task's end", highlight=False)
         summary = self.summary()
-        Console().print(
-            "  ".join(f"{name}={value:.4f}" for name, value in summary.items() if not math.isnan(value)),
-            highlight=False,
-        )
+        if summary:
+            console.print(
+                "  ".join(f"{name}={value:.4f}" for name, value in summary.items() if not math.isnan(value)),
+                highlight=False,
+            )
 
     def _write_csv(self, directory: Path) -> Path | None:
         if self.filename is None:
             return None
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / self.filename
-        num_tasks = self.num_tasks or (max(self.rows) + 1)
+        rows = self._table_rows()
+        num_tasks = self.num_tasks or (max(t for t, _, _ in rows) + 1)
         with path.open("w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["after_task", *(f"acc_task_{k}" for k in range(num_tasks))])
-            for t in sorted(self.rows):
-                writer.writerow([t, *("" if math.isnan(v) else f"{v:.6f}" for v in self.rows[t])])
+            writer.writerow(["after_task", "complete", *(f"acc_task_{k}" for k in range(num_tasks))])
+            for t, row, complete in rows:
+                writer.writerow([t, int(complete), *("" if math.isnan(v) else f"{v:.6f}" for v in row)])
         return path
 
     # ------------------------------------------------------------------ state

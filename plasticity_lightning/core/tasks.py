@@ -63,10 +63,11 @@ def get_task_context(trainer: pl.Trainer | None) -> TaskContext | None:
     """
     if trainer is None:
         return None
-    candidates = (getattr(trainer, "datamodule", None), getattr(trainer, "lightning_module", None))
-    for provider in candidates:
-        if provider is not None and isinstance(provider, TaskProvider):
-            context = provider.task_context()
+    # Called by every task-aware callback on every batch: a plain attribute lookup, not a runtime Protocol check.
+    for provider in (getattr(trainer, "datamodule", None), getattr(trainer, "lightning_module", None)):
+        task_context = getattr(provider, "task_context", None)
+        if callable(task_context):
+            context = task_context()
             if context is not None:
                 return context
     return None
@@ -78,5 +79,6 @@ def per_task_accuracy_key(stage: str, task: int) -> str:
 
 
 CURRENT_TASK_ACCURACY = "{stage}/acc_current_task"
-SEEN_TASKS_ACCURACY = "{stage}/acc_seen_tasks"
+SEEN_TASKS_ACCURACY = "{stage}/acc_seen_tasks"  # mean over the tasks trained so far
+ALL_TASKS_ACCURACY = "{stage}/acc_all_tasks"  # mean over every evaluated task, trained or not
 TASK_ID_KEY = "task_id"

@@ -105,6 +105,8 @@ class PlasticityDataModule(pl.LightningDataModule):
         self.schedule = schedule
         self.seed = seed
         self.splits: dict[str, IndexedTensorDataset] = {}
+        self._context_cache: tuple[Any, TaskContext] | None = None
+        self._trained_task: int | None = None
         # Collects subclass arguments too. The schedule object stays out so checkpoints load with torch's safe
         # `weights_only` unpickler (the CLI's saved config.yaml records it).
         self.save_hyperparameters(ignore=["schedule"])
@@ -115,8 +117,11 @@ class PlasticityDataModule(pl.LightningDataModule):
         raise NotImplementedError
 
     def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self._trained_task = None  # a resumed fit restores it from the checkpoint right after setup
         if not self.splits:
             self.splits = self.load_splits()
+        self._context_cache = None
         if self.schedule is not None:
             self.schedule.bind(
                 num_classes=self.num_classes,
@@ -155,13 +160,32 @@ class PlasticityDataModule(pl.LightningDataModule):
     def _trainer_or_none(self) -> pl.Trainer | None:
         return getattr(self, "trainer", None)
 
-    @property
-    def current_task(self) -> int | None:
-        """Index of the task the trainer is on, or ``None`` without a schedule or trainer."""
+    def _scheduled_task(self) -> int | None:
+        """The task the schedule assigns to the trainer's next training step."""
         trainer = self._trainer_or_none()
         if self.schedule is None or trainer is None:
             return None
         return self.schedule.task_at(trainer.current_epoch, trainer.global_step)
+
+    @property
+    def current_task(self) -> int | None:
+        """The task being trained: that of the latest training batch (before any, the scheduled one).
+
+        Evaluation therefore reports the task just trained, even right after a task's last step (when the step
+        counter already points into the next task) and in ``validate``/``test`` runs restored from a checkpoint
+        (which keeps this value in the datamodule's state). ``None`` without a schedule or trainer.
+        """
+        if self.schedule is None or self._trainer_or_none() is None:
+            return None
+        return self._trained_task if self._trained_task is not None else self._scheduled_task()
+
+    def task_completed(self) -> bool | None:
+        """Whether the trainer has finished all the steps of :attr:`current_task` (``None`` without tasks)."""
+        trainer = self._trainer_or_none()
+        task = self.current_task
+        if task is None:
+            return None
+        return self.schedule.position(trainer.current_epoch, trainer.global_step) > task
 
     def _eval_split(self) -> Split:
         trainer = self._trainer_or_none()
@@ -173,13 +197,14 @@ class PlasticityDataModule(pl.LightningDataModule):
         if task is None:
             return None
         trainer = self._trainer_or_none()
-        if trainer is not None and trainer.training:
-            in_play: Sequence[int] = range(task + 1)
-        else:
-            in_play = self.schedule.eval_tasks(task, self._eval_split())
-        return TaskContext(
-            task_id=task, num_tasks=self.schedule.num_tasks, class_mask=self.schedule.class_mask(in_play)
-        )
+        training = trainer is not None and trainer.training
+        split = "train" if training else self._eval_split()
+        key = (task, split, self.schedule.eval_on)
+        if self._context_cache is None or self._context_cache[0] != key:  # asked on every batch by every callback
+            in_play: Sequence[int] = range(task + 1) if training else self.schedule.eval_tasks(task, split)
+            context = TaskContext(task, self.schedule.num_tasks, self.schedule.class_mask(in_play))
+            self._context_cache = (key, context)
+        return self._context_cache[1]
 
     # ------------------------------------------------------------------ dataloaders
     def _split(self, name: str) -> IndexedTensorDataset:
@@ -192,7 +217,10 @@ class PlasticityDataModule(pl.LightningDataModule):
         task = self.current_task
         if task is None:
             return dataset
-        tasks = self.schedule.train_tasks(task) if split == "train" else self.schedule.eval_tasks(task, split)
+        if split == "train":  # built at the start of an epoch, for the task about to be trained
+            tasks = self.schedule.train_tasks(self._scheduled_task())
+        else:
+            tasks = self.schedule.eval_tasks(task, split)
         indices = self.schedule.subset_indices(dataset.targets, tasks, split)
         return dataset if indices is None else Subset(dataset, indices.tolist())
 
@@ -223,16 +251,21 @@ class PlasticityDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         x, y, idx = batch
         trainer = self._trainer_or_none()
-        task = self.current_task
-        if task is None or trainer is None:
+        if self.schedule is None or trainer is None:
             return x, y
         if trainer.training:
-            return self.schedule.transform(x, y, idx, task, "train")
+            self._trained_task = self._scheduled_task()
+            return self.schedule.transform(x, y, idx, self._trained_task, "train")
+        task = self.current_task
         if trainer.predicting:
             return self.schedule.transform(x, y, idx, task, "predict")
         split = self._eval_split()
         return self.schedule.expand_eval(x, y, idx, self.schedule.eval_tasks(task, split), split)
 
     def state_dict(self) -> dict[str, Any]:
-        # Nothing to save: the task is a function of the trainer's progress.
-        return {}
+        # The schedule is a function of the trainer's progress; only the task last trained needs keeping, for
+        # validate/test runs restored from a checkpoint (their epoch and step counters start at 0).
+        return {"trained_task": self._trained_task}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._trained_task = state_dict.get("trained_task")

@@ -102,9 +102,13 @@ class TaskSchedule:
         self.split_sizes = dict(split_sizes)
         _ = self.num_tasks  # fails clearly when it cannot be known
 
+    def position(self, epoch: int, step: int) -> int:
+        """Unclamped task index at ``epoch`` / optimizer ``step`` (``num_tasks`` or more once the stream is over)."""
+        return epoch // self.epochs_per_task if self.epochs_per_task is not None else step // self.steps_per_task
+
     def task_at(self, epoch: int, step: int) -> int:
         """Task index for a trainer at ``epoch`` / optimizer ``step`` (clamped to the last task)."""
-        task = epoch // self.epochs_per_task if self.epochs_per_task is not None else step // self.steps_per_task
+        task = self.position(epoch, step)
         if task >= self.num_tasks:
             if not self._warned_past_end:
                 unit = "epochs" if self.epochs_per_task is not None else "steps"
@@ -219,7 +223,9 @@ class LabelShuffle(TaskSchedule):
     Args:
         mode: ``"permute_classes"``: a random bijection of the class ids per task (every sample of class c gets
             label π_t(c)); ``"random_labels"``: every sample gets its own uniformly random label per task
-            (the random-label memorisation stream of Kumar et al. and Lyle et al.).
+            (the random-label memorisation stream of Kumar et al. and Lyle et al.). With random labels the
+            validation and test splits get random labels of their own, so their accuracy is chance by
+            construction: judge memorisation by the training accuracy (``train/acc``).
         first_task_identity: keep the true labels in task 0.
         **kwargs: :class:`TaskSchedule` arguments.
     """

@@ -117,7 +117,10 @@ class ToyDataModule(PlasticityDataModule):
     """One of Neural Elements' 2-D binary toy sets, split into train/val/test.
 
     The rows come out of the generator shuffled; the last ``test_fraction`` of them form the test split and
-    the ``val_fraction`` before those the validation split.
+    the ``val_fraction`` before those the validation split. Neural Elements itself trains and measures on all
+    rows (phases 3–6) and, for generalisation (phase 7), re-permutes them and holds out 20%; our split of the
+    already shuffled rows is equally random but not the same rows. Studies that need Neural Elements' exact
+    protocol take the arrays from :func:`make_toy`.
 
     Args:
         dataset: ``xor``, ``moons``, ``circles`` or ``spirals``.

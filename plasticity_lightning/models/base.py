@@ -26,6 +26,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from plasticity_lightning.core.errors import PlasticityConfigError, check_choice, check_positive_int
 from plasticity_lightning.core.tasks import (
+    ALL_TASKS_ACCURACY,
     CURRENT_TASK_ACCURACY,
     SEEN_TASKS_ACCURACY,
     TASK_ID_KEY,
@@ -160,7 +161,14 @@ class SupervisedModule(pl.LightningModule):
                     f"{type(self).__name__}: {', '.join(missing)} not set and no datamodule to infer "
                     f"{'it' if len(missing) == 1 else 'them'} from; pass {', '.join(missing)} explicitly"
                 )
-            inferred = self.infer_sizes(datamodule)
+            try:
+                inferred = self.infer_sizes(datamodule)
+            except AttributeError as err:
+                raise PlasticityConfigError(
+                    f"{type(self).__name__}: {', '.join(missing)} not set, and {type(datamodule).__name__} cannot "
+                    f"provide them ({err}); pass {', '.join(missing)} explicitly, or give the datamodule "
+                    "input_shape and num_classes (num_targets for regression)"
+                ) from err
             unknown = [name for name in missing if inferred.get(name) is None]
             if unknown:
                 raise PlasticityConfigError(
@@ -234,7 +242,10 @@ class SupervisedModule(pl.LightningModule):
         return [{"params": [p for p in self.parameters() if p.requires_grad], "name": "default"}]
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer(self.parameter_groups())
+        try:
+            optimizer = self.optimizer(self.parameter_groups())
+        except (ValueError, TypeError) as err:  # torch's own checks, e.g. "Invalid learning rate: -1"
+            raise PlasticityConfigError(f"{type(self).__name__}.optimizer: {err}") from err
         if self.lr_scheduler is None:
             return optimizer
         scheduler = self.lr_scheduler(optimizer)
@@ -285,8 +296,7 @@ class SupervisedModule(pl.LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         self._update_metrics("train", out, y)
         self.log_dict(self.metrics["train_"], on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
-        # self.log costs ~0.3 ms; the task id only needs to reach the logger when the logger writes
-        if context is not None and batch_idx % max(1, self.trainer.log_every_n_steps) == 0:
+        if context is not None:  # every step: Lightning writes the last logged value, which must be current
             self.log(TASK_ID_KEY, float(context.task_id), on_step=True, on_epoch=False)
         return loss
 
@@ -322,9 +332,13 @@ class SupervisedModule(pl.LightningModule):
         # Lightning from warning about epoch-level logging without it).
         values = {per_task_accuracy_key(stage, k): accuracy[k] for k in evaluated}
         context = self._task_context()
-        if context is not None and not torch.isnan(accuracy[context.task_id]):
-            values[CURRENT_TASK_ACCURACY.format(stage=stage)] = accuracy[context.task_id]
-        values[SEEN_TASKS_ACCURACY.format(stage=stage)] = accuracy[evaluated].mean()
+        if context is not None:
+            if not torch.isnan(accuracy[context.task_id]):
+                values[CURRENT_TASK_ACCURACY.format(stage=stage)] = accuracy[context.task_id]
+            seen = [k for k in evaluated if k <= context.task_id]  # trained so far; never a future task
+            if seen:
+                values[SEEN_TASKS_ACCURACY.format(stage=stage)] = accuracy[seen].mean()
+        values[ALL_TASKS_ACCURACY.format(stage=stage)] = accuracy[evaluated].mean()
         self.log_dict(values, on_step=False, on_epoch=True, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:

@@ -36,7 +36,9 @@ class ResNet18(SupervisedModule):
     """ResNet-18 for small images, as used for class-incremental CIFAR-100 by Dohare et al.
 
     The stem is a 3×3 stride-1 convolution without max-pooling (32×32 inputs keep their resolution
-    into ``layer1``); the rest is torchvision's ResNet-18 with :class:`CIFARBasicBlock` blocks.
+    into ``layer1``); the rest is torchvision's ResNet-18 with :class:`CIFARBasicBlock` blocks. Convolutions
+    have no bias, as in torchvision (each is followed by BatchNorm, whose shift makes a bias redundant);
+    Dohare et al.'s variant keeps conv biases, which changes the parameter count but not the function class.
 
     Hidden layers (17, as in the reference analysis): the stem activation and, per block, ``act1``
     (inner units) and ``act2`` (block output).
