@@ -7,7 +7,17 @@ The public API is re-exported here::
 
 from importlib.metadata import PackageNotFoundError, version
 
-from plasticity_lightning.callbacks import TaskAccuracyTable, TaskAwareCallback
+from plasticity_lightning.callbacks import (
+    DormantUnitMonitor,
+    EntropyMonitor,
+    GradientFlowMonitor,
+    LearningDynamics,
+    PlasticityMonitor,
+    RankMonitor,
+    TaskAccuracyTable,
+    TaskAwareCallback,
+    WeightMonitor,
+)
 from plasticity_lightning.core import (
     DataNotFoundError,
     PlasticityConfigError,
@@ -32,9 +42,19 @@ from plasticity_lightning.data import (
     make_toy,
 )
 from plasticity_lightning.losses import build_loss, register_loss
-from plasticity_lightning.metrics import PerTaskAccuracy, per_task_accuracy
+from plasticity_lightning.metrics import (
+    PerTaskAccuracy,
+    approximate_rank,
+    dynamics_summary,
+    effective_rank,
+    numerical_rank,
+    per_task_accuracy,
+    srank,
+    stable_rank,
+)
 from plasticity_lightning.models import MLP, ConvNet, ResNet18, SupervisedModule
 from plasticity_lightning.nn import Sine, activation_gain, build_activation, init_layer_, sample_init_
+from plasticity_lightning.probes import ProbeSet, capture_outputs
 
 try:
     __version__ = version("plasticity-lightning")
@@ -49,14 +69,21 @@ __all__ = [
     "ConvNet",
     "DataNotFoundError",
     "DigitsDataModule",
+    "DormantUnitMonitor",
+    "EntropyMonitor",
     "FashionMNISTDataModule",
+    "GradientFlowMonitor",
     "IndexedTensorDataset",
     "LabelShuffle",
+    "LearningDynamics",
     "MNISTDataModule",
     "PerTaskAccuracy",
     "PermutedInputs",
     "PlasticityConfigError",
     "PlasticityDataModule",
+    "PlasticityMonitor",
+    "ProbeSet",
+    "RankMonitor",
     "ResNet18",
     "Sine",
     "SupervisedModule",
@@ -66,15 +93,23 @@ __all__ = [
     "TaskProvider",
     "TaskSchedule",
     "ToyDataModule",
+    "WeightMonitor",
     "__version__",
     "activation_gain",
+    "approximate_rank",
     "build_activation",
     "build_loss",
+    "capture_outputs",
+    "dynamics_summary",
+    "effective_rank",
     "get_task_context",
     "init_layer_",
     "make_toy",
+    "numerical_rank",
     "per_task_accuracy",
     "per_task_accuracy_key",
     "register_loss",
     "sample_init_",
+    "srank",
+    "stable_rank",
 ]

@@ -155,21 +155,25 @@ def test_every_fragment_parses_with_the_quickstart(fragment, in_tmp, capsys):
 
 
 def test_wandb_fragment_runs_offline(in_tmp, monkeypatch):
+    import wandb
+
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(in_tmp))
-    main(
-        [
-            "fit",
-            "--config",
-            str(REPO / "recipes" / "quickstart.yaml"),
-            "--config",
-            str(REPO / "configs" / "logger" / "wandb.yaml"),
-            "--trainer.logger.init_args.offline=true",
-            "--trainer.max_steps=3",
-            "--trainer.limit_val_batches=1",
-            "--trainer.enable_progress_bar=false",
-        ]
-    )
+    args = [
+        "fit",
+        "--config",
+        str(REPO / "recipes" / "quickstart.yaml"),
+        "--config",
+        str(REPO / "configs" / "logger" / "wandb.yaml"),
+        "--trainer.logger.init_args.offline=true",
+        "--trainer.max_steps=3",
+        "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false",
+    ]
+    try:
+        main(args)
+    finally:
+        wandb.finish()  # the CLI leaves its run open, as a script would; later tests need a fresh one
     assert list(in_tmp.rglob("offline-run-*")), "W&B wrote no offline run"
 
 
@@ -177,8 +181,10 @@ def _run_error(args, capsys) -> str:
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("plasticity: error:")]
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("plasticity: error:")]
     assert len(lines) == 1
+    assert "usage:" not in err and "Traceback" not in err  # no page of usage text, no traceback
     return lines[0]
 
 
@@ -194,6 +200,20 @@ def test_bad_values_give_one_line(extra, message, in_tmp, capsys):
     line = _run_error(
         ["fit", "--config", str(REPO / "recipes" / "quickstart.yaml"), *extra, "--trainer.fast_dev_run=1"], capsys
     )
+    assert message in line
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--trainer.max_epochs", "abc"], "trainer.max_epochs='abc' is invalid; expected int"),
+        (["--model", "MLPX"], "--model MLPX: no such class; use one of ConvNet, MLP, ResNet18"),
+        (["--data", "CIFAR1000DataModule"], "--data CIFAR1000DataModule: no such class; use one of CIFAR100DataModule"),
+        (["--model.optimizer.init_args.lr", "-1", "--trainer.fast_dev_run=1"], "MLP.optimizer: Invalid learning rate"),
+    ],
+)
+def test_parser_errors_are_one_line_too(extra, message, in_tmp, capsys):
+    line = _run_error(["fit", "--config", str(REPO / "recipes" / "quickstart.yaml"), *extra], capsys)
     assert message in line
 
 
@@ -242,3 +262,72 @@ def test_ddp_two_cpu_processes(in_tmp):
     with (in_tmp / "runs" / "quickstart" / "version_0" / "metrics.csv").open() as f:
         rows = [r for r in csv.DictReader(f) if r.get("val/acc_task_1")]
     assert len(rows) == 1 and 0 <= float(rows[0]["val/acc_task_0"]) <= 1
+
+
+def test_monitors_fragment_on_the_quickstart(in_tmp):
+    main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "recipes" / "quickstart.yaml"),
+            "--config",
+            str(REPO / "configs" / "callbacks" / "monitors.yaml"),
+            "--trainer.max_epochs=2",
+            "--trainer.enable_progress_bar=false",
+            "--data.init_args.schedule.init_args.epochs_per_task=1",
+        ]
+    )
+    run = in_tmp / "runs" / "quickstart" / "version_0"
+    with (run / "metrics.csv").open() as f:
+        columns = next(csv.reader(f))
+    for key in (
+        "plasticity/hidden.1.act/effective_rank",
+        "plasticity/all/low_activity_fraction",
+        "plasticity/predictions/prediction_entropy",
+        "plasticity/all/distance_from_init",
+        "plasticity/grad/global_norm",
+        "dynamics/convergence_epoch",
+    ):
+        assert key in columns, key
+    assert (run / "learning_dynamics.json").exists() and (run / "task_accuracy.csv").exists()
+
+
+def _plasticity_loss_run(in_tmp, tasks: int) -> list[dict[str, str]]:
+    main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "recipes" / "plasticity_loss_digits.yaml"),
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.max_epochs={2 * tasks}",
+            f"--data.init_args.schedule.init_args.num_tasks={tasks}",
+        ]
+    )
+    with (in_tmp / "runs" / "plasticity_loss_digits" / "version_0" / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def _task_start_series(rows, key):
+    # one value per task start (the end-of-training measurement comes last)
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+def test_plasticity_loss_recipe_shows_rank_falling_and_dormancy_rising(in_tmp):
+    rows = _plasticity_loss_run(in_tmp, tasks=30)
+    rank = _task_start_series(rows, "plasticity/hidden.1.act/effective_rank")
+    dormant = _task_start_series(rows, "plasticity/all/low_activity_fraction")
+    assert len(rank) == len(dormant) == 31  # 30 task starts + the end of training
+    assert sum(rank[-5:]) / 5 < 0.9 * sum(rank[:5]) / 5
+    assert sum(dormant[-5:]) / 5 > 2 * sum(dormant[:5]) / 5
+
+
+@pytest.mark.slow
+def test_plasticity_loss_recipe_in_full(in_tmp):
+    rows = _plasticity_loss_run(in_tmp, tasks=50)
+    rank = _task_start_series(rows, "plasticity/hidden.1.act/effective_rank")
+    dormant = _task_start_series(rows, "plasticity/all/low_activity_fraction")
+    new_task = [float(r["continual/new_task_acc"]) for r in rows if r.get("continual/new_task_acc")]
+    assert len(new_task) == 50
+    assert sum(rank[-10:]) / 10 < 0.75 * sum(rank[:10]) / 10
+    assert sum(dormant[-10:]) / 10 > 3 * sum(dormant[:10]) / 10
+    assert sum(new_task[-10:]) / 10 < sum(new_task[:10]) / 10  # new tasks are learned less well

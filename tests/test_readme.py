@@ -41,3 +41,6 @@ def test_own_trainer_snippet_runs(in_tmp, capsys):
     table = next(cb for cb in namespace["trainer"].callbacks if type(cb).__name__ == "TaskAccuracyTable")
     assert sorted(table.rows) == [0, 1, 2]
     assert table.rows[2][2] > 0.7  # the last task is learned
+    assert "effective rank of the hidden layer:" in out
+    rank = next(cb for cb in namespace["trainer"].callbacks if type(cb).__name__ == "RankMonitor")
+    assert [h["task"] for h in rank.history] == [0, 1, 2, 2]  # three task starts and the end of training

@@ -1,0 +1,128 @@
+"""What the plasticity monitors cost.
+
+1. Training-time ratio of the quickstart run (MLP 64-256-256-10 on 10 permuted-digit tasks of 3 epochs) with
+   every monitor at its default cadence (when each task starts, and at the end) over the same run without
+   monitors. Also shown: six callbacks that do nothing (what Lightning charges per callback, whatever it does)
+   and the monitors on a 512-row probe. The variants rotate in one process, so machine noise hits them alike;
+   medians are compared. Target: <= 1.05.
+2. Time of ``effective_rank`` on a 4096x2048 float32 matrix (Gram + eigvalsh, float64), next to the SVD route
+   it replaces, and the floating-point work it implies. Target from the issue: < 50 ms on 2 cores.
+
+    python benchmarks/monitor_overhead.py [--repeats 4] [--epochs 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+import warnings
+
+import lightning.pytorch as pl
+import torch
+
+from plasticity_lightning import (
+    MLP,
+    DigitsDataModule,
+    DormantUnitMonitor,
+    EntropyMonitor,
+    GradientFlowMonitor,
+    LearningDynamics,
+    PermutedInputs,
+    RankMonitor,
+    WeightMonitor,
+    effective_rank,
+)
+from plasticity_lightning.metrics.rank import singular_values
+
+
+def all_monitors(probe_size: int = 1024) -> list[pl.Callback]:
+    return [
+        RankMonitor(probe_size=probe_size),
+        DormantUnitMonitor(probe_size=probe_size),
+        EntropyMonitor(probe_size=probe_size),
+        WeightMonitor(),
+        GradientFlowMonitor(),
+        LearningDynamics(filename=None),
+    ]
+
+
+class Nothing(pl.Callback):
+    """A callback without behaviour."""
+
+
+VARIANTS = {
+    "no callbacks": list,
+    "six callbacks that do nothing": lambda: [Nothing() for _ in range(6)],
+    "all six monitors (probe 1024 rows, default)": all_monitors,
+    "all six monitors (probe 512 rows)": lambda: all_monitors(probe_size=512),
+}
+DEFAULT = "all six monitors (probe 1024 rows, default)"
+
+
+def fit_seconds(variant: str, epochs: int) -> tuple[float, float]:
+    """(wall, process CPU) seconds of one quickstart fit with the ``variant`` callbacks."""
+    pl.seed_everything(0, verbose=False)
+    data = DigitsDataModule(batch_size=32, schedule=PermutedInputs(num_tasks=10, epochs_per_task=max(1, epochs // 10)))
+    model = MLP(hidden_sizes=[256, 256], optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=VARIANTS[variant](),
+        accelerator="cpu",
+        devices=1,
+    )
+    wall, cpu = time.perf_counter(), time.process_time()
+    trainer.fit(model, data)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def time_call(fn, repeats: int = 5) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Cost of the plasticity monitors.")
+    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=30)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+
+    fit_seconds("no callbacks", 2)  # warm-up: imports, allocator, dataset cache
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in VARIANTS}
+    names = list(VARIANTS)
+    for repeat in range(args.repeats):
+        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:  # rotate the order
+            runs[name].append(fit_seconds(name, args.epochs))
+    wall_base = statistics.median(r[0] for r in runs["no callbacks"])
+    cpu_base = statistics.median(r[1] for r in runs["no callbacks"])
+    print(f"quickstart fit, {args.epochs} epochs, median of {args.repeats}:")
+    for name, results in runs.items():
+        wall = statistics.median(r[0] for r in results)
+        cpu = statistics.median(r[1] for r in results)
+        print(f"  {name:<45} {wall:6.2f} s   wall ratio {wall / wall_base:.3f}   CPU ratio {cpu / cpu_base:.3f}")
+    ratio = statistics.median(r[0] for r in runs[DEFAULT]) / wall_base
+    print(f"training-time ratio (all monitors at default cadence / none): {ratio:.3f}   target <= 1.05")
+
+    x = torch.randn(4096, 2048, generator=torch.Generator().manual_seed(0))
+    erank = time_call(lambda: effective_rank(x))
+    svd = time_call(lambda: singular_values(x, method="svd"), repeats=2)
+    gflop = (2 * 4096 * 2048 * 2048 + 4 / 3 * 2048**3) / 1e9
+    print(f"effective_rank 4096x2048 float32: {erank * 1e3:.0f} ms (Gram + eigvalsh in float64)   target < 50 ms")
+    print(f"  same spectrum by SVD: {svd * 1e3:.0f} ms; Gram route / SVD route: {erank / svd:.2f}")
+    print(f"  work: ~{gflop:.0f} GFLOP in float64 -> {gflop / erank:.0f} GFLOP/s achieved")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Shared machinery of the plasticity monitors: cadence, probe, layers, logging and media."""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from plasticity_lightning.callbacks.base import TaskAwareCallback
+from plasticity_lightning.core.errors import PlasticityConfigError, check_positive_int
+from plasticity_lightning.core.tasks import TaskContext, get_task_context
+from plasticity_lightning.probes import ProbeSet, capture_outputs, default_forward, resolve_layers
+
+log = logging.getLogger(__name__)
+
+# Per-trainer cache of probe batches and captured outputs, so that several monitors measuring at the same step
+# share one draw and one forward pass. Keys include the global step, so stale entries are never reused.
+_SHARED: weakref.WeakKeyDictionary[pl.Trainer, dict[Any, Any]] = weakref.WeakKeyDictionary()
+
+
+def _shared(trainer: pl.Trainer, step: int) -> dict[Any, Any]:
+    cache = _SHARED.setdefault(trainer, {})
+    if cache.get("step") != step:
+        cache.clear()
+        cache["step"] = step
+    return cache
+
+
+class PlasticityMonitor(TaskAwareCallback):
+    """Base of the monitors: *when* to measure, *on what* rows and layers, and *where* the numbers go.
+
+    Cadence: when a new task begins (``on_task_change``, before its first batch: the model as the previous task
+    left it, on the new task's probe — Dohare et al.'s protocol), after every ``every_n_epochs``-th training
+    epoch, after every ``every_n_steps``-th optimizer step, and once more when training ends (``at_train_end``).
+    Any combination. With neither ``every_n_*`` set, a run without tasks is measured after every epoch, so the
+    defaults mean "once per task" in continual runs and "once per epoch" otherwise. Sanity checks never measure.
+
+    Values go to every logger of the trainer (``logger.log_metrics(..., step=trainer.global_step)``) and into
+    ``trainer.callback_metrics`` (so ``EarlyStopping`` or ``ModelCheckpoint`` can watch them), under
+    ``<prefix>/<layer>/<measure>``; with ``logger=False`` only the latter. W&B and TensorBoard loggers also get
+    media (histograms, per-layer tables) when ``log_media`` is on. Each measurement is also appended to
+    :attr:`history`.
+
+    Args:
+        layers: names of the layers to read (``model.named_modules()`` names); ``None``: the model's
+            ``hidden_layers()``, or every activation module.
+        every_n_epochs: measure after every n-th training epoch (``None``: see above).
+        every_n_steps: measure after every n-th optimizer step (``None``: never).
+        on_task_change: measure when a new task starts (continual streams only).
+        at_train_end: measure when training ends (the state the last task or epoch left).
+        probe_size: rows of the probe batch.
+        probe_source: draw the probe from the ``"train"`` or ``"val"`` dataloader's dataset.
+        refresh_probe_on_task_change: redraw the probe when the task changes (so it shows the new task).
+        log_media: log histograms/tables to W&B and TensorBoard loggers.
+        prefix: first part of every logged key.
+        forward: ``forward(model, batch)`` for models whose input is not the batch's first element.
+    """
+
+    #: monitors that read layer outputs on the probe (the others read parameters or gradients)
+    uses_probe: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        layers: Sequence[str] | None = None,
+        every_n_epochs: int | None = None,
+        every_n_steps: int | None = None,
+        on_task_change: bool = True,
+        at_train_end: bool = True,
+        probe_size: int = 1024,
+        probe_source: Literal["train", "val"] = "train",
+        refresh_probe_on_task_change: bool = True,
+        log_media: bool = True,
+        prefix: str = "plasticity",
+        forward: Callable[[nn.Module, Any], Any] | None = None,
+    ) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        if every_n_epochs is not None:
+            check_positive_int(owner, "every_n_epochs", every_n_epochs)
+        if every_n_steps is not None:
+            check_positive_int(owner, "every_n_steps", every_n_steps)
+        if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)):
+            raise PlasticityConfigError(f"{owner}.layers={layers!r} is invalid; expected a list of module names")
+        self.layer_names = None if layers is None else list(layers)
+        self.every_n_epochs = every_n_epochs
+        self.every_n_steps = every_n_steps
+        self.on_task_change = on_task_change
+        self.at_train_end = at_train_end
+        self.probe = ProbeSet(size=probe_size, source=probe_source)
+        self.refresh_probe_on_task_change = refresh_probe_on_task_change
+        self.log_media = log_media
+        self.prefix = prefix
+        self.forward = forward or default_forward
+        self.layers: dict[str, nn.Module] = {}
+        self.history: list[dict[str, Any]] = []
+        self._probe_task: int | None = None
+        self._last_measured: tuple[int, int] | None = None
+        self._state_key: str | None = None
+
+    @property
+    def state_key(self) -> str:
+        # Lightning reads state_key around every hook call (profiler names): build it once.
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(prefix=self.prefix, layers=self.layer_names)
+        return self._state_key
+
+    # ------------------------------------------------------------------ to implement
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: dict[str, torch.Tensor], model_output: Any
+    ) -> dict[str, float]:
+        """Scalars keyed ``"<layer>/<measure>"`` (the prefix is added). Media go through :meth:`log_histogram`."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Layers exist by now: models may build them in configure_model.
+        if self.uses_probe:
+            self.layers = resolve_layers(pl_module, self.layer_names)
+
+    @override
+    def on_task_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, context: TaskContext, previous_task: int | None
+    ) -> None:
+        if self.on_task_change:
+            self.run(trainer, pl_module, reason="task")
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.run(trainer, pl_module, reason="step")
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        every = self.every_n_epochs
+        if every is None and self.every_n_steps is None and get_task_context(trainer) is None:
+            every = 1  # no tasks and no cadence given: once per epoch
+        if every and (trainer.current_epoch + 1) % every == 0:
+            self.run(trainer, pl_module, reason="epoch")
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_train_end:
+            self.run(trainer, pl_module, reason="end")
+
+    # ------------------------------------------------------------------ measuring
+    def _probe_batch(self, trainer: pl.Trainer, task: int | None) -> Any:
+        if self.probe.batch is None or (self.refresh_probe_on_task_change and task != self._probe_task):
+            key = ("probe", self.probe.source, self.probe.size, self.probe.seed, task)
+            cache = _shared(trainer, trainer.global_step)
+            if key not in cache:
+                cache[key] = self.probe.draw(trainer)
+            self.probe.batch = cache[key]
+            self._probe_task = task
+        return self.probe.batch
+
+    def capture(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, torch.Tensor], Any]:
+        """Outputs of :attr:`layers` and of the model on the probe (shared with monitors measuring this step)."""
+        task = self.current_task
+        batch = self._probe_batch(trainer, task)
+        cache = _shared(trainer, trainer.global_step)
+        key = ("capture", id(batch), tuple(self.layers), self.forward)
+        if key not in cache:
+            cache[key] = capture_outputs(pl_module, batch, self.layers, forward=self.forward)
+        return cache[key]
+
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str = "manual") -> dict[str, float]:
+        """Measure now and log. Returns the logged values (without prefix). Each step is measured at most once."""
+        if trainer.sanity_checking:
+            return {}
+        moment = (trainer.global_step, trainer.current_epoch)
+        if moment == self._last_measured:
+            return {}  # e.g. an epoch end that is also a step boundary
+        self._last_measured = moment
+        if self.uses_probe:
+            outputs, model_output = self.capture(trainer, pl_module)
+        else:
+            outputs, model_output = {}, None
+        values = self.measure(trainer, pl_module, outputs, model_output)
+        self.log_values(trainer, values)
+        self.history.append(
+            {
+                "step": trainer.global_step,
+                "epoch": trainer.current_epoch,
+                "task": self.current_task,
+                "reason": reason,
+                **values,
+            }
+        )
+        return values
+
+    # ------------------------------------------------------------------ output
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
+
+    def log_values(self, trainer: pl.Trainer, values: dict[str, float]) -> None:
+        """Send scalars to every logger and to ``trainer.callback_metrics`` (works with ``logger=False``)."""
+        if not values:
+            return
+        metrics = {self.key(name): float(value) for name, value in values.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        trainer.callback_metrics.update({name: torch.tensor(value) for name, value in metrics.items()})
+
+    def log_histogram(self, trainer: pl.Trainer, name: str, values: torch.Tensor) -> None:
+        """A histogram to the W&B and TensorBoard loggers (others ignore it)."""
+        if not self.log_media:
+            return
+        data = values.detach().float().cpu()
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                logger.experiment.log(
+                    {self.key(name): wandb.Histogram(data.numpy()), "trainer/global_step": trainer.global_step}
+                )
+            elif isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_histogram(self.key(name), data, global_step=trainer.global_step)
+
+    def log_table(self, trainer: pl.Trainer, name: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """A table to W&B (``log_table``) and TensorBoard (as markdown text); others ignore it."""
+        if not self.log_media or not rows:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table(key=self.key(name), columns=columns, data=rows, step=trainer.global_step)
+            elif isinstance(logger, TensorBoardLogger):
+                header = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+                body = "".join(
+                    "| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |\n"
+                    for row in rows
+                )
+                logger.experiment.add_text(self.key(name), header + body, global_step=trainer.global_step)
+
+    def warn_once(self, message: str, flags: set[str], flag: str) -> None:
+        if flag not in flags:
+            flags.add(flag)
+            rank_zero_warn(message)
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "history": list(self.history)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.history = list(state_dict.get("history", []))

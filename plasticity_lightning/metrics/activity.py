@@ -1,0 +1,185 @@
+"""Unit activity: ReDo's τ-dormant units, dead units and Dohare et al.'s low-activity ("dormant") units.
+
+A *unit* is a column of a ``[N, D]`` layer output or a channel of a ``[N, C, ...]`` convolution/sequence
+output; statistics pool over every axis but the unit axis (batch × H × W for convolutions), as ReDo and
+Dohare et al. do.
+
+=============================  =========================================================================
+function                       a unit counts when
+=============================  =========================================================================
+:func:`redo_dormant_mask`      s_i = E|h_i| / (mean_k E|h_k| + 1e-9) ≤ τ  (Sokar et al. 2023; τ = 0 default,
+                               0.025 / 0.1 in the paper's runs)
+:func:`dead_unit_mask`         max |h_i| ≤ threshold over the probe (never active; threshold 0 = exactly 0)
+:func:`low_activity_mask`      share of probe positions with h_i > 0 is below ``max_active`` (0.01):
+                               Dohare et al.'s CIFAR "dormant" units
+=============================  =========================================================================
+
+The ``*_fraction`` functions return the share of units counted. :class:`UnitActivity` accumulates the
+per-unit sums over batches (and processes) and returns all three fractions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import Metric
+
+from plasticity_lightning.core.errors import check_fraction, check_positive_float, check_positive_int
+
+REDO_EPS = 1e-9  # ReDo's guard against an all-zero layer
+
+
+def unit_view(outputs: torch.Tensor) -> torch.Tensor:
+    """``[positions, units]`` view: units on the last axis, every other axis pooled into positions.
+
+    Example::
+
+        >>> unit_view(torch.zeros(2, 3, 4, 5)).shape
+        torch.Size([40, 3])
+    """
+    if outputs.ndim < 2:
+        raise ValueError(f"Expected layer outputs [N, units, ...], got shape {tuple(outputs.shape)}")
+    if outputs.ndim == 2:
+        return outputs
+    return outputs.movedim(1, -1).reshape(-1, outputs.shape[1])
+
+
+def mean_abs_activation(outputs: torch.Tensor) -> torch.Tensor:
+    """E|h_i| per unit, over batch (× spatial positions), float64."""
+    return unit_view(outputs).detach().abs().to(torch.float64).mean(dim=0)
+
+
+def redo_scores(outputs: torch.Tensor) -> torch.Tensor:
+    """ReDo's normalised activity score s_i = E|h_i| / (mean_k E|h_k| + 1e-9).
+
+    Example::
+
+        >>> redo_scores(torch.tensor([[1.0, 0.0, 2.0], [1.0, 0.0, 0.0]]))
+        tensor([1.5000, 0.0000, 1.5000], dtype=torch.float64)
+    """
+    return _redo_scores(mean_abs_activation(outputs))
+
+
+def _redo_scores(activity: torch.Tensor) -> torch.Tensor:
+    return activity / (activity.mean() + REDO_EPS)
+
+
+def redo_dormant_mask(outputs: torch.Tensor, tau: float = 0.0) -> torch.Tensor:
+    """Units with ReDo score s_i ≤ τ (``τ = 0``: exactly silent units)."""
+    check_positive_float("redo_dormant_mask", "tau", tau, allow_zero=True)
+    return redo_scores(outputs) <= tau
+
+
+def redo_dormant_fraction(outputs: torch.Tensor, tau: float = 0.0) -> torch.Tensor:
+    """Share of τ-dormant units (ReDo).
+
+    Example::
+
+        >>> redo_dormant_fraction(torch.tensor([[1.0, 0.0, 2.0, 0.01]]), tau=0.025)
+        tensor(0.5000, dtype=torch.float64)
+    """
+    return redo_dormant_mask(outputs, tau).to(torch.float64).mean()
+
+
+def dead_unit_mask(outputs: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """Units whose |h| never exceeds ``threshold`` on the probe (0: exactly zero everywhere, Dohare's dead units)."""
+    check_positive_float("dead_unit_mask", "threshold", threshold, allow_zero=True)
+    return unit_view(outputs).detach().abs().amax(dim=0) <= threshold
+
+
+def dead_unit_fraction(outputs: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """Share of dead units.
+
+    Example::
+
+        >>> dead_unit_fraction(torch.tensor([[0.0, 1.0], [0.0, 0.0]]))
+        tensor(0.5000, dtype=torch.float64)
+    """
+    return dead_unit_mask(outputs, threshold).to(torch.float64).mean()
+
+
+def active_share(outputs: torch.Tensor) -> torch.Tensor:
+    """Per unit, the share of probe positions where h > 0 (Dohare et al.'s unit activity)."""
+    return (unit_view(outputs).detach() > 0).to(torch.float64).mean(dim=0)
+
+
+def low_activity_mask(outputs: torch.Tensor, max_active: float = 0.01) -> torch.Tensor:
+    """Units active (h > 0) on fewer than ``max_active`` of the probe positions (Dohare et al.'s dormant units)."""
+    check_fraction("low_activity_mask", "max_active", max_active, high_open=False)
+    return active_share(outputs) < max_active
+
+
+def low_activity_fraction(outputs: torch.Tensor, max_active: float = 0.01) -> torch.Tensor:
+    """Share of units active on fewer than ``max_active`` of the inputs.
+
+    Example::
+
+        >>> h = torch.zeros(200, 2)
+        >>> h[0, 0] = 1.0  # unit 0 active on 0.5% of inputs, unit 1 on 50%
+        >>> h[:100, 1] = 1.0
+        >>> low_activity_fraction(h)
+        tensor(0.5000, dtype=torch.float64)
+    """
+    return low_activity_mask(outputs, max_active).to(torch.float64).mean()
+
+
+class UnitActivity(Metric):
+    """Accumulates per-unit activity over batches (and DDP processes) and reports all three unit counts.
+
+    ``compute()`` returns a dict with ``redo_dormant_fraction``, ``dead_fraction``, ``low_activity_fraction`` and
+    the per-unit ``redo_scores`` and ``active_share`` vectors.
+
+    Args:
+        num_units: units (columns or channels) of the layer.
+        tau: ReDo threshold.
+        dead_threshold: |h| at or below which a unit counts as never active.
+        max_active: Dohare's activity share below which a unit counts as dormant.
+
+    Example::
+
+        >>> metric = UnitActivity(num_units=2, tau=0.1)
+        >>> metric.update(torch.tensor([[1.0, 0.0], [3.0, 0.0]]))
+        >>> {k: round(float(v), 3) for k, v in metric.compute().items() if k.endswith("fraction")}
+        {'redo_dormant_fraction': 0.5, 'dead_fraction': 0.5, 'low_activity_fraction': 0.5}
+    """
+
+    is_differentiable = False
+    full_state_update = False
+
+    abs_sum: torch.Tensor
+    active_count: torch.Tensor
+    abs_max: torch.Tensor
+    positions: torch.Tensor
+
+    def __init__(
+        self, num_units: int, tau: float = 0.0, dead_threshold: float = 0.0, max_active: float = 0.01, **kwargs
+    ) -> None:
+        super().__init__(**kwargs)
+        self.num_units = check_positive_int("UnitActivity", "num_units", num_units)
+        self.tau = check_positive_float("UnitActivity", "tau", tau, allow_zero=True)
+        self.dead_threshold = check_positive_float("UnitActivity", "dead_threshold", dead_threshold, allow_zero=True)
+        self.max_active = check_fraction("UnitActivity", "max_active", max_active, high_open=False)
+        zeros = torch.zeros(num_units, dtype=torch.float64)
+        self.add_state("abs_sum", default=zeros.clone(), dist_reduce_fx="sum")
+        self.add_state("active_count", default=zeros.clone(), dist_reduce_fx="sum")
+        self.add_state("abs_max", default=zeros.clone(), dist_reduce_fx="max")
+        self.add_state("positions", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, outputs: torch.Tensor) -> None:
+        view = unit_view(outputs).detach()
+        if view.shape[1] != self.num_units:
+            raise ValueError(f"UnitActivity(num_units={self.num_units}) got outputs with {view.shape[1]} units")
+        self.abs_sum += view.abs().to(torch.float64).sum(dim=0)
+        self.active_count += (view > 0).to(torch.float64).sum(dim=0)
+        self.abs_max = torch.maximum(self.abs_max, view.abs().to(torch.float64).amax(dim=0))
+        self.positions += view.shape[0]
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        scores = _redo_scores(self.abs_sum / self.positions)
+        share = self.active_count / self.positions
+        return {
+            "redo_dormant_fraction": (scores <= self.tau).to(torch.float64).mean(),
+            "dead_fraction": (self.abs_max <= self.dead_threshold).to(torch.float64).mean(),
+            "low_activity_fraction": (share < self.max_active).to(torch.float64).mean(),
+            "redo_scores": scores,
+            "active_share": share,
+        }

@@ -1,0 +1,184 @@
+"""Unit activity, entropies, weight statistics and dynamics summaries against independent computations."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.special
+import scipy.stats
+import torch
+
+from plasticity_lightning.metrics import (
+    ActivationEntropy,
+    AttentionEntropy,
+    PredictionEntropy,
+    UnitActivity,
+    activation_entropy,
+    attention_entropy,
+    classify_training_pattern,
+    dead_unit_fraction,
+    distance_from_init,
+    dynamics_summary,
+    gradient_health,
+    gradient_stats,
+    low_activity_fraction,
+    mean_abs_weight,
+    prediction_entropy,
+    redo_dormant_fraction,
+    redo_scores,
+    weight_norm,
+    weight_stats,
+)
+
+
+def np_unit_view(h):
+    h = np.asarray(h)
+    return h if h.ndim == 2 else np.moveaxis(h, 1, -1).reshape(-1, h.shape[1])
+
+
+def relu_outputs(shape, dead=(), seed=0):
+    rng = np.random.default_rng(seed)
+    h = np.maximum(rng.normal(size=shape), 0)
+    for unit in dead:
+        h[:, unit] = 0
+    return h
+
+
+@pytest.mark.parametrize("shape", [(64, 10), (16, 6, 5, 5)])
+def test_unit_activity_against_numpy(shape):
+    h = relu_outputs(shape, dead=(1, 3))
+    h[:, 4] *= 0.01  # a weak unit
+    view = np_unit_view(h)
+    activity = np.abs(view).mean(axis=0)
+    scores = activity / (activity.mean() + 1e-9)
+    x = torch.tensor(h, dtype=torch.float32)
+    np.testing.assert_allclose(redo_scores(x).numpy(), scores, rtol=1e-6)
+    for tau in (0.0, 0.025, 0.1):
+        assert redo_dormant_fraction(x, tau).item() == pytest.approx(np.mean(scores <= tau))
+    assert dead_unit_fraction(x).item() == pytest.approx(np.mean(np.abs(view).max(axis=0) == 0))
+    assert low_activity_fraction(x, 0.01).item() == pytest.approx(np.mean((view > 0).mean(axis=0) < 0.01))
+    assert dead_unit_fraction(x).item() == pytest.approx(2 / shape[1])
+
+
+def test_low_activity_counts_rarely_active_units():
+    h = np.zeros((500, 3))
+    h[:2, 0] = 1.0  # 0.4% of inputs: dormant by Dohare's 1% rule, not dead
+    h[:100, 1] = 1.0  # 20%
+    x = torch.tensor(h)
+    assert low_activity_fraction(x).item() == pytest.approx(2 / 3)  # units 0 and 2
+    assert dead_unit_fraction(x).item() == pytest.approx(1 / 3)  # unit 2 only
+
+
+def test_unit_activity_metric_accumulates():
+    h = torch.tensor(relu_outputs((90, 8, 3, 3), dead=(2,)), dtype=torch.float32)
+    metric = UnitActivity(num_units=8, tau=0.1)
+    for chunk in h.split(20):
+        metric.update(chunk)
+    result = metric.compute()
+    assert result["redo_dormant_fraction"].item() == pytest.approx(redo_dormant_fraction(h, 0.1).item())
+    assert result["dead_fraction"].item() == pytest.approx(dead_unit_fraction(h).item())
+    assert result["low_activity_fraction"].item() == pytest.approx(low_activity_fraction(h).item())
+    np.testing.assert_allclose(result["redo_scores"].numpy(), redo_scores(h).numpy(), rtol=1e-9)
+
+
+def test_entropies_against_scipy():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(40, 7)) * 3
+    expected = scipy.stats.entropy(scipy.special.softmax(logits, axis=1), axis=1).mean()
+    assert prediction_entropy(torch.tensor(logits)).item() == pytest.approx(expected, rel=1e-10)
+    probs = scipy.special.softmax(logits, axis=1)
+    assert prediction_entropy(torch.tensor(probs), from_logits=False).item() == pytest.approx(expected, rel=1e-10)
+
+    h = rng.normal(size=(30, 12))
+    p = scipy.special.softmax(h, axis=1)
+    stabilai = -(p * np.log(p + 1e-10)).sum(axis=1).mean()  # StabilAI's definition, +1e-10 included
+    assert activation_entropy(torch.tensor(h)).item() == pytest.approx(stabilai, rel=1e-10)
+
+    attention = scipy.special.softmax(rng.normal(size=(2, 4, 5, 6)), axis=-1)
+    per_head = scipy.stats.entropy(attention, axis=-1).mean(axis=(0, 2))
+    np.testing.assert_allclose(attention_entropy(torch.tensor(attention)).numpy(), per_head, rtol=1e-10)
+
+
+def test_entropy_metric_twins():
+    logits = torch.randn(50, 5)
+    metric = PredictionEntropy()
+    for chunk in logits.split(12):
+        metric.update(chunk)
+    assert metric.compute().item() == pytest.approx(prediction_entropy(logits).item(), rel=1e-6)
+    h = torch.randn(33, 9)
+    act = ActivationEntropy()
+    for chunk in h.split(10):
+        act.update(chunk)
+    assert act.compute().item() == pytest.approx(activation_entropy(h).item(), rel=1e-6)
+    attention = torch.softmax(torch.randn(6, 3, 4, 4), dim=-1)
+    att = AttentionEntropy(num_heads=3)
+    for chunk in attention.split(2):
+        att.update(chunk)
+    np.testing.assert_allclose(att.compute().numpy(), attention_entropy(attention).numpy(), rtol=1e-6)
+
+
+def test_weight_statistics():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(4, 3)), rng.normal(size=(2, 2, 3))
+    ta, tb = torch.tensor(a), torch.tensor(b)
+    assert mean_abs_weight([ta, tb]).item() == pytest.approx(np.abs(np.concatenate([a.ravel(), b.ravel()])).mean())
+    assert weight_norm([ta, tb]).item() == pytest.approx(np.sqrt((a**2).sum() + (b**2).sum()))
+    a0 = rng.normal(size=a.shape)
+    assert distance_from_init(ta, torch.tensor(a0)).item() == pytest.approx(np.linalg.norm(a - a0))
+    assert distance_from_init(ta, torch.tensor(a0), relative=True).item() == pytest.approx(
+        np.linalg.norm(a - a0) / np.linalg.norm(a0)
+    )
+    stats = weight_stats({"a": ta, "b": tb})
+    assert stats["std_weight"] == pytest.approx((a.std() + b.std()) / 2)
+    wa = torch.nn.Parameter(ta.clone())
+    wa.grad = torch.tensor(a0)
+    grads = gradient_stats({"a": wa})
+    assert grads["max_grad"] == pytest.approx(np.abs(a0).max())
+    assert grads["layer_grad_norms"]["a"] == pytest.approx(np.linalg.norm(a0))
+
+
+# ---- learning dynamics: Neural Elements' definitions, computed by hand -------------------------------------
+def test_dynamics_summary_by_hand():
+    history = {
+        "epoch": [0, 10, 20, 30, 40, 50, 60, 70, 80, 90],
+        "accuracy": [0.5, 0.6, 0.7, 0.85, 0.9, 0.95, 0.96, 0.97, 0.97, 0.98],
+        "loss": [0.9, 0.7, 0.5, 0.4, 0.3, 0.25, 0.2, 0.18, 0.17, 0.16],
+        "mean_grad": [1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.04],
+        "max_grad": [2.0] * 10,
+        "val_accuracy": [0.5] * 9 + [0.9],
+    }
+    summary = dynamics_summary(history)
+    # convergence: first accuracy >= 0.9 * 0.98 = 0.882 is 0.9, at index 4 -> epoch 40
+    assert (summary["convergence_index"], summary["convergence_epoch"]) == (4, 40)
+    assert summary["loss_stability"] == pytest.approx(np.std([0.17, 0.16]))  # last 20% of 10 records
+    assert summary["loss_improvement"] == pytest.approx(0.9 - 0.16)
+    health = summary["gradient_health"]
+    assert health["mean_grad_early"] == pytest.approx(np.mean([1.0, 0.8]))  # first 10 // 4 = 2
+    assert health["mean_grad_late"] == pytest.approx(np.mean([0.1, 0.05, 0.04]))  # last ceil(10 / 4) = 3
+    assert health["gradient_ratio"] == pytest.approx(np.mean([0.1, 0.05, 0.04]) / 0.9)
+    assert health["grad_trend_slope"] == pytest.approx(np.polyfit(range(10), history["mean_grad"], 1)[0])
+    assert not health["vanishing"] and not health["exploding"]
+    assert summary["generalization_gap"] == pytest.approx(0.98 - 0.9)
+    assert summary["learning_curve"]["monotonicity"] == pytest.approx(8 / 9)
+    assert summary["pattern"] == "fast_convergence,stable,gradient_decay"
+
+
+def test_gradient_flags_and_patterns():
+    vanishing = gradient_health([1e-3, 1e-5, 1e-7, 1e-8], [1e-2, 1e-4, 1e-6, 1e-7])
+    assert vanishing["vanishing"] and not vanishing["exploding"]
+    exploding = gradient_health([1.0, 10.0, 50.0], [5.0, 80.0, 150.0])
+    assert exploding["exploding"] and not exploding["vanishing"]
+    blown_up = gradient_health([math.nan, math.inf], [math.nan, math.inf])
+    assert blown_up["exploding"] and not blown_up["vanishing"]
+    final_nan = gradient_health([1.0, 0.5, math.nan], [1.0, 1.0, math.nan])
+    assert final_nan["exploding"] and not final_nan["vanishing"]  # deliberate deviation from Neural Elements
+    assert classify_training_pattern({"gradient_health": vanishing, "convergence_epoch": 800}) == (
+        "vanishing_gradients,slow_convergence,stable,gradient_decay"
+    )
+    assert classify_training_pattern({"convergence_epoch": 200, "loss_stability": 0.05}) == "normal"
+    assert classify_training_pattern({"convergence_epoch": 200, "loss_stability": 0.5}) == "unstable"
+
+
+def test_dynamics_rejects_ragged_history():
+    with pytest.raises(ValueError, match="differ in length"):
+        dynamics_summary({"loss": [1.0, 0.5], "accuracy": [0.5]})

@@ -1,0 +1,170 @@
+"""Rank measures against independent NumPy/SciPy computations, identities and degenerate inputs."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from plasticity_lightning.metrics import (
+    ApproximateRank,
+    EffectiveRank,
+    SRank,
+    StableRank,
+    approximate_rank,
+    effective_rank,
+    feature_matrix,
+    numerical_rank,
+    rank_measures,
+    singular_values,
+    srank,
+    stable_rank,
+)
+
+
+# ---- independent reference implementations (NumPy, from the definitions) -------------------------------------
+def np_erank(s):
+    s = s[s > 0]
+    p = s / s.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def np_cumulative_rank(values, share):
+    cumulative = np.cumsum(values) / values.sum()
+    return int(np.argmax(cumulative >= share - 1e-12) + 1)
+
+
+def np_srank(s, delta=0.01):
+    return np_cumulative_rank(np.sort(s)[::-1], 1 - delta)
+
+
+def np_approximate_rank(s, threshold=0.99):
+    return np_cumulative_rank(np.sort(s)[::-1] ** 2, threshold)
+
+
+def np_stable_rank(a):
+    return float(np.linalg.norm(a, "fro") ** 2 / np.linalg.norm(a, 2) ** 2)
+
+
+def with_spectrum(n, d, spectrum, seed=0):
+    """An n x d matrix whose singular values are exactly ``spectrum``."""
+    rng = np.random.default_rng(seed)
+    k = len(spectrum)
+    u, _ = np.linalg.qr(rng.normal(size=(n, k)))
+    v, _ = np.linalg.qr(rng.normal(size=(d, k)))
+    return (u * np.asarray(spectrum)) @ v.T
+
+
+SPECTRA = [
+    np.array([5.0, 3.0, 2.0, 1.0, 0.5, 0.1]),
+    np.geomspace(10, 1e-3, 20),
+    np.concatenate([np.ones(8), np.full(8, 1e-2)]),
+    np.linspace(1, 50, 30),
+]
+
+
+@pytest.mark.parametrize("spectrum", SPECTRA, ids=["few", "geometric", "two-level", "linear"])
+@pytest.mark.parametrize(("n", "d"), [(200, 40), (30, 120)])
+def test_measures_match_the_known_spectrum(spectrum, n, d):
+    k = min(len(spectrum), n, d)
+    spectrum = spectrum[:k]
+    x = torch.tensor(with_spectrum(n, d, spectrum), dtype=torch.float32)
+    assert effective_rank(x).item() == pytest.approx(np_erank(spectrum), rel=1e-4)
+    assert srank(x).item() == np_srank(spectrum)
+    assert approximate_rank(x).item() == np_approximate_rank(spectrum)
+    assert stable_rank(x).item() == pytest.approx((spectrum**2).sum() / spectrum.max() ** 2, rel=1e-4)
+    assert numerical_rank(x).item() == np.linalg.matrix_rank(x.numpy())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_matrices_against_scipy(seed):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(150, 60)) @ np.diag(rng.gamma(0.5, size=60))
+    s = scipy.linalg.svdvals(a)
+    x = torch.tensor(a)
+    np.testing.assert_allclose(singular_values(x).numpy(), s, rtol=1e-8, atol=1e-10 * s.max())
+    np.testing.assert_allclose(singular_values(x, method="svd").numpy(), s, rtol=1e-10)
+    assert effective_rank(x).item() == pytest.approx(np_erank(s), rel=1e-10)
+    assert srank(x, delta=0.05).item() == np_srank(s, 0.05)
+    assert approximate_rank(x, threshold=0.9).item() == np_approximate_rank(s, 0.9)
+    assert stable_rank(x).item() == pytest.approx(np_stable_rank(a), rel=1e-10)
+    assert numerical_rank(x).item() == np.linalg.matrix_rank(a)
+
+
+def test_identities():
+    for n in (1, 5, 64):
+        assert effective_rank(torch.eye(n)).item() == pytest.approx(n)
+        assert srank(torch.eye(n)).item() == n - (n >= 100)  # 1 - δ of an equal spectrum needs all of it
+        assert stable_rank(torch.eye(n)).item() == pytest.approx(n)
+    rank_one = torch.outer(torch.randn(50, dtype=torch.float64), torch.randn(20, dtype=torch.float64))
+    for measure in (effective_rank, srank, approximate_rank, stable_rank, numerical_rank):
+        assert measure(rank_one).item() == pytest.approx(1.0, abs=1e-12)
+    # in float32 the product is rank-1 only up to round-off (σ₂ ≈ 1e-7·σ₁)
+    assert effective_rank(rank_one.float()).item() == pytest.approx(1.0, abs=1e-5)
+    x = torch.randn(80, 30) @ torch.diag(torch.rand(30) * 3) @ torch.randn(30, 30)
+    rank = numerical_rank(x).item()
+    assert srank(x).item() <= rank and approximate_rank(x).item() <= rank
+    assert 1 <= stable_rank(x).item() <= rank and 1 <= effective_rank(x).item() <= rank
+
+
+def test_invariance_to_row_order_and_scale():
+    x = torch.randn(100, 25, dtype=torch.float64) * torch.logspace(0, -3, 25, dtype=torch.float64)
+    shuffled = x[torch.randperm(100)]
+    for measure in (effective_rank, srank, approximate_rank, stable_rank):
+        reference = measure(x).item()
+        assert measure(shuffled).item() == pytest.approx(reference, rel=1e-9)
+        assert measure(x * 1e4).item() == pytest.approx(reference, rel=1e-9)
+        assert measure(x * 1e-6).item() == pytest.approx(reference, rel=1e-9)
+
+
+def test_degenerate_inputs():
+    zeros = torch.zeros(10, 4)
+    for measure in (effective_rank, srank, approximate_rank, stable_rank, numerical_rank):
+        assert measure(zeros).item() == 0.0
+    for scale in (1e-30, 1e30):
+        rank_one = torch.outer(torch.ones(8, dtype=torch.float64), torch.arange(1.0, 5.0, dtype=torch.float64)) * scale
+        for measure in (effective_rank, srank, approximate_rank, stable_rank):
+            value = measure(rank_one).item()
+            assert np.isfinite(value) and value == pytest.approx(1.0)
+    wide = torch.randn(3, 50)
+    assert singular_values(wide).shape == (3,)
+    assert effective_rank(wide).item() <= 3
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        effective_rank(torch.tensor([[1.0, float("nan")]]))
+    with pytest.raises(ValueError, match="2-D samples x units"):
+        effective_rank(torch.ones(2, 3, 4))
+
+
+def test_numerical_rank_tolerance_conventions():
+    x = torch.diag(torch.tensor([1.0, 1e-3, 1e-9], dtype=torch.float64))
+    assert numerical_rank(x).item() == 3  # float64 eps * 3 is far below 1e-9
+    assert numerical_rank(x.float()).item() == 2  # judged at float32 precision
+    assert numerical_rank(x, rtol=0.0).item() == 3  # Dohare's count of non-zero values
+    assert numerical_rank(x, rtol=0.0, atol=0.01).item() == 1
+
+
+def test_gram_and_svd_routes_agree_on_the_measures():
+    x = torch.randn(300, 80) * torch.logspace(0, -2, 80)
+    gram = rank_measures(x, method="gram")
+    svd = rank_measures(x, method="svd")
+    for name in gram:
+        assert gram[name].item() == pytest.approx(svd[name].item(), rel=1e-9), name
+
+
+def test_feature_matrix_modes():
+    h = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
+    assert torch.equal(feature_matrix(h), h.mean(dim=(2, 3)))
+    positions = feature_matrix(h, "positions")
+    assert positions.shape == (8, 3) and torch.equal(positions[0], h[0, :, 0, 0])
+    assert feature_matrix(h, "flatten").shape == (2, 12)
+
+
+@pytest.mark.parametrize(
+    ("metric", "function"),
+    [(EffectiveRank, effective_rank), (SRank, srank), (ApproximateRank, approximate_rank), (StableRank, stable_rank)],
+)
+def test_metric_twins_accumulate_the_full_matrix(metric, function):
+    x = torch.randn(120, 16) * torch.logspace(0, -2, 16)
+    m = metric(num_units=16)
+    for chunk in x.split(25):
+        m.update(chunk)
+    assert m.compute().item() == pytest.approx(function(x).item(), rel=1e-9)

@@ -1,0 +1,263 @@
+"""The monitor callbacks in a real Trainer: cadence, keys, values, probes, state, loggers."""
+
+import csv
+import json
+import pickle
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import make_trainer
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch import nn
+
+from plasticity_lightning import (
+    MLP,
+    DigitsDataModule,
+    DormantUnitMonitor,
+    EntropyMonitor,
+    GradientFlowMonitor,
+    LearningDynamics,
+    PermutedInputs,
+    PlasticityConfigError,
+    RankMonitor,
+    ToyDataModule,
+    WeightMonitor,
+    effective_rank,
+)
+from plasticity_lightning.metrics import activation_entropy, low_activity_fraction, prediction_entropy, srank
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+
+def digits(num_tasks=3, epochs_per_task=1, **kwargs):
+    return DigitsDataModule(
+        batch_size=64, schedule=PermutedInputs(num_tasks=num_tasks, epochs_per_task=epochs_per_task), **kwargs
+    )
+
+
+def fit(tmp_path, callbacks, *, data=None, model=None, **trainer_kwargs):
+    pl.seed_everything(0)
+    model = model or MLP(hidden_sizes=[32, 32], optimizer=sgd)
+    trainer_kwargs.setdefault("max_epochs", 3)
+    trainer = make_trainer(tmp_path, callbacks=callbacks, num_sanity_val_steps=0, **trainer_kwargs)
+    trainer.fit(model, data or digits())
+    return trainer, model
+
+
+def test_task_cadence_measures_at_each_task_start_and_at_the_end(tmp_path):
+    monitor = RankMonitor()
+    trainer, _ = fit(tmp_path, [monitor], max_epochs=3)
+    assert [(h["reason"], h["task"], h["step"]) for h in monitor.history] == [
+        ("task", 0, 0),
+        ("task", 1, 17),
+        ("task", 2, 34),
+        ("end", 2, 51),
+    ]
+    for key in (
+        "plasticity/hidden.0.act/effective_rank",
+        "plasticity/hidden.1.act/srank",
+        "plasticity/hidden.1.act/approximate_rank",
+        "plasticity/hidden.0.act/stable_rank",
+    ):
+        assert key in trainer.callback_metrics
+
+
+def test_epoch_and_step_cadences(tmp_path):
+    by_epoch = DormantUnitMonitor(every_n_epochs=2, on_task_change=False, at_train_end=False)
+    by_step = EntropyMonitor(every_n_steps=10, on_task_change=False, at_train_end=False)
+    fit(tmp_path, [by_epoch, by_step], max_epochs=4, data=digits(num_tasks=4))
+    assert [h["epoch"] for h in by_epoch.history] == [1, 3]
+    assert [h["step"] for h in by_step.history] == [10, 20, 30, 40, 50, 60]
+
+
+def test_single_task_runs_default_to_every_epoch(tmp_path):
+    monitor = RankMonitor(at_train_end=False)
+    fit(
+        tmp_path,
+        [monitor],
+        data=ToyDataModule("moons", n_samples=200, batch_size=32),
+        model=MLP(hidden_sizes=[16], optimizer=sgd),
+        max_epochs=3,
+    )
+    assert [h["reason"] for h in monitor.history] == ["epoch"] * 3
+
+
+def test_logged_values_equal_an_independent_computation_on_the_probe(tmp_path):
+    rank, dormant, entropy = (
+        RankMonitor(probe_size=300),
+        DormantUnitMonitor(probe_size=300),
+        EntropyMonitor(probe_size=300),
+    )
+    trainer, model = fit(tmp_path, [rank, dormant, entropy], max_epochs=2)
+    # rebuild the probe by hand: the same 300 training rows, permuted for the last task, through the model
+    dm = trainer.datamodule
+    dataset = dm.splits["train"]
+    rows = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:300].sort().values
+    x = torch.stack([dataset[int(i)][0] for i in rows])
+    x = dm.schedule.transform(x, None, rows, task=1, split="train")[0]
+    model.eval()
+    with torch.no_grad():
+        h0 = model.hidden[0](model.flatten(x))
+        h1 = model.hidden[1](h0)
+        logits = model.head(h1)
+    final = dict(rank.history[-1].items())
+    assert final["hidden.1.act/effective_rank"] == pytest.approx(effective_rank(h1).item(), rel=1e-9)
+    assert final["hidden.0.act/srank"] == srank(h0).item()
+    assert dormant.history[-1]["hidden.1.act/low_activity_fraction"] == pytest.approx(low_activity_fraction(h1).item())
+    assert entropy.history[-1]["predictions/prediction_entropy"] == pytest.approx(prediction_entropy(logits).item())
+    assert entropy.history[-1]["hidden.0.act/activation_entropy"] == pytest.approx(activation_entropy(h0).item())
+
+
+def test_monitors_do_not_change_training(tmp_path):
+    _, plain = fit(tmp_path / "a", [])
+    monitors = [
+        RankMonitor(every_n_steps=5),
+        DormantUnitMonitor(),
+        EntropyMonitor(),
+        WeightMonitor(),
+        GradientFlowMonitor(every_n_steps=3),
+        LearningDynamics(filename=None),
+    ]
+    _, watched = fit(tmp_path / "b", monitors)
+    for p, q in zip(plain.parameters(), watched.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_probe_follows_the_task(tmp_path):
+    monitor = RankMonitor(probe_size=64)
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if monitor.probe.batch is not None:
+                seen.append((monitor.current_task, monitor.probe.batch[0][:1].clone()))
+
+    fit(tmp_path, [monitor, Spy()], max_epochs=2)
+    first = next(x for task, x in seen if task == 0)
+    second = next(x for task, x in seen if task == 1)
+    assert not torch.equal(first, second)  # redrawn under task 1's permutation
+    assert torch.equal(first.flatten().sort().values, second.flatten().sort().values)  # the same image
+
+
+def test_weight_monitor_distance_and_resume_state(tmp_path):
+    monitor = WeightMonitor()
+    _trainer, model = fit(tmp_path, [monitor], max_epochs=2)
+    initial = monitor.initial["hidden.0.linear"]
+    assert monitor.history[0]["hidden.0.linear/distance_from_init"] == 0.0  # task 0 starts at the initial weights
+    moved = torch.linalg.vector_norm(model.hidden[0].linear.weight.detach().double() - initial.double())
+    assert monitor.history[-1]["hidden.0.linear/distance_from_init"] == pytest.approx(moved.item())
+    restored = WeightMonitor()
+    restored.load_state_dict(pickle.loads(pickle.dumps(monitor.state_dict())))
+    assert torch.equal(restored.initial["hidden.0.linear"], initial)
+    assert restored.history == monitor.history and restored.current_task == monitor.current_task
+    assert monitor.state_key == "WeightMonitor{'prefix': 'plasticity', 'layers': None}"
+
+
+def test_gradient_flow_keys_and_warnings(tmp_path):
+    monitor = GradientFlowMonitor(every_n_steps=5, vanishing=10.0)  # every gradient counts as vanishing
+    with pytest.warns(UserWarning, match="gradients are vanishing") as warned:
+        trainer, _ = fit(tmp_path, [monitor], max_epochs=1)
+    assert sum("vanishing" in str(w.message) for w in warned) == 1  # once, not every measurement
+    assert [h["step"] for h in monitor.history] == [0, 5, 10, 15]
+    assert {"plasticity/grad/global_norm", "plasticity/grad/mean_abs", "plasticity/head/grad_norm"} <= set(
+        trainer.callback_metrics
+    )
+
+
+def test_learning_dynamics_json_and_keys(tmp_path):
+    callback = LearningDynamics()
+    logger = CSVLogger(tmp_path, name="run")
+    trainer, _ = fit(
+        tmp_path, [callback], max_epochs=4, logger=logger, data=ToyDataModule("moons", n_samples=300, batch_size=32)
+    )
+    document = json.loads((tmp_path / "run" / "version_0" / "learning_dynamics.json").read_text())
+    assert document["history"]["epoch"] == [0, 1, 2, 3]
+    assert len(document["history"]["mean_grad"]) == 4 and len(document["history"]["layer_weight_norms"][0]) == 3
+    assert document["summary"]["pattern"] == callback.summary["pattern"]
+    assert "dynamics/convergence_epoch" in trainer.callback_metrics
+    assert "dynamics/gradient_health/gradient_ratio" in trainer.callback_metrics
+    assert document["summary"]["generalization_gap"] == pytest.approx(
+        document["history"]["accuracy"][-1] - document["history"]["val_accuracy"][-1]
+    )
+
+
+def test_logger_false_and_csv_keys(tmp_path):
+    monitors = [RankMonitor(), DormantUnitMonitor()]
+    fit(tmp_path / "quiet", monitors, logger=False)  # no logger: values still reach callback_metrics
+    logger = CSVLogger(tmp_path, name="csv")
+    fit(tmp_path, [RankMonitor(), DormantUnitMonitor()], logger=logger)
+    with (tmp_path / "csv" / "version_0" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    steps = sorted({int(r["step"]) for r in rows if r.get("plasticity/all/low_activity_fraction")})
+    assert steps == [0, 17, 34, 51]
+
+
+def test_tensorboard_receives_histograms(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    fit(tmp_path, [DormantUnitMonitor(), RankMonitor()], logger=logger, max_epochs=1)
+    events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"histograms": 0}).Reload()
+    assert "plasticity/hidden.0.act/active_share" in events.Tags()["histograms"]
+    assert "plasticity/hidden.1.act/effective_rank" in events.Tags()["scalars"]
+
+
+def test_custom_model_with_named_or_discovered_layers(tmp_path):
+    class Plain(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    discovered, named = RankMonitor(), RankMonitor(layers=["net.1"], prefix="linear")
+    trainer, _ = fit(tmp_path, [discovered, named], model=Plain(), max_epochs=1, limit_val_batches=0)
+    assert "plasticity/net.2/effective_rank" in trainer.callback_metrics  # the Tanh module, found by type
+    assert "linear/net.1/effective_rank" in trainer.callback_metrics
+    with pytest.raises(PlasticityConfigError, match=r"has no submodule named 'net\.9'"):
+        fit(tmp_path, [RankMonitor(layers=["net.9"])], model=Plain(), max_epochs=1, limit_val_batches=0)
+
+
+def test_bad_arguments():
+    with pytest.raises(PlasticityConfigError, match=r"RankMonitor.measures='rank' is not supported"):
+        RankMonitor(measures=["rank"])
+    with pytest.raises(PlasticityConfigError, match=r"DormantUnitMonitor.every_n_epochs=0 is invalid"):
+        DormantUnitMonitor(every_n_epochs=0)
+    with pytest.raises(PlasticityConfigError, match=r"RankMonitor.layers='hidden.0.act' is invalid"):
+        RankMonitor(layers="hidden.0.act")
+    with pytest.raises(PlasticityConfigError, match=r"ProbeSet.source='test' is not supported"):
+        EntropyMonitor(probe_source="test")
+
+
+def test_monitor_keys_reach_a_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(project="plasticity-tests", save_dir=str(tmp_path), offline=True)
+    try:
+        fit(tmp_path, [RankMonitor(), DormantUnitMonitor(), WeightMonitor()], logger=logger, max_epochs=2)
+        summary = dict(logger.experiment.summary)
+        assert {
+            "plasticity/hidden.1.act/effective_rank",
+            "plasticity/all/low_activity_fraction",
+            "plasticity/all/mean_abs_weight",
+            "trainer/global_step",
+        } <= set(summary)
+        assert "plasticity/hidden.0.act/active_share" in summary  # a histogram
+        assert "plasticity/dormant_units" in summary  # the per-layer table
+        run_dir = logger.experiment.dir
+        assert "offline-run-" in run_dir  # recorded locally for a later `wandb sync`, nothing sent
+    finally:
+        wandb.finish()
