@@ -29,7 +29,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 # Imported for their side effect: jsonargparse resolves short class names among imported subclasses.
 import plasticity_lightning.callbacks
@@ -126,21 +126,27 @@ class PlasticityCLI(LightningCLI):
 
 
 def _without_duplicates(callbacks: list[Callback]) -> list[Callback]:
-    """Drop a callback that repeats an earlier one's type and state key.
+    """Drop a callback that repeats an earlier one's type and what it logs (or its state key).
 
-    Composed configs easily add the same monitor twice (a recipe lists it, a fragment adds it again); Lightning
-    would refuse two stateful callbacks with one state key. The first occurrence (the recipe's) is kept.
+    Composed configs easily add the same monitor twice (a recipe lists it, a fragment adds it again); both would
+    log the same keys, and Lightning refuses two stateful callbacks with one state key. The first occurrence (the
+    recipe's) is kept; when the two were configured differently, a warning says so.
     """
-    kept: list[Callback] = []
-    seen: set[tuple[type, str]] = set()
+    kept: dict[tuple[type, Any], Callback] = {}
     for callback in callbacks:
-        key = (type(callback), callback.state_key)
-        if key in seen:
+        key = (type(callback), getattr(callback, "log_identity", callback.state_key))
+        first = kept.get(key)
+        if first is None:
+            kept[key] = callback
+        elif first.state_key != callback.state_key:
+            rank_zero_warn(
+                f"plasticity: {type(callback).__name__} is configured twice with different settings "
+                f"({first.state_key} and {callback.state_key}); keeping the first. Give the second another "
+                "`prefix` to run both."
+            )
+        else:
             rank_zero_info(f"plasticity: {type(callback).__name__} is configured twice; keeping the first one")
-            continue
-        seen.add(key)
-        kept.append(callback)
-    return kept
+    return list(kept.values())
 
 
 _CONFIG_ERRORS = (MisconfigurationException, DataNotFoundError)

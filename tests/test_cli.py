@@ -331,3 +331,15 @@ def test_plasticity_loss_recipe_in_full(in_tmp):
     assert sum(rank[-10:]) / 10 < 0.75 * sum(rank[:10]) / 10
     assert sum(dormant[-10:]) / 10 > 3 * sum(dormant[:10]) / 10
     assert sum(new_task[-10:]) / 10 < sum(new_task[:10]) / 10  # new tasks are learned less well
+
+
+def test_duplicate_monitors_keep_the_first_and_say_when_settings_differ():
+    from plasticity_lightning import DormantUnitMonitor, RankMonitor
+    from plasticity_lightning.cli import _without_duplicates
+
+    recipe, fragment = DormantUnitMonitor(tau=0.1), DormantUnitMonitor()
+    with pytest.warns(UserWarning, match=r"DormantUnitMonitor is configured twice with different settings"):
+        kept = _without_duplicates([recipe, RankMonitor(), fragment])
+    assert kept[0] is recipe and len(kept) == 2
+    other_prefix = DormantUnitMonitor(prefix="strict", tau=0.0)  # another prefix logs other keys: both run
+    assert len(_without_duplicates([recipe, other_prefix])) == 2

@@ -8,6 +8,7 @@ import scipy.special
 import scipy.stats
 import torch
 
+from plasticity_lightning import PlasticityConfigError
 from plasticity_lightning.metrics import (
     ActivationEntropy,
     AttentionEntropy,
@@ -182,3 +183,16 @@ def test_gradient_flags_and_patterns():
 def test_dynamics_rejects_ragged_history():
     with pytest.raises(ValueError, match="differ in length"):
         dynamics_summary({"loss": [1.0, 0.5], "accuracy": [0.5]})
+
+
+def test_low_activity_counts_nonzero_or_positive_outputs():
+    h = torch.full((100, 2), -0.5)  # unit 0: always negative (active under "nonzero"); unit 1: always zero
+    h[:, 1] = 0.0
+    assert low_activity_fraction(h).item() == 0.5
+    assert low_activity_fraction(h, active="positive").item() == 1.0
+    metric = UnitActivity(num_units=2, active="positive")
+    metric.update(h)
+    metric.update(h[:0])  # an empty batch changes nothing
+    assert metric.compute()["low_activity_fraction"].item() == 1.0
+    with pytest.raises(PlasticityConfigError, match="active='sign' is not supported"):
+        low_activity_fraction(h, active="sign")

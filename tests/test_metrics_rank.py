@@ -168,3 +168,49 @@ def test_metric_twins_accumulate_the_full_matrix(metric, function):
     for chunk in x.split(25):
         m.update(chunk)
     assert m.compute().item() == pytest.approx(function(x).item(), rel=1e-9)
+
+
+def _numpy_effective_rank(x: np.ndarray) -> float:
+    s = np.linalg.svd(x, compute_uv=False)
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+@pytest.mark.parametrize("kind", ["geometric", "rank_deficient", "dead_units"])
+def test_auto_route_agrees_with_an_svd_where_the_gram_floor_could_matter(kind):
+    rng = np.random.default_rng(3)
+    if kind == "geometric":  # a spectrum over twelve decades: many genuine values below the Gram floor
+        u, _ = np.linalg.qr(rng.standard_normal((200, 120)))
+        v, _ = np.linalg.qr(rng.standard_normal((120, 120)))
+        x = u @ np.diag(np.logspace(0, -12, 120)) @ v.T
+    elif kind == "rank_deficient":
+        x = rng.standard_normal((150, 10)) @ rng.standard_normal((10, 90))
+    else:
+        x = rng.standard_normal((150, 90))
+        x[:, ::3] = 0.0
+    reference = _numpy_effective_rank(x)
+    assert effective_rank(torch.from_numpy(x)).item() == pytest.approx(reference, rel=1e-9)
+    if kind == "geometric":  # the pure Gram route drops the tail: this is what "auto" protects against
+        assert abs(effective_rank(torch.from_numpy(x), method="gram").item() - reference) > 1e-9 * reference
+    if kind == "dead_units":
+        assert singular_values(torch.from_numpy(x)).shape == (90,)
+
+
+def test_ratio_measures_survive_extreme_scales_of_precomputed_spectra():
+    sigma = torch.tensor([3.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    for scale in (1e-200, 1e200):
+        for measure in (effective_rank, srank, approximate_rank, stable_rank):
+            assert measure(sigma=sigma * scale).item() == pytest.approx(measure(sigma=sigma).item(), rel=1e-12)
+    # order does not matter, and nonsense spectra are refused
+    assert stable_rank(sigma=sigma.flip(0)).item() == pytest.approx((sigma**2).sum().item() / 9.0)
+    with pytest.raises(ValueError, match="non-negative"):
+        effective_rank(sigma=torch.tensor([1.0, -1.0]))
+
+
+def test_numerical_rank_default_tolerance_for_half_and_integer_inputs():
+    eye = torch.eye(512)
+    assert numerical_rank(eye.bfloat16()).item() == 512  # 512·eps(bf16) = 4 would call it rank 0
+    assert numerical_rank(eye.half()).item() == 512
+    assert numerical_rank(torch.diag(torch.tensor([1, 0, 3]))).item() == 2
+    assert numerical_rank(torch.eye(3, dtype=torch.bool)).item() == 3

@@ -153,7 +153,9 @@ def test_weight_monitor_distance_and_resume_state(tmp_path):
     restored.load_state_dict(pickle.loads(pickle.dumps(monitor.state_dict())))
     assert torch.equal(restored.initial["hidden.0.linear"], initial)
     assert restored.history == monitor.history and restored.current_task == monitor.current_task
-    assert monitor.state_key == "WeightMonitor{'prefix': 'plasticity', 'layers': None}"
+    # settings are part of the key: two monitors that measure differently keep separate checkpoint state
+    assert monitor.state_key == WeightMonitor().state_key != WeightMonitor(distance=False).state_key
+    assert DormantUnitMonitor(tau=0.1).state_key != DormantUnitMonitor(tau=0.0).state_key
 
 
 def test_gradient_flow_keys_and_warnings(tmp_path):
@@ -237,6 +239,10 @@ def test_bad_arguments():
         RankMonitor(layers="hidden.0.act")
     with pytest.raises(PlasticityConfigError, match=r"ProbeSet.source='test' is not supported"):
         EntropyMonitor(probe_source="test")
+    with pytest.raises(PlasticityConfigError, match=r"RankMonitor.measures='srank' is invalid; expected a non-empty"):
+        RankMonitor(measures="srank")
+    with pytest.raises(PlasticityConfigError, match=r"GradientFlowMonitor.every_n_steps=None is invalid"):
+        GradientFlowMonitor(every_n_steps=None)
 
 
 def test_monitor_keys_reach_a_wandb_run(tmp_path, monkeypatch):
@@ -261,3 +267,116 @@ def test_monitor_keys_reach_a_wandb_run(tmp_path, monkeypatch):
         assert "offline-run-" in run_dir  # recorded locally for a later `wandb sync`, nothing sent
     finally:
         wandb.finish()
+
+
+def test_each_state_is_measured_once(tmp_path):
+    # one task, epoch cadence: the train-end measurement would repeat the last epoch end's step and task
+    monitor = RankMonitor(every_n_epochs=1)
+    fit(tmp_path, [monitor], max_epochs=2, data=digits(num_tasks=1, epochs_per_task=2))
+    moments = [(h["step"], h["task"]) for h in monitor.history]
+    assert len(moments) == len(set(moments)) and [h["reason"] for h in monitor.history] == ["task", "epoch", "epoch"]
+
+
+class _AugmentedDigits(torch.utils.data.Dataset):
+    """Random noise in __getitem__, as augmenting datasets draw from the global RNG."""
+
+    def __init__(self):
+        self.x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        import random
+
+        import numpy as np
+
+        noise = torch.rand(8) + float(np.random.rand()) + random.random()
+        return self.x[i] + noise, 0
+
+
+def test_probe_reading_leaves_every_global_rng_untouched_and_is_reproducible():
+    import random
+
+    import numpy as np
+
+    from plasticity_lightning.probes import ProbeSet
+
+    loader = torch.utils.data.DataLoader(_AugmentedDigits(), batch_size=8)
+    trainer = make_trainer(".")
+    trainer.fit_loop._data_source = None  # not fitted: give the probe its loader directly
+    probe = ProbeSet(size=16)
+    probe._loader = lambda _trainer: loader
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    states = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    first = probe.draw(trainer)[0].clone()
+    assert torch.equal(torch.get_rng_state(), states[0])
+    assert np.array_equal(np.random.get_state()[1], states[1]) and random.getstate() == states[2]
+    probe._raw = None
+    torch.manual_seed(6)  # another global state: the probe must not depend on it (DDP ranks differ here)
+    assert torch.equal(probe.draw(trainer)[0], first)
+
+
+def test_probe_follows_the_precision_of_true_precision_plugins(tmp_path):
+    monitor = RankMonitor(every_n_epochs=1)
+    fit(tmp_path, [monitor], max_epochs=1, precision="64-true", data=digits(num_tasks=1))
+    assert monitor.probe.batch[0].dtype == torch.float64 and monitor.history
+
+
+def test_rank_monitor_logs_nan_for_a_diverged_layer(tmp_path):
+    monitor = RankMonitor(every_n_epochs=1, on_task_change=False)
+
+    class Diverge(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            with torch.no_grad():
+                pl_module.hidden[0].linear.weight.fill_(float("nan"))
+
+    with pytest.warns(UserWarning, match="NaN/inf outputs") as warned:
+        trainer, _ = fit(tmp_path, [Diverge(), monitor], max_epochs=2, data=digits(num_tasks=1, epochs_per_task=2))
+    assert len(monitor.history) == 2  # two measurements, one warning per layer (NaN reaches both)
+    assert sorted(str(w.message).split("'")[1] for w in warned if "NaN/inf" in str(w.message)) == [
+        "hidden.0.act",
+        "hidden.1.act",
+    ]
+    assert all(torch.isnan(trainer.callback_metrics[f"plasticity/hidden.0.act/{m}"]) for m in monitor.measures)
+
+
+class _Sequence(pl.LightningModule):
+    """Outputs [N, T, D]: units on the last axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 6)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.act(self.proj(x.view(-1, 5, 4)))
+        return self.head(h.mean(dim=1))
+
+    def training_step(self, batch, _):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_unit_dim_reads_sequence_outputs_by_their_last_axis(tmp_path):
+    x = torch.randn(40, 20)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.randint(0, 3, (40,))), batch_size=8)
+    monitor = RankMonitor(layers=["act"], unit_dim=-1, every_n_epochs=1, at_train_end=False)
+    model = _Sequence()
+    trainer = make_trainer(tmp_path, callbacks=[monitor], max_epochs=1)
+    trainer.fit(model, data)
+    with torch.no_grad():
+        features = model.act(model.proj(monitor.probe.batch[0].view(-1, 5, 4))).mean(dim=1)  # pool over T
+    assert monitor.history[-1]["act/effective_rank"] == pytest.approx(float(effective_rank(features)))
+    with pytest.raises(PlasticityConfigError, match="unit_dim=0"):
+        RankMonitor(unit_dim=0)
+
+
+def test_learning_dynamics_keeps_gradients_when_max_steps_ends_mid_epoch(tmp_path):
+    callback = LearningDynamics(filename=None)
+    fit(tmp_path, [callback], max_epochs=3, max_steps=20, data=digits(num_tasks=1))  # 17 batches per epoch
+    assert callback.history["epoch"] == [0, 1]
+    assert len(callback.history["mean_grad"]) == 2 and all(g > 0 for g in callback.history["mean_grad"])

@@ -108,6 +108,10 @@ class LearningDynamics(Callback):
                 f"LearningDynamics: {', '.join(missing)} not logged; the summary leaves out what needs "
                 f"{'it' if len(missing) == 1 else 'them'}. Logged keys: {', '.join(sorted(metrics)[:15])}"
             )
+        if self._grads is None and any(p.grad is not None for p in pl_module.parameters()):
+            # The epoch ended before its last batch (max_steps, limit mid-epoch): the latest step's gradients
+            # are still on the parameters.
+            self._grads = gradient_stats(layer_weights(pl_module))
         if self._grads is not None:
             record.update(
                 mean_grad=self._grads["mean_grad"],

@@ -62,6 +62,8 @@ class PlasticityMonitor(TaskAwareCallback):
         log_media: log histograms/tables to W&B and TensorBoard loggers.
         prefix: first part of every logged key.
         forward: ``forward(model, batch)`` for models whose input is not the batch's first element.
+        unit_dim: the axis of a layer's output that indexes units (1: ``[N, D]`` and ``[N, C, H, W]``; use -1
+            for ``[N, T, D]`` sequence outputs, whose units are the last axis).
     """
 
     #: monitors that read layer outputs on the probe (the others read parameters or gradients)
@@ -80,6 +82,7 @@ class PlasticityMonitor(TaskAwareCallback):
         log_media: bool = True,
         prefix: str = "plasticity",
         forward: Callable[[nn.Module, Any], Any] | None = None,
+        unit_dim: int = 1,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
@@ -99,18 +102,39 @@ class PlasticityMonitor(TaskAwareCallback):
         self.log_media = log_media
         self.prefix = prefix
         self.forward = forward or default_forward
+        if not isinstance(unit_dim, int) or unit_dim == 0:
+            raise PlasticityConfigError(
+                f"{owner}.unit_dim={unit_dim!r} is invalid; expected a non-zero axis (1 for [N, D] and [N, C, H, W] "
+                "outputs, -1 for [N, T, D] sequences; axis 0 holds the samples)"
+            )
+        self.unit_dim = unit_dim
         self.layers: dict[str, nn.Module] = {}
         self.history: list[dict[str, Any]] = []
         self._probe_task: int | None = None
-        self._last_measured: tuple[int, int] | None = None
+        self._last_measured: tuple[int, int | None] | None = None
         self._state_key: str | None = None
 
     @property
     def state_key(self) -> str:
-        # Lightning reads state_key around every hook call (profiler names): build it once.
+        # Lightning reads state_key around every hook call (profiler names): build it once. Settings are part of
+        # it, so two monitors of one kind that measure differently keep separate checkpoint state.
         if self._state_key is None:
-            self._state_key = self._generate_state_key(prefix=self.prefix, layers=self.layer_names)
+            self._state_key = self._generate_state_key(prefix=self.prefix, layers=self.layer_names, **self.settings())
         return self._state_key
+
+    @property
+    def log_identity(self) -> tuple[str, tuple[str, ...] | None]:
+        """What the logged keys depend on: two monitors of one kind with the same identity would log the same keys."""
+        return self.prefix, None if self.layer_names is None else tuple(self.layer_names)
+
+    def settings(self) -> dict[str, Any]:
+        """The measurement settings (subclasses add theirs); part of :attr:`state_key`."""
+        return {
+            "every_n_epochs": self.every_n_epochs,
+            "every_n_steps": self.every_n_steps,
+            "probe_size": self.probe.size,
+            "probe_source": self.probe.source,
+        }
 
     # ------------------------------------------------------------------ to implement
     def measure(
@@ -178,12 +202,17 @@ class PlasticityMonitor(TaskAwareCallback):
         """Measure now and log. Returns the logged values (without prefix). Each step is measured at most once."""
         if trainer.sanity_checking:
             return {}
-        moment = (trainer.global_step, trainer.current_epoch)
+        # One measurement per step and probe task: an epoch end that is also a step boundary, or the end of
+        # training right after the last epoch end, measures the same state. A new task's start at the same step
+        # does measure again (on the new task's probe).
+        moment = (trainer.global_step, self.current_task)
         if moment == self._last_measured:
-            return {}  # e.g. an epoch end that is also a step boundary
+            return {}
         self._last_measured = moment
         if self.uses_probe:
             outputs, model_output = self.capture(trainer, pl_module)
+            if self.unit_dim != 1:
+                outputs = {k: v.movedim(self.unit_dim, 1) if v.ndim > 2 else v for k, v in outputs.items()}
         else:
             outputs, model_output = {}, None
         values = self.measure(trainer, pl_module, outputs, model_output)

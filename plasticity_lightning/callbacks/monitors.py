@@ -18,7 +18,13 @@ from typing_extensions import override
 
 from plasticity_lightning.callbacks.monitor import PlasticityMonitor
 from plasticity_lightning.core.errors import PlasticityConfigError, check_choice, check_fraction, check_positive_float
-from plasticity_lightning.metrics.activity import active_share, dead_unit_mask, low_activity_mask, redo_dormant_mask
+from plasticity_lightning.metrics.activity import (
+    ACTIVITY_CHOICES,
+    active_share,
+    dead_unit_mask,
+    low_activity_mask,
+    redo_dormant_mask,
+)
 from plasticity_lightning.metrics.entropy import activation_entropy, prediction_entropy
 from plasticity_lightning.metrics.rank import (
     approximate_rank,
@@ -65,18 +71,44 @@ class RankMonitor(PlasticityMonitor):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if isinstance(measures, str) or not measures:
+            raise PlasticityConfigError(
+                f"RankMonitor.measures={measures!r} is invalid; expected a non-empty list drawn from "
+                f"{list(RANK_MEASURES)}"
+            )
         for name in measures:
             check_choice("RankMonitor", "measures", name, RANK_MEASURES)
         self.measures = list(measures)
         self.delta = check_fraction("RankMonitor", "delta", delta, low_open=True)
         self.threshold = check_fraction("RankMonitor", "threshold", threshold, low_open=True, high_open=False)
         self.conv = check_choice("RankMonitor", "conv", conv, ("pool", "positions", "flatten"))
+        self._warned: set[str] = set()
+
+    @override
+    def settings(self) -> dict[str, Any]:
+        return {
+            **super().settings(),
+            "measures": self.measures,
+            "delta": self.delta,
+            "threshold": self.threshold,
+            "conv": self.conv,
+        }
 
     @override
     def measure(self, trainer, pl_module, outputs, model_output) -> dict[str, float]:
         values: dict[str, float] = {}
         for name, output in outputs.items():
             features = feature_matrix(output, self.conv)
+            if not torch.isfinite(features).all():
+                # A diverged run must still log (NaN says what happened) rather than crash the monitor.
+                self.warn_once(
+                    f"RankMonitor: layer {name!r} has NaN/inf outputs at step {trainer.global_step}; "
+                    "its rank measures are logged as NaN",
+                    self._warned,
+                    f"nonfinite/{name}",
+                )
+                values.update({f"{name}/{measure}": math.nan for measure in self.measures})
+                continue
             sigma = singular_values(features)
             compute = {
                 "effective_rank": lambda s=sigma: effective_rank(sigma=s),
@@ -103,16 +135,36 @@ class DormantUnitMonitor(PlasticityMonitor):
         tau: ReDo's threshold (0.025 in the paper's default runs, 0.1 for Atari-100K; 0 counts silent units).
         dead_threshold: |h| at or below which a unit counts as never active.
         max_active: activity share below which a unit counts as dormant (Dohare: 0.01).
+        active: what counts as active for ``low_activity_fraction``: ``"nonzero"`` (h ≠ 0, Dohare's CIFAR code)
+            or ``"positive"`` (h > 0, their RL code).
         **kwargs: :class:`PlasticityMonitor` arguments.
     """
 
-    def __init__(self, tau: float = 0.025, dead_threshold: float = 0.0, max_active: float = 0.01, **kwargs: Any):
+    def __init__(
+        self,
+        tau: float = 0.025,
+        dead_threshold: float = 0.0,
+        max_active: float = 0.01,
+        active: Literal["nonzero", "positive"] = "nonzero",
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
         self.tau = check_positive_float("DormantUnitMonitor", "tau", tau, allow_zero=True)
         self.dead_threshold = check_positive_float(
             "DormantUnitMonitor", "dead_threshold", dead_threshold, allow_zero=True
         )
         self.max_active = check_fraction("DormantUnitMonitor", "max_active", max_active, high_open=False)
+        self.active = check_choice("DormantUnitMonitor", "active", active, ACTIVITY_CHOICES)
+
+    @override
+    def settings(self) -> dict[str, Any]:
+        return {
+            **super().settings(),
+            "tau": self.tau,
+            "dead_threshold": self.dead_threshold,
+            "max_active": self.max_active,
+            "active": self.active,
+        }
 
     @override
     def measure(self, trainer, pl_module, outputs, model_output) -> dict[str, float]:
@@ -125,7 +177,7 @@ class DormantUnitMonitor(PlasticityMonitor):
                     [
                         redo_dormant_mask(output, self.tau),
                         dead_unit_mask(output, self.dead_threshold),
-                        low_activity_mask(output, self.max_active),
+                        low_activity_mask(output, self.max_active, self.active),
                     ]
                 )
                 .to(torch.float64)
@@ -136,7 +188,7 @@ class DormantUnitMonitor(PlasticityMonitor):
             for measure, fraction in zip(_ACTIVITY_MEASURES, fractions.tolist(), strict=True):
                 values[f"{name}/{measure}"] = fraction
             rows.append([name, flags.shape[1], *fractions.tolist()])
-            self.log_histogram(trainer, f"{name}/active_share", active_share(output))
+            self.log_histogram(trainer, f"{name}/active_share", active_share(output, self.active))
         if counts[0] > 0:
             for i, measure in enumerate(_ACTIVITY_MEASURES, start=1):
                 values[f"all/{measure}"] = float(counts[i] / counts[0])
@@ -163,15 +215,34 @@ class EntropyMonitor(PlasticityMonitor):
         self.activations = activations
 
     @override
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "predictions": self.predictions, "activations": self.activations}
+
+    @override
     def measure(self, trainer, pl_module, outputs, model_output) -> dict[str, float]:
         values: dict[str, float] = {}
         if self.activations:
             for name, output in outputs.items():
                 values[f"{name}/activation_entropy"] = float(activation_entropy(output))
         logits = model_output[0] if isinstance(model_output, (tuple, list)) else model_output
-        if self.predictions and isinstance(logits, torch.Tensor) and logits.ndim == 2:
+        # One output column has no distribution to measure (binary logit or regression).
+        if self.predictions and isinstance(logits, torch.Tensor) and logits.ndim == 2 and logits.shape[1] > 1:
             values["predictions/prediction_entropy"] = float(prediction_entropy(logits))
         return values
+
+
+def _selected_weights(monitor: PlasticityMonitor, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+    """The weight layers a parameter-reading monitor covers (all, or its ``layers``; unknown names are an error)."""
+    weights = layer_weights(pl_module)
+    if monitor.layer_names is None:
+        return weights
+    missing = [name for name in monitor.layer_names if name not in weights]
+    if missing:
+        raise PlasticityConfigError(
+            f"{type(monitor).__name__}.layers: {missing[0]!r} has no weight with two or more dimensions; choose among "
+            f"{', '.join(list(weights)[:12])}"
+        )
+    return {name: weights[name] for name in monitor.layer_names}
 
 
 class WeightMonitor(PlasticityMonitor):
@@ -193,17 +264,12 @@ class WeightMonitor(PlasticityMonitor):
         self.distance = distance
         self.initial: dict[str, torch.Tensor] = {}
 
+    @override
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "distance": self.distance}
+
     def _weights(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
-        weights = layer_weights(pl_module)
-        if self.layer_names is None:
-            return weights
-        missing = [name for name in self.layer_names if name not in weights]
-        if missing:
-            raise PlasticityConfigError(
-                f"WeightMonitor.layers: {missing[0]!r} has no weight with two or more dimensions; choose among "
-                f"{', '.join(list(weights)[:12])}"
-            )
-        return {name: weights[name] for name in self.layer_names}
+        return _selected_weights(self, pl_module)
 
     @override
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -261,11 +327,24 @@ class GradientFlowMonitor(PlasticityMonitor):
     def __init__(self, every_n_steps: int = 50, vanishing: float = 1e-6, exploding: float = 100.0, **kwargs: Any):
         kwargs.setdefault("on_task_change", False)  # gradients exist only around an optimizer step
         kwargs.setdefault("at_train_end", False)
+        if every_n_steps is None:
+            raise PlasticityConfigError(
+                "GradientFlowMonitor.every_n_steps=None is invalid; gradients exist only around an optimizer step, "
+                "so it needs a positive step interval"
+            )
         super().__init__(every_n_steps=every_n_steps, **kwargs)
         self.vanishing = check_positive_float("GradientFlowMonitor", "vanishing", vanishing)
         self.exploding = check_positive_float("GradientFlowMonitor", "exploding", exploding)
         self._warned: set[str] = set()
         self._latest: dict[str, float] = {}
+
+    @override
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "vanishing": self.vanishing, "exploding": self.exploding}
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _selected_weights(self, pl_module)  # unknown layer names fail now, not at the first measured step
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -282,10 +361,7 @@ class GradientFlowMonitor(PlasticityMonitor):
 
     @override
     def measure(self, trainer, pl_module, outputs, model_output) -> dict[str, float]:
-        weights = layer_weights(pl_module)
-        if self.layer_names is not None:
-            weights = {name: weights[name] for name in self.layer_names if name in weights}
-        stats = gradient_stats(weights)
+        stats = gradient_stats(_selected_weights(self, pl_module))
         if not stats["layer_grad_norms"]:
             return {}
         values = {f"{name}/grad_norm": norm for name, norm in stats["layer_grad_norms"].items()}

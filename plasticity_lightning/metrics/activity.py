@@ -10,8 +10,8 @@ function                       a unit counts when
 :func:`redo_dormant_mask`      s_i = E|h_i| / (mean_k E|h_k| + 1e-9) ≤ τ  (Sokar et al. 2023; τ = 0 default,
                                0.025 / 0.1 in the paper's runs)
 :func:`dead_unit_mask`         max |h_i| ≤ threshold over the probe (never active; threshold 0 = exactly 0)
-:func:`low_activity_mask`      share of probe positions with h_i > 0 is below ``max_active`` (0.01):
-                               Dohare et al.'s CIFAR "dormant" units
+:func:`low_activity_mask`      share of probe positions with h_i ≠ 0 (or h_i > 0) is below ``max_active``
+                               (0.01): Dohare et al.'s CIFAR "dormant" units
 =============================  =========================================================================
 
 The ``*_fraction`` functions return the share of units counted. :class:`UnitActivity` accumulates the
@@ -20,10 +20,12 @@ per-unit sums over batches (and processes) and returns all three fractions.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torchmetrics import Metric
 
-from plasticity_lightning.core.errors import check_fraction, check_positive_float, check_positive_int
+from plasticity_lightning.core.errors import check_choice, check_fraction, check_positive_float, check_positive_int
 
 REDO_EPS = 1e-9  # ReDo's guard against an all-zero layer
 
@@ -97,18 +99,34 @@ def dead_unit_fraction(outputs: torch.Tensor, threshold: float = 0.0) -> torch.T
     return dead_unit_mask(outputs, threshold).to(torch.float64).mean()
 
 
-def active_share(outputs: torch.Tensor) -> torch.Tensor:
-    """Per unit, the share of probe positions where h > 0 (Dohare et al.'s unit activity)."""
-    return (unit_view(outputs).detach() > 0).to(torch.float64).mean(dim=0)
+Activity = Literal["nonzero", "positive"]
+ACTIVITY_CHOICES = ("nonzero", "positive")
 
 
-def low_activity_mask(outputs: torch.Tensor, max_active: float = 0.01) -> torch.Tensor:
-    """Units active (h > 0) on fewer than ``max_active`` of the probe positions (Dohare et al.'s dormant units)."""
+def _is_active(view: torch.Tensor, active: Activity) -> torch.Tensor:
+    return view != 0 if active == "nonzero" else view > 0
+
+
+def active_share(outputs: torch.Tensor, active: Activity = "nonzero") -> torch.Tensor:
+    """Per unit, the share of probe positions where the unit is active (Dohare et al.'s unit activity).
+
+    ``active="nonzero"`` counts h ≠ 0 (Dohare et al.'s CIFAR code: the fraction of non-zero activations);
+    ``"positive"`` counts h > 0 (their RL code). The two agree after ReLU; they differ for activations with
+    negative outputs (leaky ReLU, ELU, tanh).
+    """
+    check_choice("active_share", "active", active, ACTIVITY_CHOICES)
+    return _is_active(unit_view(outputs).detach(), active).to(torch.float64).mean(dim=0)
+
+
+def low_activity_mask(outputs: torch.Tensor, max_active: float = 0.01, active: Activity = "nonzero") -> torch.Tensor:
+    """Units active on fewer than ``max_active`` of the probe positions (Dohare et al.'s dormant units)."""
     check_fraction("low_activity_mask", "max_active", max_active, high_open=False)
-    return active_share(outputs) < max_active
+    return active_share(outputs, active) < max_active
 
 
-def low_activity_fraction(outputs: torch.Tensor, max_active: float = 0.01) -> torch.Tensor:
+def low_activity_fraction(
+    outputs: torch.Tensor, max_active: float = 0.01, active: Activity = "nonzero"
+) -> torch.Tensor:
     """Share of units active on fewer than ``max_active`` of the inputs.
 
     Example::
@@ -119,7 +137,7 @@ def low_activity_fraction(outputs: torch.Tensor, max_active: float = 0.01) -> to
         >>> low_activity_fraction(h)
         tensor(0.5000, dtype=torch.float64)
     """
-    return low_activity_mask(outputs, max_active).to(torch.float64).mean()
+    return low_activity_mask(outputs, max_active, active).to(torch.float64).mean()
 
 
 class UnitActivity(Metric):
@@ -133,6 +151,7 @@ class UnitActivity(Metric):
         tau: ReDo threshold.
         dead_threshold: |h| at or below which a unit counts as never active.
         max_active: Dohare's activity share below which a unit counts as dormant.
+        active: what counts as active, ``"nonzero"`` (h ≠ 0) or ``"positive"`` (h > 0); see :func:`active_share`.
 
     Example::
 
@@ -151,13 +170,20 @@ class UnitActivity(Metric):
     positions: torch.Tensor
 
     def __init__(
-        self, num_units: int, tau: float = 0.0, dead_threshold: float = 0.0, max_active: float = 0.01, **kwargs
+        self,
+        num_units: int,
+        tau: float = 0.0,
+        dead_threshold: float = 0.0,
+        max_active: float = 0.01,
+        active: Activity = "nonzero",
+        **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.num_units = check_positive_int("UnitActivity", "num_units", num_units)
         self.tau = check_positive_float("UnitActivity", "tau", tau, allow_zero=True)
         self.dead_threshold = check_positive_float("UnitActivity", "dead_threshold", dead_threshold, allow_zero=True)
         self.max_active = check_fraction("UnitActivity", "max_active", max_active, high_open=False)
+        self.active = check_choice("UnitActivity", "active", active, ACTIVITY_CHOICES)
         zeros = torch.zeros(num_units, dtype=torch.float64)
         self.add_state("abs_sum", default=zeros.clone(), dist_reduce_fx="sum")
         self.add_state("active_count", default=zeros.clone(), dist_reduce_fx="sum")
@@ -168,12 +194,16 @@ class UnitActivity(Metric):
         view = unit_view(outputs).detach()
         if view.shape[1] != self.num_units:
             raise ValueError(f"UnitActivity(num_units={self.num_units}) got outputs with {view.shape[1]} units")
+        if view.shape[0] == 0:
+            return  # an empty batch adds nothing (and amax of nothing would raise)
         self.abs_sum += view.abs().to(torch.float64).sum(dim=0)
-        self.active_count += (view > 0).to(torch.float64).sum(dim=0)
+        self.active_count += _is_active(view, self.active).to(torch.float64).sum(dim=0)
         self.abs_max = torch.maximum(self.abs_max, view.abs().to(torch.float64).amax(dim=0))
         self.positions += view.shape[0]
 
     def compute(self) -> dict[str, torch.Tensor]:
+        if self.positions == 0:
+            raise ValueError("UnitActivity.compute() called before any non-empty update")
         scores = _redo_scores(self.abs_sum / self.positions)
         share = self.active_count / self.positions
         return {

@@ -119,7 +119,9 @@ def gradient_health(
         }
     n = len(valid_mean)
     early = float(np.mean(valid_mean[: n // 4])) if n >= 4 else valid_mean[0]
-    late = float(np.mean(valid_mean[-n // 4 :])) if n >= 4 else valid_mean[-1]  # -n//4: the last ⌈n/4⌉
+    # Neural Elements' code slices `[-n//4:]`, which Python reads as the last ⌈n/4⌉ values (not ⌊n/4⌋ as its
+    # description says); the two differ only when 4 does not divide n. We follow the code.
+    late = float(np.mean(valid_mean[-n // 4 :])) if n >= 4 else valid_mean[-1]
     slope = _slope(mean_grad) if len(valid_mean) == len(mean_grad) else 0.0
     layer_health = []
     for layer, norms in enumerate(zip(*layer_grad_norms, strict=True) if layer_grad_norms else []):

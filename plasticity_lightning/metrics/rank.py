@@ -25,10 +25,13 @@ Conventions (tested):
 * Non-finite inputs raise ``ValueError`` rather than return NaN.
 
 Singular values come from the eigenvalues of the smaller Gram matrix (ΦᵀΦ or ΦΦᵀ, k×k) — about twice as fast
-as an SVD on CPUs — except for :func:`numerical_rank`, whose small tolerances need the accuracy of an SVD. The
-Gram route resolves singular values only down to √(k·eps)·σ₁ (≈ 1.5e-8·√k·σ₁); smaller ones are round-off and are
-set to 0, so exactly low-rank matrices get exact ranks. Genuine singular values that small would add at most
-about 2e-6 each to an effective rank.
+as an SVD on CPUs — except for :func:`numerical_rank`, whose small tolerances need the accuracy of an SVD.
+All-zero rows and columns (dead units) are dropped first, which is exact. The Gram route resolves singular
+values only down to √(k·eps)·σ₁ (≈ 1.5e-8·√k·σ₁); smaller ones are round-off and are set to 0. If the values
+set to 0 could together hold more than 1e-9 of Σσ (a rank-deficient matrix, or a spectrum decaying over many
+decades), ``method="auto"`` recomputes them with an SVD, whose round-off floor is max(n, d)·eps·σ₁, so the
+result agrees with an SVD-based computation to about 1e-9 relative and exactly low-rank matrices still get
+exact ranks.
 """
 
 from __future__ import annotations
@@ -83,7 +86,9 @@ def singular_values(features: torch.Tensor, method: Method = "auto") -> torch.Te
 
     Args:
         features: ``[n, d]`` matrix (any float dtype; computed in float64).
-        method: ``"gram"`` (eigenvalues of the smaller Gram matrix), ``"svd"``, or ``"auto"`` (= ``"gram"``).
+        method: ``"svd"``; ``"gram"`` (eigenvalues of the smaller Gram matrix, singular values below
+            √(k·eps)·σ₁ set to 0); or ``"auto"``: the Gram route unless the values it had to zero could hold
+            more than 1e-9 of Σσ, then an SVD (so ``"auto"`` agrees with ``"svd"`` to ~1e-9 relative in every measure).
 
     Example::
 
@@ -92,37 +97,59 @@ def singular_values(features: torch.Tensor, method: Method = "auto") -> torch.Te
     """
     check_choice("singular_values", "method", method, ("auto", "gram", "svd"))
     x = _as_float64(features)
+    size = min(x.shape)
     if x.numel() == 0:
         return x.new_zeros(0)
     scale = x.abs().max()
     if scale == 0:
-        return x.new_zeros(min(x.shape))
+        return x.new_zeros(size)
     x = x / scale  # no measure depends on scale; this keeps σ² finite for 1e±30 inputs
+    # All-zero rows and columns (dead units) carry no singular value: dropping them is exact, makes the
+    # decomposition smaller, and keeps the Gram route's round-off floor from touching genuine values.
+    x = x[x.abs().amax(dim=1) > 0][:, x.abs().amax(dim=0) > 0]
     if method == "svd":
         values = torch.linalg.svdvals(x)
     else:
         gram = x.T @ x if x.shape[0] >= x.shape[1] else x @ x.T
-        values = _gram_singular_values(gram)
-    return values * scale
+        values, zeroed, floor = _gram_singular_values(gram)
+        if method == "auto" and zeroed * floor > 1e-9 * values.sum():
+            # The zeroed values might be genuine and matter: an SVD resolves them, down to its own round-off.
+            values = torch.linalg.svdvals(x)
+            resolution = max(x.shape) * torch.finfo(x.dtype).eps * values[0]
+            values = torch.where(values > resolution, values, torch.zeros_like(values))
+    return torch.cat([values, values.new_zeros(size - values.numel())]) * scale
 
 
-def _gram_singular_values(gram: torch.Tensor) -> torch.Tensor:
-    """σ from a Gram matrix's eigenvalues, with round-off below the route's resolution set to exactly 0.
+def _gram_singular_values(gram: torch.Tensor) -> tuple[torch.Tensor, int, float]:
+    """σ from a Gram matrix's eigenvalues with round-off set to 0; also how many were zeroed and below what floor.
 
     Eigenvalues of a k×k Gram matrix carry errors of about k·eps·λ₁, i.e. σ errors of √(k·eps)·σ₁; values below that
     are noise (a rank-1 matrix would otherwise get an effective rank of 1 + 2e-7).
     """
     values = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().flip(0)
-    if values.numel():
-        floor = values[0] * math.sqrt(gram.shape[0] * torch.finfo(gram.dtype).eps)
-        values = torch.where(values > floor, values, torch.zeros_like(values))
-    return values
+    if not values.numel():
+        return values, 0, 0.0
+    floor = float(values[0]) * math.sqrt(gram.shape[0] * torch.finfo(gram.dtype).eps)
+    keep = values > floor
+    return torch.where(keep, values, torch.zeros_like(values)), int((~keep).sum()), floor
 
 
 def _resolve(features: torch.Tensor | None, sigma: torch.Tensor | None, method: Method) -> torch.Tensor:
     if (features is None) == (sigma is None):
         raise ValueError("Pass exactly one of `features` and `sigma`")
-    return singular_values(features, method) if sigma is None else sigma.detach().to(torch.float64)
+    if sigma is not None:
+        sigma = sigma.detach().to(torch.float64).flatten()
+        if not torch.isfinite(sigma).all() or (sigma < 0).any():
+            raise ValueError("`sigma` must hold finite, non-negative singular values")
+        return sigma.sort(descending=True).values
+    return singular_values(features, method)
+
+
+def _normalised(s: torch.Tensor) -> torch.Tensor | None:
+    """σ / σ₁ (None when all zero): every ratio measure is computed on it, so σ² can neither over- nor underflow."""
+    if s.numel() == 0 or s[0] == 0:
+        return None
+    return s / s[0]
 
 
 def _zero() -> torch.Tensor:
@@ -146,11 +173,10 @@ def effective_rank(
         >>> effective_rank(torch.eye(4))
         tensor(4., dtype=torch.float64)
     """
-    s = _resolve(features, sigma, method)
-    total = s.sum()
-    if total <= 0:
+    s = _normalised(_resolve(features, sigma, method))
+    if s is None:
         return _zero()
-    p = s / total
+    p = s / s.sum()
     return torch.exp(-torch.special.xlogy(p, p).sum())
 
 
@@ -172,7 +198,7 @@ def srank(
         tensor(2., dtype=torch.float64)
     """
     check_fraction("srank", "delta", delta, low_open=True)
-    return _cumulative_rank(_resolve(features, sigma, method), 1 - delta)
+    return _cumulative_rank(_normalised(_resolve(features, sigma, method)), 1 - delta)
 
 
 def approximate_rank(
@@ -192,13 +218,14 @@ def approximate_rank(
         tensor(1., dtype=torch.float64)
     """
     check_fraction("approximate_rank", "threshold", threshold, low_open=True, high_open=False)
-    return _cumulative_rank(_resolve(features, sigma, method) ** 2, threshold)
+    s = _normalised(_resolve(features, sigma, method))
+    return _cumulative_rank(None if s is None else s**2, threshold)
 
 
-def _cumulative_rank(values: torch.Tensor, share: float) -> torch.Tensor:
-    total = values.sum()
-    if total <= 0:
+def _cumulative_rank(values: torch.Tensor | None, share: float) -> torch.Tensor:
+    if values is None:
         return _zero()
+    total = values.sum()
     fractions = values.cumsum(0) / total
     # Round-off can leave the last cumulative share a hair below 1: never count past the last value.
     k = int((fractions < share - 1e-12).sum()) + 1
@@ -215,7 +242,10 @@ def numerical_rank(
     """Number of singular values above a tolerance: #{σ_i > max(atol, rtol·σ₁)}.
 
     The default ``rtol`` is NumPy's and torch's ``matrix_rank`` convention, ``max(n, d)·eps`` of the input dtype
-    (so a float32 matrix is judged at float32 precision even though σ is computed in float64). Common
+    (so a float32 matrix is judged at float32 precision even though σ is computed in float64), with two
+    exceptions: integer and bool matrices are exact, so they use float64's eps; float16/bfloat16 use float32's,
+    because ``max(n, d)·eps`` reaches 1 at a few hundred units in half precision and would call every matrix
+    rank 0. Common
     alternatives: ``rtol=0, atol=0`` counts non-zero σ (Dohare's ``rank``); Lyle et al.'s feature rank counts
     σ(Φ/√n) > 0.01, i.e. ``atol=0.01·√n``. Singular values come from an SVD. 0 for an all-zero matrix.
 
@@ -231,12 +261,19 @@ def numerical_rank(
     if rtol is None:
         if features is None:
             raise ValueError("numerical_rank needs `rtol` when called with precomputed singular values")
-        eps = torch.finfo(features.dtype if features.is_floating_point() else torch.float32).eps
-        rtol = max(features.shape) * eps
+        rtol = max(features.shape) * _rank_eps(features.dtype)
     s = _resolve(features, sigma, "svd")
     if s.numel() == 0 or s.max() == 0:
         return _zero()
     return (s > max(atol, rtol * float(s.max()))).sum().to(torch.float64)
+
+
+def _rank_eps(dtype: torch.dtype) -> float:
+    if not dtype.is_floating_point or dtype.is_complex:
+        return torch.finfo(torch.float64).eps
+    if torch.finfo(dtype).bits < 32:
+        return torch.finfo(torch.float32).eps
+    return torch.finfo(dtype).eps
 
 
 def stable_rank(
@@ -249,10 +286,8 @@ def stable_rank(
         >>> stable_rank(torch.diag(torch.tensor([2.0, 1.0])))
         tensor(1.2500, dtype=torch.float64)
     """
-    s = _resolve(features, sigma, method)
-    if s.numel() == 0 or s.max() == 0:
-        return _zero()
-    return (s**2).sum() / s.max() ** 2
+    s = _normalised(_resolve(features, sigma, method))
+    return _zero() if s is None else (s**2).sum()
 
 
 def rank_measures(
@@ -279,7 +314,10 @@ class FeatureSpectrum(Metric):
 
     The singular values of the stacked batches are the square roots of the eigenvalues of the summed Gram
     matrix, so accumulating over batches or DDP processes gives exactly the spectrum of the full matrix.
-    Subclasses turn the spectrum into one measure.
+    Subclasses turn the spectrum into one measure. Unlike the functional forms, the twin keeps the raw
+    float64 Gram matrix (a running rescale could not be summed across processes), so entries must stay below
+    about 1e150 in magnitude (and above 1e-150 to be resolved); it also always uses the Gram route's
+    √(k·eps)·σ₁ round-off floor.
 
     Args:
         num_units: feature dimension d.
@@ -301,7 +339,7 @@ class FeatureSpectrum(Metric):
         self.gram += x.T @ x
 
     def spectrum(self) -> torch.Tensor:
-        return _gram_singular_values(self.gram)
+        return _gram_singular_values(self.gram)[0]
 
     def compute(self) -> torch.Tensor:
         return self.spectrum()

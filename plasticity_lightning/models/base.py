@@ -323,7 +323,8 @@ class SupervisedModule(pl.LightningModule):
         metric = self.task_metrics[f"{stage}_"]
         if not metric.update_called:  # same on every rank: DDP samplers give each rank the same batch count
             return
-        accuracy = metric.compute()  # synchronised across processes by torchmetrics
+        # synchronised across processes by torchmetrics, which squeezes a one-task result to a scalar
+        accuracy = metric.compute().reshape(-1)
         metric.reset()
         evaluated = [k for k in range(metric.num_tasks) if not torch.isnan(accuracy[k])]
         if not evaluated:

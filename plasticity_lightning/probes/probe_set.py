@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
@@ -15,11 +19,13 @@ class ProbeSet:
     """A fixed batch of ``size`` rows on which monitors measure the model.
 
     :meth:`draw` takes the rows from the *dataset* behind the trainer's train (or first validation) dataloader:
-    a seeded random subset, read without shuffling, so it neither consumes the global RNG (training is the
-    same with and without monitors) nor differs between DDP ranks (every rank measures the same rows, and the
-    logged values equal a single-process run's). The rows then pass through the trainer's batch-transfer hooks
-    (``strategy.batch_to_device``): they land on the model's device and, with a continual datamodule, look as
-    the current task sees them. Drawing again after a task change gives the new task's probe.
+    a seeded random subset, read without shuffling and with the global torch/NumPy/Python RNGs seeded and restored
+    around the read (random augmentations in ``__getitem__`` are drawn from a fixed seed), so it neither consumes
+    the global RNG (training is the same with and without monitors) nor differs between DDP ranks (every rank
+    measures the same rows, and the logged values equal a single-process run's). The rows then pass through the
+    trainer's batch-transfer hooks (``strategy.batch_to_device``) and its precision plugin's ``convert_input``:
+    they land on the model's device in the model's input dtype and, with a continual datamodule, look as the
+    current task sees them. Drawing again after a task change gives the new task's probe.
 
     Args:
         size: rows in the probe (fewer if the dataset is smaller).
@@ -77,7 +83,30 @@ class ProbeSet:
                 collate_fn=loader.collate_fn,
                 generator=torch.Generator().manual_seed(self.seed),
             )
-            raw = next(iter(reader))
+            with _isolated_rng(self.seed):
+                raw = next(iter(reader))
             self._raw = (id(dataset), len(dataset), raw)
-        self.batch = trainer.strategy.batch_to_device(self._raw[2])
+        batch = trainer.strategy.batch_to_device(self._raw[2])
+        # As the training loop does before `training_step`: `*-true` precisions expect inputs in their dtype.
+        self.batch = trainer.precision_plugin.convert_input(batch)
         return self.batch
+
+
+@contextmanager
+def _isolated_rng(seed: int) -> Iterator[None]:
+    """Run with torch/NumPy/Python RNGs seeded from ``seed`` and restore them afterwards.
+
+    Datasets with random augmentation draw from the global RNGs in ``__getitem__``: reading the probe must neither
+    change the training run that follows nor give different probe rows on different DDP ranks.
+    """
+    numpy_state = np.random.get_state()
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            np.random.set_state(numpy_state)
+            random.setstate(python_state)
