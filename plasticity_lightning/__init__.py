@@ -8,12 +8,17 @@ The public API is re-exported here::
 from importlib.metadata import PackageNotFoundError, version
 
 from plasticity_lightning.callbacks import (
+    ContinualBackprop,
     DormantUnitMonitor,
     EntropyMonitor,
     GradientFlowMonitor,
+    HeadReset,
+    L2Init,
     LearningDynamics,
     PlasticityMonitor,
     RankMonitor,
+    ReDo,
+    ShrinkAndPerturb,
     TaskAccuracyTable,
     TaskAwareCallback,
     WeightMonitor,
@@ -55,6 +60,7 @@ from plasticity_lightning.metrics import (
 from plasticity_lightning.models import MLP, ConvNet, ResNet18, SupervisedModule
 from plasticity_lightning.nn import Sine, activation_gain, build_activation, init_layer_, sample_init_
 from plasticity_lightning.probes import ProbeSet, capture_outputs
+from plasticity_lightning.surgery import UnitPair, find_unit_pairs, reinit_units
 
 try:
     __version__ = version("plasticity-lightning")
@@ -66,6 +72,7 @@ __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "ClassIncremental",
+    "ContinualBackprop",
     "ConvNet",
     "DataNotFoundError",
     "DigitsDataModule",
@@ -73,7 +80,9 @@ __all__ = [
     "EntropyMonitor",
     "FashionMNISTDataModule",
     "GradientFlowMonitor",
+    "HeadReset",
     "IndexedTensorDataset",
+    "L2Init",
     "LabelShuffle",
     "LearningDynamics",
     "MNISTDataModule",
@@ -84,7 +93,9 @@ __all__ = [
     "PlasticityMonitor",
     "ProbeSet",
     "RankMonitor",
+    "ReDo",
     "ResNet18",
+    "ShrinkAndPerturb",
     "Sine",
     "SupervisedModule",
     "TaskAccuracyTable",
@@ -93,6 +104,7 @@ __all__ = [
     "TaskProvider",
     "TaskSchedule",
     "ToyDataModule",
+    "UnitPair",
     "WeightMonitor",
     "__version__",
     "activation_gain",
@@ -102,6 +114,7 @@ __all__ = [
     "capture_outputs",
     "dynamics_summary",
     "effective_rank",
+    "find_unit_pairs",
     "get_task_context",
     "init_layer_",
     "make_toy",
@@ -109,6 +122,7 @@ __all__ = [
     "per_task_accuracy",
     "per_task_accuracy_key",
     "register_loss",
+    "reinit_units",
     "sample_init_",
     "srank",
     "stable_rank",

@@ -2,12 +2,17 @@
 
 Monitors (measure): :class:`RankMonitor`, :class:`DormantUnitMonitor`, :class:`EntropyMonitor`,
 :class:`WeightMonitor`, :class:`GradientFlowMonitor`, :class:`LearningDynamics`, :class:`TaskAccuracyTable`.
-Base classes: :class:`PlasticityMonitor` (cadence, probe, logging), :class:`TaskAwareCallback` (task changes).
+Interventions (act): :class:`ContinualBackprop` (and RR-CBP), :class:`ReDo`, :class:`ShrinkAndPerturb`,
+:class:`L2Init`, :class:`HeadReset`.
+Base classes: :class:`PlasticityMonitor` (cadence, probe, logging), :class:`TaskAwareCallback` (task changes),
+:class:`Intervention` / :class:`UnitIntervention` (rank-agreeing RNG, strategy checks, unit pairs).
 """
 
 from plasticity_lightning.callbacks.base import TaskAwareCallback
+from plasticity_lightning.callbacks.cbp import ContinualBackprop
 from plasticity_lightning.callbacks.continual import TaskAccuracyTable
 from plasticity_lightning.callbacks.dynamics import LearningDynamics
+from plasticity_lightning.callbacks.intervention import Intervention, UnitIntervention
 from plasticity_lightning.callbacks.monitor import PlasticityMonitor
 from plasticity_lightning.callbacks.monitors import (
     DormantUnitMonitor,
@@ -16,15 +21,24 @@ from plasticity_lightning.callbacks.monitors import (
     RankMonitor,
     WeightMonitor,
 )
+from plasticity_lightning.callbacks.redo import ReDo
+from plasticity_lightning.callbacks.resets import HeadReset, L2Init, ShrinkAndPerturb
 
 __all__ = [
+    "ContinualBackprop",
     "DormantUnitMonitor",
     "EntropyMonitor",
     "GradientFlowMonitor",
+    "HeadReset",
+    "Intervention",
+    "L2Init",
     "LearningDynamics",
     "PlasticityMonitor",
     "RankMonitor",
+    "ReDo",
+    "ShrinkAndPerturb",
     "TaskAccuracyTable",
     "TaskAwareCallback",
+    "UnitIntervention",
     "WeightMonitor",
 ]

@@ -236,6 +236,14 @@ class SupervisedModule(pl.LightningModule):
         """``(name, module)`` of the final layer producing logits / predictions."""
         raise NotImplementedError
 
+    def layer_init(self, name: str) -> tuple[str, float]:
+        """``(init scheme, gain)`` the Linear/Conv layer ``name`` was initialised with.
+
+        Unit surgery draws re-initialised units from the same distribution. The default is PyTorch's own
+        initialisation (``"default"``); models that initialise otherwise override this.
+        """
+        return "default", 1.0
+
     # ------------------------------------------------------------------ optimisation
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Parameter groups handed to the optimizer callable. Override to split groups (e.g. no weight decay)."""

@@ -124,3 +124,6 @@ class MLP(SupervisedModule):
 
     def output_layer(self) -> tuple[str, nn.Module]:
         return "head", self.head
+
+    def layer_init(self, name: str) -> tuple[str, float]:
+        return self.init, 1.0 if name == "head" else activation_gain(self.activation)

@@ -117,3 +117,9 @@ class ResNet18(SupervisedModule):
 
     def output_layer(self) -> tuple[str, nn.Module]:
         return "net.fc", self.net.fc
+
+    def layer_init(self, name: str) -> tuple[str, float]:
+        # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu") for every conv, PyTorch's default for fc
+        if name == "net.fc":
+            return "default", 1.0
+        return "kaiming_normal_fan_out", 2**0.5

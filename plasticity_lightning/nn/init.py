@@ -11,6 +11,7 @@ scheme               weight distribution                         bias
 ===================  ==========================================  =====
 ``kaiming_uniform``  U(±gain·√(3/fan_in))                        0
 ``kaiming_normal``   N(0, gain²/fan_in)                          0
+``kaiming_normal_fan_out``  N(0, gain²/fan_out) (torchvision's convs)  0
 ``xavier_uniform``   U(±gain·√(6/(fan_in+fan_out)))              0
 ``xavier_normal``    N(0, 2·gain²/(fan_in+fan_out))              0
 ``lecun_uniform``    U(±√(3/fan_in))                             0
@@ -34,6 +35,7 @@ from plasticity_lightning.core.errors import check_choice
 INIT_SCHEMES: tuple[str, ...] = (
     "kaiming_uniform",
     "kaiming_normal",
+    "kaiming_normal_fan_out",
     "xavier_uniform",
     "xavier_normal",
     "lecun_uniform",
@@ -61,6 +63,8 @@ def _weight_distribution(scheme: str, fan_in: int, fan_out: int, gain: float) ->
         return "uniform", gain * math.sqrt(3.0 / fan_in)
     if scheme == "kaiming_normal":
         return "normal", gain / math.sqrt(fan_in)
+    if scheme == "kaiming_normal_fan_out":
+        return "normal", gain / math.sqrt(fan_out)
     if scheme == "xavier_uniform":
         return "uniform", gain * math.sqrt(6.0 / (fan_in + fan_out))
     if scheme == "xavier_normal":

@@ -80,8 +80,12 @@ def capture_outputs(
     layers: Mapping[str, nn.Module],
     *,
     forward: Callable[[nn.Module, Any], Any] = default_forward,
+    inputs: bool = False,
 ) -> tuple[dict[str, torch.Tensor], Any]:
     """Outputs of ``layers`` (detached) and of the model on ``batch``, in eval mode under ``no_grad``.
+
+    With ``inputs=True`` each layer's first *input* is captured instead (unit surgery reads a layer's units where
+    their consumer receives them).
 
     Each module's ``training`` flag is restored afterwards, whatever it was (models may mix train and eval
     submodules, e.g. frozen BatchNorm). A layer called more than once per forward pass (a shared module)
@@ -98,13 +102,15 @@ def capture_outputs(
     flags = {module: module.training for module in model.modules()}
 
     def hook(name: str) -> Callable[..., None]:
-        def record(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            tensor = output[0] if isinstance(output, (tuple, list)) else output
+        def record(_module: nn.Module, args: Any, output: Any = None) -> None:
+            value = args if inputs else output
+            tensor = value[0] if isinstance(value, (tuple, list)) else value
             captured[name].append(tensor.detach())
 
         return record
 
-    handles = [module.register_forward_hook(hook(name)) for name, module in layers.items()]
+    register = "register_forward_pre_hook" if inputs else "register_forward_hook"
+    handles = [getattr(module, register)(hook(name)) for name, module in layers.items()]
     try:
         model.eval()
         out = forward(model, batch)

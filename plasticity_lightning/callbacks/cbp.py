@@ -1,0 +1,364 @@
+"""Continual Backprop (Dohare et al., Nature 2024) and its rank-restoring variant RR-CBP."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from plasticity_lightning.callbacks.intervention import UnitIntervention
+from plasticity_lightning.core.errors import (
+    PlasticityConfigError,
+    check_choice,
+    check_fraction,
+    check_positive_float,
+    check_positive_int,
+)
+from plasticity_lightning.surgery import (
+    InputCovariance,
+    UnitPair,
+    activation_energy_share,
+    incoming_magnitude,
+    outgoing_magnitude,
+    reinit_units,
+    sigma_orthogonal_rows,
+    unit_statistics,
+)
+
+UTILITIES = ("contribution", "zero_contribution", "adaptable_contribution")
+
+
+class _LayerState:
+    """Per-producer running statistics: ages, utility EMA, mean-activation EMA, replacement accumulator."""
+
+    def __init__(self, units: int, device: torch.device) -> None:
+        self.ages = torch.zeros(units, dtype=torch.long, device=device)
+        self.utility = torch.zeros(units, dtype=torch.float32, device=device)
+        self.mean_activation = torch.zeros(units, dtype=torch.float32, device=device)
+        self.accumulated = 0.0
+        self.replaced = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "ages": self.ages.cpu(),
+            "utility": self.utility.cpu(),
+            "mean_activation": self.mean_activation.cpu(),
+            "accumulated": self.accumulated,
+            "replaced": self.replaced,
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        device = self.ages.device
+        self.ages = state["ages"].to(device)
+        self.utility = state["utility"].to(device)
+        self.mean_activation = state["mean_activation"].to(device)
+        self.accumulated = float(state["accumulated"])
+        self.replaced = int(state["replaced"])
+
+
+class ContinualBackprop(UnitIntervention):
+    """Continual Backprop: after every optimizer step, replace a small share of the least useful mature units.
+
+    For each producer → consumer pair (see :mod:`plasticity_lightning.surgery.topology`), on the features ``h``
+    the consumer received in this step's forward pass (batch × spatial means per unit) and the weights just
+    updated by the optimizer (Dohare et al.'s call order):
+
+    * every unit ages by one step; f ← η·f + (1−η)·mean(h), f̂ = f / (1 − η^age);
+    * instantaneous utility ``contribution`` = mean|h| · mean|w_out|; ``zero_contribution`` = mean|h − f̂| ·
+      mean|w_out|; ``adaptable_contribution`` = zero_contribution / mean|w_in| (Dohare's code: means over the
+      consumer's rows and the producer's inputs — ranking within a layer is the same as with sums);
+    * u ← η·u + (1−η)·utility, ranked as û = u / (1 − η^age) (bias-corrected, so young units are not
+      judged on a shrunken EMA);
+    * units older than ``maturity_threshold`` are eligible; ``n = ρ·#eligible`` (``count="eligible"``, Dohare's
+      MLP ``GnT``) or ``n = ρ·width`` (``count="width"``, his ConvNet/ResNet code, only on steps with an eligible
+      unit); with ``accumulate=True`` fractional parts carry over and ``int(acc)`` units are replaced, otherwise a
+      fractional n < 1 replaces one unit with probability n;
+    * the n eligible units with the lowest û get fresh incoming weights (the layer's own init), bias 0, reset
+      BatchNorm/LayerNorm entries, zero outgoing weights (the network's output does not change) and zeroed
+      optimizer state on exactly those rows/columns (:func:`~plasticity_lightning.surgery.reinit_units`); their
+      age, utility and f restart at 0.
+
+    ``init="sigma_orthogonal"`` is RR-CBP: new incoming weights Σ-orthogonal to the kept units' rows with unit
+    Σ-norm, Σ the bias-corrected EMA (decay ``sigma_decay``) of the producer's input covariance, optionally scaled
+    by an energy budget (:mod:`plasticity_lightning.surgery.sigma`, which lists the deviations from the reference).
+    Linear producers only.
+
+    DDP: per-unit statistics are averaged across ranks before the utility update, and random draws come from a
+    generator seeded alike on every rank, so every rank replaces the same units with the same weights. Resume:
+    ages, utilities, f, accumulators, counts, Σ and the generator are in ``state_dict``. With gradient
+    accumulation the statistics cover every micro-batch of the step; under ``bf16-mixed`` they are computed in
+    float32.
+
+    Deviations from the reference code (``lop/algos/gnt.py``, ``convGnT.py``, ``res_gnt.py``): the next-layer bias
+    correction, a no-op there, is not performed; Conv layers use their own init (the reference always draws
+    U(±1/√fan_in)); optimizer state is reset for every touched slice and every optimizer (the reference forgets
+    some). See ``plasticity_anchors.md`` §1.3.
+
+    Args:
+        replacement_rate: ρ, the share of units replaced per step.
+        maturity_threshold: m, steps a unit must live before it can be replaced.
+        decay_rate: η, the utility EMA decay.
+        utility: ``"contribution"``, ``"zero_contribution"`` or ``"adaptable_contribution"``.
+        accumulate: carry fractional replacements over (``False``: Bernoulli for n < 1).
+        count: ``"eligible"`` (ρ·#mature) or ``"width"`` (ρ·#units).
+        init: ``"auto"`` (the layer's own scheme), a scheme name, or ``"sigma_orthogonal"`` (RR-CBP).
+        sigma_decay: EMA decay of the input covariance (RR-CBP).
+        sigma_ridge: ridge added to Σ (RR-CBP).
+        energy_budget: scale RR-CBP rows to the activation's energy target instead of unit Σ-norm.
+        layers, pairs, seed: see :class:`~plasticity_lightning.callbacks.intervention.UnitIntervention`.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[ContinualBackprop(replacement_rate=1e-4, maturity_threshold=100)])
+    """
+
+    extra_inits = ("sigma_orthogonal",)
+
+    def __init__(
+        self,
+        replacement_rate: float = 1e-4,
+        maturity_threshold: int = 100,
+        decay_rate: float = 0.99,
+        utility: Literal["contribution", "zero_contribution", "adaptable_contribution"] = "contribution",
+        accumulate: bool = True,
+        count: Literal["eligible", "width"] = "eligible",
+        init: str = "auto",
+        sigma_decay: float = 0.99,
+        sigma_ridge: float = 1e-4,
+        energy_budget: bool = False,
+        layers: Sequence[str] | None = None,
+        pairs: Sequence[Sequence[Any]] | None = None,
+        seed: int = 0,
+        prefix: str = "cbp",
+    ) -> None:
+        super().__init__(layers=layers, pairs=pairs, init=init, seed=seed, prefix=prefix)
+        owner = type(self).__name__
+        self.replacement_rate = check_fraction(owner, "replacement_rate", replacement_rate, high_open=False)
+        self.maturity_threshold = check_positive_int(owner, "maturity_threshold", maturity_threshold, allow_zero=True)
+        self.decay_rate = check_fraction(owner, "decay_rate", decay_rate)
+        self.utility = check_choice(owner, "utility", utility, UTILITIES)
+        self.accumulate = bool(accumulate)
+        self.count = check_choice(owner, "count", count, ("eligible", "width"))
+        self.sigma_decay = check_fraction(owner, "sigma_decay", sigma_decay)
+        self.sigma_ridge = check_positive_float(owner, "sigma_ridge", sigma_ridge, allow_zero=True)
+        self.energy_budget = bool(energy_budget)
+        self.states: dict[str, _LayerState] = {}
+        self.covariances: dict[str, InputCovariance] = {}
+        self._features: dict[str, list[torch.Tensor]] = {}
+        self._inputs: dict[str, list[torch.Tensor]] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._pending: dict[str, Any] | None = None
+        self._last_step: int | None = None
+
+    @property
+    def sigma_orthogonal(self) -> bool:
+        return self.init == "sigma_orthogonal"
+
+    @override
+    def settings(self) -> dict[str, Any]:
+        return {
+            **super().settings(),
+            "replacement_rate": self.replacement_rate,
+            "maturity_threshold": self.maturity_threshold,
+            "utility": self.utility,
+            "init": self.init,
+        }
+
+    # ------------------------------------------------------------------ set-up
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self.sigma_orthogonal:
+            convs = [pair.producer for pair in self.pairs if not isinstance(pair.producer_module, nn.Linear)]
+            if convs:
+                raise PlasticityConfigError(
+                    f"ContinualBackprop(init='sigma_orthogonal') supports Linear producers only; {convs[0]!r} is a "
+                    f"{type(dict(pl_module.named_modules())[convs[0]]).__name__} (restrict layers=[...] or use "
+                    "another init)"
+                )
+        for pair in self.pairs:
+            self.states[pair.producer] = _LayerState(pair.num_units, pair.producer_module.weight.device)
+            if self.sigma_orthogonal:
+                self.covariances[pair.producer] = InputCovariance(pair.producer_module.in_features, self.sigma_decay)
+        if self._pending is not None:
+            self._load_pending()
+        self._register_hooks()
+
+    def _register_hooks(self) -> None:
+        self._remove_hooks()
+        for pair in self.pairs:
+            self._features[pair.producer] = []
+            self._handles.append(pair.consumer_module.register_forward_pre_hook(self._recorder(self._features, pair)))
+            if self.sigma_orthogonal:
+                self._inputs[pair.producer] = []
+                self._handles.append(pair.producer_module.register_forward_pre_hook(self._recorder(self._inputs, pair)))
+
+    @staticmethod
+    def _recorder(store: dict[str, list[torch.Tensor]], pair: UnitPair):
+        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+            # Training forward passes only: not validation, sanity checks or monitors' probes (eval mode).
+            if module.training and torch.is_grad_enabled():
+                store[pair.producer].append(args[0].detach())
+
+        return record
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_hooks()
+
+    # ------------------------------------------------------------------ the algorithm
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
+        if trainer.global_step == self._last_step or trainer.global_step == 0:
+            return  # no optimizer step since the last call (gradient accumulation, or a skipped step)
+        self._last_step = trainer.global_step
+        logged: dict[str, float] = {}
+        total = 0
+        for pair in self.pairs:
+            features = self._features[pair.producer]
+            inputs = self._inputs.get(pair.producer, [])
+            if not features:
+                continue
+            self.step(trainer, pair, features, inputs)
+            features.clear()
+            inputs.clear()
+            state = self.states[pair.producer]
+            logged[f"{pair.producer}/replaced"] = state.replaced
+            total += state.replaced
+        logged["replaced"] = total
+        self.log_values(trainer, logged)
+
+    def step(
+        self,
+        trainer: pl.Trainer | None,
+        pair: UnitPair,
+        features: list[torch.Tensor],
+        inputs: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """One CBP step for ``pair`` on this step's consumer inputs; returns the replaced unit indices."""
+        state = self.states[pair.producer]
+        eta = self.decay_rate
+        views = [unit_statistics(f, pair) for f in features]
+        mean_h = _reduce(trainer, torch.stack([v.mean(dim=0) for v in views]).mean(dim=0))
+        state.ages += 1
+        state.mean_activation.mul_(eta).add_(mean_h, alpha=1 - eta)
+        correction = 1 - eta ** state.ages.to(torch.float32)
+        if self.utility == "contribution":
+            activity = torch.stack([v.abs().mean(dim=0) for v in views]).mean(dim=0)
+        else:
+            centre = state.mean_activation / correction
+            activity = torch.stack([(v - centre).abs().mean(dim=0) for v in views]).mean(dim=0)
+        activity = _reduce(trainer, activity)
+        instantaneous = activity * outgoing_magnitude(pair)
+        if self.utility == "adaptable_contribution":
+            instantaneous = instantaneous / incoming_magnitude(pair).clamp(min=torch.finfo(torch.float32).tiny)
+        state.utility.mul_(eta).add_(instantaneous, alpha=1 - eta)
+        if self.sigma_orthogonal and inputs:
+            batch = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs]).to(torch.float64)
+            self.covariances[pair.producer].update_moment(_reduce(trainer, batch.T @ batch / len(batch)))
+        units = self._choose(state, correction)
+        if units.numel():
+            self._replace(trainer, pair, units)
+        return units
+
+    def _choose(self, state: _LayerState, correction: torch.Tensor) -> torch.Tensor:
+        eligible = torch.nonzero(state.ages > self.maturity_threshold).flatten()
+        if eligible.numel() == 0:
+            return eligible
+        base = eligible.numel() if self.count == "eligible" else state.ages.numel()
+        expected = self.replacement_rate * base
+        if self.accumulate:
+            state.accumulated += expected
+            number = int(state.accumulated)
+            state.accumulated -= number
+        elif expected < 1:
+            number = int(torch.rand(1, generator=self.generator).item() <= expected)
+        else:
+            number = int(expected)
+        number = min(number, eligible.numel())
+        if number == 0:
+            return eligible[:0]
+        corrected = state.utility[eligible] / correction[eligible]
+        return eligible[torch.topk(-corrected, number).indices]
+
+    def _replace(self, trainer: pl.Trainer | None, pair: UnitPair, units: torch.Tensor) -> None:
+        scheme, gain = self.inits[pair.producer]
+        incoming = None
+        if self.sigma_orthogonal:
+            weight = pair.producer_module.weight.detach()
+            keep = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+            keep[units] = False
+            share = activation_energy_share(pair.activation) if self.energy_budget else None
+            incoming = sigma_orthogonal_rows(
+                weight[keep],
+                self.covariances[pair.producer].covariance(self.sigma_ridge),
+                units.numel(),
+                generator=self.generator,
+                energy_share=share,
+            )
+        optimizers = self.optimizers(trainer) if trainer is not None else []
+        reinit_units(
+            pair, units, init=scheme, gain=gain, generator=self.generator, incoming=incoming, optimizers=optimizers
+        )
+        state = self.states[pair.producer]
+        state.ages[units] = 0
+        state.utility[units] = 0.0
+        state.mean_activation[units] = 0.0
+        state.replaced += units.numel()
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "layers": {name: state.state_dict() for name, state in self.states.items()},
+            "covariances": {name: cov.state_dict() for name, cov in self.covariances.items()},
+            "last_step": self._last_step,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # Checkpoints load before on_fit_start binds the layers: apply then.
+        self._pending = state_dict
+        if self.states:
+            self._load_pending()
+
+    def _load_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        assert pending is not None
+        missing = set(pending.get("layers", {})) ^ set(self.states)
+        if missing:
+            rank_zero_warn(
+                f"ContinualBackprop: the checkpoint's layers differ from this model's ({sorted(missing)}); "
+                "those layers start fresh"
+            )
+        for name, layer_state in pending.get("layers", {}).items():
+            if name in self.states:
+                self.states[name].load(layer_state)
+        for name, cov_state in pending.get("covariances", {}).items():
+            if name in self.covariances:
+                self.covariances[name].load_state_dict(cov_state)
+        self._last_step = pending.get("last_step")
+
+
+def _reduce(trainer: pl.Trainer | None, tensor: torch.Tensor) -> torch.Tensor:
+    """Average across DDP ranks (identity on one process), so every rank takes the same decisions."""
+    if trainer is None or trainer.world_size == 1:
+        return tensor
+    return trainer.strategy.reduce(tensor, reduce_op="mean")

@@ -1,0 +1,158 @@
+"""Shared machinery of the interventions: strategy checks, a rank-agreeing RNG, the bound unit pairs, logging."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from torch import nn
+from typing_extensions import override
+
+from plasticity_lightning.callbacks.base import TaskAwareCallback
+from plasticity_lightning.core.errors import PlasticityConfigError
+from plasticity_lightning.nn.init import resolve_init_scheme
+from plasticity_lightning.surgery import UnitPair, find_unit_pairs
+
+_GAINS = {
+    "ReLU": "relu",
+    "LeakyReLU": "leaky_relu",
+    "Tanh": "tanh",
+    "Sigmoid": "sigmoid",
+    "SELU": "selu",
+    "Identity": "linear",
+}
+
+
+class Intervention(TaskAwareCallback):
+    """Base of the callbacks that change the model during training.
+
+    It owns what every intervention needs to be correct under DDP and on resume:
+
+    * a CPU ``torch.Generator`` seeded with ``seed`` — the same on every rank, so every random choice (which
+      units, which new weights) is identical across processes without communication — whose state is saved in
+      the checkpoint, so a resumed run draws what the uninterrupted run would have drawn;
+    * a check in ``setup`` that the strategy keeps full parameters on every rank (single device or DDP);
+    * the optimizers whose state is reset for touched parameters;
+    * logging through every logger and ``trainer.callback_metrics``, at the trainer's ``log_every_n_steps``.
+
+    Args:
+        seed: seed of the intervention's own random draws.
+        prefix: first part of every logged key.
+    """
+
+    def __init__(self, seed: int = 0, prefix: str = "intervention") -> None:
+        super().__init__()
+        if not isinstance(seed, int):
+            raise PlasticityConfigError(f"{type(self).__name__}.seed={seed!r} is invalid; expected an integer")
+        self.seed = seed
+        self.prefix = prefix
+        self.generator = torch.Generator().manual_seed(seed)
+        self._state_key: str | None = None
+
+    @property
+    def state_key(self) -> str:
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(prefix=self.prefix, **self.settings())
+        return self._state_key
+
+    def settings(self) -> dict[str, Any]:
+        """Arguments that distinguish two instances (part of :attr:`state_key`)."""
+        return {"seed": self.seed}
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+            raise PlasticityConfigError(
+                f"{type(self).__name__} changes parameters in place and needs every rank to hold the full model; "
+                f"strategy {type(trainer.strategy).__name__} is not supported (use a single device, 'ddp' or "
+                "'ddp_spawn')"
+            )
+
+    @staticmethod
+    def optimizers(trainer: pl.Trainer) -> list[torch.optim.Optimizer]:
+        return list(trainer.optimizers)
+
+    def log_values(self, trainer: pl.Trainer, values: dict[str, float], *, force: bool = False) -> None:
+        """Log ``values`` under ``prefix/`` every ``log_every_n_steps`` optimizer steps (always with ``force``)."""
+        if not values or not (force or trainer.global_step % max(trainer.log_every_n_steps, 1) == 0):
+            return
+        metrics = {f"{self.prefix}/{name}": float(value) for name, value in values.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        trainer.callback_metrics.update({name: torch.tensor(value) for name, value in metrics.items()})
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "generator": self.generator.get_state()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if "generator" in state_dict:
+            self.generator.set_state(state_dict["generator"])
+
+
+class UnitIntervention(Intervention):
+    """An intervention on hidden units: finds the producer → consumer pairs and the init of new units.
+
+    Args:
+        layers: producers (``Linear``/``Conv2d`` module names) whose units may be replaced; ``None``: every pair
+            found by tracing the model (see :mod:`plasticity_lightning.surgery.topology`).
+        pairs: explicit ``[producer, consumer]`` (or ``[producer, consumer, [norms]]``) entries, for models that
+            cannot be traced or to restrict the pairs exactly.
+        init: init scheme of new incoming weights: ``"auto"`` uses the model's ``layer_init(name)`` (our models
+            report the scheme each layer was built with) and else PyTorch's default; or a scheme name (kaiming,
+            kaiming_normal, xavier, xavier_normal, lecun, lecun_uniform, default), with the gain of the
+            activation between producer and consumer.
+        seed: seed of the intervention's random draws.
+        prefix: first part of logged keys.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[str] | None = None,
+        pairs: Sequence[Sequence[Any]] | None = None,
+        init: str = "auto",
+        seed: int = 0,
+        prefix: str = "intervention",
+    ) -> None:
+        super().__init__(seed=seed, prefix=prefix)
+        owner = type(self).__name__
+        if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)):
+            raise PlasticityConfigError(f"{owner}.layers={layers!r} is invalid; expected a list of module names")
+        if pairs is not None and (isinstance(pairs, str) or not all(not isinstance(p, str) for p in pairs)):
+            raise PlasticityConfigError(
+                f"{owner}.pairs={pairs!r} is invalid; expected a list of [producer, consumer] lists"
+            )
+        self.layer_names = None if layers is None else list(layers)
+        self.explicit_pairs = None if pairs is None else [list(p) for p in pairs]
+        self.init = init if init in ("auto", *self.extra_inits) else resolve_init_scheme(init, owner=owner)
+        self.pairs: list[UnitPair] = []
+        self.inits: dict[str, tuple[str, float]] = {}
+
+    #: init names a subclass accepts besides the schemes (e.g. CBP's "sigma_orthogonal")
+    extra_inits: tuple[str, ...] = ()
+
+    @override
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "layers": self.layer_names, "pairs": self.explicit_pairs}
+
+    def bind(self, pl_module: pl.LightningModule) -> None:
+        """Find the pairs on the (built) model and the init of each producer."""
+        self.pairs = find_unit_pairs(pl_module, self.layer_names, self.explicit_pairs, owner=type(self).__name__)
+        self.inits = {pair.producer: self._init_of(pl_module, pair) for pair in self.pairs}
+
+    def _init_of(self, pl_module: nn.Module, pair: UnitPair) -> tuple[str, float]:
+        if self.init == "auto":
+            layer_init = getattr(pl_module, "layer_init", None)
+            return layer_init(pair.producer) if callable(layer_init) else ("default", 1.0)
+        name = _GAINS.get(type(pair.activation).__name__, "linear") if pair.activation is not None else "linear"
+        param = pair.activation.negative_slope if isinstance(pair.activation, nn.LeakyReLU) else None
+        return (self.init if self.init not in self.extra_inits else "default"), nn.init.calculate_gain(name, param)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.bind(pl_module)

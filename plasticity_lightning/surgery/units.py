@@ -1,0 +1,148 @@
+"""Re-initialising hidden units in place: the one engine behind CBP, ReDo and any other unit reset.
+
+:func:`reinit_units` gives the chosen units of a :class:`~plasticity_lightning.surgery.UnitPair` fresh incoming
+weights (from a named init scheme, or given rows), a zero bias, reset normalisation entries and zero outgoing
+weights — so the network computes exactly the same function right after the reset — and clears the optimizer
+state of exactly the touched slices.
+
+Optimizer state: every state tensor shaped like its parameter (Adam/AdamW ``exp_avg``, ``exp_avg_sq``,
+``max_exp_avg_sq``; SGD ``momentum_buffer``; RMSprop ``square_avg``, …) is zeroed on the touched rows/columns.
+PyTorch keeps Adam's ``step`` as one count per tensor, so a reset entry restarts its moments but not its bias
+correction: its first update is about (1−β₁)/√(1−β₂) ≈ 3.2× a settled Adam update. This is ReDo's behaviour
+(it zeroes the moments and keeps the step); Dohare et al.'s ``AdamGnT`` keeps a per-element step instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from plasticity_lightning.nn.init import layer_fans, sample_init_
+from plasticity_lightning.surgery.topology import UnitPair
+
+
+def unit_statistics(features: torch.Tensor, pair: UnitPair) -> torch.Tensor:
+    """``[positions, units]`` view of the consumer's input (as the producer's units), float32.
+
+    Linear consumers read ``[N, units·columns_per_unit]`` (columns of one unit are consecutive, as ``flatten`` lays
+    out a channel's H×W map); conv consumers read ``[N, units, H, W]``. Positions are samples × spatial places.
+    """
+    x = features.detach().float()
+    if x.ndim == 2:
+        if pair.columns_per_unit == 1:
+            return x
+        return x.reshape(x.shape[0], -1, pair.columns_per_unit).transpose(1, 2).reshape(-1, pair.num_units)
+    return x.movedim(1, -1).reshape(-1, x.shape[1])
+
+
+def outgoing_magnitude(pair: UnitPair) -> torch.Tensor:
+    """Mean |w| of each unit's outgoing weights (Dohare's ``output_weight_mag``: a mean over the consumer)."""
+    weight = pair.consumer_module.weight.detach()
+    if weight.ndim == 2:
+        per_column = torch.linalg.vector_norm(weight, ord=1, dim=0)
+        per_unit = per_column.reshape(-1, pair.columns_per_unit).sum(dim=1)
+        return per_unit.float() / (weight.shape[0] * pair.columns_per_unit)
+    return torch.linalg.vector_norm(weight.transpose(0, 1).flatten(1), ord=1, dim=1).float() / (weight[:, 0].numel())
+
+
+def incoming_magnitude(pair: UnitPair) -> torch.Tensor:
+    """Mean |w| of each unit's incoming weights (Dohare's ``input_weight_mag``)."""
+    weight = pair.producer_module.weight.detach().flatten(1)
+    return torch.linalg.vector_norm(weight, ord=1, dim=1).float() / weight.shape[1]
+
+
+@torch.no_grad()
+def reinit_units(
+    pair: UnitPair,
+    units: torch.Tensor,
+    *,
+    init: str = "default",
+    gain: float = 1.0,
+    generator: torch.Generator | None = None,
+    incoming: torch.Tensor | None = None,
+    optimizers: Iterable[torch.optim.Optimizer] = (),
+) -> None:
+    """Re-initialise ``units`` of ``pair`` in place and clear their optimizer state.
+
+    Args:
+        pair: a bound pair from :func:`~plasticity_lightning.surgery.find_unit_pairs`.
+        units: indices of the units (producer rows / output channels).
+        init: init scheme of the new incoming weights (see :mod:`plasticity_lightning.nn.init`); the fans are the
+            full layer's, so new rows follow the layer's initial distribution.
+        gain: the scheme's gain (e.g. √2 before ReLU).
+        generator: source of the new weights (a generator seeded alike on every DDP rank gives identical weights).
+        incoming: explicit new incoming rows ``[len(units), *weight.shape[1:]]`` instead of sampling.
+        optimizers: optimizers whose state for the touched slices is zeroed.
+
+    Example::
+
+        >>> from plasticity_lightning.surgery import find_unit_pairs
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> pair = find_unit_pairs(net)[0]
+        >>> reinit_units(pair, torch.tensor([1]), init="kaiming", gain=2**0.5)
+        >>> net[2].weight[:, 1].abs().sum().item(), net[0].bias[1].item()
+        (0.0, 0.0)
+    """
+    units = torch.as_tensor(units, dtype=torch.long).flatten()
+    if units.numel() == 0:
+        return
+    producer, consumer = pair.producer_module, pair.consumer_module
+    index = units.to(producer.weight.device)
+    if incoming is None:
+        rows = torch.empty((len(units), *producer.weight.shape[1:]), dtype=producer.weight.dtype)
+        fan_in, fan_out = layer_fans(producer)
+        sample_init_(rows, init, fan_in=fan_in, fan_out=fan_out, gain=gain, generator=generator)
+    else:
+        rows = incoming.reshape(len(units), *producer.weight.shape[1:])
+    producer.weight[index] = rows.to(producer.weight)
+    touched: list[tuple[nn.Parameter, int, torch.Tensor]] = [(producer.weight, 0, index)]
+    if producer.bias is not None:
+        producer.bias[index] = 0.0
+        touched.append((producer.bias, 0, index))
+    for norm in pair.norm_modules:
+        if norm.weight is not None:
+            norm.weight[index] = 1.0
+            touched.append((norm.weight, 0, index))
+        if norm.bias is not None:
+            norm.bias[index] = 0.0
+            touched.append((norm.bias, 0, index))
+        if getattr(norm, "running_mean", None) is not None:
+            norm.running_mean[index] = 0.0
+            norm.running_var[index] = 1.0
+    columns = _consumer_columns(pair, index)
+    consumer.weight[:, columns] = 0.0
+    touched.append((consumer.weight, 1, columns))
+    for optimizer in optimizers:
+        for param, dim, idx in touched:
+            reset_optimizer_state(optimizer, param, dim, idx)
+
+
+def _consumer_columns(pair: UnitPair, units: torch.Tensor) -> torch.Tensor:
+    if pair.columns_per_unit == 1:
+        return units
+    offsets = torch.arange(pair.columns_per_unit, device=units.device)
+    return (units[:, None] * pair.columns_per_unit + offsets).flatten()
+
+
+@torch.no_grad()
+def reset_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, dim: int, index: torch.Tensor) -> None:
+    """Zero the slices ``index`` along ``dim`` of every per-element state tensor ``optimizer`` keeps for ``param``.
+
+    Example::
+
+        >>> w = nn.Parameter(torch.ones(2, 3))
+        >>> opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+        >>> w.grad = torch.ones(2, 3); opt.step()
+        >>> reset_optimizer_state(opt, w, 1, torch.tensor([0]))
+        >>> opt.state[w]["momentum_buffer"]
+        tensor([[0., 1., 1.],
+                [0., 1., 1.]])
+    """
+    state = optimizer.state.get(param)
+    if not state:
+        return
+    for value in state.values():
+        if isinstance(value, torch.Tensor) and value.shape == param.shape:
+            value.index_fill_(dim, index.to(value.device), 0.0)
