@@ -19,7 +19,7 @@ def _argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["plasticity"])
 
 
-CIFAR_RECIPES = {"convnet_cifar10_pairs.yaml", "resnet18_cifar100.yaml"}
+CIFAR_RECIPES = {r.name for r in RECIPES if "CIFAR10" in r.read_text()}  # CIFAR-10 and CIFAR-100 datamodules
 OFFLINE = ["--data.init_args.synthetic=true", "--data.init_args.num_workers=0"]
 
 
@@ -43,9 +43,15 @@ def _print_config(args, capsys) -> str:
 
 
 def test_recipes_exist():
-    assert {"quickstart.yaml", "mlp_spirals.yaml", "convnet_cifar10_pairs.yaml", "resnet18_cifar100.yaml"} <= {
-        r.name for r in RECIPES
-    }
+    assert {
+        "quickstart.yaml",
+        "mlp_spirals.yaml",
+        "convnet_cifar10_pairs.yaml",
+        "resnet18_cifar100.yaml",
+        "cbp_cifar.yaml",
+        *(f"plasticity_loss_digits_{v}.yaml" for v in ("cbp", "redo", "shrink_perturb", "l2_init")),
+    } <= {r.name for r in RECIPES}
+    assert CIFAR_RECIPES == {"convnet_cifar10_pairs.yaml", "resnet18_cifar100.yaml", "cbp_cifar.yaml"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r.stem)

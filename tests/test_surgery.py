@@ -211,3 +211,15 @@ def test_sigma_orthogonal_rows_are_orthogonal_normalised_and_fall_back_when_the_
     budget = sigma_orthogonal_rows(kept * 0, sigma, 2, generator=g, energy_share=0.5)
     target = torch.trace(sigma).item() / 6 / 0.5
     assert torch.diag(budget @ sigma @ budget.T).tolist() == pytest.approx([target, target])
+
+
+def test_shared_magnitudes_equal_the_per_pair_ones():
+    from plasticity_lightning.surgery import unit_magnitudes
+
+    model = ConvNet(num_classes=2, in_channels=3, input_size=32)
+    pairs = find_unit_pairs(model)
+    shared = unit_magnitudes(pairs, incoming=True)
+    for pair in pairs:
+        outgoing, incoming = shared[pair.producer]
+        assert torch.equal(outgoing, outgoing_magnitude(pair)) and torch.equal(incoming, incoming_magnitude(pair))
+    assert unit_magnitudes(pairs)[pairs[0].producer][1] is None

@@ -27,6 +27,7 @@ from plasticity_lightning.surgery import (
     outgoing_magnitude,
     reinit_units,
     sigma_orthogonal_rows,
+    unit_magnitudes,
     unit_statistics,
 )
 
@@ -229,12 +230,13 @@ class ContinualBackprop(UnitIntervention):
         self._last_step = trainer.global_step
         logged: dict[str, float] = {}
         total = 0
+        magnitudes = unit_magnitudes(self.pairs, incoming=self.utility == "adaptable_contribution")
         for pair in self.pairs:
             features = self._features[pair.producer]
             inputs = self._inputs.get(pair.producer, [])
             if not features:
                 continue
-            self.step(trainer, pair, features, inputs)
+            self.step(trainer, pair, features, inputs, magnitudes[pair.producer])
             features.clear()
             inputs.clear()
             state = self.states[pair.producer]
@@ -243,30 +245,37 @@ class ContinualBackprop(UnitIntervention):
         logged["replaced"] = total
         self.log_values(trainer, logged)
 
+    @torch.no_grad()
     def step(
         self,
         trainer: pl.Trainer | None,
         pair: UnitPair,
         features: list[torch.Tensor],
         inputs: list[torch.Tensor] | None = None,
+        magnitudes: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
-        """One CBP step for ``pair`` on this step's consumer inputs; returns the replaced unit indices."""
+        """One CBP step for ``pair`` on this step's consumer inputs; returns the replaced unit indices.
+
+        ``magnitudes``: the pair's (outgoing, incoming) weight magnitudes if already computed for the step.
+        """
         state = self.states[pair.producer]
         eta = self.decay_rate
-        views = [unit_statistics(f, pair) for f in features]
-        mean_h = _reduce(trainer, torch.stack([v.mean(dim=0) for v in views]).mean(dim=0))
+        # every micro-batch of the step (gradient accumulation) counts, as one batch
+        view = unit_statistics(features[0] if len(features) == 1 else torch.cat(features), pair)
+        mean_h = _reduce(trainer, view.mean(dim=0))
         state.ages += 1
         state.mean_activation.mul_(eta).add_(mean_h, alpha=1 - eta)
         correction = 1 - eta ** state.ages.to(torch.float32)
         if self.utility == "contribution":
-            activity = torch.stack([v.abs().mean(dim=0) for v in views]).mean(dim=0)
+            activity = view.abs().mean(dim=0)
         else:
-            centre = state.mean_activation / correction
-            activity = torch.stack([(v - centre).abs().mean(dim=0) for v in views]).mean(dim=0)
+            activity = (view - state.mean_activation / correction).abs().mean(dim=0)
         activity = _reduce(trainer, activity)
-        instantaneous = activity * outgoing_magnitude(pair)
+        outgoing, incoming = magnitudes if magnitudes is not None else (outgoing_magnitude(pair), None)
+        instantaneous = activity * outgoing
         if self.utility == "adaptable_contribution":
-            instantaneous = instantaneous / incoming_magnitude(pair).clamp(min=torch.finfo(torch.float32).tiny)
+            incoming = incoming if incoming is not None else incoming_magnitude(pair)
+            instantaneous = instantaneous / incoming.clamp(min=torch.finfo(torch.float32).tiny)
         state.utility.mul_(eta).add_(instantaneous, alpha=1 - eta)
         if self.sigma_orthogonal and inputs:
             batch = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs]).to(torch.float64)

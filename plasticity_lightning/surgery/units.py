@@ -37,20 +37,51 @@ def unit_statistics(features: torch.Tensor, pair: UnitPair) -> torch.Tensor:
     return x.movedim(1, -1).reshape(-1, x.shape[1])
 
 
-def outgoing_magnitude(pair: UnitPair) -> torch.Tensor:
-    """Mean |w| of each unit's outgoing weights (Dohare's ``output_weight_mag``: a mean over the consumer)."""
+def outgoing_magnitude(pair: UnitPair, absolute: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean |w| of each unit's outgoing weights (Dohare's ``output_weight_mag``: a mean over the consumer).
+
+    ``absolute``: the consumer weight's |w|, if already computed (see :func:`unit_magnitudes`).
+    """
     weight = pair.consumer_module.weight.detach()
+    absolute = weight.abs() if absolute is None else absolute
     if weight.ndim == 2:
-        per_column = torch.linalg.vector_norm(weight, ord=1, dim=0)
-        per_unit = per_column.reshape(-1, pair.columns_per_unit).sum(dim=1)
+        per_unit = absolute.sum(dim=0).reshape(-1, pair.columns_per_unit).sum(dim=1)
         return per_unit.float() / (weight.shape[0] * pair.columns_per_unit)
-    return torch.linalg.vector_norm(weight.transpose(0, 1).flatten(1), ord=1, dim=1).float() / (weight[:, 0].numel())
+    per_unit = absolute.sum(dim=0).flatten(1).sum(dim=1)
+    return per_unit.float() / (weight.shape[0] * weight[0, 0].numel())
 
 
-def incoming_magnitude(pair: UnitPair) -> torch.Tensor:
+def incoming_magnitude(pair: UnitPair, absolute: torch.Tensor | None = None) -> torch.Tensor:
     """Mean |w| of each unit's incoming weights (Dohare's ``input_weight_mag``)."""
-    weight = pair.producer_module.weight.detach().flatten(1)
-    return torch.linalg.vector_norm(weight, ord=1, dim=1).float() / weight.shape[1]
+    weight = pair.producer_module.weight.detach()
+    absolute = (weight.abs() if absolute is None else absolute).flatten(1)
+    return absolute.sum(dim=1).float() / absolute.shape[1]
+
+
+@torch.no_grad()
+def unit_magnitudes(
+    pairs: list[UnitPair], incoming: bool = False
+) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """(outgoing, incoming or None) magnitudes of every pair, taking |w| of each weight tensor once.
+
+    In a chain of pairs a hidden layer's weight is one pair's consumer and the next pair's producer: its |w| serves
+    both sums. (``abs().sum()`` also runs ~3x faster than ``vector_norm(ord=1, dim=...)`` on CPU.)
+    """
+    cache: dict[nn.Module, torch.Tensor] = {}
+
+    def absolute(module: nn.Module) -> torch.Tensor:
+        # keyed by the module (alive throughout), not by a temporary tensor whose id could be reused
+        if module not in cache:
+            cache[module] = module.weight.detach().abs()
+        return cache[module]
+
+    return {
+        pair.producer: (
+            outgoing_magnitude(pair, absolute(pair.consumer_module)),
+            incoming_magnitude(pair, absolute(pair.producer_module)) if incoming else None,
+        )
+        for pair in pairs
+    }
 
 
 @torch.no_grad()

@@ -1,0 +1,54 @@
+"""Two CPU processes under DDP: every intervention takes the same decisions on every rank."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import lightning.pytorch as pl
+    import torch
+    from plasticity_lightning import (MLP, ContinualBackprop, DigitsDataModule, HeadReset, L2Init, PermutedInputs,
+                                      ReDo, ShrinkAndPerturb)
+
+    out = sys.argv[1]
+    pl.seed_everything(0)
+    cbp = ContinualBackprop(replacement_rate=0.02, maturity_threshold=3, accumulate=False,
+                            utility="adaptable_contribution")
+    redo = ReDo(every_n_steps=4, tau=0.3, probe_size=64)
+    callbacks = [cbp, redo, ShrinkAndPerturb(noise="gaussian", shrink=1.0, perturb=1e-3, every_n_steps=3),
+                 L2Init(weight=1e-3), HeadReset()]
+
+    class Dump(pl.Callback):
+        def on_fit_end(self, trainer, pl_module):
+            torch.save({"params": {k: v.cpu() for k, v in pl_module.state_dict().items()},
+                        "replaced": {k: s.replaced for k, s in cbp.states.items()},
+                        "recycled": dict(redo.replaced)}, f"{out}.rank{trainer.global_rank}.pt")
+
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, limit_train_batches=8,
+                         limit_val_batches=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[*callbacks, Dump()])
+    model = MLP(hidden_sizes=[32, 32], optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+    trainer.fit(model, DigitsDataModule(batch_size=16, schedule=PermutedInputs(num_tasks=2, epochs_per_task=1)))
+    """
+)
+
+
+@pytest.mark.timeout(600)
+def test_interventions_leave_every_rank_with_identical_weights(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=500, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(f"{out}.rank{rank}.pt") for rank in (0, 1))
+    assert sum(rank0["replaced"].values()) > 0 and sum(rank0["recycled"].values()) > 0
+    assert rank0["replaced"] == rank1["replaced"] and rank0["recycled"] == rank1["recycled"]
+    for name, value in rank0["params"].items():
+        assert torch.equal(value, rank1["params"][name]), name
