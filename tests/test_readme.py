@@ -38,6 +38,8 @@ def test_own_trainer_snippet_runs(in_tmp, capsys):
     namespace = runpy.run_path(str(script), run_name="__main__")
     out = capsys.readouterr().out
     assert "step 0: task 0 of 3 begins" in out and "task 2 of 3 begins" in out
+    replaced = int(re.search(r"units replaced by continual backprop: (\d+)", out).group(1))
+    assert replaced > 0
     table = next(cb for cb in namespace["trainer"].callbacks if type(cb).__name__ == "TaskAccuracyTable")
     assert sorted(table.rows) == [0, 1, 2]
     assert table.rows[2][2] > 0.7  # the last task is learned
