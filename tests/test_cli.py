@@ -51,7 +51,7 @@ def test_recipes_exist():
         "cbp_cifar.yaml",
         *(f"plasticity_loss_digits_{v}.yaml" for v in ("cbp", "redo", "shrink_perturb", "l2_init")),
     } <= {r.name for r in RECIPES}
-    assert CIFAR_RECIPES == {"convnet_cifar10_pairs.yaml", "resnet18_cifar100.yaml", "cbp_cifar.yaml"}
+    assert {"convnet_cifar10_pairs.yaml", "resnet18_cifar100.yaml", "cbp_cifar.yaml"} == CIFAR_RECIPES
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r.stem)
