@@ -334,6 +334,11 @@ def test_bad_arguments_name_the_field():
         (lambda: ShrinkAndPerturb(on_task_change=False), r"never applies"),
         (lambda: L2Init(weight=0), r"L2Init.weight=0 is invalid"),
         (lambda: HeadReset(mode="drop"), r"HeadReset.mode='drop' is not supported"),
+        (lambda: ReDo(probe_size=0), r"ReDo.probe_size=0 is invalid"),
+        (lambda: ReDo(probe_source="test"), r"ReDo.probe_source='test' is not supported"),
+        (lambda: ContinualBackprop(energy_budget=True), r"energy_budget=True needs init='sigma_orthogonal'"),
+        (lambda: ContinualBackprop(accumulate="no"), r"ContinualBackprop.accumulate='no' is invalid"),
+        (lambda: ContinualBackprop(gain=0), r"ContinualBackprop.gain=0 is invalid"),
     ]
     for make, message in cases:
         with pytest.raises(PlasticityConfigError, match=message):
@@ -344,3 +349,95 @@ def test_unknown_layers_fail_at_fit_start(tmp_path):
     trainer = make_trainer(tmp_path, callbacks=[ContinualBackprop(layers=["hidden.7.linear"])], max_epochs=1)
     with pytest.raises(PlasticityConfigError, match=r"'hidden.7.linear' is not a producer of replaceable units"):
         trainer.fit(mlp(), loader())
+
+
+def test_conv_to_linear_utility_weights_each_column_by_its_own_outgoing_weights():
+    """Dohare's ConvGnT: mean over a channel's flattened columns of mean|h_col| x mean|w_col|."""
+    torch.manual_seed(0)
+    model = ConvNet(num_classes=3, in_channels=3, input_size=32)
+    cbp = ContinualBackprop(maturity_threshold=1000, decay_rate=0.9, layers=["features.conv3"])
+    cbp.on_fit_start(None, model)
+    (pair,) = cbp.pairs
+    flat = torch.relu(torch.randn(6, 512))
+    cbp.step(None, pair, [flat])
+    h = flat.numpy().reshape(6, 128, 4)
+    w = model.classifier.fc1.weight.detach().numpy().reshape(-1, 128, 4)
+    expected = 0.1 * (np.abs(h).mean(axis=0) * np.abs(w).mean(axis=0)).mean(axis=1)
+    np.testing.assert_allclose(cbp.states["features.conv3"].utility.numpy(), expected, rtol=1e-5)
+    cbp._remove_hooks()
+
+
+def test_explicit_pairs_take_the_traced_activation_gain_or_an_explicit_one():
+    model = mlp()
+    explicit = ContinualBackprop(init="kaiming", pairs=[["hidden.0.linear", "hidden.1.linear"]])
+    explicit.bind(model)
+    assert explicit.inits["hidden.0.linear"] == ("kaiming_uniform", pytest.approx(math.sqrt(2)))
+    given = ContinualBackprop(init="kaiming", gain=1.5, pairs=[["hidden.0.linear", "hidden.1.linear"]])
+    given.bind(model)
+    assert given.inits["hidden.0.linear"] == ("kaiming_uniform", 1.5)
+
+
+def test_cbp_statistics_ignore_validation_and_cover_every_micro_batch(tmp_path):
+    def run(limit_val_batches, accumulate=1, steps=None):
+        cbp = ContinualBackprop(replacement_rate=0.01, maturity_threshold=5)
+        seen = []
+
+        class Spy(pl.Callback):  # runs before CBP's batch-end hook: what it is about to use
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                seen.append(len(cbp._features["hidden.0.linear"]))
+
+        trainer = make_trainer(
+            tmp_path,
+            callbacks=[Spy(), cbp],
+            max_epochs=2,
+            limit_val_batches=limit_val_batches,
+            accumulate_grad_batches=accumulate,
+            num_sanity_val_steps=2,
+        )
+        trainer.fit(mlp(), loader(), loader(seed=1))
+        return cbp, seen
+
+    without, _ = run(0)
+    with_validation, _ = run(4)
+    for name, state in without.states.items():
+        assert torch.equal(state.utility, with_validation.states[name].utility), name
+    _, seen = run(0, accumulate=2)
+    assert seen == [1, 2] * 8  # the step's second micro-batch sees both recorded
+
+
+def test_cbp_restores_its_state_into_the_same_instance(tmp_path):
+    full = ContinualBackprop(replacement_rate=0.02, maturity_threshold=3)
+    make_trainer(tmp_path / "full", callbacks=[full], max_epochs=4).fit(mlp(), loader())
+    cbp = ContinualBackprop(replacement_rate=0.02, maturity_threshold=3)
+    trainer = make_trainer(tmp_path / "half", callbacks=[cbp], max_epochs=2)
+    trainer.fit(mlp(), loader())
+    trainer.save_checkpoint(tmp_path / "half.ckpt")
+    # the same callback object continues (as in a notebook): the checkpoint's state must win over the live one
+    make_trainer(tmp_path / "resumed", callbacks=[cbp], max_epochs=4).fit(
+        mlp(), loader(), ckpt_path=tmp_path / "half.ckpt"
+    )
+    for name, state in full.states.items():
+        assert torch.equal(state.ages, cbp.states[name].ages) and torch.equal(state.utility, cbp.states[name].utility)
+
+
+def test_head_reset_clears_the_heads_optimizer_state(tmp_path):
+    model = MLP(hidden_sizes=[16], optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+    reset = HeadReset()
+    data = DigitsDataModule(batch_size=64, schedule=PermutedInputs(num_tasks=1, epochs_per_task=1))
+    trainer = make_trainer(tmp_path, callbacks=[reset], max_epochs=1, num_sanity_val_steps=0)
+    trainer.fit(model, data)
+    state = trainer.optimizers[0].state
+    hidden_before = state[model.hidden[0].linear.weight]["exp_avg"].clone()
+    reset.reset(trainer, model)
+    assert (state[model.head.weight]["exp_avg"] == 0).all() and (state[model.head.bias]["exp_avg_sq"] == 0).all()
+    assert torch.equal(state[model.hidden[0].linear.weight]["exp_avg"], hidden_before)
+
+
+def test_sharding_strategies_are_refused():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import XLAStrategy
+
+    trainer = SimpleNamespace(strategy=XLAStrategy.__new__(XLAStrategy))
+    with pytest.raises(PlasticityConfigError, match=r"strategy XLAStrategy is not supported"):
+        ContinualBackprop().setup(trainer, None, "fit")

@@ -186,12 +186,16 @@ def test_unit_views_and_magnitudes_against_explicit_loops():
     assert torch.equal(view[:, 7].sort().values, flat[:, 28:32].flatten().sort().values)
     out = outgoing_magnitude(pair)
     w = pair.consumer_module.weight.detach()
-    assert out[7].item() == pytest.approx(w[:, 28:32].abs().mean().item(), rel=1e-6)
+    assert out.shape == (128, 4)  # one value per flattened column of the channel
+    assert out[7].tolist() == pytest.approx(w[:, 28:32].abs().mean(dim=0).tolist(), rel=1e-6)
     inc = incoming_magnitude(pair)
     assert inc[7].item() == pytest.approx(pair.producer_module.weight[7].abs().mean().item(), rel=1e-6)
     conv_pair = find_unit_pairs(model)[0]
     w = conv_pair.consumer_module.weight.detach()
     assert outgoing_magnitude(conv_pair)[3].item() == pytest.approx(w[:, 3].abs().mean().item(), rel=1e-6)
+    sequence_pair = find_unit_pairs(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)))[0]
+    tokens = torch.randn(3, 5, 6)  # [N, T, D]: every token is a position
+    assert torch.equal(unit_statistics(tokens, sequence_pair), tokens.reshape(15, 6))
 
 
 def test_sigma_orthogonal_rows_are_orthogonal_normalised_and_fall_back_when_the_space_is_full():
@@ -224,3 +228,38 @@ def test_shared_magnitudes_equal_the_per_pair_ones():
         assert torch.allclose(outgoing, outgoing_magnitude(pair), rtol=1e-5)
         assert torch.allclose(incoming, incoming_magnitude(pair), rtol=1e-5)
     assert unit_magnitudes(pairs)[pairs[0].producer][1] is None
+
+
+class _ConvViewNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4 * 6 * 6, 5)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = self.act(self.conv(x))
+        h = h.view(h.size(0), -1)  # reading the size is not a second use of h
+        return self.out(torch.relu(self.fc(h)))
+
+
+def test_topology_sees_through_the_view_size_idiom_and_explicit_pairs_are_checked():
+    model = _ConvViewNet()
+    assert _pairs(model) == [("conv", "fc", (), 36), ("fc", "out", (), 1)]
+    concat = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(4, 1))  # a consumer twice as wide as the producer
+    with pytest.raises(PlasticityConfigError, match=r"'0' has 2 output units but '2' reads 4 inputs"):
+        find_unit_pairs(concat, pairs=[["0", "2"]])
+    with pytest.raises(PlasticityConfigError, match=r"third element must be a list of norm-layer names"):
+        find_unit_pairs(_Branchy(), pairs=[["encoder.0", "head", "encoder.1"]])
+
+
+def test_adagrad_accumulators_restart_from_their_initial_value():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    opt = torch.optim.Adagrad(model.parameters(), lr=0.1, initial_accumulator_value=0.5)
+    model(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    reinit_units(find_unit_pairs(model)[0], torch.tensor([2]), optimizers=[opt])
+    assert (opt.state[model[0].weight]["sum"][2] == 0.5).all() and (
+        opt.state[model[2].weight]["sum"][:, 2] == 0.5
+    ).all()

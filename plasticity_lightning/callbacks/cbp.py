@@ -27,8 +27,8 @@ from plasticity_lightning.surgery import (
     outgoing_magnitude,
     reinit_units,
     sigma_orthogonal_rows,
+    unit_columns,
     unit_magnitudes,
-    unit_statistics,
 )
 
 UTILITIES = ("contribution", "zero_contribution", "adaptable_contribution")
@@ -72,7 +72,9 @@ class ContinualBackprop(UnitIntervention):
     * every unit ages by one step; f ← η·f + (1−η)·mean(h), f̂ = f / (1 − η^age);
     * instantaneous utility ``contribution`` = mean|h| · mean|w_out|; ``zero_contribution`` = mean|h − f̂| ·
       mean|w_out|; ``adaptable_contribution`` = zero_contribution / mean|w_in| (Dohare's code: means over the
-      consumer's rows and the producer's inputs — ranking within a layer is the same as with sums);
+      consumer's rows and the producer's inputs — ranking within a layer is the same as with sums; for conv →
+      flatten → linear the product is taken per flattened column and averaged over the channel's columns, as
+      in his ``ConvGnT``);
     * u ← η·u + (1−η)·utility, ranked as û = u / (1 − η^age) (bias-corrected, so young units are not
       judged on a shrunken EMA);
     * units older than ``maturity_threshold`` are eligible; ``n = ρ·#eligible`` (``count="eligible"``, Dohare's
@@ -111,7 +113,7 @@ class ContinualBackprop(UnitIntervention):
         sigma_decay: EMA decay of the input covariance (RR-CBP).
         sigma_ridge: ridge added to Σ (RR-CBP).
         energy_budget: scale RR-CBP rows to the activation's energy target instead of unit Σ-norm.
-        layers, pairs, seed: see :class:`~plasticity_lightning.callbacks.intervention.UnitIntervention`.
+        layers, pairs, gain, seed: see :class:`~plasticity_lightning.callbacks.intervention.UnitIntervention`.
 
     Example::
 
@@ -130,6 +132,7 @@ class ContinualBackprop(UnitIntervention):
         accumulate: bool = True,
         count: Literal["eligible", "width"] = "eligible",
         init: str = "auto",
+        gain: float | None = None,
         sigma_decay: float = 0.99,
         sigma_ridge: float = 1e-4,
         energy_budget: bool = False,
@@ -138,17 +141,23 @@ class ContinualBackprop(UnitIntervention):
         seed: int = 0,
         prefix: str = "cbp",
     ) -> None:
-        super().__init__(layers=layers, pairs=pairs, init=init, seed=seed, prefix=prefix)
+        super().__init__(layers=layers, pairs=pairs, init=init, gain=gain, seed=seed, prefix=prefix)
         owner = type(self).__name__
         self.replacement_rate = check_fraction(owner, "replacement_rate", replacement_rate, high_open=False)
         self.maturity_threshold = check_positive_int(owner, "maturity_threshold", maturity_threshold, allow_zero=True)
         self.decay_rate = check_fraction(owner, "decay_rate", decay_rate)
         self.utility = check_choice(owner, "utility", utility, UTILITIES)
-        self.accumulate = bool(accumulate)
+        if not isinstance(accumulate, bool):
+            raise PlasticityConfigError(f"{owner}.accumulate={accumulate!r} is invalid; expected true or false")
+        self.accumulate = accumulate
         self.count = check_choice(owner, "count", count, ("eligible", "width"))
         self.sigma_decay = check_fraction(owner, "sigma_decay", sigma_decay)
         self.sigma_ridge = check_positive_float(owner, "sigma_ridge", sigma_ridge, allow_zero=True)
         self.energy_budget = bool(energy_budget)
+        if self.energy_budget and init != "sigma_orthogonal":
+            raise PlasticityConfigError(
+                f"{owner}.energy_budget=True needs init='sigma_orthogonal' (RR-CBP), got init={init!r}"
+            )
         self.states: dict[str, _LayerState] = {}
         self.covariances: dict[str, InputCovariance] = {}
         self._features: dict[str, list[torch.Tensor]] = {}
@@ -167,7 +176,10 @@ class ContinualBackprop(UnitIntervention):
             **super().settings(),
             "replacement_rate": self.replacement_rate,
             "maturity_threshold": self.maturity_threshold,
+            "decay_rate": self.decay_rate,
             "utility": self.utility,
+            "accumulate": self.accumulate,
+            "count": self.count,
             "init": self.init,
         }
 
@@ -261,25 +273,27 @@ class ContinualBackprop(UnitIntervention):
         state = self.states[pair.producer]
         eta = self.decay_rate
         # every micro-batch of the step (gradient accumulation) counts, as one batch
-        view = unit_statistics(features[0] if len(features) == 1 else torch.cat(features), pair)
-        mean_h = _reduce(trainer, view.mean(dim=0))
+        columns = unit_columns(features[0] if len(features) == 1 else torch.cat(features), pair)
+        mean_h = self.reduce_mean(trainer, columns.mean(dim=(0, 2)))
         state.ages += 1
         state.mean_activation.mul_(eta).add_(mean_h, alpha=1 - eta)
         correction = 1 - eta ** state.ages.to(torch.float32)
         if self.utility == "contribution":
-            activity = view.abs().mean(dim=0)
+            activity = columns.abs().mean(dim=0)
         else:
-            activity = (view - state.mean_activation / correction).abs().mean(dim=0)
-        activity = _reduce(trainer, activity)
+            activity = (columns - (state.mean_activation / correction)[:, None]).abs().mean(dim=0)
+        activity = self.reduce_mean(trainer, activity)
         outgoing, incoming = magnitudes if magnitudes is not None else (outgoing_magnitude(pair), None)
-        instantaneous = activity * outgoing
+        # per column, then averaged over the unit's columns (conv → flatten → linear: each H×W position has its own
+        # outgoing weights, as in Dohare's ConvGnT); one column per unit otherwise
+        instantaneous = (activity * outgoing).mean(dim=1)
         if self.utility == "adaptable_contribution":
             incoming = incoming if incoming is not None else incoming_magnitude(pair)
             instantaneous = instantaneous / incoming.clamp(min=torch.finfo(torch.float32).tiny)
         state.utility.mul_(eta).add_(instantaneous, alpha=1 - eta)
         if self.sigma_orthogonal and inputs:
             batch = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs]).to(torch.float64)
-            self.covariances[pair.producer].update_moment(_reduce(trainer, batch.T @ batch / len(batch)))
+            self.covariances[pair.producer].update_moment(self.reduce_mean(trainer, batch.T @ batch / len(batch)))
         units = self._choose(state, correction)
         if units.numel():
             self._replace(trainer, pair, units)
@@ -343,10 +357,8 @@ class ContinualBackprop(UnitIntervention):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        # Checkpoints load before on_fit_start binds the layers: apply then.
+        # Checkpoints load before on_fit_start binds the layers (and builds fresh states): apply then.
         self._pending = state_dict
-        if self.states:
-            self._load_pending()
 
     def _load_pending(self) -> None:
         pending, self._pending = self._pending, None
@@ -364,10 +376,3 @@ class ContinualBackprop(UnitIntervention):
             if name in self.covariances:
                 self.covariances[name].load_state_dict(cov_state)
         self._last_step = pending.get("last_step")
-
-
-def _reduce(trainer: pl.Trainer | None, tensor: torch.Tensor) -> torch.Tensor:
-    """Average across DDP ranks (identity on one process), so every rank takes the same decisions."""
-    if trainer is None or trainer.world_size == 1:
-        return tensor
-    return trainer.strategy.reduce(tensor, reduce_op="mean")

@@ -7,17 +7,21 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, XLAStrategy
 from torch import nn
 from typing_extensions import override
 
 from plasticity_lightning.callbacks.base import TaskAwareCallback
-from plasticity_lightning.core.errors import PlasticityConfigError
+from plasticity_lightning.core.errors import PlasticityConfigError, check_positive_float
 from plasticity_lightning.nn.init import resolve_init_scheme
 from plasticity_lightning.surgery import UnitPair, find_unit_pairs
 
+# Activation → torch's gain name. Like Dohare et al.'s code, ReLU-like units (GELU, SiLU/swish, ELU) take ReLU's.
 _GAINS = {
     "ReLU": "relu",
+    "GELU": "relu",
+    "SiLU": "relu",
+    "ELU": "relu",
     "LeakyReLU": "leaky_relu",
     "Tanh": "tanh",
     "Sigmoid": "sigmoid",
@@ -64,7 +68,12 @@ class Intervention(TaskAwareCallback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+        strategy = trainer.strategy
+        # DeepSpeed and XLA derive from DDPStrategy but shard or copy parameters: in-place surgery would be undone
+        supported = isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not isinstance(
+            strategy, (DeepSpeedStrategy, XLAStrategy)
+        )
+        if stage == "fit" and not supported:
             raise PlasticityConfigError(
                 f"{type(self).__name__} changes parameters in place and needs every rank to hold the full model; "
                 f"strategy {type(trainer.strategy).__name__} is not supported (use a single device, 'ddp' or "
@@ -72,8 +81,15 @@ class Intervention(TaskAwareCallback):
             )
 
     @staticmethod
-    def optimizers(trainer: pl.Trainer) -> list[torch.optim.Optimizer]:
-        return list(trainer.optimizers)
+    def optimizers(trainer: pl.Trainer | None) -> list[torch.optim.Optimizer]:
+        return list(trainer.optimizers) if trainer is not None else []
+
+    @staticmethod
+    def reduce_mean(trainer: pl.Trainer | None, tensor: torch.Tensor) -> torch.Tensor:
+        """Average across DDP ranks (identity on one process), so every rank takes the same decisions."""
+        if trainer is None or trainer.world_size == 1:
+            return tensor
+        return trainer.strategy.reduce(tensor, reduce_op="mean")
 
     def log_values(self, trainer: pl.Trainer, values: dict[str, float], *, force: bool = False) -> None:
         """Log ``values`` under ``prefix/`` every ``log_every_n_steps`` optimizer steps (always with ``force``)."""
@@ -106,7 +122,9 @@ class UnitIntervention(Intervention):
         init: init scheme of new incoming weights: ``"auto"`` uses the model's ``layer_init(name)`` (our models
             report the scheme each layer was built with) and else PyTorch's default; or a scheme name (kaiming,
             kaiming_normal, xavier, xavier_normal, lecun, lecun_uniform, default), with the gain of the
-            activation between producer and consumer.
+            activation between producer and consumer (as traced; for explicit pairs of a model that cannot be
+            traced, 1 unless ``gain`` is given).
+        gain: gain of a named ``init`` scheme for every pair, instead of the traced activation's.
         seed: seed of the intervention's random draws.
         prefix: first part of logged keys.
     """
@@ -116,11 +134,13 @@ class UnitIntervention(Intervention):
         layers: Sequence[str] | None = None,
         pairs: Sequence[Sequence[Any]] | None = None,
         init: str = "auto",
+        gain: float | None = None,
         seed: int = 0,
         prefix: str = "intervention",
     ) -> None:
         super().__init__(seed=seed, prefix=prefix)
         owner = type(self).__name__
+        self.gain = None if gain is None else check_positive_float(owner, "gain", gain)
         if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)):
             raise PlasticityConfigError(f"{owner}.layers={layers!r} is invalid; expected a list of module names")
         if pairs is not None and (isinstance(pairs, str) or not all(not isinstance(p, str) for p in pairs)):
@@ -142,16 +162,27 @@ class UnitIntervention(Intervention):
 
     def bind(self, pl_module: pl.LightningModule) -> None:
         """Find the pairs on the (built) model and the init of each producer."""
-        self.pairs = find_unit_pairs(pl_module, self.layer_names, self.explicit_pairs, owner=type(self).__name__)
+        owner = type(self).__name__
+        self.pairs = find_unit_pairs(pl_module, self.layer_names, self.explicit_pairs, owner=owner)
+        if self.explicit_pairs is not None:  # explicit pairs name no activation: take it from a trace if there is one
+            try:
+                traced = {(p.producer, p.consumer): p.activation for p in find_unit_pairs(pl_module, owner=owner)}
+            except PlasticityConfigError:
+                traced = {}
+            for pair in self.pairs:
+                pair.activation = pair.activation or traced.get((pair.producer, pair.consumer))
         self.inits = {pair.producer: self._init_of(pl_module, pair) for pair in self.pairs}
 
     def _init_of(self, pl_module: nn.Module, pair: UnitPair) -> tuple[str, float]:
         if self.init == "auto":
             layer_init = getattr(pl_module, "layer_init", None)
             return layer_init(pair.producer) if callable(layer_init) else ("default", 1.0)
+        scheme = self.init if self.init not in self.extra_inits else "default"
+        if self.gain is not None:
+            return scheme, self.gain
         name = _GAINS.get(type(pair.activation).__name__, "linear") if pair.activation is not None else "linear"
         param = pair.activation.negative_slope if isinstance(pair.activation, nn.LeakyReLU) else None
-        return (self.init if self.init not in self.extra_inits else "default"), nn.init.calculate_gain(name, param)
+        return scheme, nn.init.calculate_gain(name, param)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -11,8 +11,8 @@ from torch import nn
 from typing_extensions import override
 
 from plasticity_lightning.callbacks.intervention import UnitIntervention
-from plasticity_lightning.core.errors import check_positive_float, check_positive_int
-from plasticity_lightning.metrics.activity import redo_scores
+from plasticity_lightning.core.errors import check_choice, check_positive_float, check_positive_int
+from plasticity_lightning.metrics.activity import _redo_scores, mean_abs_activation
 from plasticity_lightning.probes import ProbeSet, capture_outputs, default_forward
 from plasticity_lightning.surgery import reinit_units, unit_statistics
 
@@ -29,8 +29,9 @@ class ReDo(UnitIntervention):
     output layer is never recycled, and nor are units that enter a residual sum (see
     :mod:`plasticity_lightning.surgery.topology`).
 
-    The probe is identical on every DDP rank and the model is too, so every rank recycles the same units; new
-    weights come from a generator seeded alike on every rank.
+    The probe is identical on every DDP rank, per-unit activity is averaged across ranks before scoring (BatchNorm
+    running statistics may differ between ranks until DDP re-broadcasts them), and new weights come from a
+    generator seeded alike on every rank: every rank recycles the same units with the same weights.
 
     Args:
         every_n_steps: recycle period in optimizer steps (the paper: 1000).
@@ -39,7 +40,7 @@ class ReDo(UnitIntervention):
         probe_size: rows of the probe batch (the reference: 256).
         probe_source: draw the probe from the ``"train"`` or ``"val"`` dataset.
         forward: ``forward(model, batch)`` for models whose input is not the batch's first element.
-        layers, pairs, init, seed: see :class:`~plasticity_lightning.callbacks.intervention.UnitIntervention`.
+        layers, pairs, init, gain, seed: see :class:`~plasticity_lightning.callbacks.intervention.UnitIntervention`.
 
     Example::
 
@@ -58,12 +59,15 @@ class ReDo(UnitIntervention):
         layers: Sequence[str] | None = None,
         pairs: Sequence[Sequence[Any]] | None = None,
         init: str = "auto",
+        gain: float | None = None,
         seed: int = 0,
         prefix: str = "redo",
     ) -> None:
-        super().__init__(layers=layers, pairs=pairs, init=init, seed=seed, prefix=prefix)
+        super().__init__(layers=layers, pairs=pairs, init=init, gain=gain, seed=seed, prefix=prefix)
         self.every_n_steps = check_positive_int("ReDo", "every_n_steps", every_n_steps)
         self.tau = check_positive_float("ReDo", "tau", tau, allow_zero=True)
+        check_positive_int("ReDo", "probe_size", probe_size)
+        check_choice("ReDo", "probe_source", probe_source, ("train", "val"))
         self.on_task_change = on_task_change
         self.probe = ProbeSet(size=probe_size, source=probe_source, seed=seed)
         self.forward = forward or default_forward
@@ -97,7 +101,10 @@ class ReDo(UnitIntervention):
         inputs, _ = capture_outputs(pl_module, self.probe.batch, consumers, forward=self.forward, inputs=True)
         counts = {}
         for pair in self.pairs:
-            scores = redo_scores(unit_statistics(inputs[pair.producer], pair))
+            # E|h| averaged across ranks before scoring: with BatchNorm each rank's running statistics (and so its
+            # eval-mode features) can differ until DDP re-broadcasts buffers at the next forward pass
+            activity = self.reduce_mean(trainer, mean_abs_activation(unit_statistics(inputs[pair.producer], pair)))
+            scores = _redo_scores(activity)
             units = torch.nonzero(scores <= self.tau).flatten()
             scheme, gain = self.inits[pair.producer]
             reinit_units(

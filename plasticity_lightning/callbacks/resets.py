@@ -279,11 +279,13 @@ class HeadReset(Intervention):
                     f"HeadReset: {type(pl_module).__name__} has no output_layer(); name the head with layer=..."
                 )
             return output_layer()
-        module = dict(pl_module.named_modules()).get(self.layer)
-        if not isinstance(module, _WEIGHT_LAYERS):
+        layers = {name: m for name, m in pl_module.named_modules() if isinstance(m, _WEIGHT_LAYERS)}
+        if self.layer not in layers:
             raise PlasticityConfigError(
-                f"HeadReset.layer={self.layer!r} is not a Linear/Conv layer of {type(pl_module).__name__}"
+                f"HeadReset.layer={self.layer!r} is not a Linear/Conv layer of {type(pl_module).__name__}; choose "
+                f"among {', '.join(list(layers)[-8:])}"
             )
+        module = layers[self.layer]
         return self.layer, module
 
     @override

@@ -8,6 +8,7 @@ from plasticity_lightning.surgery.units import (
     outgoing_magnitude,
     reinit_units,
     reset_optimizer_state,
+    unit_columns,
     unit_magnitudes,
     unit_statistics,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "reinit_units",
     "reset_optimizer_state",
     "sigma_orthogonal_rows",
+    "unit_columns",
     "unit_magnitudes",
     "unit_statistics",
 ]

@@ -5,7 +5,8 @@ touches the producer's row (incoming weights and bias), the per-unit entries of 
 between, and the *consumer*'s matching input columns (outgoing weights). A pair exists when the producer's output
 reaches exactly one consumer through nothing but per-unit operations:
 
-* ``Linear → act → Linear`` (also with ``BatchNorm1d``/``LayerNorm``, dropout);
+* ``Linear → act → Linear`` (also with ``BatchNorm1d``/``LayerNorm``, dropout; with LayerNorm a reset unit shifts
+  the statistics LayerNorm computes across units, so the others' outputs change slightly);
 * ``Conv → (BN) → act → (pool) → Conv``;
 * ``Conv → … → flatten → Linear``: each channel owns ``in_features / channels`` consecutive columns (its H×W map);
 * inside ResNet basic blocks, ``conv1 → bn1 → act1 → conv2``. A block's ``conv2`` output enters a residual sum,
@@ -168,6 +169,11 @@ def _explicit_pair(entry: Sequence, modules: dict[str, nn.Module], owner: str) -
             f"{owner}.pairs entry {entry!r} is invalid; expected [producer, consumer] or [producer, consumer, [norms]]"
         )
     producer, consumer = entry[0], entry[1]
+    if len(entry) == 3 and (isinstance(entry[2], str) or not all(isinstance(n, str) for n in entry[2])):
+        raise PlasticityConfigError(
+            f"{owner}.pairs entry {list(entry)!r} is invalid; the third element must be a list of norm-layer names, "
+            f"e.g. [{producer!r}, {consumer!r}, [{entry[2]!r}]]"
+        )
     norms = tuple(entry[2]) if len(entry) == 3 else ()
     for name in (producer, consumer, *norms):
         if name not in modules:
@@ -186,7 +192,8 @@ def _bind(pair: UnitPair, modules: dict[str, nn.Module], owner: str) -> None:
             raise PlasticityConfigError(f"{owner}: {role} {name!r} is a grouped convolution (groups={module.groups})")
     units = producer.weight.shape[0]
     columns = consumer.weight.shape[1]
-    if isinstance(consumer, nn.Linear) and columns % units == 0:
+    # Only a convolution's channel owns several consumer columns (its flattened H×W map)
+    if isinstance(producer, nn.Conv2d) and isinstance(consumer, nn.Linear) and columns % units == 0:
         pair.columns_per_unit = columns // units
     elif columns != units:
         raise PlasticityConfigError(
@@ -239,7 +246,8 @@ def _follow(start: torch.fx.Node, modules: dict[str, nn.Module]) -> UnitPair | N
     """Walk from a producer through per-unit operations to the one consumer, or give up."""
     node, norms, activation = start, [], None
     while True:
-        users = list(node.users)
+        # Reading a tensor's size (e.g. `x.view(x.size(0), -1)`) is not a use of its values
+        users = [u for u in node.users if not _reads_only_shape(u)]
         if len(users) != 1 or not users[0].args or users[0].args[0] is not node:
             return None  # used twice (e.g. a residual sum), as a non-input argument, or not at all
         node = users[0]
@@ -262,6 +270,12 @@ def _follow(start: torch.fx.Node, modules: dict[str, nn.Module]) -> UnitPair | N
                 return None
         else:
             return None
+
+
+def _reads_only_shape(node: torch.fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in ("size", "dim")
+    return node.op == "call_function" and node.target is getattr and node.args[1] in ("shape", "ndim")
 
 
 def _is_registered_activation(module: nn.Module) -> bool:

@@ -2,8 +2,9 @@
 
 :func:`reinit_units` gives the chosen units of a :class:`~plasticity_lightning.surgery.UnitPair` fresh incoming
 weights (from a named init scheme, or given rows), a zero bias, reset normalisation entries and zero outgoing
-weights — so the network computes exactly the same function right after the reset — and clears the optimizer
-state of exactly the touched slices.
+weights — so the new units add nothing to the network's output (with LayerNorm between producer and consumer
+this holds only approximately: LayerNorm normalises across units, so a new unit shifts the others' statistics) —
+and clears the optimizer state of exactly the touched slices.
 
 Optimizer state: every state tensor shaped like its parameter (Adam/AdamW ``exp_avg``, ``exp_avg_sq``,
 ``max_exp_avg_sq``; SGD ``momentum_buffer``; RMSprop ``square_avg``, …) is zeroed on the touched rows/columns.
@@ -23,32 +24,42 @@ from plasticity_lightning.nn.init import layer_fans, sample_init_
 from plasticity_lightning.surgery.topology import UnitPair
 
 
-def unit_statistics(features: torch.Tensor, pair: UnitPair) -> torch.Tensor:
-    """``[positions, units]`` view of the consumer's input (as the producer's units), float32.
+def unit_columns(features: torch.Tensor, pair: UnitPair) -> torch.Tensor:
+    """``[positions, units, columns_per_unit]`` view of the consumer's input, float32.
 
-    Linear consumers read ``[N, units·columns_per_unit]`` (columns of one unit are consecutive, as ``flatten`` lays
-    out a channel's H×W map); conv consumers read ``[N, units, H, W]``. Positions are samples × spatial places.
+    Linear consumers read ``[..., units·columns_per_unit]`` (leading axes — batch, and time for ``[N, T, D]``
+    sequences — are positions; the columns of one unit are consecutive, as ``flatten`` lays out a channel's H×W
+    map). Conv consumers read ``[N, units, H, W]``: batch × spatial places are positions, one column per unit.
     """
     x = features.detach().float()
-    if x.ndim == 2:
-        if pair.columns_per_unit == 1:
-            return x
-        return x.reshape(x.shape[0], -1, pair.columns_per_unit).transpose(1, 2).reshape(-1, pair.num_units)
-    return x.movedim(1, -1).reshape(-1, x.shape[1])
+    if isinstance(pair.consumer_module, nn.Linear):
+        return x.reshape(-1, pair.num_units, pair.columns_per_unit)
+    return x.movedim(1, -1).reshape(-1, x.shape[1], 1)
+
+
+def unit_statistics(features: torch.Tensor, pair: UnitPair) -> torch.Tensor:
+    """``[positions, units]`` view of the consumer's input: every column of a unit counts as a position."""
+    columns = unit_columns(features, pair)
+    return columns.transpose(1, 2).reshape(-1, pair.num_units)
 
 
 def outgoing_magnitude(pair: UnitPair, absolute: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean |w| of each unit's outgoing weights (Dohare's ``output_weight_mag``: a mean over the consumer).
+    """Mean |w| of the outgoing weights of each unit's columns, ``[units, columns_per_unit]``.
 
-    ``absolute``: the consumer weight's |w|, if already computed (see :func:`unit_magnitudes`).
+    A mean over the consumer's rows (and kernel positions), as Dohare's ``output_weight_mag``; for conv → flatten →
+    linear, one value per flattened column, so utilities can weight each column's activity by its own weights as
+    his ``ConvGnT`` does. ``absolute``: the consumer weight's |w|, if already computed.
     """
     weight = pair.consumer_module.weight.detach()
     absolute = weight.abs() if absolute is None else absolute
-    if weight.ndim == 2:
-        per_unit = absolute.sum(dim=0).reshape(-1, pair.columns_per_unit).sum(dim=1)
-        return per_unit.float() / (weight.shape[0] * pair.columns_per_unit)
-    per_unit = absolute.sum(dim=0).flatten(1).sum(dim=1)
-    return per_unit.float() / (weight.shape[0] * weight[0, 0].numel())
+    return _per_column(absolute.sum(dim=0).flatten(), pair)
+
+
+def _per_column(column_sums: torch.Tensor, pair: UnitPair) -> torch.Tensor:
+    """Consumer column sums of |w| (one per input element) → mean |w| per (unit, column)."""
+    weight = pair.consumer_module.weight
+    per_input = column_sums.float().reshape(pair.num_units * pair.columns_per_unit, -1)  # conv: kernel positions
+    return (per_input.sum(dim=1) / (weight.shape[0] * per_input.shape[1])).reshape(pair.num_units, -1)
 
 
 def incoming_magnitude(pair: UnitPair, absolute: torch.Tensor | None = None) -> torch.Tensor:
@@ -62,7 +73,7 @@ def incoming_magnitude(pair: UnitPair, absolute: torch.Tensor | None = None) -> 
 def unit_magnitudes(
     pairs: list[UnitPair], incoming: bool = False
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """(outgoing, incoming or None) magnitudes of every pair, reading each weight tensor once.
+    """(outgoing ``[units, columns]``, incoming or None) magnitudes of every pair, reading each weight once.
 
     In a chain of pairs a hidden layer's weight is one pair's consumer and the next pair's producer: one pass over
     it gives both its column sums (outgoing) and its row sums (incoming). The pass runs in row blocks through a
@@ -79,10 +90,7 @@ def unit_magnitudes(
 
     result = {}
     for pair in pairs:
-        consumer = pair.consumer_module.weight
-        columns = absolute_sums(pair.consumer_module)[1]  # one value per consumer input (x kernel position)
-        per_unit = columns.reshape(pair.num_units, -1).sum(dim=1)
-        outgoing = per_unit / (consumer.shape[0] * consumer[0].numel() / consumer.shape[1] * pair.columns_per_unit)
+        outgoing = _per_column(absolute_sums(pair.consumer_module)[1], pair)
         incoming_mean = None
         if incoming:
             producer = pair.producer_module.weight
@@ -198,6 +206,15 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor,
     state = optimizer.state.get(param)
     if not state:
         return
-    for value in state.values():
+    # Adagrad's accumulator starts from its group's initial value, everything else from zero
+    start = {"sum": _initial_accumulator(optimizer, param)}
+    for key, value in state.items():
         if isinstance(value, torch.Tensor) and value.shape == param.shape:
-            value.index_fill_(dim, index.to(value.device), 0.0)
+            value.index_fill_(dim, index.to(value.device), start.get(key, 0.0))
+
+
+def _initial_accumulator(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> float:
+    if not isinstance(optimizer, torch.optim.Adagrad):
+        return 0.0
+    group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
+    return float(group.get("initial_accumulator_value", 0.0))
