@@ -51,6 +51,7 @@ def _expected(scheme: str, fan_in: int, fan_out: int, gain: float) -> tuple[str,
     return {
         "kaiming_uniform": ("uniform", gain * math.sqrt(3 / fan_in)),
         "kaiming_normal": ("normal", gain / math.sqrt(fan_in)),
+        "kaiming_normal_fan_out": ("normal", gain / math.sqrt(fan_out)),  # torchvision's mode="fan_out"
         "xavier_uniform": ("uniform", gain * math.sqrt(6 / (fan_in + fan_out))),
         "xavier_normal": ("normal", gain * math.sqrt(2 / (fan_in + fan_out))),
         "lecun_uniform": ("uniform", math.sqrt(3 / fan_in)),

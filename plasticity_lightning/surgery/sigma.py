@@ -107,7 +107,7 @@ def sigma_orthogonal_rows(
         >>> sigma = torch.diag(torch.tensor([4.0, 1.0, 1.0], dtype=torch.float64))
         >>> kept = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
         >>> w = sigma_orthogonal_rows(kept, sigma, 2, generator=torch.Generator().manual_seed(0))
-        >>> torch.allclose(w @ sigma @ kept.T, torch.zeros(2, 1), atol=1e-9)
+        >>> torch.allclose(w @ sigma @ kept.T, torch.zeros(2, 1, dtype=torch.float64), atol=1e-9)
         True
         >>> torch.allclose(w @ sigma @ w.T, torch.eye(2, dtype=torch.float64), atol=1e-9)
         True
