@@ -16,6 +16,22 @@ SCRIPT = textwrap.dedent(
                                       ReDo, ShrinkAndPerturb)
 
     out = sys.argv[1]
+
+    class Dump(pl.Callback):
+        def __init__(self, cbp, redo, name):
+            self.cbp, self.redo, self.name = cbp, redo, name
+
+        def on_fit_end(self, trainer, pl_module):
+            torch.save({"params": {k: v.cpu() for k, v in pl_module.state_dict().items()},
+                        "replaced": {k: s.replaced for k, s in self.cbp.states.items()},
+                        "recycled": dict(self.redo.replaced)}, f"{out}{self.name}.rank{trainer.global_rank}.pt")
+
+    def fit(model, data, callbacks, **kwargs):
+        trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, limit_train_batches=8,
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=callbacks, **kwargs)
+        trainer.fit(model, data)
+
     pl.seed_everything(0)
     cbp = ContinualBackprop(replacement_rate=0.02, maturity_threshold=3, accumulate=False,
                             utility="adaptable_contribution")
@@ -23,17 +39,9 @@ SCRIPT = textwrap.dedent(
     callbacks = [cbp, redo, ShrinkAndPerturb(noise="gaussian", shrink=1.0, perturb=1e-3, every_n_steps=3),
                  L2Init(weight=1e-3), HeadReset()]
 
-    class Dump(pl.Callback):
-        def on_fit_end(self, trainer, pl_module):
-            torch.save({"params": {k: v.cpu() for k, v in pl_module.state_dict().items()},
-                        "replaced": {k: s.replaced for k, s in cbp.states.items()},
-                        "recycled": dict(redo.replaced)}, f"{out}.rank{trainer.global_rank}.pt")
-
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, limit_train_batches=8,
-                         limit_val_batches=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[*callbacks, Dump()])
     model = MLP(hidden_sizes=[32, 32], optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
-    trainer.fit(model, DigitsDataModule(batch_size=16, schedule=PermutedInputs(num_tasks=2, epochs_per_task=1)))
+    data = DigitsDataModule(batch_size=16, schedule=PermutedInputs(num_tasks=2, epochs_per_task=1))
+    fit(model, data, [*callbacks, Dump(cbp, redo, "")], limit_val_batches=2)
 
     # BatchNorm: each rank's running statistics differ until DDP re-broadcasts them at the next forward, so eval-mode
     # probe features differ between ranks; ReDo and CBP must still agree
@@ -57,16 +65,7 @@ SCRIPT = textwrap.dedent(
     redo_bn = ReDo(every_n_steps=3, tau=0.5, probe_size=64)
     cbp_bn = ContinualBackprop(replacement_rate=0.02, maturity_threshold=3, accumulate=False)
 
-    class DumpBN(pl.Callback):
-        def on_fit_end(self, trainer, pl_module):
-            torch.save({"params": {k: v.cpu() for k, v in pl_module.state_dict().items()},
-                        "replaced": {k: s.replaced for k, s in cbp_bn.states.items()},
-                        "recycled": dict(redo_bn.replaced)}, f"{out}.bn.rank{trainer.global_rank}.pt")
-
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, limit_train_batches=8,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[redo_bn, cbp_bn, DumpBN()])
-    trainer.fit(BNNet(), DigitsDataModule(batch_size=16))
+    fit(BNNet(), DigitsDataModule(batch_size=16), [redo_bn, cbp_bn, Dump(cbp_bn, redo_bn, ".bn")])
     """
 )
 
