@@ -1,6 +1,8 @@
-"""Changing a model in place: producer → consumer topology, unit re-initialisation, optimizer-state resets and
-Σ-orthogonal weights for replaced units. Pure torch; the callbacks decide when and which."""
+"""Changing a model in place: producer → consumer topology, unit re-initialisation, optimizer-state resets,
+Σ-orthogonal weights for replaced units, and attention-head gates, re-initialisation and removal. Pure torch; the
+callbacks decide when and which."""
 
+from plasticity_lightning.surgery.heads import HeadGates, attention_modules, prune_heads_, reinit_heads
 from plasticity_lightning.surgery.sigma import InputCovariance, activation_energy_share, sigma_orthogonal_rows
 from plasticity_lightning.surgery.topology import UnitPair, find_unit_pairs
 from plasticity_lightning.surgery.units import (
@@ -14,12 +16,16 @@ from plasticity_lightning.surgery.units import (
 )
 
 __all__ = [
+    "HeadGates",
     "InputCovariance",
     "UnitPair",
     "activation_energy_share",
+    "attention_modules",
     "find_unit_pairs",
     "incoming_magnitude",
     "outgoing_magnitude",
+    "prune_heads_",
+    "reinit_heads",
     "reinit_units",
     "reset_optimizer_state",
     "sigma_orthogonal_rows",

@@ -1,0 +1,100 @@
+"""Attention-head surgery on GPT-2: gates against structural removal, re-initialisation slices, importance."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from plasticity_lightning import PlasticityConfigError
+from plasticity_lightning.surgery import HeadGates, attention_modules, prune_heads_, reinit_heads
+
+
+def tiny_gpt2(attn: str = "eager", seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=3, n_head=4, n_embd=32, vocab_size=61, n_positions=16, attn_implementation=attn)
+    return GPT2LMHeadModel(config).eval()
+
+
+def ids(seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_a_zero_gate_equals_removing_the_head(attn):
+    model = tiny_gpt2(attn)
+    x = ids()
+    with torch.no_grad():
+        reference = model(x).logits
+    gates = HeadGates(model)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, reference)  # all-ones gates change nothing
+    removed = {0: [1], 1: [0, 3], 2: [2]}
+    for layer, heads in removed.items():
+        for head in heads:
+            gates.set(layer, head, 0.0)
+    with torch.no_grad():
+        gated = model(x).logits
+    assert not torch.allclose(gated, reference, atol=1e-4)
+    gates.remove()
+    kept = prune_heads_(model, removed)
+    assert kept == {0: [0, 2, 3], 1: [1, 2], 2: [0, 1, 3]}
+    attn0 = model.transformer.h[1].attn
+    assert attn0.num_heads == 2 and tuple(attn0.c_attn.weight.shape) == (32, 48) and attn0.c_proj.weight.shape[0] == 16
+    with torch.no_grad():
+        pruned = model(x).logits
+    assert torch.allclose(pruned, gated, atol=1e-5)
+
+
+def test_pruning_refuses_to_remove_every_head_of_a_layer():
+    with pytest.raises(PlasticityConfigError, match="removing every head of layer 0"):
+        prune_heads_(tiny_gpt2(), {0: [0, 1, 2, 3]})
+    with pytest.raises(PlasticityConfigError, match="layer 7 out of range"):
+        prune_heads_(tiny_gpt2(), {7: [0]})
+
+
+def test_gate_gradient_is_the_derivative_of_the_loss():
+    model = tiny_gpt2().double()  # float64: the finite difference resolves gradients of ~1e-4
+    x = ids()
+    gates = HeadGates(model, differentiable=True)
+
+    def loss():  # HF's own loss casts logits to float32; keep float64 throughout
+        logits = model(x).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+
+    loss().backward()
+    grad = gates.gates.grad.clone()
+    eps = 1e-3
+    for layer, head in [(0, 1), (2, 3)]:
+        losses = []
+        for sign in (1, -1):
+            with torch.no_grad():
+                gates.gates[layer, head] = 1 + sign * eps
+                losses.append(loss().item())
+                gates.gates[layer, head] = 1.0
+        finite_difference = (losses[0] - losses[1]) / (2 * eps)
+        assert grad[layer, head].item() == pytest.approx(finite_difference, rel=1e-4, abs=1e-9)
+
+
+def test_reinit_heads_touches_exactly_its_slices_and_optimizer_state():
+    model = tiny_gpt2().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = ids()
+    model(x, labels=x).loss.backward()
+    optimizer.step()
+    attn = attention_modules(model)[1][1]
+    before = {name: p.detach().clone() for name, p in attn.named_parameters()}
+    state_before = {name: optimizer.state[p]["exp_avg"].clone() for name, p in attn.named_parameters()}
+    reinit_heads(attn, [2], output_scale=0.1, generator=torch.Generator().manual_seed(0), optimizers=[optimizer])
+    head = torch.arange(16, 24)
+    columns = torch.cat([head, head + 32, head + 64])
+    other_columns = torch.tensor([c for c in range(96) if c not in set(columns.tolist())])
+    other_rows = torch.tensor([r for r in range(32) if r not in set(head.tolist())])
+    weight, proj = attn.c_attn.weight.detach(), attn.c_proj.weight.detach()
+    assert torch.equal(weight[:, other_columns], before["c_attn.weight"][:, other_columns])
+    assert not torch.equal(weight[:, columns], before["c_attn.weight"][:, columns])
+    assert (attn.c_attn.bias[columns] == 0).all()
+    assert torch.equal(proj[other_rows], before["c_proj.weight"][other_rows])
+    assert proj[head].std().item() == pytest.approx(0.002, rel=0.3)  # output_scale 0.1 of std 0.02
+    state = {name: optimizer.state[p]["exp_avg"] for name, p in attn.named_parameters()}
+    assert (state["c_attn.weight"][:, columns] == 0).all() and (state["c_proj.weight"][head] == 0).all()
+    assert torch.equal(state["c_attn.weight"][:, other_columns], state_before["c_attn.weight"][:, other_columns])
+    assert torch.equal(state["c_proj.bias"], state_before["c_proj.bias"])  # the output bias is shared by all heads
