@@ -98,3 +98,57 @@ def test_reinit_heads_touches_exactly_its_slices_and_optimizer_state():
     assert (state["c_attn.weight"][:, columns] == 0).all() and (state["c_proj.weight"][head] == 0).all()
     assert torch.equal(state["c_attn.weight"][:, other_columns], state_before["c_attn.weight"][:, other_columns])
     assert torch.equal(state["c_proj.bias"], state_before["c_proj.bias"])  # the output bias is shared by all heads
+
+
+class _LM(__import__("lightning.pytorch").pytorch.LightningModule):
+    """A user's LightningModule around a tiny GPT-2 (the callbacks assume nothing else)."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = tiny_gpt2().train()
+        for module in self.model.modules():  # no dropout: the test recomputes the same gradients
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+
+    def training_step(self, batch, batch_idx):
+        return self.model(batch[0], labels=batch[0]).loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)  # weights stay put: importance is reproducible
+
+
+def test_head_importance_is_the_mean_absolute_gate_gradient_normalised_per_layer(tmp_path):
+    import copy
+
+    from conftest import make_trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from plasticity_lightning import HeadImportance
+
+    data = torch.randint(0, 61, (16, 12), generator=torch.Generator().manual_seed(3))
+    loader = DataLoader(TensorDataset(data), batch_size=4)
+    module = _LM()
+    reference_model = copy.deepcopy(module.model)
+    callback = HeadImportance(num_batches=4)
+    make_trainer(tmp_path, callbacks=[callback], max_epochs=1).fit(module, loader)
+    gates = HeadGates(reference_model, differentiable=True)
+    total = torch.zeros(3, 4)
+    for (batch,) in loader:
+        reference_model(batch, labels=batch).loss.backward()
+        total += gates.gates.grad.abs()
+        gates.gates.grad = None
+    expected = total / 4
+    expected = expected / expected.norm(dim=1, keepdim=True)
+    assert torch.allclose(callback.importance, expected, rtol=1e-4, atol=1e-7)
+    assert not callback.gates._handles  # gates removed after fit: the model is untouched
+    magnitude = HeadImportance(method="weight_magnitude", normalize=None)
+    magnitude.on_fit_start(None, module)
+    norms = magnitude.compute()
+    attn = module.model.transformer.h[0].attn
+    head1 = torch.cat(
+        [
+            attn.c_attn.weight[:, [8 + i + k * 32 for k in range(3) for i in range(8)]].flatten(),
+            attn.c_proj.weight[8:16].flatten(),
+        ]
+    )
+    assert norms[0, 1].item() == pytest.approx(head1.norm().item(), rel=1e-5)

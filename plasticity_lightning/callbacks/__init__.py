@@ -12,6 +12,7 @@ from plasticity_lightning.callbacks.base import TaskAwareCallback
 from plasticity_lightning.callbacks.cbp import ContinualBackprop
 from plasticity_lightning.callbacks.continual import TaskAccuracyTable
 from plasticity_lightning.callbacks.dynamics import LearningDynamics
+from plasticity_lightning.callbacks.heads import HeadImportance
 from plasticity_lightning.callbacks.intervention import Intervention, UnitIntervention
 from plasticity_lightning.callbacks.monitor import PlasticityMonitor
 from plasticity_lightning.callbacks.monitors import (
@@ -29,6 +30,7 @@ __all__ = [
     "DormantUnitMonitor",
     "EntropyMonitor",
     "GradientFlowMonitor",
+    "HeadImportance",
     "HeadReset",
     "Intervention",
     "L2Init",

@@ -1,0 +1,126 @@
+"""Head importance for GPT-2-style models (Michel et al. 2019), measured during training at no extra forward cost."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from typing_extensions import override
+
+from plasticity_lightning.callbacks.intervention import Intervention
+from plasticity_lightning.core.errors import check_choice, check_positive_int
+from plasticity_lightning.surgery.heads import HeadGates
+
+
+class HeadImportance(Intervention):
+    """Per-head importance, accumulated over ``num_batches`` training batches and refreshed every window.
+
+    ``method="gradient"``: Michel et al.'s I_h = E|∂L/∂ξ_h|, with ξ the gates of :class:`HeadGates` (all 1, so the
+    model computes exactly what it would without them); the gradient comes from the training step's own backward
+    pass, so no extra forward is run. ``method="weight_magnitude"``: the L2 norm of each head's Q/K/V columns and
+    ``c_proj`` rows. With ``normalize="layer"`` each layer's scores are divided by their L2 norm (Michel et al.'s
+    ``--normalize_pruning_by_layer``). Under DDP the accumulated scores are averaged across ranks, so every rank
+    holds the same importance. The latest ``[layers, heads]`` scores are :attr:`importance`; their layer means are
+    logged as ``heads/<layer>/importance``.
+
+    Args:
+        num_batches: training batches per importance window.
+        method: ``"gradient"`` or ``"weight_magnitude"``.
+        normalize: ``"layer"`` or ``None``.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[HeadImportance(num_batches=50)])
+    """
+
+    def __init__(
+        self,
+        num_batches: int = 50,
+        method: Literal["gradient", "weight_magnitude"] = "gradient",
+        normalize: Literal["layer"] | None = "layer",
+        prefix: str = "heads",
+    ) -> None:
+        super().__init__(prefix=prefix)
+        self.num_batches = check_positive_int("HeadImportance", "num_batches", num_batches)
+        self.method = check_choice("HeadImportance", "method", method, ("gradient", "weight_magnitude"))
+        if normalize is not None:
+            check_choice("HeadImportance", "normalize", normalize, ("layer",))
+        self.normalize = normalize
+        self.gates: HeadGates | None = None
+        self.importance: torch.Tensor | None = None
+        self._sum: torch.Tensor | None = None
+        self._pending_sum: torch.Tensor | None = None
+        self._count = 0
+
+    @override
+    def settings(self) -> dict[str, Any]:
+        return {"num_batches": self.num_batches, "method": self.method, "normalize": self.normalize}
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.gates = HeadGates(pl_module, differentiable=self.method == "gradient")
+        self._sum = torch.zeros_like(self.gates.mask)
+        if self._pending_sum is not None:  # a resumed window continues where the checkpoint left it
+            self._sum += self._pending_sum.to(self._sum.device)
+            self._pending_sum = None
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.gates is not None:
+            self.gates.remove()
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.gates is None or self.method != "gradient" or self.gates.gates.grad is None:
+            return
+        self._sum += self.gates.gates.grad.abs()
+        self.gates.gates.grad = None
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
+        self._count += 1
+        if self._count >= self.num_batches:
+            self.importance = self.compute(trainer)
+            layer_means = self.importance.mean(dim=1).tolist()
+            self.log_values(trainer, {f"{i}/importance": v for i, v in enumerate(layer_means)}, force=True)
+            self._sum.zero_()
+            self._count = 0
+
+    @torch.no_grad()
+    def compute(self, trainer: pl.Trainer | None = None) -> torch.Tensor:
+        """The importance of the current window, ``[layers, heads]``, averaged across ranks and normalised."""
+        if self.gates is None or self._sum is None:
+            raise RuntimeError("HeadImportance.compute() needs the gates that on_fit_start attaches")
+        if self.method == "gradient":
+            scores = self.reduce_mean(trainer, self._sum / max(self._count, 1))
+        else:
+            scores = torch.stack([_head_weight_norms(module) for _, module in self.gates.layers])
+        if self.normalize == "layer":
+            scores = scores / scores.norm(dim=1, keepdim=True).clamp(min=1e-20)
+        return scores.cpu()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "importance": self.importance,
+            "sum": None if self._sum is None else self._sum.cpu(),
+            "count": self._count,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.importance = state_dict.get("importance")
+        self._count = int(state_dict.get("count", 0))
+        self._pending_sum = state_dict.get("sum")
+
+
+def _head_weight_norms(module: torch.nn.Module) -> torch.Tensor:
+    """‖(Q, K, V columns, c_proj rows)‖₂ of every head of one attention module."""
+    heads, d = module.num_heads, module.head_dim
+    qkv = module.c_attn.weight.detach().unflatten(1, (3, heads, d))  # [embed, 3, heads, d]
+    out = module.c_proj.weight.detach().unflatten(0, (heads, d))  # [heads, d, embed]
+    return (qkv.pow(2).sum(dim=(0, 1, 3)) + out.pow(2).sum(dim=(1, 2))).sqrt().float()
