@@ -44,6 +44,7 @@ from plasticity_lightning.data import (
     PermutedInputs,
     PlasticityDataModule,
     TaskSchedule,
+    TextDataModule,
     ToyDataModule,
     make_toy,
 )
@@ -58,7 +59,7 @@ from plasticity_lightning.metrics import (
     srank,
     stable_rank,
 )
-from plasticity_lightning.models import MLP, ConvNet, ResNet18, SupervisedModule
+from plasticity_lightning.models import MLP, CausalLM, ConvNet, ResNet18, SupervisedModule
 from plasticity_lightning.nn import Sine, activation_gain, build_activation, init_layer_, sample_init_
 from plasticity_lightning.probes import ProbeSet, capture_outputs
 from plasticity_lightning.surgery import UnitPair, find_unit_pairs, reinit_units
@@ -72,6 +73,7 @@ __all__ = [
     "MLP",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
+    "CausalLM",
     "ClassIncremental",
     "ContinualBackprop",
     "ConvNet",
@@ -105,6 +107,7 @@ __all__ = [
     "TaskContext",
     "TaskProvider",
     "TaskSchedule",
+    "TextDataModule",
     "ToyDataModule",
     "UnitPair",
     "WeightMonitor",

@@ -14,6 +14,11 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# huggingface_hub reads the variable when first imported, which a plugin may already have done: set its constant
+# too, or every hub lookup retries the network for ~50 s before failing.
+import huggingface_hub.constants
+
+huggingface_hub.constants.HF_HUB_OFFLINE = True
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))

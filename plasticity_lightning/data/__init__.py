@@ -2,6 +2,7 @@
 
 from plasticity_lightning.data.base import IndexedTensorDataset, PlasticityDataModule
 from plasticity_lightning.data.continual import ClassIncremental, LabelShuffle, PermutedInputs, TaskSchedule
+from plasticity_lightning.data.text import TextDataModule, load_tokenizer
 from plasticity_lightning.data.toy import (
     TOY_DATASETS,
     ToyDataModule,
@@ -35,8 +36,10 @@ __all__ = [
     "PermutedInputs",
     "PlasticityDataModule",
     "TaskSchedule",
+    "TextDataModule",
     "TorchvisionDataModule",
     "ToyDataModule",
+    "load_tokenizer",
     "make_circles",
     "make_moons",
     "make_spirals",

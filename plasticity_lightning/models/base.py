@@ -42,7 +42,38 @@ TaskType = Literal["classification", "regression"]
 _STAGES = ("train", "val", "test")
 
 
-class SupervisedModule(pl.LightningModule):
+class InjectedOptimizer:
+    """Optimizer and LR scheduler given as callables (``OptimizerCallable``), built from :meth:`parameter_groups`.
+
+    Shared by every LightningModule of the library, so callbacks can add or re-weight parameter groups and YAML
+    recipes can name any torch optimizer. Subclasses set ``optimizer``, ``lr_scheduler``,
+    ``lr_scheduler_interval`` and ``lr_scheduler_monitor`` in ``__init__``.
+    """
+
+    optimizer: OptimizerCallable
+    lr_scheduler: LRSchedulerCallable | None
+    lr_scheduler_interval: str
+    lr_scheduler_monitor: str
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Parameter groups handed to the optimizer callable. Override to split groups (e.g. no weight decay)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "name": "default"}]
+
+    def configure_optimizers(self) -> Any:
+        try:
+            optimizer = self.optimizer(self.parameter_groups())
+        except (ValueError, TypeError) as err:  # torch's own checks, e.g. "Invalid learning rate: -1"
+            raise PlasticityConfigError(f"{type(self).__name__}.optimizer: {err}") from err
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": self.lr_scheduler_interval}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = self.lr_scheduler_monitor
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+
+class SupervisedModule(InjectedOptimizer, pl.LightningModule):
     """Shared base for supervised models (classification or regression).
 
     Subclasses implement :meth:`build` (create layers once sizes are known), :meth:`forward`,
@@ -243,24 +274,6 @@ class SupervisedModule(pl.LightningModule):
         initialisation (``"default"``); models that initialise otherwise override this.
         """
         return "default", 1.0
-
-    # ------------------------------------------------------------------ optimisation
-    def parameter_groups(self) -> list[dict[str, Any]]:
-        """Parameter groups handed to the optimizer callable. Override to split groups (e.g. no weight decay)."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad], "name": "default"}]
-
-    def configure_optimizers(self) -> Any:
-        try:
-            optimizer = self.optimizer(self.parameter_groups())
-        except (ValueError, TypeError) as err:  # torch's own checks, e.g. "Invalid learning rate: -1"
-            raise PlasticityConfigError(f"{type(self).__name__}.optimizer: {err}") from err
-        if self.lr_scheduler is None:
-            return optimizer
-        scheduler = self.lr_scheduler(optimizer)
-        config: dict[str, Any] = {"scheduler": scheduler, "interval": self.lr_scheduler_interval}
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            config["monitor"] = self.lr_scheduler_monitor
-        return {"optimizer": optimizer, "lr_scheduler": config}
 
     # ------------------------------------------------------------------ steps
     def _task_context(self) -> TaskContext | None:

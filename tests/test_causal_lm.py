@@ -1,0 +1,82 @@
+"""CausalLM and TextDataModule, offline: a tokenizer trained on the text, a small GPT-2 trained from scratch."""
+
+import math
+
+import pytest
+import torch
+from conftest import make_trainer
+
+from plasticity_lightning import CausalLM, DataNotFoundError, PlasticityConfigError, TextDataModule
+from plasticity_lightning.surgery import HeadGates
+
+TEXT = " ".join(
+    f"The {a} {b} walks to the {c} and sees {n} {b}s."
+    for n in range(40)
+    for a, b, c in [("old", "cat", "river"), ("young", "dog", "hill"), ("grey", "bird", "town")]
+)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text(TEXT)
+    (tmp_path / "texts" / "b.md").write_text(TEXT[::-1])
+    return tmp_path
+
+
+def test_text_blocks_from_local_files_with_a_tokenizer_trained_offline(corpus):
+    data = TextDataModule(
+        text_files=[str(corpus / "texts")], block_size=16, batch_size=4, vocab_size=300, data_dir=str(corpus / "cache")
+    )
+    data.setup("fit")
+    assert 200 < data.vocab_size <= 300 and data.tokenizer.eos_token == "<|endoftext|>"
+    assert list(corpus.glob("cache/bpe_300_*.json"))  # cached next to the data
+    train, val, test = (data.splits[k] for k in ("train", "val", "test"))
+    assert train.shape[1] == val.shape[1] == 16 and len(val) == len(test) == round(0.05 * (len(train) + 2 * len(val)))
+    decoded = data.tokenizer.decode(train[0])
+    assert decoded in TEXT  # blocks are consecutive text
+
+
+def test_text_source_errors_are_one_clear_line(corpus):
+    with pytest.raises(PlasticityConfigError, match="exactly one text source"):
+        TextDataModule()
+    with pytest.raises(DataNotFoundError, match="does not exist"):
+        TextDataModule(text_files=[str(corpus / "missing.txt")]).setup("fit")
+    with pytest.raises(DataNotFoundError, match="cannot load dataset 'wikitext'"):
+        TextDataModule(dataset_name="wikitext", dataset_config="wikitext-2-raw-v1").setup("fit")
+
+
+def test_a_small_gpt2_trains_and_reports_perplexity(corpus):
+    data = TextDataModule(
+        text_files=[str(corpus / "texts")], block_size=16, batch_size=8, vocab_size=300, data_dir=str(corpus / "c")
+    )
+    model = CausalLM(
+        pretrained=False,
+        n_layer=2,
+        n_head=4,
+        n_embd=32,
+        n_positions=32,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
+    )
+    trainer = make_trainer(corpus, max_epochs=3, num_sanity_val_steps=0)
+    trainer.fit(model, data)
+    metrics = trainer.callback_metrics
+    assert model.model.config.vocab_size == data.vocab_size  # read from the datamodule's tokenizer
+    # perplexity is exp of the mean token NLL (equal-size validation batches)
+    assert metrics["val/perplexity"].item() == pytest.approx(math.exp(metrics["val/loss"].item()), rel=1e-4)
+    assert metrics["val/perplexity"].item() < 0.5 * data.vocab_size  # it learned something of the text
+    prompt = data.splits["val"][:1, :4]
+    state = torch.get_rng_state()
+    first, second = model.generate(prompt, seed=3), model.generate(prompt, seed=3)
+    assert torch.equal(first, second) and first.shape == (1, 24) and torch.equal(torch.get_rng_state(), state)
+    gates = HeadGates(model)  # the head tools find the model's attention modules
+    assert gates.mask.shape == (2, 4)
+
+
+def test_distilgpt2_architecture_offline_and_pretrained_weights_fail_clearly():
+    lm = CausalLM(pretrained=False, vocab_size=1000)
+    lm.configure_model()
+    config = lm.model.config
+    assert (config.n_layer, config.n_head, config.n_embd) == (6, 12, 768)
+    with pytest.raises(DataNotFoundError, match="pretrained weights 'distilgpt2' are not reachable"):
+        CausalLM(pretrained=True).configure_model()
