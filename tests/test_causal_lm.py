@@ -80,3 +80,29 @@ def test_distilgpt2_architecture_offline_and_pretrained_weights_fail_clearly():
     assert (config.n_layer, config.n_head, config.n_embd) == (6, 12, 768)
     with pytest.raises(DataNotFoundError, match="pretrained weights 'distilgpt2' are not reachable"):
         CausalLM(pretrained=True).configure_model()
+
+
+def test_through_the_cli_with_short_class_names(corpus, monkeypatch):
+    import sys
+
+    from plasticity_lightning.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["plasticity"])
+    monkeypatch.chdir(corpus)
+    main(
+        [
+            "fit",
+            "--model=CausalLM",
+            "--model.pretrained=false",
+            "--model.n_layer=1",
+            "--model.n_head=2",
+            "--model.n_embd=16",
+            "--model.n_positions=32",
+            "--data=TextDataModule",
+            f"--data.text_files=[{corpus / 'texts'}]",
+            "--data.block_size=16",
+            "--data.vocab_size=300",
+            "--trainer.fast_dev_run=2",
+            "--trainer.accelerator=cpu",
+        ]
+    )
