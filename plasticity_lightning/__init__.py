@@ -9,6 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from plasticity_lightning.callbacks import (
     ContinualBackprop,
+    DegenerationMonitor,
     DormantUnitMonitor,
     EntropyMonitor,
     GradientFlowMonitor,
@@ -78,6 +79,7 @@ __all__ = [
     "ContinualBackprop",
     "ConvNet",
     "DataNotFoundError",
+    "DegenerationMonitor",
     "DigitsDataModule",
     "DormantUnitMonitor",
     "EntropyMonitor",

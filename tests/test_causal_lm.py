@@ -106,3 +106,47 @@ def test_through_the_cli_with_short_class_names(corpus, monkeypatch):
             "--trainer.accelerator=cpu",
         ]
     )
+
+
+def test_degeneration_metrics_on_hand_made_texts():
+    from plasticity_lightning.metrics import degeneration_summary, distinct_n, max_token_repetition, repeated_ngram_rate
+
+    loop = ["the", "cat", "sat", "the", "cat", "sat", "the", "cat", "sat"]
+    varied = ["a", "quick", "brown", "fox", "jumps", "over", "one", "lazy", "dog"]
+    assert distinct_n([varied], 1) == 1.0 and distinct_n([loop], 1) == 3 / 9
+    assert distinct_n([loop, varied], 2) == (3 + 8) / (8 + 8)  # pooled over samples
+    assert repeated_ngram_rate([loop], 3) == 4 / 7  # 7 trigrams, 3 distinct
+    assert repeated_ngram_rate([varied], 3) == 0.0
+    assert max_token_repetition([loop, varied]) == (3 / 9 + 1 / 9) / 2
+    assert degeneration_summary([[]]) == {
+        "distinct_1": 0.0,
+        "distinct_2": 0.0,
+        "repeated_3gram_rate": 0.0,
+        "max_token_repetition": 0.0,
+    }
+
+
+def test_degeneration_monitor_is_deterministic_and_logs(corpus):
+    from plasticity_lightning import DegenerationMonitor
+    from plasticity_lightning.metrics import degeneration_summary
+
+    data = TextDataModule(
+        text_files=[str(corpus / "texts")], block_size=16, batch_size=8, vocab_size=300, data_dir=str(corpus / "c")
+    )
+    model = CausalLM(pretrained=False, n_layer=1, n_head=2, n_embd=16, n_positions=64)
+    monitor = DegenerationMonitor(prompts=["The old cat", "The dog"], max_new_tokens=12, every_n_epochs=1)
+    trainer = make_trainer(corpus, callbacks=[monitor], max_epochs=2, num_sanity_val_steps=0)
+    trainer.fit(model, data)
+    assert [h["reason"] for h in monitor.history] == ["epoch", "epoch"]
+    last = {k.split("/")[-1]: v for k, v in trainer.callback_metrics.items() if k.startswith("degeneration/")}
+    assert set(last) == {"distinct_1", "distinct_2", "repeated_3gram_rate", "max_token_repetition"}
+    # recompute from the same weights and seeds: identical numbers (no jitter)
+    continuations = []
+    for i, prompt in enumerate(monitor.prompts):
+        ids = torch.tensor([data.tokenizer(prompt)["input_ids"]])
+        continuations.append(model.generate(ids, max_new_tokens=12, seed=i)[0, ids.shape[1] :].tolist())
+    expected = degeneration_summary(continuations)
+    assert all(last[k].item() == pytest.approx(v) for k, v in expected.items())
+    assert len(monitor.samples) == 2
+    with pytest.raises(PlasticityConfigError, match=r"DegenerationMonitor.prompts='The' is invalid"):
+        DegenerationMonitor(prompts="The")

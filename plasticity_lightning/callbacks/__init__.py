@@ -12,7 +12,7 @@ from plasticity_lightning.callbacks.base import TaskAwareCallback
 from plasticity_lightning.callbacks.cbp import ContinualBackprop
 from plasticity_lightning.callbacks.continual import TaskAccuracyTable
 from plasticity_lightning.callbacks.dynamics import LearningDynamics
-from plasticity_lightning.callbacks.heads import HeadImportance
+from plasticity_lightning.callbacks.heads import DegenerationMonitor, HeadImportance
 from plasticity_lightning.callbacks.intervention import Intervention, UnitIntervention
 from plasticity_lightning.callbacks.monitor import PlasticityMonitor
 from plasticity_lightning.callbacks.monitors import (
@@ -27,6 +27,7 @@ from plasticity_lightning.callbacks.resets import HeadReset, L2Init, ShrinkAndPe
 
 __all__ = [
     "ContinualBackprop",
+    "DegenerationMonitor",
     "DormantUnitMonitor",
     "EntropyMonitor",
     "GradientFlowMonitor",

@@ -1,7 +1,8 @@
-"""Head importance for GPT-2-style models (Michel et al. 2019), measured during training at no extra forward cost."""
+"""Callbacks for language models: head importance (Michel et al. 2019) and text degeneration."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -9,7 +10,9 @@ import torch
 from typing_extensions import override
 
 from plasticity_lightning.callbacks.intervention import Intervention
-from plasticity_lightning.core.errors import check_choice, check_positive_int
+from plasticity_lightning.callbacks.monitor import PlasticityMonitor
+from plasticity_lightning.core.errors import PlasticityConfigError, check_choice, check_positive_int
+from plasticity_lightning.metrics.text import degeneration_summary
 from plasticity_lightning.surgery.heads import HeadGates
 
 
@@ -124,3 +127,96 @@ def _head_weight_norms(module: torch.nn.Module) -> torch.Tensor:
     qkv = module.c_attn.weight.detach().unflatten(1, (3, heads, d))  # [embed, 3, heads, d]
     out = module.c_proj.weight.detach().unflatten(0, (heads, d))  # [heads, d, embed]
     return (qkv.pow(2).sum(dim=(0, 1, 3)) + out.pow(2).sum(dim=(1, 2))).sqrt().float()
+
+
+class DegenerationMonitor(PlasticityMonitor):
+    """Seeded generation from fixed prompts, scored for degeneration: ``degeneration/{distinct_1, distinct_2,
+    repeated_3gram_rate, max_token_repetition}`` (:func:`~plasticity_lightning.metrics.degeneration_summary`, on
+    the generated token ids), at the monitors' cadence. Deterministic: the same weights give the same numbers
+    (sampling is seeded and leaves the global RNG alone). W&B and TensorBoard also get a table of the samples.
+
+    The model generates with its ``generate(input_ids, max_new_tokens=..., seed=...)`` (as
+    :class:`~plasticity_lightning.models.CausalLM` does) or, failing that, through an HF model at ``.model``; the
+    tokenizer is ``tokenizer`` or the datamodule's.
+
+    Args:
+        prompts: texts to continue.
+        max_new_tokens: tokens generated per prompt.
+        seed: sampling seed.
+        tokenizer: a HF tokenizer (``None``: ``trainer.datamodule.tokenizer``).
+        **kwargs: :class:`PlasticityMonitor` cadence arguments.
+    """
+
+    uses_probe = False
+
+    def __init__(
+        self,
+        prompts: Sequence[str] = ("The", "It was", "And then"),
+        max_new_tokens: int = 32,
+        seed: int = 0,
+        tokenizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("prefix", "degeneration")
+        super().__init__(**kwargs)
+        if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise PlasticityConfigError(
+                f"DegenerationMonitor.prompts={prompts!r} is invalid; expected a non-empty list of strings"
+            )
+        self.prompts = list(prompts)
+        self.max_new_tokens = check_positive_int("DegenerationMonitor", "max_new_tokens", max_new_tokens)
+        self.seed = seed
+        self.tokenizer = tokenizer
+        self.samples: list[str] = []
+
+    @override
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "prompts": self.prompts, "max_new_tokens": self.max_new_tokens}
+
+    def _tokenizer(self, trainer: pl.Trainer) -> Any:
+        tokenizer = self.tokenizer or getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
+        if tokenizer is None:
+            raise PlasticityConfigError(
+                "DegenerationMonitor needs a tokenizer: pass tokenizer=..., or use a datamodule with .tokenizer"
+            )
+        return tokenizer
+
+    @override
+    def measure(self, trainer, pl_module, outputs, model_output) -> dict[str, float]:
+        tokenizer = self._tokenizer(trainer)
+        continuations, self.samples = [], []
+        for i, prompt in enumerate(self.prompts):
+            ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=pl_module.device)
+            generated = _generate(pl_module, ids, self.max_new_tokens, self.seed + i)[0, ids.shape[1] :].tolist()
+            continuations.append(generated)
+            self.samples.append(tokenizer.decode(generated))
+        values = degeneration_summary(continuations)
+        rows = [[p, s] for p, s in zip(self.prompts, self.samples, strict=True)]
+        self.log_table(trainer, "samples", ["prompt", "continuation"], rows)
+        return values
+
+
+def _generate(pl_module: pl.LightningModule, ids: torch.Tensor, max_new_tokens: int, seed: int) -> torch.Tensor:
+    generate = getattr(pl_module, "generate", None)
+    if callable(generate):
+        return generate(ids, max_new_tokens=max_new_tokens, seed=seed)
+    model = getattr(pl_module, "model", None)
+    if model is None or not hasattr(model, "generate"):
+        raise PlasticityConfigError(
+            f"DegenerationMonitor: {type(pl_module).__name__} has neither generate(input_ids, max_new_tokens, seed) "
+            "nor an HF model at .model"
+        )
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else []), torch.no_grad():
+        torch.manual_seed(seed)
+        out = model.generate(
+            ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            top_k=50,
+            attention_mask=torch.ones_like(ids),
+            pad_token_id=model.config.eos_token_id,
+        )
+    model.train(was_training)
+    return out

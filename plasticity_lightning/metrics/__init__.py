@@ -58,6 +58,12 @@ from plasticity_lightning.metrics.rank import (
     srank,
     stable_rank,
 )
+from plasticity_lightning.metrics.text import (
+    degeneration_summary,
+    distinct_n,
+    max_token_repetition,
+    repeated_ngram_rate,
+)
 from plasticity_lightning.metrics.weights import (
     distance_from_init,
     gradient_stats,
@@ -87,7 +93,9 @@ __all__ = [
     "convergence_epoch",
     "dead_unit_fraction",
     "dead_unit_mask",
+    "degeneration_summary",
     "distance_from_init",
+    "distinct_n",
     "dynamics_summary",
     "effective_rank",
     "feature_matrix",
@@ -99,6 +107,7 @@ __all__ = [
     "loss_stability",
     "low_activity_fraction",
     "low_activity_mask",
+    "max_token_repetition",
     "mean_abs_activation",
     "mean_abs_weight",
     "numerical_rank",
@@ -108,6 +117,7 @@ __all__ = [
     "redo_dormant_fraction",
     "redo_dormant_mask",
     "redo_scores",
+    "repeated_ngram_rate",
     "singular_values",
     "srank",
     "stable_rank",
