@@ -152,3 +152,56 @@ def test_head_importance_is_the_mean_absolute_gate_gradient_normalised_per_layer
         ]
     )
     assert norms[0, 1].item() == pytest.approx(head1.norm().item(), rel=1e-5)
+
+
+def test_pruning_choice_never_takes_a_layers_last_head():
+    from plasticity_lightning.callbacks.heads import lowest_heads
+
+    importance = torch.tensor([[0.0, 0.1, 0.2], [0.9, 0.8, 0.7]])
+    alive = torch.tensor([[True, True, False], [True, True, True]])
+    # layer 0 has two heads left: only one may go, then the cheapest of layer 1
+    assert lowest_heads(importance, alive, 3) == [(0, 0), (1, 2), (1, 1)]
+    assert lowest_heads(importance, torch.tensor([[True, False, False], [False, True, False]]), 2) == []
+
+
+def test_iterative_pruning_by_importance_and_revert_beyond_tolerance(tmp_path):
+    from conftest import make_trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from plasticity_lightning import HeadImportance, HeadPruning
+    from plasticity_lightning.callbacks.heads import lowest_heads
+
+    data = torch.randint(0, 61, (32, 12), generator=torch.Generator().manual_seed(3))
+    train = DataLoader(TensorDataset(data[:24]), batch_size=4)
+    val = DataLoader(TensorDataset(data[24:]), batch_size=4)
+
+    class LM(_LM):
+        def validation_step(self, batch, batch_idx):
+            self.log("val/perplexity", self.model(batch[0], labels=batch[0]).loss.exp())
+
+    importance = HeadImportance(num_batches=6)
+    pruning = HeadPruning(fraction=0.25, max_fraction=0.5, tolerance=1.0)  # generous: prunes until the cap
+    make_trainer(tmp_path, callbacks=[importance, pruning], max_epochs=3, num_sanity_val_steps=0).fit(LM(), train, val)
+    assert [len(h["pruned"]) for h in pruning.history] == [3, 3, 0]  # 25% of 12 heads per epoch, cap 50%
+    assert int((pruning.mask == 0).sum()) == 6 and (pruning.mask.sum(dim=1) >= 1).all()
+    alive = torch.ones(3, 4, dtype=torch.bool)
+    for step in pruning.history[:2]:  # each step took the least important alive heads of its window
+        assert step["pruned"] == lowest_heads(torch.tensor(step["importance"]), alive, 3)
+        for layer, head in step["pruned"]:
+            alive[layer, head] = False
+    assert torch.equal(pruning.mask > 0, alive)
+
+    class Worsening(_LM):  # perplexity rises every epoch, whatever is pruned
+        def validation_step(self, batch, batch_idx):
+            self.log("val/perplexity", 10.0 + self.current_epoch)
+
+    strict = HeadPruning(fraction=0.25, tolerance=0.05)
+    make_trainer(
+        tmp_path / "b", callbacks=[HeadImportance(num_batches=6), strict], max_epochs=4, num_sanity_val_steps=0
+    ).fit(Worsening(), train, val)
+    # epoch 0: baseline 10, prune 3; epoch 1: 11 > 10.5 -> undo that step and stop for good
+    assert [(h["perplexity"], len(h["pruned"]), h["reverted"]) for h in strict.history] == [
+        (10.0, 3, False),
+        (11.0, 0, True),
+    ]
+    assert strict.stopped and bool((strict.mask == 1).all())

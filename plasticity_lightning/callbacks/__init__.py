@@ -12,7 +12,7 @@ from plasticity_lightning.callbacks.base import TaskAwareCallback
 from plasticity_lightning.callbacks.cbp import ContinualBackprop
 from plasticity_lightning.callbacks.continual import TaskAccuracyTable
 from plasticity_lightning.callbacks.dynamics import LearningDynamics
-from plasticity_lightning.callbacks.heads import DegenerationMonitor, HeadImportance
+from plasticity_lightning.callbacks.heads import DegenerationMonitor, HeadImportance, HeadPruning
 from plasticity_lightning.callbacks.intervention import Intervention, UnitIntervention
 from plasticity_lightning.callbacks.monitor import PlasticityMonitor
 from plasticity_lightning.callbacks.monitors import (
@@ -32,6 +32,7 @@ __all__ = [
     "EntropyMonitor",
     "GradientFlowMonitor",
     "HeadImportance",
+    "HeadPruning",
     "HeadReset",
     "Intervention",
     "L2Init",

@@ -11,7 +11,13 @@ from typing_extensions import override
 
 from plasticity_lightning.callbacks.intervention import Intervention
 from plasticity_lightning.callbacks.monitor import PlasticityMonitor
-from plasticity_lightning.core.errors import PlasticityConfigError, check_choice, check_positive_int
+from plasticity_lightning.core.errors import (
+    PlasticityConfigError,
+    check_choice,
+    check_fraction,
+    check_positive_float,
+    check_positive_int,
+)
 from plasticity_lightning.metrics.text import degeneration_summary
 from plasticity_lightning.surgery.heads import HeadGates
 
@@ -220,3 +226,158 @@ def _generate(pl_module: pl.LightningModule, ids: torch.Tensor, max_new_tokens: 
         )
     model.train(was_training)
     return out
+
+
+def lowest_heads(importance: torch.Tensor, alive: torch.Tensor, count: int) -> list[tuple[int, int]]:
+    """The ``count`` alive heads of lowest importance, never a layer's last alive head (ties: lowest index).
+
+    Example::
+
+        >>> imp = torch.tensor([[0.1, 0.9], [0.2, 0.3]])
+        >>> lowest_heads(imp, torch.ones(2, 2, dtype=torch.bool), 3)  # layer 0 keeps one head, so does layer 1
+        [(0, 0), (1, 0)]
+    """
+    remaining = alive.sum(dim=1).tolist()
+    order = sorted(
+        (float(importance[layer, head]), layer, head)
+        for layer in range(alive.shape[0])
+        for head in range(alive.shape[1])
+        if alive[layer, head]
+    )
+    chosen = []
+    for _, layer, head in order:
+        if len(chosen) == count:
+            break
+        if remaining[layer] > 1:
+            chosen.append((layer, head))
+            remaining[layer] -= 1
+    return chosen
+
+
+class HeadPruning(Intervention):
+    """Iterative head pruning by importance (Michel et al.): after every ``every_n_epochs``-th validation, gate off
+    the ``fraction`` of all heads with the lowest importance — never a layer's last head — until ``max_fraction``
+    is pruned or validation perplexity exceeds the first measured one by more than ``tolerance`` (relative); the
+    step that broke the tolerance is undone and pruning stops.
+
+    Importance and gates come from a :class:`HeadImportance` callback on the same trainer (add it before this
+    one). Decisions use DDP-averaged importance and torchmetrics-synchronised perplexity, so every rank prunes the
+    same heads. The mask, baseline and history are in ``state_dict``.
+
+    Args:
+        fraction: share of all heads pruned per step (Michel et al.: 0.1).
+        max_fraction: stop after this share of heads is pruned.
+        tolerance: allowed relative rise of the monitored perplexity over the first value.
+        every_n_epochs: pruning cadence in validation epochs.
+        monitor: the perplexity key in ``trainer.callback_metrics``.
+    """
+
+    def __init__(
+        self,
+        fraction: float = 0.1,
+        max_fraction: float = 0.5,
+        tolerance: float = 0.05,
+        every_n_epochs: int = 1,
+        monitor: str = "val/perplexity",
+        prefix: str = "heads",
+    ) -> None:
+        super().__init__(prefix=prefix)
+        self.fraction = check_fraction("HeadPruning", "fraction", fraction, low_open=True)
+        self.max_fraction = check_fraction("HeadPruning", "max_fraction", max_fraction, low_open=True)
+        self.tolerance = check_positive_float("HeadPruning", "tolerance", tolerance, allow_zero=True)
+        self.every_n_epochs = check_positive_int("HeadPruning", "every_n_epochs", every_n_epochs)
+        self.monitor = monitor
+        self.mask: torch.Tensor | None = None
+        self.previous_mask: torch.Tensor | None = None
+        self.baseline: float | None = None
+        self.stopped = False
+        self.history: list[dict[str, Any]] = []
+        self._importance: HeadImportance | None = None
+
+    @override
+    def settings(self) -> dict[str, Any]:
+        return {"fraction": self.fraction, "max_fraction": self.max_fraction, "monitor": self.monitor}
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        found = [c for c in trainer.callbacks if isinstance(c, HeadImportance)]
+        if not found or found[0].gates is None:
+            raise PlasticityConfigError(
+                "HeadPruning needs a HeadImportance callback listed before it on the same Trainer"
+            )
+        self._importance = found[0]
+        if self.mask is not None:  # resumed: restore the pruned heads
+            self._importance.gates.load(self.mask)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.stopped or self._importance is None:
+            return
+        if (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        if self.monitor not in trainer.callback_metrics:
+            raise PlasticityConfigError(
+                f"HeadPruning.monitor={self.monitor!r} is not logged; logged: "
+                f"{', '.join(sorted(trainer.callback_metrics))}"
+            )
+        perplexity = float(trainer.callback_metrics[self.monitor])
+        gates = self._importance.gates
+        if self.baseline is None:
+            self.baseline = perplexity
+        elif perplexity > self.baseline * (1 + self.tolerance):
+            gates.load(self.previous_mask)  # undo the step that cost too much, and stop
+            self.mask, self.stopped = gates.mask, True
+            self._record(trainer, perplexity, [], reverted=True)
+            return
+        alive = gates.mask > 0
+        total = alive.numel()
+        budget = int(self.max_fraction * total) - int((~alive).sum())
+        count = min(max(1, round(self.fraction * total)), budget)
+        importance = self._importance.importance
+        if importance is None:
+            importance = self._importance.compute(trainer)
+        heads = lowest_heads(importance, alive, count) if count > 0 else []
+        if not heads:
+            self.stopped = True
+            self._record(trainer, perplexity, [], reverted=False)
+            return
+        self.previous_mask = gates.mask
+        for layer, head in heads:
+            gates.set(layer, head, 0.0)
+        self.mask = gates.mask
+        self._record(trainer, perplexity, heads, reverted=False, importance=importance.tolist())
+
+    def _record(
+        self, trainer: pl.Trainer, perplexity: float, heads: list, reverted: bool, importance: list | None = None
+    ) -> None:
+        pruned = int((self.mask == 0).sum()) if self.mask is not None else 0
+        self.history.append(
+            {
+                "epoch": trainer.current_epoch,
+                "perplexity": perplexity,
+                "pruned": heads,
+                "reverted": reverted,
+                "importance": importance,
+            }
+        )
+        self.log_values(trainer, {"pruned_heads": pruned, "pruning_perplexity": perplexity}, force=True)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "mask": self.mask,
+            "previous_mask": self.previous_mask,
+            "baseline": self.baseline,
+            "stopped": self.stopped,
+            "history": list(self.history),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.mask = state_dict.get("mask")
+        self.previous_mask = state_dict.get("previous_mask")
+        self.baseline = state_dict.get("baseline")
+        self.stopped = bool(state_dict.get("stopped", False))
+        self.history = list(state_dict.get("history", []))
