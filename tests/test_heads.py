@@ -205,3 +205,41 @@ def test_iterative_pruning_by_importance_and_revert_beyond_tolerance(tmp_path):
         (11.0, 0, True),
     ]
     assert strict.stopped and bool((strict.mask == 1).all())
+
+
+def test_pruning_resumes_from_a_checkpoint_with_its_mask(tmp_path):
+    from conftest import make_trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from plasticity_lightning import HeadImportance, HeadPruning
+
+    data = torch.randint(0, 61, (32, 12), generator=torch.Generator().manual_seed(3))
+    train = DataLoader(TensorDataset(data[:24]), batch_size=4)
+    val = DataLoader(TensorDataset(data[24:]), batch_size=4)
+
+    class LM(_LM):
+        def validation_step(self, batch, batch_idx):
+            self.log("val/perplexity", self.model(batch[0], labels=batch[0]).loss.exp())
+
+    def run(root, epochs, ckpt=None):
+        pruning = HeadPruning(fraction=0.25, max_fraction=0.75, tolerance=1.0)
+        trainer = make_trainer(
+            root, callbacks=[HeadImportance(num_batches=6), pruning], max_epochs=epochs, num_sanity_val_steps=0
+        )
+        module = LM()
+        trainer.fit(module, train, val, ckpt_path=ckpt)
+        return trainer, pruning, module
+
+    _, full, full_model = run(tmp_path / "full", 3)
+    half_trainer, _, _ = run(tmp_path / "half", 2)
+    half_trainer.save_checkpoint(tmp_path / "half.ckpt")
+    _, resumed, resumed_model = run(tmp_path / "resumed", 3, tmp_path / "half.ckpt")
+    assert [h["pruned"] for h in resumed.history] == [h["pruned"] for h in full.history]
+    assert torch.equal(resumed.mask, full.mask) and int((full.mask == 0).sum()) == 9
+    x = data[24:28]
+    gates = HeadGates(resumed_model.model)  # the saved model carries no gates: apply the mask to compare outputs
+    gates.load(resumed.mask)
+    reference = HeadGates(full_model.model)
+    reference.load(full.mask)
+    with torch.no_grad():
+        assert torch.allclose(resumed_model.model(x).logits, full_model.model(x).logits, atol=1e-6)
