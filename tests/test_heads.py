@@ -154,6 +154,19 @@ def test_head_importance_is_the_mean_absolute_gate_gradient_normalised_per_layer
     assert norms[0, 1].item() == pytest.approx(head1.norm().item(), rel=1e-5)
 
 
+class _LMWithPerplexity(_LM):
+    def validation_step(self, batch, batch_idx):
+        self.log("val/perplexity", self.model(batch[0], labels=batch[0]).loss.exp())
+
+
+def _token_loaders():
+    """Random token ids: 6 training batches and 2 validation batches of 4 sequences."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = torch.randint(0, 61, (32, 12), generator=torch.Generator().manual_seed(3))
+    return data, DataLoader(TensorDataset(data[:24]), batch_size=4), DataLoader(TensorDataset(data[24:]), batch_size=4)
+
+
 def test_pruning_choice_never_takes_a_layers_last_head():
     from plasticity_lightning.callbacks.heads import lowest_heads
 
@@ -166,22 +179,16 @@ def test_pruning_choice_never_takes_a_layers_last_head():
 
 def test_iterative_pruning_by_importance_and_revert_beyond_tolerance(tmp_path):
     from conftest import make_trainer
-    from torch.utils.data import DataLoader, TensorDataset
 
     from plasticity_lightning import HeadImportance, HeadPruning
     from plasticity_lightning.callbacks.heads import lowest_heads
 
-    data = torch.randint(0, 61, (32, 12), generator=torch.Generator().manual_seed(3))
-    train = DataLoader(TensorDataset(data[:24]), batch_size=4)
-    val = DataLoader(TensorDataset(data[24:]), batch_size=4)
-
-    class LM(_LM):
-        def validation_step(self, batch, batch_idx):
-            self.log("val/perplexity", self.model(batch[0], labels=batch[0]).loss.exp())
-
+    _, train, val = _token_loaders()
     importance = HeadImportance(num_batches=6)
     pruning = HeadPruning(fraction=0.25, max_fraction=0.5, tolerance=1.0)  # generous: prunes until the cap
-    make_trainer(tmp_path, callbacks=[importance, pruning], max_epochs=3, num_sanity_val_steps=0).fit(LM(), train, val)
+    make_trainer(tmp_path, callbacks=[importance, pruning], max_epochs=3, num_sanity_val_steps=0).fit(
+        _LMWithPerplexity(), train, val
+    )
     assert [len(h["pruned"]) for h in pruning.history] == [3, 3, 0]  # 25% of 12 heads per epoch, cap 50%
     assert int((pruning.mask == 0).sum()) == 6 and (pruning.mask.sum(dim=1) >= 1).all()
     alive = torch.ones(3, 4, dtype=torch.bool)
@@ -209,24 +216,17 @@ def test_iterative_pruning_by_importance_and_revert_beyond_tolerance(tmp_path):
 
 def test_pruning_resumes_from_a_checkpoint_with_its_mask(tmp_path):
     from conftest import make_trainer
-    from torch.utils.data import DataLoader, TensorDataset
 
     from plasticity_lightning import HeadImportance, HeadPruning
 
-    data = torch.randint(0, 61, (32, 12), generator=torch.Generator().manual_seed(3))
-    train = DataLoader(TensorDataset(data[:24]), batch_size=4)
-    val = DataLoader(TensorDataset(data[24:]), batch_size=4)
-
-    class LM(_LM):
-        def validation_step(self, batch, batch_idx):
-            self.log("val/perplexity", self.model(batch[0], labels=batch[0]).loss.exp())
+    data, train, val = _token_loaders()
 
     def run(root, epochs, ckpt=None):
         pruning = HeadPruning(fraction=0.25, max_fraction=0.75, tolerance=1.0)
         trainer = make_trainer(
             root, callbacks=[HeadImportance(num_batches=6), pruning], max_epochs=epochs, num_sanity_val_steps=0
         )
-        module = LM()
+        module = _LMWithPerplexity()
         trainer.fit(module, train, val, ckpt_path=ckpt)
         return trainer, pruning, module
 
