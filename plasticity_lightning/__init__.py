@@ -8,16 +8,19 @@ The public API is re-exported here::
 from importlib.metadata import PackageNotFoundError, version
 
 from plasticity_lightning.callbacks import (
+    AttentionEntropyMonitor,
     ContinualBackprop,
     DegenerationMonitor,
     DormantUnitMonitor,
     EntropyMonitor,
     GradientFlowMonitor,
+    HeadGrowth,
     HeadImportance,
     HeadPruning,
     HeadReset,
     L2Init,
     LearningDynamics,
+    PlasticityCycle,
     PlasticityMonitor,
     RankMonitor,
     ReDo,
@@ -73,6 +76,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 __all__ = [
     "MLP",
+    "AttentionEntropyMonitor",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "CausalLM",
@@ -86,6 +90,7 @@ __all__ = [
     "EntropyMonitor",
     "FashionMNISTDataModule",
     "GradientFlowMonitor",
+    "HeadGrowth",
     "HeadImportance",
     "HeadPruning",
     "HeadReset",
@@ -97,6 +102,7 @@ __all__ = [
     "PerTaskAccuracy",
     "PermutedInputs",
     "PlasticityConfigError",
+    "PlasticityCycle",
     "PlasticityDataModule",
     "PlasticityMonitor",
     "ProbeSet",

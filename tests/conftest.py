@@ -24,6 +24,23 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
 
+# A small English-like text: a tokenizer trained on it and a tiny GPT-2 learn it in seconds.
+TEXT = " ".join(
+    f"The {a} {b} walks to the {c} and sees {n} {b}s."
+    for n in range(40)
+    for a, b, c in [("old", "cat", "river"), ("young", "dog", "hill"), ("grey", "bird", "town")]
+)
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    """``tmp_path`` with ``texts/`` holding two small text files."""
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text(TEXT)
+    (tmp_path / "texts" / "b.md").write_text(TEXT[::-1])
+    return tmp_path
+
+
 @pytest.fixture
 def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Run in a fresh directory so runs/ and data/ land in tmp."""

@@ -4,24 +4,10 @@ import math
 
 import pytest
 import torch
-from conftest import make_trainer
+from conftest import TEXT, make_trainer
 
 from plasticity_lightning import CausalLM, DataNotFoundError, PlasticityConfigError, TextDataModule
 from plasticity_lightning.surgery import HeadGates
-
-TEXT = " ".join(
-    f"The {a} {b} walks to the {c} and sees {n} {b}s."
-    for n in range(40)
-    for a, b, c in [("old", "cat", "river"), ("young", "dog", "hill"), ("grey", "bird", "town")]
-)
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    (tmp_path / "texts").mkdir()
-    (tmp_path / "texts" / "a.txt").write_text(TEXT)
-    (tmp_path / "texts" / "b.md").write_text(TEXT[::-1])
-    return tmp_path
 
 
 def test_text_blocks_from_local_files_with_a_tokenizer_trained_offline(corpus):

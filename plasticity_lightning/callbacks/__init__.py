@@ -1,9 +1,11 @@
 """Lightning callbacks: policies for *when* to measure or act on plasticity, usable with any LightningModule.
 
 Monitors (measure): :class:`RankMonitor`, :class:`DormantUnitMonitor`, :class:`EntropyMonitor`,
-:class:`WeightMonitor`, :class:`GradientFlowMonitor`, :class:`LearningDynamics`, :class:`TaskAccuracyTable`.
+:class:`WeightMonitor`, :class:`GradientFlowMonitor`, :class:`LearningDynamics`, :class:`TaskAccuracyTable`;
+for language models :class:`AttentionEntropyMonitor`, :class:`DegenerationMonitor`, :class:`HeadImportance`.
 Interventions (act): :class:`ContinualBackprop` (and RR-CBP), :class:`ReDo`, :class:`ShrinkAndPerturb`,
-:class:`L2Init`, :class:`HeadReset`.
+:class:`L2Init`, :class:`HeadReset`; on attention heads :class:`HeadPruning`, :class:`HeadGrowth`,
+:class:`PlasticityCycle`.
 Base classes: :class:`PlasticityMonitor` (cadence, probe, logging), :class:`TaskAwareCallback` (task changes),
 :class:`Intervention` / :class:`UnitIntervention` (rank-agreeing RNG, strategy checks, unit pairs).
 """
@@ -12,7 +14,13 @@ from plasticity_lightning.callbacks.base import TaskAwareCallback
 from plasticity_lightning.callbacks.cbp import ContinualBackprop
 from plasticity_lightning.callbacks.continual import TaskAccuracyTable
 from plasticity_lightning.callbacks.dynamics import LearningDynamics
-from plasticity_lightning.callbacks.heads import DegenerationMonitor, HeadImportance, HeadPruning
+from plasticity_lightning.callbacks.heads import (
+    AttentionEntropyMonitor,
+    DegenerationMonitor,
+    HeadGrowth,
+    HeadImportance,
+    HeadPruning,
+)
 from plasticity_lightning.callbacks.intervention import Intervention, UnitIntervention
 from plasticity_lightning.callbacks.monitor import PlasticityMonitor
 from plasticity_lightning.callbacks.monitors import (
@@ -22,21 +30,25 @@ from plasticity_lightning.callbacks.monitors import (
     RankMonitor,
     WeightMonitor,
 )
+from plasticity_lightning.callbacks.plasticity_cycle import PlasticityCycle
 from plasticity_lightning.callbacks.redo import ReDo
 from plasticity_lightning.callbacks.resets import HeadReset, L2Init, ShrinkAndPerturb
 
 __all__ = [
+    "AttentionEntropyMonitor",
     "ContinualBackprop",
     "DegenerationMonitor",
     "DormantUnitMonitor",
     "EntropyMonitor",
     "GradientFlowMonitor",
+    "HeadGrowth",
     "HeadImportance",
     "HeadPruning",
     "HeadReset",
     "Intervention",
     "L2Init",
     "LearningDynamics",
+    "PlasticityCycle",
     "PlasticityMonitor",
     "RankMonitor",
     "ReDo",

@@ -1,7 +1,13 @@
-"""Callbacks for language models: head importance (Michel et al. 2019) and text degeneration."""
+"""Callbacks for attention heads and language models: head importance (Michel et al. 2019), pruning, growth,
+attention entropy and text degeneration.
+
+Every head callback works on the one :class:`~plasticity_lightning.surgery.HeadGates` that :class:`HeadImportance`
+attaches, so add a ``HeadImportance`` first; its checkpoint state holds the gates, so a resumed run continues
+with the same heads gated off and ramping."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -19,23 +25,160 @@ from plasticity_lightning.core.errors import (
     check_positive_int,
 )
 from plasticity_lightning.metrics.text import degeneration_summary
-from plasticity_lightning.surgery.heads import HeadGates
+from plasticity_lightning.probes import ProbeSet
+from plasticity_lightning.surgery.heads import HeadGates, HeadReviver, head_attention_entropy, head_weight_norms
+
+#: how heads can be scored: importance orders (low = prune first, high = grow first)
+HEAD_SCORES = ("gradient", "entropy", "magnitude", "random")
+#: how heads to revive can be chosen, and the head score each ranks by (balanced ranks by layer occupancy)
+GROWTH_SCORE = {"balanced": None, "entropy_gap": "entropy", "gradient": "gradient", "random": "random"}
+GROWTH_CHOICES = tuple(GROWTH_SCORE)
+
+
+def token_ids(batch: Any) -> torch.Tensor:
+    """The ``[N, T]`` token ids of a language-model batch (a tensor, ``(ids, ...)`` or ``{"input_ids": ids}``)."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, dict) and "input_ids" in batch:
+        return batch["input_ids"]
+    raise PlasticityConfigError(
+        f"cannot find token ids in a {type(batch).__name__} batch; expected a tensor, (ids, ...) or "
+        "{'input_ids': ...}"
+    )
+
+
+def language_model(pl_module: torch.nn.Module) -> torch.nn.Module:
+    """The HF transformers model of ``pl_module``: ``pl_module.model`` (as in CausalLM) or ``pl_module`` itself."""
+    inner = getattr(pl_module, "model", None)
+    for candidate in (inner, pl_module):
+        if candidate is not None and hasattr(candidate, "config") and hasattr(candidate, "set_attn_implementation"):
+            return candidate
+    raise PlasticityConfigError(
+        f"{type(pl_module).__name__} is not a HF transformers model and has none at .model (as CausalLM does)"
+    )
+
+
+def entropy_gap(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """ln T − attention entropy of every head, ``[layers, heads]``: high for focused heads, 0 for uniform ones."""
+    return math.log(input_ids.shape[-1]) - head_attention_entropy(model, input_ids)
+
+
+def head_scores(
+    method: str,
+    pl_module: torch.nn.Module,
+    gates: HeadGates,
+    *,
+    importance: torch.Tensor | None = None,
+    input_ids: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Scores of every head, ``[layers, heads]`` on the CPU, by ``method`` (see :data:`HEAD_SCORES`).
+
+    ``"gradient"`` returns ``importance`` (:class:`HeadImportance`'s); ``"entropy"`` the entropy gap on
+    ``input_ids`` (Sentinel-AI prunes the highest-entropy heads, i.e. the smallest gap); ``"magnitude"`` the L2
+    norm of each head's weights; ``"random"`` uniform draws from ``generator``.
+    """
+    if method == "gradient":
+        if importance is None:
+            raise PlasticityConfigError("head scores by 'gradient' need HeadImportance(method='gradient') results")
+        return importance.float().cpu()
+    if method == "entropy":
+        if input_ids is None:
+            raise PlasticityConfigError("head scores by 'entropy' need token ids to measure attention on")
+        return entropy_gap(language_model(pl_module), input_ids)
+    if method == "magnitude":
+        return torch.stack([head_weight_norms(module) for _, module in gates.layers]).cpu()
+    if method == "random":
+        return torch.rand(tuple(gates.gates.shape), generator=generator)
+    raise PlasticityConfigError(f"head score method {method!r} is invalid; expected one of {', '.join(HEAD_SCORES)}")
+
+
+def heads_to_grow(
+    choice: str,
+    mask: torch.Tensor,
+    count: int,
+    scores: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> list[tuple[int, int]]:
+    """Up to ``count`` gated-off heads (``mask == 0``) to revive.
+
+    ``"balanced"``: one at a time from the layer with the fewest live heads (ties: lower layer), a random dead head
+    of it; the other choices take the dead heads of highest ``scores`` (entropy gap, gradient importance, or random
+    draws — see :func:`head_scores`).
+
+    Example::
+
+        >>> mask = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+        >>> heads_to_grow("gradient", mask, 2, scores=torch.tensor([[0.0, 0.3, 0.1], [0.2, 0.5, 0.0]]))
+        [(1, 1), (0, 1)]
+    """
+    dead = [(layer, head) for layer, head in zip(*torch.nonzero(mask == 0, as_tuple=True), strict=True)]
+    dead = [(int(layer), int(head)) for layer, head in dead]
+    count = min(count, len(dead))
+    if choice == "balanced":
+        alive = (mask > 0).sum(dim=1).tolist()
+        draws = torch.rand(tuple(mask.shape), generator=generator)
+        chosen: list[tuple[int, int]] = []
+        for _ in range(count):
+            open_layers = sorted({layer for layer, head in dead if (layer, head) not in chosen})
+            layer = min(open_layers, key=lambda i: (alive[i], i))
+            head = max((h for li, h in dead if li == layer and (li, h) not in chosen), key=lambda h: draws[layer, h])
+            chosen.append((layer, head))
+            alive[layer] += 1
+        return chosen
+    if scores is None:
+        raise PlasticityConfigError(f"growth choice {choice!r} needs head scores")
+    order = sorted(dead, key=lambda lh: (-float(scores[lh]), lh))
+    return order[:count]
+
+
+def choose_heads_to_grow(
+    choice: str,
+    pl_module: torch.nn.Module,
+    gates: HeadGates,
+    count: int,
+    *,
+    importance: torch.Tensor | None = None,
+    input_ids: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> list[tuple[int, int]]:
+    """:func:`heads_to_grow` with the scores ``choice`` ranks by (:data:`GROWTH_SCORE`, :func:`head_scores`)."""
+    method = GROWTH_SCORE[choice]
+    scores = (
+        None
+        if method is None
+        else head_scores(method, pl_module, gates, importance=importance, input_ids=input_ids, generator=generator)
+    )
+    return heads_to_grow(choice, gates.mask.cpu(), count, scores, generator)
+
+
+def find_head_importance(trainer: pl.Trainer, owner: str) -> HeadImportance:
+    """The trainer's :class:`HeadImportance` (its gates are the ones every head callback acts on)."""
+    found = [c for c in trainer.callbacks if isinstance(c, HeadImportance)]
+    if not found or found[0].gates is None:
+        raise PlasticityConfigError(f"{owner} needs a HeadImportance callback listed before it on the same Trainer")
+    return found[0]
 
 
 class HeadImportance(Intervention):
     """Per-head importance, accumulated over ``num_batches`` training batches and refreshed every window.
 
-    ``method="gradient"``: Michel et al.'s I_h = E|∂L/∂ξ_h|, with ξ the gates of :class:`HeadGates` (all 1, so the
-    model computes exactly what it would without them); the gradient comes from the training step's own backward
-    pass, so no extra forward is run. ``method="weight_magnitude"``: the L2 norm of each head's Q/K/V columns and
+    ``method="gradient"``: Michel et al.'s I_h = E|∂L/∂ξ_h|, with ξ the gates of :class:`HeadGates` (1 unless a
+    head is pruned or ramping, so the model computes what it would without them); the gradient comes from the
+    training step's own backward pass, so no extra forward is run. ``method="entropy"``: the entropy gap ln T − H
+    of each head's attention on the window's last training batch (one extra eager forward per window; focused heads
+    score high, uniform ones 0). ``method="weight_magnitude"``: the L2 norm of each head's Q/K/V columns and
     ``c_proj`` rows. With ``normalize="layer"`` each layer's scores are divided by their L2 norm (Michel et al.'s
     ``--normalize_pruning_by_layer``). Under DDP the accumulated scores are averaged across ranks, so every rank
     holds the same importance. The latest ``[layers, heads]`` scores are :attr:`importance`; their layer means are
-    logged as ``heads/<layer>/importance``.
+    logged as ``heads/<layer>/importance``. The gates (pruned and ramping heads) are saved in this callback's
+    checkpoint state and restored on resume.
 
     Args:
         num_batches: training batches per importance window.
-        method: ``"gradient"`` or ``"weight_magnitude"``.
+        method: ``"gradient"``, ``"entropy"`` or ``"weight_magnitude"``.
         normalize: ``"layer"`` or ``None``.
 
     Example::
@@ -47,13 +190,13 @@ class HeadImportance(Intervention):
     def __init__(
         self,
         num_batches: int = 50,
-        method: Literal["gradient", "weight_magnitude"] = "gradient",
+        method: Literal["gradient", "entropy", "weight_magnitude"] = "gradient",
         normalize: Literal["layer"] | None = "layer",
         prefix: str = "heads",
     ) -> None:
         super().__init__(prefix=prefix)
         self.num_batches = check_positive_int("HeadImportance", "num_batches", num_batches)
-        self.method = check_choice("HeadImportance", "method", method, ("gradient", "weight_magnitude"))
+        self.method = check_choice("HeadImportance", "method", method, ("gradient", "entropy", "weight_magnitude"))
         if normalize is not None:
             check_choice("HeadImportance", "normalize", normalize, ("layer",))
         self.normalize = normalize
@@ -61,6 +204,8 @@ class HeadImportance(Intervention):
         self.importance: torch.Tensor | None = None
         self._sum: torch.Tensor | None = None
         self._pending_sum: torch.Tensor | None = None
+        self._pending_gates: torch.Tensor | None = None
+        self._last_ids: torch.Tensor | None = None
         self._count = 0
 
     @override
@@ -74,6 +219,9 @@ class HeadImportance(Intervention):
         if self._pending_sum is not None:  # a resumed window continues where the checkpoint left it
             self._sum += self._pending_sum.to(self._sum.device)
             self._pending_sum = None
+        if self._pending_gates is not None:
+            self.gates.load(self._pending_gates)
+            self._pending_gates = None
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -90,12 +238,18 @@ class HeadImportance(Intervention):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
         self._count += 1
+        if self.method == "entropy":
+            self._last_ids = token_ids(batch)
         if self._count >= self.num_batches:
             self.importance = self.compute(trainer)
             layer_means = self.importance.mean(dim=1).tolist()
             self.log_values(trainer, {f"{i}/importance": v for i, v in enumerate(layer_means)}, force=True)
             self._sum.zero_()
             self._count = 0
+
+    def current(self, trainer: pl.Trainer | None = None) -> torch.Tensor:
+        """The last window's importance, or the running window's when none has ended yet."""
+        return self.importance if self.importance is not None else self.compute(trainer)
 
     @torch.no_grad()
     def compute(self, trainer: pl.Trainer | None = None) -> torch.Tensor:
@@ -104,8 +258,16 @@ class HeadImportance(Intervention):
             raise RuntimeError("HeadImportance.compute() needs the gates that on_fit_start attaches")
         if self.method == "gradient":
             scores = self.reduce_mean(trainer, self._sum / max(self._count, 1))
+        elif self.method == "entropy":
+            if self._last_ids is None:
+                raise RuntimeError("HeadImportance(method='entropy') has seen no training batch yet")
+            module = trainer.lightning_module if trainer is not None else None
+            if module is None:
+                raise RuntimeError("HeadImportance.compute(method='entropy') needs the trainer")
+            gap = entropy_gap(language_model(module), self._last_ids).to(self._sum.device)
+            scores = self.reduce_mean(trainer, gap)
         else:
-            scores = torch.stack([_head_weight_norms(module) for _, module in self.gates.layers])
+            scores = torch.stack([head_weight_norms(module) for _, module in self.gates.layers])
         if self.normalize == "layer":
             scores = scores / scores.norm(dim=1, keepdim=True).clamp(min=1e-20)
         return scores.cpu()
@@ -117,6 +279,7 @@ class HeadImportance(Intervention):
             "importance": self.importance,
             "sum": None if self._sum is None else self._sum.cpu(),
             "count": self._count,
+            "gates": None if self.gates is None else self.gates.mask.cpu(),
         }
 
     @override
@@ -125,14 +288,7 @@ class HeadImportance(Intervention):
         self.importance = state_dict.get("importance")
         self._count = int(state_dict.get("count", 0))
         self._pending_sum = state_dict.get("sum")
-
-
-def _head_weight_norms(module: torch.nn.Module) -> torch.Tensor:
-    """‖(Q, K, V columns, c_proj rows)‖₂ of every head of one attention module."""
-    heads, d = module.num_heads, module.head_dim
-    qkv = module.c_attn.weight.detach().unflatten(1, (3, heads, d))  # [embed, 3, heads, d]
-    out = module.c_proj.weight.detach().unflatten(0, (heads, d))  # [heads, d, embed]
-    return (qkv.pow(2).sum(dim=(0, 1, 3)) + out.pow(2).sum(dim=(1, 2))).sqrt().float()
+        self._pending_gates = state_dict.get("gates")
 
 
 class DegenerationMonitor(PlasticityMonitor):
@@ -165,11 +321,7 @@ class DegenerationMonitor(PlasticityMonitor):
     ) -> None:
         kwargs.setdefault("prefix", "degeneration")
         super().__init__(**kwargs)
-        if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise PlasticityConfigError(
-                f"DegenerationMonitor.prompts={prompts!r} is invalid; expected a non-empty list of strings"
-            )
-        self.prompts = list(prompts)
+        self.prompts = check_prompts("DegenerationMonitor", prompts)
         self.max_new_tokens = check_positive_int("DegenerationMonitor", "max_new_tokens", max_new_tokens)
         self.seed = seed
         self.tokenizer = tokenizer
@@ -179,27 +331,49 @@ class DegenerationMonitor(PlasticityMonitor):
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "prompts": self.prompts, "max_new_tokens": self.max_new_tokens}
 
-    def _tokenizer(self, trainer: pl.Trainer) -> Any:
-        tokenizer = self.tokenizer or getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
-        if tokenizer is None:
-            raise PlasticityConfigError(
-                "DegenerationMonitor needs a tokenizer: pass tokenizer=..., or use a datamodule with .tokenizer"
-            )
-        return tokenizer
-
     @override
     def measure(self, trainer, pl_module, outputs, model_output) -> dict[str, float]:
-        tokenizer = self._tokenizer(trainer)
-        continuations, self.samples = [], []
-        for i, prompt in enumerate(self.prompts):
-            ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=pl_module.device)
-            generated = _generate(pl_module, ids, self.max_new_tokens, self.seed + i)[0, ids.shape[1] :].tolist()
-            continuations.append(generated)
-            self.samples.append(tokenizer.decode(generated))
-        values = degeneration_summary(continuations)
+        values, self.samples = score_generations(
+            pl_module,
+            resolve_tokenizer(trainer, self.tokenizer, "DegenerationMonitor"),
+            self.prompts,
+            self.max_new_tokens,
+            self.seed,
+        )
         rows = [[p, s] for p, s in zip(self.prompts, self.samples, strict=True)]
         self.log_table(trainer, "samples", ["prompt", "continuation"], rows)
         return values
+
+
+def check_prompts(owner: str, prompts: Any) -> list[str]:
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise PlasticityConfigError(f"{owner}.prompts={prompts!r} is invalid; expected a non-empty list of strings")
+    return list(prompts)
+
+
+def resolve_tokenizer(trainer: pl.Trainer, tokenizer: Any, owner: str) -> Any:
+    """``tokenizer``, else the datamodule's."""
+    tokenizer = tokenizer or getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
+    if tokenizer is None:
+        raise PlasticityConfigError(
+            f"{owner} needs a tokenizer: pass tokenizer=..., or use a datamodule with .tokenizer"
+        )
+    return tokenizer
+
+
+def score_generations(
+    pl_module: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, seed: int
+) -> tuple[dict[str, float], list[str]]:
+    """Continue each prompt (seed ``seed + i`` for prompt ``i``) and score the continuations' token ids with
+    :func:`~plasticity_lightning.metrics.degeneration_summary`. Returns (scores, decoded continuations)."""
+    device = next(pl_module.parameters()).device
+    continuations, samples = [], []
+    for i, prompt in enumerate(prompts):
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=device)
+        generated = _generate(pl_module, ids, max_new_tokens, seed + i)[0, ids.shape[1] :].tolist()
+        continuations.append(generated)
+        samples.append(tokenizer.decode(generated))
+    return degeneration_summary(continuations), samples
 
 
 def _generate(pl_module: pl.LightningModule, ids: torch.Tensor, max_new_tokens: int, seed: int) -> torch.Tensor:
@@ -300,14 +474,8 @@ class HeadPruning(Intervention):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        found = [c for c in trainer.callbacks if isinstance(c, HeadImportance)]
-        if not found or found[0].gates is None:
-            raise PlasticityConfigError(
-                "HeadPruning needs a HeadImportance callback listed before it on the same Trainer"
-            )
-        self._importance = found[0]
-        if self.mask is not None:  # resumed: restore the pruned heads
-            self._importance.gates.load(self.mask)
+        # resumed: HeadImportance restores the gates, this callback its schedule
+        self._importance = find_head_importance(trainer, "HeadPruning")
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -333,9 +501,7 @@ class HeadPruning(Intervention):
         total = alive.numel()
         budget = int(self.max_fraction * total) - int((~alive).sum())
         count = min(max(1, round(self.fraction * total)), budget)
-        importance = self._importance.importance
-        if importance is None:
-            importance = self._importance.compute(trainer)
+        importance = self._importance.current(trainer)
         heads = lowest_heads(importance, alive, count) if count > 0 else []
         if not heads:
             self.stopped = True
@@ -381,3 +547,181 @@ class HeadPruning(Intervention):
         self.baseline = state_dict.get("baseline")
         self.stopped = bool(state_dict.get("stopped", False))
         self.history = list(state_dict.get("history", []))
+
+
+class HeadGrowth(Intervention):
+    """Revive gated-off heads after every ``every_n_epochs``-th validation: ``fraction`` of the dead heads (at least
+    one) get fresh Q/K/V weights and near-silent output rows, a gate that ramps from ``initial_gate`` to 1 over
+    ``warmup_steps`` and a learning rate ``lr_multiplier``× the optimizer's that decays back over ``boost_steps``
+    (see :class:`~plasticity_lightning.surgery.HeadReviver` for why the boost is per slice, not a param group).
+
+    Which heads (``choice``): ``"balanced"`` (layers with the fewest live heads first), ``"entropy_gap"`` (the dead
+    heads whose attention is most focused, ln T − H on a fixed validation probe), ``"gradient"`` (the largest
+    |∂L/∂ξ| at ξ = 0 — how much the loss would change if the head were switched on; needs
+    ``HeadImportance(method="gradient")``), ``"random"``. Random draws come from the callback's seeded generator,
+    so every DDP rank revives the same heads; the ramp, boost and history are in ``state_dict``.
+
+    Args:
+        fraction: share of the dead heads revived per growth step.
+        choice: one of ``balanced``, ``entropy_gap``, ``gradient``, ``random``.
+        every_n_epochs: growth cadence in validation epochs (``None``: only when :meth:`grow` is called).
+        output_scale, warmup_steps, initial_gate, lr_multiplier, boost_steps: as in ``HeadReviver``.
+        probe_size: validation blocks on which the entropy gap is measured.
+        seed: seed of the random choices and the fresh weights.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[HeadImportance(), HeadPruning(), HeadGrowth(choice="gradient")])
+    """
+
+    def __init__(
+        self,
+        fraction: float = 0.5,
+        choice: Literal["balanced", "entropy_gap", "gradient", "random"] = "balanced",
+        every_n_epochs: int | None = 1,
+        output_scale: float = 0.01,
+        warmup_steps: int = 100,
+        initial_gate: float = 0.0,
+        lr_multiplier: float = 5.0,
+        boost_steps: int = 1000,
+        probe_size: int = 16,
+        seed: int = 0,
+        prefix: str = "heads",
+    ) -> None:
+        super().__init__(seed=seed, prefix=prefix)
+        self.fraction = check_fraction("HeadGrowth", "fraction", fraction, low_open=True, high_open=False)
+        self.choice = check_choice("HeadGrowth", "choice", choice, GROWTH_CHOICES)
+        if every_n_epochs is not None:
+            check_positive_int("HeadGrowth", "every_n_epochs", every_n_epochs)
+        self.every_n_epochs = every_n_epochs
+        self.reviver_settings = {
+            "output_scale": output_scale,
+            "warmup_steps": warmup_steps,
+            "initial_gate": initial_gate,
+            "lr_multiplier": lr_multiplier,
+            "boost_steps": boost_steps,
+        }
+        # validate now (a bad value must fail at construction, not at fit start)
+        HeadReviver.check_settings(owner="HeadGrowth", **self.reviver_settings)
+        self.probe = ProbeSet(size=probe_size, source="val", seed=seed)
+        self.reviver: HeadReviver | None = None
+        self.history: list[dict[str, Any]] = []
+        self._pending_reviver: dict[str, Any] | None = None
+        self._importance: HeadImportance | None = None
+
+    @override
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "choice": self.choice, "fraction": self.fraction}
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._importance = find_head_importance(trainer, "HeadGrowth")
+        if self.choice == "gradient" and self._importance.method != "gradient":
+            raise PlasticityConfigError(
+                f"HeadGrowth(choice='gradient') needs HeadImportance(method='gradient'), got "
+                f"method={self._importance.method!r}"
+            )
+        self.reviver = HeadReviver(self._importance.gates, owner="HeadGrowth", **self.reviver_settings)
+        if self._pending_reviver is not None:
+            self.reviver.load_state_dict(self._pending_reviver)
+            self._pending_reviver = None
+        self.reviver.attach(self.optimizers(trainer))
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.reviver is not None:
+            self.reviver.detach()
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
+        if self.reviver is not None:
+            self.reviver.update(trainer.global_step)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.every_n_epochs is None:
+            return
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.grow(trainer, pl_module)
+
+    def choose(self, trainer: pl.Trainer, pl_module: pl.LightningModule, count: int) -> list[tuple[int, int]]:
+        """The ``count`` dead heads ``choice`` picks."""
+        return choose_heads_to_grow(
+            self.choice,
+            pl_module,
+            self._gates(),
+            count,
+            importance=self._importance.current(trainer) if self.choice == "gradient" else None,
+            input_ids=token_ids(self.probe.draw(trainer)) if self.choice == "entropy_gap" else None,
+            generator=self.generator,
+        )
+
+    def grow(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, count: int | None = None
+    ) -> list[tuple[int, int]]:
+        """Revive ``count`` dead heads (default: ``fraction`` of them, at least one). Returns the heads revived."""
+        dead = int((self._gates().mask == 0).sum())
+        if count is None:
+            count = max(1, int(self.fraction * dead)) if dead else 0
+        heads = self.choose(trainer, pl_module, count) if count > 0 else []
+        if heads:
+            self.reviver.revive(
+                heads, trainer.global_step, generator=self.generator, optimizers=self.optimizers(trainer)
+            )
+        self.history.append({"step": trainer.global_step, "epoch": trainer.current_epoch, "revived": heads})
+        self.log_values(trainer, {"revived_heads": len(heads), "dead_heads": dead - len(heads)}, force=True)
+        return heads
+
+    def _gates(self) -> HeadGates:
+        if self.reviver is None:
+            raise RuntimeError("HeadGrowth acts on the gates that on_fit_start finds; fit first")
+        return self.reviver.gates
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        reviver = self.reviver.state_dict() if self.reviver is not None else self._pending_reviver
+        return {**super().state_dict(), "reviver": reviver, "history": list(self.history)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._pending_reviver = state_dict.get("reviver")
+        self.history = list(state_dict.get("history", []))
+
+
+class AttentionEntropyMonitor(PlasticityMonitor):
+    """Per-head attention entropy (nats, mean over probe blocks and queries) of a GPT-2-style model, logged as
+    ``attention_entropy/<layer>/head_<h>`` and ``attention_entropy/<layer>/mean`` at the monitors' cadence; the
+    latest ``[layers, heads]`` values are :attr:`entropy`. Collapsing entropy (heads locking onto one token) and
+    uniform heads (entropy near ln T) are both visible here. The probe is a fixed set of validation blocks; the
+    forward pass runs in eval mode with eager attention (:func:`~plasticity_lightning.surgery.head_attention_entropy`).
+
+    Args:
+        probe_size: blocks in the probe (default 16).
+        probe_source: ``"val"`` (default) or ``"train"``.
+        **kwargs: :class:`PlasticityMonitor` cadence arguments.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[AttentionEntropyMonitor(every_n_steps=100)])
+    """
+
+    uses_probe = False
+
+    def __init__(self, probe_size: int = 16, probe_source: Literal["train", "val"] = "val", **kwargs: Any) -> None:
+        kwargs.setdefault("prefix", "attention_entropy")
+        super().__init__(probe_size=probe_size, probe_source=probe_source, **kwargs)
+        self.entropy: torch.Tensor | None = None
+
+    @override
+    def measure(self, trainer, pl_module, outputs, model_output) -> dict[str, float]:
+        ids = token_ids(self._probe_batch(trainer, self.current_task))
+        self.entropy = head_attention_entropy(language_model(pl_module), ids)
+        values = {}
+        for layer, row in enumerate(self.entropy.tolist()):
+            values[f"{layer}/mean"] = sum(row) / len(row)
+            values.update({f"{layer}/head_{head}": value for head, value in enumerate(row)})
+        self.log_histogram(trainer, "all_heads", self.entropy.flatten())
+        return values

@@ -2,7 +2,15 @@
 Σ-orthogonal weights for replaced units, and attention-head gates, re-initialisation and removal. Pure torch; the
 callbacks decide when and which."""
 
-from plasticity_lightning.surgery.heads import HeadGates, attention_modules, prune_heads_, reinit_heads
+from plasticity_lightning.surgery.heads import (
+    HeadGates,
+    HeadReviver,
+    attention_modules,
+    head_attention_entropy,
+    head_weight_norms,
+    prune_heads_,
+    reinit_heads,
+)
 from plasticity_lightning.surgery.sigma import InputCovariance, activation_energy_share, sigma_orthogonal_rows
 from plasticity_lightning.surgery.topology import UnitPair, find_unit_pairs
 from plasticity_lightning.surgery.units import (
@@ -17,11 +25,14 @@ from plasticity_lightning.surgery.units import (
 
 __all__ = [
     "HeadGates",
+    "HeadReviver",
     "InputCovariance",
     "UnitPair",
     "activation_energy_share",
     "attention_modules",
     "find_unit_pairs",
+    "head_attention_entropy",
+    "head_weight_norms",
     "incoming_magnitude",
     "outgoing_magnitude",
     "prune_heads_",

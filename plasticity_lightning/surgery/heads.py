@@ -14,12 +14,19 @@ GPT-2, distilgpt2 and their relatives define it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from plasticity_lightning.core.errors import PlasticityConfigError
+from plasticity_lightning.core.errors import (
+    PlasticityConfigError,
+    check_fraction,
+    check_positive_float,
+    check_positive_int,
+)
+from plasticity_lightning.metrics.entropy import attention_entropy
 from plasticity_lightning.surgery.units import reset_optimizer_state
 
 
@@ -124,6 +131,56 @@ class HeadGates:
         self._handles = []
 
 
+def head_weight_norms(module: nn.Module) -> torch.Tensor:
+    """‖(Q, K, V columns, ``c_proj`` rows)‖₂ of every head of one attention module → ``[heads]`` (float32).
+
+    Example::
+
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=4, n_embd=32, vocab_size=50))
+        >>> head_weight_norms(model.transformer.h[0].attn).shape
+        torch.Size([4])
+    """
+    heads, d = module.num_heads, module.head_dim
+    qkv = module.c_attn.weight.detach().unflatten(1, (3, heads, d))  # [embed, 3, heads, d]
+    out = module.c_proj.weight.detach().unflatten(0, (heads, d))  # [heads, d, embed]
+    return (qkv.pow(2).sum(dim=(0, 1, 3)) + out.pow(2).sum(dim=(1, 2))).sqrt().float()
+
+
+@torch.no_grad()
+def head_attention_entropy(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Entropy of every head's attention (nats, mean over batch and queries) on ``input_ids`` → ``[layers, heads]``.
+
+    ``model`` is a HF GPT-2 model. Attention probabilities only exist with eager attention, so the model is switched
+    to ``eager`` for this one forward pass (in eval mode, no dropout) and switched back; training is unaffected.
+    Gates act after attention, so a gated-off head still has an entropy (growth uses it to choose heads).
+
+    Example::
+
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=50))
+        >>> entropy = head_attention_entropy(model, torch.randint(0, 50, (2, 8)))
+        >>> entropy.shape, bool((entropy <= 2.0795).all())  # at most ln 8
+        (torch.Size([2, 4]), True)
+    """
+    if not hasattr(model, "set_attn_implementation") or not hasattr(model, "config"):
+        raise PlasticityConfigError(
+            f"head_attention_entropy needs a HF transformers model (with set_attn_implementation), got "
+            f"{type(model).__name__}"
+        )
+    previous, was_training = model.config._attn_implementation, model.training
+    model.eval()
+    try:
+        if previous != "eager":
+            model.set_attn_implementation("eager")
+        attentions = model(input_ids, output_attentions=True).attentions
+    finally:
+        if previous != "eager":
+            model.set_attn_implementation(previous)
+        model.train(was_training)
+    return torch.stack([attention_entropy(a) for a in attentions]).float().cpu()
+
+
 def _head_columns(module: nn.Module, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(Q/K/V columns of ``c_attn``, input rows of ``c_proj``) belonging to ``heads``."""
     d, width = module.head_dim, module.num_heads * module.head_dim
@@ -207,3 +264,195 @@ def prune_heads_(model: nn.Module, heads: Mapping[int, Iterable[int]]) -> dict[i
         module.split_size = len(keep) * module.head_dim
         kept_per_layer[layer] = keep
     return kept_per_layer
+
+
+class HeadReviver:
+    """Brings gated-off heads back to life, and steers them while they learn again.
+
+    :meth:`revive` gives each head fresh Q/K/V weights and near-silent output rows (:func:`reinit_heads` with
+    ``output_scale``) and clears their optimizer state. Then, for every optimizer step ``t`` after the revival:
+
+    * the head's gate ramps linearly from ``initial_gate`` to 1 over ``warmup_steps``: during the k-th step after
+      the revival it is ``initial_gate + (1 - initial_gate)·min(1, k/warmup_steps)`` — never 0, so a revived head
+      learns from its first step and is not mistaken for a pruned one;
+    * its slices (Q/K/V columns, ``c_attn`` bias, ``c_proj`` rows) learn with the learning rate multiplied by
+      ``1 + (lr_multiplier - 1)·max(0, 1 - t/boost_steps)`` — a boost that decays linearly back to 1.
+
+    Why not a param group: an optimizer param group holds whole tensors, but ``c_attn`` fuses every head of a layer
+    into one tensor, so a boosted group would boost the heads that never left too. The boost is applied as an
+    optimizer step hook that scales the step's change of exactly those slices, which *is* a per-slice learning
+    rate for every optimizer whose update is proportional to its learning rate (SGD with or without momentum,
+    Adam, AdamW — including decoupled weight decay — RMSprop, Adagrad without ``lr_decay``). No parameter is added
+    or replaced (DDP-safe), and every rank applies the same factors.
+
+    Args:
+        gates: the model's :class:`HeadGates`.
+        output_scale: ``c_proj`` rows of a revived head ~ N(0, (output_scale·std)²); Sentinel-AI revives at 0.01.
+        std: init scale of the Q/K/V columns (GPT-2's ``initializer_range``).
+        warmup_steps: optimizer steps of the gate ramp (0: the gate is 1 at once).
+        initial_gate: where the gate ramp starts (exclusive).
+        lr_multiplier: learning-rate factor of a revived head right after revival (1: no boost).
+        boost_steps: optimizer steps over which the factor decays back to 1.
+
+    Example::
+
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=50))
+        >>> gates = HeadGates(model)
+        >>> gates.set(1, 3, 0.0)
+        >>> reviver = HeadReviver(gates, warmup_steps=4)
+        >>> reviver.revive([(1, 3)], step=10)
+        >>> reviver.update(step=12)  # the third step after the revival
+        >>> float(gates.gates[1, 3])
+        0.75
+    """
+
+    def __init__(
+        self,
+        gates: HeadGates,
+        *,
+        output_scale: float = 0.01,
+        std: float = 0.02,
+        warmup_steps: int = 100,
+        initial_gate: float = 0.0,
+        lr_multiplier: float = 5.0,
+        boost_steps: int = 1000,
+        owner: str = "HeadReviver",
+    ) -> None:
+        self.gates = gates
+        settings = self.check_settings(
+            owner=owner,
+            output_scale=output_scale,
+            std=std,
+            warmup_steps=warmup_steps,
+            initial_gate=initial_gate,
+            lr_multiplier=lr_multiplier,
+            boost_steps=boost_steps,
+        )
+        self.output_scale: float = settings["output_scale"]
+        self.std: float = settings["std"]
+        self.warmup_steps: int = settings["warmup_steps"]
+        self.initial_gate: float = settings["initial_gate"]
+        self.lr_multiplier: float = settings["lr_multiplier"]
+        self.boost_steps: int = settings["boost_steps"]
+        #: heads being revived: (layer, head, optimizer step of the revival)
+        self.reviving: list[tuple[int, int, int]] = []
+        self.step = 0
+        self._handles: list[Any] = []
+        self._before: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, float]] = []
+
+    @staticmethod
+    def check_settings(owner: str = "HeadReviver", **settings: Any) -> dict[str, Any]:
+        """Validate reviver settings (a clear error naming ``owner``'s field); returns them."""
+        checks = {
+            "output_scale": lambda v: check_positive_float(owner, "output_scale", v, allow_zero=True),
+            "std": lambda v: check_positive_float(owner, "std", v),
+            "warmup_steps": lambda v: check_positive_int(owner, "warmup_steps", v, allow_zero=True),
+            "initial_gate": lambda v: check_fraction(owner, "initial_gate", v, high_open=False),
+            "lr_multiplier": lambda v: check_positive_float(owner, "lr_multiplier", v),
+            "boost_steps": lambda v: check_positive_int(owner, "boost_steps", v, allow_zero=True),
+        }
+        return {name: checks[name](value) for name, value in settings.items()}
+
+    def gate_at(self, age: int) -> float:
+        """The gate during optimizer step ``start + age`` of a head revived at step ``start``."""
+        if self.warmup_steps == 0 or age + 1 >= self.warmup_steps:
+            return 1.0
+        return self.initial_gate + (1.0 - self.initial_gate) * (max(age, 0) + 1) / self.warmup_steps
+
+    def lr_factor_at(self, age: int) -> float:
+        """The learning-rate factor ``age`` optimizer steps after revival."""
+        if self.boost_steps == 0:
+            return 1.0
+        return 1.0 + (self.lr_multiplier - 1.0) * max(0.0, 1.0 - max(age, 0) / self.boost_steps)
+
+    @torch.no_grad()
+    def revive(
+        self,
+        heads: Sequence[tuple[int, int]],
+        step: int,
+        *,
+        generator: torch.Generator | None = None,
+        optimizers: Iterable[torch.optim.Optimizer] = (),
+    ) -> None:
+        """Re-initialise ``heads`` (``(layer, head)`` pairs) and start their gate ramp and boost with optimizer step
+        ``step`` (the next one)."""
+        optimizers = list(optimizers)
+        by_layer: dict[int, list[int]] = {}
+        for layer, head in heads:
+            by_layer.setdefault(int(layer), []).append(int(head))
+        for layer, layer_heads in sorted(by_layer.items()):
+            reinit_heads(
+                self.gates.layers[layer][1],
+                layer_heads,
+                std=self.std,
+                output_scale=self.output_scale,
+                generator=generator,
+                optimizers=optimizers,
+            )
+        revived = {(int(layer), int(head)) for layer, head in heads}
+        self.reviving = [r for r in self.reviving if (r[0], r[1]) not in revived]
+        self.reviving += [(layer, head, int(step)) for layer, head in sorted(revived)]
+        for layer, head in revived:
+            self.gates.set(layer, head, self.gate_at(0))
+        self.update(step)
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """Set the ramping gates for optimizer step ``step``; forget heads whose ramp and boost are over, and heads
+        gated off again meanwhile (pruned: the ramp itself never sets 0)."""
+        self.step = int(step)
+        self.reviving = [r for r in self.reviving if float(self.gates.gates[r[0], r[1]]) != 0.0]
+        for layer, head, start in self.reviving:
+            self.gates.set(layer, head, self.gate_at(self.step - start))
+        done = max(self.warmup_steps, self.boost_steps)
+        self.reviving = [r for r in self.reviving if self.step - r[2] < done]
+
+    def attach(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        """Apply the learning-rate boost on every step of ``optimizers``."""
+        self.detach()
+        for optimizer in optimizers:
+            self._handles.append(optimizer.register_step_pre_hook(self._remember))
+            self._handles.append(optimizer.register_step_post_hook(self._boost))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _slices(self) -> list[tuple[torch.Tensor, int, torch.Tensor, float]]:
+        """(parameter, dim, index, factor) of every boosted head slice."""
+        slices = []
+        for layer, head, start in self.reviving:
+            factor = self.lr_factor_at(self.step - start)
+            if factor == 1.0:
+                continue
+            module = self.gates.layers[layer][1]
+            columns, rows = _head_columns(module, torch.tensor([head]))
+            slices += [
+                (module.c_attn.weight, 1, columns, factor),
+                (module.c_attn.bias, 0, columns, factor),
+                (module.c_proj.weight, 0, rows, factor),
+            ]
+        return slices
+
+    @torch.no_grad()
+    def _remember(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._before = [
+            (param, dim, index.to(param.device), param.index_select(dim, index.to(param.device)), factor)
+            for param, dim, index, factor in self._slices()
+        ]
+
+    @torch.no_grad()
+    def _boost(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for param, dim, index, before, factor in self._before:
+            after = param.index_select(dim, index)
+            param.index_copy_(dim, index, before + factor * (after - before))
+        self._before = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reviving": list(self.reviving), "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reviving = [tuple(int(v) for v in r) for r in state.get("reviving", [])]
+        self.step = int(state.get("step", 0))

@@ -1,0 +1,509 @@
+"""The prune → measure → grow → learn cycle of attention heads, judged, kept or reverted, with strategy ratings.
+
+This is the working version of Sentinel-AI's ``AdaptivePlasticitySystem`` (``seed_systems.md`` §5), whose shipped
+code scores heads and perplexity with random placeholders and adds random jitter to its degeneration score. Here
+every number is measured: perplexity on a fixed validation probe, degeneration of seeded generations, head scores
+from gradients, attention entropy or weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning_utilities.core.apply_func import apply_to_collection
+from typing_extensions import override
+
+from plasticity_lightning.callbacks.heads import (
+    GROWTH_CHOICES,
+    HEAD_SCORES,
+    HeadGrowth,
+    HeadImportance,
+    HeadPruning,
+    check_prompts,
+    choose_heads_to_grow,
+    find_head_importance,
+    head_scores,
+    language_model,
+    lowest_heads,
+    resolve_tokenizer,
+    score_generations,
+    token_ids,
+)
+from plasticity_lightning.callbacks.intervention import Intervention
+from plasticity_lightning.core.errors import (
+    PlasticityConfigError,
+    check_choice,
+    check_fraction,
+    check_positive_float,
+    check_positive_int,
+)
+from plasticity_lightning.probes import ProbeSet
+from plasticity_lightning.surgery.heads import HeadReviver
+
+#: Sentinel-AI's starting ratings: random strategies start at half the others'
+INITIAL_RATING = {"random": 0.5}
+RATING_RANGE = (0.1, 10.0)
+
+
+def updated_rating(rating: float, success: bool, improvement: float) -> float:
+    """Sentinel-AI's rating rule: success multiplies by 1 + clip(improvement, 0, 0.5), failure by 0.8; the result is
+    kept in [0.1, 10].
+
+    Example::
+
+        >>> updated_rating(1.0, True, 0.2), updated_rating(1.0, True, 0.9), updated_rating(0.11, False, 0.0)
+        (1.2, 1.5, 0.1)
+    """
+    factor = 1.0 + min(max(improvement, 0.0), 0.5) if success else 0.8
+    return min(max(rating * factor, RATING_RANGE[0]), RATING_RANGE[1])
+
+
+class PlasticityCycle(Intervention):
+    """Cycles of prune → measure → grow → learn on attention heads, each judged and kept or reverted.
+
+    From optimizer step ``start_step`` on, each cycle:
+
+    1. measures the perplexity on a fixed validation probe and the degeneration of seeded generations, and
+       snapshots parameters, optimizer states, gates and growth state;
+    2. chooses a pruning and a growth strategy — with probability ``memory_replay`` a remembered successful
+       transformation (weighted by its improvement), else each sampled in proportion to its rating;
+    3. prunes ``max(1, int(prune_level · live heads))`` heads of lowest score (never a layer's last head) and
+       measures the perplexity again;
+    4. revives ``max(1, int(growth_ratio · dead heads))`` heads (fresh weights, gate ramp, boosted learning rate:
+       :class:`~plasticity_lightning.surgery.HeadReviver`);
+    5. lets training run ``learn_steps`` optimizer steps, then measures again. The cycle succeeds when the
+       perplexity is at most ``(1 + max_perplexity_increase)`` × the cycle's first one and the degeneration
+       metric at most ``max_degeneration``; a failed cycle restores the snapshot exactly.
+
+    Ratings follow :func:`updated_rating`. A successful cycle that was not a replay is remembered (the last
+    ``memory_capacity``) with improvement = relative perplexity drop + 0.5 × relative drop in live heads. With
+    ``adapt``, Sentinel-AI's schedule adapts the levels: after a success the prune level grows (×1.2 up to 0.5 when
+    perplexity improved by over 5%, else ×1.1 up to 0.4; learning ×0.9 steps after a big gain); after a failure it
+    shrinks (×0.8, at least 0.05) while the growth ratio (×1.2, at most 0.9) and learning steps (×1.2) grow. After
+    ``patience`` cycles without a new best (perplexity better by ``min_improvement``, or fewer live heads at a
+    perplexity within tolerance), or ``max_cycles`` cycles, cycling stops and training goes on.
+
+    Every rank measures the same probe with the same weights, and rank 0's measurements and choices are broadcast,
+    so all ranks prune, grow and revert alike. Everything — snapshot included (about three model copies with Adam)
+    — is in ``state_dict``, so a run resumed mid-cycle finishes it as the uninterrupted run would. The record of
+    cycles, ratings and memory is written to ``<log_dir>/plasticity_cycle.json`` after each cycle.
+
+    Needs a :class:`HeadImportance` before it (its gates; its gradient importance for ``"gradient"`` pruning or
+    growth), and no :class:`HeadPruning` or :class:`HeadGrowth` on the same trainer (they would change the gates
+    mid-cycle). The tokenizer is ``tokenizer`` or the datamodule's.
+
+    Args:
+        start_step: optimizer step of the first cycle.
+        learn_steps: optimizer steps of the learning phase.
+        max_cycles: cycles at most.
+        prune_level: starting share of live heads pruned per cycle.
+        growth_ratio: starting share of dead heads revived per cycle.
+        pruning_strategies: head scores to choose among (``gradient``, ``entropy``, ``magnitude``, ``random``).
+        growth_strategies: growth choices (``balanced``, ``entropy_gap``, ``gradient``, ``random``).
+        max_perplexity_increase: allowed relative perplexity rise over a cycle.
+        max_degeneration: upper bound of ``degeneration_metric`` (``None``: not judged).
+        degeneration_metric: ``repeated_3gram_rate`` or ``max_token_repetition`` (lower is better).
+        memory_capacity: successful transformations remembered.
+        memory_replay: probability of replaying one.
+        adapt: adapt prune level, growth ratio and learning steps between cycles.
+        patience: cycles without a new best before cycling stops (``None``: never).
+        min_improvement: relative perplexity gain that makes a new best.
+        probe_size: validation blocks of the perplexity probe.
+        prompts, max_new_tokens, tokenizer: generation for the degeneration check.
+        output_scale, warmup_steps, initial_gate, lr_multiplier, boost_steps: revived heads (``HeadReviver``).
+        json_path: where to write the record (``None``: ``<log_dir>/plasticity_cycle.json``).
+        seed: seed of every random choice.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[HeadImportance(num_batches=20), PlasticityCycle(learn_steps=200)])
+    """
+
+    def __init__(
+        self,
+        start_step: int = 100,
+        learn_steps: int = 100,
+        max_cycles: int = 10,
+        prune_level: float = 0.2,
+        growth_ratio: float = 0.5,
+        pruning_strategies: Sequence[str] = ("gradient", "entropy", "magnitude", "random"),
+        growth_strategies: Sequence[str] = ("balanced", "entropy_gap", "gradient", "random"),
+        max_perplexity_increase: float = 0.15,
+        max_degeneration: float | None = 0.5,
+        degeneration_metric: Literal["repeated_3gram_rate", "max_token_repetition"] = "repeated_3gram_rate",
+        memory_capacity: int = 10,
+        memory_replay: float = 0.7,
+        adapt: bool = True,
+        patience: int | None = 3,
+        min_improvement: float = 0.01,
+        probe_size: int = 16,
+        prompts: Sequence[str] = ("The", "It was", "And then"),
+        max_new_tokens: int = 32,
+        tokenizer: Any = None,
+        output_scale: float = 0.01,
+        warmup_steps: int = 20,
+        initial_gate: float = 0.0,
+        lr_multiplier: float = 5.0,
+        boost_steps: int = 100,
+        json_path: str | None = None,
+        seed: int = 0,
+        prefix: str = "cycle",
+    ) -> None:
+        super().__init__(seed=seed, prefix=prefix)
+        owner = "PlasticityCycle"
+        self.start_step = check_positive_int(owner, "start_step", start_step, allow_zero=True)
+        self.learn_steps = check_positive_int(owner, "learn_steps", learn_steps)
+        self.max_cycles = check_positive_int(owner, "max_cycles", max_cycles)
+        self.prune_level = check_fraction(owner, "prune_level", prune_level, low_open=True)
+        self.growth_ratio = check_fraction(owner, "growth_ratio", growth_ratio, low_open=True, high_open=False)
+        self.pruning_strategies = _check_strategies(owner, "pruning_strategies", pruning_strategies, HEAD_SCORES)
+        self.growth_strategies = _check_strategies(owner, "growth_strategies", growth_strategies, GROWTH_CHOICES)
+        self.max_perplexity_increase = check_positive_float(
+            owner, "max_perplexity_increase", max_perplexity_increase, allow_zero=True
+        )
+        self.max_degeneration = (
+            None
+            if max_degeneration is None
+            else check_positive_float(owner, "max_degeneration", max_degeneration, allow_zero=True)
+        )
+        self.degeneration_metric = check_choice(
+            owner, "degeneration_metric", degeneration_metric, ("repeated_3gram_rate", "max_token_repetition")
+        )
+        self.memory_capacity = check_positive_int(owner, "memory_capacity", memory_capacity, allow_zero=True)
+        self.memory_replay = check_fraction(owner, "memory_replay", memory_replay, high_open=False)
+        self.adapt = bool(adapt)
+        self.patience = None if patience is None else check_positive_int(owner, "patience", patience)
+        self.min_improvement = check_positive_float(owner, "min_improvement", min_improvement, allow_zero=True)
+        self.probe = ProbeSet(size=probe_size, source="val", seed=seed)
+        self.prompts = check_prompts(owner, prompts)
+        self.max_new_tokens = check_positive_int(owner, "max_new_tokens", max_new_tokens)
+        self.tokenizer = tokenizer
+        self.reviver_settings = HeadReviver.check_settings(
+            owner=owner,
+            output_scale=output_scale,
+            warmup_steps=warmup_steps,
+            initial_gate=initial_gate,
+            lr_multiplier=lr_multiplier,
+            boost_steps=boost_steps,
+        )
+        self.json_path = json_path
+        self._initial = {"start_step": self.start_step, "learn_steps": self.learn_steps}  # learn_steps adapts
+
+        self.ratings = {
+            **{f"prune/{s}": INITIAL_RATING.get(s, 1.0) for s in self.pruning_strategies},
+            **{f"grow/{s}": INITIAL_RATING.get(s, 1.0) for s in self.growth_strategies},
+        }
+        self.memory: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, float] | None = None
+        self.stale = 0
+        self.stopped: str | None = None
+        self.current: dict[str, Any] | None = None  # the cycle in its learning phase
+        self.snapshot: dict[str, Any] | None = None
+        self.reviver: HeadReviver | None = None
+        self._pending_reviver: dict[str, Any] | None = None
+        self._importance: HeadImportance | None = None
+
+    @override
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), **self._initial}
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._importance = find_head_importance(trainer, "PlasticityCycle")
+        rivals = [type(c).__name__ for c in trainer.callbacks if isinstance(c, (HeadPruning, HeadGrowth))]
+        if rivals:
+            raise PlasticityConfigError(
+                f"PlasticityCycle prunes and grows heads itself; remove {', '.join(rivals)} from the trainer (they "
+                "would change the gates mid-cycle)"
+            )
+        wants_gradient = "gradient" in self.pruning_strategies or "gradient" in self.growth_strategies
+        if wants_gradient and self._importance.method != "gradient":
+            raise PlasticityConfigError(
+                "PlasticityCycle's 'gradient' strategies need HeadImportance(method='gradient'), got "
+                f"method={self._importance.method!r}; drop 'gradient' from pruning_strategies/growth_strategies"
+            )
+        resolve_tokenizer(trainer, self.tokenizer, "PlasticityCycle")
+        self.reviver = HeadReviver(self._importance.gates, owner="PlasticityCycle", **self.reviver_settings)
+        if self._pending_reviver is not None:
+            self.reviver.load_state_dict(self._pending_reviver)
+            self._pending_reviver = None
+        self.reviver.attach(self.optimizers(trainer))
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.reviver is not None:
+            self.reviver.detach()
+        self.write_json(trainer)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
+        if self.reviver is not None:
+            self.reviver.update(trainer.global_step)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if self.current is not None and step - self.current["start_step"] >= self.current["learn_steps"]:
+            self.finish_cycle(trainer, pl_module)
+        if self.current is None and self.stopped is None and step >= self.start_step:
+            self.start_cycle(trainer, pl_module)
+
+    # ------------------------------------------------------------------ measuring
+    @torch.no_grad()
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Perplexity on the validation probe, degeneration of the seeded generations, live heads — rank 0's."""
+        model = language_model(pl_module)
+        ids = token_ids(self.probe.draw(trainer))
+        was_training = model.training
+        model.eval()
+        with trainer.precision_plugin.forward_context():
+            loss = float(model(ids, labels=ids).loss)
+        model.train(was_training)
+        tokenizer = resolve_tokenizer(trainer, self.tokenizer, "PlasticityCycle")
+        scores, _ = score_generations(pl_module, tokenizer, self.prompts, self.max_new_tokens, self.seed)
+        values = {
+            "perplexity": math.exp(min(loss, 700.0)),
+            "degeneration": scores[self.degeneration_metric],
+            "live_heads": int((self._importance.gates.mask > 0).sum()),
+        }
+        return trainer.strategy.broadcast(values, src=0)
+
+    # ------------------------------------------------------------------ the cycle
+    def start_cycle(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Steps 1–4: measure, snapshot, choose, prune, measure, grow."""
+        gates = self._importance.gates
+        before = self.evaluate(trainer, pl_module)
+        self.snapshot = self._take_snapshot(trainer, pl_module)
+        plan = trainer.strategy.broadcast(self._plan(), src=0)
+        ids = token_ids(self.probe.draw(trainer))
+        importance = self._importance.current(trainer) if self._importance.method == "gradient" else None
+
+        alive = gates.mask.cpu() > 0
+        count = max(1, int(plan["prune_level"] * int(alive.sum())))
+        scores = head_scores(
+            plan["prune_strategy"], pl_module, gates, importance=importance, input_ids=ids, generator=self.generator
+        )
+        pruned = trainer.strategy.broadcast(lowest_heads(scores, alive, count), src=0)
+        for layer, head in pruned:
+            gates.set(layer, head, 0.0)
+        after_pruning = self.evaluate(trainer, pl_module)
+
+        dead = int((gates.mask == 0).sum())
+        grow_count = max(1, int(plan["growth_ratio"] * dead)) if dead else 0
+        grown = choose_heads_to_grow(
+            plan["growth_strategy"],
+            pl_module,
+            gates,
+            grow_count,
+            importance=importance,
+            input_ids=ids,
+            generator=self.generator,
+        )
+        grown = trainer.strategy.broadcast(grown, src=0)
+        if grown:
+            self.reviver.revive(
+                grown, trainer.global_step, generator=self.generator, optimizers=self.optimizers(trainer)
+            )
+        self.current = {
+            "cycle": len(self.history),
+            "start_step": trainer.global_step,
+            "learn_steps": self.learn_steps,
+            **plan,
+            "pruned": [list(h) for h in pruned],
+            "grown": [list(h) for h in grown],
+            "before": before,
+            "after_pruning": after_pruning,
+        }
+        self.log_values(
+            trainer,
+            {
+                "perplexity_before": before["perplexity"],
+                "perplexity_after_pruning": after_pruning["perplexity"],
+                "pruned_heads": len(pruned),
+                "grown_heads": len(grown),
+            },
+            force=True,
+        )
+
+    def finish_cycle(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Step 5: measure, judge, keep or revert, rate, remember, adapt."""
+        record, self.current = self.current, None
+        after = self.evaluate(trainer, pl_module)
+        before = record["before"]
+        success = after["perplexity"] <= before["perplexity"] * (1 + self.max_perplexity_increase) and (
+            self.max_degeneration is None or after["degeneration"] <= self.max_degeneration
+        )
+        if not success:
+            self._restore_snapshot(trainer, pl_module)
+        self.snapshot = None
+        improvement = (before["perplexity"] - after["perplexity"]) / before["perplexity"]
+        head_reduction = (before["live_heads"] - after["live_heads"]) / before["live_heads"]
+        for key in (f"prune/{record['prune_strategy']}", f"grow/{record['growth_strategy']}"):
+            if key in self.ratings:
+                self.ratings[key] = updated_rating(self.ratings[key], success, improvement)
+        if success and not record["replay"] and self.memory_capacity:
+            self.memory.append(
+                {
+                    **{k: record[k] for k in ("prune_strategy", "growth_strategy", "prune_level", "growth_ratio")},
+                    "improvement": improvement + 0.5 * head_reduction,
+                    "cycle": record["cycle"],
+                }
+            )
+            self.memory = self.memory[-self.memory_capacity :]
+        if self.adapt:
+            self._adapt(success, improvement)
+        self._track_best(success, after)
+        record.update(after=after, success=success, reverted=not success, end_step=trainer.global_step)
+        self.history.append(record)
+        if self.stopped is None and len(self.history) >= self.max_cycles:
+            self.stopped = "max_cycles"
+        self.log_values(
+            trainer,
+            {
+                "perplexity_after": after["perplexity"],
+                "degeneration": after["degeneration"],
+                "success": float(success),
+                "live_heads": after["live_heads"] if success else before["live_heads"],
+                **{f"rating/{k}": v for k, v in self.ratings.items()},
+            },
+            force=True,
+        )
+        self.write_json(trainer)
+
+    def _plan(self) -> dict[str, Any]:
+        """Strategies and levels: a replayed memory or rating-weighted draws (seeded: the same on all ranks)."""
+        replay = self.memory and float(torch.rand(1, generator=self.generator)) < self.memory_replay
+        if replay:
+            lowest = min(m["improvement"] for m in self.memory)
+            weights = torch.tensor([max(0.1, m["improvement"] - lowest + 0.1) for m in self.memory])
+            chosen = self.memory[int(torch.multinomial(weights, 1, generator=self.generator))]
+            keys = ("prune_strategy", "growth_strategy", "prune_level", "growth_ratio")
+            return {**{k: chosen[k] for k in keys}, "replay": True}
+        return {
+            "prune_strategy": self._draw("prune", self.pruning_strategies),
+            "growth_strategy": self._draw("grow", self.growth_strategies),
+            "prune_level": self.prune_level,
+            "growth_ratio": self.growth_ratio,
+            "replay": False,
+        }
+
+    def _draw(self, kind: str, strategies: list[str]) -> str:
+        weights = torch.tensor([self.ratings[f"{kind}/{s}"] for s in strategies], dtype=torch.float64)
+        return strategies[int(torch.multinomial(weights, 1, generator=self.generator))]
+
+    def _adapt(self, success: bool, improvement: float) -> None:
+        if success and improvement > 0.05:
+            self.prune_level = min(self.prune_level * 1.2, 0.5)
+            self.learn_steps = max(1, round(self.learn_steps * 0.9))
+        elif success:
+            self.prune_level = min(self.prune_level * 1.1, 0.4)
+        else:
+            self.prune_level = max(self.prune_level * 0.8, 0.05)
+            self.growth_ratio = min(self.growth_ratio * 1.2, 0.9)
+            self.learn_steps = max(1, round(self.learn_steps * 1.2))
+
+    def _track_best(self, success: bool, after: dict[str, float]) -> None:
+        if success:
+            best = self.best
+            better = best is None or after["perplexity"] < best["perplexity"] * (1 - self.min_improvement)
+            leaner = (
+                best is not None
+                and after["live_heads"] < best["live_heads"]
+                and after["perplexity"] <= best["perplexity"] * (1 + self.max_perplexity_increase)
+            )
+            if better or leaner:
+                self.best, self.stale = dict(after), 0
+                return
+        self.stale += 1
+        if self.patience is not None and self.stale >= self.patience:
+            self.stopped = "patience"
+
+    # ------------------------------------------------------------------ snapshot
+    def _take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        return {
+            "model": _to_cpu(pl_module.state_dict()),
+            "optimizers": [_to_cpu(optimizer.state_dict()["state"]) for optimizer in self.optimizers(trainer)],
+            "gates": self._importance.gates.mask.cpu(),
+            "reviver": self.reviver.state_dict(),
+        }
+
+    def _restore_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        snapshot = self.snapshot
+        # copies into the existing parameters, which DDP and the optimizers keep referring to
+        pl_module.load_state_dict(snapshot["model"])
+        for optimizer, state in zip(self.optimizers(trainer), snapshot["optimizers"], strict=True):
+            current = optimizer.state_dict()  # keep the current param groups (a scheduler's learning rates)
+            optimizer.load_state_dict({**current, "state": state})
+        self._importance.gates.load(snapshot["gates"])
+        self.reviver.load_state_dict(snapshot["reviver"])
+
+    # ------------------------------------------------------------------ record
+    def record(self) -> dict[str, Any]:
+        """Cycles, ratings, memory, levels and the stop reason (what :meth:`write_json` writes)."""
+        return {
+            "cycles": self.history,
+            "ratings": self.ratings,
+            "memory": self.memory,
+            "best": self.best,
+            "prune_level": self.prune_level,
+            "growth_ratio": self.growth_ratio,
+            "learn_steps": self.learn_steps,
+            "stopped": self.stopped,
+        }
+
+    def write_json(self, trainer: pl.Trainer) -> Path | None:
+        """Write :meth:`record` on rank 0; returns the path."""
+        if not trainer.is_global_zero:
+            return None
+        path = Path(self.json_path or Path(trainer.log_dir or trainer.default_root_dir) / "plasticity_cycle.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.record(), indent=2))
+        return path
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            **self.record(),
+            "stale": self.stale,
+            "current": self.current,
+            "snapshot": self.snapshot,
+            "reviver": self.reviver.state_dict() if self.reviver is not None else self._pending_reviver,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.history = list(state_dict.get("cycles", []))
+        self.ratings.update(state_dict.get("ratings", {}))
+        self.memory = list(state_dict.get("memory", []))
+        self.best = state_dict.get("best")
+        self.prune_level = state_dict.get("prune_level", self.prune_level)
+        self.growth_ratio = state_dict.get("growth_ratio", self.growth_ratio)
+        self.learn_steps = state_dict.get("learn_steps", self.learn_steps)
+        self.stopped = state_dict.get("stopped")
+        self.stale = int(state_dict.get("stale", 0))
+        self.current = state_dict.get("current")
+        self.snapshot = state_dict.get("snapshot")
+        self._pending_reviver = state_dict.get("reviver")
+
+
+def _to_cpu(collection: Any) -> Any:
+    return apply_to_collection(collection, torch.Tensor, lambda t: t.detach().to("cpu", copy=True))
+
+
+def _check_strategies(owner: str, name: str, values: Any, allowed: Sequence[str]) -> list[str]:
+    if isinstance(values, str) or not values or any(v not in allowed for v in values):
+        raise PlasticityConfigError(
+            f"{owner}.{name}={values!r} is invalid; expected a non-empty list drawn from {', '.join(allowed)}"
+        )
+    return list(values)
