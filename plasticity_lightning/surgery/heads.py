@@ -49,6 +49,16 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
         raise PlasticityConfigError(
             f"{type(model).__name__} has no GPT-2-style attention modules (with c_attn, c_proj, num_heads, head_dim)"
         )
+    for name, module in found:
+        # head slicing assumes GPT-2's layout: Conv1D weights [in, out], fused Q/K/V of num_heads heads each
+        width = module.num_heads * module.head_dim
+        if tuple(module.c_attn.weight.shape[1:]) != (3 * width,) or module.c_proj.weight.shape[0] != width:
+            raise PlasticityConfigError(
+                f"{name}: c_attn weight {tuple(module.c_attn.weight.shape)} / c_proj weight "
+                f"{tuple(module.c_proj.weight.shape)} is not GPT-2's fused layout for {module.num_heads} heads of "
+                f"{module.head_dim} (c_attn [embed, 3·{width}], c_proj [{width}, embed]); multi-query, cross- and "
+                "Linear-based attention are not supported"
+            )
     return found
 
 
@@ -129,6 +139,49 @@ class HeadGates:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def normalize_importance(scores: torch.Tensor, normalize: str | None = "layer") -> torch.Tensor:
+    """Divide each layer's head scores by their L2 norm (``"layer"``, Michel et al.'s
+    ``--normalize_pruning_by_layer``), or leave them (``None``)."""
+    if normalize is None:
+        return scores
+    if normalize != "layer":
+        raise PlasticityConfigError(f"normalize={normalize!r} is invalid; expected 'layer' or None")
+    return scores / scores.norm(dim=-1, keepdim=True).clamp(min=1e-20)
+
+
+def head_importance(
+    model: nn.Module, batches: Iterable[torch.Tensor], *, normalize: str | None = "layer"
+) -> torch.Tensor:
+    """Michel et al.'s head importance E|∂L/∂ξ_h| over ``batches`` of token ids → ``[layers, heads]`` (CPU).
+
+    The functional twin of :class:`~plasticity_lightning.callbacks.HeadImportance`, which takes the gradient from
+    the training step instead of running its own. ``model`` is a HF causal LM (``model(ids, labels=ids).loss``);
+    gates already on it stay in force (a gated-off head scores 0). Parameter gradients are left as they were.
+
+    Example::
+
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=50))
+        >>> scores = head_importance(model, [torch.randint(0, 50, (2, 8))])
+        >>> scores.shape, [round(float(n), 4) for n in scores.norm(dim=1)]
+        (torch.Size([2, 4]), [1.0, 1.0])
+    """
+    gates = HeadGates(model, differentiable=True)
+    saved = {name: p.grad for name, p in model.named_parameters()}
+    total, count = torch.zeros_like(gates.gates), 0
+    try:
+        for ids in batches:
+            model(ids, labels=ids).loss.backward()
+            total += gates.gates.grad.abs()
+            gates.gates.grad = None
+            count += 1
+    finally:
+        gates.remove()
+        for name, p in model.named_parameters():
+            p.grad = saved[name]
+    return normalize_importance(total / max(count, 1), normalize).cpu()
 
 
 def head_weight_norms(module: nn.Module) -> torch.Tensor:
