@@ -13,7 +13,7 @@ SCRIPT = textwrap.dedent(
     import lightning.pytorch as pl
     import torch
     from plasticity_lightning import (MLP, ContinualBackprop, DigitsDataModule, HeadReset, L2Init, PermutedInputs,
-                                      ReDo, ShrinkAndPerturb)
+                                      ReDo, ShrinkAndPerturb, SurgeCollapse)
 
     out, variant = sys.argv[1], sys.argv[2]
 
@@ -57,7 +57,8 @@ SCRIPT = textwrap.dedent(
                                 utility="adaptable_contribution")
         redo = ReDo(every_n_steps=4, tau=0.3, probe_size=64)
         others = [ShrinkAndPerturb(noise="gaussian", shrink=1.0, perturb=1e-3, every_n_steps=3),
-                  L2Init(weight=1e-3), HeadReset()]
+                  L2Init(weight=1e-3), HeadReset(), SurgeCollapse(collapse_every_n_steps=5, surge_every_n_steps=7),
+                  SurgeCollapse(mode="entropy_gated", entropy_threshold=100.0, gradient_threshold=1e-2, seed=3)]
         model = MLP(hidden_sizes=[32, 32], optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
         data = DigitsDataModule(batch_size=16, schedule=PermutedInputs(num_tasks=2, epochs_per_task=1))
         fit(model, data, [cbp, redo, *others, Dump(cbp, redo, "")], limit_val_batches=2)

@@ -5,7 +5,7 @@ Monitors (measure): :class:`RankMonitor`, :class:`DormantUnitMonitor`, :class:`E
 for language models :class:`AttentionEntropyMonitor`, :class:`DegenerationMonitor`, :class:`HeadImportance`.
 Interventions (act): :class:`ContinualBackprop` (and RR-CBP), :class:`ReDo`, :class:`ShrinkAndPerturb`,
 :class:`L2Init`, :class:`HeadReset`; on attention heads :class:`HeadPruning`, :class:`HeadGrowth`,
-:class:`PlasticityCycle`.
+:class:`PlasticityCycle`; numerical stability :class:`SoftmaxCollapseMonitor`, :class:`SurgeCollapse`.
 Base classes: :class:`PlasticityMonitor` (cadence, probe, logging), :class:`TaskAwareCallback` (task changes),
 :class:`Intervention` / :class:`UnitIntervention` (rank-agreeing RNG, strategy checks, unit pairs).
 """
@@ -33,6 +33,7 @@ from plasticity_lightning.callbacks.monitors import (
 from plasticity_lightning.callbacks.plasticity_cycle import PlasticityCycle
 from plasticity_lightning.callbacks.redo import ReDo
 from plasticity_lightning.callbacks.resets import HeadReset, L2Init, ShrinkAndPerturb
+from plasticity_lightning.callbacks.stability import SoftmaxCollapseMonitor, SurgeCollapse
 
 __all__ = [
     "AttentionEntropyMonitor",
@@ -53,6 +54,8 @@ __all__ = [
     "RankMonitor",
     "ReDo",
     "ShrinkAndPerturb",
+    "SoftmaxCollapseMonitor",
+    "SurgeCollapse",
     "TaskAccuracyTable",
     "TaskAwareCallback",
     "UnitIntervention",

@@ -1,5 +1,11 @@
-"""LightningDataModules (toy 2-D, digits, torchvision image sets) and continual task schedules."""
+"""LightningDataModules (toy 2-D, digits, torchvision image sets, text, algorithmic tasks) and continual task
+schedules."""
 
+from plasticity_lightning.data.algorithmic import (
+    BinaryGaussianDataModule,
+    ModularArithmeticDataModule,
+    SparseParityDataModule,
+)
 from plasticity_lightning.data.base import IndexedTensorDataset, PlasticityDataModule
 from plasticity_lightning.data.continual import ClassIncremental, LabelShuffle, PermutedInputs, TaskSchedule
 from plasticity_lightning.data.text import TextDataModule, load_tokenizer, token_ids
@@ -24,6 +30,7 @@ from plasticity_lightning.data.vision import (
 
 __all__ = [
     "TOY_DATASETS",
+    "BinaryGaussianDataModule",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "ClassIncremental",
@@ -33,8 +40,10 @@ __all__ = [
     "IndexedTensorDataset",
     "LabelShuffle",
     "MNISTDataModule",
+    "ModularArithmeticDataModule",
     "PermutedInputs",
     "PlasticityDataModule",
+    "SparseParityDataModule",
     "TaskSchedule",
     "TextDataModule",
     "TorchvisionDataModule",

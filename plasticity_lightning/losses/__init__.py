@@ -1,6 +1,7 @@
 """Losses by name, so a YAML recipe can say ``loss: cross_entropy`` or pass any ``nn.Module``.
 
-Later modules register more names (e.g. StableMax cross-entropy) with :func:`register_loss`.
+Besides torch's losses: ``stablemax_cross_entropy`` (:class:`StableMaxCrossEntropy`, in float64) and
+``cross_entropy_float64`` (softmax cross-entropy in float64). More can be added with :func:`register_loss`.
 """
 
 from __future__ import annotations
@@ -51,4 +52,25 @@ def build_loss(spec: str | nn.Module | None, task: str, *, owner: str = "") -> n
     return _LOSSES[spec][0]()
 
 
-__all__ = ["DEFAULT_LOSS", "available_losses", "build_loss", "register_loss"]
+from plasticity_lightning.losses.stablemax import (  # noqa: E402  (registers after the registry exists)
+    PrecisionCrossEntropy,
+    StableMaxCrossEntropy,
+    log_stablemax,
+    stablemax,
+    stablemax_s,
+)
+
+register_loss("stablemax_cross_entropy", StableMaxCrossEntropy, "classification")
+register_loss("cross_entropy_float64", lambda: PrecisionCrossEntropy("float64"), "classification")
+
+__all__ = [
+    "DEFAULT_LOSS",
+    "PrecisionCrossEntropy",
+    "StableMaxCrossEntropy",
+    "available_losses",
+    "build_loss",
+    "log_stablemax",
+    "register_loss",
+    "stablemax",
+    "stablemax_s",
+]

@@ -7,7 +7,8 @@ accumulate over batches (DDP-synchronised for free).
 * entropies of predictions, activations and attention (:mod:`~plasticity_lightning.metrics.entropy`);
 * weight statistics (:mod:`~plasticity_lightning.metrics.weights`);
 * learning-dynamics summaries of a training history (:mod:`~plasticity_lightning.metrics.dynamics`);
-* per-task accuracy of continual streams (:mod:`~plasticity_lightning.metrics.continual`).
+* per-task accuracy of continual streams (:mod:`~plasticity_lightning.metrics.continual`);
+* Softmax Collapse and naive-loss-minimisation alignment (:mod:`~plasticity_lightning.metrics.collapse`).
 """
 
 from plasticity_lightning.metrics.activity import (
@@ -22,6 +23,13 @@ from plasticity_lightning.metrics.activity import (
     redo_dormant_mask,
     redo_scores,
     unit_view,
+)
+from plasticity_lightning.metrics.collapse import (
+    SoftmaxCollapse,
+    logit_norm,
+    nlm_alignment,
+    softmax_collapse_fraction,
+    zero_loss_fraction,
 )
 from plasticity_lightning.metrics.continual import PerTaskAccuracy, per_task_accuracy
 from plasticity_lightning.metrics.dynamics import (
@@ -83,6 +91,7 @@ __all__ = [
     "PerTaskAccuracy",
     "PredictionEntropy",
     "SRank",
+    "SoftmaxCollapse",
     "StableRank",
     "UnitActivity",
     "activation_entropy",
@@ -104,12 +113,14 @@ __all__ = [
     "gradient_stats",
     "layer_weights",
     "learning_curve",
+    "logit_norm",
     "loss_stability",
     "low_activity_fraction",
     "low_activity_mask",
     "max_token_repetition",
     "mean_abs_activation",
     "mean_abs_weight",
+    "nlm_alignment",
     "numerical_rank",
     "per_task_accuracy",
     "prediction_entropy",
@@ -119,10 +130,12 @@ __all__ = [
     "redo_scores",
     "repeated_ngram_rate",
     "singular_values",
+    "softmax_collapse_fraction",
     "srank",
     "stable_rank",
     "unit_view",
     "weight_evolution",
     "weight_norm",
     "weight_stats",
+    "zero_loss_fraction",
 ]

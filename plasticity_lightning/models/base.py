@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, R2Score
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 
 from plasticity_lightning.core.errors import PlasticityConfigError, check_choice, check_positive_int
 from plasticity_lightning.core.tasks import (
@@ -40,6 +40,14 @@ from plasticity_lightning.metrics import PerTaskAccuracy
 TaskType = Literal["classification", "regression"]
 
 _STAGES = ("train", "val", "test")
+
+
+CLASSIFICATION_METRICS = {
+    "acc": lambda classes: MulticlassAccuracy(num_classes=classes, average="micro"),
+    "f1": lambda classes: MulticlassF1Score(num_classes=classes, average="macro"),
+    "precision": lambda classes: MulticlassPrecision(num_classes=classes, average="macro"),
+    "recall": lambda classes: MulticlassRecall(num_classes=classes, average="macro"),
+}
 
 
 class InjectedOptimizer:
@@ -91,6 +99,8 @@ class SupervisedModule(InjectedOptimizer, pl.LightningModule):
         lr_scheduler_monitor: metric that ``ReduceLROnPlateau`` watches.
         mask_unseen_classes: in class-incremental streams, give classes not yet introduced a logit of
             ``-inf`` (Dohare et al.'s head masking), so they are never predicted and receive no gradient.
+        metrics: classification metrics logged per stage as ``<stage>/<name>``: ``acc`` (micro accuracy) and any
+            of ``f1``, ``precision``, ``recall`` (macro averages over classes, torchmetrics).
     """
 
     #: constructor arguments that may be ``None`` and are then read from the datamodule
@@ -108,9 +118,16 @@ class SupervisedModule(InjectedOptimizer, pl.LightningModule):
         lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
         lr_scheduler_monitor: str = "val/loss",
         mask_unseen_classes: bool = True,
+        metrics: Sequence[str] = ("acc",),
     ) -> None:
         super().__init__()
         owner = type(self).__name__
+        if isinstance(metrics, str) or not metrics or any(m not in CLASSIFICATION_METRICS for m in metrics):
+            raise PlasticityConfigError(
+                f"{owner}.metrics={metrics!r} is invalid; expected a non-empty list drawn from "
+                f"{', '.join(CLASSIFICATION_METRICS)}"
+            )
+        self.metric_names = list(dict.fromkeys(metrics))
         self.task = check_choice(owner, "task", task, ("classification", "regression"))
         if self.classification_only and task != "classification":
             raise PlasticityConfigError(f"{owner}.task={task!r} is not supported; {owner} is a classifier")
@@ -232,7 +249,7 @@ class SupervisedModule(InjectedOptimizer, pl.LightningModule):
         for stage in _STAGES:
             if self.task == "classification":
                 collection = MetricCollection(
-                    {"acc": MulticlassAccuracy(num_classes=self.num_outputs, average="micro")}
+                    {name: CLASSIFICATION_METRICS[name](self.num_outputs) for name in self.metric_names}
                 )
             else:
                 collection = MetricCollection(

@@ -1,0 +1,331 @@
+"""Numerical stability and surge/collapse: :class:`SoftmaxCollapseMonitor` (Prieto et al. 2025) and
+:class:`SurgeCollapse` (SurgeCollapseNet / StabilAI's weight collapse and noise surge)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from typing_extensions import override
+
+from plasticity_lightning.callbacks.intervention import Intervention
+from plasticity_lightning.callbacks.monitor import PlasticityMonitor
+from plasticity_lightning.core.errors import (
+    PlasticityConfigError,
+    check_choice,
+    check_fraction,
+    check_positive_float,
+    check_positive_int,
+)
+from plasticity_lightning.metrics.collapse import (
+    PRECISIONS,
+    logit_norm,
+    nlm_alignment,
+    softmax_collapse_fraction,
+    zero_loss_fraction,
+)
+from plasticity_lightning.metrics.entropy import activation_entropy
+from plasticity_lightning.probes import ProbeSet, capture_outputs, resolve_layers
+
+
+class SoftmaxCollapseMonitor(PlasticityMonitor):
+    """Softmax Collapse on the training set: ``collapse/{softmax_collapse, zero_terms, logit_norm, nlm_alignment}``
+    and ``collapse/nlm_alignment/<parameter>`` per weight tensor, at the monitors' cadence.
+
+    * ``softmax_collapse``: share of training rows whose softmax normaliser is exactly 1 in ``precision``;
+    * ``zero_terms``: share whose cross-entropy in ``precision`` is exactly 0;
+    * ``logit_norm``: mean L2 norm of the logits;
+    * ``nlm_alignment``: cos(−∇L, θ) of the training loss on the probe, global and per weight tensor — how much
+      the descent direction just scales the weights up (naive loss minimisation).
+
+    The probe is the whole training set by default (``probe_size`` caps it), as in the paper; the model runs in
+    eval mode. The first step at which ``softmax_collapse`` exceeds ``threshold`` is :attr:`onset_step`, logged
+    once as ``collapse/onset_step`` and kept in the checkpoint.
+
+    Args:
+        precision: ``float16``, ``float32`` or ``float64``: the precision the softmax is judged in.
+        threshold: collapse share that marks the onset (the paper: 0.5).
+        gradient_alignment: also compute the loss gradient on the probe for ``nlm_alignment``.
+        probe_size: training rows measured (default: up to 100,000 — the full set of the grokking tasks).
+        **kwargs: :class:`PlasticityMonitor` cadence arguments.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[SoftmaxCollapseMonitor(every_n_epochs=10)])
+    """
+
+    def __init__(
+        self,
+        precision: Literal["float16", "float32", "float64"] = "float32",
+        threshold: float = 0.5,
+        gradient_alignment: bool = True,
+        probe_size: int = 100_000,
+        prefix: str = "collapse",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(probe_size=probe_size, prefix=prefix, **kwargs)
+        self.precision = check_choice("SoftmaxCollapseMonitor", "precision", precision, PRECISIONS)
+        self.threshold = check_fraction("SoftmaxCollapseMonitor", "threshold", threshold, high_open=False)
+        self.gradient_alignment = bool(gradient_alignment)
+        self.onset_step: int | None = None
+
+    @override
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "precision": self.precision}
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.layers = {}  # only the logits are read: no layer hooks
+
+    @override
+    def measure(self, trainer, pl_module, outputs, model_output) -> dict[str, float]:
+        batch = self.probe.batch
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise PlasticityConfigError(
+                "SoftmaxCollapseMonitor needs (inputs, class targets) batches to judge the loss terms"
+            )
+        logits, targets = model_output, batch[1]
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+            raise PlasticityConfigError(
+                f"SoftmaxCollapseMonitor needs [N, classes] logits from the model, got "
+                f"{type(logits).__name__}{'' if not isinstance(logits, torch.Tensor) else tuple(logits.shape)}"
+            )
+        values = {
+            "softmax_collapse": softmax_collapse_fraction(logits, self.precision),
+            "zero_terms": zero_loss_fraction(logits, targets, self.precision),
+            "logit_norm": logit_norm(logits),
+        }
+        if self.gradient_alignment:
+            values.update(self._alignment(pl_module, batch, targets))
+        if self.onset_step is None and values["softmax_collapse"] > self.threshold:
+            self.onset_step = trainer.global_step
+            values["onset_step"] = float(self.onset_step)
+        return values
+
+    def _alignment(self, pl_module: nn.Module, batch: Any, targets: torch.Tensor) -> dict[str, float]:
+        named = [(name, p) for name, p in pl_module.named_parameters() if p.requires_grad]
+        criterion = getattr(pl_module, "criterion", None) or nn.CrossEntropyLoss()
+        flags = {module: module.training for module in pl_module.modules()}
+        pl_module.eval()
+        try:
+            with torch.enable_grad():
+                loss = criterion(self.forward(pl_module, batch), targets)
+                grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        finally:
+            for module, flag in flags.items():
+                module.train(flag)
+        values = {"nlm_alignment": nlm_alignment([p for _, p in named], grads)}
+        for (name, param), grad in zip(named, grads, strict=True):
+            if param.ndim >= 2 and grad is not None:
+                values[f"nlm_alignment/{name}"] = nlm_alignment([param], [grad])
+        return values
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "onset_step": self.onset_step}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.onset_step = state_dict.get("onset_step")
+
+
+def magnitude_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """The ``q`` quantile of ``|values|`` with linear interpolation (``torch.quantile``'s default), for tensors of
+    any size (``torch.quantile`` refuses more than 2²⁴ elements).
+
+    Example::
+
+        >>> magnitude_quantile(torch.tensor([-4.0, 1.0, 2.0, -3.0]), 0.5)
+        tensor(2.5000)
+    """
+    ordered = values.detach().abs().flatten().double().sort().values
+    position = q * (ordered.numel() - 1)
+    low, high = math.floor(position), math.ceil(position)
+    return (ordered[low] + (ordered[high] - ordered[low]) * (position - low)).to(values.dtype)
+
+
+class SurgeCollapse(Intervention):
+    """Weight collapse and noise surge, the two real variants of SurgeCollapseNet / StabilAI.
+
+    ``mode="scheduled"`` (SurgeCollapseNet's notebook): every ``collapse_every_n_steps`` optimizer steps, each
+    parameter tensor's entries below its ``sparsity`` magnitude quantile are set to 0 (collapse); every
+    ``surge_every_n_steps`` steps, every exact zero is refilled with N(0, 1)·``recovery`` (surge). The notebook
+    counts batches within an epoch; this counts optimizer steps.
+
+    ``mode="entropy_gated"`` (StabilAI): after every ``every_n_epochs``-th training epoch, the mean activation
+    entropy of the hidden layers (softmax over units, :func:`~plasticity_lightning.metrics.activation_entropy`) is
+    measured on a fixed training probe; when it is below ``entropy_threshold``, every parameter tensor whose last
+    gradient has L2 norm below ``gradient_threshold`` is zeroed and refilled with N(0, ``noise``²). StabilAI reads
+    the entropy of the last training batch and also runs the reset once per epoch unconditionally; here it runs
+    only when the gate opens.
+
+    Optimizer state is left alone, as in both references. Every random draw comes from the callback's seeded
+    generator and the entropy is averaged across ranks, so DDP ranks stay identical; the generator, counts and
+    events are in ``state_dict``. Logs ``surge_collapse/{collapses, surges, resets, sparsity, entropy}``.
+
+    Args:
+        mode: ``"scheduled"`` or ``"entropy_gated"``.
+        layers: module names whose parameters are affected (``None``: every parameter of the model).
+        collapse_every_n_steps, surge_every_n_steps, sparsity, recovery: the scheduled variant (reference: 100,
+            200, 0.5, 0.1).
+        every_n_epochs, entropy_threshold, gradient_threshold, noise, probe_size: the gated variant (reference:
+            1, 1.5, 1e-3, 1e-3).
+        seed: seed of the noise.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[SurgeCollapse(mode="scheduled", sparsity=0.5, recovery=0.1)])
+    """
+
+    def __init__(
+        self,
+        mode: Literal["scheduled", "entropy_gated"] = "scheduled",
+        layers: Sequence[str] | None = None,
+        collapse_every_n_steps: int = 100,
+        surge_every_n_steps: int = 200,
+        sparsity: float = 0.5,
+        recovery: float = 0.1,
+        every_n_epochs: int = 1,
+        entropy_threshold: float = 1.5,
+        gradient_threshold: float = 1e-3,
+        noise: float = 1e-3,
+        probe_size: int = 256,
+        seed: int = 0,
+        prefix: str = "surge_collapse",
+    ) -> None:
+        super().__init__(seed=seed, prefix=prefix)
+        owner = "SurgeCollapse"
+        self.mode = check_choice(owner, "mode", mode, ("scheduled", "entropy_gated"))
+        if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)):
+            raise PlasticityConfigError(f"{owner}.layers={layers!r} is invalid; expected a list of module names")
+        self.layer_names = None if layers is None else list(layers)
+        self.collapse_every_n_steps = check_positive_int(owner, "collapse_every_n_steps", collapse_every_n_steps)
+        self.surge_every_n_steps = check_positive_int(owner, "surge_every_n_steps", surge_every_n_steps)
+        self.sparsity = check_fraction(owner, "sparsity", sparsity, low_open=True)
+        self.recovery = check_positive_float(owner, "recovery", recovery)
+        self.every_n_epochs = check_positive_int(owner, "every_n_epochs", every_n_epochs)
+        self.entropy_threshold = check_positive_float(owner, "entropy_threshold", entropy_threshold)
+        self.gradient_threshold = check_positive_float(owner, "gradient_threshold", gradient_threshold)
+        self.noise = check_positive_float(owner, "noise", noise)
+        self.probe = ProbeSet(size=probe_size, source="train", seed=seed)
+        self.counts = {"collapses": 0, "surges": 0, "resets": 0}
+        self.events: list[dict[str, Any]] = []
+        self._params: list[tuple[str, nn.Parameter]] = []
+        self._hidden: dict[str, nn.Module] = {}
+        self._last_step: int | None = None
+
+    @override
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "mode": self.mode, "layers": self.layer_names}
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.layer_names is None:
+            self._params = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        else:
+            modules = dict(pl_module.named_modules())
+            unknown = [n for n in self.layer_names if n not in modules]
+            if unknown:
+                raise PlasticityConfigError(
+                    f"SurgeCollapse.layers: {unknown} are not modules of {type(pl_module).__name__}; choose among "
+                    f"{', '.join(n for n in modules if n)[:300]}"
+                )
+            self._params = [
+                (f"{n}.{pn}", p) for n in self.layer_names for pn, p in modules[n].named_parameters() if p.requires_grad
+            ]
+        if self.mode == "entropy_gated":
+            self._hidden = resolve_layers(pl_module, None)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
+        if self.mode != "scheduled":
+            return
+        step = trainer.global_step
+        if step == 0 or self._last_step == step:
+            return  # no optimizer step since the last check (gradient accumulation)
+        self._last_step = step
+        if step % self.collapse_every_n_steps == 0:
+            self.collapse(trainer)
+        if step % self.surge_every_n_steps == 0:
+            self.surge(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.mode != "entropy_gated" or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        entropy = self.entropy(trainer, pl_module)
+        if entropy < self.entropy_threshold:
+            self.reset_stalled(trainer, entropy)
+        else:
+            self.log_values(trainer, {"entropy": entropy}, force=True)
+
+    # ------------------------------------------------------------------ the operations
+    @torch.no_grad()
+    def collapse(self, trainer: pl.Trainer | None = None) -> None:
+        """Zero each tensor's entries below its ``sparsity`` magnitude quantile."""
+        for _, param in self._params:
+            threshold = magnitude_quantile(param, self.sparsity)
+            param.masked_fill_(param.abs() < threshold, 0.0)
+        self._record(trainer, "collapse")
+
+    @torch.no_grad()
+    def surge(self, trainer: pl.Trainer | None = None) -> None:
+        """Refill every exact zero with N(0, 1)·``recovery``."""
+        for _, param in self._params:
+            zeros = param == 0
+            count = int(zeros.sum())
+            if count:
+                fresh = torch.randn(count, generator=self.generator) * self.recovery
+                param[zeros] = fresh.to(param)
+        self._record(trainer, "surge")
+
+    @torch.no_grad()
+    def entropy(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        """Mean activation entropy of the hidden layers on the fixed probe, averaged across ranks."""
+        outputs, _ = capture_outputs(pl_module, self.probe.draw(trainer), self._hidden)
+        mean = torch.stack([activation_entropy(v.flatten(1) if v.ndim > 2 else v) for v in outputs.values()]).mean()
+        return float(self.reduce_mean(trainer, mean.to(pl_module.device)))
+
+    @torch.no_grad()
+    def reset_stalled(self, trainer: pl.Trainer | None, entropy: float) -> list[str]:
+        """Zero-and-noise every tensor whose gradient norm is below ``gradient_threshold``; returns their names."""
+        stalled = [(n, p) for n, p in self._params if p.grad is None or float(p.grad.norm()) < self.gradient_threshold]
+        for _, param in stalled:
+            fresh = torch.randn(param.shape, generator=self.generator) * self.noise
+            param.copy_(fresh.to(param))
+        self._record(trainer, "reset", entropy=entropy, tensors=[n for n, _ in stalled])
+        return [n for n, _ in stalled]
+
+    def sparsity_now(self) -> float:
+        """Share of exact zeros over the affected parameters."""
+        total = sum(p.numel() for _, p in self._params)
+        return sum(int((p == 0).sum()) for _, p in self._params) / max(total, 1)
+
+    def _record(self, trainer: pl.Trainer | None, kind: str, **extra: Any) -> None:
+        key = {"collapse": "collapses", "surge": "surges", "reset": "resets"}[kind]
+        self.counts[key] += 1
+        sparsity = self.sparsity_now()
+        step = trainer.global_step if trainer is not None else None
+        self.events.append({"step": step, "kind": kind, "sparsity": sparsity, **extra})
+        if trainer is not None:
+            values = {**self.counts, "sparsity": sparsity}
+            if "entropy" in extra:
+                values["entropy"] = extra["entropy"]
+            self.log_values(trainer, values, force=True)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "counts": dict(self.counts), "events": list(self.events)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.counts.update(state_dict.get("counts", {}))
+        self.events = list(state_dict.get("events", []))

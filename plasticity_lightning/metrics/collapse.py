@@ -1,0 +1,129 @@
+"""Softmax Collapse and naive loss minimisation (Prieto et al. 2025).
+
+=================================  =================================================================================
+function                           definition
+=================================  =================================================================================
+:func:`softmax_collapse_fraction`  share of rows whose softmax normaliser Σ_j exp(z_j − max z) is exactly 1 in the
+                                   given precision: every non-maximal term was absorbed (the paper's
+                                   ``softmax_collapse``; it uses the max logit, not the label)
+:func:`zero_loss_fraction`         share of rows whose cross-entropy, computed in that precision, is exactly 0 (the
+                                   paper's ``zero_terms``)
+:func:`logit_norm`                 mean L2 norm of the logit rows
+:func:`nlm_alignment`              cos(−∇L, θ): alignment of the descent direction with scaling the weights along
+                                   themselves (naive loss minimisation; ⊥Grad removes this component)
+=================================  =================================================================================
+
+Two classes collapse in float32 once the logit gap exceeds ≈ 16.6 (exp(−gap) < 2⁻²⁴); in float64 ≈ 36.7.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torchmetrics import Metric
+
+from plasticity_lightning.core.errors import check_choice
+
+PRECISIONS = ("float16", "float32", "float64")
+
+
+def _in(logits: torch.Tensor, precision: str) -> torch.Tensor:
+    check_choice("softmax collapse", "precision", precision, PRECISIONS)
+    if logits.ndim != 2:
+        raise ValueError(f"Expected [N, C] logits, got shape {tuple(logits.shape)}")
+    return logits.detach().to(getattr(torch, precision))
+
+
+def _collapsed(logits: torch.Tensor, precision: str) -> torch.Tensor:
+    z = _in(logits, precision)
+    z = z - z.max(dim=1, keepdim=True).values
+    return z.exp().sum(dim=1) == 1
+
+
+def _zero_loss(logits: torch.Tensor, targets: torch.Tensor, precision: str) -> torch.Tensor:
+    z = _in(logits, precision)
+    return torch.nn.functional.cross_entropy(z, targets.long(), reduction="none") == 0
+
+
+def softmax_collapse_fraction(logits: torch.Tensor, precision: str = "float32") -> float:
+    """Share of rows whose softmax normaliser is exactly 1 in ``precision``.
+
+    Example::
+
+        >>> softmax_collapse_fraction(torch.tensor([[0.0, 200.0], [0.0, 5.0]]))
+        0.5
+    """
+    return float(_collapsed(logits, precision).float().mean())
+
+
+def zero_loss_fraction(logits: torch.Tensor, targets: torch.Tensor, precision: str = "float32") -> float:
+    """Share of rows whose cross-entropy in ``precision`` is exactly 0.
+
+    Example::
+
+        >>> zero_loss_fraction(torch.tensor([[0.0, 200.0], [0.0, 200.0]]), torch.tensor([1, 0]))
+        0.5
+    """
+    return float(_zero_loss(logits, targets, precision).float().mean())
+
+
+def logit_norm(logits: torch.Tensor) -> float:
+    """Mean L2 norm of the logit rows."""
+    return float(logits.detach().double().norm(dim=1).mean())
+
+
+def nlm_alignment(params: Iterable[torch.Tensor], grads: Iterable[torch.Tensor | None]) -> float:
+    """cos(−g, θ) over the concatenation of ``params`` and their gradients (``None`` gradients are skipped).
+
+    Example::
+
+        >>> nlm_alignment([torch.tensor([1.0, 0.0])], [torch.tensor([-2.0, 0.0])])  # descent scales θ up
+        1.0
+    """
+    dot = norm_w = norm_g = 0.0
+    for param, grad in zip(params, grads, strict=True):
+        if grad is None:
+            continue
+        w, g = param.detach().double().reshape(-1), grad.detach().double().reshape(-1)
+        dot -= float(torch.dot(w, g))
+        norm_w += float(torch.dot(w, w))
+        norm_g += float(torch.dot(g, g))
+    denominator = (norm_w * norm_g) ** 0.5
+    return dot / denominator if denominator > 0 else 0.0
+
+
+class SoftmaxCollapse(Metric):
+    """Accumulating twin of :func:`softmax_collapse_fraction` and :func:`zero_loss_fraction` (``update(logits,
+    targets)``; ``compute()`` returns ``{"softmax_collapse", "zero_terms", "logit_norm"}``), summed across
+    processes.
+
+    Args:
+        precision: ``float16``, ``float32`` or ``float64``.
+    """
+
+    is_differentiable = False
+    full_state_update = False
+    collapsed: torch.Tensor
+    zero: torch.Tensor
+    norm: torch.Tensor
+    count: torch.Tensor
+
+    def __init__(self, precision: str = "float32", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.precision = check_choice("SoftmaxCollapse", "precision", precision, PRECISIONS)
+        for name in ("collapsed", "zero", "norm", "count"):
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        self.collapsed += _collapsed(logits, self.precision).sum()
+        self.zero += _zero_loss(logits, targets, self.precision).sum()
+        self.norm += logits.detach().double().norm(dim=1).sum()
+        self.count += logits.shape[0]
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {
+            "softmax_collapse": self.collapsed / self.count,
+            "zero_terms": self.zero / self.count,
+            "logit_norm": self.norm / self.count,
+        }
