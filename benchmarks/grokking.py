@@ -52,19 +52,18 @@ def run(variant: str, epochs: int, out: Path) -> tuple[list[dict[str, str]], flo
 
 
 def summarise(rows: list[dict[str, str]]) -> dict[str, float | None]:
-    test = [(int(r["epoch"]), float(r["val/acc"])) for r in rows if r.get("val/acc")]
-    collapse = [
-        (int(r["epoch"]), float(r["collapse/softmax_collapse"])) for r in rows if r.get("collapse/softmax_collapse")
-    ]
-    grokked = next((epoch + 1 for epoch, acc in test if acc >= 0.95), None)
-    onset = next((epoch + 1 for epoch, share in collapse if share > 0.5), None)
+    # full batch: one optimizer step per epoch, so the logged step is the number of epochs trained
+    def series(key: str) -> list[tuple[int, float]]:
+        return [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+
+    test, collapse = series("val/acc"), series("collapse/softmax_collapse")
     return {
-        "epochs_to_95": grokked,
+        "epochs_to_95": next((epoch for epoch, acc in test if acc >= 0.95), None),
         "best_test": max(acc for _, acc in test),
         "final_test": test[-1][1],
         "peak_collapse": max(share for _, share in collapse),
         "final_collapse": collapse[-1][1],
-        "onset": onset,
+        "onset": next((epoch for epoch, share in collapse if share > 0.5), None),
     }
 
 

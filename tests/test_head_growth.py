@@ -142,7 +142,7 @@ def test_head_growth_revives_dead_heads_by_gradient_importance_in_a_fit(tmp_path
 
     importance = HeadImportance(num_batches=6)
     pruning = HeadPruning(fraction=0.5, max_fraction=0.5, tolerance=10.0)
-    growth = HeadGrowth(fraction=0.5, choice="gradient", every_n_epochs=1, warmup_steps=4)
+    growth = HeadGrowth(fraction=0.5, choice="gradient", every_n_validations=1, warmup_steps=4)
     trainer = make_trainer(tmp_path, callbacks=[importance, pruning, growth], max_epochs=2, num_sanity_val_steps=0)
     trainer.fit(_LMWithPerplexity(), train, val)
     # each epoch: prune up to the cap of 6 dead heads, then revive half of the dead
@@ -306,7 +306,8 @@ def test_a_failed_cycle_restores_the_exact_previous_weights(tmp_path):
     for name, value in module.state_dict().items():
         assert torch.equal(value, recorder.state[name]), name
     restored = trainer.optimizers[0].state_dict()["state"]
-    assert all(torch.equal(restored[i]["exp_avg"], s["exp_avg"]) for i, s in recorder.optimizer.items())
+    for i, saved in recorder.optimizer.items():
+        assert all(torch.equal(restored[i][key], saved[key]) for key in ("exp_avg", "exp_avg_sq", "step")), i
     assert bool((trainer.callbacks[0].gates.mask == 1).all()) and cycle.reviver.reviving == []
     start = {"random": 0.5}
     assert cycle.ratings[f"prune/{record['prune_strategy']}"] == pytest.approx(
@@ -347,17 +348,25 @@ def test_successful_cycles_are_kept_rated_remembered_and_written(tmp_path):
 
 
 def test_a_run_resumed_mid_cycle_ends_like_the_uninterrupted_one(tmp_path):
-    def run(root, steps, ckpt=None):
-        cycle = _cycle(max_perplexity_increase=10.0, max_degeneration=None, memory_replay=0.5, max_cycles=3)
-        trainer, module = _fit_cycle(root, cycle, max_steps=steps, ckpt=ckpt)
-        return trainer, cycle, module
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
-    _, full, full_model = run(tmp_path / "full", 12)
-    half_trainer, half, _ = run(tmp_path / "half", 6)  # an epoch end inside the first cycle's learning phase
-    assert half.current is not None and half.snapshot is not None and len(half.history) == 0
-    half_trainer.save_checkpoint(tmp_path / "half.ckpt")
-    _, resumed, resumed_model = run(tmp_path / "resumed", 12, tmp_path / "half.ckpt")
-    assert len(full.history) == 2
+    def run(root, ckpt=None, checkpoints=None):
+        cycle = _cycle(max_perplexity_increase=10.0, max_degeneration=None, memory_replay=0.5, max_cycles=3)
+        _, train, val = _token_loaders()
+        module = _CycleLM()
+        callbacks = [HeadImportance(num_batches=2), cycle, *([checkpoints] if checkpoints else [])]
+        trainer = make_trainer(root, callbacks=callbacks, max_steps=12, enable_checkpointing=checkpoints is not None)
+        trainer.fit(module, train, val, ckpt_path=ckpt)
+        return cycle, module
+
+    # the uninterrupted run saves a checkpoint after every epoch (6 steps): the first falls inside cycle 1 (3-7)
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1, filename="{epoch}")
+    full, full_model = run(tmp_path / "full", checkpoints=saver)
+    assert len(full.history) == 2 and full.current is None  # a third cycle would not end by step 12
+    mid_cycle = torch.load(tmp_path / "ckpt" / "epoch=0.ckpt", weights_only=False)
+    state = next(v for k, v in mid_cycle["callbacks"].items() if k.startswith("PlasticityCycle"))
+    assert state["current"] is not None and state["snapshot"] is not None and state["cycles"] == []
+    resumed, resumed_model = run(tmp_path / "resumed", ckpt=tmp_path / "ckpt" / "epoch=0.ckpt")
     assert json.dumps(resumed.record()) == json.dumps(full.record())
     for name, value in full_model.state_dict().items():
         assert torch.allclose(resumed_model.state_dict()[name], value, atol=1e-6), name
@@ -368,9 +377,61 @@ def test_cycle_configuration_errors(tmp_path):
         PlasticityCycle(pruning_strategies=["loudest"])
     with pytest.raises(PlasticityConfigError, match=r"PlasticityCycle.prune_level=1.0 is invalid"):
         PlasticityCycle(prune_level=1.0)
+    with pytest.raises(PlasticityConfigError, match=r"PlasticityCycle.growth_strategies=\['random', 'random'\]"):
+        PlasticityCycle(growth_strategies=["random", "random"])
+    with pytest.raises(PlasticityConfigError, match=r"PlasticityCycle.adapt='no' is invalid"):
+        PlasticityCycle(adapt="no")
+    with pytest.raises(PlasticityConfigError, match=r"PlasticityCycle.probe_size=0 is invalid"):
+        PlasticityCycle(probe_size=0)
+    with pytest.raises(PlasticityConfigError, match=r"HeadGrowth.lr_multiplier=inf is invalid"):
+        HeadGrowth(lr_multiplier=float("inf"))
+    with pytest.raises(PlasticityConfigError, match=r"head \(7, 0\) is out of range"):
+        HeadReviver(HeadGates(tiny_gpt2())).revive([(7, 0)], step=0)
+    _, train, _ = _token_loaders()
+    no_validation = make_trainer(tmp_path / "nv", callbacks=[HeadImportance(), _cycle()], max_steps=1)
+    with pytest.raises(PlasticityConfigError, match="PlasticityCycle measures on validation blocks"):
+        no_validation.fit(_CycleLM(), train)
     with pytest.raises(PlasticityConfigError, match="remove HeadPruning from the trainer"):
         _fit_cycle(tmp_path, _cycle(), max_steps=1, extra=[HeadPruning()])
     _, train, val = _token_loaders()
     trainer = make_trainer(tmp_path, callbacks=[HeadImportance(method="entropy"), _cycle()], max_steps=1)
     with pytest.raises(PlasticityConfigError, match="'gradient' strategies need HeadImportance"):
         trainer.fit(_CycleLM(), train, val)
+
+
+def test_the_boost_acts_on_the_optimizer_a_fit_uses(tmp_path):
+    """Inside a fit: the first step after a revival moves the revived head's output rows lr_multiplier x lr x grad."""
+    import lightning.pytorch as pl
+
+    _, train, val = _token_loaders()
+
+    class SGDLM(_LMWithPerplexity):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class Watch(pl.Callback):
+        def __init__(self):
+            self.grad = self.before = self.delta = None
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 6:  # the first step after growth at the end of epoch 0
+                layer, head = growth.history[0]["revived"][0]
+                self.weight = pl_module.model.transformer.h[layer].attn.c_proj.weight
+                self.rows = slice(head * 8, (head + 1) * 8)
+                self.grad = self.weight.grad[self.rows].clone()
+                self.before = self.weight.detach()[self.rows].clone()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 7:
+                self.delta = self.weight.detach()[self.rows] - self.before
+
+    importance = HeadImportance(num_batches=6)
+    pruning = HeadPruning(fraction=0.25, max_fraction=0.25, tolerance=10.0)
+    growth = HeadGrowth(fraction=1.0, choice="random", warmup_steps=0, lr_multiplier=3.0, boost_steps=1000)
+    watch = Watch()
+    trainer = make_trainer(
+        tmp_path, callbacks=[importance, pruning, growth, watch], max_steps=7, num_sanity_val_steps=0
+    )
+    trainer.fit(SGDLM(), train, val)
+    assert watch.grad.abs().max() > 0
+    assert torch.allclose(watch.delta, -0.1 * 3.0 * watch.grad, rtol=1e-4, atol=1e-9)

@@ -145,7 +145,8 @@ def test_head_importance_is_the_mean_absolute_gate_gradient_normalised_per_layer
     functional = head_importance(reference_model, [batch for (batch,) in loader])
     assert torch.allclose(functional, expected, rtol=1e-4, atol=1e-7)
     assert all(p.grad is not None for p in reference_model.parameters())  # the caller's gradients are left alone
-    assert not callback.gates._handles  # gates removed after fit: the model is untouched
+    # the gates stay on the model after the fit (validate/test see pruned heads), no longer differentiable
+    assert callback.gates.attached_to(module) and not callback.gates.gates.requires_grad
     magnitude = HeadImportance(method="weight_magnitude", normalize=None)
     magnitude.on_fit_start(None, module)
     norms = magnitude.compute()
@@ -256,3 +257,53 @@ def test_attention_that_is_not_gpt2_fused_layout_is_refused():
     attn.c_attn = torch.nn.Linear(32, 96)  # a Linear stores [out, in]: slicing columns would cut the wrong weights
     with pytest.raises(PlasticityConfigError, match=r"transformer.h.1.attn: c_attn weight \(96, 32\)"):
         HeadGates(model)
+
+
+def test_gate_gradients_are_unscaled_and_overflowing_steps_skipped():
+    from types import SimpleNamespace
+
+    from plasticity_lightning import HeadImportance
+
+    class Scaler:
+        def is_enabled(self):
+            return True
+
+        def get_scale(self):
+            return 1024.0
+
+    module = _LM()
+    callback = HeadImportance(num_batches=10)
+    callback.on_fit_start(None, module)
+    trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=Scaler()))
+    callback.gates.gates.grad = torch.full((3, 4), -2048.0)
+    callback.on_after_backward(trainer, module)
+    assert torch.equal(callback._sum, torch.full((3, 4), 2.0))  # |grad| / loss scale
+    callback.gates.gates.grad = torch.full((3, 4), float("inf"))
+    callback.on_after_backward(trainer, module)
+    assert torch.equal(callback._sum, torch.full((3, 4), 2.0)) and callback.gates.gates.grad is None
+
+
+def test_pruned_heads_persist_after_the_fit_and_fold_into_the_weights(tmp_path):
+    from conftest import make_trainer
+
+    from plasticity_lightning import HeadImportance, HeadPruning
+
+    data, train, val = _token_loaders()
+    importance, pruning = HeadImportance(num_batches=6), HeadPruning(fraction=0.25, max_fraction=0.5, tolerance=10.0)
+    module = _LMWithPerplexity()
+    trainer = make_trainer(tmp_path, callbacks=[importance, pruning], max_epochs=1, num_sanity_val_steps=0)
+    trainer.fit(module, train, val)
+    mask = importance.gates.mask
+    assert int((mask == 0).sum()) == 3
+    trainer.validate(module, val)  # validation outside the fit: nothing is pruned, the gates still apply
+    assert torch.equal(importance.gates.mask, mask) and len(pruning.history) == 1
+    x = data[24:28]
+    with torch.no_grad():
+        gated = module.model(x).logits
+    # a second fit of the same model keeps the pruned heads
+    make_trainer(tmp_path / "b", callbacks=[importance], max_epochs=1, num_sanity_val_steps=0).fit(module, train)
+    assert torch.equal(importance.gates.mask, mask)
+    importance.gates.fold_()  # baked into c_proj: no hooks, same function
+    with torch.no_grad():
+        assert torch.allclose(module.model(x).logits, gated, atol=1e-6)
+    assert not importance.gates._handles

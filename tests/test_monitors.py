@@ -237,7 +237,7 @@ def test_bad_arguments():
         DormantUnitMonitor(every_n_epochs=0)
     with pytest.raises(PlasticityConfigError, match=r"RankMonitor.layers='hidden.0.act' is invalid"):
         RankMonitor(layers="hidden.0.act")
-    with pytest.raises(PlasticityConfigError, match=r"ProbeSet.source='test' is not supported"):
+    with pytest.raises(PlasticityConfigError, match=r"EntropyMonitor.probe_source='test' is not supported"):
         EntropyMonitor(probe_source="test")
     with pytest.raises(PlasticityConfigError, match=r"RankMonitor.measures='srank' is invalid; expected a non-empty"):
         RankMonitor(measures="srank")

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from plasticity_lightning.callbacks.intervention import Intervention
@@ -147,6 +149,26 @@ def choose_heads_to_grow(
     return heads_to_grow(choice, gates.mask.cpu(), count, scores, generator)
 
 
+def require_validation(trainer: pl.Trainer, pl_module: pl.LightningModule, owner: str) -> None:
+    """Fail at fit start, not hours later, when a callback that measures on validation blocks has none."""
+    has_step = is_overridden("validation_step", pl_module)
+    # Lightning's record of whether validation data was given (a private attribute: assume yes if it moved)
+    source = getattr(getattr(trainer.fit_loop.epoch_loop, "val_loop", None), "_data_source", None)
+    has_data = source.is_defined() if hasattr(source, "is_defined") else True
+    if trainer.limit_val_batches == 0 or not has_step or not has_data:
+        raise PlasticityConfigError(
+            f"{owner} measures on validation blocks, but this fit has no validation (limit_val_batches="
+            f"{trainer.limit_val_batches!r}, validation_step {'defined' if has_step else 'missing'}, validation "
+            f"data {'given' if has_data else 'missing'}); give the model a validation_step and the trainer "
+            "validation data"
+        )
+
+
+def _fitting(trainer: pl.Trainer) -> bool:
+    """A validation inside ``trainer.fit`` (not the sanity check, not ``trainer.validate``)."""
+    return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+
+
 def find_head_importance(trainer: pl.Trainer, owner: str) -> HeadImportance:
     """The trainer's :class:`HeadImportance` (its gates are the ones every head callback acts on)."""
     found = [c for c in trainer.callbacks if isinstance(c, HeadImportance)]
@@ -207,7 +229,10 @@ class HeadImportance(Intervention):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.gates = HeadGates(pl_module, differentiable=self.method == "gradient")
+        if self.gates is None or not self.gates.attached_to(pl_module):
+            self.gates = HeadGates(pl_module, differentiable=self.method == "gradient")
+        # a second fit of the same model keeps its gates (pruned heads stay pruned)
+        self.gates.gates.requires_grad_(self.method == "gradient")
         self._sum = torch.zeros_like(self.gates.mask)
         if self._pending_sum is not None:  # a resumed window continues where the checkpoint left it
             self._sum += self._pending_sum.to(self._sum.device)
@@ -218,15 +243,24 @@ class HeadImportance(Intervention):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The gates stay on the model, so validate/test/predict after the fit see the pruned heads;
+        # gates.remove() detaches them, fold_gates_ bakes them into the weights for export.
         if self.gates is not None:
-            self.gates.remove()
+            self.gates.gates.requires_grad_(False)
+            self.gates.gates.grad = None
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.gates is None or self.method != "gradient" or self.gates.gates.grad is None:
             return
-        self._sum += self.gates.gates.grad.abs()
+        grad = self.gates.gates.grad
         self.gates.gates.grad = None
+        # The gates are in no optimizer, so a mixed-precision GradScaler never unscales their gradient
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            grad = grad / scaler.get_scale()
+        if torch.isfinite(grad).all():  # an overflowing (skipped) step carries no information
+            self._sum += grad.abs()
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
@@ -315,6 +349,8 @@ class DegenerationMonitor(PlasticityMonitor):
         super().__init__(prefix=prefix, **kwargs)
         self.prompts = check_prompts("DegenerationMonitor", prompts)
         self.max_new_tokens = check_positive_int("DegenerationMonitor", "max_new_tokens", max_new_tokens)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise PlasticityConfigError(f"DegenerationMonitor.seed={seed!r} is invalid; expected an integer")
         self.seed = seed
         self.tokenizer = tokenizer
         self.samples: list[str] = []
@@ -421,20 +457,22 @@ def lowest_heads(importance: torch.Tensor, alive: torch.Tensor, count: int) -> l
 
 
 class HeadPruning(Intervention):
-    """Iterative head pruning by importance (Michel et al.): after every ``every_n_epochs``-th validation, gate off
+    """Iterative head pruning by importance (Michel et al.): after every ``every_n_validations``-th validation of the
+    fit (not of ``trainer.validate``), gate off
     the ``fraction`` of all heads with the lowest importance — never a layer's last head — until ``max_fraction``
     is pruned or validation perplexity exceeds the first measured one by more than ``tolerance`` (relative); the
     step that broke the tolerance is undone and pruning stops.
 
     Importance and gates come from a :class:`HeadImportance` callback on the same trainer (add it before this
-    one). Decisions use DDP-averaged importance and torchmetrics-synchronised perplexity, so every rank prunes the
-    same heads. The mask, baseline and history are in ``state_dict``.
+    one). Decisions use DDP-averaged importance and the perplexity averaged across ranks, so every rank prunes the
+    same heads. Undoing a step turns back on exactly the heads that step pruned. The mask, baseline, validation
+    count and history are in ``state_dict``.
 
     Args:
         fraction: share of all heads pruned per step (Michel et al.: 0.1).
         max_fraction: stop after this share of heads is pruned.
         tolerance: allowed relative rise of the monitored perplexity over the first value.
-        every_n_epochs: pruning cadence in validation epochs.
+        every_n_validations: pruning cadence in validation runs.
         monitor: the perplexity key in ``trainer.callback_metrics``.
     """
 
@@ -443,7 +481,7 @@ class HeadPruning(Intervention):
         fraction: float = 0.1,
         max_fraction: float = 0.5,
         tolerance: float = 0.05,
-        every_n_epochs: int = 1,
+        every_n_validations: int = 1,
         monitor: str = "val/perplexity",
         prefix: str = "heads",
     ) -> None:
@@ -451,10 +489,13 @@ class HeadPruning(Intervention):
         self.fraction = check_fraction("HeadPruning", "fraction", fraction, low_open=True)
         self.max_fraction = check_fraction("HeadPruning", "max_fraction", max_fraction, low_open=True)
         self.tolerance = check_positive_float("HeadPruning", "tolerance", tolerance, allow_zero=True)
-        self.every_n_epochs = check_positive_int("HeadPruning", "every_n_epochs", every_n_epochs)
+        self.every_n_validations = check_positive_int("HeadPruning", "every_n_validations", every_n_validations)
+        if not isinstance(monitor, str) or not monitor:
+            raise PlasticityConfigError(f"HeadPruning.monitor={monitor!r} is invalid; expected a logged metric name")
         self.monitor = monitor
         self.mask: torch.Tensor | None = None
-        self.previous_mask: torch.Tensor | None = None
+        self.last_pruned: list[tuple[int, int]] = []
+        self.validations = 0
         self.baseline: float | None = None
         self.stopped = False
         self.history: list[dict[str, Any]] = []
@@ -471,21 +512,25 @@ class HeadPruning(Intervention):
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or self.stopped or self._importance is None:
+        if not _fitting(trainer) or self.stopped or self._importance is None:
             return
-        if (trainer.current_epoch + 1) % self.every_n_epochs:
+        self.validations += 1
+        if self.validations % self.every_n_validations:
             return
         if self.monitor not in trainer.callback_metrics:
             raise PlasticityConfigError(
                 f"HeadPruning.monitor={self.monitor!r} is not logged; logged: "
                 f"{', '.join(sorted(trainer.callback_metrics))}"
             )
-        perplexity = float(trainer.callback_metrics[self.monitor])
+        # averaged across ranks: a value logged without sync_dist would let ranks decide differently
+        value = trainer.callback_metrics[self.monitor].detach().float().to(pl_module.device)
+        perplexity = float(self.reduce_mean(trainer, value))
         gates = self._importance.gates
         if self.baseline is None:
             self.baseline = perplexity
         elif perplexity > self.baseline * (1 + self.tolerance):
-            gates.load(self.previous_mask)  # undo the step that cost too much, and stop
+            for layer, head in self.last_pruned:  # undo exactly the step that cost too much, and stop
+                gates.set(layer, head, 1.0)
             self.mask, self.stopped = gates.mask, True
             self._record(trainer, perplexity, [], reverted=True)
             return
@@ -499,7 +544,7 @@ class HeadPruning(Intervention):
             self.stopped = True
             self._record(trainer, perplexity, [], reverted=False)
             return
-        self.previous_mask = gates.mask
+        self.last_pruned = [(int(layer), int(head)) for layer, head in heads]
         for layer, head in heads:
             gates.set(layer, head, 0.0)
         self.mask = gates.mask
@@ -525,7 +570,8 @@ class HeadPruning(Intervention):
         return {
             **super().state_dict(),
             "mask": self.mask,
-            "previous_mask": self.previous_mask,
+            "last_pruned": list(self.last_pruned),
+            "validations": self.validations,
             "baseline": self.baseline,
             "stopped": self.stopped,
             "history": list(self.history),
@@ -535,14 +581,16 @@ class HeadPruning(Intervention):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.mask = state_dict.get("mask")
-        self.previous_mask = state_dict.get("previous_mask")
+        self.last_pruned = [tuple(h) for h in state_dict.get("last_pruned", [])]
+        self.validations = int(state_dict.get("validations", 0))
         self.baseline = state_dict.get("baseline")
         self.stopped = bool(state_dict.get("stopped", False))
         self.history = list(state_dict.get("history", []))
 
 
 class HeadGrowth(Intervention):
-    """Revive gated-off heads after every ``every_n_epochs``-th validation: ``fraction`` of the dead heads (at least
+    """Revive gated-off heads after every ``every_n_validations``-th validation of the fit: ``fraction`` of the dead
+    heads (at least
     one) get fresh Q/K/V weights and near-silent output rows, a gate that ramps from ``initial_gate`` to 1 over
     ``warmup_steps`` and a learning rate ``lr_multiplier``× the optimizer's that decays back over ``boost_steps``
     (see :class:`~plasticity_lightning.surgery.HeadReviver` for why the boost is per slice, not a param group).
@@ -556,7 +604,7 @@ class HeadGrowth(Intervention):
     Args:
         fraction: share of the dead heads revived per growth step.
         choice: one of ``balanced``, ``entropy_gap``, ``gradient``, ``random``.
-        every_n_epochs: growth cadence in validation epochs (``None``: only when :meth:`grow` is called).
+        every_n_validations: growth cadence in validation runs (``None``: only when :meth:`grow` is called).
         output_scale, warmup_steps, initial_gate, lr_multiplier, boost_steps: as in ``HeadReviver``.
         probe_size: validation blocks on which the entropy gap is measured.
         seed: seed of the random choices and the fresh weights.
@@ -571,7 +619,7 @@ class HeadGrowth(Intervention):
         self,
         fraction: float = 0.5,
         choice: Literal["balanced", "entropy_gap", "gradient", "random"] = "balanced",
-        every_n_epochs: int | None = 1,
+        every_n_validations: int | None = 1,
         output_scale: float = 0.01,
         warmup_steps: int = 100,
         initial_gate: float = 0.0,
@@ -584,9 +632,10 @@ class HeadGrowth(Intervention):
         super().__init__(seed=seed, prefix=prefix)
         self.fraction = check_fraction("HeadGrowth", "fraction", fraction, low_open=True, high_open=False)
         self.choice = check_choice("HeadGrowth", "choice", choice, GROWTH_CHOICES)
-        if every_n_epochs is not None:
-            check_positive_int("HeadGrowth", "every_n_epochs", every_n_epochs)
-        self.every_n_epochs = every_n_epochs
+        if every_n_validations is not None:
+            check_positive_int("HeadGrowth", "every_n_validations", every_n_validations)
+        self.every_n_validations = every_n_validations
+        self.validations = 0
         self.reviver_settings = {
             "output_scale": output_scale,
             "warmup_steps": warmup_steps,
@@ -596,7 +645,7 @@ class HeadGrowth(Intervention):
         }
         # validate now (a bad value must fail at construction, not at fit start)
         HeadReviver.check_settings(owner="HeadGrowth", **self.reviver_settings)
-        self.probe = ProbeSet(size=probe_size, source="val", seed=seed)
+        self.probe = ProbeSet(size=probe_size, source="val", seed=seed, owner="HeadGrowth")
         self.reviver: HeadReviver | None = None
         self.history: list[dict[str, Any]] = []
         self._pending_reviver: dict[str, Any] | None = None
@@ -609,6 +658,8 @@ class HeadGrowth(Intervention):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._importance = find_head_importance(trainer, "HeadGrowth")
+        if self.choice == "entropy_gap":
+            require_validation(trainer, pl_module, "HeadGrowth(choice='entropy_gap')")
         if self.choice == "gradient" and self._importance.method != "gradient":
             raise PlasticityConfigError(
                 f"HeadGrowth(choice='gradient') needs HeadImportance(method='gradient'), got "
@@ -632,9 +683,10 @@ class HeadGrowth(Intervention):
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or self.every_n_epochs is None:
+        if not _fitting(trainer) or self.every_n_validations is None:
             return
-        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+        self.validations += 1
+        if self.validations % self.every_n_validations == 0:
             self.grow(trainer, pl_module)
 
     def choose(self, trainer: pl.Trainer, pl_module: pl.LightningModule, count: int) -> list[tuple[int, int]]:
@@ -673,13 +725,19 @@ class HeadGrowth(Intervention):
     @override
     def state_dict(self) -> dict[str, Any]:
         reviver = self.reviver.state_dict() if self.reviver is not None else self._pending_reviver
-        return {**super().state_dict(), "reviver": reviver, "history": list(self.history)}
+        return {
+            **super().state_dict(),
+            "reviver": reviver,
+            "history": list(self.history),
+            "validations": self.validations,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._pending_reviver = state_dict.get("reviver")
         self.history = list(state_dict.get("history", []))
+        self.validations = int(state_dict.get("validations", 0))
 
 
 class AttentionEntropyMonitor(PlasticityMonitor):
@@ -711,6 +769,12 @@ class AttentionEntropyMonitor(PlasticityMonitor):
     ) -> None:
         super().__init__(probe_size=probe_size, probe_source=probe_source, prefix=prefix, **kwargs)
         self.entropy: torch.Tensor | None = None
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self.probe.source == "val":
+            require_validation(trainer, pl_module, "AttentionEntropyMonitor(probe_source='val')")
 
     @override
     def measure(self, trainer, pl_module, outputs, model_output) -> dict[str, float]:

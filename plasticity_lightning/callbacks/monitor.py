@@ -97,7 +97,7 @@ class PlasticityMonitor(TaskAwareCallback):
         self.every_n_steps = every_n_steps
         self.on_task_change = on_task_change
         self.at_train_end = at_train_end
-        self.probe = ProbeSet(size=probe_size, source=probe_source)
+        self.probe = ProbeSet(size=probe_size, source=probe_source, owner=owner)
         self.refresh_probe_on_task_change = refresh_probe_on_task_change
         self.log_media = log_media
         self.prefix = prefix

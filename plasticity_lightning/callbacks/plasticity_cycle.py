@@ -31,6 +31,7 @@ from plasticity_lightning.callbacks.heads import (
     head_scores,
     language_model,
     lowest_heads,
+    require_validation,
     resolve_tokenizer,
     score_generations,
 )
@@ -178,10 +179,12 @@ class PlasticityCycle(Intervention):
         )
         self.memory_capacity = check_positive_int(owner, "memory_capacity", memory_capacity, allow_zero=True)
         self.memory_replay = check_fraction(owner, "memory_replay", memory_replay, high_open=False)
-        self.adapt = bool(adapt)
+        if not isinstance(adapt, bool):
+            raise PlasticityConfigError(f"{owner}.adapt={adapt!r} is invalid; expected true or false")
+        self.adapt = adapt
         self.patience = None if patience is None else check_positive_int(owner, "patience", patience)
         self.min_improvement = check_positive_float(owner, "min_improvement", min_improvement, allow_zero=True)
-        self.probe = ProbeSet(size=probe_size, source="val", seed=seed)
+        self.probe = ProbeSet(size=probe_size, source="val", seed=seed, owner=owner)
         self.prompts = check_prompts(owner, prompts)
         self.max_new_tokens = check_positive_int(owner, "max_new_tokens", max_new_tokens)
         self.tokenizer = tokenizer
@@ -232,6 +235,7 @@ class PlasticityCycle(Intervention):
                 f"method={self._importance.method!r}; drop 'gradient' from pruning_strategies/growth_strategies"
             )
         resolve_tokenizer(trainer, self.tokenizer, "PlasticityCycle")
+        require_validation(trainer, pl_module, "PlasticityCycle")
         self.reviver = HeadReviver(self._importance.gates, owner="PlasticityCycle", **self.reviver_settings)
         if self._pending_reviver is not None:
             self.reviver.load_state_dict(self._pending_reviver)
@@ -254,8 +258,17 @@ class PlasticityCycle(Intervention):
         step = trainer.global_step
         if self.current is not None and step - self.current["start_step"] >= self.current["learn_steps"]:
             self.finish_cycle(trainer, pl_module)
-        if self.current is None and self.stopped is None and step >= self.start_step:
+        if self.current is None and self.stopped is None and step >= self.start_step and self._room(trainer):
             self.start_cycle(trainer, pl_module)
+
+    def _room(self, trainer: pl.Trainer) -> bool:
+        """Whether a whole cycle fits before ``max_steps``: an unfinished cycle would leave heads pruned and revived
+        heads unjudged (and unrevertable)."""
+        return (
+            trainer.max_steps is None
+            or trainer.max_steps < 0
+            or (trainer.global_step + self.learn_steps <= trainer.max_steps)
+        )
 
     # ------------------------------------------------------------------ measuring
     @torch.no_grad()
@@ -458,6 +471,7 @@ class PlasticityCycle(Intervention):
             "growth_ratio": self.growth_ratio,
             "learn_steps": self.learn_steps,
             "stopped": self.stopped,
+            "unfinished": self.current,  # a cycle cut short by the end of training (not judged, not reverted)
         }
 
     def write_json(self, trainer: pl.Trainer) -> Path | None:
@@ -467,7 +481,8 @@ class PlasticityCycle(Intervention):
         if not trainer.is_global_zero:
             return None
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.record(), indent=2))
+        # strict JSON: a diverged perplexity (inf/NaN) is written as null
+        path.write_text(json.dumps(_json_safe(self.record()), indent=2, allow_nan=False))
         return path
 
     @override
@@ -493,9 +508,19 @@ class PlasticityCycle(Intervention):
         self.learn_steps = state_dict.get("learn_steps", self.learn_steps)
         self.stopped = state_dict.get("stopped")
         self.stale = int(state_dict.get("stale", 0))
-        self.current = state_dict.get("current")
+        self.current = state_dict.get("current", state_dict.get("unfinished"))
         self.snapshot = state_dict.get("snapshot")
         self._pending_reviver = state_dict.get("reviver")
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _to_cpu(collection: Any) -> Any:
@@ -503,8 +528,9 @@ def _to_cpu(collection: Any) -> Any:
 
 
 def _check_strategies(owner: str, name: str, values: Any, allowed: Sequence[str]) -> list[str]:
-    if isinstance(values, str) or not values or any(v not in allowed for v in values):
+    if isinstance(values, str) or not values or any(v not in allowed for v in values) or len(set(values)) < len(values):
         raise PlasticityConfigError(
-            f"{owner}.{name}={values!r} is invalid; expected a non-empty list drawn from {', '.join(allowed)}"
+            f"{owner}.{name}={values!r} is invalid; expected a non-empty list of distinct entries drawn from "
+            f"{', '.join(allowed)}"
         )
     return list(values)

@@ -69,7 +69,7 @@ class ReDo(UnitIntervention):
         check_positive_int("ReDo", "probe_size", probe_size)
         check_choice("ReDo", "probe_source", probe_source, ("train", "val"))
         self.on_task_change = on_task_change
-        self.probe = ProbeSet(size=probe_size, source=probe_source, seed=seed)
+        self.probe = ProbeSet(size=probe_size, source=probe_source, seed=seed, owner="ReDo")
         self.forward = forward or default_forward
         self.replaced: dict[str, int] = {}
         self._last_step: int | None = None

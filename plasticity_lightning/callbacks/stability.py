@@ -214,7 +214,7 @@ class SurgeCollapse(Intervention):
         self.entropy_threshold = check_positive_float(owner, "entropy_threshold", entropy_threshold)
         self.gradient_threshold = check_positive_float(owner, "gradient_threshold", gradient_threshold)
         self.noise = check_positive_float(owner, "noise", noise)
-        self.probe = ProbeSet(size=probe_size, source="train", seed=seed)
+        self.probe = ProbeSet(size=probe_size, source="train", seed=seed, owner=owner)
         self.counts = {"collapses": 0, "surges": 0, "resets": 0}
         self.events: list[dict[str, Any]] = []
         self._params: list[tuple[str, nn.Parameter]] = []

@@ -39,9 +39,13 @@ class ProbeSet:
         True
     """
 
-    def __init__(self, size: int = 1024, source: Literal["train", "val"] = "train", seed: int = 0) -> None:
-        self.size = check_positive_int("ProbeSet", "size", size)
-        self.source = check_choice("ProbeSet", "source", source, ("train", "val"))
+    def __init__(
+        self, size: int = 1024, source: Literal["train", "val"] = "train", seed: int = 0, owner: str | None = None
+    ) -> None:
+        # errors name the caller's own argument (e.g. "ReDo.probe_size=0") when a callback owns the probe
+        name, field = (owner, "probe_") if owner else ("ProbeSet", "")
+        self.size = check_positive_int(name, f"{field}size", size)
+        self.source = check_choice(name, f"{field}source", source, ("train", "val"))
         self.seed = seed
         self.batch: Any = None
         self._raw: tuple[int, int, Any] | None = None  # (id(dataset), len(dataset), collated rows)

@@ -14,6 +14,7 @@ GPT-2, distilgpt2 and their relatives define it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -132,7 +133,31 @@ class HeadGates:
             raise PlasticityConfigError(
                 f"HeadGates.load: mask of shape {tuple(mask.shape)} given, expected {tuple(self.gates.shape)}"
             )
+        if not torch.isfinite(mask).all():
+            raise PlasticityConfigError("HeadGates.load: the mask has NaN or infinite gates")
         self.gates.copy_(mask.to(self.gates))
+
+    @torch.no_grad()
+    def fold_(self) -> None:
+        """Bake the gates into the weights (each head's ``c_proj`` rows × its gate) and detach the hooks: the model
+        then computes exactly what the gated model did, with no hooks (for export; then :func:`prune_heads_`
+        removes the heads whose gate was 0)."""
+        for index, (_, module) in enumerate(self.layers):
+            rows = module.c_proj.weight.view(self.num_heads, -1, module.c_proj.weight.shape[1])
+            rows.mul_(self.gates[index].detach().to(rows)[:, None, None])
+        self.remove()
+
+    def attached_to(self, model: nn.Module) -> bool:
+        """Whether these gates are hooked onto ``model``'s attention modules."""
+        if not self._handles:
+            return False
+        try:
+            current = attention_modules(model)
+        except PlasticityConfigError:
+            return False
+        return len(current) == len(self.layers) and all(
+            a is b for (_, a), (_, b) in zip(current, self.layers, strict=True)
+        )
 
     def remove(self) -> None:
         """Detach the hooks (the model computes as if every gate were 1)."""
@@ -168,6 +193,9 @@ def head_importance(
         >>> scores.shape, [round(float(n), 4) for n in scores.norm(dim=1)]
         (torch.Size([2, 4]), [1.0, 1.0])
     """
+    batches = list(batches)
+    if not batches:
+        raise PlasticityConfigError("head_importance: no batches given; pass at least one batch of token ids")
     gates = HeadGates(model, differentiable=True)
     saved = {name: p.grad for name, p in model.named_parameters()}
     total, count = torch.zeros_like(gates.gates), 0
@@ -398,11 +426,13 @@ class HeadReviver:
     def check_settings(owner: str = "HeadReviver", **settings: Any) -> dict[str, Any]:
         """Validate reviver settings (a clear error naming ``owner``'s field); returns them."""
         checks = {
-            "output_scale": lambda v: check_positive_float(owner, "output_scale", v, allow_zero=True),
+            "output_scale": lambda v: _finite(
+                owner, "output_scale", check_positive_float(owner, "output_scale", v, allow_zero=True)
+            ),
             "std": lambda v: check_positive_float(owner, "std", v),
             "warmup_steps": lambda v: check_positive_int(owner, "warmup_steps", v, allow_zero=True),
             "initial_gate": lambda v: check_fraction(owner, "initial_gate", v, high_open=False),
-            "lr_multiplier": lambda v: check_positive_float(owner, "lr_multiplier", v),
+            "lr_multiplier": lambda v: _finite(owner, "lr_multiplier", check_positive_float(owner, "lr_multiplier", v)),
             "boost_steps": lambda v: check_positive_int(owner, "boost_steps", v, allow_zero=True),
         }
         return {name: checks[name](value) for name, value in settings.items()}
@@ -433,6 +463,11 @@ class HeadReviver:
         optimizers = list(optimizers)
         by_layer: dict[int, list[int]] = {}
         for layer, head in heads:
+            if not (0 <= int(layer) < self.gates.num_layers and 0 <= int(head) < self.gates.num_heads):
+                raise PlasticityConfigError(
+                    f"HeadReviver.revive: head ({layer}, {head}) is out of range for {self.gates.num_layers} layers "
+                    f"of {self.gates.num_heads} heads"
+                )
             by_layer.setdefault(int(layer), []).append(int(head))
         for layer, layer_heads in sorted(by_layer.items()):
             reinit_heads(
@@ -509,3 +544,9 @@ class HeadReviver:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reviving = [tuple(int(v) for v in r) for r in state.get("reviving", [])]
         self.step = int(state.get("step", 0))
+
+
+def _finite(owner: str, name: str, value: float) -> float:
+    if not math.isfinite(value):
+        raise PlasticityConfigError(f"{owner}.{name}={value!r} is invalid; expected a finite number")
+    return value
