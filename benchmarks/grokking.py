@@ -4,7 +4,8 @@ Runs the three grokking recipes through the real entry point (`plasticity fit`) 
 softmax cross-entropy in float32 (`grokking_softmax_baseline.yaml`), StableMax cross-entropy
 (`grokking_stablemax.yaml`) and ⊥AdamW (`grokking_orthograd.yaml`), all without weight decay on addition mod
 113 — and reads their CSV logs: first epoch with test (held-out) accuracy >= 95%, best test accuracy, peak and
-final Softmax Collapse share (float32) and the epoch it first exceeded 50%. Expected from the paper: ⊥AdamW
+final Softmax Collapse share of the logits (float32: would a softmax over them be collapsed?), the epoch it first
+exceeded 50%, and the peak share of exactly-zero terms of the loss each run trains with. Expected from the paper: ⊥AdamW
 generalises within a few hundred epochs; the float32 softmax baseline collapses and stalls; StableMax avoids
 collapse (and groks, given far more epochs than a CPU budget allows).
 
@@ -56,7 +57,7 @@ def summarise(rows: list[dict[str, str]]) -> dict[str, float | None]:
     def series(key: str) -> list[tuple[int, float]]:
         return [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
 
-    test, collapse = series("val/acc"), series("collapse/softmax_collapse")
+    test, collapse, zero = series("val/acc"), series("collapse/softmax_collapse"), series("collapse/zero_terms")
     return {
         "epochs_to_95": next((epoch for epoch, acc in test if acc >= 0.95), None),
         "best_test": max(acc for _, acc in test),
@@ -64,6 +65,7 @@ def summarise(rows: list[dict[str, str]]) -> dict[str, float | None]:
         "peak_collapse": max(share for _, share in collapse),
         "final_collapse": collapse[-1][1],
         "onset": next((epoch for epoch, share in collapse if share > 0.5), None),
+        "peak_zero_terms": max(share for _, share in zero),
     }
 
 
@@ -75,7 +77,7 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="grokking_"))
     print(f"add mod 113, MLP 226-200-200-113, 40% train, full batch, no weight decay, {args.epochs} epochs\n")
     header = f"{'variant':<10} {'epochs to 95% test':>18} {'best test':>9} {'final test':>10} "
-    print(header + f"{'peak SC':>8} {'final SC':>8} {'SC > 50% at':>11} {'time':>6}")
+    print(header + f"{'peak SC':>8} {'final SC':>8} {'SC > 50% at':>11} {'peak zero terms':>15} {'time':>6}")
     for variant in args.variants:
         rows, seconds = run(variant, args.epochs, out)
         s = summarise(rows)
@@ -85,7 +87,8 @@ def main() -> None:
 
         print(
             f"{variant:<10} {show(s['epochs_to_95']):>18} {s['best_test']:>9.3f} {s['final_test']:>10.3f} "
-            f"{s['peak_collapse']:>8.2f} {s['final_collapse']:>8.2f} {show(s['onset']):>11} {seconds:>5.0f}s",
+            f"{s['peak_collapse']:>8.2f} {s['final_collapse']:>8.2f} {show(s['onset']):>11} "
+            f"{s['peak_zero_terms']:>15.2f} {seconds:>5.0f}s",
             flush=True,
         )
 

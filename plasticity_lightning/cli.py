@@ -169,7 +169,13 @@ def configuration_error(err: BaseException) -> BaseException | None:
 
 def main(args: ArgsType = None) -> None:
     """Entry point of ``plasticity`` and ``python -m plasticity_lightning``."""
+    argv = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:] if args is None else None
     try:
+        if argv and argv[0] == "study":  # grids of small models: their own runner, not a Lightning fit
+            from plasticity_lightning.studies.cli import main as study_main
+
+            study_main(argv[1:])
+            return
         PlasticityCLI(args=args)
     except Exception as err:
         cause = configuration_error(err)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -37,7 +38,8 @@ class SoftmaxCollapseMonitor(PlasticityMonitor):
     and ``collapse/nlm_alignment/<parameter>`` per weight tensor, at the monitors' cadence.
 
     * ``softmax_collapse``: share of training rows whose softmax normaliser is exactly 1 in ``precision``;
-    * ``zero_terms``: share whose cross-entropy in ``precision`` is exactly 0;
+    * ``zero_terms``: share whose loss term is exactly 0 — softmax cross-entropy in ``precision``, or the model's
+      own criterion when it is another loss (StableMax: what its training sees);
     * ``logit_norm``: mean L2 norm of the logits;
     * ``nlm_alignment``: cos(−∇L, θ) of the training loss on the probe, global and per weight tensor — how much
       the descent direction just scales the weights up (naive loss minimisation).
@@ -97,7 +99,7 @@ class SoftmaxCollapseMonitor(PlasticityMonitor):
             )
         values = {
             "softmax_collapse": softmax_collapse_fraction(logits, self.precision),
-            "zero_terms": zero_loss_fraction(logits, targets, self.precision),
+            "zero_terms": self._zero_terms(pl_module, logits, targets),
             "logit_norm": logit_norm(logits),
         }
         if self.gradient_alignment:
@@ -106,6 +108,18 @@ class SoftmaxCollapseMonitor(PlasticityMonitor):
             self.onset_step = trainer.global_step
             values["onset_step"] = float(self.onset_step)
         return values
+
+    def _zero_terms(self, pl_module: nn.Module, logits: torch.Tensor, targets: torch.Tensor) -> float:
+        """Share of exactly-zero loss terms: softmax cross-entropy in ``precision``, or the model's own criterion
+        per sample when it is another loss with a ``reduction`` (StableMax cross-entropy: its terms are what
+        training sees)."""
+        criterion = getattr(pl_module, "criterion", None)
+        if criterion is None or isinstance(criterion, nn.CrossEntropyLoss) or not hasattr(criterion, "reduction"):
+            return zero_loss_fraction(logits, targets, self.precision)
+        per_sample = copy.copy(criterion)
+        per_sample.reduction = "none"
+        with torch.no_grad():
+            return float((per_sample(logits, targets) == 0).float().mean())
 
     def _alignment(self, pl_module: nn.Module, batch: Any, targets: torch.Tensor) -> dict[str, float]:
         named = [(name, p) for name, p in pl_module.named_parameters() if p.requires_grad]

@@ -1,0 +1,80 @@
+"""``plasticity study {run,status,merge,export}``: grids of small models from a YAML spec into a SQLite store."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from plasticity_lightning.core.errors import PlasticityConfigError
+from plasticity_lightning.studies.store import ResultStore, merge_stores
+from plasticity_lightning.studies.study import StudySpec, run_study
+
+
+def _store_path(spec: StudySpec, store: str | None, shard: tuple[int, int]) -> Path:
+    if store:
+        return Path(store)
+    suffix = "" if shard == (0, 1) else f".shard{shard[0]}of{shard[1]}"
+    return Path("runs") / "studies" / f"{spec.name}{suffix}.sqlite"
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {text!r} is invalid; expected i/n, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"--shard {text!r} is invalid; expected 0 <= i < n")
+    return index, count
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plasticity study", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="train every run of a spec not yet in the store")
+    run.add_argument("spec", help="study spec (YAML)")
+    run.add_argument("--store", help="SQLite store (default runs/studies/<name>.sqlite)")
+    run.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
+    run.add_argument("--shard", type=_shard, default=(0, 1), help="run only shard i of n (i/n)")
+    status = commands.add_parser("status", help="runs stored vs runs in the spec")
+    status.add_argument("spec")
+    status.add_argument("--store")
+    status.add_argument("--shard", type=_shard, default=(0, 1))
+    merge = commands.add_parser("merge", help="combine shard stores into one")
+    merge.add_argument("target")
+    merge.add_argument("sources", nargs="+")
+    export = commands.add_parser("export", help="write a store as CSV (one line per run)")
+    export.add_argument("store")
+    export.add_argument("csv")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.command == "merge":
+        store = merge_stores(args.target, args.sources)
+        print(f"{args.target}: {len(store)} runs")
+        return
+    if args.command == "export":
+        if not Path(args.store).exists():
+            raise PlasticityConfigError(f"study store {args.store!r} does not exist")
+        print(ResultStore(args.store).export_csv(args.csv))
+        return
+    spec = StudySpec.from_yaml(args.spec)
+    store = ResultStore(_store_path(spec, args.store, args.shard))
+    index, count = args.shard
+    expected = sum(len(g) for i, g in enumerate(spec.groups()) if i % count == index)
+    if args.command == "status":
+        stored = len(store.keys() & {r["key"] for g in spec.groups()[index::count] for r in g})
+        print(f"{spec.name}: {stored}/{expected} runs stored in {store.path}")
+        return
+    from rich.progress import Progress
+
+    with Progress() as bar:
+        task = bar.add_task(f"{spec.name}", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        trained = run_study(spec, store, workers=args.workers, shard=args.shard, progress=progress)
+    print(f"{spec.name}: trained {trained} runs; {len(store)} in {store.path}")

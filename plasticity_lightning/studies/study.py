@@ -1,0 +1,276 @@
+"""Study specs (YAML grids), their expansion into runs and stacked groups, and the runner.
+
+A study is a grid: activations × architectures (``hidden_sizes`` lists, or ``depths`` × ``width``) × skip × datasets
+× sample sizes × noise × trials. Runs that share an architecture (and sample count) are trained together as one
+:class:`~plasticity_lightning.studies.StackedMLP` group, each on its own dataset draw with its own init seed; groups
+run in parallel worker processes and are written to the :class:`~plasticity_lightning.studies.ResultStore` as
+they finish.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import multiprocessing
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from plasticity_lightning.core.errors import (
+    PlasticityConfigError,
+    check_choice,
+    check_fraction,
+    check_positive_float,
+    check_positive_int,
+)
+from plasticity_lightning.data.toy import TOY_DATASETS, make_toy
+from plasticity_lightning.metrics.dynamics import dynamics_summary
+from plasticity_lightning.nn.activations import ACTIVATIONS
+from plasticity_lightning.studies.stacked import StackedMLP, train_stacked
+from plasticity_lightning.studies.store import ResultStore
+
+
+@dataclass
+class StudySpec:
+    """A grid of runs. In YAML, ``depths: [1, 2, 3]`` with ``width: 8`` is shorthand for ``hidden_sizes``.
+
+    Example::
+
+        >>> spec = StudySpec(name="tiny", activations=["relu", "tanh"], hidden_sizes=[[8], [8, 8]],
+        ...                  datasets=["xor"], trials=3, epochs=10)
+        >>> len(spec.runs()), len(spec.groups())
+        (12, 4)
+    """
+
+    name: str
+    activations: list[str]
+    hidden_sizes: list[list[int]]
+    skip: list[bool] = field(default_factory=lambda: [False])
+    datasets: list[str] = field(default_factory=lambda: ["xor", "moons", "circles", "spirals"])
+    n_samples: list[int] = field(default_factory=lambda: [200])
+    noise: list[float | None] = field(default_factory=lambda: [None])
+    trials: int = 20
+    epochs: int = 500
+    lr: float = 0.1
+    record_every: int = 50
+    test_fraction: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        owner = f"StudySpec({self.name!r})"
+        for name in self.activations:
+            check_choice(owner, "activations", name, tuple(ACTIVATIONS))
+        for name in self.datasets:
+            check_choice(owner, "datasets", name, tuple(TOY_DATASETS))
+        if not self.hidden_sizes or any(not isinstance(h, (list, tuple)) for h in self.hidden_sizes):
+            raise PlasticityConfigError(
+                f"{owner}.hidden_sizes={self.hidden_sizes!r} is invalid; expected a list of width lists"
+            )
+        for sizes in self.hidden_sizes:
+            for width in sizes:
+                check_positive_int(owner, "hidden_sizes", width)
+        for n in self.n_samples:
+            check_positive_int(owner, "n_samples", n)
+        check_positive_int(owner, "trials", self.trials)
+        check_positive_int(owner, "epochs", self.epochs)
+        check_positive_int(owner, "record_every", self.record_every)
+        check_positive_float(owner, "lr", self.lr)
+        check_fraction(owner, "test_fraction", self.test_fraction)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StudySpec:
+        data = dict(data)
+        if "depths" in data:
+            width = data.pop("width", 8)
+            data["hidden_sizes"] = [[width] * depth for depth in data.pop("depths")]
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise PlasticityConfigError(
+                f"study spec: unknown fields {sorted(unknown)}; allowed: {', '.join(cls.__dataclass_fields__)}, "
+                "depths, width"
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> StudySpec:
+        path = Path(path)
+        if not path.exists():
+            raise PlasticityConfigError(f"study spec {str(path)!r} does not exist")
+        data = yaml.safe_load(path.read_text())
+        data.setdefault("name", path.stem)
+        return cls.from_dict(data)
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Every run's config (with its key and seeds), in a fixed order."""
+        runs = []
+        grid = itertools.product(
+            self.activations, self.hidden_sizes, self.skip, self.datasets, self.n_samples, self.noise
+        )
+        for activation, hidden, skip, dataset, n_samples, noise in grid:
+            for trial in range(self.trials):
+                config = {
+                    "activation": activation,
+                    "hidden_sizes": list(hidden),
+                    "skip": bool(skip),
+                    "dataset": dataset,
+                    "n_samples": n_samples,
+                    "noise": noise,
+                    "trial": trial,
+                    "epochs": self.epochs,
+                    "lr": self.lr,
+                    "record_every": self.record_every,
+                    "test_fraction": self.test_fraction,
+                }
+                key = run_key(self.name, config)
+                # the dataset draw depends on (study seed, dataset, sample size, noise, trial) only: every
+                # architecture sees the same draws, and trials differ
+                data_seed = _seed(f"{self.seed}/{dataset}/{n_samples}/{noise}/{trial}")
+                runs.append({"key": key, "config": config, "data_seed": data_seed, "seed": _seed(f"{self.seed}/{key}")})
+        return runs
+
+    def groups(self) -> list[list[dict[str, Any]]]:
+        """Runs that train together (same architecture and sample count), in a fixed order."""
+        grouped: dict[tuple, list[dict[str, Any]]] = {}
+        for run in self.runs():
+            c = run["config"]
+            signature = (c["activation"], tuple(c["hidden_sizes"]), c["skip"], c["n_samples"])
+            grouped.setdefault(signature, []).append(run)
+        return list(grouped.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_key(study: str, config: dict[str, Any]) -> str:
+    hidden = "-".join(map(str, config["hidden_sizes"])) or "linear"
+    return (
+        f"{study}/{config['activation']}/{hidden}/skip{int(config['skip'])}/{config['dataset']}/n{config['n_samples']}"
+        f"/noise{config['noise']}/t{config['trial']}"
+    )
+
+
+def _seed(text: str) -> int:
+    return int.from_bytes(hashlib.sha1(text.encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def group_data(group: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor | None]:
+    """Stacked train (and test) tensors of a group: each run its own draw; a seeded ``test_fraction`` held out."""
+    xs, ys, xts, yts = [], [], [], []
+    for run in group:
+        c = run["config"]
+        X, y = make_toy(c["dataset"], c["n_samples"], c["noise"], seed=run["data_seed"])
+        X, y = torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
+        n_test = round(c["test_fraction"] * len(y))
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(run["data_seed"]))
+        test, train = order[:n_test], order[n_test:]
+        xs.append(X[train])
+        ys.append(y[train])
+        xts.append(X[test])
+        yts.append(y[test])
+    has_test = len(yts[0]) > 0
+    return {
+        "x": torch.stack(xs),
+        "y": torch.stack(ys),
+        "x_test": torch.stack(xts) if has_test else None,
+        "y_test": torch.stack(yts) if has_test else None,
+    }
+
+
+def run_group(study: str, group: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Train one stacked group; returns one store row per run (final metrics, dynamics summary, history)."""
+    torch.set_num_threads(1)  # parallelism comes from worker processes
+    c = group[0]["config"]
+    data = group_data(group)
+    model = StackedMLP(
+        seeds=[run["seed"] for run in group],
+        in_features=data["x"].shape[-1],
+        hidden_sizes=c["hidden_sizes"],
+        activation=c["activation"],
+        skip=c["skip"],
+    )
+    history = train_stacked(
+        model,
+        data["x"],
+        data["y"],
+        epochs=c["epochs"],
+        lr=c["lr"],
+        record_every=c["record_every"],
+        x_test=data["x_test"],
+        y_test=data["y_test"],
+    )
+    rows = []
+    for r, run in enumerate(group):
+        record = history.run(r)
+        metrics = {
+            "final_loss": record["loss"][-1],
+            "final_accuracy": record["accuracy"][-1],
+            "test_accuracy": record["test_accuracy"][-1],
+            "generalization_gap": record["accuracy"][-1] - record["test_accuracy"][-1],
+            "dynamics": dynamics_summary(
+                {k: record[k] for k in ("epoch", "loss", "accuracy", "mean_grad", "max_grad", "layer_grad_norms")}
+            ),
+        }
+        rows.append({**run, "study": study, "metrics": _finite(metrics), "history": _finite(record)})
+    return rows
+
+
+def _finite(value: Any) -> Any:
+    """JSON-safe: non-finite floats (a diverged run) become None."""
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _run_group_args(args: tuple[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    return run_group(*args)
+
+
+def run_study(
+    spec: StudySpec,
+    store: ResultStore,
+    *,
+    workers: int = 1,
+    shard: tuple[int, int] = (0, 1),
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Train every group of ``spec`` (of this shard) whose runs are not all in ``store``; returns runs trained.
+
+    Groups are assigned to shards round-robin (shard i of n takes groups i, i + n, ...), so shards of one spec
+    never overlap and their stores merge into the single-run store.
+    """
+    index, count = shard
+    if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
+        raise PlasticityConfigError(f"study shard {index}/{count} is invalid; expected i/n with 0 <= i < n")
+    check_positive_int("run_study", "workers", workers)
+    done = store.keys()
+    todo = [g for i, g in enumerate(spec.groups()) if i % count == index]
+    todo = [g for g in todo if not all(run["key"] in done for run in g)]
+    total, finished = sum(len(g) for g in todo), 0
+    if progress:
+        progress(0, total)
+    jobs = [(spec.name, group) for group in todo]
+    if workers == 1 or len(jobs) <= 1:
+        results = map(_run_group_args, jobs)
+        pool = None
+    else:
+        pool = multiprocessing.get_context("spawn").Pool(workers)
+        results = pool.imap_unordered(_run_group_args, jobs)
+    try:
+        for rows in results:
+            store.write(rows)  # one transaction per group: a killed study loses no finished group
+            finished += len(rows)
+            if progress:
+                progress(finished, total)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return finished

@@ -1,0 +1,137 @@
+"""Study engine: stacked training equals training alone, the grid, the SQLite store (resume, shards) and the CLI."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from plasticity_lightning import PlasticityConfigError
+from plasticity_lightning.studies import ResultStore, StackedMLP, StudySpec, merge_stores, run_study, train_stacked
+from plasticity_lightning.studies.study import group_data
+
+
+@pytest.mark.parametrize(("activation", "skip"), [("relu", False), ("tanh", True), ("sine", False)])
+def test_runs_trained_stacked_equal_runs_trained_alone(activation, skip):
+    spec = StudySpec(name="eq", activations=[activation], hidden_sizes=[[6, 6, 6]], skip=[skip], trials=3, epochs=40)
+    (group,) = spec.groups()
+    group = group[:5]  # different datasets and trials in one stack
+    data = group_data(group)
+    x, y = data["x"].double(), data["y"].double()
+    kwargs = {
+        "in_features": 2,
+        "hidden_sizes": [6, 6, 6],
+        "activation": activation,
+        "skip": skip,
+        "dtype": torch.float64,
+    }
+    stacked = StackedMLP(seeds=[r["seed"] for r in group], **kwargs)
+    history = train_stacked(stacked, x, y, epochs=40, record_every=10)
+    for r, run in enumerate(group):
+        alone = StackedMLP(seeds=[run["seed"]], **kwargs)
+        own = train_stacked(alone, x[r : r + 1], y[r : r + 1], epochs=40, record_every=10)
+        for w_stacked, w_alone in zip(stacked.weights, alone.weights, strict=True):
+            assert torch.allclose(w_stacked[r], w_alone[0], rtol=1e-10, atol=1e-12)
+        assert history.run(r)["loss"] == pytest.approx(own.run(0)["loss"], rel=1e-10)
+        assert torch.allclose(history.layer_grad_norms[:, r], own.layer_grad_norms[:, 0], rtol=1e-8)
+    assert history.epoch == [0, 10, 20, 30, 40] and history.loss[-1].mean() < history.loss[0].mean()
+
+
+def test_grid_seeds_and_dataset_draws():
+    spec = StudySpec(name="g", activations=["relu", "tanh"], hidden_sizes=[[4]], datasets=["moons"], trials=3, epochs=5)
+    runs = spec.runs()
+    assert len(runs) == 6 and len({r["key"] for r in runs}) == 6 and len({r["seed"] for r in runs}) == 6
+    by_trial = {}
+    for run in runs:  # every architecture sees the same draw of a trial; trials differ
+        by_trial.setdefault(run["config"]["trial"], set()).add(run["data_seed"])
+    assert all(len(seeds) == 1 for seeds in by_trial.values()) and len(set().union(*by_trial.values())) == 3
+    first, again = group_data(spec.groups()[0]), group_data(spec.groups()[0])
+    assert torch.equal(first["x"], again["x"]) and not torch.equal(first["x"][0], first["x"][1])
+    held = StudySpec(name="h", activations=["relu"], hidden_sizes=[[4]], datasets=["xor"], trials=2, test_fraction=0.25)
+    data = group_data(held.groups()[0])
+    assert data["x"].shape == (2, 150, 2) and data["x_test"].shape == (2, 50, 2)
+    with pytest.raises(PlasticityConfigError, match=r"StudySpec\('bad'\).activations='swoosh' is not supported"):
+        StudySpec(name="bad", activations=["swoosh"], hidden_sizes=[[4]])
+    with pytest.raises(PlasticityConfigError, match="unknown fields \\['depth'\\]"):
+        StudySpec.from_dict({"name": "x", "activations": ["relu"], "depth": [1]})
+
+
+def _spec(tmp_path: Path, **overrides) -> Path:
+    spec = {
+        "name": "mini",
+        "activations": ["relu", "tanh", "sigmoid"],
+        "depths": [1, 2],
+        "width": 4,
+        "datasets": ["xor", "moons"],
+        "trials": 3,
+        "epochs": 30,
+        "record_every": 10,
+    }
+    path = tmp_path / "mini.yaml"
+    path.write_text(yaml.safe_dump({**spec, **overrides}))
+    return path
+
+
+def test_shards_merge_into_the_single_run_store(tmp_path):
+    spec = StudySpec.from_yaml(_spec(tmp_path))
+    whole = ResultStore(tmp_path / "whole.sqlite")
+    assert run_study(spec, whole, workers=1) == 36 and len(whole) == 36
+    assert run_study(spec, whole, workers=1) == 0  # everything stored: nothing is redone
+    shards = [tmp_path / f"s{i}.sqlite" for i in range(2)]
+    for i, path in enumerate(shards):
+        run_study(spec, ResultStore(path), workers=1, shard=(i, 2))
+    assert ResultStore(shards[0]).keys().isdisjoint(ResultStore(shards[1]).keys())
+    merged = merge_stores(tmp_path / "merged.sqlite", shards)
+    assert list(merged.rows()) == list(whole.rows())
+    key = next(iter(whole.keys()))
+    assert merged.history(key) == whole.history(key) and len(whole.history(key)["loss"]) == 4
+    row = next(r for r in whole.rows() if r["key"] == key)
+    assert set(row) >= {"final_accuracy", "test_accuracy", "generalization_gap", "dynamics"}
+    assert "convergence_epoch" in row["dynamics"] and "gradient_health" in row["dynamics"]
+
+
+def test_a_killed_study_resumes_without_redoing_or_losing_runs(tmp_path):
+    spec_path = _spec(tmp_path, depths=[1, 2, 3, 4, 5, 6], trials=4, epochs=400, activations=["relu", "tanh"])
+    store_path = tmp_path / "killed.sqlite"
+    script = Path(sys.executable).with_name("plasticity")
+    args = [str(script), "study", "run", str(spec_path), "--store", str(store_path), "--workers", "1"]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not store_path.exists() or len(ResultStore(store_path)) == 0):
+        time.sleep(0.2)
+    process.kill()
+    process.wait()
+    stored = {r["key"]: r for r in ResultStore(store_path).rows()}
+    spec = StudySpec.from_yaml(spec_path)
+    total = len(spec.runs())
+    assert 0 < len(stored) < total, "the study finished before it could be killed: make it longer"
+    assert len(stored) % 8 == 0  # whole groups only (2 datasets x 4 trials): nothing half-written
+    trained = run_study(spec, ResultStore(store_path), workers=1)
+    assert trained == total - len(stored)
+    after = {r["key"]: r for r in ResultStore(store_path).rows()}
+    assert len(after) == total and all(after[k] == v for k, v in stored.items())
+
+
+def test_study_cli_through_the_entry_point(tmp_path):
+    spec_path = _spec(tmp_path, activations=["relu"], depths=[1], trials=2)
+    script = str(Path(sys.executable).with_name("plasticity"))
+    run = subprocess.run(
+        [script, "study", "run", str(spec_path), "--workers", "2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "trained 4 runs" in run.stdout and (tmp_path / "runs" / "studies" / "mini.sqlite").exists()
+    status = subprocess.run([script, "study", "status", str(spec_path)], cwd=tmp_path, capture_output=True, text=True)
+    assert "mini: 4/4 runs stored" in status.stdout
+    export = subprocess.run(
+        [script, "study", "export", "runs/studies/mini.sqlite", "out.csv"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert export.returncode == 0 and len((tmp_path / "out.csv").read_text().splitlines()) == 5
+    bad = subprocess.run([script, "study", "run", "missing.yaml"], cwd=tmp_path, capture_output=True, text=True)
+    assert bad.returncode == 2 and "study spec 'missing.yaml' does not exist" in bad.stderr
