@@ -256,15 +256,63 @@ def test_surge_collapse_is_deterministic_by_seed_and_resumes_exactly(tmp_path):
 
 
 def test_entropy_gated_reset_touches_only_stalled_tensors_when_entropy_is_low(tmp_path):
-    torch.manual_seed(0)
-    model = MLP(hidden_sizes=[16, 16], optimizer=partial(torch.optim.SGD, lr=0.0))
-    data = BinaryGaussianDataModule(dim=8, n_train=64, n_val=16, n_test=16, batch_size=16)
+    def fit(callback, root):
+        torch.manual_seed(0)
+        model = MLP(hidden_sizes=[16, 16], optimizer=partial(torch.optim.SGD, lr=0.0))  # gradients reproducible
+        data = BinaryGaussianDataModule(dim=8, n_train=64, n_val=16, n_test=16, batch_size=16)
+        make_trainer(root, callbacks=[callback], max_epochs=1).fit(model, data)  # with validation: grads cleared
+        return model
+
     never = SurgeCollapse(mode="entropy_gated", entropy_threshold=1e-6, probe_size=32)
-    always = SurgeCollapse(mode="entropy_gated", entropy_threshold=100.0, gradient_threshold=1e9, noise=1e-3)
-    make_trainer(tmp_path, callbacks=[never], max_epochs=1).fit(model, data)
+    before = {n: p.detach().clone() for n, p in fit(never, tmp_path / "a").named_parameters()}
     assert never.counts["resets"] == 0 and never.events == []
-    make_trainer(tmp_path / "b", callbacks=[always], max_epochs=1).fit(model, data)
-    (event,) = always.events
-    assert event["kind"] == "reset" and event["entropy"] < math.log(16) + 1e-6  # ≤ ln(units) for softmax entropy
-    assert set(event["tensors"]) == {n for n, _ in model.named_parameters()}  # every grad is "small" at 1e9
-    assert all(p.abs().max().item() < 1e-2 for p in model.parameters())  # zeroed, then N(0, 1e-6) noise
+    norms = never._grad_norms  # the last training batch's gradient norms, recorded before validation cleared them
+    assert set(norms) == set(before) and all(v > 0 for v in norms.values())
+    threshold = sorted(norms.values())[len(norms) // 2]
+    gated = SurgeCollapse(mode="entropy_gated", entropy_threshold=100.0, gradient_threshold=threshold, noise=1e-3)
+    model = fit(gated, tmp_path / "b")
+    (event,) = gated.events
+    stalled = {n for n, v in norms.items() if v < threshold}
+    assert event["kind"] == "reset" and set(event["tensors"]) == stalled and 0 < len(stalled) < len(norms)
+    assert event["entropy"] < math.log(16) + 1e-6  # a softmax over 16 units has at most ln 16 nats
+    for name, param in model.named_parameters():
+        if name in stalled:
+            assert param.abs().max().item() < 1e-2  # zeroed, then N(0, 1e-6) noise
+        else:
+            assert torch.equal(param, before[name]), name  # large gradients: untouched
+
+
+def test_binary_f1_metric_is_sklearns(tmp_path):
+    from sklearn.metrics import f1_score
+
+    from plasticity_lightning.models.base import CLASSIFICATION_METRICS
+
+    logits = torch.randn(50, 2, generator=torch.Generator().manual_seed(0))
+    target = torch.randint(0, 2, (50,), generator=torch.Generator().manual_seed(1))
+    metric = CLASSIFICATION_METRICS["binary_f1"](2)
+    metric.update(logits, target)
+    assert metric.compute().item() == pytest.approx(f1_score(target.numpy(), logits.argmax(1).numpy()))
+
+
+def test_orthograd_from_the_grokking_recipe_keeps_its_own_epsilon(capsys):
+    import sys
+
+    from conftest import REPO
+
+    from plasticity_lightning.cli import main
+
+    argv, sys.argv = sys.argv, ["plasticity"]
+    try:
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", str(REPO / "recipes" / "grokking_orthograd.yaml"), "--print_config"])
+    finally:
+        sys.argv = argv
+    import yaml
+
+    optimizer = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["optimizer"]
+    assert optimizer["class_path"] == "plasticity_lightning.optim.OrthoGrad"
+    assert optimizer["init_args"]["projection_eps"] == 1e-30 and "eps" not in optimizer["init_args"]
+    assert optimizer["init_args"]["base"]["init_args"]["eps"] == 1e-25
+    tiny = ModularArithmeticDataModule(p=2, train_fraction=0.1)
+    with pytest.raises(PlasticityConfigError, match=r"train_fraction=0.1 of 4 rows leaves 0 for training"):
+        tiny.setup("fit")

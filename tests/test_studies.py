@@ -135,3 +135,47 @@ def test_study_cli_through_the_entry_point(tmp_path):
     assert export.returncode == 0 and len((tmp_path / "out.csv").read_text().splitlines()) == 5
     bad = subprocess.run([script, "study", "run", "missing.yaml"], cwd=tmp_path, capture_output=True, text=True)
     assert bad.returncode == 2 and "study spec 'missing.yaml' does not exist" in bad.stderr
+
+
+def test_statistics_against_scipy_and_the_report_files(tmp_path):
+    import numpy as np
+    from scipy import stats
+
+    from plasticity_lightning.studies.report import aggregate, confidence_interval, pairwise_tests, write_report
+
+    values = [0.81, 0.92, 0.88, 0.95, 0.79, 0.9]
+    low, high = confidence_interval(values)
+    expected = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+    assert (low, high) == pytest.approx(expected, rel=1e-12)
+
+    def row(activation, depth, accuracy):
+        config = {
+            "activation": activation,
+            "hidden_sizes": [4] * depth,
+            "skip": False,
+            "dataset": "xor",
+            "n_samples": 200,
+        }
+        return {
+            "config": config,
+            "final_accuracy": accuracy,
+            "generalization_gap": 0.0,
+            "dynamics": {"gradient_health": {"gradient_ratio": 0.5}},
+        }
+
+    a, b, c = [0.9, 0.92, 0.91, 0.93, 0.9], [0.6, 0.55, 0.62, 0.58, 0.6], [0.91, 0.9, 0.92, 0.94, 0.89]
+    rows = [row("relu", 1, v) for v in a] + [row("sigmoid", 2, v) for v in b] + [row("tanh", 1, v) for v in c]
+    tests = {(t["a"], t["b"]): t for t in pairwise_tests(rows, "activation", lambda r: r["final_accuracy"])}
+    p = stats.ttest_ind(a, b, equal_var=False).pvalue
+    assert tests[("relu", "sigmoid")]["p_bonferroni"] == pytest.approx(min(1.0, 3 * p))  # 3 pairs
+    assert tests[("relu", "sigmoid")]["significant"] and not tests[("relu", "tanh")]["significant"]
+    (relu,) = [
+        g for g in aggregate(rows, ["activation", "depth"], lambda r: r["final_accuracy"]) if g.group[0] == "relu"
+    ]
+    assert relu.group == ("relu", 1) and relu.n == 5 and relu.mean == pytest.approx(np.mean(a))
+    report = write_report(rows, tmp_path / "report", title="known")
+    text = report.read_text()
+    assert "| relu | sigmoid |" in text and "| sigmoid | 5 |" in text
+    for name in ("accuracy_heatmap", "depth_curves", "gradient_ratio", "generalization_gap"):
+        assert (tmp_path / "report" / "figures" / f"{name}.png").stat().st_size > 5000, name
+    assert len((tmp_path / "report" / "summary.csv").read_text().splitlines()) == 4

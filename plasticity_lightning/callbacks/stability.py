@@ -92,9 +92,9 @@ class SoftmaxCollapseMonitor(PlasticityMonitor):
                 "SoftmaxCollapseMonitor needs (inputs, class targets) batches to judge the loss terms"
             )
         logits, targets = model_output, batch[1]
-        if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[1] < 2:
             raise PlasticityConfigError(
-                f"SoftmaxCollapseMonitor needs [N, classes] logits from the model, got "
+                f"SoftmaxCollapseMonitor needs [N, classes >= 2] classification logits from the model, got "
                 f"{type(logits).__name__}{'' if not isinstance(logits, torch.Tensor) else tuple(logits.shape)}"
             )
         values = {
@@ -174,8 +174,9 @@ class SurgeCollapse(Intervention):
 
     ``mode="entropy_gated"`` (StabilAI): after every ``every_n_epochs``-th training epoch, the mean activation
     entropy of the hidden layers (softmax over units, :func:`~plasticity_lightning.metrics.activation_entropy`) is
-    measured on a fixed training probe; when it is below ``entropy_threshold``, every parameter tensor whose last
-    gradient has L2 norm below ``gradient_threshold`` is zeroed and refilled with N(0, ``noise``²). StabilAI reads
+    measured on a fixed training probe; when it is below ``entropy_threshold``, every parameter tensor whose
+    gradient on the epoch's last training batch (after clipping) had L2 norm below ``gradient_threshold`` is zeroed
+    and refilled with N(0, ``noise``²). StabilAI reads
     the entropy of the last training batch and also runs the reset once per epoch unconditionally; here it runs
     only when the gate opens.
 
@@ -234,6 +235,7 @@ class SurgeCollapse(Intervention):
         self._params: list[tuple[str, nn.Parameter]] = []
         self._hidden: dict[str, nn.Module] = {}
         self._last_step: int | None = None
+        self._grad_norms: dict[str, float] = {}
 
     @override
     def settings(self) -> dict[str, Any]:
@@ -259,7 +261,10 @@ class SurgeCollapse(Intervention):
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
-        if self.mode != "scheduled":
+        if self.mode == "entropy_gated":
+            # the last batch's gradient norms (after clipping), read now: by the epoch end Lightning has cleared
+            # the gradients for validation
+            self._grad_norms = {n: float(p.grad.norm()) for n, p in self._params if p.grad is not None}
             return
         step = trainer.global_step
         if step == 0 or self._last_step == step:
@@ -310,7 +315,9 @@ class SurgeCollapse(Intervention):
     @torch.no_grad()
     def reset_stalled(self, trainer: pl.Trainer | None, entropy: float) -> list[str]:
         """Zero-and-noise every tensor whose gradient norm is below ``gradient_threshold``; returns their names."""
-        stalled = [(n, p) for n, p in self._params if p.grad is None or float(p.grad.norm()) < self.gradient_threshold]
+        # a tensor without a recorded gradient (frozen, unused) is not judged stalled
+        norms = self._grad_norms
+        stalled = [(n, p) for n, p in self._params if n in norms and norms[n] < self.gradient_threshold]
         for _, param in stalled:
             fresh = torch.randn(param.shape, generator=self.generator) * self.noise
             param.copy_(fresh.to(param))
@@ -336,10 +343,16 @@ class SurgeCollapse(Intervention):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "counts": dict(self.counts), "events": list(self.events)}
+        return {
+            **super().state_dict(),
+            "counts": dict(self.counts),
+            "events": list(self.events),
+            "last_step": self._last_step,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.counts.update(state_dict.get("counts", {}))
         self.events = list(state_dict.get("events", []))
+        self._last_step = state_dict.get("last_step")

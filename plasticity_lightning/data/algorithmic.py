@@ -42,6 +42,11 @@ def _split(
     """A seeded random ``train_fraction`` of the rows for training; the rest serves as both val and test."""
     order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed))
     n_train = round(train_fraction * len(targets))
+    if not 0 < n_train < len(targets):
+        raise PlasticityConfigError(
+            f"train_fraction={train_fraction!r} of {len(targets)} rows leaves {n_train} for training and "
+            f"{len(targets) - n_train} held out; both need at least one row"
+        )
     train, rest = order[:n_train], order[n_train:]
     held_out = IndexedTensorDataset(inputs[rest], targets[rest])
     return {"train": IndexedTensorDataset(inputs[train], targets[train]), "val": held_out, "test": held_out}

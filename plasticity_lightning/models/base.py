@@ -22,7 +22,13 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, R2Score
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
+from torchmetrics.classification import (
+    BinaryF1Score,
+    MulticlassAccuracy,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
 
 from plasticity_lightning.core.errors import PlasticityConfigError, check_choice, check_positive_int
 from plasticity_lightning.core.tasks import (
@@ -42,11 +48,19 @@ TaskType = Literal["classification", "regression"]
 _STAGES = ("train", "val", "test")
 
 
+class _PositiveClassF1(BinaryF1Score):
+    """F1 of class 1 from ``[N, 2]`` logits (sklearn's binary F1, as SurgeCollapseNet reports it)."""
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        super().update(preds.argmax(dim=1), target)
+
+
 CLASSIFICATION_METRICS = {
     "acc": lambda classes: MulticlassAccuracy(num_classes=classes, average="micro"),
     "f1": lambda classes: MulticlassF1Score(num_classes=classes, average="macro"),
     "precision": lambda classes: MulticlassPrecision(num_classes=classes, average="macro"),
     "recall": lambda classes: MulticlassRecall(num_classes=classes, average="macro"),
+    "binary_f1": lambda classes: _PositiveClassF1(),
 }
 
 
@@ -100,7 +114,8 @@ class SupervisedModule(InjectedOptimizer, pl.LightningModule):
         mask_unseen_classes: in class-incremental streams, give classes not yet introduced a logit of
             ``-inf`` (Dohare et al.'s head masking), so they are never predicted and receive no gradient.
         metrics: classification metrics logged per stage as ``<stage>/<name>``: ``acc`` (micro accuracy) and any
-            of ``f1``, ``precision``, ``recall`` (macro averages over classes, torchmetrics).
+            of ``f1``, ``precision``, ``recall`` (macro averages over classes, torchmetrics) and ``binary_f1`` (F1 of
+            class 1, for two-class problems).
     """
 
     #: constructor arguments that may be ``None`` and are then read from the datamodule

@@ -63,7 +63,8 @@ class OrthoGrad(Optimizer):
         base: callable building the inner optimizer from parameter groups — a class (``torch.optim.AdamW``) or,
             in YAML, ``{class_path: torch.optim.AdamW, init_args: {lr: 0.01, betas: [0.9, 0.99]}}``.
         rescale: restore each gradient's norm after the projection (the reference code) or not (the paper).
-        eps: added to θᵀθ and to the norm in the rescaling.
+        projection_eps: added to θᵀθ and to the norm in the rescaling (named apart from the base optimizers'
+            ``eps``, which a YAML config would otherwise carry over).
 
     Example::
 
@@ -89,7 +90,7 @@ class OrthoGrad(Optimizer):
         params: Iterable[Any],
         base: Callable[[Iterable[Any]], Optimizer] = torch.optim.AdamW,
         rescale: bool = True,
-        eps: float = EPS,
+        projection_eps: float = EPS,
     ) -> None:
         if not callable(base):
             raise PlasticityConfigError(
@@ -100,8 +101,14 @@ class OrthoGrad(Optimizer):
             raise PlasticityConfigError(
                 f"OrthoGrad.base built a {type(self.base_optimizer).__name__}, not a torch.optim.Optimizer"
             )
-        self.rescale = bool(rescale)
-        self.eps = float(eps)
+        if not isinstance(rescale, bool):
+            raise PlasticityConfigError(f"OrthoGrad.rescale={rescale!r} is invalid; expected true or false")
+        if not isinstance(projection_eps, (int, float)) or not 0 <= projection_eps < 1e-3:
+            raise PlasticityConfigError(
+                f"OrthoGrad.projection_eps={projection_eps!r} is invalid; expected a number in [0, 1e-3)"
+            )
+        self.rescale = rescale
+        self.eps = float(projection_eps)
         # share, not copy: schedulers and checkpoints act on the base optimizer's groups and state
         super().__init__(self.base_optimizer.param_groups, self.base_optimizer.defaults)
         self.param_groups = self.base_optimizer.param_groups
@@ -111,6 +118,8 @@ class OrthoGrad(Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
+            # the closure runs once, here: the base optimizer then steps on the projected gradients (optimizers
+            # that re-evaluate the closure, such as LBFGS, cannot be wrapped)
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:

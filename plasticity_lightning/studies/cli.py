@@ -1,4 +1,4 @@
-"""``plasticity study {run,status,merge,export}``: grids of small models from a YAML spec into a SQLite store."""
+"""``plasticity study {run,status,report,merge,export}``: grids of small models from a YAML spec into a SQLite store."""
 
 from __future__ import annotations
 
@@ -43,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     merge = commands.add_parser("merge", help="combine shard stores into one")
     merge.add_argument("target")
     merge.add_argument("sources", nargs="+")
+    report = commands.add_parser("report", help="statistics, markdown/CSV summary and figures of a study")
+    report.add_argument("spec")
+    report.add_argument("--store")
+    report.add_argument("--out", help="output folder (default runs/studies/<name>_report)")
+    report.add_argument("--shard", type=_shard, default=(0, 1), help=argparse.SUPPRESS)
     export = commands.add_parser("export", help="write a store as CSV (one line per run)")
     export.add_argument("store")
     export.add_argument("csv")
@@ -64,6 +69,16 @@ def main(argv: list[str] | None = None) -> None:
     store = ResultStore(_store_path(spec, args.store, args.shard))
     index, count = args.shard
     expected = sum(len(g) for i, g in enumerate(spec.groups()) if i % count == index)
+    if args.command == "report":
+        from plasticity_lightning.studies.report import write_report
+
+        keys = {r["key"] for g in spec.groups() for r in g}
+        rows = [row for row in store.rows() if row["key"] in keys]
+        if not rows:
+            raise PlasticityConfigError(f"study {spec.name!r}: no runs in {store.path}; run it first")
+        out = Path(args.out) if args.out else store.path.with_name(f"{spec.name}_report")
+        print(write_report(rows, out, title=f"{spec.name}: {len(rows)}/{len(keys)} runs"))
+        return
     if args.command == "status":
         stored = len(store.keys() & {r["key"] for g in spec.groups()[index::count] for r in g})
         print(f"{spec.name}: {stored}/{expected} runs stored in {store.path}")
