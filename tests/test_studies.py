@@ -179,3 +179,11 @@ def test_statistics_against_scipy_and_the_report_files(tmp_path):
     for name in ("accuracy_heatmap", "depth_curves", "gradient_ratio", "generalization_gap"):
         assert (tmp_path / "report" / "figures" / f"{name}.png").stat().st_size > 5000, name
     assert len((tmp_path / "report" / "summary.csv").read_text().splitlines()) == 4
+
+
+@pytest.mark.parametrize(
+    "spec", sorted((Path(__file__).parents[1] / "recipes" / "studies").glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_shipped_study_specs_parse(spec):
+    study = StudySpec.from_yaml(spec)
+    assert study.name == spec.stem and len(study.runs()) >= 600

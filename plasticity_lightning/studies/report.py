@@ -56,12 +56,17 @@ def aggregate(
         if value is not None and math.isfinite(value):
             groups[tuple(field(row, name) for name in by)].append(value)
     result = []
-    for key in sorted(groups, key=lambda k: tuple(str(v) for v in k)):
+    for key in sorted(groups, key=_order):
         values = groups[key]
         low, high = confidence_interval(values, confidence)
         std = statistics.stdev(values) if len(values) > 1 else 0.0
         result.append(Aggregate(key, len(values), statistics.fmean(values), std, low, high))
     return result
+
+
+def _order(key: tuple) -> tuple:
+    """Numbers in numeric order (depth 2 before 10), everything else by its text."""
+    return tuple((0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in key)
 
 
 def field(row: Row, name: str) -> Any:
