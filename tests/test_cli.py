@@ -229,7 +229,10 @@ def test_bad_values_give_one_line(extra, message, in_tmp, capsys):
     [
         (["--trainer.max_epochs", "abc"], "trainer.max_epochs='abc' is invalid; expected int"),
         (["--model", "MLPX"], "--model MLPX: no such class; use one of CausalLM, ConvNet, MLP, ResNet18"),
-        (["--data", "CIFAR1000DataModule"], "--data CIFAR1000DataModule: no such class; use one of CIFAR100DataModule"),
+        (
+            ["--data", "CIFAR1000DataModule"],
+            "--data CIFAR1000DataModule: no such class; use one of BinaryGaussianDataModule, CIFAR100DataModule",
+        ),
         (["--model.optimizer.init_args.lr", "-1", "--trainer.fast_dev_run=1"], "MLP.optimizer: Invalid learning rate"),
     ],
 )

@@ -42,7 +42,8 @@ def confidence_interval(values: Sequence[float], confidence: float = 0.95) -> tu
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, mean
-    half = stats.t.ppf((1 + confidence) / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    quantile = float(stats.t.ppf((1 + confidence) / 2, len(values) - 1))
+    half = quantile * statistics.stdev(values) / math.sqrt(len(values))
     return mean - half, mean + half
 
 
