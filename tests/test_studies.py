@@ -133,6 +133,10 @@ def test_study_cli_through_the_entry_point(tmp_path):
         [script, "study", "export", "runs/studies/mini.sqlite", "out.csv"], cwd=tmp_path, capture_output=True, text=True
     )
     assert export.returncode == 0 and len((tmp_path / "out.csv").read_text().splitlines()) == 5
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(ResultStore(tmp_path / "runs" / "studies" / "mini.sqlite").export(tmp_path / "out.parquet"))
+    assert table.num_rows == 4 and "final_accuracy" in table.column_names
     bad = subprocess.run([script, "study", "run", "missing.yaml"], cwd=tmp_path, capture_output=True, text=True)
     assert bad.returncode == 2 and "study spec 'missing.yaml' does not exist" in bad.stderr
 
@@ -179,6 +183,13 @@ def test_statistics_against_scipy_and_the_report_files(tmp_path):
     for name in ("accuracy_heatmap", "depth_curves", "gradient_ratio", "generalization_gap"):
         assert (tmp_path / "report" / "figures" / f"{name}.png").stat().st_size > 5000, name
     assert len((tmp_path / "report" / "summary.csv").read_text().splitlines()) == 4
+    for i, r in enumerate(rows):  # sample sizes and noise levels add their sections
+        r["config"]["n_samples"] = 50 if i % 2 else 200
+        r["test_accuracy"] = r["final_accuracy"]
+        r["noise_robustness"] = {"0.0": r["final_accuracy"], "0.3": r["final_accuracy"] / 2}
+    text = write_report(rows, tmp_path / "report2").read_text()
+    assert "## Sample efficiency" in text and "| relu | 50 |" in text
+    assert f"| relu | {np.mean(a):.3f} | {np.mean(a) / 2:.3f} |" in text
 
 
 @pytest.mark.parametrize(
@@ -187,3 +198,24 @@ def test_statistics_against_scipy_and_the_report_files(tmp_path):
 def test_shipped_study_specs_parse(spec):
     study = StudySpec.from_yaml(spec)
     assert study.name == spec.stem and len(study.runs()) >= 600
+
+
+def test_noise_robustness_is_accuracy_on_noisy_test_inputs():
+    from plasticity_lightning.studies import run_group
+
+    spec = StudySpec(
+        name="noise",
+        activations=["relu"],
+        hidden_sizes=[[8]],
+        datasets=["moons"],
+        trials=2,
+        epochs=200,
+        test_fraction=0.25,
+        noise_levels=[0.0, 0.3, 3.0],
+    )
+    (group,) = spec.groups()
+    rows = run_group(spec.name, group)
+    for row in rows:
+        robustness = row["metrics"]["noise_robustness"]
+        assert robustness["0.0"] == pytest.approx(row["metrics"]["test_accuracy"])  # σ = 0 is the test accuracy
+        assert robustness["3.0"] < robustness["0.0"]  # noise far above the data's scale hurts

@@ -48,9 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--store")
     report.add_argument("--out", help="output folder (default runs/studies/<name>_report)")
     report.add_argument("--shard", type=_shard, default=(0, 1), help=argparse.SUPPRESS)
-    export = commands.add_parser("export", help="write a store as CSV (one line per run)")
+    export = commands.add_parser("export", help="write a store as CSV or Parquet (one line per run)")
     export.add_argument("store")
-    export.add_argument("csv")
+    export.add_argument("path", help="output file: .csv, or .parquet")
     return parser
 
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "export":
         if not Path(args.store).exists():
             raise PlasticityConfigError(f"study store {args.store!r} does not exist")
-        print(ResultStore(args.store).export_csv(args.csv))
+        print(ResultStore(args.store).export(args.path))
         return
     spec = StudySpec.from_yaml(args.spec)
     store = ResultStore(_store_path(spec, args.store, args.shard))

@@ -149,6 +149,25 @@ def write_report(rows: Sequence[Row], out: str | Path, title: str = "study") -> 
     lines += [
         f"| {a.group[0]} | {a.group[1]} | {a.group[2]} | {a.mean:.3f} | {a.low:.3f} – {a.high:.3f} |" for a in by_depth
     ]
+    if len({field(r, "n_samples") for r in rows}) > 1:  # sample efficiency: held-out accuracy vs training samples
+        efficiency = aggregate(rows, ["activation", "n_samples"], lambda r: r.get("test_accuracy"))
+        lines += ["", "## Sample efficiency: test accuracy by training samples", ""]
+        lines += ["| activation | samples | mean | 95% CI |", "|---|---|---|---|"]
+        lines += [f"| {a.group[0]} | {a.group[1]} | {a.mean:.3f} | {a.low:.3f} – {a.high:.3f} |" for a in efficiency]
+    levels = sorted({float(k) for r in rows for k in (r.get("noise_robustness") or {})})
+    if levels:
+        lines += ["", "## Noise robustness: test accuracy with N(0, σ²) input noise", ""]
+        lines += ["| activation | " + " | ".join(f"σ = {v:g}" for v in levels) + " |", "|---" * (len(levels) + 1) + "|"]
+        for activation in sorted({field(r, "activation") for r in rows}):
+            means = [
+                aggregate(
+                    [r for r in rows if field(r, "activation") == activation],
+                    ["activation"],
+                    lambda r, v=v: (r.get("noise_robustness") or {}).get(str(v)),
+                )
+                for v in levels
+            ]
+            lines.append(f"| {activation} | " + " | ".join(f"{m[0].mean:.3f}" if m else "–" for m in means) + " |")
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     with (out / "summary.csv").open("w", newline="") as f:

@@ -93,11 +93,17 @@ class ResultStore:
         with self._connect() as db:
             return db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
 
-    def export_csv(self, path: str | Path) -> Path:
-        """One line per run: the config fields and the scalar metrics."""
+    def export(self, path: str | Path) -> Path:
+        """One line per run (config fields and scalar metrics) as CSV, or Parquet for a ``.parquet`` path."""
         rows = [_flatten(row) for row in self.rows()]
         columns = sorted({column for row in rows for column in row})
         path = Path(path)
+        if path.suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows]), path)
+            return path
         with path.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()

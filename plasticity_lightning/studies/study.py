@@ -58,6 +58,7 @@ class StudySpec:
     lr: float = 0.1
     record_every: int = 50
     test_fraction: float = 0.0
+    noise_levels: list[float] = field(default_factory=list)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -80,6 +81,8 @@ class StudySpec:
         check_positive_int(owner, "record_every", self.record_every)
         check_positive_float(owner, "lr", self.lr)
         check_fraction(owner, "test_fraction", self.test_fraction)
+        for sigma in self.noise_levels:
+            check_positive_float(owner, "noise_levels", sigma, allow_zero=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StudySpec:
@@ -124,6 +127,7 @@ class StudySpec:
                     "lr": self.lr,
                     "record_every": self.record_every,
                     "test_fraction": self.test_fraction,
+                    "noise_levels": list(self.noise_levels),
                 }
                 key = run_key(self.name, config)
                 # the dataset draw depends on (study seed, dataset, sample size, noise, trial) only: every
@@ -202,6 +206,7 @@ def run_group(study: str, group: Sequence[dict[str, Any]]) -> list[dict[str, Any
         x_test=data["x_test"],
         y_test=data["y_test"],
     )
+    robustness = _noise_robustness(model, data, c.get("noise_levels", []), [run["data_seed"] for run in group])
     rows = []
     for r, run in enumerate(group):
         record = history.run(r)
@@ -214,8 +219,28 @@ def run_group(study: str, group: Sequence[dict[str, Any]]) -> list[dict[str, Any
                 {k: record[k] for k in ("epoch", "loss", "accuracy", "mean_grad", "max_grad", "layer_grad_norms")}
             ),
         }
+        if robustness:
+            metrics["noise_robustness"] = {str(sigma): values[r] for sigma, values in robustness.items()}
         rows.append({**run, "study": study, "metrics": _finite(metrics), "history": _finite(record)})
     return rows
+
+
+@torch.no_grad()
+def _noise_robustness(
+    model: StackedMLP, data: dict[str, torch.Tensor | None], levels: Sequence[float], seeds: Sequence[int]
+) -> dict[float, list[float]]:
+    """Neural Elements' test-time robustness: accuracy on the test inputs (the training inputs without a test
+    split) plus N(0, σ²) noise, per σ and run; the noise is seeded by each run's data seed."""
+    x = data["x_test"] if data["x_test"] is not None else data["x"]
+    y = data["y_test"] if data["y_test"] is not None else data["y"]
+    result = {}
+    for sigma in levels:
+        noise = torch.stack(
+            [torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(seed + 1)) for seed in seeds]
+        )
+        logits = model(x + sigma * noise).squeeze(-1)
+        result[sigma] = ((logits > 0).to(y.dtype) == y).float().mean(dim=1).tolist()
+    return result
 
 
 def _finite(value: Any) -> Any:
