@@ -37,7 +37,8 @@ def test_runs_trained_stacked_equal_runs_trained_alone(activation, skip):
             assert torch.allclose(w_stacked[r], w_alone[0], rtol=1e-10, atol=1e-12)
         assert history.run(r)["loss"] == pytest.approx(own.run(0)["loss"], rel=1e-10)
         assert torch.allclose(history.layer_grad_norms[:, r], own.layer_grad_norms[:, 0], rtol=1e-8)
-    assert history.epoch == [0, 10, 20, 30, 40] and history.loss[-1].mean() < history.loss[0].mean()
+    # recorded after the update of epochs 0, 10, ... and of the last one, as Neural Elements records
+    assert history.epoch == [0, 10, 20, 30, 39] and history.loss[-1].mean() < history.loss[0].mean()
 
 
 def test_grid_seeds_and_dataset_draws():
@@ -56,7 +57,7 @@ def test_grid_seeds_and_dataset_draws():
     with pytest.raises(PlasticityConfigError, match=r"StudySpec\('bad'\).activations='swoosh' is not supported"):
         StudySpec(name="bad", activations=["swoosh"], hidden_sizes=[[4]])
     with pytest.raises(PlasticityConfigError, match="unknown fields \\['depth'\\]"):
-        StudySpec.from_dict({"name": "x", "activations": ["relu"], "depth": [1]})
+        StudySpec.from_dict({"name": "x", "activations": ["relu"], "depths": [1], "depth": [1]})
 
 
 def _spec(tmp_path: Path, **overrides) -> Path:
@@ -195,9 +196,38 @@ def test_statistics_against_scipy_and_the_report_files(tmp_path):
 @pytest.mark.parametrize(
     "spec", sorted((Path(__file__).parents[1] / "recipes" / "studies").glob("*.yaml")), ids=lambda p: p.stem
 )
-def test_shipped_study_specs_parse(spec):
+def test_shipped_study_specs_run(spec):
+    from plasticity_lightning.studies import run_group
+
     study = StudySpec.from_yaml(spec)
     assert study.name == spec.stem and len(study.runs()) >= 600
+    study.epochs, study.record_every, study.trials = 2, 1, 1  # every group once, briefly: shapes must stack
+    for group in study.groups():
+        rows = run_group(study.name, group)
+        assert len(rows) == len(group) and all(r["metrics"]["dynamics"]["weight_evolution"] for r in rows)
+
+
+def test_study_spec_and_store_errors_are_clear(tmp_path):
+    from plasticity_lightning.studies.store import open_store
+
+    with pytest.raises(PlasticityConfigError, match="study spec: expected a mapping of fields, got list"):
+        StudySpec.from_dict([1, 2])
+    with pytest.raises(PlasticityConfigError, match=r"study spec: missing activations"):
+        StudySpec.from_dict({"name": "x", "depths": [1]})
+    with pytest.raises(PlasticityConfigError, match=r"activations='relu' is invalid; expected a list"):
+        StudySpec.from_dict({"name": "x", "activations": "relu", "depths": [1]})
+    (tmp_path / "bad.yaml").write_text("name: [unclosed")
+    with pytest.raises(PlasticityConfigError, match="is not valid YAML"):
+        StudySpec.from_yaml(tmp_path / "bad.yaml")
+    with pytest.raises(PlasticityConfigError, match="does not exist"):
+        open_store(tmp_path / "missing.sqlite")
+    (tmp_path / "text.sqlite").write_text("not a database")
+    with pytest.raises(PlasticityConfigError, match="is not a study store"):
+        merge_stores(tmp_path / "merged.sqlite", [tmp_path / "text.sqlite"])
+    assert not (tmp_path / "merged.sqlite").exists()  # nothing written before the sources are checked
+    changed = StudySpec(name="same", activations=["relu"], hidden_sizes=[[4]], epochs=10)
+    again = StudySpec(name="same", activations=["relu"], hidden_sizes=[[4]], epochs=20)
+    assert not {r["key"] for r in changed.runs()} & {r["key"] for r in again.runs()}  # no stale reuse
 
 
 def test_noise_robustness_is_accuracy_on_noisy_test_inputs():

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from plasticity_lightning.core.errors import PlasticityConfigError
-from plasticity_lightning.studies.store import ResultStore, merge_stores
+from plasticity_lightning.studies.store import ResultStore, merge_stores, open_store
 from plasticity_lightning.studies.study import StudySpec, run_study
 
 
@@ -61,12 +61,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{args.target}: {len(store)} runs")
         return
     if args.command == "export":
-        if not Path(args.store).exists():
-            raise PlasticityConfigError(f"study store {args.store!r} does not exist")
-        print(ResultStore(args.store).export(args.path))
+        print(open_store(args.store).export(args.path))
         return
     spec = StudySpec.from_yaml(args.spec)
-    store = ResultStore(_store_path(spec, args.store, args.shard))
+    path = _store_path(spec, args.store, args.shard)
+    # status and report read a store: a mistyped path must not create an empty one
+    store = ResultStore(path) if args.command == "run" else open_store(path)
     index, count = args.shard
     expected = sum(len(g) for i, g in enumerate(spec.groups()) if i % count == index)
     if args.command == "report":

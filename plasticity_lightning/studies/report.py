@@ -139,15 +139,13 @@ def write_report(rows: Sequence[Row], out: str | Path, title: str = "study") -> 
         for t in tests
     ]
     by_depth = aggregate(rows, ["activation", "skip", "depth"], final_accuracy)
+    lines += ["", "## Final accuracy by activation, skip and depth", ""]
+    losses = {a.group: a.mean for a in aggregate(rows, ["activation", "skip", "depth"], lambda r: r.get("final_loss"))}
+    lines += ["| activation | skip | depth | mean | 95% CI | mean final loss |", "|---|---|---|---|---|---|"]
     lines += [
-        "",
-        "## Final accuracy by activation, skip and depth",
-        "",
-        "| activation | skip | depth | mean | 95% CI |",
-    ]
-    lines += ["|---|---|---|---|---|"]
-    lines += [
-        f"| {a.group[0]} | {a.group[1]} | {a.group[2]} | {a.mean:.3f} | {a.low:.3f} – {a.high:.3f} |" for a in by_depth
+        f"| {a.group[0]} | {a.group[1]} | {a.group[2]} | {a.mean:.3f} | {a.low:.3f} – {a.high:.3f} | "
+        f"{losses.get(a.group, float('nan')):.4f} |"
+        for a in by_depth
     ]
     if len({field(r, "n_samples") for r in rows}) > 1:  # sample efficiency: held-out accuracy vs training samples
         efficiency = aggregate(rows, ["activation", "n_samples"], lambda r: r.get("test_accuracy"))

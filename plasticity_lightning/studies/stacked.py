@@ -28,9 +28,9 @@ class StackedMLP(nn.Module):
     """R independent MLPs ``in → hidden_sizes → out`` with one activation, stacked.
 
     Neural Elements' architecture: zero biases, normal init with std √(2/fan_in) for relu/leaky_relu and
-    √(2/(fan_in + fan_out)) otherwise (sine included), skip connections ``φ(z) + input`` only where a hidden
-    layer's input and output widths match (never on the first layer or the output), a linear output layer
-    (a sigmoid + BCE in Neural Elements is ``binary_cross_entropy_with_logits`` here).
+    √(2/(fan_in + fan_out)) otherwise (sine included), GELU's tanh approximation, skip connections
+    ``φ(z) + input`` only where a hidden layer's input and output widths match (never on the output), a linear
+    output layer (a sigmoid + BCE in Neural Elements is ``binary_cross_entropy_with_logits`` here).
 
     Args:
         seeds: one init seed per run (R = ``len(seeds)``); run r draws from ``torch.Generator().manual_seed(seeds[r])``
@@ -60,7 +60,10 @@ class StackedMLP(nn.Module):
         if not seeds:
             raise PlasticityConfigError("StackedMLP.seeds=[] is invalid; expected one seed per run")
         self.activation_name = activation
-        self.act = build_activation(activation, owner="StackedMLP")
+        # Neural Elements' GELU is the tanh approximation
+        self.act = (
+            nn.GELU(approximate="tanh") if activation == "gelu" else build_activation(activation, owner="StackedMLP")
+        )
         self.skip = bool(skip)
         widths = [in_features, *hidden_sizes, out_features]
         for width in widths:
@@ -136,13 +139,12 @@ def train_stacked(
     x_test: torch.Tensor | None = None,
     y_test: torch.Tensor | None = None,
 ) -> StackedHistory:
-    """Full-batch SGD on binary targets (``y`` of 0/1, ``[R, N]``) for ``epochs``; records every ``record_every``
-    epochs and after the last one. Without a test set the test columns repeat the training ones (Neural Elements'
-    phases 3-6 measure on the training data).
+    """Full-batch SGD on binary targets (``y`` of 0/1, ``[R, N]``) for ``epochs``.
 
-    Each record holds the values *before* that epoch's update, as Neural Elements records: loss, accuracy,
-    ‖∂L_r/∂W_l[r]‖_F per layer, max |g| and mean over layers of mean |g| (weights only), ‖W_l[r]‖_F, and the
-    layer-averaged mean and std of the weights.
+    As Neural Elements records: after the update of every epoch ``e`` with ``e % record_every == 0`` and of the
+    last one, on the updated weights — loss, accuracy, ‖∂L_r/∂W_l[r]‖_F per layer, max |g| and mean over layers of
+    mean |g| (weights only), ‖W_l[r]‖_F and the layer-averaged mean and (population) std of the weights. Without a
+    test set the test columns repeat the training ones (Neural Elements' phases 3-6 measure on the training data).
     """
     check_positive_int("train_stacked", "epochs", epochs)
     check_positive_int("train_stacked", "record_every", record_every)
@@ -150,24 +152,21 @@ def train_stacked(
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     rows: dict[str, list[torch.Tensor]] = {name: [] for name in StackedHistory.__dataclass_fields__ if name != "epoch"}
     epochs_recorded: list[int] = []
-    for epoch in range(epochs + 1):
-        record = epoch % record_every == 0 or epoch == epochs
-        if epoch == epochs and not record:
-            break
+    for epoch in range(epochs):
         optimizer.zero_grad(set_to_none=False)
-        loss, accuracy = _binary_stats(model, x, y)
-        if epoch < epochs:
-            loss.sum().backward()  # the sum: each run's parameters get exactly its own loss's gradient
-        if record:
+        _binary_stats(model, x, y)[0].sum().backward()  # the sum: each run's parameters get its own gradient
+        optimizer.step()
+        if epoch % record_every == 0 or epoch == epochs - 1:
+            optimizer.zero_grad(set_to_none=False)
+            loss, accuracy = _binary_stats(model, x, y)
+            loss.sum().backward()  # the updated state's gradients, as recorded by Neural Elements
             epochs_recorded.append(epoch)
-            _record(rows, model, loss, accuracy, x_test, y_test, x, y, final=epoch == epochs)
-        if epoch < epochs:
-            optimizer.step()
+            _record(rows, model, loss, accuracy, x_test, y_test)
     return StackedHistory(epoch=epochs_recorded, **{name: torch.stack(values) for name, values in rows.items()})
 
 
 @torch.no_grad()
-def _record(rows, model, loss, accuracy, x_test, y_test, x, y, *, final: bool) -> None:
+def _record(rows, model, loss, accuracy, x_test, y_test) -> None:
     if x_test is not None and y_test is not None:
         test_loss, test_accuracy = _binary_stats(model, x_test, y_test)
     else:
@@ -176,12 +175,6 @@ def _record(rows, model, loss, accuracy, x_test, y_test, x, y, *, final: bool) -
     rows["accuracy"].append(accuracy)
     rows["test_loss"].append(test_loss.detach())
     rows["test_accuracy"].append(test_accuracy)
-    # at the final record no backward ran: gradients are those of the last update (Neural Elements records the
-    # final state's gradients too; computing them costs one more backward)
-    if final:
-        with torch.enable_grad():
-            model.zero_grad()
-            _binary_stats(model, x, y)[0].sum().backward()
     grads = [w.grad.flatten(1) for w in model.weights]
     rows["layer_grad_norms"].append(torch.stack([g.norm(dim=1) for g in grads], dim=1))
     rows["max_grad"].append(torch.stack([g.abs().amax(dim=1) for g in grads], dim=1).amax(dim=1))
@@ -189,4 +182,4 @@ def _record(rows, model, loss, accuracy, x_test, y_test, x, y, *, final: bool) -
     weights = [w.detach().flatten(1) for w in model.weights]
     rows["layer_weight_norms"].append(torch.stack([w.norm(dim=1) for w in weights], dim=1))
     rows["mean_weight"].append(torch.stack([w.mean(dim=1) for w in weights], dim=1).mean(dim=1))
-    rows["std_weight"].append(torch.stack([w.std(dim=1) for w in weights], dim=1).mean(dim=1))
+    rows["std_weight"].append(torch.stack([w.std(dim=1, correction=0) for w in weights], dim=1).mean(dim=1))

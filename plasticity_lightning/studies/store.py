@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from plasticity_lightning.core.errors import PlasticityConfigError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     key TEXT PRIMARY KEY,
@@ -98,6 +100,8 @@ class ResultStore:
         rows = [_flatten(row) for row in self.rows()]
         columns = sorted({column for row in rows for column in row})
         path = Path(path)
+        if not path.parent.is_dir():
+            raise PlasticityConfigError(f"export path {str(path)!r}: folder {str(path.parent)!r} does not exist")
         if path.suffix == ".parquet":
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -114,13 +118,29 @@ class ResultStore:
 def merge_stores(target: str | Path, sources: Iterable[str | Path]) -> ResultStore:
     """Copy every run of ``sources`` into ``target`` (one transaction per source; a run stored twice is kept
     once)."""
+    sources = [Path(source) for source in sources]
+    for source in sources:
+        open_store(source)  # fails clearly on a missing or foreign file, before anything is written
     store = ResultStore(target)
     for source in sources:
-        with sqlite3.connect(Path(source)) as src:
+        with sqlite3.connect(source) as src:
             rows = src.execute("SELECT * FROM runs").fetchall()
         with store._connect() as db:
             db.executemany("INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
     return store
+
+
+def open_store(path: str | Path) -> ResultStore:
+    """An existing study store (a clear error for a missing file or one that is not a study store)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PlasticityConfigError(f"study store {str(path)!r} does not exist")
+    try:
+        with sqlite3.connect(path) as db:
+            db.execute("SELECT key FROM runs LIMIT 1")
+    except sqlite3.DatabaseError as err:
+        raise PlasticityConfigError(f"{str(path)!r} is not a study store ({err})") from err
+    return ResultStore(path)
 
 
 def _flatten(row: dict[str, Any]) -> dict[str, Any]:

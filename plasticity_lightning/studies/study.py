@@ -9,8 +9,10 @@ they finish.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
+import json
 import multiprocessing
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,6 +34,19 @@ from plasticity_lightning.metrics.dynamics import dynamics_summary
 from plasticity_lightning.nn.activations import ACTIVATIONS
 from plasticity_lightning.studies.stacked import StackedMLP, train_stacked
 from plasticity_lightning.studies.store import ResultStore
+
+#: recorded series the dynamics metrics read (plasticity_lightning.metrics.dynamics)
+DYNAMICS_KEYS = (
+    "epoch",
+    "loss",
+    "accuracy",
+    "mean_grad",
+    "max_grad",
+    "layer_grad_norms",
+    "mean_weight",
+    "std_weight",
+    "layer_weight_norms",
+)
 
 
 @dataclass
@@ -83,10 +98,25 @@ class StudySpec:
         check_fraction(owner, "test_fraction", self.test_fraction)
         for sigma in self.noise_levels:
             check_positive_float(owner, "noise_levels", sigma, allow_zero=True)
+        for sigma in self.noise:
+            if sigma is not None:
+                check_positive_float(owner, "noise", sigma, allow_zero=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StudySpec:
+        if not isinstance(data, dict):
+            raise PlasticityConfigError(f"study spec: expected a mapping of fields, got {type(data).__name__}")
         data = dict(data)
+        missing = [name for name in ("name", "activations") if name not in data]
+        if "hidden_sizes" not in data and "depths" not in data:
+            missing.append("hidden_sizes (or depths)")
+        if missing:
+            raise PlasticityConfigError(f"study spec: missing {', '.join(missing)}")
+        for name in ("activations", "datasets", "n_samples", "noise", "skip", "depths", "noise_levels"):
+            if name in data and not isinstance(data[name], list):
+                raise PlasticityConfigError(
+                    f"study spec: {name}={data[name]!r} is invalid; expected a list, e.g. [{data[name]!r}]"
+                )
         if "depths" in data:
             width = data.pop("width", 8)
             data["hidden_sizes"] = [[width] * depth for depth in data.pop("depths")]
@@ -103,8 +133,12 @@ class StudySpec:
         path = Path(path)
         if not path.exists():
             raise PlasticityConfigError(f"study spec {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text())
-        data.setdefault("name", path.stem)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise PlasticityConfigError(f"study spec {str(path)!r} is not valid YAML: {err}") from err
+        if isinstance(data, dict):
+            data.setdefault("name", path.stem)
         return cls.from_dict(data)
 
     def runs(self) -> list[dict[str, Any]]:
@@ -129,7 +163,7 @@ class StudySpec:
                     "test_fraction": self.test_fraction,
                     "noise_levels": list(self.noise_levels),
                 }
-                key = run_key(self.name, config)
+                key = run_key(self.name, config, self.seed)
                 # the dataset draw depends on (study seed, dataset, sample size, noise, trial) only: every
                 # architecture sees the same draws, and trials differ
                 data_seed = _seed(f"{self.seed}/{dataset}/{n_samples}/{noise}/{trial}")
@@ -141,7 +175,9 @@ class StudySpec:
         grouped: dict[tuple, list[dict[str, Any]]] = {}
         for run in self.runs():
             c = run["config"]
-            signature = (c["activation"], tuple(c["hidden_sizes"]), c["skip"], c["n_samples"])
+            # stacked runs need equal row counts: some toy sets round n (xor makes 4·⌊n/4⌋ points)
+            rows = _row_count(c["dataset"], c["n_samples"])
+            signature = (c["activation"], tuple(c["hidden_sizes"]), c["skip"], rows)
             grouped.setdefault(signature, []).append(run)
         return list(grouped.values())
 
@@ -149,12 +185,21 @@ class StudySpec:
         return asdict(self)
 
 
-def run_key(study: str, config: dict[str, Any]) -> str:
+def run_key(study: str, config: dict[str, Any], seed: int = 0) -> str:
+    """Readable grid coordinates plus a hash of the training settings: a spec changed under the same name (other
+    epochs, lr, seed, ...) gets new keys, so its stale rows are never mistaken for finished runs."""
     hidden = "-".join(map(str, config["hidden_sizes"])) or "linear"
+    settings = {k: config.get(k) for k in ("epochs", "lr", "record_every", "test_fraction", "noise_levels")}
+    digest = hashlib.sha1(json.dumps({**settings, "seed": seed}, sort_keys=True).encode()).hexdigest()[:8]
     return (
         f"{study}/{config['activation']}/{hidden}/skip{int(config['skip'])}/{config['dataset']}/n{config['n_samples']}"
-        f"/noise{config['noise']}/t{config['trial']}"
+        f"/noise{config['noise']}/t{config['trial']}/{digest}"
     )
+
+
+@functools.cache
+def _row_count(dataset: str, n_samples: int) -> int:
+    return len(make_toy(dataset, n_samples, None, seed=0)[1])
 
 
 def _seed(text: str) -> int:
@@ -186,7 +231,6 @@ def group_data(group: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor | None
 
 def run_group(study: str, group: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Train one stacked group; returns one store row per run (final metrics, dynamics summary, history)."""
-    torch.set_num_threads(1)  # parallelism comes from worker processes
     c = group[0]["config"]
     data = group_data(group)
     model = StackedMLP(
@@ -216,11 +260,14 @@ def run_group(study: str, group: Sequence[dict[str, Any]]) -> list[dict[str, Any
             "test_accuracy": record["test_accuracy"][-1],
             "generalization_gap": record["accuracy"][-1] - record["test_accuracy"][-1],
             "dynamics": dynamics_summary(
-                {k: record[k] for k in ("epoch", "loss", "accuracy", "mean_grad", "max_grad", "layer_grad_norms")}
+                {
+                    **{k: record[k] for k in DYNAMICS_KEYS},
+                    **({"val_accuracy": record["test_accuracy"]} if data["x_test"] is not None else {}),
+                }
             ),
         }
         if robustness:
-            metrics["noise_robustness"] = {str(sigma): values[r] for sigma, values in robustness.items()}
+            metrics["noise_robustness"] = {str(float(sigma)): values[r] for sigma, values in robustness.items()}
         rows.append({**run, "study": study, "metrics": _finite(metrics), "history": _finite(record)})
     return rows
 
@@ -255,6 +302,7 @@ def _finite(value: Any) -> Any:
 
 
 def _run_group_args(args: tuple[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    torch.set_num_threads(1)  # a worker process: parallelism comes from the processes
     return run_group(*args)
 
 
@@ -286,7 +334,7 @@ def run_study(
         results = map(_run_group_args, jobs)
         pool = None
     else:
-        pool = multiprocessing.get_context("spawn").Pool(workers)
+        pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)))
         results = pool.imap_unordered(_run_group_args, jobs)
     try:
         for rows in results:
