@@ -44,6 +44,7 @@ from plasticity_lightning.core.errors import (
     check_positive_float,
     check_positive_int,
 )
+from plasticity_lightning.core.serialization import json_safe
 from plasticity_lightning.probes import ProbeSet
 from plasticity_lightning.surgery.heads import HeadReviver
 
@@ -482,7 +483,7 @@ class PlasticityCycle(Intervention):
             return None
         path.parent.mkdir(parents=True, exist_ok=True)
         # strict JSON: a diverged perplexity (inf/NaN) is written as null
-        path.write_text(json.dumps(_json_safe(self.record()), indent=2, allow_nan=False))
+        path.write_text(json.dumps(json_safe(self.record()), indent=2, allow_nan=False))
         return path
 
     @override
@@ -511,16 +512,6 @@ class PlasticityCycle(Intervention):
         self.current = state_dict.get("current", state_dict.get("unfinished"))
         self.snapshot = state_dict.get("snapshot")
         self._pending_reviver = state_dict.get("reviver")
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def _to_cpu(collection: Any) -> Any:

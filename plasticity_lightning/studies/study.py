@@ -29,6 +29,7 @@ from plasticity_lightning.core.errors import (
     check_positive_float,
     check_positive_int,
 )
+from plasticity_lightning.core.serialization import json_safe
 from plasticity_lightning.data.toy import TOY_DATASETS, make_toy
 from plasticity_lightning.metrics.dynamics import dynamics_summary
 from plasticity_lightning.nn.activations import ACTIVATIONS
@@ -268,7 +269,7 @@ def run_group(study: str, group: Sequence[dict[str, Any]]) -> list[dict[str, Any
         }
         if robustness:
             metrics["noise_robustness"] = {str(float(sigma)): values[r] for sigma, values in robustness.items()}
-        rows.append({**run, "study": study, "metrics": _finite(metrics), "history": _finite(record)})
+        rows.append({**run, "study": study, "metrics": json_safe(metrics), "history": json_safe(record)})
     return rows
 
 
@@ -288,17 +289,6 @@ def _noise_robustness(
         logits = model(x + sigma * noise).squeeze(-1)
         result[sigma] = ((logits > 0).to(y.dtype) == y).float().mean(dim=1).tolist()
     return result
-
-
-def _finite(value: Any) -> Any:
-    """JSON-safe: non-finite floats (a diverged run) become None."""
-    if isinstance(value, float):
-        return value if value == value and abs(value) != float("inf") else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _run_group_args(args: tuple[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -1,0 +1,24 @@
+"""Values ready for strict JSON."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (a diverged run's NaN or inf) replaced by ``None``, recursively through
+    dicts, lists and tuples, so ``json.dumps(..., allow_nan=False)`` accepts it.
+
+    Example::
+
+        >>> json_safe({"loss": float("nan"), "acc": [0.5, float("inf")]})
+        {'loss': None, 'acc': [0.5, None]}
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
