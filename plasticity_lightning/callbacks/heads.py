@@ -588,7 +588,65 @@ class HeadPruning(Intervention):
         self.history = list(state_dict.get("history", []))
 
 
-class HeadGrowth(Intervention):
+class RevivingIntervention(Intervention):
+    """Base of the callbacks that revive heads with a :class:`~plasticity_lightning.surgery.HeadReviver`: its
+    validated settings, its checkpointed state, the gate ramp set before every training batch and the
+    learning-rate boost hooked onto the trainer's optimizers for the fit."""
+
+    def __init__(
+        self,
+        *,
+        output_scale: float,
+        warmup_steps: int,
+        initial_gate: float,
+        lr_multiplier: float,
+        boost_steps: int,
+        seed: int,
+        prefix: str,
+    ) -> None:
+        super().__init__(seed=seed, prefix=prefix)
+        # validated now: a bad value fails at construction, not at fit start
+        self.reviver_settings = HeadReviver.check_settings(
+            owner=type(self).__name__,
+            output_scale=output_scale,
+            warmup_steps=warmup_steps,
+            initial_gate=initial_gate,
+            lr_multiplier=lr_multiplier,
+            boost_steps=boost_steps,
+        )
+        self.reviver: HeadReviver | None = None
+        self._pending_reviver: dict[str, Any] | None = None
+
+    def start_reviver(self, trainer: pl.Trainer, gates: HeadGates) -> None:
+        """Bind a reviver to ``gates`` (resuming its checkpointed ramps) and hook it onto the optimizers."""
+        self.reviver = HeadReviver(gates, owner=type(self).__name__, **self.reviver_settings)
+        if self._pending_reviver is not None:
+            self.reviver.load_state_dict(self._pending_reviver)
+            self._pending_reviver = None
+        self.reviver.attach(self.optimizers(trainer))
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.reviver is not None:
+            self.reviver.detach()
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
+        if self.reviver is not None:
+            self.reviver.update(trainer.global_step)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        reviver = self.reviver.state_dict() if self.reviver is not None else self._pending_reviver
+        return {**super().state_dict(), "reviver": reviver}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._pending_reviver = state_dict.get("reviver")
+
+
+class HeadGrowth(RevivingIntervention):
     """Revive gated-off heads after every ``every_n_validations``-th validation of the fit: ``fraction`` of the dead
     heads (at least
     one) get fresh Q/K/V weights and near-silent output rows, a gate that ramps from ``initial_gate`` to 1 over
@@ -629,26 +687,23 @@ class HeadGrowth(Intervention):
         seed: int = 0,
         prefix: str = "heads",
     ) -> None:
-        super().__init__(seed=seed, prefix=prefix)
+        super().__init__(
+            output_scale=output_scale,
+            warmup_steps=warmup_steps,
+            initial_gate=initial_gate,
+            lr_multiplier=lr_multiplier,
+            boost_steps=boost_steps,
+            seed=seed,
+            prefix=prefix,
+        )
         self.fraction = check_fraction("HeadGrowth", "fraction", fraction, low_open=True, high_open=False)
         self.choice = check_choice("HeadGrowth", "choice", choice, GROWTH_CHOICES)
         if every_n_validations is not None:
             check_positive_int("HeadGrowth", "every_n_validations", every_n_validations)
         self.every_n_validations = every_n_validations
         self.validations = 0
-        self.reviver_settings = {
-            "output_scale": output_scale,
-            "warmup_steps": warmup_steps,
-            "initial_gate": initial_gate,
-            "lr_multiplier": lr_multiplier,
-            "boost_steps": boost_steps,
-        }
-        # validate now (a bad value must fail at construction, not at fit start)
-        HeadReviver.check_settings(owner="HeadGrowth", **self.reviver_settings)
         self.probe = ProbeSet(size=probe_size, source="val", seed=seed, owner="HeadGrowth")
-        self.reviver: HeadReviver | None = None
         self.history: list[dict[str, Any]] = []
-        self._pending_reviver: dict[str, Any] | None = None
         self._importance: HeadImportance | None = None
 
     @override
@@ -665,21 +720,7 @@ class HeadGrowth(Intervention):
                 f"HeadGrowth(choice='gradient') needs HeadImportance(method='gradient'), got "
                 f"method={self._importance.method!r}"
             )
-        self.reviver = HeadReviver(self._importance.gates, owner="HeadGrowth", **self.reviver_settings)
-        if self._pending_reviver is not None:
-            self.reviver.load_state_dict(self._pending_reviver)
-            self._pending_reviver = None
-        self.reviver.attach(self.optimizers(trainer))
-
-    @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.reviver is not None:
-            self.reviver.detach()
-
-    @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
-        if self.reviver is not None:
-            self.reviver.update(trainer.global_step)
+        self.start_reviver(trainer, self._importance.gates)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -724,18 +765,11 @@ class HeadGrowth(Intervention):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        reviver = self.reviver.state_dict() if self.reviver is not None else self._pending_reviver
-        return {
-            **super().state_dict(),
-            "reviver": reviver,
-            "history": list(self.history),
-            "validations": self.validations,
-        }
+        return {**super().state_dict(), "history": list(self.history), "validations": self.validations}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self._pending_reviver = state_dict.get("reviver")
         self.history = list(state_dict.get("history", []))
         self.validations = int(state_dict.get("validations", 0))
 

@@ -25,6 +25,7 @@ from plasticity_lightning.callbacks.heads import (
     HeadGrowth,
     HeadImportance,
     HeadPruning,
+    RevivingIntervention,
     check_prompts,
     choose_heads_to_grow,
     find_head_importance,
@@ -35,7 +36,6 @@ from plasticity_lightning.callbacks.heads import (
     resolve_tokenizer,
     score_generations,
 )
-from plasticity_lightning.callbacks.intervention import Intervention
 from plasticity_lightning.core.batches import token_ids
 from plasticity_lightning.core.errors import (
     PlasticityConfigError,
@@ -46,7 +46,6 @@ from plasticity_lightning.core.errors import (
 )
 from plasticity_lightning.core.serialization import json_safe
 from plasticity_lightning.probes import ProbeSet
-from plasticity_lightning.surgery.heads import HeadReviver
 
 #: Sentinel-AI's starting ratings: random strategies start at half the others'
 INITIAL_RATING = {"random": 0.5}
@@ -66,7 +65,7 @@ def updated_rating(rating: float, success: bool, improvement: float) -> float:
     return min(max(rating * factor, RATING_RANGE[0]), RATING_RANGE[1])
 
 
-class PlasticityCycle(Intervention):
+class PlasticityCycle(RevivingIntervention):
     """Cycles of prune → measure → grow → learn on attention heads, each judged and kept or reverted.
 
     From optimizer step ``start_step`` on, each cycle:
@@ -158,7 +157,15 @@ class PlasticityCycle(Intervention):
         seed: int = 0,
         prefix: str = "cycle",
     ) -> None:
-        super().__init__(seed=seed, prefix=prefix)
+        super().__init__(
+            output_scale=output_scale,
+            warmup_steps=warmup_steps,
+            initial_gate=initial_gate,
+            lr_multiplier=lr_multiplier,
+            boost_steps=boost_steps,
+            seed=seed,
+            prefix=prefix,
+        )
         owner = "PlasticityCycle"
         self.start_step = check_positive_int(owner, "start_step", start_step, allow_zero=True)
         self.learn_steps = check_positive_int(owner, "learn_steps", learn_steps)
@@ -189,14 +196,6 @@ class PlasticityCycle(Intervention):
         self.prompts = check_prompts(owner, prompts)
         self.max_new_tokens = check_positive_int(owner, "max_new_tokens", max_new_tokens)
         self.tokenizer = tokenizer
-        self.reviver_settings = HeadReviver.check_settings(
-            owner=owner,
-            output_scale=output_scale,
-            warmup_steps=warmup_steps,
-            initial_gate=initial_gate,
-            lr_multiplier=lr_multiplier,
-            boost_steps=boost_steps,
-        )
         self.json_path = json_path
         self._initial = {"start_step": self.start_step, "learn_steps": self.learn_steps}  # learn_steps adapts
 
@@ -211,8 +210,6 @@ class PlasticityCycle(Intervention):
         self.stopped: str | None = None
         self.current: dict[str, Any] | None = None  # the cycle in its learning phase
         self.snapshot: dict[str, Any] | None = None
-        self.reviver: HeadReviver | None = None
-        self._pending_reviver: dict[str, Any] | None = None
         self._importance: HeadImportance | None = None
 
     @override
@@ -237,22 +234,12 @@ class PlasticityCycle(Intervention):
             )
         resolve_tokenizer(trainer, self.tokenizer, "PlasticityCycle")
         require_validation(trainer, pl_module, "PlasticityCycle")
-        self.reviver = HeadReviver(self._importance.gates, owner="PlasticityCycle", **self.reviver_settings)
-        if self._pending_reviver is not None:
-            self.reviver.load_state_dict(self._pending_reviver)
-            self._pending_reviver = None
-        self.reviver.attach(self.optimizers(trainer))
+        self.start_reviver(trainer, self._importance.gates)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.reviver is not None:
-            self.reviver.detach()
+        super().on_fit_end(trainer, pl_module)
         self.write_json(trainer)
-
-    @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
-        if self.reviver is not None:
-            self.reviver.update(trainer.global_step)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
@@ -494,7 +481,6 @@ class PlasticityCycle(Intervention):
             "stale": self.stale,
             "current": self.current,
             "snapshot": self.snapshot,
-            "reviver": self.reviver.state_dict() if self.reviver is not None else self._pending_reviver,
         }
 
     @override
@@ -511,7 +497,6 @@ class PlasticityCycle(Intervention):
         self.stale = int(state_dict.get("stale", 0))
         self.current = state_dict.get("current", state_dict.get("unfinished"))
         self.snapshot = state_dict.get("snapshot")
-        self._pending_reviver = state_dict.get("reviver")
 
 
 def _to_cpu(collection: Any) -> Any:
