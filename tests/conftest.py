@@ -41,6 +41,23 @@ def corpus(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def run_ddp_script(tmp_path: Path, script: str, variants: list[str]) -> Path:
+    """Run ``script`` (argv: output prefix, variant) once per variant, one DDP fit per process (gloo can abort at
+    exit after two); fail with its stderr. Returns the output prefix the script writes under."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "run.py"
+    path.write_text(script)
+    out = tmp_path / "ddp"
+    for variant in variants:
+        result = subprocess.run(
+            [sys.executable, str(path), str(out), variant], capture_output=True, text=True, timeout=500, cwd=tmp_path
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
 @pytest.fixture
 def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Run in a fresh directory so runs/ and data/ land in tmp."""

@@ -1,12 +1,11 @@
 """Two CPU processes under DDP: head pruning, growth and the plasticity cycle gate, revive and revert alike on
 every rank (each rank sees different training batches, so only reduced statistics and shared seeds can agree)."""
 
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from conftest import run_ddp_script
 
 SCRIPT = textwrap.dedent(
     """
@@ -75,14 +74,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.timeout(600)
 def test_head_callbacks_leave_every_rank_with_identical_gates_and_weights(tmp_path):
-    script = tmp_path / "run.py"
-    script.write_text(SCRIPT)
-    out = tmp_path / "ddp"
-    for variant in ("prune_grow", "cycle"):  # one DDP fit per process: gloo can abort at exit after two
-        result = subprocess.run(
-            [sys.executable, str(script), str(out), variant], capture_output=True, text=True, timeout=500, cwd=tmp_path
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
+    out = run_ddp_script(tmp_path, SCRIPT, ["prune_grow", "cycle"])
     for variant in ("prune_grow", "cycle"):
         rank0, rank1 = (torch.load(f"{out}.{variant}.rank{rank}.pt", weights_only=False) for rank in (0, 1))
         assert torch.equal(rank0["gates"], rank1["gates"]), variant

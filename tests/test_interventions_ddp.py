@@ -1,11 +1,10 @@
 """Two CPU processes under DDP: every intervention takes the same decisions on every rank."""
 
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from conftest import run_ddp_script
 
 SCRIPT = textwrap.dedent(
     """
@@ -72,14 +71,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.timeout(600)
 def test_interventions_leave_every_rank_with_identical_weights(tmp_path):
-    script = tmp_path / "run.py"
-    script.write_text(SCRIPT)
-    out = tmp_path / "ddp"
-    for variant in ("mlp", "bn"):  # one DDP fit per process: gloo can abort at exit after two
-        result = subprocess.run(
-            [sys.executable, str(script), str(out), variant], capture_output=True, text=True, timeout=500, cwd=tmp_path
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
+    out = run_ddp_script(tmp_path, SCRIPT, ["mlp", "bn"])
     for run in ("", ".bn"):
         rank0, rank1 = (torch.load(f"{out}{run}.rank{rank}.pt") for rank in (0, 1))
         assert sum(rank0["replaced"].values()) > 0 and sum(rank0["recycled"].values()) > 0, run
