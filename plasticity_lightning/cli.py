@@ -6,6 +6,7 @@
     plasticity fit --model MLP --data ToyDataModule --data.dataset moons --trainer.max_epochs 50
     plasticity fit --config recipes/cbp_cifar.yaml --config configs/trainer/gpu.yaml --config configs/logger/wandb.yaml
     plasticity fit --config recipes/quickstart.yaml --print_config
+    plasticity report runs/plasticity/version_0
 
 The library's models and datamodules are importable by their short names (``MLP``, ``DigitsDataModule``);
 anything else by its import path (``my_package.MyModel``). Configs compose with repeated ``--config``:
@@ -175,6 +176,11 @@ def main(args: ArgsType = None) -> None:
             from plasticity_lightning.studies.cli import main as study_main
 
             study_main(argv[1:])
+            return
+        if argv and argv[0] == "report":  # reads finished runs back: figures, summaries, comparisons
+            from plasticity_lightning.reports.cli import main as report_main
+
+            report_main(argv[1:])
             return
         PlasticityCLI(args=args)
     except Exception as err:

@@ -25,8 +25,8 @@ SCRIPT = textwrap.dedent(
                         "replaced": {k: s.replaced for k, s in self.cbp.states.items()},
                         "recycled": dict(self.redo.replaced)}, f"{out}{self.name}.rank{trainer.global_rank}.pt")
 
-    def fit(model, data, callbacks, **kwargs):
-        trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, limit_train_batches=8,
+    def fit(model, data, callbacks, max_epochs=2, **kwargs):
+        trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=max_epochs, limit_train_batches=8,
                              logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False, callbacks=callbacks, **kwargs)
         trainer.fit(model, data)
@@ -61,6 +61,22 @@ SCRIPT = textwrap.dedent(
         model = MLP(hidden_sizes=[32, 32], optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
         data = DigitsDataModule(batch_size=16, schedule=PermutedInputs(num_tasks=2, epochs_per_task=1))
         fit(model, data, [cbp, redo, *others, Dump(cbp, redo, "")], limit_val_batches=2)
+    elif variant == "regression":  # weight constraints and the adaptive loss: deterministic, so ranks agree
+        from plasticity_lightning import (AdaptiveLossWeights, JamesSteinShrinkage, OscillationDampener,
+                                          ParticleDataModule, WeightPrecision)
+
+        class DumpRegression(pl.Callback):
+            def on_fit_end(self, trainer, pl_module):
+                torch.save({"params": {k: v.cpu() for k, v in pl_module.state_dict().items()},
+                            "applied": [c.applications for c in constraints]},
+                           f"{out}.regression.rank{trainer.global_rank}.pt")
+
+        constraints = [OscillationDampener(mode="adaptive", every_n_steps=2, every_n_epochs=None),
+                       JamesSteinShrinkage(variance=1e-3),
+                       WeightPrecision(bits=12, mode="ieee_bits", max_additional_bits=4)]
+        model = MLP(hidden_sizes=[16, 16], task="regression", loss="adaptive_physics_aware")
+        fit(model, ParticleDataModule(n_particles=400, batch_size=16),
+            [*constraints, AdaptiveLossWeights(), DumpRegression()], max_epochs=6)
     else:
         redo = ReDo(every_n_steps=3, tau=0.5, probe_size=64)
         cbp = ContinualBackprop(replacement_rate=0.02, maturity_threshold=3, accumulate=False)
@@ -80,3 +96,13 @@ def test_interventions_leave_every_rank_with_identical_weights(tmp_path):
             if "running_" in name or "num_batches" in name:
                 continue  # BN buffers are rank-local until DDP broadcasts rank 0's at the next forward
             assert torch.equal(value, rank1["params"][name]), (run, name)
+
+
+@pytest.mark.timeout(600)
+def test_constraints_and_adaptive_loss_keep_ranks_identical(tmp_path):
+    out = run_ddp_script(tmp_path, SCRIPT, ["regression"])
+    rank0, rank1 = (torch.load(f"{out}.regression.rank{rank}.pt") for rank in (0, 1))
+    assert rank0["applied"] == rank1["applied"] and min(rank0["applied"]) >= 6
+    assert len(rank0["params"]["criterion.loss_history"]) == 6  # one update per validation
+    for name, value in rank0["params"].items():
+        assert torch.equal(value, rank1["params"][name]), name

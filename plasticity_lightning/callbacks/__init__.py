@@ -5,13 +5,22 @@ Monitors (measure): :class:`RankMonitor`, :class:`DormantUnitMonitor`, :class:`E
 for language models :class:`AttentionEntropyMonitor`, :class:`DegenerationMonitor`, :class:`HeadImportance`.
 Interventions (act): :class:`ContinualBackprop` (and RR-CBP), :class:`ReDo`, :class:`ShrinkAndPerturb`,
 :class:`L2Init`, :class:`HeadReset`; on attention heads :class:`HeadPruning`, :class:`HeadGrowth`,
-:class:`PlasticityCycle`; numerical stability :class:`SoftmaxCollapseMonitor`, :class:`SurgeCollapse`.
+:class:`PlasticityCycle`; numerical stability :class:`SoftmaxCollapseMonitor`, :class:`SurgeCollapse`; weight
+constraints :class:`WeightPrecision`, :class:`OscillationDampener`, :class:`JamesSteinShrinkage` and the adaptive
+regression loss's :class:`AdaptiveLossWeights`. Reporting: :class:`EpochTimer`, :class:`SavePredictions`.
 Base classes: :class:`PlasticityMonitor` (cadence, probe, logging), :class:`TaskAwareCallback` (task changes),
 :class:`Intervention` / :class:`UnitIntervention` (rank-agreeing RNG, strategy checks, unit pairs).
 """
 
+from plasticity_lightning.callbacks.adaptive_loss import AdaptiveLossWeights
 from plasticity_lightning.callbacks.base import TaskAwareCallback
 from plasticity_lightning.callbacks.cbp import ContinualBackprop
+from plasticity_lightning.callbacks.constraints import (
+    JamesSteinShrinkage,
+    OscillationDampener,
+    ParameterConstraint,
+    WeightPrecision,
+)
 from plasticity_lightning.callbacks.continual import TaskAccuracyTable
 from plasticity_lightning.callbacks.dynamics import LearningDynamics
 from plasticity_lightning.callbacks.heads import (
@@ -32,27 +41,34 @@ from plasticity_lightning.callbacks.monitors import (
 )
 from plasticity_lightning.callbacks.plasticity_cycle import PlasticityCycle
 from plasticity_lightning.callbacks.redo import ReDo
+from plasticity_lightning.callbacks.reporting import EpochTimer, SavePredictions
 from plasticity_lightning.callbacks.resets import HeadReset, L2Init, ShrinkAndPerturb
 from plasticity_lightning.callbacks.stability import SoftmaxCollapseMonitor, SurgeCollapse
 
 __all__ = [
+    "AdaptiveLossWeights",
     "AttentionEntropyMonitor",
     "ContinualBackprop",
     "DegenerationMonitor",
     "DormantUnitMonitor",
     "EntropyMonitor",
+    "EpochTimer",
     "GradientFlowMonitor",
     "HeadGrowth",
     "HeadImportance",
     "HeadPruning",
     "HeadReset",
     "Intervention",
+    "JamesSteinShrinkage",
     "L2Init",
     "LearningDynamics",
+    "OscillationDampener",
+    "ParameterConstraint",
     "PlasticityCycle",
     "PlasticityMonitor",
     "RankMonitor",
     "ReDo",
+    "SavePredictions",
     "ShrinkAndPerturb",
     "SoftmaxCollapseMonitor",
     "SurgeCollapse",
@@ -60,4 +76,5 @@ __all__ = [
     "TaskAwareCallback",
     "UnitIntervention",
     "WeightMonitor",
+    "WeightPrecision",
 ]

@@ -1,5 +1,5 @@
-"""LightningDataModules (toy 2-D, digits, torchvision image sets, text, algorithmic tasks) and continual task
-schedules."""
+"""LightningDataModules (toy 2-D, digits, torchvision image sets, text, algorithmic tasks, charged particles) and
+continual task schedules."""
 
 from plasticity_lightning.data.algorithmic import (
     BinaryGaussianDataModule,
@@ -8,6 +8,7 @@ from plasticity_lightning.data.algorithmic import (
 )
 from plasticity_lightning.data.base import IndexedTensorDataset, PlasticityDataModule
 from plasticity_lightning.data.continual import ClassIncremental, LabelShuffle, PermutedInputs, TaskSchedule
+from plasticity_lightning.data.particles import ParticleDataModule, cyclotron_motion, generate_particles
 from plasticity_lightning.data.text import TextDataModule, load_tokenizer, token_ids
 from plasticity_lightning.data.toy import (
     TOY_DATASETS,
@@ -41,6 +42,7 @@ __all__ = [
     "LabelShuffle",
     "MNISTDataModule",
     "ModularArithmeticDataModule",
+    "ParticleDataModule",
     "PermutedInputs",
     "PlasticityDataModule",
     "SparseParityDataModule",
@@ -48,6 +50,8 @@ __all__ = [
     "TextDataModule",
     "TorchvisionDataModule",
     "ToyDataModule",
+    "cyclotron_motion",
+    "generate_particles",
     "load_tokenizer",
     "make_circles",
     "make_moons",

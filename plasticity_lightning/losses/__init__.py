@@ -1,7 +1,9 @@
 """Losses by name, so a YAML recipe can say ``loss: cross_entropy`` or pass any ``nn.Module``.
 
-Besides torch's losses: ``stablemax_cross_entropy`` (:class:`StableMaxCrossEntropy`, in float64) and
-``cross_entropy_float64`` (softmax cross-entropy in float64). More can be added with :func:`register_loss`.
+Besides torch's losses: ``stablemax_cross_entropy`` (:class:`StableMaxCrossEntropy`, in float64),
+``cross_entropy_float64`` (softmax cross-entropy in float64) and, for regression, ``adaptive_r2_based``,
+``adaptive_loss_based``, ``adaptive_combined`` and ``adaptive_physics_aware`` (:class:`AdaptiveRegressionLoss`).
+More can be added with :func:`register_loss`.
 """
 
 from __future__ import annotations
@@ -52,6 +54,12 @@ def build_loss(spec: str | nn.Module | None, task: str, *, owner: str = "") -> n
     return _LOSSES[spec][0]()
 
 
+from plasticity_lightning.losses.adaptive import STRATEGIES as ADAPTIVE_STRATEGIES  # noqa: E402
+from plasticity_lightning.losses.adaptive import (  # noqa: E402
+    AdaptiveRegressionLoss,
+    adaptive_loss_weights,
+    sine_weights,
+)
 from plasticity_lightning.losses.stablemax import (  # noqa: E402  (registers after the registry exists)
     PrecisionCrossEntropy,
     StableMaxCrossEntropy,
@@ -62,15 +70,21 @@ from plasticity_lightning.losses.stablemax import (  # noqa: E402  (registers af
 
 register_loss("stablemax_cross_entropy", StableMaxCrossEntropy, "classification")
 register_loss("cross_entropy_float64", lambda: PrecisionCrossEntropy("float64"), "classification")
+for _strategy in ADAPTIVE_STRATEGIES:  # loss: adaptive_r2_based, adaptive_physics_aware, ...
+    register_loss(f"adaptive_{_strategy}", lambda strategy=_strategy: AdaptiveRegressionLoss(strategy), "regression")
 
 __all__ = [
+    "ADAPTIVE_STRATEGIES",
     "DEFAULT_LOSS",
+    "AdaptiveRegressionLoss",
     "PrecisionCrossEntropy",
     "StableMaxCrossEntropy",
+    "adaptive_loss_weights",
     "available_losses",
     "build_loss",
     "log_stablemax",
     "register_loss",
+    "sine_weights",
     "stablemax",
     "stablemax_s",
 ]

@@ -40,6 +40,7 @@ from plasticity_lightning.metrics.dynamics import (
     generalization_gap,
     gradient_health,
     learning_curve,
+    loss_convergence_epoch,
     loss_stability,
     weight_evolution,
 )
@@ -114,6 +115,7 @@ __all__ = [
     "layer_weights",
     "learning_curve",
     "logit_norm",
+    "loss_convergence_epoch",
     "loss_stability",
     "low_activity_fraction",
     "low_activity_mask",

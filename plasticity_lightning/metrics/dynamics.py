@@ -73,6 +73,29 @@ def convergence_epoch(
     return (int(epochs[index]) if epochs is not None else index), index
 
 
+def loss_convergence_epoch(
+    loss: Sequence[float], epochs: Sequence[int] | None = None, share: float = 0.9
+) -> tuple[int, int]:
+    """(epoch, index) of the first record whose loss has made ``share`` of the run's total improvement.
+
+    The improvement is measured from the first loss to the best (lowest) one: the first record with
+    ``loss <= first - share·(first - best)``. The loss counterpart of :func:`convergence_epoch` (a run that never
+    improves converges at its first record). Non-finite losses never count as converged.
+
+    Example::
+
+        >>> loss_convergence_epoch([1.0, 0.5, 0.15, 0.1, 0.12], epochs=[1, 2, 3, 4, 5])
+        (3, 2)
+    """
+    finite = [v for v in loss if math.isfinite(v)]
+    if not finite:
+        raise ValueError("loss_convergence_epoch needs at least one finite loss record")
+    first = next(v for v in loss if math.isfinite(v))
+    target = first - share * (first - min(finite))
+    index = next(i for i, v in enumerate(loss) if math.isfinite(v) and v <= target)
+    return (int(epochs[index]) if epochs is not None else index), index
+
+
 def loss_stability(loss: Sequence[float], tail_share: float = 0.2) -> dict[str, float]:
     """Standard deviation (not variance) of the loss over the final ``tail_share`` of records, plus endpoints.
 

@@ -21,7 +21,13 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, R2Score
+from torchmetrics import (
+    MeanAbsoluteError,
+    MeanAbsolutePercentageError,
+    MeanSquaredError,
+    MetricCollection,
+    R2Score,
+)
 from torchmetrics.classification import (
     BinaryF1Score,
     MulticlassAccuracy,
@@ -62,6 +68,16 @@ CLASSIFICATION_METRICS = {
     "recall": lambda classes: MulticlassRecall(num_classes=classes, average="macro"),
     "binary_f1": lambda classes: _PositiveClassF1(),
 }
+
+REGRESSION_METRICS = {
+    "mse": lambda: MeanSquaredError(),
+    "mae": lambda: MeanAbsoluteError(),
+    "rmse": lambda: MeanSquaredError(squared=False),
+    "mape": lambda: MeanAbsolutePercentageError(),
+    "r2": lambda: R2Score(multioutput="uniform_average"),
+}
+
+DEFAULT_METRICS = {"classification": ("acc",), "regression": ("mse", "mae", "r2")}
 
 
 class InjectedOptimizer:
@@ -113,9 +129,12 @@ class SupervisedModule(InjectedOptimizer, pl.LightningModule):
         lr_scheduler_monitor: metric that ``ReduceLROnPlateau`` watches.
         mask_unseen_classes: in class-incremental streams, give classes not yet introduced a logit of
             ``-inf`` (Dohare et al.'s head masking), so they are never predicted and receive no gradient.
-        metrics: classification metrics logged per stage as ``<stage>/<name>``: ``acc`` (micro accuracy) and any
-            of ``f1``, ``precision``, ``recall`` (macro averages over classes, torchmetrics) and ``binary_f1`` (F1 of
-            class 1, for two-class problems).
+        metrics: metrics logged per stage as ``<stage>/<name>`` (torchmetrics). Classification: ``acc`` (micro
+            accuracy) and any of ``f1``, ``precision``, ``recall`` (macro averages over classes) and ``binary_f1``
+            (F1 of class 1, for two-class problems); default ``[acc]``. Regression: any of ``mse``, ``mae``,
+            ``rmse``, ``mape`` and ``r2`` (uniform average over targets); default ``[mse, mae, r2]``. MAPE divides by
+            the targets, so on standardised targets (near 0) it is large; ``plasticity report`` gives it in the
+            data's own units.
     """
 
     #: constructor arguments that may be ``None`` and are then read from the datamodule
@@ -133,17 +152,19 @@ class SupervisedModule(InjectedOptimizer, pl.LightningModule):
         lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
         lr_scheduler_monitor: str = "val/loss",
         mask_unseen_classes: bool = True,
-        metrics: Sequence[str] = ("acc",),
+        metrics: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
-        if isinstance(metrics, str) or not metrics or any(m not in CLASSIFICATION_METRICS for m in metrics):
+        self.task = check_choice(owner, "task", task, ("classification", "regression"))
+        allowed = CLASSIFICATION_METRICS if task == "classification" else REGRESSION_METRICS
+        metrics = DEFAULT_METRICS[task] if metrics is None else metrics
+        if isinstance(metrics, str) or not metrics or any(m not in allowed for m in metrics):
             raise PlasticityConfigError(
-                f"{owner}.metrics={metrics!r} is invalid; expected a non-empty list drawn from "
-                f"{', '.join(CLASSIFICATION_METRICS)}"
+                f"{owner}.metrics={metrics!r} is invalid for task={task!r}; expected a non-empty list drawn from "
+                f"{', '.join(allowed)}"
             )
         self.metric_names = list(dict.fromkeys(metrics))
-        self.task = check_choice(owner, "task", task, ("classification", "regression"))
         if self.classification_only and task != "classification":
             raise PlasticityConfigError(f"{owner}.task={task!r} is not supported; {owner} is a classifier")
         check_choice(owner, "lr_scheduler_interval", lr_scheduler_interval, ("epoch", "step"))
@@ -267,13 +288,7 @@ class SupervisedModule(InjectedOptimizer, pl.LightningModule):
                     {name: CLASSIFICATION_METRICS[name](self.num_outputs) for name in self.metric_names}
                 )
             else:
-                collection = MetricCollection(
-                    {
-                        "mse": MeanSquaredError(),
-                        "mae": MeanAbsoluteError(),
-                        "r2": R2Score(multioutput="uniform_average"),
-                    }
-                )
+                collection = MetricCollection({name: REGRESSION_METRICS[name]() for name in self.metric_names})
             self.metrics[f"{stage}_"] = collection.clone(prefix=f"{stage}/")
 
     def setup(self, stage: str) -> None:

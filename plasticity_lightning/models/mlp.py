@@ -10,26 +10,31 @@ from typing import Any
 import torch
 from torch import nn
 
-from plasticity_lightning.core.errors import check_positive_ints
+from plasticity_lightning.core.errors import check_fraction, check_positive_ints
 from plasticity_lightning.models.base import SupervisedModule
 from plasticity_lightning.nn import activation_gain, build_activation, init_layer_, resolve_init_scheme
 
 
 class DenseBlock(nn.Module):
-    """``act(linear(x))``, plus ``x`` when ``skip`` is on and the widths match (Neural Elements' rule).
+    """``dropout(act(linear(x)))``, plus ``x`` when ``skip`` is on and the widths match (Neural Elements' rule).
 
     The skip is added after the activation, so ``act``'s output is the block's units and the block's
-    output is ``units + x``.
+    output is ``units + x``. Without dropout the block holds no dropout module.
     """
 
-    def __init__(self, in_features: int, out_features: int, activation: str, *, bias: bool, skip: bool) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, activation: str, *, bias: bool, skip: bool, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.linear = nn.Linear(in_features, out_features, bias=bias)
         self.act = build_activation(activation)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.skip = skip and in_features == out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         units = self.act(self.linear(x))
+        if self.dropout is not None:
+            units = self.dropout(units)
         return units + x if self.skip else units
 
 
@@ -50,6 +55,7 @@ class MLP(SupervisedModule):
             biases and use the activation's gain; the output layer uses gain 1.
         bias: give linear layers a bias.
         flatten: flatten inputs of any shape (e.g. images) to ``[batch, input_dim]``.
+        dropout: dropout probability after each hidden activation (0 = none).
         **kwargs: :class:`~plasticity_lightning.models.SupervisedModule` arguments (task, loss, optimizer, ...).
 
     Example::
@@ -73,10 +79,12 @@ class MLP(SupervisedModule):
         init: str = "kaiming",
         bias: bool = True,
         flatten: bool = True,
+        dropout: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         owner = type(self).__name__
+        self.dropout = check_fraction(owner, "dropout", dropout, high_open=True)
         self._check_sizes(input_dim=input_dim, num_outputs=num_outputs)
         self.hidden_sizes = check_positive_ints(owner, "hidden_sizes", hidden_sizes)
         build_activation(activation, owner=owner)  # validates the name early
@@ -105,7 +113,7 @@ class MLP(SupervisedModule):
         widths = [self.input_dim, *self.hidden_sizes]
         gain = activation_gain(self.activation)
         self.hidden = nn.ModuleList(
-            DenseBlock(w_in, w_out, self.activation, bias=self.bias, skip=self.skip_connections)
+            DenseBlock(w_in, w_out, self.activation, bias=self.bias, skip=self.skip_connections, dropout=self.dropout)
             for w_in, w_out in itertools.pairwise(widths)
         )
         for block in self.hidden:
