@@ -65,6 +65,7 @@ def test_recipes_exist():
         *(f"plasticity_loss_digits_{v}.yaml" for v in ("cbp", "redo", "shrink_perturb", "l2_init")),
         "head_plasticity_tiny_gpt2.yaml",
         "head_plasticity_distilgpt2.yaml",
+        *(f"particles_{v}.yaml" for v in ("baseline", "weight_precision", "james_stein", "adaptive_loss")),
     } <= {r.name for r in RECIPES}
     assert {"convnet_cifar10_pairs.yaml", "resnet18_cifar100.yaml", "cbp_cifar.yaml"} == CIFAR_RECIPES
 

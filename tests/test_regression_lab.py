@@ -378,3 +378,40 @@ def test_constraints_in_a_fit_hold_and_resume_exactly(tmp_path):
     for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert resumed_trainer.callbacks[0].history.keys() == trainer.callbacks[0].history.keys()
+
+
+class _Oscillator(pl.LightningModule):
+    """One bias on a quadratic bowl with too large a step: SGD flips its sign every step (p ← −0.9 p)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.ones(3))
+
+    def training_step(self, batch, batch_idx):
+        return (self.bias**2).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.95)
+
+
+@pytest.mark.parametrize("damped", [False, True])
+def test_dampener_fires_on_a_parameter_that_oscillates_in_training(tmp_path, damped):
+    callbacks = (
+        [OscillationDampener(mode="shrink", strength=0.5, every_n_steps=1, every_n_epochs=None)] if damped else []
+    )
+    model = _Oscillator()
+    trainer = pl.Trainer(
+        max_steps=12,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, DataLoader(TensorDataset(torch.zeros(12, 1)), batch_size=1))
+    if damped:
+        assert float(trainer.callback_metrics["oscillation_dampener/fired_fraction"]) == 1.0
+        assert model.bias.abs().max() < 0.5 * 0.9**12  # damping removes the oscillation much faster
+    else:
+        torch.testing.assert_close(model.bias.detach(), torch.full((3,), 0.9**12))  # (−0.9)^12

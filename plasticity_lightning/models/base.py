@@ -158,7 +158,7 @@ class SupervisedModule(InjectedOptimizer, pl.LightningModule):
         owner = type(self).__name__
         self.task = check_choice(owner, "task", task, ("classification", "regression"))
         allowed = CLASSIFICATION_METRICS if task == "classification" else REGRESSION_METRICS
-        metrics = DEFAULT_METRICS[task] if metrics is None else metrics
+        metrics = list(DEFAULT_METRICS[task]) if metrics is None else metrics  # (a list reads back from hparams.yaml)
         if isinstance(metrics, str) or not metrics or any(m not in allowed for m in metrics):
             raise PlasticityConfigError(
                 f"{owner}.metrics={metrics!r} is invalid for task={task!r}; expected a non-empty list drawn from "

@@ -38,6 +38,13 @@ METRICS_FILE = "metrics.csv"
 MAPE_EPSILON = 1.17e-06  # torchmetrics' floor on |target| in MAPE
 
 
+class _HparamsLoader(yaml.SafeLoader):
+    """Safe loading that also reads the tuples Lightning writes into ``hparams.yaml`` (``!!python/tuple``)."""
+
+
+_HparamsLoader.add_constructor("tag:yaml.org,2002:python/tuple", lambda loader, node: loader.construct_sequence(node))
+
+
 @dataclass
 class RunData:
     """One run read from disk: a per-epoch metric table and the optional artifacts."""
@@ -125,7 +132,7 @@ def load_run(path: str | Path) -> RunData:
 
     def _yaml(name: str) -> dict[str, Any]:
         file = directory / name
-        loaded = yaml.safe_load(file.read_text()) if file.is_file() else None
+        loaded = yaml.load(file.read_text(), Loader=_HparamsLoader) if file.is_file() else None
         return loaded if isinstance(loaded, dict) else {}
 
     dynamics_file = directory / "learning_dynamics.json"
