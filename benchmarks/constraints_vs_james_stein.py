@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--keep", help="keep the runs in this folder (default: a temporary one)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
-        root = Path(args.keep or scratch)
+        root = Path(args.keep or scratch).resolve()
         root.mkdir(parents=True, exist_ok=True)
         seconds = dict.fromkeys(args.variants, 0.0)
         for seed in args.seeds:

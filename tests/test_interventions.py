@@ -23,7 +23,9 @@ from plasticity_lightning import (
     ReDo,
     ShrinkAndPerturb,
 )
+from plasticity_lightning.callbacks.cbp import _LayerState
 from plasticity_lightning.callbacks.resets import fresh_layer
+from plasticity_lightning.surgery import unit_magnitudes
 
 
 def sgd(params):
@@ -177,11 +179,19 @@ def test_cbp_works_with_gradient_accumulation_and_bf16_mixed(tmp_path):
     assert torch.isfinite(state.utility).all()
 
 
-@pytest.mark.parametrize("callback", ["cbp", "redo", "shrink_perturb"])
+@pytest.mark.parametrize("callback", ["cbp", "cbp_cached_magnitudes", "redo", "shrink_perturb"])
 def test_resume_is_bit_exact(tmp_path, callback):
     def make():
         return {
             "cbp": lambda: ContinualBackprop(replacement_rate=0.02, maturity_threshold=3, accumulate=False),
+            # 8 steps per epoch, a refresh every 3: the checkpoint falls between two refreshes
+            "cbp_cached_magnitudes": lambda: ContinualBackprop(
+                replacement_rate=0.02,
+                maturity_threshold=3,
+                accumulate=False,
+                magnitudes_every_n_steps=3,
+                utility="adaptable_contribution",
+            ),
             "redo": lambda: ReDo(every_n_steps=3, tau=0.5, probe_size=64),
             "shrink_perturb": lambda: ShrinkAndPerturb(
                 noise="gaussian", shrink=0.999, perturb=1e-3, on_task_change=False, every_n_steps=2
@@ -206,10 +216,34 @@ def test_resume_is_bit_exact(tmp_path, callback):
     assert full.state_dict().keys() == second.state_dict().keys()
     acted = {
         "cbp": lambda c: sum(state.replaced for state in c.states.values()),
+        "cbp_cached_magnitudes": lambda c: sum(state.replaced for state in c.states.values()),
         "redo": lambda c: sum(c.replaced.values()),
         "shrink_perturb": lambda c: c.applied,
     }[callback]
     assert acted(first) > 0 and acted(second) > acted(first)  # it acted before and after the checkpoint
+
+
+def test_cached_magnitudes_are_patched_exactly_for_replaced_units():
+    model = mlp()
+    cbp = ContinualBackprop(utility="adaptable_contribution", magnitudes_every_n_steps=10)
+    cbp.bind(model)
+    cbp.states = {pair.producer: _LayerState(pair.num_units, torch.device("cpu")) for pair in cbp.pairs}
+    cached = cbp._current_magnitudes()
+    stale = {name: (out.clone(), inc.clone()) for name, (out, inc) in cached.items()}
+    pair = cbp.pairs[0]
+    units = torch.tensor([1, 4])
+    cbp._replace(None, pair, units)
+    assert cbp._current_magnitudes() is cached  # reused, not recomputed
+    exact = unit_magnitudes(cbp.pairs, incoming=True)[pair.producer]
+    outgoing, incoming = cached[pair.producer]
+    assert torch.equal(outgoing[units], exact[0][units]) and (outgoing[units] == 0).all()
+    torch.testing.assert_close(incoming[units], exact[1][units])
+    assert not torch.equal(incoming[units], stale[pair.producer][1][units])  # new incoming weights were drawn
+    kept = torch.ones(pair.num_units, dtype=torch.bool)
+    kept[units] = False
+    assert torch.equal(outgoing[kept], stale[pair.producer][0][kept])  # the others stay as cached
+    with pytest.raises(PlasticityConfigError, match="magnitudes_every_n_steps"):
+        ContinualBackprop(magnitudes_every_n_steps=0)
 
 
 def test_rr_cbp_draws_sigma_orthogonal_rows_in_a_trainer(tmp_path):

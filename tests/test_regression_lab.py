@@ -23,6 +23,7 @@ from plasticity_lightning.data import ParticleDataModule, cyclotron_motion, gene
 from plasticity_lightning.losses import AdaptiveRegressionLoss, adaptive_loss_weights, build_loss
 from plasticity_lightning.models import MLP
 from plasticity_lightning.surgery.constraints import (
+    adaptive_damping_bits,
     clear_lowest_set_bits,
     james_stein_factor,
     round_mantissa,
@@ -156,7 +157,7 @@ def test_adaptive_loss_value_update_and_checkpoint_round_trip():
     loss.update(r2=0.7, loss=0.5)
     restored = AdaptiveRegressionLoss("combined")
     restored.load_state_dict(loss.state_dict())
-    assert restored.loss_history.tolist() == [0.8, 0.5] and restored.weights.tolist() == loss.weights.tolist()
+    assert restored.loss_history.tolist() == pytest.approx([0.8, 0.5]) and torch.equal(restored.weights, loss.weights)
     assert isinstance(build_loss("adaptive_physics_aware", "regression"), AdaptiveRegressionLoss)
     with pytest.raises(PlasticityConfigError, match="strategy"):
         AdaptiveRegressionLoss("r3_based")
@@ -177,8 +178,18 @@ def test_adaptive_loss_weights_follow_validation_in_a_fit(tmp_path):
     r2 = float(trainer.callback_metrics["val/r2"])
     expected = (min(0.9, 0.2 + 0.7 * r2), max(0.1, 0.8 - 0.7 * r2))
     assert model.criterion.weights.tolist() == pytest.approx(expected)
-    assert len(model.criterion.loss_history) == 3  # one update per validation, none for the sanity check
+    assert len(model.criterion.loss_history) == 3  # one update per epoch, none for the sanity check
     assert float(trainer.callback_metrics["adaptive_loss/mse_weight"]) == pytest.approx(expected[0])
+    twice = MLP(hidden_sizes=[8], task="regression", loss="adaptive_physics_aware")
+    pl.Trainer(
+        max_epochs=2,
+        val_check_interval=0.5,
+        callbacks=[AdaptiveLossWeights()],
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+    ).fit(twice, ParticleDataModule(n_particles=200, batch_size=16))
+    assert len(twice.criterion.loss_history) == 2  # two validations per epoch, one update per epoch
     with pytest.raises(PlasticityConfigError, match="AdaptiveRegressionLoss"):
         pl.Trainer(max_epochs=1, callbacks=[AdaptiveLossWeights()], logger=False).fit(
             MLP(hidden_sizes=[4], task="regression"), ParticleDataModule(n_particles=100)
@@ -234,6 +245,25 @@ def test_mantissa_rounding_error_bound_and_sign_exponent_kept(bits):
     assert (
         round_mantissa(special, bits)[:2].tolist() == [math.inf, -math.inf] and round_mantissa(special, bits)[2].isnan()
     )
+
+
+def _seed_adaptive_damp(value: float, mean: float) -> float:
+    """The seed's AdaptiveOscillationDampener on one weight (string digits, integer bit clearing)."""
+    bits = _seed_bits(value)
+    first, last = bits.find("1"), bits.rfind("1")
+    digits = len(bits[first:last]) if first != -1 else 0
+    relative = abs(value - mean) / max(abs(mean), 1e-8)
+    word = int(bits, 2)
+    for _ in range(max(1, int(1 + (1 - math.exp(-2 * relative)) * (digits - 1)))):
+        word &= word - 1 if word else 0
+    return struct.unpack("!f", word.to_bytes(4, "big"))[0]
+
+
+@pytest.mark.parametrize("mean", [0.1, -0.02, 0.0, 3.0])
+def test_adaptive_damping_equals_the_seed_definition(mean):
+    values = torch.tensor(HAND_VALUES + (torch.randn(100, generator=torch.Generator().manual_seed(2)) * 0.3).tolist())
+    ours = clear_lowest_set_bits(values, adaptive_damping_bits(values, mean)).tolist()
+    assert ours == [_seed_adaptive_damp(v, mean) for v in values.tolist()]
 
 
 def test_clear_lowest_set_bits_and_extrema():
@@ -333,7 +363,7 @@ def test_constraints_name_unknown_parameters_and_wrong_dtypes():
     assert JamesSteinShrinkage().select(_Tiny().double()) == ["linear.weight"]  # dtype-agnostic, weights only
 
 
-def _fit(tmp_path, callbacks, epochs=4, ckpt_path=None, seed=0):
+def _fit(tmp_path, callbacks, epochs=4, ckpt_path=None, seed=0, accumulate=1):
     pl.seed_everything(seed, verbose=False)
     model = MLP(input_dim=23, num_outputs=6, hidden_sizes=[16, 16], task="regression")
     trainer = pl.Trainer(
@@ -344,6 +374,7 @@ def _fit(tmp_path, callbacks, epochs=4, ckpt_path=None, seed=0):
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        accumulate_grad_batches=accumulate,
     )
     # unshuffled loaders: Lightning does not checkpoint the global RNG that a shuffling sampler draws from
     dm = ParticleDataModule(n_particles=200, seed=1)
@@ -355,29 +386,34 @@ def _fit(tmp_path, callbacks, epochs=4, ckpt_path=None, seed=0):
 
 def _make_constraints():
     return [
-        OscillationDampener(mode="shrink", every_n_steps=3, every_n_epochs=None),
+        OscillationDampener(mode="shrink", every_n_steps=2, every_n_epochs=None),
         JamesSteinShrinkage(variance=1e-3, every_n_epochs=2),
         WeightPrecision(bits=6, mode="mantissa", max_additional_bits=3, every_n_epochs=1),  # last: its limit holds
     ]
 
 
-def test_constraints_in_a_fit_hold_and_resume_exactly(tmp_path):
-    model, trainer = _fit(tmp_path / "full", _make_constraints(), epochs=4)
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_constraints_in_a_fit_hold_and_resume_exactly(tmp_path, accumulate):
+    model, trainer = _fit(tmp_path / "full", _make_constraints(), epochs=4, accumulate=accumulate)
     dampener, shrinkage, precision = trainer.callbacks[:3]
     assert precision.applications == 4
     # after the last application (end of epoch 4) every weight has at most 6 mantissa bits
     for name in precision._selected:
         mantissa = dict(model.named_parameters())[name].detach().view(torch.int32) & ((1 << 23) - 1)
         assert (mantissa & ((1 << 17) - 1) == 0).all(), name
-    assert dampener.applications == 16 // 3 and shrinkage.applications == 2  # 128 rows / 32 = 4 steps per epoch
+    # 128 rows / 32 = 4 batches per epoch, 4 / accumulate optimizer steps
+    assert dampener.applications == (16 // accumulate) // 2 and shrinkage.applications == 2
     assert 0 < shrinkage.extra_log()["mean_shrinkage"] < 0.99
 
-    _fit(tmp_path / "half", _make_constraints(), epochs=2)
+    _fit(tmp_path / "half", _make_constraints(), epochs=2, accumulate=accumulate)
     checkpoint = next((tmp_path / "half").rglob("*.ckpt"))  # ModelCheckpoint's, saved when validation ends
-    resumed, resumed_trainer = _fit(tmp_path / "resumed", _make_constraints(), epochs=4, ckpt_path=checkpoint)
+    resumed, resumed_trainer = _fit(
+        tmp_path / "resumed", _make_constraints(), epochs=4, ckpt_path=checkpoint, accumulate=accumulate
+    )
     for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert resumed_trainer.callbacks[0].history.keys() == trainer.callbacks[0].history.keys()
+    assert [c.applications for c in resumed_trainer.callbacks[:3]] == [c.applications for c in trainer.callbacks[:3]]
 
 
 class _Oscillator(pl.LightningModule):

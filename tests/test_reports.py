@@ -82,7 +82,7 @@ def test_report_of_a_particles_run_writes_every_figure_and_the_summary(particle_
     for figure in ("training_dynamics", "residuals", "predicted_vs_actual", "baseline_comparison"):
         assert (folder / f"{figure}.png").stat().st_size > 10_000, figure
     summary = json.loads((folder / "summary.json").read_text())
-    assert SUMMARY_KEYS <= summary.keys()
+    assert summary.keys() >= SUMMARY_KEYS
     assert summary["task"] == "regression" and summary["seed"] == 0 and summary["epochs"] == 3
     assert summary["skipped"] == {}
     assert set(summary["baselines"]) == {"mean", "linear"}
@@ -159,7 +159,7 @@ def test_classification_runs_get_the_panels_that_apply(tmp_path):
 
 
 def test_report_errors_are_clear(tmp_path):
-    with pytest.raises(DataNotFoundError, match="no metrics.csv"):
+    with pytest.raises(DataNotFoundError, match=r"no metrics\.csv"):
         write_run_report(tmp_path)
     for k in (0, 1):
         (tmp_path / f"version_{k}").mkdir()
@@ -170,3 +170,19 @@ def test_report_errors_are_clear(tmp_path):
         compare_runs({"only": tmp_path})
     with pytest.raises(Exception, match="'val/mse' was not logged"):
         compare_runs({"a": tmp_path / "version_0", "b": tmp_path / "version_1"}, metric="val/mse")
+
+
+def test_weight_precision_recipe_applies_its_constraints_through_the_entry_point(in_tmp):
+    import yaml
+
+    config = yaml.safe_load((REPO / "recipes" / "particles_weight_precision.yaml").read_text())
+    for callback in config["trainer"]["callbacks"]:
+        if "every_n_epochs" in callback.get("init_args", {}):
+            callback["init_args"]["every_n_epochs"] = 1  # the recipe's 10 → every epoch, for 3 epochs
+    recipe = in_tmp / "precision.yaml"
+    recipe.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(recipe), "--trainer.max_epochs=3", "--trainer.enable_progress_bar=false"])
+    _, columns = read_epoch_table(in_tmp / "runs" / "particles_weight_precision" / "version_0" / "metrics.csv")
+    changed = columns["weight_precision/changed_fraction"]
+    assert np.isfinite(changed).sum() == 3 and np.nanmin(changed) > 0  # ieee_bits 24 always cuts negative weights
+    assert np.isfinite(columns["oscillation_dampener/fired_fraction"]).sum() == 1  # checks from the 3rd application

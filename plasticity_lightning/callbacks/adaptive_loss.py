@@ -19,7 +19,10 @@ def find_adaptive_loss(pl_module: torch.nn.Module) -> AdaptiveRegressionLoss | N
 
 
 class AdaptiveLossWeights(Callback):
-    """After every validation, feed the validation R² and loss to the model's adaptive loss and log its weights.
+    """Once per epoch, feed the validation R² and loss to the model's adaptive loss and log its weights.
+
+    The update happens when the epoch's first validation ends (with ``val_check_interval < 1`` later validations of
+    the same epoch leave the weights alone; with ``check_val_every_n_epoch=k`` the weights change every k epochs).
 
     The values are read from ``trainer.callback_metrics`` (where the model logged them; torchmetrics and
     ``sync_dist`` make them equal on every DDP rank, so every rank sets the same weights). The weights live in
@@ -62,7 +65,9 @@ class AdaptiveLossWeights(Callback):
             )
         loss = find_adaptive_loss(pl_module)
         w_mse, w_mae = loss.update(
-            float(trainer.callback_metrics[self.r2_key]), float(trainer.callback_metrics[self.loss_key])
+            float(trainer.callback_metrics[self.r2_key]),
+            float(trainer.callback_metrics[self.loss_key]),
+            epoch=trainer.current_epoch,
         )
         metrics = {"adaptive_loss/mse_weight": w_mse, "adaptive_loss/mae_weight": w_mae}
         for logger in trainer.loggers:  # with the epoch, as Lightning's own rows have it

@@ -113,6 +113,10 @@ class ContinualBackprop(UnitIntervention):
         sigma_decay: EMA decay of the input covariance (RR-CBP).
         sigma_ridge: ridge added to Σ (RR-CBP).
         energy_budget: scale RR-CBP rows to the activation's energy target instead of unit Σ-norm.
+        magnitudes_every_n_steps: recompute the weight magnitudes |w_out| (and |w_in|) every n steps instead of every
+            step (1, the default, is Dohare's algorithm). The pass over the weights is most of CBP's cost on large
+            layers; between passes the cached magnitudes are used, patched exactly for replaced units (their
+            outgoing weights are 0, their incoming ones new) but otherwise stale by up to n − 1 optimizer steps.
         layers, pairs, gain, seed: see :class:`~plasticity_lightning.callbacks.intervention.UnitIntervention`.
 
     Example::
@@ -136,6 +140,7 @@ class ContinualBackprop(UnitIntervention):
         sigma_decay: float = 0.99,
         sigma_ridge: float = 1e-4,
         energy_budget: bool = False,
+        magnitudes_every_n_steps: int = 1,
         layers: Sequence[str] | None = None,
         pairs: Sequence[Sequence[Any]] | None = None,
         seed: int = 0,
@@ -158,6 +163,10 @@ class ContinualBackprop(UnitIntervention):
             raise PlasticityConfigError(
                 f"{owner}.energy_budget=True needs init='sigma_orthogonal' (RR-CBP), got init={init!r}"
             )
+        self.magnitudes_every_n_steps = check_positive_int(owner, "magnitudes_every_n_steps", magnitudes_every_n_steps)
+        # (outgoing, incoming) weight magnitudes per producer, reused for magnitudes_every_n_steps steps
+        self._magnitudes: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        self._magnitude_age = 0
         self.states: dict[str, _LayerState] = {}
         self.covariances: dict[str, InputCovariance] = {}
         self._features: dict[str, list[torch.Tensor]] = {}
@@ -181,12 +190,14 @@ class ContinualBackprop(UnitIntervention):
             "accumulate": self.accumulate,
             "count": self.count,
             "init": self.init,
+            "magnitudes_every_n_steps": self.magnitudes_every_n_steps,
         }
 
     # ------------------------------------------------------------------ set-up
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        self._magnitudes, self._magnitude_age = None, 0  # a resumed fit restores them in _load_pending
         if self.sigma_orthogonal:
             convs = [pair.producer for pair in self.pairs if not isinstance(pair.producer_module, nn.Linear)]
             if convs:
@@ -242,7 +253,7 @@ class ContinualBackprop(UnitIntervention):
         self._last_step = trainer.global_step
         logged: dict[str, float] = {}
         total = 0
-        magnitudes = unit_magnitudes(self.pairs, incoming=self.utility == "adaptable_contribution")
+        magnitudes = self._current_magnitudes()
         for pair in self.pairs:
             features = self._features[pair.producer]
             inputs = self._inputs.get(pair.producer, [])
@@ -256,6 +267,13 @@ class ContinualBackprop(UnitIntervention):
             total += state.replaced
         logged["replaced"] = total
         self.log_values(trainer, logged)
+
+    def _current_magnitudes(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        if self._magnitudes is None or self._magnitude_age >= self.magnitudes_every_n_steps:
+            self._magnitudes = unit_magnitudes(self.pairs, incoming=self.utility == "adaptable_contribution")
+            self._magnitude_age = 0
+        self._magnitude_age += 1
+        return self._magnitudes
 
     @torch.no_grad()
     def step(
@@ -338,6 +356,12 @@ class ContinualBackprop(UnitIntervention):
         reinit_units(
             pair, units, init=scheme, gain=gain, generator=self.generator, incoming=incoming, optimizers=optimizers
         )
+        if self._magnitudes is not None and pair.producer in self._magnitudes:  # keep a reused cache exact for them
+            outgoing, incoming_mean = self._magnitudes[pair.producer]
+            outgoing[units] = 0.0
+            if incoming_mean is not None:
+                rows = pair.producer_module.weight.detach()[units]
+                incoming_mean[units] = rows.abs().reshape(units.numel(), -1).mean(dim=1).float()
         state = self.states[pair.producer]
         state.ages[units] = 0
         state.utility[units] = 0.0
@@ -352,6 +376,9 @@ class ContinualBackprop(UnitIntervention):
             "layers": {name: state.state_dict() for name, state in self.states.items()},
             "covariances": {name: cov.state_dict() for name, cov in self.covariances.items()},
             "last_step": self._last_step,
+            # the cache is part of the trajectory when it is reused: a resumed run continues with it
+            "magnitudes": None if self._magnitudes is None else {k: list(v) for k, v in self._magnitudes.items()},
+            "magnitude_age": self._magnitude_age,
         }
 
     @override
@@ -376,3 +403,10 @@ class ContinualBackprop(UnitIntervention):
             if name in self.covariances:
                 self.covariances[name].load_state_dict(cov_state)
         self._last_step = pending.get("last_step")
+        cached = pending.get("magnitudes")
+        if cached is not None and set(cached) == set(self.states):
+            device = next(iter(self.states.values())).ages.device
+            self._magnitudes = {
+                name: (out.to(device), None if inc is None else inc.to(device)) for name, (out, inc) in cached.items()
+            }
+            self._magnitude_age = int(pending.get("magnitude_age", 0))

@@ -132,6 +132,12 @@ class ParameterConstraint(Intervention):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._selected = self.select(pl_module)
 
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A resumed run starts at a step already handled before the checkpoint: with gradient accumulation its
+        # first batches end on that step again and must not apply the constraint a second time.
+        self._last_step = trainer.global_step
+
     # ------------------------------------------------------------------ cadence
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
@@ -207,7 +213,8 @@ class WeightPrecision(ParameterConstraint):
     ``max_additional_bits`` is the seed's ``BinaryWeightConstraintChanges``: each element may use at most that
     many more bits than it used at the previous application (the first application only records). The seed shares
     one record across all layers and compares against whichever array it processed last; here every parameter
-    keeps its own. When both limits are set, the change limit is applied first, then ``bits``.
+    keeps its own. When both limits are set, the change limit is applied first and its result recorded (as the
+    seed records its Changes constraint's output), then ``bits``.
 
     Args:
         bits: precision limit (see ``mode``), or ``None`` for the change limit alone.
@@ -265,10 +272,9 @@ class WeightPrecision(ParameterConstraint):
             previous = self._recall(name, "previous", value)
             if previous is not None and previous.shape == value.shape:
                 new = self._limit(new, self._used_bits(previous) + self.max_additional_bits)
+            self._remember(name, "previous", new)
         if self.bits is not None:
             new = self._limit(new, self.bits)
-        if self.max_additional_bits is not None:
-            self._remember(name, "previous", new)
         return new
 
 
@@ -280,7 +286,8 @@ class OscillationDampener(ParameterConstraint):
 
     * ``mode="lowest_bit"``: clear the lowest set bit of its float32 word (neural-network-lab-python's
       ``OscillationDampener``);
-    * ``mode="adaptive"``: clear ``max(1, int(1 + (1 − e^{−2r})·(popcount − 1)))`` lowest set bits, with
+    * ``mode="adaptive"``: clear ``max(1, int(1 + (1 − e^{−2r})·(digits − 1)))`` lowest set bits (``digits`` as
+      :func:`~plasticity_lightning.surgery.constraints.significant_bits` counts them), with
       ``r = |w − μ| / max(|μ|, 1e-8)`` and ``μ`` the mean over all applications so far of the parameter's mean
       (the seed's ``AdaptiveOscillationDampener``);
     * ``mode="shrink"``: move it toward the mean of its three values, ``w ← w − strength·(w − mean(a, b, w))``,

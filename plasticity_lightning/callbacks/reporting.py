@@ -23,8 +23,9 @@ ELAPSED_SECONDS_KEY = "time/elapsed_seconds"
 class EpochTimer(Timer):
     """Lightning's :class:`~lightning.pytorch.callbacks.Timer` that also logs its training time per epoch.
 
-    Logged at every training epoch end: ``time/epoch_seconds`` (training time of the epoch, validation excluded)
-    and ``time/elapsed_seconds`` (training time so far), both from the Timer's own clock. ``duration`` still
+    Logged at every training epoch end: ``time/epoch_seconds`` (wall time of the epoch, its validation included, as
+    Lightning runs validation inside the training epoch) and ``time/elapsed_seconds`` (time in ``fit`` so far),
+    both from the Timer's own clock. ``duration`` still
     stops the run when given, exactly as ``Timer`` does.
 
     Example::
@@ -74,7 +75,8 @@ class SavePredictions(pl.Callback):
     when the datamodule has ``inverse_transform_targets`` (e.g. :class:`~plasticity_lightning.data.ParticleDataModule`)
     — plus the predictions of baselines fitted on the training split: the training mean and scikit-learn's
     ``LinearRegression`` (regression), or the majority class and ``LogisticRegression`` (classification).
-    ``plasticity report`` draws its residual, predicted-vs-actual and baseline figures from it.
+    ``plasticity report`` draws its residual, predicted-vs-actual and baseline figures from it. The predictions come
+    from the weights at the end of ``fit`` (not the best checkpoint).
 
     Args:
         split: ``"test"`` or ``"val"``.

@@ -118,9 +118,11 @@ class AdaptiveRegressionLoss(nn.Module):
         super().__init__()
         self.strategy = check_choice(type(self).__name__, "strategy", strategy, STRATEGIES)
         initial = adaptive_loss_weights(strategy)
-        self.register_buffer("weights", torch.tensor(initial, dtype=torch.float64))
-        self.register_buffer("loss_history", torch.zeros(0, dtype=torch.float64))
-        self.register_buffer("weight_history", torch.tensor([initial], dtype=torch.float64))
+        # float32: buffers follow the model to any device (Apple GPUs have no float64)
+        self.register_buffer("weights", torch.tensor(initial, dtype=torch.float32))
+        self.register_buffer("loss_history", torch.zeros(0, dtype=torch.float32))
+        self.register_buffer("weight_history", torch.tensor([initial], dtype=torch.float32))
+        self.register_buffer("updated_epoch", torch.tensor(-1, dtype=torch.long))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         # The histories grow with training: take the checkpoint's length instead of failing on a size mismatch.
@@ -137,16 +139,24 @@ class AdaptiveRegressionLoss(nn.Module):
     def mae_weight(self) -> float:
         return float(self.weights[1])
 
-    def update(self, r2: float, loss: float) -> tuple[float, float]:
-        """Record one epoch's validation ``r2`` and ``loss`` and set the next epoch's weights (returned)."""
+    def update(self, r2: float, loss: float, epoch: int | None = None) -> tuple[float, float]:
+        """Record one epoch's validation ``r2`` and ``loss`` and set the next epoch's weights (returned).
+
+        With ``epoch``, a second call for the same epoch (several validations per epoch) changes nothing and returns
+        the current weights.
+        """
+        if epoch is not None:
+            if epoch <= int(self.updated_epoch):
+                return self.mse_weight, self.mae_weight
+            self.updated_epoch.fill_(epoch)
         device = self.weights.device
         self.loss_history = torch.cat(
-            [self.loss_history, torch.tensor([float(loss)], dtype=torch.float64, device=device)]
+            [self.loss_history, torch.tensor([float(loss)], dtype=torch.float32, device=device)]
         )
         new = adaptive_loss_weights(
             self.strategy, float(r2), float(loss), self.loss_history.tolist(), self.weight_history.tolist()
         )
-        self.weights = torch.tensor(new, dtype=torch.float64, device=device)
+        self.weights = torch.tensor(new, dtype=torch.float32, device=device)
         self.weight_history = torch.cat([self.weight_history, self.weights[None]])
         return new
 

@@ -83,7 +83,8 @@ def run_outcome(run: RunData, metric: str = "val/loss") -> dict[str, Any]:
 
 def _pairs(reference: list[dict[str, Any]], variant: list[dict[str, Any]]) -> tuple[list[int], list[int], str]:
     seeds_ref, seeds_var = [o["seed"] for o in reference], [o["seed"] for o in variant]
-    if None not in seeds_ref and None not in seeds_var and len(set(seeds_ref)) == len(seeds_ref):
+    unique = len(set(seeds_ref)) == len(seeds_ref) and len(set(seeds_var)) == len(seeds_var)
+    if None not in seeds_ref and None not in seeds_var and unique:
         common = [s for s in seeds_ref if s in seeds_var]
         if common:
             return [seeds_ref.index(s) for s in common], [seeds_var.index(s) for s in common], "seed"

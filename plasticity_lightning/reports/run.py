@@ -298,7 +298,10 @@ def training_dynamics_figure(run: RunData, path: Path) -> Path:
     if not _plot_series(resource_axis, epochs, seconds, "seconds per epoch", color="tab:blue"):
         resource_axis.text(0.5, 0.5, "no epoch times (add EpochTimer)", ha="center", transform=resource_axis.transAxes)
     resource_axis.set(title="Time and memory", xlabel="epoch", ylabel="seconds per epoch")
-    memory_name = next((n for n in sorted(run.columns) if "vm_percent" in n or "memory" in n.lower()), None)
+    # GPU memory (DeviceStatsMonitor's CUDA allocator stats) when there is any, else the host's RAM in use
+    memory_name = next((n for n in sorted(run.columns) if "allocated_bytes.all.current" in n), None) or next(
+        (n for n in sorted(run.columns) if "vm_percent" in n or "memory" in n.lower()), None
+    )
     if memory_name is not None:
         twin = resource_axis.twinx()
         _plot_series(twin, epochs, run.columns[memory_name], memory_name.split("/")[-1], color="tab:red")

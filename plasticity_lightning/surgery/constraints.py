@@ -49,23 +49,25 @@ def bits_to_float(bits: torch.Tensor) -> torch.Tensor:
     return signed.to(torch.int32).view(torch.float32)
 
 
+def _wide_dtype(device: torch.device) -> torch.dtype:
+    """float64 for reductions, except on Apple GPUs (MPS has no float64)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _highest_bit(bits: torch.Tensor) -> torch.Tensor:
-    """Index (0 = least significant) of the highest set bit; -1 for 0. Exact: frexp of an integer-valued double."""
-    _, exponent = torch.frexp(bits.to(torch.float64))
-    return torch.where(bits > 0, exponent.to(torch.int64) - 1, torch.full_like(bits, -1))
+    """Index (0 = least significant) of the highest set bit of 32-bit patterns; -1 for 0 (integer binary search)."""
+    position = torch.zeros_like(bits)
+    rest = bits
+    for shift in (16, 8, 4, 2, 1):
+        above = rest >= (1 << shift)
+        rest = torch.where(above, rest >> shift, rest)
+        position = position + above.to(bits.dtype) * shift
+    return torch.where(bits > 0, position, torch.full_like(bits, -1))
 
 
 def _lowest_bit(bits: torch.Tensor) -> torch.Tensor:
     """Index of the lowest set bit; -1 for 0 (``bits & -bits`` isolates it)."""
     return _highest_bit(bits & -bits)
-
-
-def popcount(bits: torch.Tensor) -> torch.Tensor:
-    """Number of set bits of each 32-bit pattern (SWAR count)."""
-    v = bits - ((bits >> 1) & 0x55555555)
-    v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
-    v = (v + (v >> 4)) & 0x0F0F0F0F
-    return ((v * 0x01010101) & _WORD) >> 24
 
 
 def significant_bits(x: torch.Tensor) -> torch.Tensor:
@@ -166,13 +168,15 @@ def strict_extrema(older: torch.Tensor, previous: torch.Tensor, current: torch.T
 
 
 def adaptive_damping_bits(x: torch.Tensor, reference_mean: float) -> torch.Tensor:
-    """Bits ``AdaptiveOscillationDampener`` clears: ``max(1, int(1 + (1 − e^{−2r})·(popcount − 1)))``.
+    """Bits ``AdaptiveOscillationDampener`` clears: ``max(1, int(1 + (1 − e^{−2r})·(digits − 1)))``.
 
-    ``r = |w − μ| / max(|μ|, 1e-8)`` is the element's distance from the reference mean ``μ``, relative to it.
+    ``digits`` is the seed's digit count (:func:`significant_bits`) and ``r = |w − μ| / max(|μ|, 1e-8)`` the
+    element's distance from the reference mean ``μ``, relative to it.
     """
-    relative = (x.double() - reference_mean).abs() / max(abs(reference_mean), 1e-8)
-    set_bits = popcount(float_bits(x)).double()
-    return (1 + (1 - torch.exp(-2 * relative)) * (set_bits - 1)).floor().clamp(min=1).to(torch.int64)
+    wide = _wide_dtype(x.device)
+    relative = (x.to(wide) - reference_mean).abs() / max(abs(reference_mean), 1e-8)
+    digits = significant_bits(x).to(wide)
+    return (1 + (1 - torch.exp(-2 * relative)) * (digits - 1)).floor().clamp(min=1).to(torch.int64)
 
 
 def james_stein_factor(weight: torch.Tensor, variance: float = 1.0, max_shrinkage: float = 0.99) -> torch.Tensor:
@@ -187,5 +191,5 @@ def james_stein_factor(weight: torch.Tensor, variance: float = 1.0, max_shrinkag
         0.125
     """
     p = weight.numel()
-    squared_norm = weight.detach().double().pow(2).sum().clamp(min=1e-6)
+    squared_norm = weight.detach().to(_wide_dtype(weight.device)).pow(2).sum().clamp(min=1e-6)
     return ((p - 2) * variance / squared_norm).clamp(0.0, max_shrinkage)
