@@ -186,3 +186,25 @@ def test_weight_precision_recipe_applies_its_constraints_through_the_entry_point
     changed = columns["weight_precision/changed_fraction"]
     assert np.isfinite(changed).sum() == 3 and np.nanmin(changed) > 0  # ieee_bits 24 always cuts negative weights
     assert np.isfinite(columns["oscillation_dampener/fired_fraction"]).sum() == 1  # checks from the 3rd application
+
+
+def test_save_predictions_skips_task_streams_with_a_warning(tmp_path):
+    from plasticity_lightning.data import DigitsDataModule, PermutedInputs
+
+    callback = SavePredictions()
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=[callback],
+        logger=pl.loggers.CSVLogger(tmp_path),
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        limit_train_batches=2,
+        limit_val_batches=1,
+    )
+    data = DigitsDataModule(batch_size=16, schedule=PermutedInputs(num_tasks=2, epochs_per_task=1))
+    with pytest.warns(UserWarning, match="task schedule"):
+        trainer.fit(MLP(hidden_sizes=[8]), data)
+    assert callback.path is None and not list(tmp_path.rglob("predictions.npz"))
+    summary = write_run_report(tmp_path / "lightning_logs")
+    assert summary["skipped"]["residuals"] == "classification run"
+    assert "SavePredictions" in summary["skipped"]["baseline_comparison"]

@@ -108,6 +108,13 @@ class SavePredictions(pl.Callback):
         if datamodule is None:
             rank_zero_warn("SavePredictions: the trainer has no datamodule; no predictions written")
             return
+        if getattr(datamodule, "schedule", None) is not None:
+            # each task transforms inputs or labels on the device; raw loader batches would be scored wrongly
+            rank_zero_warn(
+                f"SavePredictions: {type(datamodule).__name__} has a task schedule, whose tasks transform the "
+                "batches; predictions of a continual stream are not written (use the per-task accuracy instead)"
+            )
+            return
         task = getattr(
             pl_module, "task", "regression" if getattr(datamodule, "num_targets", None) else "classification"
         )

@@ -425,15 +425,16 @@ def write_run_report(path: str | Path, output: str | Path | None = None) -> dict
     summary = summarize_run(run)
     figures = [training_dynamics_figure(run, folder / "training_dynamics.png")]
     skipped: dict[str, str] = {}
+    if run.task != "regression":
+        skipped.update({"residuals": "classification run", "predicted_vs_actual": "classification run"})
     if run.predictions is None:
         reason = "no predictions.npz (add the SavePredictions callback)"
-        skipped.update({"residuals": reason, "predicted_vs_actual": reason, "baseline_comparison": reason})
+        panels = ("residuals", "predicted_vs_actual") if run.task == "regression" else ()
+        skipped.update(dict.fromkeys((*panels, "baseline_comparison"), reason))
     else:
         if run.task == "regression":
             figures.append(residuals_figure(run, folder / "residuals.png"))
             figures.append(predicted_vs_actual_figure(run, folder / "predicted_vs_actual.png"))
-        else:
-            skipped.update({"residuals": "classification run", "predicted_vs_actual": "classification run"})
         if summary["baselines"]:
             figures.append(baseline_figure(run, summary, folder / "baseline_comparison.png"))
         else:
