@@ -17,7 +17,14 @@ from plasticity_lightning.cli import main
 from plasticity_lightning.core.errors import DataNotFoundError
 from plasticity_lightning.data import ToyDataModule
 from plasticity_lightning.models import MLP
-from plasticity_lightning.reports import cohens_d, compare_runs, read_epoch_table, regression_scores, write_run_report
+from plasticity_lightning.reports import (
+    cohens_d,
+    compare_runs,
+    read_epoch_table,
+    regression_scores,
+    wilcoxon_p,
+    write_run_report,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = {
@@ -138,6 +145,8 @@ def test_cohens_d_edge_cases():
     assert cohens_d([1.0, 1.0], [1.0, 1.0]) == 0.0
     assert cohens_d([2.0, 2.0], [1.0, 1.0]) == math.inf
     assert cohens_d([1.0, 2.0, 3.0, 4.0], [2.0, 3.0, 4.0, 5.0]) == pytest.approx(-1 / math.sqrt(5 / 3))
+    assert math.isnan(cohens_d([1.0], [2.0, 3.0]))  # one run: no spread, no effect size
+    assert wilcoxon_p([1.0], [2.0]) is None and wilcoxon_p([1.0, 2.0], [1.0, 2.0]) == 1.0
 
 
 def test_classification_runs_get_the_panels_that_apply(tmp_path):

@@ -32,15 +32,18 @@ COMPARED = ("best_loss", "convergence_epoch")
 def cohens_d(values: Sequence[float], reference: Sequence[float]) -> float:
     """Cohen's d of ``values`` against ``reference`` with the pooled (equal-weight) standard deviation.
 
-    0 when both samples are constant and equal; ±inf when constant and different.
+    0 when both samples are constant and equal; ±inf when constant and different; NaN when either sample has fewer
+    than two values (no spread to compare against).
 
     Example::
 
         >>> round(cohens_d([2.0, 3.0, 4.0], [1.0, 2.0, 3.0]), 4)
         1.0
     """
+    if len(values) < 2 or len(reference) < 2:
+        return math.nan
     difference = statistics.fmean(values) - statistics.fmean(reference)
-    variances = [statistics.variance(v) if len(v) > 1 else 0.0 for v in (values, reference)]
+    variances = [statistics.variance(v) for v in (values, reference)]
     pooled = math.sqrt(sum(variances) / 2)
     if pooled == 0:
         return 0.0 if difference == 0 else math.copysign(math.inf, difference)
@@ -48,11 +51,11 @@ def cohens_d(values: Sequence[float], reference: Sequence[float]) -> float:
 
 
 def wilcoxon_p(values: Sequence[float], reference: Sequence[float]) -> float | None:
-    """Two-sided Wilcoxon signed-rank p-value of paired samples (1.0 when every difference is 0; None if < 1 pair)."""
+    """Two-sided Wilcoxon signed-rank p-value of paired samples (1.0 when every difference is 0; None below 2 pairs)."""
     from scipy import stats
 
     differences = np.asarray(values, dtype=float) - np.asarray(reference, dtype=float)
-    if len(differences) == 0:
+    if len(differences) < 2:
         return None
     if np.all(differences == 0):
         return 1.0
@@ -117,9 +120,7 @@ def compare_runs(variants: dict[str, str | Path], metric: str = "val/loss") -> d
                 var_values = [outcomes[name][i][key] for i in var_index]
                 usable = [(a, b) for a, b in zip(var_values, ref_values, strict=True) if math.isfinite(a + b)]
                 row[f"{key}_wilcoxon_p"] = wilcoxon_p([a for a, _ in usable], [b for _, b in usable])
-                row[f"{key}_cohens_d"] = (
-                    cohens_d([a for a, _ in usable], [b for _, b in usable]) if len(usable) > 0 else None
-                )
+                row[f"{key}_cohens_d"] = cohens_d([a for a, _ in usable], [b for _, b in usable])
         table.append(row)
     return {"metric": metric, "reference": reference, "table": table, "runs": outcomes}
 
