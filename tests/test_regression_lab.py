@@ -363,9 +363,9 @@ def test_constraints_name_unknown_parameters_and_wrong_dtypes():
     assert JamesSteinShrinkage().select(_Tiny().double()) == ["linear.weight"]  # dtype-agnostic, weights only
 
 
-def _fit(tmp_path, callbacks, epochs=4, ckpt_path=None, seed=0, accumulate=1):
+def _fit(tmp_path, callbacks, epochs=4, ckpt_path=None, seed=0, accumulate=1, loss="mse"):
     pl.seed_everything(seed, verbose=False)
-    model = MLP(input_dim=23, num_outputs=6, hidden_sizes=[16, 16], task="regression")
+    model = MLP(input_dim=23, num_outputs=6, hidden_sizes=[16, 16], task="regression", loss=loss)
     trainer = pl.Trainer(
         max_epochs=epochs,
         callbacks=callbacks,
@@ -451,3 +451,14 @@ def test_dampener_fires_on_a_parameter_that_oscillates_in_training(tmp_path, dam
         assert model.bias.abs().max() < 0.5 * 0.9**12  # damping removes the oscillation much faster
     else:
         torch.testing.assert_close(model.bias.detach(), torch.full((3,), 0.9**12))  # (−0.9)^12
+
+
+def test_adaptive_loss_resumes_exactly(tmp_path):
+    loss = "adaptive_physics_aware"  # its weights depend on the whole per-epoch history
+    model, _ = _fit(tmp_path / "full", [AdaptiveLossWeights()], epochs=7, loss=loss)
+    _fit(tmp_path / "half", [AdaptiveLossWeights()], epochs=3, loss=loss)
+    checkpoint = next((tmp_path / "half").rglob("*.ckpt"))
+    resumed, _ = _fit(tmp_path / "resumed", [AdaptiveLossWeights()], epochs=7, ckpt_path=checkpoint, loss=loss)
+    assert len(resumed.criterion.loss_history) == 7
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
