@@ -115,7 +115,11 @@ def test_regression_scores_match_sklearn():
     scores = regression_scores(preds, targets)
     assert scores["r2"] == pytest.approx(r2_score(targets, preds))
     assert scores["per_target"]["r2"] == pytest.approx(r2_score(targets, preds, multioutput="raw_values").tolist())
-    assert scores["mape"] == pytest.approx(100 * np.mean(np.abs(preds - targets) / np.abs(targets)))
+    assert scores["mape"] == pytest.approx(np.mean(np.abs(preds - targets) / np.abs(targets)))
+    assert scores["rmse"] == pytest.approx(math.sqrt(mean_squared_error(targets, preds)))
+    assert scores["per_target"]["mae"] == pytest.approx(
+        mean_absolute_error(targets, preds, multioutput="raw_values").tolist()
+    )
 
 
 def test_compare_tables_wilcoxon_and_cohens_d(particle_runs, capsys, tmp_path):
