@@ -377,7 +377,9 @@ class ContinualBackprop(UnitIntervention):
             "covariances": {name: cov.state_dict() for name, cov in self.covariances.items()},
             "last_step": self._last_step,
             # the cache is part of the trajectory when it is reused: a resumed run continues with it
-            "magnitudes": None if self._magnitudes is None else {k: list(v) for k, v in self._magnitudes.items()},
+            "magnitudes": None
+            if self._magnitudes is None or self.magnitudes_every_n_steps == 1
+            else {k: [None if t is None else t.cpu() for t in v] for k, v in self._magnitudes.items()},
             "magnitude_age": self._magnitude_age,
         }
 
