@@ -462,3 +462,48 @@ def test_adaptive_loss_resumes_exactly(tmp_path):
     assert len(resumed.criterion.loss_history) == 7
     for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_a_constraint_still_applies_in_an_epoch_cut_short_by_max_steps(tmp_path):
+    # 4 batches per epoch, max_steps 6: the second epoch stops after 2 batches, before its last one
+    precision = WeightPrecision(bits=4, mode="mantissa", every_n_epochs=1)
+    _fit(tmp_path, [precision], epochs=5)
+    assert precision.applications == 5  # once per epoch: the epoch-end path does not apply a second time
+    precision_short = WeightPrecision(bits=4, mode="mantissa", every_n_epochs=1)
+    pl.seed_everything(0, verbose=False)
+    model = MLP(input_dim=23, num_outputs=6, hidden_sizes=[8], task="regression")
+    dm = ParticleDataModule(n_particles=200, seed=1)
+    dm.setup("fit")
+    train = TensorDataset(dm.splits["train"].inputs, dm.splits["train"].targets)
+    short = pl.Trainer(
+        max_steps=6,
+        callbacks=[precision_short],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    short.fit(model, DataLoader(train, batch_size=32))
+    assert precision_short.applications == 2  # epoch 1 at its last batch, epoch 2 at its (early) end
+    mantissa = model.hidden[0].linear.weight.detach().view(torch.int32) & ((1 << 23) - 1)
+    assert (mantissa & ((1 << 19) - 1) == 0).all()  # the final weights are constrained
+
+
+def test_adaptive_loss_restarts_its_epoch_count_in_a_new_fit(tmp_path):
+    model = MLP(hidden_sizes=[8], task="regression", loss="adaptive_r2_based")
+
+    def fit():
+        trainer = pl.Trainer(
+            max_epochs=2,
+            callbacks=[AdaptiveLossWeights()],
+            logger=False,
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(model, ParticleDataModule(n_particles=200, batch_size=32))
+
+    fit()
+    fit()  # fine-tuning the same model: its epochs count from 0 again, and each still updates the weights
+    assert len(model.criterion.loss_history) == 4

@@ -10,7 +10,6 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 from scipy import stats
-from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
 from plasticity_lightning.callbacks import EpochTimer, SavePredictions
 from plasticity_lightning.cli import main
@@ -100,26 +99,33 @@ def test_report_of_a_particles_run_writes_every_figure_and_the_summary(particle_
     saved = np.load(run / "predictions.npz")
     preds, targets = saved["predictions"], saved["targets"]
     assert preds.shape == targets.shape == (400, 6)
-    assert summary["scores"]["r2"] == pytest.approx(r2_score(targets, preds), rel=1e-6)
-    assert summary["scores"]["mae"] == pytest.approx(mean_absolute_error(targets, preds), rel=1e-6)
-    assert summary["scores"]["rmse"] == pytest.approx(math.sqrt(mean_squared_error(targets, preds)), rel=1e-6)
+    preds, targets = preds.astype(np.float64), targets.astype(np.float64)
+    assert summary["scores"]["r2"] == pytest.approx(_hand_r2(targets, preds).mean(), rel=1e-6)
+    assert summary["scores"]["mae"] == pytest.approx(np.abs(preds - targets).mean(), rel=1e-6)
+    assert summary["scores"]["rmse"] == pytest.approx(math.sqrt(((preds - targets) ** 2).mean()), rel=1e-6)
     linear = summary["baselines"]["linear"]["r2"]
     assert summary["baselines"]["mean"]["r2"] < 0.01 < linear < 0.9  # the mean explains nothing; a line some
     assert summary["train_seconds"] > 0
 
 
-def test_regression_scores_match_sklearn():
+def _hand_r2(targets: np.ndarray, preds: np.ndarray) -> np.ndarray:
+    """Per-target R² = 1 − SS_res / SS_tot, written out."""
+    return 1 - ((preds - targets) ** 2).sum(0) / ((targets - targets.mean(0)) ** 2).sum(0)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3])  # small units: R² must not snap to 0 or 1
+def test_regression_scores_match_hand_formulas(scale):
     rng = np.random.default_rng(0)
-    targets = rng.normal(size=(50, 3)) * [1, 10, 100] + [0, 5, -3]
-    preds = targets + rng.normal(size=(50, 3))
+    targets = (rng.normal(size=(50, 3)) * [1, 10, 100] + [0, 5, -3]) * scale
+    preds = targets + rng.normal(size=(50, 3)) * scale * [1, 20, 0.1]
     scores = regression_scores(preds, targets)
-    assert scores["r2"] == pytest.approx(r2_score(targets, preds))
-    assert scores["per_target"]["r2"] == pytest.approx(r2_score(targets, preds, multioutput="raw_values").tolist())
+    assert scores["per_target"]["r2"] == pytest.approx(_hand_r2(targets, preds).tolist())
+    assert scores["r2"] == pytest.approx(_hand_r2(targets, preds).mean())
+    assert scores["per_target"]["r2"][1] < 0  # worse than the mean for the noisy target
+    assert scores["mae"] == pytest.approx(np.abs(preds - targets).mean())
+    assert scores["rmse"] == pytest.approx(math.sqrt(((preds - targets) ** 2).mean()))
     assert scores["mape"] == pytest.approx(np.mean(np.abs(preds - targets) / np.abs(targets)))
-    assert scores["rmse"] == pytest.approx(math.sqrt(mean_squared_error(targets, preds)))
-    assert scores["per_target"]["mae"] == pytest.approx(
-        mean_absolute_error(targets, preds, multioutput="raw_values").tolist()
-    )
+    assert scores["per_target"]["mae"] == pytest.approx(np.abs(preds - targets).mean(0).tolist())
 
 
 def test_compare_tables_wilcoxon_and_cohens_d(particle_runs, capsys, tmp_path):

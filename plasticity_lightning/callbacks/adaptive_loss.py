@@ -54,6 +54,11 @@ class AdaptiveLossWeights(Callback):
             )
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.ckpt_path is None:  # a new fit (e.g. fine-tuning a loaded model) counts its epochs from 0 again
+            find_adaptive_loss(pl_module).updated_epoch.fill_(-1)
+
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return

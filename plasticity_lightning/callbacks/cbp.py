@@ -115,8 +115,9 @@ class ContinualBackprop(UnitIntervention):
         energy_budget: scale RR-CBP rows to the activation's energy target instead of unit Σ-norm.
         magnitudes_every_n_steps: recompute the weight magnitudes |w_out| (and |w_in|) every n steps instead of every
             step (1, the default, is Dohare's algorithm). The pass over the weights is most of CBP's cost on large
-            layers; between passes the cached magnitudes are used, patched exactly for replaced units (their
-            outgoing weights are 0, their incoming ones new) but otherwise stale by up to n − 1 optimizer steps.
+            layers; between passes the cached magnitudes are used, stale by up to n − 1 optimizer steps. A replaced
+            unit's own entries are patched (outgoing 0, its new incoming weights); what its replacement changes in
+            neighbouring pairs' entries waits for the next refresh.
         layers, pairs, gain, seed: see :class:`~plasticity_lightning.callbacks.intervention.UnitIntervention`.
 
     Example::

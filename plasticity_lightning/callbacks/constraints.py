@@ -84,6 +84,7 @@ class ParameterConstraint(Intervention):
         self.applications = 0
         self._selected: list[str] = []
         self._last_step: int | None = None
+        self._applied_epoch: int | None = None
 
     @override
     def settings(self) -> dict[str, Any]:
@@ -148,10 +149,23 @@ class ParameterConstraint(Intervention):
         # The epoch cadence acts after the epoch's last batch, not in on_train_epoch_end: validation and the
         # checkpoint saved after it (ModelCheckpoint saves on validation end) must see the constrained weights, or a
         # resumed run would lose the application.
-        by_epoch = self.every_n_epochs is not None and trainer.is_last_batch
-        by_epoch = by_epoch and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        by_epoch = self.every_n_epochs is not None and trainer.is_last_batch and self._epoch_due(trainer)
         if by_step or by_epoch:
             self._last_step = step
+            if by_epoch:
+                self._applied_epoch = trainer.current_epoch
+            self.apply(trainer, pl_module)
+
+    def _epoch_due(self, trainer: pl.Trainer) -> bool:
+        epoch = trainer.current_epoch
+        return (epoch + 1) % self.every_n_epochs == 0 and self._applied_epoch != epoch
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # An epoch cut short (max_steps, a Timer, early stopping mid-epoch) never reaches its last batch: apply here
+        # so the final weights are constrained.
+        if self.every_n_epochs is not None and self._epoch_due(trainer):
+            self._applied_epoch = trainer.current_epoch
             self.apply(trainer, pl_module)
 
     # ------------------------------------------------------------------ applying
@@ -192,13 +206,19 @@ class ParameterConstraint(Intervention):
     @override
     def state_dict(self) -> dict[str, Any]:
         history = {name: {k: v.cpu() for k, v in entry.items()} for name, entry in self.history.items()}
-        return {**super().state_dict(), "history": history, "applications": self.applications}
+        return {
+            **super().state_dict(),
+            "history": history,
+            "applications": self.applications,
+            "applied_epoch": self._applied_epoch,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.history = {name: dict(entry) for name, entry in state_dict.get("history", {}).items()}
         self.applications = state_dict.get("applications", 0)
+        self._applied_epoch = state_dict.get("applied_epoch")
 
 
 class WeightPrecision(ParameterConstraint):

@@ -1,13 +1,15 @@
 """Compare variants of a run across seeds: best loss and convergence epoch, Wilcoxon signed-rank and Cohen's d.
 
 Each variant is a directory; every run below it (a ``metrics.csv``) is one seed. Runs of two variants are paired
-by their ``seed_everything`` (from LightningCLI's ``config.yaml``) when every run has one, otherwise by sorted
-directory order. Every variant is tested against the first (the reference):
+by their ``seed_everything`` (from LightningCLI's ``config.yaml``) when every run has a distinct one (runs whose
+seed the other variant lacks stay unpaired), otherwise by sorted directory order. Every variant is tested against
+the first (the reference):
 
 * Wilcoxon signed-rank test on the paired differences (``scipy.stats.wilcoxon``, two-sided; exact for small
-  samples, so with 5 pairs the smallest attainable p is 0.0625);
-* Cohen's d with the pooled standard deviation, ``(mean_v − mean_ref) / sqrt((s_v² + s_ref²)/2)`` (0.2 small,
-  0.5 medium, 0.8 large). Negative d on a loss means the variant is lower (better).
+  samples, so with 5 pairs the smallest attainable p is 0.0625; none below 2 pairs);
+* Cohen's d over all runs of both variants, with the pooled standard deviation,
+  ``(mean_v − mean_ref) / sqrt((s_v² + s_ref²)/2)`` (0.2 small, 0.5 medium, 0.8 large; none below 2 runs each).
+  Negative d on a loss means the variant is lower (better).
 """
 
 from __future__ import annotations
@@ -88,9 +90,8 @@ def _pairs(reference: list[dict[str, Any]], variant: list[dict[str, Any]]) -> tu
     seeds_ref, seeds_var = [o["seed"] for o in reference], [o["seed"] for o in variant]
     unique = len(set(seeds_ref)) == len(seeds_ref) and len(set(seeds_var)) == len(seeds_var)
     if None not in seeds_ref and None not in seeds_var and unique:
-        common = [s for s in seeds_ref if s in seeds_var]
-        if common:
-            return [seeds_ref.index(s) for s in common], [seeds_var.index(s) for s in common], "seed"
+        common = [s for s in seeds_ref if s in seeds_var]  # none in common: nothing to pair (no paired test)
+        return [seeds_ref.index(s) for s in common], [seeds_var.index(s) for s in common], "seed"
     n = min(len(reference), len(variant))
     return list(range(n)), list(range(n)), "order"
 
@@ -120,7 +121,8 @@ def compare_runs(variants: dict[str, str | Path], metric: str = "val/loss") -> d
                 var_values = [outcomes[name][i][key] for i in var_index]
                 usable = [(a, b) for a, b in zip(var_values, ref_values, strict=True) if math.isfinite(a + b)]
                 row[f"{key}_wilcoxon_p"] = wilcoxon_p([a for a, _ in usable], [b for _, b in usable])
-                row[f"{key}_cohens_d"] = cohens_d([a for a, _ in usable], [b for _, b in usable])
+                everyone = [[o[key] for o in outcomes[v] if math.isfinite(o[key])] for v in (name, reference)]
+                row[f"{key}_cohens_d"] = cohens_d(*everyone)
         table.append(row)
     return {"metric": metric, "reference": reference, "table": table, "runs": outcomes}
 

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import yaml
 
 from plasticity_lightning.core.errors import DataNotFoundError
@@ -144,8 +143,9 @@ def load_run(path: str | Path) -> RunData:
 
 # ---------------------------------------------------------------------------------------------------- metrics
 def regression_scores(predictions: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
-    """R² (uniform average over targets), MAE, RMSE and MAPE, overall and per target: torchmetrics' functional
-    metrics in float64 (MAPE as a fraction, as ``val/mape`` is logged).
+    """R² (uniform average over targets), MAE, RMSE and MAPE, overall and per target, by scikit-learn's metrics in
+    float64 (MAPE as a fraction, as ``val/mape`` is logged). scikit-learn rather than torchmetrics' functional R²,
+    which treats sums of squares below an absolute 1e-4 as zero and so scores small-unit targets 1 or 0.
 
     Example::
 
@@ -153,27 +153,20 @@ def regression_scores(predictions: np.ndarray, targets: np.ndarray) -> dict[str,
         >>> round(scores["r2"], 4), round(scores["mae"], 4), round(scores["mape"], 4)
         (0.5, 0.3333, 0.1111)
     """
-    from torchmetrics.functional import (
-        mean_absolute_error,
-        mean_absolute_percentage_error,
-        mean_squared_error,
-        r2_score,
-    )
+    from sklearn import metrics
 
-    preds = torch.as_tensor(np.asarray(predictions), dtype=torch.float64).reshape(len(predictions), -1)
-    target = torch.as_tensor(np.asarray(targets), dtype=torch.float64).reshape(len(targets), -1)
-    metrics = {
-        "r2": r2_score,
-        "mae": mean_absolute_error,
-        "rmse": lambda p, t: mean_squared_error(p, t, squared=False),
-        "mape": mean_absolute_percentage_error,
+    preds = np.asarray(predictions, dtype=np.float64).reshape(len(predictions), -1)
+    target = np.asarray(targets, dtype=np.float64).reshape(len(targets), -1)
+    scorers = {
+        "r2": metrics.r2_score,
+        "mae": metrics.mean_absolute_error,
+        "rmse": metrics.root_mean_squared_error,
+        "mape": metrics.mean_absolute_percentage_error,
     }
-    per_target = {
-        name: [float(metric(preds[:, k], target[:, k])) for k in range(preds.shape[1])]
-        for name, metric in metrics.items()
-    }
-    overall = {name: float(metric(preds, target)) for name, metric in metrics.items() if name != "r2"}
-    return {"r2": float(np.mean(per_target["r2"])), **overall, "per_target": per_target}
+    per_target = {name: scorer(target, preds, multioutput="raw_values").tolist() for name, scorer in scorers.items()}
+    overall = {name: float(np.mean(values)) for name, values in per_target.items()}
+    overall["rmse"] = float(np.sqrt(np.mean((preds - target) ** 2)))  # over every value, not a mean of RMSEs
+    return {**overall, "per_target": per_target}
 
 
 def classification_scores(predictions: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
