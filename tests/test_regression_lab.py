@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from conftest import make_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -165,13 +166,11 @@ def test_adaptive_loss_value_update_and_checkpoint_round_trip():
 
 def test_adaptive_loss_weights_follow_validation_in_a_fit(tmp_path):
     model = MLP(hidden_sizes=[16], task="regression", loss="adaptive_r2_based", metrics=["mse", "r2"])
-    trainer = pl.Trainer(
+    trainer = make_trainer(
+        tmp_path,
         max_epochs=3,
         callbacks=[AdaptiveLossWeights()],
         logger=pl.loggers.CSVLogger(tmp_path),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
         num_sanity_val_steps=0,
     )
     trainer.fit(model, ParticleDataModule(n_particles=200, batch_size=32))
@@ -181,17 +180,15 @@ def test_adaptive_loss_weights_follow_validation_in_a_fit(tmp_path):
     assert len(model.criterion.loss_history) == 3  # one update per epoch, none for the sanity check
     assert float(trainer.callback_metrics["adaptive_loss/mse_weight"]) == pytest.approx(expected[0])
     twice = MLP(hidden_sizes=[8], task="regression", loss="adaptive_physics_aware")
-    pl.Trainer(
+    make_trainer(
+        tmp_path,
         max_epochs=2,
         val_check_interval=0.5,
         callbacks=[AdaptiveLossWeights()],
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
     ).fit(twice, ParticleDataModule(n_particles=200, batch_size=16))
     assert len(twice.criterion.loss_history) == 2  # two validations per epoch, one update per epoch
     with pytest.raises(PlasticityConfigError, match="AdaptiveRegressionLoss"):
-        pl.Trainer(max_epochs=1, callbacks=[AdaptiveLossWeights()], logger=False).fit(
+        make_trainer(tmp_path, max_epochs=1, callbacks=[AdaptiveLossWeights()]).fit(
             MLP(hidden_sizes=[4], task="regression"), ParticleDataModule(n_particles=100)
         )
 
@@ -366,15 +363,13 @@ def test_constraints_name_unknown_parameters_and_wrong_dtypes():
 def _fit(tmp_path, callbacks, epochs=4, ckpt_path=None, seed=0, accumulate=1, loss="mse"):
     pl.seed_everything(seed, verbose=False)
     model = MLP(input_dim=23, num_outputs=6, hidden_sizes=[16, 16], task="regression", loss=loss)
-    trainer = pl.Trainer(
+    trainer = make_trainer(
+        tmp_path,
         max_epochs=epochs,
         callbacks=callbacks,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
         accumulate_grad_batches=accumulate,
+        enable_checkpointing=True,
     )
     # unshuffled loaders: Lightning does not checkpoint the global RNG that a shuffling sampler draws from
     dm = ParticleDataModule(n_particles=200, seed=1)
@@ -436,14 +431,10 @@ def test_dampener_fires_on_a_parameter_that_oscillates_in_training(tmp_path, dam
         [OscillationDampener(mode="shrink", strength=0.5, every_n_steps=1, every_n_epochs=None)] if damped else []
     )
     model = _Oscillator()
-    trainer = pl.Trainer(
+    trainer = make_trainer(
+        tmp_path,
         max_steps=12,
         callbacks=callbacks,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
     )
     trainer.fit(model, DataLoader(TensorDataset(torch.zeros(12, 1)), batch_size=1))
     if damped:
@@ -475,14 +466,10 @@ def test_a_constraint_still_applies_in_an_epoch_cut_short_by_max_steps(tmp_path)
     dm = ParticleDataModule(n_particles=200, seed=1)
     dm.setup("fit")
     train = TensorDataset(dm.splits["train"].inputs, dm.splits["train"].targets)
-    short = pl.Trainer(
+    short = make_trainer(
+        tmp_path,
         max_steps=6,
         callbacks=[precision_short],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
     )
     short.fit(model, DataLoader(train, batch_size=32))
     assert precision_short.applications == 2  # epoch 1 at its last batch, epoch 2 at its (early) end
@@ -494,13 +481,10 @@ def test_adaptive_loss_restarts_its_epoch_count_in_a_new_fit(tmp_path):
     model = MLP(hidden_sizes=[8], task="regression", loss="adaptive_r2_based")
 
     def fit():
-        trainer = pl.Trainer(
+        trainer = make_trainer(
+            tmp_path,
             max_epochs=2,
             callbacks=[AdaptiveLossWeights()],
-            logger=False,
-            enable_progress_bar=False,
-            enable_checkpointing=False,
-            default_root_dir=tmp_path,
         )
         trainer.fit(model, ParticleDataModule(n_particles=200, batch_size=32))
 

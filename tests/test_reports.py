@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import pytest
+from conftest import make_trainer
 from scipy import stats
 
 from plasticity_lightning.callbacks import EpochTimer, SavePredictions
@@ -160,13 +161,11 @@ def test_cohens_d_edge_cases():
 
 
 def test_classification_runs_get_the_panels_that_apply(tmp_path):
-    trainer = pl.Trainer(
+    trainer = make_trainer(
+        tmp_path,
         max_epochs=3,
         callbacks=[EpochTimer(), SavePredictions(split="val")],
         logger=pl.loggers.CSVLogger(tmp_path, name="toy"),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
     )
     trainer.fit(MLP(hidden_sizes=[16]), ToyDataModule("moons", n_samples=200, batch_size=32))
     summary = write_run_report(tmp_path / "toy")
@@ -211,12 +210,11 @@ def test_save_predictions_skips_task_streams_with_a_warning(tmp_path):
     from plasticity_lightning.data import DigitsDataModule, PermutedInputs
 
     callback = SavePredictions()
-    trainer = pl.Trainer(
+    trainer = make_trainer(
+        tmp_path,
         max_epochs=1,
         callbacks=[callback],
         logger=pl.loggers.CSVLogger(tmp_path),
-        enable_progress_bar=False,
-        enable_checkpointing=False,
         limit_train_batches=2,
         limit_val_batches=1,
     )

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from sklearn.preprocessing import StandardScaler
 
 from plasticity_lightning.core.errors import (
     PlasticityConfigError,
@@ -192,20 +193,9 @@ def generate_particles(
     }
 
 
-class Standardizer:
-    """Per-column ``(x − mean) / std`` fitted on one split (sklearn's ``StandardScaler``: population std, 1 for
-    constant columns), with its inverse for reporting in the data's own units."""
-
-    def __init__(self, values: torch.Tensor) -> None:
-        self.mean = values.mean(dim=0)
-        std = values.std(dim=0, unbiased=False)
-        self.std = torch.where(std > 0, std, torch.ones_like(std))
-
-    def transform(self, values: torch.Tensor) -> torch.Tensor:
-        return (values - self.mean.to(values)) / self.std.to(values)
-
-    def inverse_transform(self, values: torch.Tensor) -> torch.Tensor:
-        return values * self.std.to(values) + self.mean.to(values)
+def _unscale(scaler: StandardScaler, values: torch.Tensor) -> torch.Tensor:
+    """``values · scale + mean`` of a fitted scikit-learn ``StandardScaler``, on tensors of any device and dtype."""
+    return values * torch.as_tensor(scaler.scale_).to(values) + torch.as_tensor(scaler.mean_).to(values)
 
 
 class ParticleDataModule(PlasticityDataModule):
@@ -256,8 +246,8 @@ class ParticleDataModule(PlasticityDataModule):
         self.feature_names = list(RAW_FEATURES) + (list(DERIVED_FEATURES) if features == "all" else [])
         self.target_names = list(TARGETS)
         self.input_shape = (len(self.feature_names),)
-        self.feature_scaler: Standardizer | None = None
-        self.target_scaler: Standardizer | None = None
+        self.feature_scaler: StandardScaler | None = None
+        self.target_scaler: StandardScaler | None = None
 
     def split_sizes(self) -> dict[str, int]:
         n_test = round(self.n_particles * self.test_fraction)
@@ -279,10 +269,11 @@ class ParticleDataModule(PlasticityDataModule):
         inputs, targets = inputs[order], targets[order]
         test_end, val_end = sizes["test"], sizes["test"] + sizes["val"]
         parts = {"test": slice(0, test_end), "val": slice(test_end, val_end), "train": slice(val_end, None)}
-        if self.standardize:
-            self.feature_scaler = Standardizer(inputs[parts["train"]])
-            self.target_scaler = Standardizer(targets[parts["train"]])
-            inputs, targets = self.feature_scaler.transform(inputs), self.target_scaler.transform(targets)
+        if self.standardize:  # scikit-learn's StandardScaler, fitted on the training rows only
+            self.feature_scaler = StandardScaler().fit(inputs[parts["train"]].double().numpy())
+            self.target_scaler = StandardScaler().fit(targets[parts["train"]].double().numpy())
+            inputs = torch.as_tensor(self.feature_scaler.transform(inputs.double().numpy()), dtype=torch.float32)
+            targets = torch.as_tensor(self.target_scaler.transform(targets.double().numpy()), dtype=torch.float32)
         return {name: IndexedTensorDataset(inputs[part], targets[part]) for name, part in parts.items()}
 
     def inverse_transform_targets(self, values: torch.Tensor) -> torch.Tensor:
@@ -291,7 +282,7 @@ class ParticleDataModule(PlasticityDataModule):
             if self.standardize:
                 raise RuntimeError(f"{type(self).__name__}: call setup() before inverse_transform_targets")
             return values
-        return self.target_scaler.inverse_transform(values)
+        return _unscale(self.target_scaler, values)
 
     def inverse_transform_features(self, values: torch.Tensor) -> torch.Tensor:
         """Features in physical units; identity without standardisation."""
@@ -299,4 +290,4 @@ class ParticleDataModule(PlasticityDataModule):
             if self.standardize:
                 raise RuntimeError(f"{type(self).__name__}: call setup() before inverse_transform_features")
             return values
-        return self.feature_scaler.inverse_transform(values)
+        return _unscale(self.feature_scaler, values)

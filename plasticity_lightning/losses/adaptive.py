@@ -57,18 +57,16 @@ def adaptive_loss_weights(
 
     Example::
 
-        >>> adaptive_loss_weights("r2_based", r2=0.8)
-        (0.76, 0.24)
+        >>> [round(w, 4) for w in adaptive_loss_weights("r2_based", r2=0.8)]
+        [0.76, 0.24]
         >>> [round(w, 4) for w in adaptive_loss_weights("combined", r2=0.8, loss=0.5)]
         [0.7425, 0.2575]
     """
     check_choice("adaptive_loss_weights", "strategy", strategy, STRATEGIES)
     if strategy == "r2_based":
-        w_mse, w_mae = _from_score(r2)
-        return round(w_mse, 12), round(w_mae, 12)
+        return _from_score(r2)
     if strategy == "loss_based":
-        w_mse, w_mae = _from_score(1 - min(1.0, max(0.0, loss / 2)))
-        return round(w_mse, 12), round(w_mae, 12)
+        return _from_score(1 - min(1.0, max(0.0, loss / 2)))
     if strategy == "combined":
         a, b = adaptive_loss_weights("r2_based", r2, loss), adaptive_loss_weights("loss_based", r2, loss)
         w_mse, w_mae = (a[0] + b[0]) / 2, (a[1] + b[1]) / 2
@@ -108,8 +106,8 @@ class AdaptiveRegressionLoss(nn.Module):
     Example::
 
         >>> loss = AdaptiveRegressionLoss("r2_based")
-        >>> loss.update(r2=0.8, loss=0.3)
-        (0.76, 0.24)
+        >>> [round(w, 4) for w in loss.update(r2=0.8, loss=0.3)]
+        [0.76, 0.24]
         >>> round(loss(torch.zeros(4, 2), torch.ones(4, 2)).item(), 6)  # 0.76·1 + 0.24·1
         1.0
     """
