@@ -15,6 +15,7 @@ from plasticity_lightning.metrics import (
     PredictionEntropy,
     UnitActivity,
     activation_entropy,
+    activity_statistics,
     attention_entropy,
     classify_training_pattern,
     dead_unit_fraction,
@@ -58,6 +59,15 @@ def test_unit_activity_against_numpy(shape):
         assert redo_dormant_fraction(x, tau).item() == pytest.approx(np.mean(scores <= tau))
     assert dead_unit_fraction(x).item() == pytest.approx(np.mean(np.abs(view).max(axis=0) == 0))
     assert low_activity_fraction(x, 0.01).item() == pytest.approx(np.mean((view > 0).mean(axis=0) < 0.01))
+    # the one-pass statistics the monitor uses give the same units
+    stats = activity_statistics(x)
+    np.testing.assert_allclose(stats.mean_abs.numpy(), activity, rtol=1e-6)
+    np.testing.assert_allclose(stats.max_abs.numpy(), np.abs(view).max(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(stats.active_share.numpy(), (view != 0).mean(axis=0))
+    masks = stats.masks(tau=0.025, dead_threshold=0.0, max_active=0.01)
+    np.testing.assert_array_equal(masks["redo_dormant"].numpy(), scores <= 0.025)
+    np.testing.assert_array_equal(masks["dead"].numpy(), np.abs(view).max(axis=0) == 0)
+    np.testing.assert_array_equal(masks["low_activity"].numpy(), (view != 0).mean(axis=0) < 0.01)
     assert dead_unit_fraction(x).item() == pytest.approx(2 / shape[1])
 
 

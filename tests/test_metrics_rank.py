@@ -214,3 +214,23 @@ def test_numerical_rank_default_tolerance_for_half_and_integer_inputs():
     assert numerical_rank(eye.half()).item() == 512
     assert numerical_rank(torch.diag(torch.tensor([1, 0, 3]))).item() == 2
     assert numerical_rank(torch.eye(3, dtype=torch.bool)).item() == 3
+
+
+def test_wide_matrices_take_the_blocked_gram_route_and_match_scipy():
+    # 520 units: wide enough for the lower-triangle blocked Gram product (only what eigvalsh reads is filled)
+    rng = np.random.default_rng(7)
+    a = rng.normal(size=(700, 520)) * np.geomspace(1, 1e-3, 520)
+    a[:, 5] = 0.0  # a dead unit is dropped from the Gram matrix
+    s = scipy.linalg.svdvals(a)
+    np.testing.assert_allclose(singular_values(torch.from_numpy(a)).numpy(), s, rtol=1e-8, atol=1e-10 * s.max())
+    assert effective_rank(torch.from_numpy(a)).item() == pytest.approx(np_erank(s), rel=1e-10)
+    wide = torch.from_numpy(a.T.copy())  # n < d: the Gram matrix of the rows
+    np.testing.assert_allclose(singular_values(wide).numpy(), s, rtol=1e-8, atol=1e-10 * s.max())
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e-80, 1e80, 1e200])
+def test_extreme_scales_are_rescaled_exactly(scale):
+    x = torch.randn(60, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    reference = singular_values(x)
+    np.testing.assert_allclose((singular_values(x * scale) / scale).numpy(), reference.numpy(), rtol=1e-12)
+    assert effective_rank(x * scale).item() == pytest.approx(effective_rank(x).item(), rel=1e-12)

@@ -18,15 +18,10 @@ from typing_extensions import override
 
 from plasticity_lightning.callbacks.monitor import PlasticityMonitor
 from plasticity_lightning.core.errors import PlasticityConfigError, check_choice, check_fraction, check_positive_float
-from plasticity_lightning.metrics.activity import (
-    ACTIVITY_CHOICES,
-    active_share,
-    dead_unit_mask,
-    low_activity_mask,
-    redo_dormant_mask,
-)
+from plasticity_lightning.metrics.activity import ACTIVITY_CHOICES, activity_statistics
 from plasticity_lightning.metrics.entropy import activation_entropy, prediction_entropy
 from plasticity_lightning.metrics.rank import (
+    NonFiniteFeaturesError,
     approximate_rank,
     effective_rank,
     feature_matrix,
@@ -99,7 +94,9 @@ class RankMonitor(PlasticityMonitor):
         values: dict[str, float] = {}
         for name, output in outputs.items():
             features = feature_matrix(output, self.conv)
-            if not torch.isfinite(features).all():
+            try:
+                sigma = singular_values(features)
+            except NonFiniteFeaturesError:
                 # A diverged run must still log (NaN says what happened) rather than crash the monitor.
                 self.warn_once(
                     f"RankMonitor: layer {name!r} has NaN/inf outputs at step {trainer.global_step}; "
@@ -109,7 +106,6 @@ class RankMonitor(PlasticityMonitor):
                 )
                 values.update({f"{name}/{measure}": math.nan for measure in self.measures})
                 continue
-            sigma = singular_values(features)
             compute = {
                 "effective_rank": lambda s=sigma: effective_rank(sigma=s),
                 "srank": lambda s=sigma: srank(sigma=s, delta=self.delta),
@@ -172,23 +168,15 @@ class DormantUnitMonitor(PlasticityMonitor):
         counts = torch.zeros(4, dtype=torch.float64)  # units, redo-dormant, dead, low-activity
         rows = []
         for name, output in outputs.items():
-            flags = (
-                torch.stack(
-                    [
-                        redo_dormant_mask(output, self.tau),
-                        dead_unit_mask(output, self.dead_threshold),
-                        low_activity_mask(output, self.max_active, self.active),
-                    ]
-                )
-                .to(torch.float64)
-                .cpu()
-            )
+            stats = activity_statistics(output, self.active)
+            masks = stats.masks(self.tau, self.dead_threshold, self.max_active)
+            flags = torch.stack([masks["redo_dormant"], masks["dead"], masks["low_activity"]]).to(torch.float64).cpu()
             fractions = flags.mean(dim=1)
             counts += torch.cat([torch.tensor([float(flags.shape[1])]), flags.sum(dim=1)])
             for measure, fraction in zip(_ACTIVITY_MEASURES, fractions.tolist(), strict=True):
                 values[f"{name}/{measure}"] = fraction
             rows.append([name, flags.shape[1], *fractions.tolist()])
-            self.log_histogram(trainer, f"{name}/active_share", active_share(output, self.active))
+            self.log_histogram(trainer, f"{name}/active_share", stats.active_share)
         if counts[0] > 0:
             for i, measure in enumerate(_ACTIVITY_MEASURES, start=1):
                 values[f"all/{measure}"] = float(counts[i] / counts[0])

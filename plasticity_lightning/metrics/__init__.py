@@ -12,8 +12,10 @@ accumulate over batches (DDP-synchronised for free).
 """
 
 from plasticity_lightning.metrics.activity import (
+    ActivityStatistics,
     UnitActivity,
     active_share,
+    activity_statistics,
     dead_unit_fraction,
     dead_unit_mask,
     low_activity_fraction,
@@ -56,6 +58,7 @@ from plasticity_lightning.metrics.rank import (
     ApproximateRank,
     EffectiveRank,
     FeatureSpectrum,
+    NonFiniteFeaturesError,
     SRank,
     StableRank,
     approximate_rank,
@@ -84,11 +87,13 @@ from plasticity_lightning.metrics.weights import (
 
 __all__ = [
     "ActivationEntropy",
+    "ActivityStatistics",
     "ApproximateRank",
     "AttentionEntropy",
     "DynamicsThresholds",
     "EffectiveRank",
     "FeatureSpectrum",
+    "NonFiniteFeaturesError",
     "PerTaskAccuracy",
     "PredictionEntropy",
     "SRank",
@@ -97,6 +102,7 @@ __all__ = [
     "UnitActivity",
     "activation_entropy",
     "active_share",
+    "activity_statistics",
     "approximate_rank",
     "attention_entropy",
     "classify_training_pattern",

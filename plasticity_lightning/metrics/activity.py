@@ -20,7 +20,7 @@ per-unit sums over batches (and processes) and returns all three fractions.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torchmetrics import Metric
@@ -65,10 +65,22 @@ def _redo_scores(activity: torch.Tensor) -> torch.Tensor:
     return activity / (activity.mean() + REDO_EPS)
 
 
+def _redo_dormant(mean_abs: torch.Tensor, tau: float) -> torch.Tensor:
+    return _redo_scores(mean_abs) <= tau
+
+
+def _dead(max_abs: torch.Tensor, threshold: float) -> torch.Tensor:
+    return max_abs <= threshold
+
+
+def _low_activity(share: torch.Tensor, max_active: float) -> torch.Tensor:
+    return share < max_active
+
+
 def redo_dormant_mask(outputs: torch.Tensor, tau: float = 0.0) -> torch.Tensor:
     """Units with ReDo score s_i ≤ τ (``τ = 0``: exactly silent units)."""
     check_positive_float("redo_dormant_mask", "tau", tau, allow_zero=True)
-    return redo_scores(outputs) <= tau
+    return _redo_dormant(mean_abs_activation(outputs), tau)
 
 
 def redo_dormant_fraction(outputs: torch.Tensor, tau: float = 0.0) -> torch.Tensor:
@@ -85,7 +97,7 @@ def redo_dormant_fraction(outputs: torch.Tensor, tau: float = 0.0) -> torch.Tens
 def dead_unit_mask(outputs: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
     """Units whose |h| never exceeds ``threshold`` on the probe (0: exactly zero everywhere, Dohare's dead units)."""
     check_positive_float("dead_unit_mask", "threshold", threshold, allow_zero=True)
-    return unit_view(outputs).detach().abs().amax(dim=0) <= threshold
+    return _dead(unit_view(outputs).detach().abs().amax(dim=0), threshold)
 
 
 def dead_unit_fraction(outputs: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
@@ -121,7 +133,7 @@ def active_share(outputs: torch.Tensor, active: Activity = "nonzero") -> torch.T
 def low_activity_mask(outputs: torch.Tensor, max_active: float = 0.01, active: Activity = "nonzero") -> torch.Tensor:
     """Units active on fewer than ``max_active`` of the probe positions (Dohare et al.'s dormant units)."""
     check_fraction("low_activity_mask", "max_active", max_active, high_open=False)
-    return active_share(outputs, active) < max_active
+    return _low_activity(active_share(outputs, active), max_active)
 
 
 def low_activity_fraction(
@@ -138,6 +150,52 @@ def low_activity_fraction(
         tensor(0.5000, dtype=torch.float64)
     """
     return low_activity_mask(outputs, max_active, active).to(torch.float64).mean()
+
+
+class ActivityStatistics(NamedTuple):
+    """Per-unit statistics of layer outputs over the probe positions, float64."""
+
+    #: E|h_i|
+    mean_abs: torch.Tensor
+    #: max |h_i|
+    max_abs: torch.Tensor
+    #: share of positions where unit i is active (see :func:`active_share`)
+    active_share: torch.Tensor
+
+    def masks(self, tau: float = 0.0, dead_threshold: float = 0.0, max_active: float = 0.01) -> dict[str, torch.Tensor]:
+        """The three unit counts' masks: ``redo_dormant`` (score ≤ τ), ``dead`` and ``low_activity``."""
+        return {
+            "redo_dormant": _redo_dormant(self.mean_abs, tau),
+            "dead": _dead(self.max_abs, dead_threshold),
+            "low_activity": _low_activity(self.active_share, max_active),
+        }
+
+
+def _activity_sums(view: torch.Tensor, active: Activity) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Σ|h|, max|h| and the active count per unit of a ``[positions, units]`` view, float64, reading |h| once."""
+    magnitude = view.abs()
+    return (
+        magnitude.sum(dim=0, dtype=torch.float64),
+        magnitude.amax(dim=0).to(torch.float64),
+        _is_active(view, active).sum(dim=0, dtype=torch.float64),
+    )
+
+
+def activity_statistics(outputs: torch.Tensor, active: Activity = "nonzero") -> ActivityStatistics:
+    """Every per-unit statistic the unit counts need, in one pass over the outputs.
+
+    Example::
+
+        >>> stats = activity_statistics(torch.tensor([[1.0, 0.0], [3.0, 0.0]]))
+        >>> stats.mean_abs.tolist(), stats.active_share.tolist(), stats.masks(tau=0.1)["dead"].tolist()
+        ([2.0, 0.0], [1.0, 0.0], [False, True])
+    """
+    check_choice("activity_statistics", "active", active, ACTIVITY_CHOICES)
+    view = unit_view(outputs).detach()
+    if view.shape[0] == 0:
+        raise ValueError("activity_statistics needs at least one position (got an empty batch)")
+    abs_sum, abs_max, active_count = _activity_sums(view, active)
+    return ActivityStatistics(abs_sum / view.shape[0], abs_max, active_count / view.shape[0])
 
 
 class UnitActivity(Metric):
@@ -196,20 +254,19 @@ class UnitActivity(Metric):
             raise ValueError(f"UnitActivity(num_units={self.num_units}) got outputs with {view.shape[1]} units")
         if view.shape[0] == 0:
             return  # an empty batch adds nothing (and amax of nothing would raise)
-        self.abs_sum += view.abs().to(torch.float64).sum(dim=0)
-        self.active_count += _is_active(view, self.active).to(torch.float64).sum(dim=0)
-        self.abs_max = torch.maximum(self.abs_max, view.abs().to(torch.float64).amax(dim=0))
+        abs_sum, abs_max, active_count = _activity_sums(view, self.active)
+        self.abs_sum += abs_sum
+        self.active_count += active_count
+        self.abs_max = torch.maximum(self.abs_max, abs_max)
         self.positions += view.shape[0]
 
     def compute(self) -> dict[str, torch.Tensor]:
         if self.positions == 0:
             raise ValueError("UnitActivity.compute() called before any non-empty update")
-        scores = _redo_scores(self.abs_sum / self.positions)
-        share = self.active_count / self.positions
+        stats = ActivityStatistics(self.abs_sum / self.positions, self.abs_max, self.active_count / self.positions)
+        masks = stats.masks(self.tau, self.dead_threshold, self.max_active)
         return {
-            "redo_dormant_fraction": (scores <= self.tau).to(torch.float64).mean(),
-            "dead_fraction": (self.abs_max <= self.dead_threshold).to(torch.float64).mean(),
-            "low_activity_fraction": (share < self.max_active).to(torch.float64).mean(),
-            "redo_scores": scores,
-            "active_share": share,
+            **{f"{name}_fraction": mask.to(torch.float64).mean() for name, mask in masks.items()},
+            "redo_scores": _redo_scores(stats.mean_abs),
+            "active_share": stats.active_share,
         }

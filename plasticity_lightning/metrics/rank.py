@@ -72,13 +72,47 @@ def feature_matrix(features: torch.Tensor, conv: Literal["pool", "positions", "f
     return features.flatten(2).transpose(1, 2).reshape(-1, features.shape[1])
 
 
+class NonFiniteFeaturesError(ValueError):
+    """The feature matrix holds NaN or infinite values, so no rank measure is defined."""
+
+
 def _as_float64(features: torch.Tensor) -> torch.Tensor:
     if features.ndim != 2:
         raise ValueError(f"Expected a 2-D samples x units matrix, got shape {tuple(features.shape)}")
-    x = features.detach().to(torch.float64)
-    if not torch.isfinite(x).all():
-        raise ValueError("Features contain NaN or infinite values; rank measures are undefined")
-    return x
+    return features.detach().to(torch.float64)
+
+
+def _largest_magnitude(x: torch.Tensor) -> float:
+    """max |x| in one fused pass (NaN and ±inf propagate); raises on non-finite input."""
+    low, high = torch.aminmax(x)
+    largest = max(-float(low), float(high))
+    if not math.isfinite(largest):
+        raise NonFiniteFeaturesError("Features contain NaN or infinite values; rank measures are undefined")
+    return largest
+
+
+# Entries within [2^-250, 2^250] keep Gram entries and eigenvalues normal in float64 (2^±500 times the sample
+# count); beyond that the matrix is rescaled by a power of two, which is exact, so skipping it inside the range
+# changes no bit of the result.
+_SAFE_EXPONENT = 250
+
+# Gram matrices at least this wide are filled in row blocks of their lower triangle only (what eigvalsh reads):
+# about 5/8 of a full product's work.
+_BLOCKED_GRAM_MIN = 512
+_GRAM_BLOCKS = 4
+
+
+def _lower_gram(a: torch.Tensor) -> torch.Tensor:
+    """aᵀa for a tall ``[m, k]`` matrix; for large k only the lower triangle is computed (the rest is 0)."""
+    k = a.shape[1]
+    if k < _BLOCKED_GRAM_MIN:
+        return a.T @ a
+    gram = a.new_zeros(k, k)
+    step = -(-k // _GRAM_BLOCKS)
+    for start in range(0, k, step):
+        stop = min(start + step, k)
+        gram[start:stop, :stop] = a[:, start:stop].T @ a[:, :stop]
+    return gram
 
 
 def singular_values(features: torch.Tensor, method: Method = "auto") -> torch.Tensor:
@@ -100,31 +134,47 @@ def singular_values(features: torch.Tensor, method: Method = "auto") -> torch.Te
     size = min(x.shape)
     if x.numel() == 0:
         return x.new_zeros(0)
-    scale = x.abs().max()
-    if scale == 0:
+    largest = _largest_magnitude(x)
+    if largest == 0:
         return x.new_zeros(size)
-    x = x / scale  # no measure depends on scale; this keeps σ² finite for 1e±30 inputs
-    # All-zero rows and columns (dead units) carry no singular value: dropping them is exact, makes the
-    # decomposition smaller, and keeps the Gram route's round-off floor from touching genuine values.
-    x = x[x.abs().amax(dim=1) > 0][:, x.abs().amax(dim=0) > 0]
+    # No measure depends on scale; a power-of-two rescale (exact) keeps σ² finite for inputs near 1e±300.
+    exponent = math.frexp(largest)[1]
+    scale = 2.0**exponent if abs(exponent) > _SAFE_EXPONENT else 1.0
+    if scale != 1.0:
+        x = x / scale
     if method == "svd":
-        values = torch.linalg.svdvals(x)
+        values = _svd_values(x, resolve=False)
     else:
-        gram = x.T @ x if x.shape[0] >= x.shape[1] else x @ x.T
+        # All-zero columns of the long side (dead units) are zero rows and columns of its Gram matrix, and all-zero
+        # rows add nothing to it: dropping them is exact, shrinks the eigenproblem, and keeps the round-off floor
+        # from touching genuine values.
+        gram = _lower_gram(x if x.shape[0] >= x.shape[1] else x.T)
+        alive = gram.diagonal() > 0
+        if not alive.all():
+            gram = gram[alive][:, alive]
         values, zeroed, floor = _gram_singular_values(gram)
         if method == "auto" and zeroed * floor > 1e-9 * values.sum():
             # The zeroed values might be genuine and matter: an SVD resolves them, down to its own round-off.
-            values = torch.linalg.svdvals(x)
-            resolution = max(x.shape) * torch.finfo(x.dtype).eps * values[0]
-            values = torch.where(values > resolution, values, torch.zeros_like(values))
-    return torch.cat([values, values.new_zeros(size - values.numel())]) * scale
+            values = _svd_values(x, resolve=True)
+    values = torch.cat([values, values.new_zeros(size - values.numel())])
+    return values * scale if scale != 1.0 else values
+
+
+def _svd_values(x: torch.Tensor, resolve: bool) -> torch.Tensor:
+    """σ by SVD of ``x`` without its all-zero rows and columns (``resolve``: values below its round-off set to 0)."""
+    x = x[x.abs().amax(dim=1) > 0][:, x.abs().amax(dim=0) > 0]
+    values = torch.linalg.svdvals(x)
+    if not resolve:
+        return values
+    resolution = max(x.shape) * torch.finfo(x.dtype).eps * values[0]
+    return torch.where(values > resolution, values, torch.zeros_like(values))
 
 
 def _gram_singular_values(gram: torch.Tensor) -> tuple[torch.Tensor, int, float]:
     """σ from a Gram matrix's eigenvalues with round-off set to 0; also how many were zeroed and below what floor.
 
     Eigenvalues of a k×k Gram matrix carry errors of about k·eps·λ₁, i.e. σ errors of √(k·eps)·σ₁; values below that
-    are noise (a rank-1 matrix would otherwise get an effective rank of 1 + 2e-7).
+    are noise (a rank-1 matrix would otherwise get an effective rank of 1 + 2e-7). Only the lower triangle is read.
     """
     values = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().flip(0)
     if not values.numel():
@@ -334,6 +384,7 @@ class FeatureSpectrum(Metric):
 
     def update(self, features: torch.Tensor) -> None:
         x = _as_float64(features)
+        _largest_magnitude(x)  # refuses NaN and infinities
         if x.shape[1] != self.num_units:
             raise ValueError(f"{type(self).__name__}(num_units={self.num_units}) got {x.shape[1]} units")
         self.gram += x.T @ x
