@@ -86,7 +86,10 @@ def test_utilities_match_a_hand_computation(utility):
     u, _corrected, f = _dohare_reference(hs, w1s, w2s, 0.9, utility)
     state = cbp.states["0"]
     np.testing.assert_allclose(state.utility.numpy(), u, rtol=1e-5, atol=1e-9)
-    np.testing.assert_allclose(state.mean_activation.numpy(), f, rtol=1e-5, atol=1e-9)
+    if utility == "contribution":  # f is tracked only by the utilities that read it
+        assert not state.mean_activation.any()
+    else:
+        np.testing.assert_allclose(state.mean_activation.numpy(), f, rtol=1e-5, atol=1e-9)
     assert state.ages.tolist() == [4] * 7
     cbp._remove_hooks()
 
@@ -100,6 +103,7 @@ def test_the_least_useful_mature_units_are_replaced_by_bias_corrected_utility():
     state = cbp.states["0"]
     # unit 1 is young: its raw EMA is small but its corrected utility is large, so it must not be chosen
     state.ages[:] = torch.tensor([10, 2, 10, 10, 10, 10])
+    state.sync_cohorts()  # ages set by hand: the host-side maturity count follows them
     state.utility[:] = torch.tensor([0.5, 0.25, 0.9, 0.2, 0.8, 0.6])
     h = torch.ones(4, 6)
     with torch.no_grad():
@@ -140,6 +144,27 @@ def test_replacement_counts_accumulate(count, maturity, expected):
     counts = [len(cbp.step(None, pair, [torch.rand(4, 10)])) for _ in range(len(expected))]
     assert counts == expected
     cbp._remove_hooks()
+
+
+@pytest.mark.parametrize("maturity", [0, 3, 7])
+def test_the_host_side_maturity_count_follows_the_ages(maturity):
+    # CBP decides how many units to replace without reading the ages tensor back (no GPU sync per step)
+    net = nn.Sequential(nn.Linear(3, 12), nn.ReLU(), nn.Linear(12, 2))
+    cbp = ContinualBackprop(replacement_rate=0.15, maturity_threshold=maturity, seed=1)
+    cbp.on_fit_start(None, net)
+    (pair,) = cbp.pairs
+    state = cbp.states["0"]
+    replaced = 0
+    for _ in range(60):
+        replaced += len(cbp.step(None, pair, [torch.rand(4, 12)]))
+        assert state.mature_units == int((state.ages > maturity).sum())
+    assert replaced > 10  # replacements happened, so young cohorts came and went
+    restored = ContinualBackprop(replacement_rate=0.15, maturity_threshold=maturity)
+    restored.load_state_dict(cbp.state_dict())
+    restored.on_fit_start(None, net)
+    assert restored.states["0"].mature_units == state.mature_units
+    cbp._remove_hooks()
+    restored._remove_hooks()
 
 
 def test_bernoulli_counting_replaces_one_unit_with_probability_n():
@@ -227,7 +252,7 @@ def test_cached_magnitudes_are_patched_exactly_for_replaced_units():
     model = mlp()
     cbp = ContinualBackprop(utility="adaptable_contribution", magnitudes_every_n_steps=10)
     cbp.bind(model)
-    cbp.states = {pair.producer: _LayerState(pair.num_units, torch.device("cpu")) for pair in cbp.pairs}
+    cbp.states = {pair.producer: _LayerState(pair.num_units, torch.device("cpu"), 100) for pair in cbp.pairs}
     cached = cbp._current_magnitudes()
     stale = {name: (out.clone(), inc.clone()) for name, (out, inc) in cached.items()}
     pair = cbp.pairs[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -35,14 +36,57 @@ UTILITIES = ("contribution", "zero_contribution", "adaptable_contribution")
 
 
 class _LayerState:
-    """Per-producer running statistics: ages, utility EMA, mean-activation EMA, replacement accumulator."""
+    """Per-producer running statistics: ages, utility EMA, mean-activation EMA, replacement accumulator.
 
-    def __init__(self, units: int, device: torch.device) -> None:
+    How many units are mature (age > ``maturity``) is also kept on the host, from the cohorts of units that may
+    still be young (all units at the start, then each replaced group), so that a step without a replacement never
+    waits for the device: on a GPU, asking the ``ages`` tensor would synchronise every step.
+    """
+
+    def __init__(self, units: int, device: torch.device, maturity: int) -> None:
         self.ages = torch.zeros(units, dtype=torch.long, device=device)
         self.utility = torch.zeros(units, dtype=torch.float32, device=device)
         self.mean_activation = torch.zeros(units, dtype=torch.float32, device=device)
         self.accumulated = 0.0
         self.replaced = 0
+        self.maturity = maturity
+        self._clock = 0  # steps aged so far; a cohort born at clock b has age clock - b
+        self._young: deque[tuple[int, int]] = deque([(0, units)])  # (birth clock, units), oldest first
+        self._young_units = units
+
+    @property
+    def num_units(self) -> int:
+        return self.ages.numel()
+
+    @property
+    def mature_units(self) -> int:
+        """Units older than the maturity threshold (equal to ``(ages > maturity).sum()``, without reading it)."""
+        return self.num_units - self._young_units
+
+    def age(self) -> None:
+        """One optimizer step older."""
+        self.ages += 1
+        self._clock += 1
+        while self._young and self._clock - self._young[0][0] > self.maturity:
+            self._young_units -= self._young.popleft()[1]
+
+    def reset(self, units: torch.Tensor) -> None:
+        """``units`` start again: age, utility and mean activation 0. They must be mature (``_choose`` picks only
+        mature units), or the host-side count would count them young twice."""
+        self.ages[units] = 0
+        self.utility[units] = 0.0
+        self.mean_activation[units] = 0.0
+        self._young.append((self._clock, units.numel()))
+        self._young_units += units.numel()
+        self.replaced += units.numel()
+
+    def sync_cohorts(self) -> None:
+        """Rebuild the host-side maturity count from ``ages`` (after loading them, or setting them by hand)."""
+        ages = self.ages.cpu()
+        young, counts = torch.unique(ages[ages <= self.maturity], return_counts=True)
+        self._clock = 0
+        self._young = deque((-int(a), int(c)) for a, c in sorted(zip(young, counts, strict=True), reverse=True))
+        self._young_units = int(counts.sum())
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -60,6 +104,7 @@ class _LayerState:
         self.mean_activation = state["mean_activation"].to(device)
         self.accumulated = float(state["accumulated"])
         self.replaced = int(state["replaced"])
+        self.sync_cohorts()
 
 
 class ContinualBackprop(UnitIntervention):
@@ -208,7 +253,9 @@ class ContinualBackprop(UnitIntervention):
                     "another init)"
                 )
         for pair in self.pairs:
-            self.states[pair.producer] = _LayerState(pair.num_units, pair.producer_module.weight.device)
+            self.states[pair.producer] = _LayerState(
+                pair.num_units, pair.producer_module.weight.device, self.maturity_threshold
+            )
             if self.sigma_orthogonal:
                 self.covariances[pair.producer] = InputCovariance(pair.producer_module.in_features, self.sigma_decay)
         if self._pending is not None:
@@ -293,36 +340,42 @@ class ContinualBackprop(UnitIntervention):
         eta = self.decay_rate
         # every micro-batch of the step (gradient accumulation) counts, as one batch
         columns = unit_columns(features[0] if len(features) == 1 else torch.cat(features), pair)
-        mean_h = self.reduce_mean(trainer, columns.mean(dim=(0, 2)))
-        state.ages += 1
-        state.mean_activation.mul_(eta).add_(mean_h, alpha=1 - eta)
-        correction = 1 - eta ** state.ages.to(torch.float32)
+        state.age()
         if self.utility == "contribution":
             activity = columns.abs().mean(dim=0)
-        else:
-            activity = (columns - (state.mean_activation / correction)[:, None]).abs().mean(dim=0)
+        else:  # f (the mean activation) is tracked by the utilities that use it
+            mean_h = self.reduce_mean(trainer, columns.mean(dim=(0, 2)))
+            state.mean_activation.lerp_(mean_h, 1 - eta)
+            activity = (columns - (state.mean_activation / self._correction(state))[:, None]).abs().mean(dim=0)
         activity = self.reduce_mean(trainer, activity)
         outgoing, incoming = magnitudes if magnitudes is not None else (outgoing_magnitude(pair), None)
         # per column, then averaged over the unit's columns (conv → flatten → linear: each H×W position has its own
         # outgoing weights, as in Dohare's ConvGnT); one column per unit otherwise
-        instantaneous = (activity * outgoing).mean(dim=1)
+        instantaneous = activity.mul_(outgoing)
+        instantaneous = instantaneous[:, 0] if pair.columns_per_unit == 1 else instantaneous.mean(dim=1)
         if self.utility == "adaptable_contribution":
             incoming = incoming if incoming is not None else incoming_magnitude(pair)
             instantaneous = instantaneous / incoming.clamp(min=torch.finfo(torch.float32).tiny)
-        state.utility.mul_(eta).add_(instantaneous, alpha=1 - eta)
+        state.utility.lerp_(instantaneous, 1 - eta)
         if self.sigma_orthogonal and inputs:
             batch = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs]).to(torch.float64)
             self.covariances[pair.producer].update_moment(self.reduce_mean(trainer, batch.T @ batch / len(batch)))
-        units = self._choose(state, correction)
+        units = self._choose(state)
         if units.numel():
             self._replace(trainer, pair, units)
         return units
 
-    def _choose(self, state: _LayerState, correction: torch.Tensor) -> torch.Tensor:
-        eligible = torch.nonzero(state.ages > self.maturity_threshold).flatten()
-        if eligible.numel() == 0:
-            return eligible
-        base = eligible.numel() if self.count == "eligible" else state.ages.numel()
+    def _correction(self, state: _LayerState) -> torch.Tensor:
+        """Bias correction 1 − η^age of each unit's EMAs."""
+        return 1 - self.decay_rate ** state.ages.to(torch.float32)
+
+    def _choose(self, state: _LayerState) -> torch.Tensor:
+        """The units to replace this step. Decided on the host: a step without replacement reads nothing back."""
+        eligible = state.mature_units
+        none = state.ages.new_zeros(0)
+        if eligible == 0:
+            return none
+        base = eligible if self.count == "eligible" else state.num_units
         expected = self.replacement_rate * base
         if self.accumulate:
             state.accumulated += expected
@@ -332,11 +385,12 @@ class ContinualBackprop(UnitIntervention):
             number = int(torch.rand(1, generator=self.generator).item() <= expected)
         else:
             number = int(expected)
-        number = min(number, eligible.numel())
+        number = min(number, eligible)
         if number == 0:
-            return eligible[:0]
-        corrected = state.utility[eligible] / correction[eligible]
-        return eligible[torch.topk(-corrected, number).indices]
+            return none
+        corrected = state.utility / self._correction(state)
+        corrected = corrected.masked_fill(state.ages <= self.maturity_threshold, torch.inf)
+        return torch.topk(corrected, number, largest=False).indices
 
     def _replace(self, trainer: pl.Trainer | None, pair: UnitPair, units: torch.Tensor) -> None:
         scheme, gain = self.inits[pair.producer]
@@ -363,11 +417,7 @@ class ContinualBackprop(UnitIntervention):
             if incoming_mean is not None:
                 rows = pair.producer_module.weight.detach()[units]
                 incoming_mean[units] = rows.abs().reshape(units.numel(), -1).mean(dim=1).float()
-        state = self.states[pair.producer]
-        state.ages[units] = 0
-        state.utility[units] = 0.0
-        state.mean_activation[units] = 0.0
-        state.replaced += units.numel()
+        self.states[pair.producer].reset(units)
 
     # ------------------------------------------------------------------ state
     @override
