@@ -28,6 +28,7 @@ from plasticity_lightning.callbacks import (
     PlasticityMonitor,
     RankMonitor,
     ReDo,
+    RestoreBestPerTask,
     SavePredictions,
     ShrinkAndPerturb,
     SoftmaxCollapseMonitor,
@@ -78,6 +79,7 @@ from plasticity_lightning.metrics import (
 )
 from plasticity_lightning.models import MLP, CausalLM, ConvNet, ResNet18, SupervisedModule
 from plasticity_lightning.nn import Sine, activation_gain, build_activation, init_layer_, sample_init_
+from plasticity_lightning.optim import PeriodicMultiStepLR
 from plasticity_lightning.probes import ProbeSet, capture_outputs
 from plasticity_lightning.surgery import UnitPair, find_unit_pairs, reinit_units
 
@@ -120,6 +122,7 @@ __all__ = [
     "OscillationDampener",
     "ParticleDataModule",
     "PerTaskAccuracy",
+    "PeriodicMultiStepLR",
     "PermutedInputs",
     "PlasticityConfigError",
     "PlasticityCycle",
@@ -129,6 +132,7 @@ __all__ = [
     "RankMonitor",
     "ReDo",
     "ResNet18",
+    "RestoreBestPerTask",
     "SavePredictions",
     "ShrinkAndPerturb",
     "Sine",

@@ -393,3 +393,15 @@ def test_tiny_head_plasticity_recipe_runs_cycles_end_to_end(in_tmp):
         columns = set(next(csv.reader(f)))
     expected = {"attention_entropy/3/head_3", "degeneration/distinct_1", "cycle/perplexity_after", "val/perplexity"}
     assert expected <= columns
+
+
+def test_cbp_cifar_follows_dohares_per_task_protocol():
+    config = yaml.safe_load((REPO / "recipes" / "cbp_cifar.yaml").read_text())
+    schedule = config["data"]["init_args"]["schedule"]["init_args"]
+    lr = config["model"]["init_args"]["lr_scheduler"]
+    assert lr["class_path"].endswith("PeriodicMultiStepLR")
+    assert lr["init_args"] == {"period": schedule["epochs_per_task"], "milestones": [60, 120, 160], "gamma": 0.2}
+    callbacks = [c["class_path"].rsplit(".", 1)[1] for c in config["trainer"]["callbacks"]]
+    # the monitors measure, at each task change, the network that early stopping kept
+    assert callbacks.index("RestoreBestPerTask") < callbacks.index("RankMonitor")
+    assert config["trainer"]["max_epochs"] == schedule["epochs_per_task"] * 20

@@ -77,6 +77,26 @@ SCRIPT = textwrap.dedent(
         model = MLP(hidden_sizes=[16, 16], task="regression", loss="adaptive_physics_aware")
         fit(model, ParticleDataModule(n_particles=400, batch_size=16),
             [*constraints, AdaptiveLossWeights(), DumpRegression()], max_epochs=6)
+    elif variant == "restore":  # per-task early stopping on a value that differs between ranks: rank 0 decides
+        from plasticity_lightning import RestoreBestPerTask
+
+        class RankLocalScore(pl.Callback):
+            scores = {0: [0.1, 0.9, 0.2, 0.3, 0.8, 0.1], 1: [0.9, 0.1, 0.2, 0.8, 0.1, 0.3]}
+
+            def on_validation_end(self, trainer, pl_module):
+                if not trainer.sanity_checking:
+                    score = self.scores[trainer.global_rank][trainer.current_epoch]
+                    trainer.callback_metrics["val/local"] = torch.tensor(score)
+
+        class DumpRestore(pl.Callback):
+            def on_fit_end(self, trainer, pl_module):
+                torch.save({"params": {k: v.cpu() for k, v in pl_module.state_dict().items()},
+                            "restored": restore.restored}, f"{out}.restore.rank{trainer.global_rank}.pt")
+
+        restore = RestoreBestPerTask(monitor="val/local")
+        model = MLP(hidden_sizes=[32], optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
+        data = DigitsDataModule(batch_size=16, schedule=PermutedInputs(num_tasks=2, epochs_per_task=3))
+        fit(model, data, [RankLocalScore(), restore, DumpRestore()], max_epochs=6, limit_val_batches=2)
     else:
         redo = ReDo(every_n_steps=3, tau=0.5, probe_size=64)
         cbp = ContinualBackprop(replacement_rate=0.02, maturity_threshold=3, accumulate=False)
@@ -104,5 +124,16 @@ def test_constraints_and_adaptive_loss_keep_ranks_identical(tmp_path):
     rank0, rank1 = (torch.load(f"{out}.regression.rank{rank}.pt") for rank in (0, 1))
     assert rank0["applied"] == rank1["applied"] and min(rank0["applied"]) >= 6
     assert len(rank0["params"]["criterion.loss_history"]) == 6  # one update per validation
+    for name, value in rank0["params"].items():
+        assert torch.equal(value, rank1["params"][name]), name
+
+
+@pytest.mark.timeout(600)
+def test_restore_best_per_task_follows_rank_zero(tmp_path):
+    out = run_ddp_script(tmp_path, SCRIPT, ["restore"])
+    rank0, rank1 = (torch.load(f"{out}.restore.rank{rank}.pt") for rank in (0, 1))
+    # rank 0's values choose epochs 1 and 4; rank 1's own would have chosen 0 and 3
+    assert [(r["task"], r["epoch"]) for r in rank0["restored"]] == [(0, 1), (1, 4)]
+    assert [(r["task"], r["epoch"]) for r in rank1["restored"]] == [(0, 1), (1, 4)]
     for name, value in rank0["params"].items():
         assert torch.equal(value, rank1["params"][name]), name

@@ -4,10 +4,11 @@ Monitors (measure): :class:`RankMonitor`, :class:`DormantUnitMonitor`, :class:`E
 :class:`WeightMonitor`, :class:`GradientFlowMonitor`, :class:`LearningDynamics`, :class:`TaskAccuracyTable`;
 for language models :class:`AttentionEntropyMonitor`, :class:`DegenerationMonitor`, :class:`HeadImportance`.
 Interventions (act): :class:`ContinualBackprop` (and RR-CBP), :class:`ReDo`, :class:`ShrinkAndPerturb`,
-:class:`L2Init`, :class:`HeadReset`; on attention heads :class:`HeadPruning`, :class:`HeadGrowth`,
-:class:`PlasticityCycle`; numerical stability :class:`SoftmaxCollapseMonitor`, :class:`SurgeCollapse`; weight
-constraints :class:`WeightPrecision`, :class:`OscillationDampener`, :class:`JamesSteinShrinkage` and the adaptive
-regression loss's :class:`AdaptiveLossWeights`. Reporting: :class:`EpochTimer`, :class:`SavePredictions`.
+:class:`L2Init`, :class:`HeadReset`, :class:`RestoreBestPerTask` (Dohare's per-task early stopping); on attention
+heads :class:`HeadPruning`, :class:`HeadGrowth`, :class:`PlasticityCycle`; numerical stability
+:class:`SoftmaxCollapseMonitor`, :class:`SurgeCollapse`; weight constraints :class:`WeightPrecision`,
+:class:`OscillationDampener`, :class:`JamesSteinShrinkage` and the adaptive regression loss's
+:class:`AdaptiveLossWeights`. Reporting: :class:`EpochTimer`, :class:`SavePredictions`.
 Base classes: :class:`PlasticityMonitor` (cadence, probe, logging), :class:`TaskAwareCallback` (task changes),
 :class:`Intervention` / :class:`UnitIntervention` (rank-agreeing RNG, strategy checks, unit pairs).
 """
@@ -21,7 +22,7 @@ from plasticity_lightning.callbacks.constraints import (
     ParameterConstraint,
     WeightPrecision,
 )
-from plasticity_lightning.callbacks.continual import TaskAccuracyTable
+from plasticity_lightning.callbacks.continual import RestoreBestPerTask, TaskAccuracyTable
 from plasticity_lightning.callbacks.dynamics import LearningDynamics
 from plasticity_lightning.callbacks.heads import (
     AttentionEntropyMonitor,
@@ -68,6 +69,7 @@ __all__ = [
     "PlasticityMonitor",
     "RankMonitor",
     "ReDo",
+    "RestoreBestPerTask",
     "SavePredictions",
     "ShrinkAndPerturb",
     "SoftmaxCollapseMonitor",

@@ -1,4 +1,4 @@
-"""Per-task accuracy bookkeeping for continual streams."""
+"""Per-task bookkeeping for continual streams: the accuracy matrix, and the best weights of each task."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from plasticity_lightning.callbacks.base import TaskAwareCallback
-from plasticity_lightning.core.errors import check_choice, check_positive_int
+from plasticity_lightning.core.errors import PlasticityConfigError, check_choice, check_positive_int
 from plasticity_lightning.core.tasks import TaskContext, get_task_context, per_task_accuracy_key
 
 log = logging.getLogger(__name__)
@@ -212,3 +213,118 @@ class TaskAccuracyTable(TaskAwareCallback):
         self.rows = {int(k): list(v) for k, v in state_dict.get("rows", {}).items()}
         latest = state_dict.get("latest")
         self._latest = (int(latest[0]), list(latest[1])) if latest is not None else None
+
+
+class RestoreBestPerTask(TaskAwareCallback):
+    """When a task ends, load the weights that scored best on ``monitor`` during it (Dohare et al.'s early stopping).
+
+    In their class-incremental CIFAR-100 runs the network trains for the whole task, but the one that moves on to
+    the next task is the one with the best validation accuracy seen during the task. This callback keeps a copy
+    (on the CPU) of the LightningModule's ``state_dict`` — parameters and buffers, e.g. BatchNorm statistics — at
+    every strict improvement, and loads it when the next task starts and when the fit ends after a complete last
+    task. The optimizer state and any intervention's statistics carry on from the last step, as in the reference
+    code. A run without tasks is one task: the best weights are loaded at the end of the fit.
+
+    Put it before monitors that measure on a task change, so they measure the network that was kept.
+
+    DDP: rank 0 decides whether a value improved and every rank copies the same weights. Resume: the best value
+    and the copy are in the checkpoint.
+
+    Args:
+        monitor: the logged value to compare; ``val/acc`` is the accuracy on every class seen so far in a
+            cumulative class-incremental stream, the reference's criterion.
+        mode: ``"max"`` or ``"min"``.
+        verbose: log a line when weights are restored.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[RestoreBestPerTask(monitor="val/acc")], logger=False)
+    """
+
+    def __init__(self, monitor: str = "val/acc", mode: str = "max", verbose: bool = True) -> None:
+        super().__init__()
+        if not isinstance(monitor, str) or not monitor:
+            raise PlasticityConfigError(f"RestoreBestPerTask.monitor={monitor!r} is invalid; expected a logged key")
+        self.monitor = monitor
+        self.mode = check_choice("RestoreBestPerTask", "mode", mode, ("max", "min"))
+        self.verbose = verbose
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.snapshot: dict[str, torch.Tensor] | None = None
+        self.restored: list[dict[str, Any]] = []  # one entry per restore: task, epoch, value
+        self._state_key: str | None = None
+
+    @property
+    def state_key(self) -> str:
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(monitor=self.monitor, mode=self.mode)
+        return self._state_key
+
+    def _improves(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        return self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            raise PlasticityConfigError(
+                f"RestoreBestPerTask.monitor={self.monitor!r} was not logged by validation; logged keys: "
+                f"{', '.join(sorted(trainer.callback_metrics)[:20]) or 'none'}"
+            )
+        improved = trainer.strategy.broadcast(self._improves(float(value)), src=0)
+        if improved:
+            self.best = float(value)
+            self.best_epoch = trainer.current_epoch
+            self.snapshot = {name: t.detach().to("cpu", copy=True) for name, t in pl_module.state_dict().items()}
+
+    @override
+    def on_task_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, context: TaskContext, previous_task: int | None
+    ) -> None:
+        if previous_task is not None:
+            self._restore(pl_module, previous_task)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        completed = getattr(trainer.datamodule, "task_completed", None)
+        if callable(completed) and completed() is False:
+            return  # stopped before the task's scheduled end: a resumed fit finishes it, then restores
+        self._restore(pl_module, self.current_task)
+
+    def _restore(self, pl_module: pl.LightningModule, task: int | None) -> None:
+        if self.snapshot is None:
+            rank_zero_warn(
+                f"RestoreBestPerTask: no validation value of {self.monitor!r} during task {task}; weights kept as "
+                "they are (does validation run during every task?)"
+            )
+        else:
+            pl_module.load_state_dict(self.snapshot)
+            self.restored.append({"task": task, "epoch": self.best_epoch, "value": self.best})
+            if self.verbose:
+                rank_zero_info(
+                    f"Task {task}: restored the weights of epoch {self.best_epoch} ({self.monitor} = {self.best:.4f})"
+                )
+        self.best, self.best_epoch, self.snapshot = None, None, None
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "snapshot": self.snapshot,
+            "restored": list(self.restored),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.best = state_dict.get("best")
+        self.best_epoch = state_dict.get("best_epoch")
+        self.snapshot = state_dict.get("snapshot")
+        self.restored = list(state_dict.get("restored", []))
