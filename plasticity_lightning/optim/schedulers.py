@@ -30,10 +30,12 @@ class PeriodicMultiStepLR(LRScheduler):
     Example::
 
         >>> w = torch.nn.Parameter(torch.zeros(1))
-        >>> scheduler = PeriodicMultiStepLR(torch.optim.SGD([w], lr=0.1), period=4, milestones=[2, 3], gamma=0.5)
+        >>> optimizer = torch.optim.SGD([w], lr=0.1)
+        >>> scheduler = PeriodicMultiStepLR(optimizer, period=4, milestones=[2, 3], gamma=0.5)
         >>> rates = []
         >>> for _ in range(6):
         ...     rates.append(scheduler.get_last_lr()[0])
+        ...     optimizer.step()
         ...     scheduler.step()
         >>> rates
         [0.1, 0.1, 0.05, 0.025, 0.1, 0.1]
