@@ -500,3 +500,14 @@ def test_sharding_strategies_are_refused():
     trainer = SimpleNamespace(strategy=XLAStrategy.__new__(XLAStrategy))
     with pytest.raises(PlasticityConfigError, match=r"strategy XLAStrategy is not supported"):
         ContinualBackprop().setup(trainer, None, "fit")
+
+
+def test_large_draws_use_the_generator_of_the_parameters_device():
+    sp = ShrinkAndPerturb(noise="gaussian", shrink=1.0, perturb=1e-3, seed=5)
+    assert sp.generator_on("cpu") is sp.generator  # on the CPU nothing changes: one stream, one checkpoint entry
+    assert sp.generator_on(torch.device("cpu")) is sp.generator
+    state = sp.state_dict()
+    assert state["device_generators"] == {}
+    restored = ShrinkAndPerturb(noise="gaussian", shrink=1.0, perturb=1e-3, seed=5)
+    restored.load_state_dict(state)
+    assert torch.equal(restored.generator.get_state(), sp.generator.get_state())

@@ -37,7 +37,8 @@ class Intervention(TaskAwareCallback):
 
     * a CPU ``torch.Generator`` seeded with ``seed`` — the same on every rank, so every random choice (which
       units, which new weights) is identical across processes without communication — whose state is saved in
-      the checkpoint, so a resumed run draws what the uninterrupted run would have drawn;
+      the checkpoint, so a resumed run draws what the uninterrupted run would have drawn; large draws on an
+      accelerator use :meth:`generator_on`, a generator of that device with the same guarantees;
     * a check in ``setup`` that the strategy keeps full parameters on every rank (single device or DDP);
     * the optimizers whose state is reset for touched parameters;
     * logging through every logger and ``trainer.callback_metrics``, at the trainer's ``log_every_n_steps``.
@@ -54,6 +55,8 @@ class Intervention(TaskAwareCallback):
         self.seed = seed
         self.prefix = prefix
         self.generator = torch.Generator().manual_seed(seed)
+        self._device_generators: dict[str, torch.Generator] = {}
+        self._pending_device_states: dict[str, torch.Tensor] = {}
         self._state_key: str | None = None
 
     @property
@@ -80,6 +83,20 @@ class Intervention(TaskAwareCallback):
                 "'ddp_spawn')"
             )
 
+    def generator_on(self, device: torch.device | str) -> torch.Generator:
+        """The random source for draws made on ``device``: the CPU generator itself on the CPU; on an accelerator a
+        generator of that device type, seeded alike on every rank and kept in the checkpoint. Noise for every
+        parameter is then drawn where the parameters live, with no host-side draw and copy per application."""
+        kind = torch.device(device).type
+        if kind == "cpu":
+            return self.generator
+        if kind not in self._device_generators:
+            generator = torch.Generator(device=device).manual_seed(self.seed)
+            if kind in self._pending_device_states:
+                generator.set_state(self._pending_device_states.pop(kind))
+            self._device_generators[kind] = generator
+        return self._device_generators[kind]
+
     @staticmethod
     def optimizers(trainer: pl.Trainer | None) -> list[torch.optim.Optimizer]:
         return list(trainer.optimizers) if trainer is not None else []
@@ -102,13 +119,17 @@ class Intervention(TaskAwareCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "generator": self.generator.get_state()}
+        devices = {kind: g.get_state() for kind, g in self._device_generators.items()}
+        return {**super().state_dict(), "generator": self.generator.get_state(), "device_generators": devices}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         if "generator" in state_dict:
             self.generator.set_state(state_dict["generator"])
+        # accelerator generators are rebuilt on first use, from these states
+        self._device_generators = {}
+        self._pending_device_states = dict(state_dict.get("device_generators", {}))
 
 
 class UnitIntervention(Intervention):

@@ -136,8 +136,9 @@ class ShrinkAndPerturb(Intervention):
         if self.noise == "gaussian":
             params = self._gaussian_params(pl_module)
             for param in params:
-                noise = torch.randn(param.shape, generator=self.generator, dtype=param.dtype)
-                param.mul_(self.shrink).add_(noise.to(param.device), alpha=self.perturb)
+                generator = self.generator_on(param.device)  # drawn where the parameter lives
+                noise = torch.randn(param.shape, generator=generator, dtype=param.dtype, device=param.device)
+                param.mul_(self.shrink).add_(noise, alpha=self.perturb)
         else:
             kinds = (*_WEIGHT_LAYERS, *_NORM_LAYERS)
             for name, module in _selected_modules("ShrinkAndPerturb", pl_module, self.layer_names, kinds).items():

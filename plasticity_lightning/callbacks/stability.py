@@ -301,8 +301,8 @@ class SurgeCollapse(Intervention):
             zeros = param == 0
             count = int(zeros.sum())
             if count:
-                fresh = torch.randn(count, generator=self.generator) * self.recovery
-                param[zeros] = fresh.to(param)
+                fresh = torch.randn(count, generator=self.generator_on(param.device), device=param.device)
+                param[zeros] = (fresh * self.recovery).to(param)
         self._record(trainer, "surge")
 
     @torch.no_grad()
@@ -319,8 +319,8 @@ class SurgeCollapse(Intervention):
         norms = self._grad_norms
         stalled = [(n, p) for n, p in self._params if n in norms and norms[n] < self.gradient_threshold]
         for _, param in stalled:
-            fresh = torch.randn(param.shape, generator=self.generator) * self.noise
-            param.copy_(fresh.to(param))
+            fresh = torch.randn(param.shape, generator=self.generator_on(param.device), device=param.device)
+            param.copy_((fresh * self.noise).to(param))
         self._record(trainer, "reset", entropy=entropy, tensors=[n for n, _ in stalled])
         return [n for n, _ in stalled]
 
