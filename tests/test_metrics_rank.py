@@ -228,9 +228,48 @@ def test_wide_matrices_take_the_blocked_gram_route_and_match_scipy():
     np.testing.assert_allclose(singular_values(wide).numpy(), s, rtol=1e-8, atol=1e-10 * s.max())
 
 
-@pytest.mark.parametrize("scale", [1e-200, 1e-80, 1e80, 1e200])
+@pytest.mark.parametrize("scale", [1e-300, 1e-200, 1e-80, 1e80, 1e200, 2.0**1020])
 def test_extreme_scales_are_rescaled_exactly(scale):
     x = torch.randn(60, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     reference = singular_values(x)
     np.testing.assert_allclose((singular_values(x * scale) / scale).numpy(), reference.numpy(), rtol=1e-12)
     assert effective_rank(x * scale).item() == pytest.approx(effective_rank(x).item(), rel=1e-12)
+
+
+def test_entries_at_the_top_of_the_float64_range():
+    x = torch.diag(torch.tensor([1e308, 5e307], dtype=torch.float64))  # max |x| >= 2^1023: exponent 1024
+    np.testing.assert_allclose(singular_values(x).numpy(), [1e308, 5e307], rtol=1e-15)
+    assert effective_rank(x).item() == pytest.approx(np_erank(np.array([2.0, 1.0])), rel=1e-12)
+
+
+@pytest.mark.parametrize(("n", "d", "dead_rows", "dead_columns"), [(300, 500, 0, 420), (500, 200, 380, 0)])
+def test_dead_rows_and_columns_are_dropped_before_the_smaller_side_is_chosen(
+    n, d, dead_rows, dead_columns, monkeypatch
+):
+    # loss of plasticity in one matrix: after dropping the silent units (or samples) the other side is smaller,
+    # so the Gram route stays exact without an SVD fallback
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(n, d))
+    a[:dead_rows] = 0.0
+    a[:, :dead_columns] = 0.0
+    s = scipy.linalg.svdvals(a)
+    x = torch.from_numpy(a)
+    np.testing.assert_allclose(singular_values(x).numpy(), s, rtol=1e-8, atol=1e-10 * s.max())
+    assert singular_values(x).shape == (min(n, d),)
+    # the Gram matrix of the trimmed matrix has full rank: "auto" needs no SVD fallback
+    import plasticity_lightning.metrics.rank as rank_module
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("fell back to an SVD")
+
+    monkeypatch.setattr(rank_module, "_svd_values", no_svd)
+    np.testing.assert_allclose(singular_values(x).numpy(), s, rtol=1e-8, atol=1e-10 * s.max())
+
+
+def test_metric_twins_accept_an_empty_batch():
+    metric = EffectiveRank(num_units=3)
+    metric.update(torch.zeros(0, 3))
+    metric.update(torch.eye(3))
+    assert metric.compute().item() == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        metric.update(torch.tensor([[1.0, float("inf"), 0.0]]))

@@ -83,12 +83,18 @@ def _as_float64(features: torch.Tensor) -> torch.Tensor:
 
 
 def _largest_magnitude(x: torch.Tensor) -> float:
-    """max |x| in one fused pass (NaN and ±inf propagate); raises on non-finite input."""
+    """max |x| in one fused pass and one read-back (NaN and ±inf propagate); raises on non-finite input."""
     low, high = torch.aminmax(x)
-    largest = max(-float(low), float(high))
+    largest = float(torch.maximum(-low, high))
     if not math.isfinite(largest):
         raise NonFiniteFeaturesError("Features contain NaN or infinite values; rank measures are undefined")
     return largest
+
+
+def _times_power_of_two(x: torch.Tensor, exponent: int) -> torch.Tensor:
+    """x·2^exponent, exact, in two factors so that neither overflows a Python float (|exponent| up to ~2100)."""
+    half = exponent // 2
+    return x * math.ldexp(1.0, half) * math.ldexp(1.0, exponent - half)
 
 
 # Entries within [2^-250, 2^250] keep Gram entries and eigenvalues normal in float64 (2^±500 times the sample
@@ -139,17 +145,20 @@ def singular_values(features: torch.Tensor, method: Method = "auto") -> torch.Te
         return x.new_zeros(size)
     # No measure depends on scale; a power-of-two rescale (exact) keeps σ² finite for inputs near 1e±300.
     exponent = math.frexp(largest)[1]
-    scale = 2.0**exponent if abs(exponent) > _SAFE_EXPONENT else 1.0
-    if scale != 1.0:
-        x = x / scale
+    exponent = exponent if abs(exponent) > _SAFE_EXPONENT else 0
+    if exponent:
+        x = _times_power_of_two(x, -exponent)
+    # All-zero rows and columns (dead units, or samples on which every unit is silent) carry no singular value:
+    # dropping them is exact, shrinks the decomposition (and may make the other side the smaller one), and keeps
+    # the Gram route's round-off floor from touching genuine values.
+    rows, columns = x.any(dim=1), x.any(dim=0)
+    if not (rows.all() and columns.all()):
+        x = x[rows][:, columns]
     if method == "svd":
         values = _svd_values(x, resolve=False)
     else:
-        # All-zero columns of the long side (dead units) are zero rows and columns of its Gram matrix, and all-zero
-        # rows add nothing to it: dropping them is exact, shrinks the eigenproblem, and keeps the round-off floor
-        # from touching genuine values.
         gram = _lower_gram(x if x.shape[0] >= x.shape[1] else x.T)
-        alive = gram.diagonal() > 0
+        alive = gram.diagonal() > 0  # a column can still vanish here if its squares underflow
         if not alive.all():
             gram = gram[alive][:, alive]
         values, zeroed, floor = _gram_singular_values(gram)
@@ -157,12 +166,11 @@ def singular_values(features: torch.Tensor, method: Method = "auto") -> torch.Te
             # The zeroed values might be genuine and matter: an SVD resolves them, down to its own round-off.
             values = _svd_values(x, resolve=True)
     values = torch.cat([values, values.new_zeros(size - values.numel())])
-    return values * scale if scale != 1.0 else values
+    return _times_power_of_two(values, exponent) if exponent else values
 
 
 def _svd_values(x: torch.Tensor, resolve: bool) -> torch.Tensor:
-    """σ by SVD of ``x`` without its all-zero rows and columns (``resolve``: values below its round-off set to 0)."""
-    x = x[x.abs().amax(dim=1) > 0][:, x.abs().amax(dim=0) > 0]
+    """σ by SVD of ``x`` (``resolve``: values below the SVD's round-off set to 0)."""
     values = torch.linalg.svdvals(x)
     if not resolve:
         return values
@@ -384,7 +392,8 @@ class FeatureSpectrum(Metric):
 
     def update(self, features: torch.Tensor) -> None:
         x = _as_float64(features)
-        _largest_magnitude(x)  # refuses NaN and infinities
+        if x.numel():
+            _largest_magnitude(x)  # refuses NaN and infinities
         if x.shape[1] != self.num_units:
             raise ValueError(f"{type(self).__name__}(num_units={self.num_units}) got {x.shape[1]} units")
         self.gram += x.T @ x
