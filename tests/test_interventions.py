@@ -167,6 +167,35 @@ def test_the_host_side_maturity_count_follows_the_ages(maturity):
     restored._remove_hooks()
 
 
+def test_diverged_utilities_never_make_young_units_replaceable():
+    # NaN features (a loss spike) give every unit a NaN utility: the mature ones go first, young ones never
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 12), nn.ReLU(), nn.Linear(12, 2))
+    cbp = ContinualBackprop(replacement_rate=0.2, maturity_threshold=3, seed=1)
+    cbp.on_fit_start(None, net)
+    (pair,) = cbp.pairs
+    state = cbp.states["0"]
+    for _ in range(8):
+        cbp.step(None, pair, [torch.rand(4, 12)])
+    for _ in range(3):
+        ages = state.ages + 1  # what they are when the step ranks them
+        units = cbp.step(None, pair, [torch.full((4, 12), float("nan"))])
+        assert len(units) and (ages[units] > 3).all()
+        assert state.mature_units == int((state.ages > 3).sum())
+    # replacing units by hand (young ones included) keeps the host-side count exact too
+    cbp._replace(None, pair, torch.tensor([0, 1, 2]))
+    assert state.mature_units == int((state.ages > 3).sum())
+    cbp._remove_hooks()
+
+
+def test_a_second_fit_with_the_same_callback_ages_units_every_step(tmp_path):
+    cbp = ContinualBackprop(replacement_rate=0.0, maturity_threshold=1000)
+    make_trainer(tmp_path, callbacks=[cbp], max_steps=6).fit(mlp(), loader())
+    make_trainer(tmp_path, callbacks=[cbp], max_steps=8).fit(mlp(), loader())
+    # fresh states for the new fit; the step the first fit ended on is not skipped in the second
+    assert all(state.ages.tolist() == [8] * state.num_units for state in cbp.states.values())
+
+
 def test_bernoulli_counting_replaces_one_unit_with_probability_n():
     net = nn.Sequential(nn.Linear(3, 10), nn.ReLU(), nn.Linear(10, 2))
     cbp = ContinualBackprop(replacement_rate=0.03, maturity_threshold=0, accumulate=False, seed=3)

@@ -71,14 +71,14 @@ class _LayerState:
             self._young_units -= self._young.popleft()[1]
 
     def reset(self, units: torch.Tensor) -> None:
-        """``units`` start again: age, utility and mean activation 0. They must be mature (``_choose`` picks only
-        mature units), or the host-side count would count them young twice."""
+        """``units`` start again: age, utility and mean activation 0."""
         self.ages[units] = 0
         self.utility[units] = 0.0
         self.mean_activation[units] = 0.0
-        self._young.append((self._clock, units.numel()))
-        self._young_units += units.numel()
         self.replaced += units.numel()
+        # A replacement already waits for the device (new weights are copied in), so the count is rebuilt from the
+        # ages themselves: it stays exact whichever units were reset.
+        self.sync_cohorts()
 
     def sync_cohorts(self) -> None:
         """Rebuild the host-side maturity count from ``ages`` (after loading them, or setting them by hand)."""
@@ -243,7 +243,9 @@ class ContinualBackprop(UnitIntervention):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        self._magnitudes, self._magnitude_age = None, 0  # a resumed fit restores them in _load_pending
+        # a new fit starts fresh (a second fit with this instance counts steps from 0 again); a resumed fit restores
+        # these in _load_pending
+        self._magnitudes, self._magnitude_age, self._last_step = None, 0, None
         if self.sigma_orthogonal:
             convs = [pair.producer for pair in self.pairs if not isinstance(pair.producer_module, nn.Linear)]
             if convs:
@@ -389,7 +391,9 @@ class ContinualBackprop(UnitIntervention):
         if number == 0:
             return none
         corrected = state.utility / self._correction(state)
-        corrected = corrected.masked_fill(state.ages <= self.maturity_threshold, torch.inf)
+        # lowest first: a NaN utility (a diverged unit) counts as the lowest, and a young unit is never picked
+        corrected = torch.nan_to_num(corrected, nan=-torch.inf, posinf=torch.finfo(corrected.dtype).max)
+        corrected = corrected.masked_fill(state.ages <= state.maturity, torch.inf)
         return torch.topk(corrected, number, largest=False).indices
 
     def _replace(self, trainer: pl.Trainer | None, pair: UnitPair, units: torch.Tensor) -> None:
