@@ -190,9 +190,9 @@ def test_diverged_utilities_never_make_young_units_replaceable():
 
 def test_a_second_fit_with_the_same_callback_ages_units_every_step(tmp_path):
     cbp = ContinualBackprop(replacement_rate=0.0, maturity_threshold=1000)
-    make_trainer(tmp_path, callbacks=[cbp], max_steps=6).fit(mlp(), loader())
+    make_trainer(tmp_path, callbacks=[cbp], max_steps=1).fit(mlp(), loader())
     make_trainer(tmp_path, callbacks=[cbp], max_steps=8).fit(mlp(), loader())
-    # fresh states for the new fit; the step the first fit ended on is not skipped in the second
+    # fresh states for the new fit, whose first step (1) is the one the first fit ended on: it is not skipped
     assert all(state.ages.tolist() == [8] * state.num_units for state in cbp.states.values())
 
 
