@@ -5,14 +5,18 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import make_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from plasticity_lightning import (
     MLP,
     DigitsDataModule,
+    HeadReset,
     PeriodicMultiStepLR,
     PermutedInputs,
     PlasticityConfigError,
+    RankMonitor,
     RestoreBestPerTask,
+    ShrinkAndPerturb,
 )
 
 
@@ -126,11 +130,14 @@ def _equal(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _fit(tmp_path, scores, restore, max_epochs=6, **kwargs):
+def _fit(tmp_path, scores, restore, max_epochs=6, before=(), after=(), trainer_args=None, **kwargs):
     weights = Weights()
     model = ScriptedScore(scores)
     data = DigitsDataModule(batch_size=128, schedule=PermutedInputs(num_tasks=2, epochs_per_task=3))
-    trainer = make_trainer(tmp_path, max_epochs=max_epochs, num_sanity_val_steps=0, callbacks=[restore, weights])
+    callbacks = [*before, restore, weights, *after]
+    trainer = make_trainer(
+        tmp_path, max_epochs=max_epochs, num_sanity_val_steps=0, callbacks=callbacks, **(trainer_args or {})
+    )
     trainer.fit(model, data, **kwargs)
     return trainer, model, weights
 
@@ -178,3 +185,46 @@ def test_restore_best_needs_the_monitored_value(tmp_path):
         _fit(tmp_path, [0.0] * 6, RestoreBestPerTask(monitor="val/nope"))
     with pytest.raises(PlasticityConfigError, match=r"RestoreBestPerTask.mode='best' is not supported"):
         RestoreBestPerTask(mode="best")
+
+
+@pytest.mark.parametrize("intervention", [lambda: HeadReset(), lambda: ShrinkAndPerturb(shrink=0.5, perturb=0.0)])
+def test_task_start_interventions_must_come_after_the_restore(tmp_path, intervention):
+    with pytest.raises(PlasticityConfigError, match=r"RestoreBestPerTask comes after (HeadReset|ShrinkAndPerturb)"):
+        _fit(tmp_path, [0.0] * 6, RestoreBestPerTask(monitor="val/score"), before=[intervention()])
+    # in the right order the intervention acts on the restored weights: S&P halves task 0's best epoch
+    restore, late = RestoreBestPerTask(monitor="val/score"), Weights()
+    _, _, weights = _fit(
+        tmp_path, [0.2, 0.9, 0.1, 0.3, 0.4, 0.7], restore, after=[ShrinkAndPerturb(shrink=0.5, perturb=0.0), late]
+    )
+    halved = {k: 0.5 * v for k, v in weights.after_epoch[1].items()}
+    assert all(torch.allclose(late.at_task_start[1][k], halved[k]) for k in halved)
+
+
+def test_monitors_before_the_restore_get_a_warning(tmp_path):
+    with pytest.warns(UserWarning, match="RankMonitor comes before RestoreBestPerTask"):
+        _fit(tmp_path, [0.0] * 6, RestoreBestPerTask(monitor="val/score"), before=[RankMonitor(probe_size=64)])
+
+
+@pytest.mark.parametrize("save_last", [True, "link"])
+def test_the_last_checkpoint_holds_the_weights_kept_at_the_end(tmp_path, save_last):
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", save_last=save_last, save_top_k=1, monitor="val/score", mode="max"
+    )
+    scores = [0.2, 0.9, 0.1, 0.3, 0.4, 0.7]
+    trainer, model, weights = _fit(
+        tmp_path,
+        [*scores[:5], 0.1],
+        RestoreBestPerTask(monitor="val/score"),
+        after=[checkpoint],
+        trainer_args={"enable_checkpointing": True},
+    )
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    # task 1's best is epoch 4, not the final epoch 5: last.ckpt holds it, and the callback's finished state
+    assert _equal(last["state_dict"], weights.after_epoch[4]) and _equal(last["state_dict"], _copy(model))
+    assert last["callbacks"][trainer.callbacks[0].state_key]["snapshot"] is None
+    assert not (tmp_path / "ckpt" / "last.ckpt").is_symlink()
+    # the best-by-monitor file (epoch 1, score 0.9) still holds its own epoch's weights
+    (best,) = [p for p in (tmp_path / "ckpt").iterdir() if p.name != "last.ckpt"]
+    assert best.name.startswith("epoch=1") and _equal(
+        torch.load(best, weights_only=False)["state_dict"], weights.after_epoch[1]
+    )

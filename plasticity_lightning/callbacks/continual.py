@@ -5,15 +5,19 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from plasticity_lightning.callbacks.base import TaskAwareCallback
+from plasticity_lightning.callbacks.intervention import Intervention
+from plasticity_lightning.callbacks.monitor import PlasticityMonitor
 from plasticity_lightning.core.errors import PlasticityConfigError, check_choice, check_positive_int
 from plasticity_lightning.core.tasks import TaskContext, get_task_context, per_task_accuracy_key
 
@@ -225,10 +229,14 @@ class RestoreBestPerTask(TaskAwareCallback):
     task. The optimizer state and any intervention's statistics carry on from the last step, as in the reference
     code. A run without tasks is one task: the best weights are loaded at the end of the fit.
 
-    Put it before monitors that measure on a task change, so they measure the network that was kept.
+    It must come before the interventions that act when a task starts (``HeadReset``, ``ShrinkAndPerturb`` or
+    ``ReDo`` with ``on_task_change``): loading the kept weights would undo them, so that order is refused at fit
+    start. Monitors listed before it measure the network before the restore (a warning says so). After the restore
+    at the end of the fit, the ``last`` checkpoint of every ``ModelCheckpoint(save_last=...)`` is written again, so it
+    holds the weights that were kept.
 
-    DDP: rank 0 decides whether a value improved and every rank copies the same weights. Resume: the best value
-    and the copy are in the checkpoint.
+    DDP: rank 0 decides whether a value improved (it alone needs the value) and every rank copies the same
+    weights. Resume: the best value and the copy are in the checkpoint.
 
     Args:
         monitor: the logged value to compare; ``val/acc`` is the accuracy on every class seen so far in a
@@ -267,18 +275,42 @@ class RestoreBestPerTask(TaskAwareCallback):
         return self.best is None or (value > self.best if self.mode == "max" else value < self.best)
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        for callback in trainer.callbacks[: trainer.callbacks.index(self)]:
+            acts_on_task_start = getattr(type(callback), "on_task_start", None) not in (
+                None,
+                TaskAwareCallback.on_task_start,
+            )
+            if isinstance(callback, Intervention) and acts_on_task_start:
+                raise PlasticityConfigError(
+                    f"RestoreBestPerTask comes after {type(callback).__name__} in the callbacks: when a task ends it "
+                    f"loads the task's best weights, which would undo what {type(callback).__name__} does when the "
+                    "next task starts; list RestoreBestPerTask before it"
+                )
+            if isinstance(callback, PlasticityMonitor) and callback.on_task_change:
+                rank_zero_warn(
+                    f"{type(callback).__name__} comes before RestoreBestPerTask in the callbacks: on a task change it "
+                    "measures the network before the best weights are restored"
+                )
+
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         value = trainer.callback_metrics.get(self.monitor)
-        if value is None:
+        local = None if value is None else (float(value), self._improves(float(value)))
+        # rank 0's value decides on every rank (a value logged on rank 0 only is enough), and all ranks fail alike
+        decision = trainer.strategy.broadcast(local, src=0)
+        if decision is None:
             raise PlasticityConfigError(
                 f"RestoreBestPerTask.monitor={self.monitor!r} was not logged by validation; logged keys: "
                 f"{', '.join(sorted(trainer.callback_metrics)[:20]) or 'none'}"
             )
-        improved = trainer.strategy.broadcast(self._improves(float(value)), src=0)
+        value, improved = decision
         if improved:
-            self.best = float(value)
+            self.best = value
             self.best_epoch = trainer.current_epoch
             self.snapshot = {name: t.detach().to("cpu", copy=True) for name, t in pl_module.state_dict().items()}
 
@@ -294,10 +326,23 @@ class RestoreBestPerTask(TaskAwareCallback):
         completed = getattr(trainer.datamodule, "task_completed", None)
         if callable(completed) and completed() is False:
             return  # stopped before the task's scheduled end: a resumed fit finishes it, then restores
-        self._restore(pl_module, self.current_task)
+        if self._restore(pl_module, self.current_task):
+            self._resave_last_checkpoints(trainer)
 
-    def _restore(self, pl_module: pl.LightningModule, task: int | None) -> None:
-        if self.snapshot is None:
+    @staticmethod
+    def _resave_last_checkpoints(trainer: pl.Trainer) -> None:
+        """Checkpoint callbacks saved the last epoch before the final restore: write their ``last`` files again."""
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.last_model_path:
+                path = callback.last_model_path
+                if trainer.is_global_zero and os.path.islink(path):
+                    os.unlink(path)  # save_last="link" points at an epoch's file, which must keep what it holds
+                trainer.save_checkpoint(path, weights_only=callback.save_weights_only)
+
+    def _restore(self, pl_module: pl.LightningModule, task: int | None) -> bool:
+        """Load the best weights of ``task`` (if it had a validation) and start the next task's record."""
+        restored = self.snapshot is not None
+        if not restored:
             rank_zero_warn(
                 f"RestoreBestPerTask: no validation value of {self.monitor!r} during task {task}; weights kept as "
                 "they are (does validation run during every task?)"
@@ -310,6 +355,7 @@ class RestoreBestPerTask(TaskAwareCallback):
                     f"Task {task}: restored the weights of epoch {self.best_epoch} ({self.monitor} = {self.best:.4f})"
                 )
         self.best, self.best_epoch, self.snapshot = None, None, None
+        return restored
 
     @override
     def state_dict(self) -> dict[str, Any]:
