@@ -70,15 +70,21 @@ class _LayerState:
         while self._young and self._clock - self._young[0][0] > self.maturity:
             self._young_units -= self._young.popleft()[1]
 
-    def reset(self, units: torch.Tensor) -> None:
-        """``units`` start again: age, utility and mean activation 0."""
+    def reset(self, units: torch.Tensor, *, mature: bool = False) -> None:
+        """``units`` start again: age, utility and mean activation 0.
+
+        ``mature=True`` promises that every unit was mature (as ``_choose`` guarantees): they join the young as one
+        cohort. Otherwise the count is rebuilt from the ages (one small read), exact whichever units were reset.
+        """
         self.ages[units] = 0
         self.utility[units] = 0.0
         self.mean_activation[units] = 0.0
         self.replaced += units.numel()
-        # A replacement already waits for the device (new weights are copied in), so the count is rebuilt from the
-        # ages themselves: it stays exact whichever units were reset.
-        self.sync_cohorts()
+        if mature:
+            self._young.append((self._clock, units.numel()))
+            self._young_units += units.numel()
+        else:
+            self.sync_cohorts()
 
     def sync_cohorts(self) -> None:
         """Rebuild the host-side maturity count from ``ages`` (after loading them, or setting them by hand)."""
@@ -364,7 +370,7 @@ class ContinualBackprop(UnitIntervention):
             self.covariances[pair.producer].update_moment(self.reduce_mean(trainer, batch.T @ batch / len(batch)))
         units = self._choose(state)
         if units.numel():
-            self._replace(trainer, pair, units)
+            self._replace(trainer, pair, units, mature=True)
         return units
 
     def _correction(self, state: _LayerState) -> torch.Tensor:
@@ -396,7 +402,9 @@ class ContinualBackprop(UnitIntervention):
         corrected = corrected.masked_fill(state.ages <= state.maturity, torch.inf)
         return torch.topk(corrected, number, largest=False).indices
 
-    def _replace(self, trainer: pl.Trainer | None, pair: UnitPair, units: torch.Tensor) -> None:
+    def _replace(
+        self, trainer: pl.Trainer | None, pair: UnitPair, units: torch.Tensor, *, mature: bool = False
+    ) -> None:
         scheme, gain = self.inits[pair.producer]
         incoming = None
         if self.sigma_orthogonal:
@@ -421,7 +429,7 @@ class ContinualBackprop(UnitIntervention):
             if incoming_mean is not None:
                 rows = pair.producer_module.weight.detach()[units]
                 incoming_mean[units] = rows.abs().reshape(units.numel(), -1).mean(dim=1).float()
-        self.states[pair.producer].reset(units)
+        self.states[pair.producer].reset(units, mature=mature)
 
     # ------------------------------------------------------------------ state
     @override
