@@ -196,6 +196,14 @@ def test_a_second_fit_with_the_same_callback_ages_units_every_step(tmp_path):
     assert all(state.ages.tolist() == [8] * state.num_units for state in cbp.states.values())
 
 
+def test_a_second_fit_acts_on_its_first_step_too(tmp_path):
+    # every intervention keeps the step it acted on last; a new fit counts from 0 again
+    sp = ShrinkAndPerturb(noise="gaussian", shrink=1.0, perturb=1e-4, on_task_change=False, every_n_steps=1)
+    make_trainer(tmp_path, callbacks=[sp], max_steps=1).fit(mlp(), loader())
+    make_trainer(tmp_path, callbacks=[sp], max_steps=2).fit(mlp(), loader())
+    assert sp.applied == 3
+
+
 def test_bernoulli_counting_replaces_one_unit_with_probability_n():
     net = nn.Sequential(nn.Linear(3, 10), nn.ReLU(), nn.Linear(10, 2))
     cbp = ContinualBackprop(replacement_rate=0.03, maturity_threshold=0, accumulate=False, seed=3)

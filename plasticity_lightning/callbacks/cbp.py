@@ -249,9 +249,7 @@ class ContinualBackprop(UnitIntervention):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        # a new fit starts fresh (a second fit with this instance counts steps from 0 again); a resumed fit restores
-        # these in _load_pending
-        self._magnitudes, self._magnitude_age, self._last_step = None, 0, None
+        self._magnitudes, self._magnitude_age = None, 0  # a resumed fit restores them in _load_pending
         if self.sigma_orthogonal:
             convs = [pair.producer for pair in self.pairs if not isinstance(pair.producer_module, nn.Linear)]
             if convs:

@@ -133,12 +133,6 @@ class ParameterConstraint(Intervention):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._selected = self.select(pl_module)
 
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # A resumed run starts at a step already handled before the checkpoint: with gradient accumulation its
-        # first batches end on that step again and must not apply the constraint a second time.
-        self._last_step = trainer.global_step
-
     # ------------------------------------------------------------------ cadence
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:

@@ -57,6 +57,7 @@ class Intervention(TaskAwareCallback):
         self.generator = torch.Generator().manual_seed(seed)
         self._device_generators: dict[str, torch.Generator] = {}
         self._pending_device_states: dict[str, torch.Tensor] = {}
+        self._last_step: int | None = None  # the optimizer step acted on last
         self._state_key: str | None = None
 
     @property
@@ -82,6 +83,12 @@ class Intervention(TaskAwareCallback):
                 f"strategy {type(trainer.strategy).__name__} is not supported (use a single device, 'ddp' or "
                 "'ddp_spawn')"
             )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A new fit starts at step 0 (also the second fit of one instance); a resumed one at its checkpoint's step,
+        # where, with gradient accumulation, its first batches end again and must not act a second time.
+        self._last_step = trainer.global_step
 
     def generator_on(self, device: torch.device | str) -> torch.Generator:
         """The random source for draws made on ``device``: the CPU generator itself on the CPU; on an accelerator a
