@@ -44,6 +44,15 @@ def mlp(**kwargs):
     return MLP(input_dim=12, num_outputs=3, hidden_sizes=[24, 24], optimizer=sgd, **kwargs)
 
 
+def bare_cbp(units: int, **kwargs):
+    """CBP bound to a 3-``units``-2 ReLU net outside a Trainer: (callback, its pair, the pair's state)."""
+    net = nn.Sequential(nn.Linear(3, units), nn.ReLU(), nn.Linear(units, 2))
+    cbp = ContinualBackprop(**kwargs)
+    cbp.on_fit_start(None, net)
+    (pair,) = cbp.pairs
+    return cbp, pair, cbp.states["0"]
+
+
 # ---------------------------------------------------------------------------------------------- CBP: the utility
 
 
@@ -137,10 +146,8 @@ def test_the_least_useful_mature_units_are_replaced_by_bias_corrected_utility():
 )
 def test_replacement_counts_accumulate(count, maturity, expected):
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(3, 10), nn.ReLU(), nn.Linear(10, 2))
-    cbp = ContinualBackprop(replacement_rate=0.04 if maturity != 2 else 0.1, maturity_threshold=maturity, count=count)
-    cbp.on_fit_start(None, net)
-    (pair,) = cbp.pairs
+    rate = 0.04 if maturity != 2 else 0.1
+    cbp, pair, _ = bare_cbp(10, replacement_rate=rate, maturity_threshold=maturity, count=count)
     counts = [len(cbp.step(None, pair, [torch.rand(4, 10)])) for _ in range(len(expected))]
     assert counts == expected
     cbp._remove_hooks()
@@ -149,11 +156,7 @@ def test_replacement_counts_accumulate(count, maturity, expected):
 @pytest.mark.parametrize("maturity", [0, 3, 7])
 def test_the_host_side_maturity_count_follows_the_ages(maturity):
     # CBP decides how many units to replace without reading the ages tensor back (no GPU sync per step)
-    net = nn.Sequential(nn.Linear(3, 12), nn.ReLU(), nn.Linear(12, 2))
-    cbp = ContinualBackprop(replacement_rate=0.15, maturity_threshold=maturity, seed=1)
-    cbp.on_fit_start(None, net)
-    (pair,) = cbp.pairs
-    state = cbp.states["0"]
+    cbp, pair, state = bare_cbp(12, replacement_rate=0.15, maturity_threshold=maturity, seed=1)
     replaced = 0
     for _ in range(60):
         replaced += len(cbp.step(None, pair, [torch.rand(4, 12)]))
@@ -161,7 +164,7 @@ def test_the_host_side_maturity_count_follows_the_ages(maturity):
     assert replaced > 10  # replacements happened, so young cohorts came and went
     restored = ContinualBackprop(replacement_rate=0.15, maturity_threshold=maturity)
     restored.load_state_dict(cbp.state_dict())
-    restored.on_fit_start(None, net)
+    restored.on_fit_start(None, nn.Sequential(nn.Linear(3, 12), nn.ReLU(), nn.Linear(12, 2)))  # a fresh net
     assert restored.states["0"].mature_units == state.mature_units
     cbp._remove_hooks()
     restored._remove_hooks()
@@ -170,11 +173,7 @@ def test_the_host_side_maturity_count_follows_the_ages(maturity):
 def test_diverged_utilities_never_make_young_units_replaceable():
     # NaN features (a loss spike) give every unit a NaN utility: the mature ones go first, young ones never
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(3, 12), nn.ReLU(), nn.Linear(12, 2))
-    cbp = ContinualBackprop(replacement_rate=0.2, maturity_threshold=3, seed=1)
-    cbp.on_fit_start(None, net)
-    (pair,) = cbp.pairs
-    state = cbp.states["0"]
+    cbp, pair, state = bare_cbp(12, replacement_rate=0.2, maturity_threshold=3, seed=1)
     for _ in range(8):
         cbp.step(None, pair, [torch.rand(4, 12)])
     for _ in range(3):
@@ -205,10 +204,7 @@ def test_a_second_fit_acts_on_its_first_step_too(tmp_path):
 
 
 def test_bernoulli_counting_replaces_one_unit_with_probability_n():
-    net = nn.Sequential(nn.Linear(3, 10), nn.ReLU(), nn.Linear(10, 2))
-    cbp = ContinualBackprop(replacement_rate=0.03, maturity_threshold=0, accumulate=False, seed=3)
-    cbp.on_fit_start(None, net)
-    (pair,) = cbp.pairs
+    cbp, pair, _ = bare_cbp(10, replacement_rate=0.03, maturity_threshold=0, accumulate=False, seed=3)
     counts = [len(cbp.step(None, pair, [torch.rand(2, 10)])) for _ in range(2000)]
     assert set(counts) <= {0, 1}
     assert np.mean(counts) == pytest.approx(0.3, abs=0.04)  # n = 0.03 * 10
