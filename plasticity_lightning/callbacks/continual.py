@@ -19,7 +19,7 @@ from plasticity_lightning.callbacks.base import TaskAwareCallback
 from plasticity_lightning.callbacks.intervention import Intervention
 from plasticity_lightning.callbacks.monitor import PlasticityMonitor
 from plasticity_lightning.core.errors import PlasticityConfigError, check_choice, check_positive_int
-from plasticity_lightning.core.tasks import TaskContext, get_task_context, per_task_accuracy_key
+from plasticity_lightning.core.tasks import TaskContext, get_task_context, per_task_accuracy_key, stopped_mid_task
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +91,7 @@ class TaskAccuracyTable(TaskAwareCallback):
         self.partial = None
         if self._latest is not None:
             task = self._latest[0]
-            completed = getattr(trainer.datamodule, "task_completed", None)
-            if callable(completed) and completed() is False:
-                # stopped before the task's scheduled end: report it as such; a resumed fit finishes it
+            if stopped_mid_task(trainer):  # report the task as unfinished; a resumed fit finishes it
                 self.partial = (task, list(self._latest[1]))
                 rank_zero_info(f"Task {task} stopped before its end: accuracy on it so far {self._latest[1][task]:.4f}")
             else:
@@ -323,9 +321,8 @@ class RestoreBestPerTask(TaskAwareCallback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        completed = getattr(trainer.datamodule, "task_completed", None)
-        if callable(completed) and completed() is False:
-            return  # stopped before the task's scheduled end: a resumed fit finishes it, then restores
+        if stopped_mid_task(trainer):
+            return  # a resumed fit finishes the task, then restores
         if self._restore(pl_module, self.current_task):
             self._resave_last_checkpoints(trainer)
 

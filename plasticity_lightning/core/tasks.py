@@ -73,6 +73,19 @@ def get_task_context(trainer: pl.Trainer | None) -> TaskContext | None:
     return None
 
 
+def stopped_mid_task(trainer: pl.Trainer) -> bool:
+    """Whether training stopped before the current task's scheduled end (``max_steps``, an interruption), as the
+    trainer's datamodule reports it through ``task_completed()``; ``False`` when it cannot tell.
+
+    Example::
+
+        >>> stopped_mid_task(None)
+        False
+    """
+    completed = getattr(getattr(trainer, "datamodule", None), "task_completed", None)
+    return callable(completed) and completed() is False
+
+
 def per_task_accuracy_key(stage: str, task: int) -> str:
     """Logged key of one task's accuracy, e.g. ``val/acc_task_3``. Models log it; callbacks read it."""
     return f"{stage}/acc_task_{task}"
