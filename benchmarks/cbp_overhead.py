@@ -18,7 +18,12 @@ interferes: noise only ever adds time). Target: <= 1.10 (the reference implement
 Also printed, as the floor of an exact per-step utility: one read-only pass over the consumer weights
 (``torch.mv``), the least any implementation of Dohare's per-step ``mean |w_out|`` must spend.
 
-    python benchmarks/cbp_overhead.py [--steps 700] [--block 7]
+With ``--reference`` (the root of a checkout of https://github.com/shibhansh/loss-of-plasticity, not part of this
+project) every setting adds Dohare et al.'s own implementation as one more variant in the same rotation (``GnT``
+for the MLP, ``ConvGnT`` for the ConvNet; contribution utility, accumulated counts), run as their scripts run it:
+``gen_and_test`` on the step's features after ``opt.step()``.
+
+    python benchmarks/cbp_overhead.py [--steps 700] [--block 7] [--reference ../loss-of-plasticity]
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from _reference_gnt import ReferenceGnT, load_reference_gnt
 from torch.utils.data import DataLoader, TensorDataset
 
 from plasticity_lightning import MLP, ContinualBackprop, ConvNet
@@ -55,6 +61,7 @@ def loader(kind: str, batch_size: int, steps: int) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch_size)
 
 
+REFERENCE = "reference GnT (Dohare et al.)"
 VARIANTS = {
     "BP": lambda: None,
     "CBP contribution (default)": lambda: ContinualBackprop(replacement_rate=1e-4, maturity_threshold=100),
@@ -70,7 +77,7 @@ VARIANTS = {
 class Interleave(pl.Callback):
     """Runs one variant's callback at a time, switching every ``block`` optimizer steps, and times every step."""
 
-    def __init__(self, variants: dict[str, ContinualBackprop | None], block: int) -> None:
+    def __init__(self, variants: dict[str, ContinualBackprop | ReferenceGnT | None], block: int) -> None:
         self.variants = variants
         self.block = block
         self.order = itertools.cycle(variants)
@@ -81,7 +88,11 @@ class Interleave(pl.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         for callback in self.variants.values():
-            if callback is not None:
+            if isinstance(callback, ReferenceGnT):
+                callback.on_fit_start(trainer, pl_module)
+                callback._remove_hooks()
+                callback.make_mature()
+            elif callback is not None:
                 callback.setup(trainer, pl_module, "fit")
                 callback.on_fit_start(trainer, pl_module)
                 callback._remove_hooks()  # hooked only while active
@@ -119,10 +130,18 @@ class Interleave(pl.Callback):
                 callback._remove_hooks()
 
 
-def step_times(kind: str, batch_size: int, steps: int, block: int) -> dict[str, Any]:
+def step_times(
+    kind: str, batch_size: int, steps: int, block: int, references: dict[str, type] | None = None
+) -> dict[str, Any]:
     pl.seed_everything(0, verbose=False)
     model = make_model(kind)
-    interleave = Interleave({name: make() for name, make in VARIANTS.items()}, block)
+    variants = {name: make() for name, make in VARIANTS.items()}
+    if references is not None:
+        accumulate = {"accumulate": True} if kind == "mlp" else {}  # ConvGnT always accumulates
+        variants[REFERENCE] = ReferenceGnT(
+            references[kind], replacement_rate=1e-4, maturity_threshold=100, util_type="contribution", **accumulate
+        )
+    interleave = Interleave(variants, block)
     trainer = pl.Trainer(
         max_epochs=1,
         logger=False,
@@ -136,7 +155,7 @@ def step_times(kind: str, batch_size: int, steps: int, block: int) -> dict[str, 
     trainer.fit(model, loader(kind, batch_size, steps))
     floor = _read_only_pass(model)
     replaced = {
-        name: sum(state.replaced for state in cb.states.values())
+        name: cb.replaced if isinstance(cb, ReferenceGnT) else sum(state.replaced for state in cb.states.values())
         for name, cb in interleave.variants.items()
         if cb is not None
     }
@@ -165,17 +184,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="CBP step time over plain-backprop step time.")
     parser.add_argument("--steps", type=int, default=700, help="steps per setting, shared by all variants")
     parser.add_argument("--block", type=int, default=7, help="steps a variant runs before the next takes over")
+    parser.add_argument("--reference", help="root of a shibhansh/loss-of-plasticity checkout (adds its GnT)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    references = load_reference_gnt(args.reference) if args.reference else None
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     settings = [("mlp", 1, args.steps), ("mlp", 16, args.steps), ("convnet", 100, max(args.steps // 4, 8 * args.block))]
     for kind, batch_size, steps in settings:
-        times = step_times(kind, batch_size, steps, args.block)
+        times = step_times(kind, batch_size, steps, args.block, references)
         bp = times["BP"]
         base, mean_base, fast_base = statistics.median(bp), statistics.fmean(bp), _fast(bp)
         label = "MLP 784-2000-2000-2000-10" if kind == "mlp" else "ConvNet (Continual ImageNet)"
         print(f"{label}, batch {batch_size}, {steps} steps interleaved in blocks of {args.block}:")
-        for name in VARIANTS:
+        for name in [n for n in [*VARIANTS, REFERENCE] if n in times]:
             run = times[name]
             mean, seconds, fast = statistics.fmean(run), statistics.median(run), _fast(run)
             print(
