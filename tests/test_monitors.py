@@ -380,3 +380,34 @@ def test_learning_dynamics_keeps_gradients_when_max_steps_ends_mid_epoch(tmp_pat
     fit(tmp_path, [callback], max_epochs=3, max_steps=20, data=digits(num_tasks=1))  # 17 batches per epoch
     assert callback.history["epoch"] == [0, 1]
     assert len(callback.history["mean_grad"]) == 2 and all(g > 0 for g in callback.history["mean_grad"])
+
+
+class _FrozenNormNet(nn.Module):
+    """A net whose train() keeps its BatchNorm in eval mode (the frozen-BN pattern), with dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def train(self, mode: bool = True) -> "_FrozenNormNet":
+        super().train(mode)
+        self.body[1].eval()
+        return self
+
+
+def test_capture_runs_in_eval_mode_and_restores_every_module_flag():
+    from plasticity_lightning.probes import capture_outputs
+
+    net = _FrozenNormNet().train()
+    net.body[3].eval()  # a mixed state that no single train(mode) call produces
+    before = {name: m.training for name, m in net.named_modules()}
+    x = torch.randn(16, 4)
+    outputs, out = capture_outputs(net, x, {"2": net.body[2]})
+    assert {name: m.training for name, m in net.named_modules()} == before
+    with torch.no_grad():
+        expected = net.eval()(x)  # dropout off, running statistics
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(outputs["2"], torch.relu(net.body[1](net.body[0](x))))

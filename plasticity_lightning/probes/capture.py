@@ -124,8 +124,9 @@ def capture_outputs(
     finally:
         for handle in handles:
             handle.remove()
+        # Each module's own flag, set directly: train(flag) per module would recurse into every subtree again.
         for module, flag in flags.items():
-            module.train(flag)
+            module.training = flag
     empty = [name for name, parts in captured.items() if not parts]
     if empty:
         raise PlasticityConfigError(
