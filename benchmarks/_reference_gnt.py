@@ -74,6 +74,7 @@ class ReferenceGnT(pl.Callback):
         self.chosen: list[torch.Tensor] = []  # units the reference replaced on the last step, per hidden layer
         self._features: list[torch.Tensor | None] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._last_step: int | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.model_layers, self.taps = reference_layers(pl_module)
@@ -87,8 +88,9 @@ class ReferenceGnT(pl.Callback):
 
     def _register_hooks(self) -> None:
         def recorder(i: int):
-            def record(_module: nn.Module, _args: Any, output: torch.Tensor) -> None:
-                self._features[i] = output.detach()
+            def record(module: nn.Module, _args: Any, output: torch.Tensor) -> None:
+                if module.training and torch.is_grad_enabled():  # training forward passes only
+                    self._features[i] = output.detach()
 
             return record
 
@@ -105,6 +107,9 @@ class ReferenceGnT(pl.Callback):
             ages.fill_(self.gnt.maturity_threshold + 1)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._last_step:
+            return  # no optimizer step since the last call (gradient accumulation)
+        self._last_step = trainer.global_step
         if self.shadow:
             with torch.no_grad():
                 for source, twin in zip(self.model_layers, self.gnt.net, strict=True):

@@ -13,11 +13,15 @@ steps) high enough that layers replace units about every step:
 One Lightning fit per utility. On every optimizer step, before the library's ``ContinualBackprop`` acts, a shadow
 copy of the network receives the model's post-step weights and the reference runs ``test_features`` /
 ``gen_new_features`` on the same features (the activations of that step's forward pass). So both decide on
-identical inputs, every step, for the whole run, and each keeps its own ages, utility and mean-activation EMAs.
-Printed per utility: how often both replaced exactly the same units, the largest relative difference of their
-bias-corrected utilities (float32 round-off is ~1e-7), and whether the ages agree. When the choices differ, the
-script says whether the units were tied within round-off (an order topk may break either way) and then copies the
-library's statistics into the reference so that the comparison continues from one state.
+identical inputs, every step, for the whole run, and each updates its own ages, utility and mean-activation EMAs.
+Printed per utility: how often both replaced exactly the same units, and the largest per-unit relative difference
+of their bias-corrected utilities over all units, the chosen ones included (float32 round-off accumulates to
+~1e-6). When the choices differ, the script says whether the units were tied within round-off (an order topk may
+break either way) and then copies the library's statistics for that layer into the reference (the only time
+either sees the other's state) so that the comparison continues from one state.
+
+``--self-check`` gives the library a different utility than the reference (contribution against zero
+contribution, and the other way round), to show that the comparison does detect engines that disagree.
 
 Known, documented deviation: the reference's next-layer bias correction is a no-op (its mean activations are
 zeroed before they are read); the library does not perform it. The shadow network makes it irrelevant here.
@@ -51,7 +55,6 @@ class Compare(pl.Callback):
         self.events = self.agreeing = self.ties = self.other = 0
         self.units = [0, 0]  # replaced by the library, by the reference
         self.max_utility_error = 0.0
-        self.ages_differ = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         gnt = self.reference.gnt
@@ -62,15 +65,12 @@ class Compare(pl.Callback):
             theirs = self.reference.chosen[i].sort().values
             self.units[0] += ours.numel()
             self.units[1] += theirs.numel()
-            kept = state.ages > 0
-            mask = kept.clone()
-            mask[theirs] = False
-            self.ages_differ += int((state.ages[mask].float() != gnt.ages[i][mask]).sum())
-            corrected = state.utility / (1 - DECAY ** state.ages.float())
-            reference_utility = gnt.bias_corrected_util[i]  # computed before its replacement
-            scale = reference_utility[mask].abs().max().clamp(min=1e-30)
-            error = float(((corrected[mask] - reference_utility[mask]).abs() / scale).max())
-            self.max_utility_error = max(self.max_utility_error, error)
+            # Both engines' bias-corrected utilities as they ranked them this step, for every unit (the chosen ones
+            # included): each computes them before replacing.
+            reference_utility = gnt.bias_corrected_util[i]
+            corrected = self.ours.ranked[pair.producer]
+            error = (corrected - reference_utility).abs() / reference_utility.abs().clamp(min=1e-30)
+            self.max_utility_error = max(self.max_utility_error, float(error.max()))
             if ours.numel() == 0 and theirs.numel() == 0:
                 continue
             self.events += 1
@@ -92,6 +92,27 @@ class Compare(pl.Callback):
             gnt.mean_feature_act[i].copy_(state.mean_activation)
 
 
+class RankedCBP(ContinualBackprop):
+    """The library's callback, unchanged, keeping each layer's bias-corrected utilities as it ranks them."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.ranked: dict[str, torch.Tensor] = {}
+
+    def _choose(self, state):
+        name = next(name for name, s in self.states.items() if s is state)
+        self.ranked[name] = state.utility / self._correction(state)
+        return super()._choose(state)
+
+
+# --self-check: the library runs another utility than the reference
+OTHER_UTILITY = {
+    "contribution": "zero_contribution",
+    "zero_contribution": "contribution",
+    "adaptable_contribution": "contribution",
+}
+
+
 def problem(kind: str, steps: int, batch_size: int = 16) -> tuple[pl.LightningModule, DataLoader]:
     g = torch.Generator().manual_seed(0)
     optimizer = lambda p: torch.optim.SGD(p, lr=0.01)  # noqa: E731
@@ -108,14 +129,19 @@ def problem(kind: str, steps: int, batch_size: int = 16) -> tuple[pl.LightningMo
     return model, DataLoader(TensorDataset(x, y), batch_size=batch_size)
 
 
-def compare(references: dict[str, type], kind: str, utility: str, steps: int) -> dict[str, Any]:
+def compare(
+    references: dict[str, type], kind: str, utility: str, steps: int, self_check: bool = False
+) -> dict[str, Any]:
     pl.seed_everything(0, verbose=False)
     model, data = problem(kind, steps)
     settings = {"replacement_rate": RATE, "maturity_threshold": MATURITY, "decay_rate": DECAY}
     accumulate = {"accumulate": True} if kind == "mlp" else {}  # ConvGnT always accumulates
     reference = ReferenceGnT(references[kind], shadow=True, util_type=utility, **settings, **accumulate)
-    ours = ContinualBackprop(
-        utility=utility, accumulate=True, count="eligible" if kind == "mlp" else "width", **settings
+    ours = RankedCBP(
+        utility=OTHER_UTILITY[utility] if self_check else utility,
+        accumulate=True,
+        count="eligible" if kind == "mlp" else "width",
+        **settings,
     )
     check = Compare(reference, ours)
     trainer = pl.Trainer(
@@ -136,7 +162,6 @@ def compare(references: dict[str, type], kind: str, utility: str, steps: int) ->
         "other": check.other,
         "units": check.units,
         "utility_error": check.max_utility_error,
-        "ages_differ": check.ages_differ,
     }
 
 
@@ -145,6 +170,7 @@ def main() -> None:
     parser.add_argument("--reference", required=True, help="root of a shibhansh/loss-of-plasticity checkout")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--models", nargs="+", choices=("mlp", "convnet"), default=["mlp", "convnet"])
+    parser.add_argument("--self-check", action="store_true", help="library and reference use different utilities")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     references = load_reference_gnt(args.reference)
@@ -155,12 +181,13 @@ def main() -> None:
     for kind in args.models:
         print(f"{titles[kind]}; batch 16, SGD lr 0.01, {args.steps} steps, rho={RATE}, m={MATURITY}, eta={DECAY}")
         for utility in ("contribution", "zero_contribution", "adaptable_contribution"):
-            r = compare(references, kind, utility, args.steps)
+            r = compare(references, kind, utility, args.steps, args.self_check)
+            label = f"{OTHER_UTILITY[utility]} vs {utility}" if args.self_check else utility
             print(
-                f"  {utility:<23} replacement events (layer x step) {r['events']:5d}: identical units in "
+                f"  {label:<23} replacement events (layer x step) {r['events']:5d}: identical units in "
                 f"{r['agreeing']} ({r['agreeing'] / max(r['events'], 1):.1%}), tied within round-off {r['ties']}, "
                 f"other {r['other']}; units replaced {r['units'][0]} (library) vs {r['units'][1]} (reference); "
-                f"max relative utility difference {r['utility_error']:.1e}; ages differing {r['ages_differ']}"
+                f"max relative utility difference {r['utility_error']:.1e}"
             )
 
 
