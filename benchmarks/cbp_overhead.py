@@ -40,7 +40,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from _reference_gnt import ReferenceGnT, load_reference_gnt
+from _reference import ReferenceGnT, load_reference_gnt
 from torch.utils.data import DataLoader, TensorDataset
 
 from plasticity_lightning import MLP, ContinualBackprop, ConvNet

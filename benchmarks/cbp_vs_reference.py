@@ -37,7 +37,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from _reference_gnt import ReferenceGnT, load_reference_gnt
+from _reference import ReferenceGnT, load_reference_gnt
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
 

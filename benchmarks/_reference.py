@@ -1,11 +1,13 @@
-"""Dohare et al.'s reference Generate-and-Test driven from a Lightning loop, for benchmarks.
+"""Dohare et al.'s reference code (https://github.com/shibhansh/loss-of-plasticity) for side-by-side benchmarks.
 
-``lop/algos/gnt.py`` (``GnT``, MLPs) and ``lop/algos/convGnT.py`` (``ConvGnT``, the Continual-ImageNet ConvNet).
-The reference is not part of this project and is never imported by the library: pass the root of a checkout of
-https://github.com/shibhansh/loss-of-plasticity (e.g. ``git clone`` it next to this repository) to the benchmarks'
-``--reference`` option. It is run as its own training scripts run it: after ``opt.step()``, ``gen_and_test`` on the
-features of that step's forward pass (hidden activations; for conv layers the pooled maps, flattened before a
-linear layer, as their ``ConvNet.predict`` returns them).
+The reference is not part of this project and is never imported by the library: pass the root of a checkout
+(e.g. ``git clone`` it next to this repository) to the benchmarks' ``--reference`` option. Used from it:
+
+* ``lop/algos/gnt.py`` (``GnT``, MLPs) and ``lop/algos/convGnT.py`` (``ConvGnT``, the Continual-ImageNet
+  ConvNet), driven from a Lightning loop by :class:`ReferenceGnT` as their training scripts drive them: after
+  ``opt.step()``, ``gen_and_test`` on the features of that step's forward pass (hidden activations; for conv
+  layers the pooled maps, flattened before a linear layer, as their ``ConvNet.predict`` returns them);
+* ``lop/utils/miscellaneous.py``: their rank measures (``compute_matrix_rank_summaries``).
 """
 
 from __future__ import annotations
@@ -22,15 +24,29 @@ from torch import nn
 from plasticity_lightning import ConvNet
 
 
-def load_reference_gnt(root: str | Path) -> dict[str, type]:
-    """``{"mlp": GnT, "convnet": ConvGnT}`` from a loss-of-plasticity checkout at ``root`` (a clear exit if not one)."""
-    root = Path(root).expanduser().resolve()
-    if not (root / "lop" / "algos" / "gnt.py").is_file():
+def _use_checkout(root: str | Path, needed: str) -> None:
+    """Put a loss-of-plasticity checkout on the import path (a clear exit when ``root`` is not one)."""
+    path = Path(root).expanduser().resolve()
+    if not (path / needed).is_file():
         raise SystemExit(
-            f"--reference={str(root)!r} holds no lop/algos/gnt.py; expected the root of a checkout of "
+            f"--reference={str(path)!r} holds no {needed}; expected the root of a checkout of "
             "https://github.com/shibhansh/loss-of-plasticity"
         )
-    sys.path.insert(0, str(root))
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+
+def load_reference_rank_measures(root: str | Path) -> Any:
+    """The reference's ``lop.utils.miscellaneous`` module (``compute_matrix_rank_summaries`` and friends)."""
+    _use_checkout(root, "lop/utils/miscellaneous.py")
+    from lop.utils import miscellaneous
+
+    return miscellaneous
+
+
+def load_reference_gnt(root: str | Path) -> dict[str, type]:
+    """``{"mlp": GnT, "convnet": ConvGnT}`` from a loss-of-plasticity checkout at ``root``."""
+    _use_checkout(root, "lop/algos/gnt.py")
     from lop.algos.convGnT import ConvGnT
     from lop.algos.gnt import GnT
 
