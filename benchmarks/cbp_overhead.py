@@ -40,6 +40,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from _common import quiet_trainer
 from _reference import ReferenceGnT, load_reference_gnt
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -144,16 +145,7 @@ def step_times(
             references[kind], replacement_rate=1e-4, maturity_threshold=100, util_type="contribution", **accumulate
         )
     interleave = Interleave(variants, block)
-    trainer = pl.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[interleave],
-        accelerator="cpu",
-        devices=1,
-    )
+    trainer = quiet_trainer(max_epochs=1, callbacks=[interleave])
     trainer.fit(model, loader(kind, batch_size, steps))
     floor = _read_only_pass(model)
     replaced = {

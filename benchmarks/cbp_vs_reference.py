@@ -37,6 +37,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from _common import quiet_trainer
 from _reference import ReferenceGnT, load_reference_gnt
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
@@ -144,16 +145,7 @@ def compare(
         **settings,
     )
     check = Compare(reference, ours)
-    trainer = pl.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[reference, ours, check],  # Lightning calls them in this order
-        accelerator="cpu",
-        devices=1,
-    )
+    trainer = quiet_trainer(max_epochs=1, callbacks=[reference, ours, check])  # called in this order
     trainer.fit(model, data)
     return {
         "events": check.events,

@@ -25,6 +25,7 @@ import time
 
 import lightning.pytorch as pl
 import torch
+from _common import quiet_trainer
 
 from plasticity_lightning import CausalLM, TextDataModule
 from plasticity_lightning.callbacks.heads import lowest_heads
@@ -89,15 +90,7 @@ def main() -> None:
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01),
     )
     start = time.perf_counter()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=args.steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(max_steps=args.steps, limit_val_batches=0)
     trainer.fit(lm, data)
     model = lm.model
     for module in model.modules():  # dropout off: pruning is compared on one deterministic model

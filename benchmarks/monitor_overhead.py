@@ -26,6 +26,7 @@ import lightning.pytorch as pl
 import numpy as np
 import scipy.linalg
 import torch
+from _common import quiet_trainer
 from lightning.pytorch.profilers import SimpleProfiler
 
 from plasticity_lightning import (
@@ -72,17 +73,7 @@ def fit_seconds(variant: str, epochs: int, profiler: SimpleProfiler | None = Non
     pl.seed_everything(0, verbose=False)
     data = DigitsDataModule(batch_size=32, schedule=PermutedInputs(num_tasks=10, epochs_per_task=max(1, epochs // 10)))
     model = MLP(hidden_sizes=[256, 256], optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=VARIANTS[variant](),
-        accelerator="cpu",
-        devices=1,
-        profiler=profiler,
-    )
+    trainer = quiet_trainer(max_epochs=epochs, callbacks=VARIANTS[variant](), profiler=profiler)
     wall, cpu = time.perf_counter(), time.process_time()
     trainer.fit(model, data)
     return time.perf_counter() - wall, time.process_time() - cpu

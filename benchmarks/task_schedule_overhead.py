@@ -16,6 +16,7 @@ import warnings
 
 import lightning.pytorch as pl
 import torch
+from _common import quiet_trainer
 
 from plasticity_lightning import MLP, DigitsDataModule, PermutedInputs
 
@@ -38,17 +39,7 @@ def run(schedule: bool, epochs: int) -> list[float]:
         batch_size=32, schedule=PermutedInputs(num_tasks=epochs, epochs_per_task=1) if schedule else None
     )
     model = MLP(hidden_sizes=[256, 256], optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
-        accelerator="cpu",
-        devices=1,
-    )
+    trainer = quiet_trainer(max_epochs=epochs, limit_val_batches=0, callbacks=[timer])
     trainer.fit(model, data)
     return timer.times[1:]  # the first epoch pays one-off set-up costs
 
