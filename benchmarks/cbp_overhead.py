@@ -25,7 +25,10 @@ project) every setting adds Dohare et al.'s own implementation as one more varia
 for the MLP, ``ConvGnT`` for the ConvNet; contribution utility, accumulated counts), run as their scripts run it:
 ``gen_and_test`` on the step's features after ``opt.step()``.
 
-    python benchmarks/cbp_overhead.py [--steps 700] [--block 7] [--reference ../loss-of-plasticity]
+``--accelerator gpu`` runs the same loop on a GPU, synchronising at each step's start and end so that the times
+are those of the work, not of its launch.
+
+    python benchmarks/cbp_overhead.py [--steps 700] [--block 7] [--reference ../loss-of-plasticity] [--accelerator gpu]
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import os
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -80,8 +84,11 @@ VARIANTS = {
 class Interleave(pl.Callback):
     """Runs one variant's callback at a time, switching every ``block`` optimizer steps, and times every step."""
 
-    def __init__(self, variants: dict[str, ContinualBackprop | ReferenceGnT | None], block: int) -> None:
+    def __init__(
+        self, variants: dict[str, ContinualBackprop | ReferenceGnT | None], block: int, synchronize: bool = False
+    ) -> None:
         self.variants = variants
+        self.synchronize = torch.cuda.synchronize if synchronize else lambda: None
         self.block = block
         self.order = itertools.cycle(variants)
         self.active: str | None = None
@@ -116,12 +123,14 @@ class Interleave(pl.Callback):
         callback = self.variants[self.active]
         if callback is not None:
             callback.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self.synchronize()
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         callback = self.variants[self.active]
         if callback is not None:
             callback.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self.synchronize()
         seconds = time.perf_counter() - self._start
         if not self.fresh:  # the first step of a block pays for the switch
             self.times[self.active].append(seconds)
@@ -134,7 +143,12 @@ class Interleave(pl.Callback):
 
 
 def step_times(
-    kind: str, batch_size: int, steps: int, block: int, references: dict[str, type] | None = None
+    kind: str,
+    batch_size: int,
+    steps: int,
+    block: int,
+    references: dict[str, type] | None = None,
+    accelerator: str = "cpu",
 ) -> dict[str, Any]:
     pl.seed_everything(0, verbose=False)
     model = make_model(kind)
@@ -144,10 +158,10 @@ def step_times(
         variants[REFERENCE] = ReferenceGnT(
             references[kind], replacement_rate=1e-4, maturity_threshold=100, util_type="contribution", **accumulate
         )
-    interleave = Interleave(variants, block)
-    trainer = quiet_trainer(max_epochs=1, callbacks=[interleave])
+    interleave = Interleave(variants, block, synchronize=accelerator == "gpu")
+    trainer = quiet_trainer(max_epochs=1, callbacks=[interleave], accelerator=accelerator)
     trainer.fit(model, loader(kind, batch_size, steps))
-    floor = _read_only_pass(model)
+    floor = _read_only_pass(model, interleave.synchronize)
     replaced = {
         name: cb.replaced if isinstance(cb, ReferenceGnT) else sum(state.replaced for state in cb.states.values())
         for name, cb in interleave.variants.items()
@@ -156,15 +170,17 @@ def step_times(
     return {**interleave.times, "floor": [floor], "replaced": replaced}
 
 
-def _read_only_pass(model: pl.LightningModule) -> float:
+def _read_only_pass(model: pl.LightningModule, synchronize: Callable[[], None]) -> float:
     """Median seconds of one read-only pass (a matrix-vector product) over every CBP consumer weight."""
     weights = [pair.consumer_module.weight.detach().flatten(1) for pair in find_unit_pairs(model)]
-    ones = [torch.ones(w.shape[0]) for w in weights]
+    ones = [torch.ones(w.shape[0], device=w.device, dtype=w.dtype) for w in weights]
     times = []
     for _ in range(50):
+        synchronize()
         start = time.perf_counter()
         for w, v in zip(weights, ones, strict=True):
             torch.mv(w.T, v)
+        synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -179,13 +195,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=700, help="steps per setting, shared by all variants")
     parser.add_argument("--block", type=int, default=7, help="steps a variant runs before the next takes over")
     parser.add_argument("--reference", help="root of a shibhansh/loss-of-plasticity checkout (adds its GnT)")
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     references = load_reference_gnt(args.reference) if args.reference else None
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    device = torch.cuda.get_device_name() if args.accelerator == "gpu" else f"{os.cpu_count()} CPUs"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}")
     settings = [("mlp", 1, args.steps), ("mlp", 16, args.steps), ("convnet", 100, max(args.steps // 4, 8 * args.block))]
     for kind, batch_size, steps in settings:
-        times = step_times(kind, batch_size, steps, args.block, references)
+        times = step_times(kind, batch_size, steps, args.block, references, args.accelerator)
         bp = times["BP"]
         base, mean_base, fast_base = statistics.median(bp), statistics.fmean(bp), _fast(bp)
         label = "MLP 784-2000-2000-2000-10" if kind == "mlp" else "ConvNet (Continual ImageNet)"
