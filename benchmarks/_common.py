@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 
 
 def quiet_trainer(**kwargs: Any) -> pl.Trainer:
@@ -19,3 +21,8 @@ def quiet_trainer(**kwargs: Any) -> pl.Trainer:
         "enable_model_summary": False,
     }
     return pl.Trainer(**{**defaults, **kwargs})
+
+
+def synchronizer(accelerator: str) -> Callable[[], None]:
+    """What to call before reading a clock: on a GPU, wait for the queued work (kernels run asynchronously)."""
+    return torch.cuda.synchronize if accelerator == "gpu" else lambda: None

@@ -47,6 +47,7 @@ def load_reference_rank_measures(root: str | Path) -> Any:
 def load_reference_gnt(root: str | Path) -> dict[str, type]:
     """``{"mlp": GnT, "convnet": ConvGnT}`` from a loss-of-plasticity checkout at ``root``."""
     _use_checkout(root, "lop/algos/gnt.py")
+    _use_checkout(root, "lop/algos/convGnT.py")
     from lop.algos.convGnT import ConvGnT
     from lop.algos.gnt import GnT
 
@@ -67,6 +68,8 @@ def reference_layers(model: pl.LightningModule) -> tuple[list[nn.Module], list[n
     layers: list[nn.Module] = []
     for block in hidden:
         layers += [block.linear, block.act]
+    if not all(isinstance(act, nn.ReLU) for act in layers[1::2]):  # the reference's init bounds assume it
+        raise SystemExit("ReferenceGnT is set up for ReLU networks (hidden_activation='relu')")
     return [*layers, model.head], layers[1::2]
 
 
@@ -77,8 +80,9 @@ class ReferenceGnT(pl.Callback):
         gnt_class: the reference class for the model (:func:`load_reference_gnt`).
         shadow: run on a copy of the network that receives the model's post-step weights before every call, so
             that the reference decides on exactly what the library's callback sees but never changes the model.
-        **gnt_kwargs: the class's arguments (replacement_rate, maturity_threshold, decay_rate, util_type; ``GnT``
-            also accumulate). ``ConvGnT``'s ``num_last_filter_outputs`` is read from the model.
+        **gnt_kwargs: ``GnT``'s arguments (replacement_rate, maturity_threshold, decay_rate, util_type,
+            accumulate). For ``ConvGnT``, which always accumulates, ``accumulate`` is dropped and
+            ``num_last_filter_outputs`` is read from the model.
     """
 
     def __init__(self, gnt_class: type, shadow: bool = False, **gnt_kwargs: Any) -> None:
@@ -93,10 +97,15 @@ class ReferenceGnT(pl.Callback):
         self._last_step: int | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if pl_module.device.type != "cpu":
+            # GnT and ConvGnT keep their statistics and some index tensors on the CPU whatever ``device`` says
+            raise SystemExit("the reference GnT/ConvGnT runs on the CPU only; drop --reference or --accelerator gpu")
         self.model_layers, self.taps = reference_layers(pl_module)
         net = [copy.deepcopy(m) for m in self.model_layers] if self.shadow else self.model_layers
         kwargs = dict(self.gnt_kwargs)
-        if isinstance(pl_module, ConvNet):  # flattened columns per channel of the last conv layer
+        if isinstance(pl_module, ConvNet):
+            kwargs.pop("accumulate", None)  # ConvGnT always accumulates
+            # flattened columns per channel of the last conv layer
             kwargs["num_last_filter_outputs"] = self.model_layers[6].in_features // self.model_layers[4].out_channels
         self.gnt = self.gnt_class(net=net, hidden_activation="relu", opt=trainer.optimizers[0], device="cpu", **kwargs)
         self._features = [None] * self.gnt.num_hidden_layers

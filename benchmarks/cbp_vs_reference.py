@@ -54,7 +54,7 @@ class Compare(pl.Callback):
     def __init__(self, reference: ReferenceGnT, ours: ContinualBackprop) -> None:
         self.reference, self.ours = reference, ours
         self.events = self.agreeing = self.ties = self.other = 0
-        self.units = [0, 0]  # replaced by the library, by the reference
+        self.replaced_by_library = self.replaced_by_reference = 0
         self.max_utility_error = 0.0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -64,8 +64,8 @@ class Compare(pl.Callback):
             state = self.ours.states[pair.producer]
             ours = torch.nonzero(state.ages == 0).flatten()  # every other unit aged by one this step
             theirs = self.reference.chosen[i].sort().values
-            self.units[0] += ours.numel()
-            self.units[1] += theirs.numel()
+            self.replaced_by_library += ours.numel()
+            self.replaced_by_reference += theirs.numel()
             # Both engines' bias-corrected utilities as they ranked them this step, for every unit (the chosen ones
             # included): each computes them before replacing.
             reference_utility = gnt.bias_corrected_util[i]
@@ -101,7 +101,7 @@ class RankedCBP(ContinualBackprop):
         self.ranked: dict[str, torch.Tensor] = {}
 
     def _choose(self, state):
-        name = next(name for name, s in self.states.items() if s is state)
+        name = next(name for name, s in self.states.items() if s is state)  # a handful of layers
         self.ranked[name] = state.utility / self._correction(state)
         return super()._choose(state)
 
@@ -136,8 +136,7 @@ def compare(
     pl.seed_everything(0, verbose=False)
     model, data = problem(kind, steps)
     settings = {"replacement_rate": RATE, "maturity_threshold": MATURITY, "decay_rate": DECAY}
-    accumulate = {"accumulate": True} if kind == "mlp" else {}  # ConvGnT always accumulates
-    reference = ReferenceGnT(references[kind], shadow=True, util_type=utility, **settings, **accumulate)
+    reference = ReferenceGnT(references[kind], shadow=True, util_type=utility, accumulate=True, **settings)
     ours = RankedCBP(
         utility=OTHER_UTILITY[utility] if self_check else utility,
         accumulate=True,
@@ -152,7 +151,7 @@ def compare(
         "agreeing": check.agreeing,
         "ties": check.ties,
         "other": check.other,
-        "units": check.units,
+        "units": (check.replaced_by_library, check.replaced_by_reference),
         "utility_error": check.max_utility_error,
     }
 

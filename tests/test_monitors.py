@@ -411,3 +411,31 @@ def test_capture_runs_in_eval_mode_and_restores_every_module_flag():
         expected = net.eval()(x)  # dropout off, running statistics
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(outputs["2"], torch.relu(net.body[1](net.body[0](x))))
+
+
+class _MergingLinear(nn.Linear):
+    """A layer that acts on a mode change, as LoRA layers do: eval() merges a delta into the weight, train() takes
+    it out again."""
+
+    def __init__(self) -> None:
+        super().__init__(4, 4)
+        self.merged = False
+
+    def train(self, mode: bool = True) -> "_MergingLinear":
+        super().train(mode)
+        if self.merged == mode:  # merged in train mode, or unmerged in eval mode: change
+            with torch.no_grad():
+                self.weight.add_(1.0 if not mode else -1.0)
+            self.merged = not mode
+        return self
+
+
+def test_capture_restores_modes_through_train_so_mode_side_effects_are_undone():
+    from plasticity_lightning.probes import capture_outputs
+
+    net = nn.Sequential(_MergingLinear(), nn.ReLU()).train()
+    weight = net[0].weight.detach().clone()
+    _, out = capture_outputs(net, torch.ones(2, 4), {"1": net[1]})
+    assert net[0].training and not net[0].merged
+    torch.testing.assert_close(net[0].weight.detach(), weight)  # the delta is out of the weight again
+    torch.testing.assert_close(out, torch.relu(torch.ones(2, 4) @ (weight + 1.0).T + net[0].bias.detach()))

@@ -124,9 +124,13 @@ def capture_outputs(
     finally:
         for handle in handles:
             handle.remove()
-        # Each module's own flag, set directly: train(flag) per module would recurse into every subtree again.
+        # Through train(), never by setting flags: modules may act on a mode change (frozen BatchNorm, LoRA-style
+        # weight merging). One recursive call restores a model whose modules shared a mode; only modules that
+        # differed then get their own call, parents before children, each one's own mode set last.
+        model.train(flags[model])
         for module, flag in flags.items():
-            module.training = flag
+            if module.training != flag:
+                module.train(flag)
     empty = [name for name, parts in captured.items() if not parts]
     if empty:
         raise PlasticityConfigError(
