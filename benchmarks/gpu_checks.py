@@ -6,9 +6,10 @@ report. ``--device cpu`` runs the same checks on the CPU, as a dry run of the sc
 1. **Rank measures on the device** equal the CPU's to 1e-9 relative on ReLU features with dead units, an exactly
    rank-20 matrix and a Gaussian one; ``effective_rank`` of a 4096×2048 float32 matrix on the device, timed (the
    measurement issue's target: < 50 ms).
-2. **Interventions on the device under bf16-mixed**: ContinualBackprop, ReDo, ShrinkAndPerturb (Gaussian noise,
-   drawn by a device generator) and L2Init each act in a short fit of an MLP, keep the weights finite, and resume
-   exactly: fit 4 epochs == fit 2, checkpoint, resume 2, bit for bit (deterministic algorithms on).
+2. **Interventions on the device, float32 and bf16-mixed**: the test suite's own checks, run with their Trainers on
+   the device (``PLASTICITY_TEST_ACCELERATOR``): ContinualBackprop, ReDo, ShrinkAndPerturb (Gaussian noise, drawn
+   by a device generator) and L2Init act and resume exactly (fit 4 epochs == fit 2, checkpoint, resume 2, bit for
+   bit), and CBP works with gradient accumulation under bf16-mixed.
 3. **CBP's step-time ratio on the device** (``benchmarks/cbp_overhead.py``'s interleaved loop, synchronised):
    the MLP 784-2000-2000-2000-10 at batch 1 and 16, the ConvNet at batch 100.
 4. **The headline recipe**, ``recipes/cbp_cifar.yaml`` with synthetic CIFAR-100, 30 optimizer steps through the
@@ -35,16 +36,13 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA starts: deterministic cuBLAS
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA starts (here and in the tests run)
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-import lightning.pytorch as pl
 import torch
-from _common import quiet_trainer, synchronizer
+from _common import synchronizer
 from cbp_overhead import settings, step_times
-from torch.utils.data import DataLoader, TensorDataset
 
-from plasticity_lightning import MLP, ContinualBackprop, L2Init, ReDo, ShrinkAndPerturb
 from plasticity_lightning.metrics import approximate_rank, effective_rank, srank, stable_rank
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,80 +83,19 @@ def check_rank(device: str, accelerator: str) -> str:
     )
 
 
-def _loader(n: int = 256, batch_size: int = 32) -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 12, generator=g)
-    y = (x[:, :3].sum(dim=1) > 0).long() + (x[:, 3] > 1).long()
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
-
-
-def _mlp() -> MLP:
-    pl.seed_everything(0, verbose=False)
-    return MLP(input_dim=12, num_outputs=3, hidden_sizes=[64, 64], optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
-
-
-def _acted_before_and_after(count: Callable[[pl.Callback], int]) -> Callable[[pl.Callback, pl.Callback], bool]:
-    """Whether the first half acted and the resumed half acted again."""
-    return lambda first, resumed: 0 < count(first) < count(resumed)
-
-
-def _same_anchor(first: L2Init, resumed: L2Init) -> bool:
-    """L2Init acts every step; what a resume must keep is θ₀, restored from the checkpoint rather than re-taken."""
-    return bool(first.initial) and all(torch.equal(first.initial[k], resumed.initial[k]) for k in first.initial)
-
-
-# name: (make the callback, did the two halves act as they should)
-INTERVENTIONS: dict[str, tuple[Callable[[], pl.Callback], Callable[[pl.Callback, pl.Callback], bool]]] = {
-    "ContinualBackprop": (
-        lambda: ContinualBackprop(replacement_rate=0.02, maturity_threshold=3),
-        _acted_before_and_after(lambda c: sum(state.replaced for state in c.states.values())),
-    ),
-    "ReDo": (
-        lambda: ReDo(every_n_steps=3, tau=0.5, probe_size=64),
-        _acted_before_and_after(lambda c: sum(c.replaced.values())),
-    ),
-    "ShrinkAndPerturb": (
-        lambda: ShrinkAndPerturb(noise="gaussian", shrink=0.999, perturb=1e-3, on_task_change=False, every_n_steps=2),
-        _acted_before_and_after(lambda c: c.applied),
-    ),
-    "L2Init": (lambda: L2Init(weight=1e-2), _same_anchor),
-}
-
-
-def check_interventions(device: str, accelerator: str) -> str:
-    def trainer(root: Path, callback: pl.Callback, epochs: int) -> pl.Trainer:
-        return quiet_trainer(
-            default_root_dir=root,
-            accelerator=accelerator,
-            precision="bf16-mixed",
-            deterministic=True,
-            max_epochs=epochs,
-            callbacks=[callback],
-        )
-
-    done = []
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        for name, (make, acted) in INTERVENTIONS.items():
-            full, model_full = make(), _mlp()
-            trainer(root / name / "full", full, 4).fit(model_full, _loader())
-            first, model_half = make(), _mlp()
-            half = trainer(root / name / "half", first, 2)
-            half.fit(model_half, _loader())
-            path = root / name / "half.ckpt"
-            half.save_checkpoint(path)
-            second, model_resumed = make(), _mlp()
-            trainer(root / name / "resumed", second, 4).fit(model_resumed, _loader(), ckpt_path=path)
-            if not acted(first, second):
-                raise AssertionError(f"{name} did not act as it should before and after the checkpoint")
-            for (key, a), b in zip(model_full.state_dict().items(), model_resumed.state_dict().values(), strict=True):
-                if not torch.isfinite(a.float()).all():
-                    raise AssertionError(f"{name}: {key} is not finite")
-                if not torch.equal(a, b):
-                    difference = (a.float() - b.float()).abs().max().item()
-                    raise AssertionError(f"{name}: {key} differs after resume by up to {difference:.3g}")
-            done.append(name)
-    return f"{', '.join(done)}: act, stay finite and resume bit-exactly under bf16-mixed on {device}"
+def check_interventions(accelerator: str) -> str:
+    """The test suite's own resume and bf16 tests of the interventions, with their Trainers on the device."""
+    selected = "resume_is_bit_exact or bf16_mixed or generator_of_the_parameters_device"
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_interventions.py"]
+    env = {**os.environ, "PLASTICITY_TEST_ACCELERATOR": accelerator}
+    result = subprocess.run([*command, "-k", selected], capture_output=True, text=True, cwd=REPO, env=env, timeout=480)
+    summary = (result.stdout.strip().splitlines() or ["no output"])[-1]
+    if result.returncode != 0:
+        raise AssertionError(f"{summary}\n{result.stdout[-3000:]}{result.stderr[-1000:]}")
+    return (
+        f"tests/test_interventions.py -k '{selected}' with PLASTICITY_TEST_ACCELERATOR={accelerator}: {summary} "
+        "(CBP, ReDo, Gaussian S&P, L2Init: fit 4 epochs == fit 2 + resume 2, bit for bit, in 32-true and bf16-mixed)"
+    )
 
 
 def check_cbp_overhead(accelerator: str, steps: int, block: int = 7) -> str:
@@ -224,7 +161,7 @@ def main() -> None:
     accelerator = "gpu" if args.device == "cuda" else "cpu"  # Lightning's name for it
     checks = {
         "rank measures": lambda: check_rank(args.device, accelerator),
-        "interventions, bf16-mixed, resume": lambda: check_interventions(args.device, accelerator),
+        "interventions, bf16-mixed, resume": lambda: check_interventions(accelerator),
         "CBP step time": lambda: check_cbp_overhead(accelerator, args.steps),
         "cbp_cifar recipe": lambda: check_recipe(args.device),
     }

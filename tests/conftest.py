@@ -66,14 +66,18 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def make_trainer(root: Path, **kwargs) -> pl.Trainer:
-    """A quiet CPU Trainer for tests: no logger, progress bar, summary or checkpoints unless asked for."""
+    """A quiet Trainer for tests: no logger, progress bar, summary or checkpoints unless asked for.
+
+    On the CPU, unless ``PLASTICITY_TEST_ACCELERATOR`` names another (``gpu``): ``benchmarks/gpu_checks.py`` runs
+    chosen tests on a device that way.
+    """
     defaults = {
         "default_root_dir": root,
         "logger": False,
         "enable_progress_bar": False,
         "enable_model_summary": False,
         "enable_checkpointing": False,
-        "accelerator": "cpu",
+        "accelerator": os.environ.get("PLASTICITY_TEST_ACCELERATOR", "cpu"),
         "devices": 1,
     }
     return pl.Trainer(**{**defaults, **kwargs})

@@ -237,8 +237,9 @@ def test_cbp_works_with_gradient_accumulation_and_bf16_mixed(tmp_path):
     assert torch.isfinite(state.utility).all()
 
 
-@pytest.mark.parametrize("callback", ["cbp", "cbp_cached_magnitudes", "redo", "shrink_perturb"])
-def test_resume_is_bit_exact(tmp_path, callback):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("callback", ["cbp", "cbp_cached_magnitudes", "redo", "shrink_perturb", "l2_init"])
+def test_resume_is_bit_exact(tmp_path, callback, precision):
     def make():
         return {
             "cbp": lambda: ContinualBackprop(replacement_rate=0.02, maturity_threshold=3, accumulate=False),
@@ -254,24 +255,30 @@ def test_resume_is_bit_exact(tmp_path, callback):
             "shrink_perturb": lambda: ShrinkAndPerturb(
                 noise="gaussian", shrink=0.999, perturb=1e-3, on_task_change=False, every_n_steps=2
             ),
+            "l2_init": lambda: L2Init(weight=1e-2),
         }[callback]()
 
     full = make()
     model_full = mlp()
-    make_trainer(tmp_path / "full", callbacks=[full], max_epochs=4).fit(model_full, loader())
+    make_trainer(tmp_path / "full", callbacks=[full], max_epochs=4, precision=precision).fit(model_full, loader())
 
     first = make()
     model_half = mlp()
-    trainer = make_trainer(tmp_path / "half", callbacks=[first], max_epochs=2)
+    trainer = make_trainer(tmp_path / "half", callbacks=[first], max_epochs=2, precision=precision)
     trainer.fit(model_half, loader())
     path = tmp_path / "half.ckpt"
     trainer.save_checkpoint(path)
     second = make()
     model_resumed = mlp()
-    make_trainer(tmp_path / "resumed", callbacks=[second], max_epochs=4).fit(model_resumed, loader(), ckpt_path=path)
+    resumed = make_trainer(tmp_path / "resumed", callbacks=[second], max_epochs=4, precision=precision)
+    resumed.fit(model_resumed, loader(), ckpt_path=path)
     for (name, a), b in zip(model_full.state_dict().items(), model_resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert full.state_dict().keys() == second.state_dict().keys()
+    if callback == "l2_init":  # it acts every step; a resume must keep θ₀ from the checkpoint, not take it anew
+        assert first.initial.keys() == second.initial.keys() and first.initial
+        assert all(torch.equal(first.initial[name], second.initial[name]) for name in first.initial)
+        return
     acted = {
         "cbp": lambda c: sum(state.replaced for state in c.states.values()),
         "cbp_cached_magnitudes": lambda c: sum(state.replaced for state in c.states.values()),
