@@ -94,4 +94,3 @@ def per_task_accuracy_key(stage: str, task: int) -> str:
 CURRENT_TASK_ACCURACY = "{stage}/acc_current_task"
 SEEN_TASKS_ACCURACY = "{stage}/acc_seen_tasks"  # mean over the tasks trained so far
 ALL_TASKS_ACCURACY = "{stage}/acc_all_tasks"  # mean over every evaluated task, trained or not
-TASK_ID_KEY = "task_id"
