@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
+from plasticity_lightning.core.rundir import TASK_ID_KEY as TASK_ID_KEY  # re-exported: models import it here
+
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
