@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
@@ -19,7 +18,15 @@ from plasticity_lightning.callbacks.base import TaskAwareCallback
 from plasticity_lightning.callbacks.intervention import Intervention
 from plasticity_lightning.callbacks.monitor import PlasticityMonitor
 from plasticity_lightning.core.errors import PlasticityConfigError, check_choice, check_positive_int
+from plasticity_lightning.core.files import write_csv_atomic
+from plasticity_lightning.core.rundir import FINISHED_TASK_KEY, TASK_ACCURACY_FILE, run_directory
 from plasticity_lightning.core.tasks import TaskContext, get_task_context, per_task_accuracy_key, stopped_mid_task
+from plasticity_lightning.metrics.continual import (
+    accuracy_matrix_summary,
+    first_and_last,
+    per_task_series,
+    summary_window,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +35,19 @@ class TaskAccuracyTable(TaskAwareCallback):
     """The accuracy matrix of a continual run, printed, logged and saved.
 
     ``R[t][k]`` is the accuracy on task ``k`` at the last validation while training on task ``t`` (read from the
-    ``val/acc_task_<k>`` values that the library's models log). When a task ends the callback prints one line
-    and logs ``continual/new_task_acc`` (accuracy on the task just learned: the plasticity signal, which falls
-    when a network loses plasticity), ``continual/avg_seen_acc`` and ``continual/avg_forgetting``. At the end of
-    ``fit`` it prints the matrix (or a summary for long streams) and writes it as CSV to the log directory.
+    ``val/acc_task_<k>`` values that the library's models log). A cell is NaN (blank in the CSV) when task ``k`` was
+    not evaluated then: with ``eval_on: current`` only the diagonal is measured, and a value that an earlier
+    validation left in ``trainer.callback_metrics`` is never taken for a new one. When a task ends the callback
+    prints one line and logs ``continual/new_task_acc`` (accuracy on the task just learned: the plasticity signal,
+    which falls when a network loses plasticity), ``continual/avg_seen_acc`` and ``continual/avg_forgetting``
+    (only when the cells they need were measured), with ``continual/task``, the task they describe. At the end of
+    ``fit`` it prints the matrix (or the plasticity curve for long streams), the first tasks against the last for
+    the new-task accuracy and for every plasticity monitor on the trainer, and the ``plasticity report`` command;
+    it writes the matrix as CSV into the run directory (also when fit stops on an exception, e.g. a SIGTERM).
 
     Args:
         stage: ``"val"`` reads validation accuracies (``"test"`` reads ``test/acc_task_<k>``).
-        filename: CSV file name inside ``trainer.log_dir`` (written when the trainer has a logger); ``None``
+        filename: CSV file name inside the run directory (written when the trainer has a logger); ``None``
             disables the file.
         max_printed_tasks: print the full matrix only up to this many tasks.
 
@@ -45,7 +57,7 @@ class TaskAccuracyTable(TaskAwareCallback):
         >>> trainer = Trainer(callbacks=[TaskAccuracyTable()], logger=False, enable_progress_bar=False)
     """
 
-    def __init__(self, stage: str = "val", filename: str | None = "task_accuracy.csv", max_printed_tasks: int = 12):
+    def __init__(self, stage: str = "val", filename: str | None = TASK_ACCURACY_FILE, max_printed_tasks: int = 12):
         super().__init__()
         self.stage = check_choice("TaskAccuracyTable", "stage", stage, ("val", "test"))
         self.filename = filename
@@ -54,6 +66,7 @@ class TaskAccuracyTable(TaskAwareCallback):
         self.rows: dict[int, list[float]] = {}
         self._latest: tuple[int, list[float]] | None = None
         self.partial: tuple[int, list[float]] | None = None  # the unfinished task when fit stopped mid-task
+        self._before_validation: dict[str, Any] = {}
         self._state_key: str | None = None
 
     @property
@@ -65,6 +78,12 @@ class TaskAccuracyTable(TaskAwareCallback):
 
     # ------------------------------------------------------------------ collecting
     @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # callback_metrics keeps every key ever logged: remember the objects held now, so that a task this
+        # validation does not evaluate (eval_on: current) is not read as measured from an earlier value
+        self._before_validation = dict(trainer.callback_metrics)
+
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
@@ -75,8 +94,11 @@ class TaskAccuracyTable(TaskAwareCallback):
         metrics = trainer.callback_metrics
         values = []
         for k in range(context.num_tasks):
-            value = metrics.get(per_task_accuracy_key(self.stage, k))
-            values.append(float(value) if value is not None else math.nan)
+            key = per_task_accuracy_key(self.stage, k)
+            value = metrics.get(key)
+            fresh = value is not None and value is not self._before_validation.get(key)
+            values.append(float(value) if fresh else math.nan)
+        self._before_validation = {}
         self._latest = (context.task_id, values)
 
     @override
@@ -92,20 +114,36 @@ class TaskAccuracyTable(TaskAwareCallback):
         if self._latest is not None:
             task = self._latest[0]
             if stopped_mid_task(trainer):  # report the task as unfinished; a resumed fit finishes it
-                self.partial = (task, list(self._latest[1]))
-                rank_zero_info(f"Task {task} stopped before its end: accuracy on it so far {self._latest[1][task]:.4f}")
+                self._keep_partial()
             else:
                 self._finish_task(trainer, task)
-        # trainer.log_dir broadcasts from rank 0: every rank must ask, never only rank 0 (it would hang)
-        directory = Path(trainer.log_dir or trainer.default_root_dir)
+        directory = run_directory(trainer)  # broadcasts: every rank asks, never only rank 0 (it would hang)
         if not (self.rows or self.partial) or not trainer.is_global_zero:
             return
         self._print_matrix()
+        self._print_plasticity(trainer, directory)
         # no logger (or fast_dev_run's dummy one) means no run directory to write into
         if trainer.loggers and not trainer.fast_dev_run:
             path = self._write_csv(directory)
             if path is not None:
                 rank_zero_info(f"Task accuracy matrix saved to {path}")
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # a preempted (SIGTERM) or crashed fit keeps what it measured; only rank 0 writes, without a collective
+        # call (the other ranks may be gone)
+        if self._latest is not None and self._latest[0] not in self.rows:
+            self._keep_partial()
+        if trainer.is_global_zero and trainer.loggers and not trainer.fast_dev_run and (self.rows or self.partial):
+            path = self._write_csv(run_directory(trainer, broadcast=False))
+            if path is not None:
+                rank_zero_info(f"Fit stopped ({type(exception).__name__}): task accuracy matrix so far saved to {path}")
+
+    def _keep_partial(self) -> None:
+        task, values = self._latest
+        self.partial = (task, list(values))
+        if math.isfinite(values[task]):
+            rank_zero_info(f"Task {task} stopped before its end: accuracy on it so far {values[task]:.4f}")
 
     def _finish_task(self, trainer: pl.Trainer, task: int) -> None:
         if self._latest is None or self._latest[0] != task or task in self.rows:
@@ -119,35 +157,25 @@ class TaskAccuracyTable(TaskAwareCallback):
             message += f" | mean forgetting {summary['avg_forgetting']:.4f}"
         rank_zero_info(message)
         metrics = {f"continual/{name}": value for name, value in summary.items() if not math.isnan(value)}
+        metrics[FINISHED_TASK_KEY] = float(task)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
     # ------------------------------------------------------------------ results
     def summary(self) -> dict[str, float]:
-        """Standard continual-learning numbers from the finished rows.
+        """:func:`~plasticity_lightning.metrics.accuracy_matrix_summary` of the finished rows: ``new_task_acc``,
+        ``avg_seen_acc`` and ``avg_forgetting`` (NaN when validation did not evaluate the cells they need, e.g.
+        ``eval_on: current``)."""
+        return accuracy_matrix_summary(self.rows)
 
-        ``new_task_acc``: accuracy on the latest finished task right after learning it; ``avg_seen_acc``: mean
-        accuracy over tasks 0..t after task t; ``avg_forgetting``: mean over earlier tasks k of
-        (best accuracy on k after learning it − accuracy on k now). The last two are NaN when validation did not
-        evaluate the earlier tasks (``eval_on: current``).
-        """
-        if not self.rows:
-            return {}
-        last = max(self.rows)
-        row = self.rows[last]
-        seen = [row[k] for k in range(last + 1) if not math.isnan(row[k])]
-        if len(seen) < last + 1:
-            seen = []  # earlier tasks were not evaluated: no mean over "all seen tasks" to report
-        forgetting = []
-        for k in range(last):
-            history = [self.rows[t][k] for t in self.rows if k <= t < last and not math.isnan(self.rows[t][k])]
-            if history and not math.isnan(row[k]):
-                forgetting.append(max(history) - row[k])
-        return {
-            "new_task_acc": row[last],
-            "avg_seen_acc": sum(seen) / len(seen) if seen else math.nan,
-            "avg_forgetting": sum(forgetting) / len(forgetting) if forgetting else math.nan,
-        }
+    def measured(self) -> str:
+        """What the finished rows hold: every seen task, or only each task right after it was learned."""
+        rows = [row[: t + 1] for t, row in self.rows.items()]
+        if rows and all(math.isfinite(v) for row in rows for v in row):
+            return "every seen task after each task"
+        if rows and all(math.isfinite(row[-1]) for row in rows):
+            return "only the task being learned (eval_on: current): no mean over seen tasks, no forgetting"
+        return "some tasks after some tasks"
 
     def _table_rows(self) -> list[tuple[int, list[float], bool]]:
         """(task, row, complete) for every finished task, then the unfinished one if fit stopped mid-task."""
@@ -177,7 +205,7 @@ class TaskAccuracyTable(TaskAwareCallback):
             step = max(1, math.ceil(len(rows) / self.max_printed_tasks))
             for index in sorted({*range(0, len(rows), step), len(rows) - 1}):
                 t, row, complete = rows[index]
-                table.add_row(f"{t}" if complete else f"{t}*", f"{row[t]:.3f}")
+                table.add_row(f"{t}" if complete else f"{t}*", "" if math.isnan(row[t]) else f"{row[t]:.3f}")
         console = Console()
         console.print(table)
         if self.partial is not None:
@@ -185,23 +213,49 @@ class TaskAccuracyTable(TaskAwareCallback):
         summary = self.summary()
         if summary:
             console.print(
-                "  ".join(f"{name}={value:.4f}" for name, value in summary.items() if not math.isnan(value)),
+                "  ".join(f"{name}={value:.4f}" for name, value in summary.items() if not math.isnan(value))
+                + f"  (measured: {self.measured()})",
                 highlight=False,
             )
+
+    def _print_plasticity(self, trainer: pl.Trainer, directory: Path) -> None:
+        """First tasks against last tasks: new-task accuracy and every plasticity monitor's measures."""
+        from rich.console import Console
+        from rich.table import Table
+
+        num_tasks = self.num_tasks or (max(self.rows, default=0) + 1)
+        window = summary_window(num_tasks)
+        diagonal = [self.rows[t][t] if t in self.rows else math.nan for t in range(num_tasks)]
+        lines: list[tuple[str, tuple[float, float]]] = [("new-task accuracy", first_and_last(diagonal, window))]
+        for callback in trainer.callbacks:
+            if not isinstance(callback, PlasticityMonitor) or not callback.history:
+                continue
+            tasks = [entry.get("task") for entry in callback.history]
+            for name in _summary_measures(callback.history):
+                values = [float(entry.get(name, math.nan)) for entry in callback.history]
+                series = per_task_series(tasks, values, num_tasks)
+                lines.append((callback.key(name), first_and_last(series, window)))
+        if len(lines) == 1 and all(math.isnan(v) for v in lines[0][1]):
+            return
+        table = Table(title=f"Plasticity: first {window} tasks against the last {window}")
+        for column in ("measure", "first", "last"):
+            table.add_column(column, justify="left" if column == "measure" else "right")
+        for name, (first, last) in lines:
+            table.add_row(name, *("–" if math.isnan(v) else f"{v:.4g}" for v in (first, last)))
+        console = Console()
+        console.print(table)
+        if trainer.loggers and not trainer.fast_dev_run:
+            console.print(f"See it: plasticity report {directory}", highlight=False)
 
     def _write_csv(self, directory: Path) -> Path | None:
         if self.filename is None:
             return None
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / self.filename
         rows = self._table_rows()
         num_tasks = self.num_tasks or (max(t for t, _, _ in rows) + 1)
-        with path.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["after_task", "complete", *(f"acc_task_{k}" for k in range(num_tasks))])
-            for t, row, complete in rows:
-                writer.writerow([t, int(complete), *("" if math.isnan(v) else f"{v:.6f}" for v in row)])
-        return path
+        lines = [["after_task", "complete", *(f"acc_task_{k}" for k in range(num_tasks))]]
+        for t, row, complete in rows:
+            lines.append([t, int(complete), *("" if math.isnan(v) else f"{v:.6f}" for v in row)])
+        return write_csv_atomic(directory / self.filename, lines)
 
     # ------------------------------------------------------------------ state
     @override
@@ -215,6 +269,15 @@ class TaskAccuracyTable(TaskAwareCallback):
         self.rows = {int(k): list(v) for k, v in state_dict.get("rows", {}).items()}
         latest = state_dict.get("latest")
         self._latest = (int(latest[0]), list(latest[1])) if latest is not None else None
+
+
+# the per-layer measures worth a first-against-last line at the end of a fit (the rest are in the report)
+_SUMMARY_MEASURES = ("effective_rank", "srank", "redo_dormant_fraction", "low_activity_fraction", "dead_fraction")
+
+
+def _summary_measures(history: list[dict[str, Any]]) -> list[str]:
+    names = dict.fromkeys(name for entry in history for name in entry)
+    return [name for name in names if name.rsplit("/", 1)[-1] in _SUMMARY_MEASURES]
 
 
 class RestoreBestPerTask(TaskAwareCallback):

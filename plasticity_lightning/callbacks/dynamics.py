@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -14,6 +13,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from plasticity_lightning.core.errors import check_positive_int
+from plasticity_lightning.core.files import write_text_atomic
+from plasticity_lightning.core.rundir import LEARNING_DYNAMICS_FILE, run_directory
 from plasticity_lightning.metrics.dynamics import DynamicsThresholds, dynamics_summary
 from plasticity_lightning.metrics.weights import gradient_stats, layer_weights, weight_stats
 
@@ -49,7 +50,7 @@ class LearningDynamics(Callback):
         loss_key: str = "train/loss_epoch",
         accuracy_key: str = "train/acc_epoch",
         val_accuracy_key: str = "val/acc",
-        filename: str | None = "learning_dynamics.json",
+        filename: str | None = LEARNING_DYNAMICS_FILE,
         thresholds: DynamicsThresholds | None = None,
     ) -> None:
         super().__init__()
@@ -136,8 +137,7 @@ class LearningDynamics(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # trainer.log_dir broadcasts from rank 0: every rank asks, before any rank-0-only branch
-        directory = Path(trainer.log_dir or trainer.default_root_dir)
+        directory = run_directory(trainer)  # broadcasts from rank 0: every rank asks, before any rank-0-only branch
         history = self._complete_history()
         if not history.get("epoch"):
             return
@@ -148,10 +148,8 @@ class LearningDynamics(Callback):
         trainer.callback_metrics.update({f"dynamics/{k}": torch.tensor(v) for k, v in scalars.items()})
         # no logger (or fast_dev_run's dummy one) means no run directory to write into
         if self.filename is not None and trainer.is_global_zero and trainer.loggers and not trainer.fast_dev_run:
-            directory.mkdir(parents=True, exist_ok=True)
-            path = directory / self.filename
             document = _jsonable({"summary": self.summary, "history": history})
-            path.write_text(json.dumps(document, indent=2, allow_nan=False))
+            path = write_text_atomic(directory / self.filename, json.dumps(document, indent=2, allow_nan=False))
             rank_zero_info(f"Learning dynamics ({self.summary['pattern']}) written to {path}")
 
     @override

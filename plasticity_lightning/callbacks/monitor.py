@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from plasticity_lightning.callbacks.base import TaskAwareCallback
 from plasticity_lightning.core.errors import PlasticityConfigError, check_positive_int
+from plasticity_lightning.core.rundir import TASK_ID_KEY
 from plasticity_lightning.core.tasks import TaskContext, get_task_context
 from plasticity_lightning.probes import ProbeSet, capture_outputs, default_forward, resolve_layers
 
@@ -237,8 +238,10 @@ class PlasticityMonitor(TaskAwareCallback):
         if not values:
             return
         metrics = {self.key(name): float(value) for name, value in values.items()}
+        # the row says which task it measured (a task start shares its step with the previous task's last epoch)
+        row = metrics if self.current_task is None else {**metrics, TASK_ID_KEY: float(self.current_task)}
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.log_metrics(row, step=trainer.global_step)
         trainer.callback_metrics.update({name: torch.tensor(value) for name, value in metrics.items()})
 
     def log_histogram(self, trainer: pl.Trainer, name: str, values: torch.Tensor) -> None:

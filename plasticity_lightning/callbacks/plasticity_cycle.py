@@ -44,6 +44,8 @@ from plasticity_lightning.core.errors import (
     check_positive_float,
     check_positive_int,
 )
+from plasticity_lightning.core.files import write_text_atomic
+from plasticity_lightning.core.rundir import PLASTICITY_CYCLE_FILE, run_directory
 from plasticity_lightning.core.serialization import json_safe
 from plasticity_lightning.probes import ProbeSet
 
@@ -464,14 +466,12 @@ class PlasticityCycle(RevivingIntervention):
 
     def write_json(self, trainer: pl.Trainer) -> Path | None:
         """Write :meth:`record` on rank 0; returns the path."""
-        # trainer.log_dir broadcasts from rank 0: every rank must ask, or the ranks' collectives fall out of step
-        path = Path(self.json_path or Path(trainer.log_dir or trainer.default_root_dir) / "plasticity_cycle.json")
+        # run_directory broadcasts from rank 0: every rank must ask, or the ranks' collectives fall out of step
+        path = Path(self.json_path or run_directory(trainer) / PLASTICITY_CYCLE_FILE)
         if not trainer.is_global_zero:
             return None
-        path.parent.mkdir(parents=True, exist_ok=True)
         # strict JSON: a diverged perplexity (inf/NaN) is written as null
-        path.write_text(json.dumps(json_safe(self.record()), indent=2, allow_nan=False))
-        return path
+        return write_text_atomic(path, json.dumps(json_safe(self.record()), indent=2, allow_nan=False))
 
     @override
     def state_dict(self) -> dict[str, Any]:

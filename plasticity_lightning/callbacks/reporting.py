@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -14,10 +15,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from plasticity_lightning.core.errors import check_choice, check_positive_int
-
-PREDICTIONS_FILE = "predictions.npz"
-EPOCH_SECONDS_KEY = "time/epoch_seconds"
-ELAPSED_SECONDS_KEY = "time/elapsed_seconds"
+from plasticity_lightning.core.files import write_bytes_atomic
+from plasticity_lightning.core.rundir import (
+    ELAPSED_SECONDS_KEY,
+    EPOCH_SECONDS_KEY,
+    PREDICTIONS_FILE,
+    run_directory,
+)
 
 
 class EpochTimer(Timer):
@@ -101,9 +105,9 @@ class SavePredictions(pl.Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        directory = trainer.log_dir  # broadcast from rank 0: every rank asks
+        directory = run_directory(trainer)  # broadcast from rank 0: every rank asks
         datamodule = trainer.datamodule
-        if not trainer.is_global_zero or directory is None:
+        if not trainer.is_global_zero:
             return
         if datamodule is None:
             rank_zero_warn("SavePredictions: the trainer has no datamodule; no predictions written")
@@ -143,9 +147,9 @@ class SavePredictions(pl.Callback):
         if self.baselines:
             train_x, train_y = _collect(datamodule.train_dataloader(), self.max_baseline_rows)
             record.update(self._baselines(task, train_x, train_y, x, datamodule))
-        self.path = Path(directory) / PREDICTIONS_FILE
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(self.path, **record)
+        buffer = io.BytesIO()
+        np.savez(buffer, **record)
+        self.path = write_bytes_atomic(directory / PREDICTIONS_FILE, buffer.getvalue())
 
     @staticmethod
     def _baselines(task: str, train_x: torch.Tensor, train_y: torch.Tensor, x: torch.Tensor, datamodule: Any) -> dict:
