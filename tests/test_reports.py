@@ -14,7 +14,7 @@ from scipy import stats
 
 from plasticity_lightning.callbacks import EpochTimer, SavePredictions
 from plasticity_lightning.cli import main
-from plasticity_lightning.core.errors import DataNotFoundError
+from plasticity_lightning.core.errors import DataNotFoundError, PlasticityConfigError
 from plasticity_lightning.data import ToyDataModule
 from plasticity_lightning.models import MLP
 from plasticity_lightning.reports import (
@@ -42,9 +42,11 @@ SUMMARY_KEYS = {
     "train_seconds",
     "scores",
     "baselines",
-    "figures",
+    "files",
+    "panels",
     "skipped",
 }
+MONITOR_SECTIONS = {"Rank", "Dormant units", "Weights", "Interventions"}  # listed as not drawn, with the reason
 
 
 def _fit_recipe(recipe: str, name: str, seed: int, epochs: int = 3, extra: tuple[str, ...] = ()) -> Path:
@@ -84,14 +86,17 @@ def particle_runs(tmp_path_factory) -> Path:
 def test_report_of_a_particles_run_writes_every_figure_and_the_summary(particle_runs, capsys):
     run = particle_runs / "baseline" / "version_0"
     main(["report", str(run)])
-    assert json.loads(capsys.readouterr().out)["run_dir"] == str(run)
+    assert f"Report: {run / 'report' / 'report.html'}" in capsys.readouterr().out
     folder = run / "report"
-    for figure in ("training_dynamics", "residuals", "predicted_vs_actual", "baseline_comparison"):
-        assert (folder / f"{figure}.png").stat().st_size > 10_000, figure
     summary = json.loads((folder / "summary.json").read_text())
     assert summary.keys() >= SUMMARY_KEYS
+    assert (folder / "report.html").stat().st_size > 1_000_000  # plotly.js inlined: opens offline
+    panels = set(summary["panels"])
+    assert panels >= {"training/loss", "training/r2", "training/time", "training/gap", "regression/residuals"}
+    assert panels >= {"regression/qq", "regression/residual_box", "baselines/r2", "baselines/rmse"}
+    assert sum(p.startswith("regression/predicted_vs_actual/") for p in panels) == 6  # one per target
     assert summary["task"] == "regression" and summary["seed"] == 0 and summary["epochs"] == 3
-    assert summary["skipped"] == {}
+    assert set(summary["skipped"]) == MONITOR_SECTIONS
     assert set(summary["baselines"]) == {"mean", "linear"}
     # the summary's numbers against the logged CSV and an independent computation on the saved predictions
     epochs, columns = read_epoch_table(run / "metrics.csv")
@@ -134,7 +139,8 @@ def test_compare_tables_wilcoxon_and_cohens_d(particle_runs, capsys, tmp_path):
     main(["report", "--compare", str(baseline), str(shrunk), "--output", str(tmp_path / "cmp")])
     table = capsys.readouterr().out
     assert "| baseline | 2 |" in table and "| james_stein | 2 |" in table
-    comparison = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    comparison = json.loads((tmp_path / "cmp" / "summary.json").read_text())
+    assert comparison["kind"] == "losses" and "training/loss" in comparison["panels"]
     rows = {row["variant"]: row for row in comparison["table"]}
     assert rows["james_stein"]["paired_by"] == "seed" and rows["james_stein"]["pairs"] == 2
     # recompute the statistics from the logged CSVs
@@ -172,17 +178,19 @@ def test_classification_runs_get_the_panels_that_apply(tmp_path):
     assert summary["task"] == "classification" and summary["best_validation_acc"] is not None
     assert set(summary["baselines"]) == {"majority", "logistic"}
     assert 0.3 < summary["baselines"]["majority"]["accuracy"] < 0.7
-    assert set(summary["skipped"]) == {"residuals", "predicted_vs_actual"}
-    assert sorted(Path(f).name for f in summary["figures"]) == ["baseline_comparison.png", "training_dynamics.png"]
+    assert set(summary["skipped"]) == MONITOR_SECTIONS
+    assert {"training/acc", "training/loss", "baselines/accuracy"} <= set(summary["panels"])
+    assert not any(p.startswith("regression/") for p in summary["panels"])
+    assert [Path(f).name for f in summary["files"]] == ["report.html"]
 
 
 def test_report_errors_are_clear(tmp_path):
-    with pytest.raises(DataNotFoundError, match=r"no metrics\.csv"):
+    with pytest.raises(DataNotFoundError, match=r"is not a run: no metrics\.csv"):
         write_run_report(tmp_path)
     for k in (0, 1):
         (tmp_path / f"version_{k}").mkdir()
         (tmp_path / f"version_{k}" / "metrics.csv").write_text("epoch,step,val/loss\n0,1,0.5\n")
-    with pytest.raises(DataNotFoundError, match="holds 2 runs"):
+    with pytest.raises(PlasticityConfigError, match="holds 2 runs"):
         write_run_report(tmp_path)
     with pytest.raises(Exception, match="at least two variants"):
         compare_runs({"only": tmp_path})
@@ -223,5 +231,5 @@ def test_save_predictions_skips_task_streams_with_a_warning(tmp_path):
         trainer.fit(MLP(hidden_sizes=[8]), data)
     assert callback.path is None and not list(tmp_path.rglob("predictions.npz"))
     summary = write_run_report(tmp_path / "lightning_logs")
-    assert summary["skipped"]["residuals"] == "classification run"
-    assert "SavePredictions" in summary["skipped"]["baseline_comparison"]
+    assert summary["kind"] == "continual" and "TaskAccuracyTable" in summary["skipped"]["accuracy/matrix"]
+    assert not any(p.startswith(("regression/", "baselines/")) for p in summary["panels"])

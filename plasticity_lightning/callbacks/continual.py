@@ -22,8 +22,10 @@ from plasticity_lightning.core.files import write_csv_atomic
 from plasticity_lightning.core.rundir import FINISHED_TASK_KEY, TASK_ACCURACY_FILE, run_directory
 from plasticity_lightning.core.tasks import TaskContext, get_task_context, per_task_accuracy_key, stopped_mid_task
 from plasticity_lightning.metrics.continual import (
+    COVERAGE_TEXT,
     accuracy_matrix_summary,
     first_and_last,
+    matrix_coverage,
     per_task_series,
     summary_window,
 )
@@ -170,12 +172,7 @@ class TaskAccuracyTable(TaskAwareCallback):
 
     def measured(self) -> str:
         """What the finished rows hold: every seen task, or only each task right after it was learned."""
-        rows = [row[: t + 1] for t, row in self.rows.items()]
-        if rows and all(math.isfinite(v) for row in rows for v in row):
-            return "every seen task after each task"
-        if rows and all(math.isfinite(row[-1]) for row in rows):
-            return "only the task being learned (eval_on: current): no mean over seen tasks, no forgetting"
-        return "some tasks after some tasks"
+        return COVERAGE_TEXT[matrix_coverage(self.rows)]
 
     def _table_rows(self) -> list[tuple[int, list[float], bool]]:
         """(task, row, complete) for every finished task, then the unfinished one if fit stopped mid-task."""

@@ -170,6 +170,34 @@ def accuracy_matrix_summary(rows: Mapping[int, Sequence[float]]) -> dict[str, fl
     }
 
 
+def matrix_coverage(rows: Mapping[int, Sequence[float]]) -> str:
+    """What an accuracy matrix measured: ``"seen"`` (every task so far after each task), ``"current"`` (only the
+    task being learned, e.g. ``eval_on: current``), ``"partial"`` or ``"none"``.
+
+    Example::
+
+        >>> nan = float("nan")
+        >>> matrix_coverage({0: [0.9, nan], 1: [0.7, 0.8]}), matrix_coverage({0: [0.9, nan], 1: [nan, 0.8]})
+        ('seen', 'current')
+    """
+    cells = [row[: t + 1] for t, row in rows.items()]
+    if not cells or not any(math.isfinite(v) for row in cells for v in row):
+        return "none"
+    if all(math.isfinite(v) for row in cells for v in row):
+        return "seen"
+    if all(math.isfinite(row[-1]) for row in cells):
+        return "current"
+    return "partial"
+
+
+COVERAGE_TEXT = {
+    "seen": "every seen task after each task",
+    "current": "only the task being learned (eval_on: current): no mean over seen tasks, no forgetting",
+    "partial": "some tasks after some tasks",
+    "none": "nothing",
+}
+
+
 def per_task_series(tasks: Sequence[int | None], values: Sequence[float], num_tasks: int) -> list[float]:
     """One value per task from measurements in time order, plus the state the stream ended in.
 

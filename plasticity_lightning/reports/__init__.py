@@ -1,26 +1,44 @@
-"""Reading finished runs back: per-run figures and summaries (``plasticity report RUN_DIR``) and seed-level
-comparisons of variants with Wilcoxon signed-rank tests and Cohen's d (``plasticity report --compare``)."""
+"""Reading finished runs back (``plasticity report``): an interactive offline HTML report with the panels that apply
+to a run (continual runs per task: new-task accuracy, the accuracy matrix, ranks, dormant units, weights,
+interventions), a per-task or per-run JSON summary, PNGs on request, and comparisons of variants over seeds (mean
+and 95% band per variant, Wilcoxon signed-rank tests and Cohen's d)."""
 
-from plasticity_lightning.reports.compare import cohens_d, compare_runs, format_table, wilcoxon_p, write_comparison
-from plasticity_lightning.reports.run import (
+from plasticity_lightning.reports.compare import (
+    cohens_d,
+    compare_runs,
+    format_table,
+    load_variants,
+    wilcoxon_p,
+    write_comparison,
+)
+from plasticity_lightning.reports.data import (
     RunData,
     find_run_dirs,
     load_run,
     read_epoch_table,
-    regression_scores,
-    summarize_run,
-    write_run_report,
+    read_metrics_csv,
+    read_tensorboard,
 )
+from plasticity_lightning.reports.panels import Chart, Series, compare_charts, run_charts
+from plasticity_lightning.reports.run import continual_summary, regression_scores, summarize_run, write_run_report
 
 __all__ = [
+    "Chart",
     "RunData",
+    "Series",
     "cohens_d",
+    "compare_charts",
     "compare_runs",
+    "continual_summary",
     "find_run_dirs",
     "format_table",
     "load_run",
+    "load_variants",
     "read_epoch_table",
+    "read_metrics_csv",
+    "read_tensorboard",
     "regression_scores",
+    "run_charts",
     "summarize_run",
     "wilcoxon_p",
     "write_comparison",
