@@ -15,21 +15,46 @@ later files override earlier ones key by key.
 Defaults a recipe can override: a CSV logger writing to ``runs/``, a rich progress bar (unless the recipe
 adds another progress bar or disables it), and a checkpoint callback that also keeps ``last.ckpt``.
 
-Configuration errors (bad values, missing data files) print one line and exit with status 2; set
-``PLASTICITY_TRACEBACK=1`` to see the full traceback instead.
+Configuration errors (bad values, missing data files, unusable checkpoints) print one line and exit with status 2;
+set ``PLASTICITY_TRACEBACK=1`` to see the full traceback instead.
+
+Checkpoints (``--ckpt_path``):
+
+* a local file, a URL (``http(s)://``, or an fsspec URL such as ``s3://``), or ``last``: the ``last.ckpt`` of the
+  run's latest ``version_N`` that has one (``<save_dir>/<name>/version_N/checkpoints/``, or the directory of the
+  recipe's ``ModelCheckpoint``); the resumed fit logs into that same ``version_N``, appending to its ``metrics.csv``.
+* Every checkpoint, local or remote, loads with torch's safe unpickler (``weights_only=True``): a file that asks to
+  run code is refused with one line. ``--weights_only false`` is the explicit opt-in for a file you trust.
+* The recipe's model wins: a checkpoint of another model class or other architecture settings is refused with one
+  line saying what it holds and what the recipe asks for. ``--model_from_checkpoint true`` takes the checkpoint's
+  model class and settings instead (LightningCLI's own behaviour).
+* ``fit`` resumes exactly: the training order (:class:`~plasticity_lightning.data.base.EpochShuffleSampler`), the
+  dataloader's position in a mid-epoch checkpoint, the global RNG states (dropout, augmentation;
+  :class:`~plasticity_lightning.core.checkpoints.GlobalRNGState`) and every callback's state are in the checkpoint.
+* A fit stopped by SIGTERM (a cluster scheduler's preemption) finishes its batch, saves ``last.ckpt``
+  (:class:`~plasticity_lightning.core.checkpoints.SaveOnPreemption`), writes its summaries and exits with status 143;
+  ``--ckpt_path last`` continues it.
+
+``configs/trainer/ddp.yaml`` (``strategy: ddp``, ``devices: auto``) starts one process per GPU, and two processes on
+a machine without GPUs (``--trainer.devices N`` chooses another number).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 import re
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any, NoReturn
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 # Imported for their side effect: jsonargparse resolves short class names among imported subclasses.
@@ -37,7 +62,16 @@ import plasticity_lightning.callbacks
 import plasticity_lightning.data
 import plasticity_lightning.models  # noqa: F401
 from plasticity_lightning import __version__
-from plasticity_lightning.core.errors import DataNotFoundError
+from plasticity_lightning.core.checkpoints import (
+    LAST_NAME,
+    GlobalRNGState,
+    SaveOnPreemption,
+    fetch_checkpoint,
+    is_url,
+    last_checkpoint,
+    load_checkpoint,
+)
+from plasticity_lightning.core.errors import DataNotFoundError, PlasticityConfigError
 
 DESCRIPTION = "Measure and maintain the plasticity of neural networks with PyTorch Lightning."
 DEFAULT_LOGGER = {
@@ -95,7 +129,10 @@ class PlasticityCLI(LightningCLI):
     * subclass mode for model and data, so ``--model`` / ``--data`` take any class (short names for ours);
     * the optimizer and LR scheduler are model arguments (``--model.optimizer``), not top-level
       ``--optimizer`` flags, so a model can build parameter groups that callbacks later adjust;
-    * trainer defaults: CSV logger to ``runs/``, rich progress bar, checkpoints with ``last.ckpt``;
+    * trainer defaults: CSV logger to ``runs/``, rich progress bar, checkpoints with ``last.ckpt``, the global RNG
+      states in checkpoints and a checkpoint on SIGTERM;
+    * checkpoints are fetched, checked and loaded safely (see the module's docstring), ``--ckpt_path last`` and
+      ``--model_from_checkpoint``;
     * ``--version``.
     """
 
@@ -108,13 +145,132 @@ class PlasticityCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"prog": "plasticity", "version": __version__, "description": DESCRIPTION})
         kwargs.setdefault("parser_class", PlasticityArgumentParser)
-        super().__init__(args=args, **kwargs)
+        self._downloads = contextlib.ExitStack()  # local copies of remote checkpoints, removed when the run ends
+        self._checkpoint_shown: str | None = None  # --ckpt_path as the user gave it
+        self._checkpoint_step: int | None = None
+        self._model_from_checkpoint = False
+        self._resumed_version: int | None = None
+        with self._downloads:
+            super().__init__(args=args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults({"trainer.logger": DEFAULT_LOGGER})
+        parser.add_argument(
+            "--model_from_checkpoint",
+            type=bool,
+            default=False,
+            help="Build the model from --ckpt_path's class and hyper-parameters instead of the recipe's model",
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def _parse_ckpt_path(self) -> None:
+        """Resolve, fetch and check ``--ckpt_path`` before anything is built (replaces LightningCLI's hparams merge)."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        given = config.get("ckpt_path")
+        self._model_from_checkpoint = bool(config.get("model_from_checkpoint"))
+        if given is None:
+            if self._model_from_checkpoint:
+                raise PlasticityConfigError("--model_from_checkpoint true needs a checkpoint: add --ckpt_path")
+            return
+        given = str(given)
+        trust = config.get("weights_only") is False
+        if given == "last":
+            local = self._find_last(config)
+            shown = str(local)
+        elif given in ("best", "hpc", "registry") or given.startswith("registry:"):
+            raise PlasticityConfigError(
+                f"--ckpt_path={given!r} is not supported by `plasticity`; give a checkpoint file, a URL or `last`"
+            )
+        elif is_url(given):
+            directory = self._downloads.enter_context(tempfile.TemporaryDirectory(prefix="plasticity-ckpt-"))
+            local, shown = fetch_checkpoint(given, directory), given
+        else:
+            local, shown = Path(given), given
+        checkpoint = load_checkpoint(local, trust=trust, shown=shown)
+        self._checkpoint_shown = shown
+        self._checkpoint_step = _batches_that_stepped(checkpoint)
+        config.ckpt_path = str(local)
+        config.weights_only = not trust  # Lightning's own default for URLs would unpickle anything
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        if self._model_from_checkpoint:
+            self._take_checkpoint_model(subcommand, hparams, shown)
+        else:
+            _check_architecture(config.get("model"), hparams, shown)
+
+    def _take_checkpoint_model(self, subcommand: str, hparams: dict[str, Any], shown: str) -> None:
+        hparams.pop("_instantiator", None)
+        if "_class_path" not in hparams:
+            raise PlasticityConfigError(
+                f"--ckpt_path={shown!r} does not record its model class (it was not written by `plasticity fit`), so "
+                "--model_from_checkpoint cannot rebuild it; give the model with --model and its settings"
+            )
+        model = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+
+    def _find_last(self, config: Any) -> Path:
+        """``last.ckpt`` of the run's latest version; the resumed fit then logs into that version."""
+        trainer = config.trainer
+        for callback in _as_list(trainer.get("callbacks")):
+            if _subclass_of(callback, ModelCheckpoint) and _init_arg(callback, "dirpath"):
+                path = Path(_init_arg(callback, "dirpath")) / LAST_NAME
+                if not path.is_file():
+                    raise PlasticityConfigError(
+                        f"--ckpt_path last: no {LAST_NAME} in the recipe's ModelCheckpoint dirpath "
+                        f"{str(path.parent)!r}; give the checkpoint's path"
+                    )
+                return path
+        loggers = _as_list(trainer.get("logger"))
+        logger = loggers[0] if loggers else None
+        root_dir = Path(trainer.get("default_root_dir") or os.getcwd())
+        if logger in (None, False):
+            path = root_dir / "checkpoints" / LAST_NAME
+            if not path.is_file():
+                raise PlasticityConfigError(
+                    f"--ckpt_path last: no {path} (trainer.logger is off); give a checkpoint path"
+                )
+            return path
+        if logger is True:
+            root = root_dir / "lightning_logs"
+        elif _subclass_of(logger, (CSVLogger, TensorBoardLogger)):
+            name = _init_arg(logger, "name", "lightning_logs")
+            root = Path(_init_arg(logger, "save_dir", ".")) / (name or "")
+            version = _init_arg(logger, "version")
+            if version is not None:
+                path = root / (f"version_{version}" if isinstance(version, int) else str(version)) / "checkpoints"
+                if not (path / LAST_NAME).is_file():
+                    raise PlasticityConfigError(f"--ckpt_path last: no {LAST_NAME} in {str(path)!r}")
+                return path / LAST_NAME
+        else:
+            raise PlasticityConfigError(
+                f"--ckpt_path last: cannot tell where {logger.get('class_path')} keeps checkpoints; give the "
+                "checkpoint's path (or a ModelCheckpoint dirpath in the recipe)"
+            )
+        found = last_checkpoint(root)
+        if found is None:
+            raise PlasticityConfigError(
+                f"--ckpt_path last: no {root / 'version_*' / 'checkpoints' / LAST_NAME} exists; start the run without "
+                "--ckpt_path, or give a checkpoint path"
+            )
+        version, path = found
+        if logger is not True:
+            logger.init_args.version = version  # resume into the same version_N directory
+        self._resumed_version = version
+        return path
+
+    # ------------------------------------------------------------------ building and running
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            self._raise_from_checkpoint_error(err)
+            raise
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         config = self._get(self.config_init, "trainer", default={})
+        _choose_ddp_devices(config)
         callbacks = _without_duplicates(list(config.get("callbacks") or []))
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(RichProgressBar())
@@ -122,8 +278,172 @@ class PlasticityCLI(LightningCLI):
             isinstance(c, ModelCheckpoint) for c in callbacks
         ):
             callbacks.append(ModelCheckpoint(save_last=True))
+        for extra in (GlobalRNGState, SaveOnPreemption):
+            if not any(isinstance(c, extra) for c in callbacks):
+                callbacks.append(extra())
         kwargs.setdefault("callbacks", callbacks)
         return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        if self._resumed_version is not None and self._checkpoint_step is not None:
+            for logger in self.trainer.loggers:
+                if isinstance(logger, CSVLogger):
+                    _keep_logged_rows(logger, self._checkpoint_step)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except RuntimeError as err:
+            if self._checkpoint_shown is None or "Error(s) in loading state_dict" not in str(err):
+                raise
+            problems = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+            raise PlasticityConfigError(
+                f"--ckpt_path={self._checkpoint_shown!r} holds weights that do not fit the recipe's "
+                f"{type(self.model).__name__}: {'; '.join(problems[:2])[:300]}. Give the model the checkpoint's "
+                "settings, or add --model_from_checkpoint true"
+            ) from err
+        except Exception as err:
+            self._raise_from_checkpoint_error(err)
+            raise
+
+    def _raise_from_checkpoint_error(self, err: Exception) -> None:
+        """A configuration error caused by settings taken from the checkpoint says so, not only which value failed."""
+        cause = configuration_error(err)
+        if cause is None or not self._model_from_checkpoint:
+            return
+        raise PlasticityConfigError(
+            f"the model built from --ckpt_path={self._checkpoint_shown!r} (--model_from_checkpoint true) does not fit "
+            f"this run: {cause}. Drop --model_from_checkpoint to train the recipe's model"
+        ) from err
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _init_arg(spec: Any, name: str, default: Any = None) -> Any:
+    init_args = spec.get("init_args") if hasattr(spec, "get") else None
+    value = init_args.get(name, default) if init_args is not None else default
+    return default if value is None and default is not None else value
+
+
+def _subclass_of(spec: Any, base: type | tuple[type, ...]) -> bool:
+    """Whether the ``{class_path, init_args}`` config ``spec`` names a subclass of ``base``."""
+    class_path = spec.get("class_path") if hasattr(spec, "get") else None
+    if not isinstance(class_path, str):
+        return False
+    cls = _import_class(class_path)
+    return isinstance(cls, type) and issubclass(cls, base)
+
+
+def _import_class(class_path: str) -> Any:
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def _batches_that_stepped(checkpoint: dict[str, Any]) -> int | None:
+    try:
+        return int(checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _plain(value: Any) -> Any:
+    """Config and hyper-parameter values in one comparable form (tuples as lists, namespaces as dicts)."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _check_architecture(model_config: Any, hparams: dict[str, Any], shown: str) -> None:
+    """Refuse a checkpoint whose model class or architecture settings differ from the recipe's model."""
+    recipe_class = model_config.get("class_path") if hasattr(model_config, "get") else None
+    if recipe_class is None:
+        return
+    saved_class = hparams.get("_class_path")
+    recipe_name, saved_name = recipe_class.rpartition(".")[2], str(saved_class).rpartition(".")[2]
+    if saved_class is not None and saved_class != recipe_class:
+        raise PlasticityConfigError(
+            f"--ckpt_path={shown!r} holds a {saved_name} ({saved_class}); the recipe asks for a {recipe_name} "
+            f"({recipe_class}). Give --model {saved_name} with its settings, or add --model_from_checkpoint true"
+        )
+    training = getattr(_import_class(recipe_class), "training_hparams", None)
+    if training is None:  # a model of the user's: its weights are checked when they load
+        return
+    init_args = _plain(model_config.get("init_args") or {})
+    differ = {
+        name: (hparams[name], value)
+        for name, value in init_args.items()
+        if name in hparams and name not in training and not name.startswith("_") and value is not None
+        if _plain(hparams[name]) != value
+    }
+    if differ:
+        held = ", ".join(f"{name}={saved!r}" for name, (saved, _) in differ.items())
+        asked = ", ".join(f"{name}={wanted!r}" for name, (_, wanted) in differ.items())
+        raise PlasticityConfigError(
+            f"--ckpt_path={shown!r} holds a {saved_name or recipe_name} with {held}; the recipe asks for {asked}. "
+            "Set the model's settings to the checkpoint's, or add --model_from_checkpoint true to train the "
+            "checkpoint's model"
+        )
+
+
+def _keep_logged_rows(logger: CSVLogger, step: int) -> None:
+    """Resuming into a version directory: keep what its ``metrics.csv`` logged before the checkpoint.
+
+    Lightning's CSV writer deletes an existing ``metrics.csv`` when it opens the directory; rows logged after the
+    checkpoint's step belong to the interrupted part, which the resumed fit logs again.
+    """
+    import csv
+    import warnings
+
+    path = Path(logger.log_dir) / "metrics.csv"
+    rows: list[dict[str, str]] = []
+    header: list[str] = []
+    if path.is_file():
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            rows = [row for row in reader if row.get("step", "").isdigit() and int(row["step"]) < step]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "previous log files in this directory will be deleted"
+        writer = logger.experiment
+    if not header:
+        return
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w", newline="") as f:
+        out = csv.DictWriter(f, fieldnames=header)
+        out.writeheader()
+        out.writerows(rows)
+    os.replace(temporary, path)
+    writer.metrics_keys = list(header)
+
+
+def _choose_ddp_devices(config: dict[str, Any]) -> None:
+    """``strategy: ddp`` with ``devices: auto`` on a machine without GPUs: two CPU processes, and say so."""
+    strategy = config.get("strategy")
+    name = strategy if isinstance(strategy, str) else type(strategy).__name__.lower()
+    if not name.startswith("ddp") or config.get("devices", "auto") != "auto":
+        return
+    accelerator = config.get("accelerator", "auto")
+    import torch
+
+    no_gpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if no_gpu:
+        config["devices"] = 2
+        config["accelerator"] = "cpu"
+        rank_zero_info(
+            "plasticity: strategy=ddp with devices=auto and no GPU: running 2 CPU processes "
+            "(choose another number with --trainer.devices N)"
+        )
 
 
 def _without_duplicates(callbacks: list[Callback]) -> list[Callback]:
@@ -183,6 +503,12 @@ def main(args: ArgsType = None) -> None:
             report_main(argv[1:])
             return
         PlasticityCLI(args=args)
+    except SIGTERMException as err:
+        # Lightning ends a fit stopped by SIGTERM with SystemExit(None), which would exit 0 as if it had finished.
+        sys.stderr.write(
+            "plasticity: stopped by SIGTERM; a resumable last.ckpt was saved: continue with --ckpt_path last\n"
+        )
+        raise SystemExit(143) from err
     except Exception as err:
         cause = configuration_error(err)
         if cause is None or os.environ.get("PLASTICITY_TRACEBACK"):

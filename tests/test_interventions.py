@@ -170,21 +170,64 @@ def test_the_host_side_maturity_count_follows_the_ages(maturity):
     restored._remove_hooks()
 
 
-def test_diverged_utilities_never_make_young_units_replaceable():
-    # NaN features (a loss spike) give every unit a NaN utility: the mature ones go first, young ones never
+@pytest.mark.parametrize("utility", ["contribution", "zero_contribution", "adaptable_contribution"])
+def test_nonfinite_statistics_skip_the_layers_step_warn_once_and_keep_its_state(utility):
+    # NaN/inf features (a loss spike): no unit is replaced on them and the EMAs keep their finite values
     torch.manual_seed(0)
-    cbp, pair, state = bare_cbp(12, replacement_rate=0.2, maturity_threshold=3, seed=1)
+    cbp, pair, state = bare_cbp(12, replacement_rate=0.2, maturity_threshold=3, seed=1, utility=utility)
     for _ in range(8):
         cbp.step(None, pair, [torch.rand(4, 12)])
-    for _ in range(3):
-        ages = state.ages + 1  # what they are when the step ranks them
-        units = cbp.step(None, pair, [torch.full((4, 12), float("nan"))])
-        assert len(units) and (ages[units] > 3).all()
-        assert state.mature_units == int((state.ages > 3).sum())
-    # replacing units by hand (young ones included) keeps the host-side count exact too
-    cbp._replace(None, pair, torch.tensor([0, 1, 2]))
+    utility_before, mean_before = state.utility.clone(), state.mean_activation.clone()
+    weights = [p.detach().clone() for p in (pair.producer_module.weight, pair.consumer_module.weight)]
+    replaced = state.replaced
+    with pytest.warns(UserWarning, match=r"ContinualBackprop: the statistics of '0' are NaN/inf") as warned:
+        for value in (math.nan, math.inf, -math.inf):
+            units = cbp.step(None, pair, [torch.full((4, 12), value)])
+            assert units.numel() == 0 and units.dtype == torch.long
+    assert len([w for w in warned if "NaN/inf" in str(w.message)]) == 1  # once, not once per step
+    assert torch.equal(state.utility, utility_before) and torch.equal(state.mean_activation, mean_before)
+    assert torch.equal(pair.producer_module.weight, weights[0])
+    assert torch.equal(pair.consumer_module.weight, weights[1])
+    assert int(state.skipped) == 3 and state.replaced == replaced
+    # units still age, the host-side count follows, and the dropped replacements are not carried over
     assert state.mature_units == int((state.ages > 3).sum())
+    assert 0 <= state.accumulated < 1  # 3 × 0.2 × 12 units were due and dropped
+    assert len(cbp.step(None, pair, [torch.rand(4, 12)])) in (2, 3)  # a finite step replaces again: 0.2 × 12
+    assert int(state.skipped) == 3
     cbp._remove_hooks()
+
+
+def test_a_nonfinite_utility_is_never_ranked():
+    # a utility loaded from a damaged checkpoint: every step of the layer is skipped and counted, none replaces
+    cbp, pair, state = bare_cbp(10, replacement_rate=0.5, maturity_threshold=0, seed=1)
+    cbp.step(None, pair, [torch.rand(4, 10)])
+    state.utility[3] = math.nan
+    with pytest.warns(UserWarning, match="NaN/inf"):
+        counts = [len(cbp.step(None, pair, [torch.rand(4, 10)])) for _ in range(3)]
+    assert counts == [0, 0, 0] and int(state.skipped) == 3
+    cbp._remove_hooks()
+
+
+def test_cbp_logs_skipped_steps_in_a_trainer(tmp_path):
+    class Diverge(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 4:
+                with torch.no_grad():
+                    pl_module.hidden[0].linear.weight[0, 0] = math.inf
+
+    cbp = ContinualBackprop(replacement_rate=0.05, maturity_threshold=1)
+    trainer = make_trainer(tmp_path, callbacks=[Diverge(), cbp], max_steps=6, log_every_n_steps=1)
+    with pytest.warns(UserWarning, match=r"'hidden\.\d\.linear' are NaN/inf"):
+        trainer.fit(mlp(), loader())
+    skipped = {name: int(state.skipped) for name, state in cbp.states.items()}
+    assert skipped["hidden.0.linear"] >= 1 and skipped["hidden.1.linear"] >= 1  # NaN reaches the next layer
+    assert trainer.callback_metrics["cbp/skipped_nonfinite"].item() == sum(skipped.values())
+    assert all(torch.isfinite(state.utility).all() for state in cbp.states.values())
+    restored = ContinualBackprop(replacement_rate=0.05, maturity_threshold=1)
+    restored.load_state_dict(cbp.state_dict())
+    restored.on_fit_start(None, mlp())
+    assert {name: int(state.skipped) for name, state in restored.states.items()} == skipped
+    restored._remove_hooks()
 
 
 def test_a_second_fit_with_the_same_callback_ages_units_every_step(tmp_path):
@@ -359,6 +402,27 @@ def test_redo_recycles_exactly_the_tau_dormant_units(tmp_path):
     assert (model.hidden[1].linear.weight[:, :4] == 0).all() and (model.hidden[0].linear.bias[:4] == 0).all()
     assert model.hidden[0].linear.weight[:4].abs().sum() > 0
     assert trainer.callback_metrics["redo/recycled"].item() >= 4
+
+
+def test_redo_skips_a_layer_with_nonfinite_activity(tmp_path):
+    # one +inf activation made every other unit's score 0 ("dormant"): ReDo would have re-initialised the layer
+    model = mlp()
+    redo = ReDo(every_n_steps=1000, tau=0.0, probe_size=64, on_task_change=False)
+    trainer = make_trainer(tmp_path, callbacks=[redo], max_epochs=1, limit_train_batches=1, log_every_n_steps=1)
+    trainer.fit(model, loader())
+    with torch.no_grad():
+        model.hidden[1].linear.bias[0] = math.inf  # the second layer's units only: the first stays measurable
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(UserWarning, match=r"ReDo: the statistics of 'hidden\.1\.linear' are NaN/inf") as warned:
+        counts = redo.recycle(trainer, model)
+        assert counts == {"hidden.0.linear": 0, "hidden.1.linear": 0}  # τ = 0: no silent unit in the first
+        redo.recycle(trainer, model)
+    assert len([w for w in warned if "NaN/inf" in str(w.message)]) == 1
+    assert redo.skipped == {"hidden.1.linear": 2}
+    for (name, param), old in zip(model.named_parameters(), before, strict=True):
+        assert torch.equal(param, old), name  # nothing recycled: the skipped layer and its consumer untouched
+    assert trainer.callback_metrics["redo/skipped_nonfinite"].item() == 2
+    assert ReDo().state_dict()["skipped"] == {} and redo.state_dict()["skipped"] == {"hidden.1.linear": 2}
 
 
 # ---------------------------------------------------------------------------------------------- S&P, L2 Init, head

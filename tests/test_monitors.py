@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import pickle
 
 import lightning.pytorch as pl
@@ -439,3 +440,90 @@ def test_capture_restores_modes_through_train_so_mode_side_effects_are_undone():
     assert net[0].training and not net[0].merged
     torch.testing.assert_close(net[0].weight.detach(), weight)  # the delta is out of the weight again
     torch.testing.assert_close(out, torch.relu(torch.ones(2, 4) @ (weight + 1.0).T + net[0].bias.detach()))
+
+
+class _Break(pl.Callback):
+    """Puts ``value`` into the first layer at the end of the second epoch (before the monitors listed after it)."""
+
+    def __init__(self, value, where="weight"):
+        self.value, self.where = value, where
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            with torch.no_grad():
+                if self.where == "weight":
+                    pl_module.hidden[0].linear.weight.fill_(self.value)
+                else:  # one unit's bias: that unit outputs +inf, the others stay finite
+                    pl_module.hidden[0].linear.bias[0] = self.value
+
+
+def _broken_fit(tmp_path, monitor, value, where="weight"):
+    with pytest.warns(UserWarning, match="NaN/inf") as warned:
+        trainer, _ = fit(
+            tmp_path,
+            [_Break(value, where), monitor],
+            max_epochs=2,
+            limit_train_batches=2,
+            data=digits(num_tasks=1, epochs_per_task=2),
+        )
+    return trainer, [str(w.message) for w in warned if "NaN/inf" in str(w.message)]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_dormant_unit_monitor_logs_nan_for_a_broken_network_and_warns_once_per_layer(tmp_path, value):
+    # NaN weights gave dead/dormant/low-activity shares of 0.0, a healthy-looking network
+    monitor = DormantUnitMonitor(every_n_epochs=1, on_task_change=False, at_train_end=False, probe_size=256)
+    trainer, messages = _broken_fit(tmp_path, monitor, value)
+    assert len(monitor.history) == 2
+    for measure in ("redo_dormant_fraction", "dead_fraction", "low_activity_fraction"):
+        for layer in ("hidden.0.act", "hidden.1.act", "all"):
+            assert math.isnan(monitor.history[-1][f"{layer}/{measure}"]), (layer, measure)
+            assert torch.isnan(trainer.callback_metrics[f"plasticity/{layer}/{measure}"])
+    assert sorted(m.split("'")[1] for m in messages) == ["hidden.0.act", "hidden.1.act"]  # once per layer
+    assert all(m.startswith("DormantUnitMonitor: ") for m in messages)
+
+
+def test_one_infinite_activation_does_not_make_a_layer_dormant(tmp_path):
+    # one +inf unit made the ReDo normaliser infinite: every other unit scored 0, 98% "dormant"
+    monitor = DormantUnitMonitor(
+        layers=["hidden.0.act"], every_n_epochs=1, on_task_change=False, at_train_end=False, probe_size=256
+    )
+    _, messages = _broken_fit(tmp_path, monitor, float("inf"), where="bias")
+    assert messages == [messages[0]] and "'hidden.0.act' has NaN/inf outputs at step 4" in messages[0]
+    finite, broken = monitor.history
+    assert finite["hidden.0.act/redo_dormant_fraction"] < 0.5
+    assert math.isnan(broken["hidden.0.act/redo_dormant_fraction"]) and math.isnan(broken["all/dead_fraction"])
+
+
+@pytest.mark.parametrize(
+    ("monitor", "keys"),
+    [
+        (EntropyMonitor, ["hidden.0.act/activation_entropy", "predictions/prediction_entropy"]),
+        (WeightMonitor, ["hidden.0.linear/mean_abs_weight", "hidden.0.linear/weight_norm", "all/weight_norm"]),
+    ],
+)
+@pytest.mark.parametrize("value", [float("inf"), float("-inf")])
+def test_every_monitor_logs_nan_for_nonfinite_layers(tmp_path, monitor, keys, value):
+    # a -inf activation gave a clean entropy of 0 and an infinite weight an infinite norm: both now NaN, warned
+    instance = monitor(every_n_epochs=1, on_task_change=False, at_train_end=False, probe_size=256)
+    _, messages = _broken_fit(tmp_path, instance, value)
+    for key in keys:
+        assert math.isnan(instance.history[-1][key]), key
+        assert math.isfinite(instance.history[0][key]), key
+    assert messages and all(m.startswith(f"{monitor.__name__}: ") for m in messages)
+    assert len(messages) == len(set(messages))
+
+
+def test_gradient_flow_logs_nan_for_nonfinite_gradients(tmp_path):
+    monitor = GradientFlowMonitor(every_n_steps=1)
+
+    class InfiniteGradient(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 3:
+                pl_module.head.weight.grad[0, 0] = float("inf")
+
+    with pytest.warns(UserWarning, match="'head' has NaN/inf gradients at step 3"):
+        fit(tmp_path, [InfiniteGradient(), monitor], max_steps=5, data=digits(num_tasks=1))
+    at_three = next(h for h in monitor.history if h["step"] == 3)
+    assert math.isnan(at_three["head/grad_norm"]) and math.isnan(at_three["grad/global_norm"])
+    assert math.isfinite(at_three["hidden.0.linear/grad_norm"])  # the other layers are still measured

@@ -49,6 +49,8 @@ class _LayerState:
         self.mean_activation = torch.zeros(units, dtype=torch.float32, device=device)
         self.accumulated = 0.0
         self.replaced = 0
+        # steps whose statistics were NaN/inf, counted where they are known (on the device: no read-back per step)
+        self.skipped = torch.zeros((), dtype=torch.long, device=device)
         self.maturity = maturity
         self._clock = 0  # steps aged so far; a cohort born at clock b has age clock - b
         self._young: deque[tuple[int, int]] = deque([(0, units)])  # (birth clock, units), oldest first
@@ -101,6 +103,7 @@ class _LayerState:
             "mean_activation": self.mean_activation.cpu(),
             "accumulated": self.accumulated,
             "replaced": self.replaced,
+            "skipped": self.skipped.cpu(),
         }
 
     def load(self, state: dict[str, Any]) -> None:
@@ -110,6 +113,7 @@ class _LayerState:
         self.mean_activation = state["mean_activation"].to(device)
         self.accumulated = float(state["accumulated"])
         self.replaced = int(state["replaced"])
+        self.skipped = torch.as_tensor(state.get("skipped", 0), dtype=torch.long).to(device)
         self.sync_cohorts()
 
 
@@ -141,6 +145,13 @@ class ContinualBackprop(UnitIntervention):
     Σ-norm, Σ the bias-corrected EMA (decay ``sigma_decay``) of the producer's input covariance, optionally scaled
     by an energy budget (:mod:`plasticity_lightning.surgery.sigma`, which lists the deviations from the reference).
     Linear producers only.
+
+    Non-finite statistics: when a layer's instantaneous utility (or its utility EMA) holds a NaN or ±inf
+    (diverged features or weights), that layer's step is skipped: its utility and mean-activation EMAs keep their previous values and
+    no unit is replaced (replacements due that step are dropped, not carried over); its units still age. The
+    check runs on the device; the host reads it only on steps that would replace units and when logging, so
+    other steps still never wait for the device. Skipped steps are counted per layer and logged, summed over
+    layers, as ``cbp/skipped_nonfinite``; the first one warns.
 
     DDP: per-unit statistics are averaged across ranks before the utility update, and random draws come from a
     generator seeded alike on every rank, so every rank replaces the same units with the same weights. Resume:
@@ -258,6 +269,12 @@ class ContinualBackprop(UnitIntervention):
                     f"{type(dict(pl_module.named_modules())[convs[0]]).__name__} (restrict layers=[...] or use "
                     "another init)"
                 )
+            gated = [pair.describe() for pair in self.pairs if pair.partners]
+            if gated:  # Σ-orthogonal rows are drawn for one producer; a gated unit has several
+                raise PlasticityConfigError(
+                    f"ContinualBackprop(init='sigma_orthogonal') supports single-producer pairs only; {gated[0]!r} "
+                    "is a gated MLP unit (restrict layers=[...] or use another init)"
+                )
         for pair in self.pairs:
             self.states[pair.producer] = _LayerState(
                 pair.num_units, pair.producer_module.weight.device, self.maturity_threshold
@@ -320,6 +337,11 @@ class ContinualBackprop(UnitIntervention):
             logged[f"{pair.producer}/replaced"] = state.replaced
             total += state.replaced
         logged["replaced"] = total
+        if self.log_due(trainer) and self.states:  # read back only when logging
+            skipped = int(sum(state.skipped for state in self.states.values()))
+            logged["skipped_nonfinite"] = skipped
+            if skipped:
+                self.warn_nonfinite(next(n for n, st in self.states.items() if int(st.skipped)), trainer.global_step)
         self.log_values(trainer, logged)
 
     def _current_magnitudes(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
@@ -349,10 +371,11 @@ class ContinualBackprop(UnitIntervention):
         state.age()
         if self.utility == "contribution":
             activity = columns.abs().mean(dim=0)
+            mean_activation = state.mean_activation
         else:  # f (the mean activation) is tracked by the utilities that use it
             mean_h = self.reduce_mean(trainer, columns.mean(dim=(0, 2)))
-            state.mean_activation.lerp_(mean_h, 1 - eta)
-            activity = (columns - (state.mean_activation / self._correction(state))[:, None]).abs().mean(dim=0)
+            mean_activation = state.mean_activation.lerp(mean_h, 1 - eta)
+            activity = (columns - (mean_activation / self._correction(state))[:, None]).abs().mean(dim=0)
         activity = self.reduce_mean(trainer, activity)
         outgoing, incoming = magnitudes if magnitudes is not None else (outgoing_magnitude(pair), None)
         # per column, then averaged over the unit's columns (conv → flatten → linear: each H×W position has its own
@@ -362,13 +385,24 @@ class ContinualBackprop(UnitIntervention):
         if self.utility == "adaptable_contribution":
             incoming = incoming if incoming is not None else incoming_magnitude(pair)
             instantaneous = instantaneous / incoming.clamp(min=torch.finfo(torch.float32).tiny)
-        state.utility.lerp_(instantaneous, 1 - eta)
+        # NaN/inf features or weights (or a utility loaded so): skip the layer's step, as a NaN would stay in the
+        # EMAs for good. Decided on the device, from statistics reduced across ranks, so every rank skips alike
+        # without a read-back.
+        finite = torch.isfinite(instantaneous).all() & torch.isfinite(state.utility).all()
+        state.utility.copy_(torch.where(finite, state.utility.lerp(instantaneous, 1 - eta), state.utility))
+        if mean_activation is not state.mean_activation:
+            state.mean_activation.copy_(torch.where(finite, mean_activation, state.mean_activation))
+        state.skipped += ~finite
         if self.sigma_orthogonal and inputs:
             batch = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs]).to(torch.float64)
             self.covariances[pair.producer].update_moment(self.reduce_mean(trainer, batch.T @ batch / len(batch)))
         units = self._choose(state)
         if units.numel():
-            self._replace(trainer, pair, units, mature=True)
+            if bool(finite):  # never replace on a NaN ranking: one read, only on steps that would replace
+                self._replace(trainer, pair, units, mature=True)
+            else:
+                self.warn_nonfinite(pair.producer, None if trainer is None else trainer.global_step)
+                units = units[:0]
         return units
 
     def _correction(self, state: _LayerState) -> torch.Tensor:
@@ -395,9 +429,7 @@ class ContinualBackprop(UnitIntervention):
         if number == 0:
             return none
         corrected = state.utility / self._correction(state)
-        # lowest first: a NaN utility (a diverged unit) counts as the lowest, and a young unit is never picked
-        corrected = torch.nan_to_num(corrected, nan=-torch.inf, posinf=torch.finfo(corrected.dtype).max)
-        corrected = corrected.masked_fill(state.ages <= state.maturity, torch.inf)
+        corrected = corrected.masked_fill(state.ages <= state.maturity, torch.inf)  # lowest first; never a young unit
         return torch.topk(corrected, number, largest=False).indices
 
     def _replace(

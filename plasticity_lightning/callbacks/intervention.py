@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, XLAStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -59,6 +60,7 @@ class Intervention(TaskAwareCallback):
         self._pending_device_states: dict[str, torch.Tensor] = {}
         self._last_step: int | None = None  # the optimizer step acted on last
         self._state_key: str | None = None
+        self._nonfinite_warned: set[str] = set()
 
     @property
     def state_key(self) -> str:
@@ -115,9 +117,23 @@ class Intervention(TaskAwareCallback):
             return tensor
         return trainer.strategy.reduce(tensor, reduce_op="mean")
 
+    @staticmethod
+    def log_due(trainer: pl.Trainer) -> bool:
+        """Whether :meth:`log_values` logs at this step without ``force`` (every ``log_every_n_steps`` steps)."""
+        return trainer.global_step % max(trainer.log_every_n_steps, 1) == 0
+
+    def warn_nonfinite(self, name: str, step: int | None) -> None:
+        """Warn, once per ``name``, that a step was skipped because ``name``'s statistics were NaN/inf."""
+        if name not in self._nonfinite_warned:
+            self._nonfinite_warned.add(name)
+            rank_zero_warn(
+                f"{type(self).__name__}: the statistics of {name!r} are NaN/inf at step {step}; such steps are "
+                f"skipped there and counted in {self.prefix}/skipped_nonfinite"
+            )
+
     def log_values(self, trainer: pl.Trainer, values: dict[str, float], *, force: bool = False) -> None:
         """Log ``values`` under ``prefix/`` every ``log_every_n_steps`` optimizer steps (always with ``force``)."""
-        if not values or not (force or trainer.global_step % max(trainer.log_every_n_steps, 1) == 0):
+        if not values or not (force or self.log_due(trainer)):
             return
         metrics = {f"{self.prefix}/{name}": float(value) for name, value in values.items()}
         for logger in trainer.loggers:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
@@ -49,6 +50,10 @@ class PlasticityMonitor(TaskAwareCallback):
     ``<prefix>/<layer>/<measure>``; with ``logger=False`` only the latter. W&B and TensorBoard loggers also get
     media (histograms, per-layer tables) when ``log_media`` is on. Each measurement is also appended to
     :attr:`history`.
+
+    A layer whose probe outputs hold NaN or ±inf (a diverged network) never gets a healthy-looking number: every
+    ``<layer>/...`` value of that measurement, and every pooled ``all/...`` value, is logged as NaN, with one
+    warning per layer and monitor (:meth:`check_finite`; subclasses use it for weights, gradients and logits too).
 
     Args:
         layers: names of the layers to read (``model.named_modules()`` names); ``None``: the model's
@@ -114,6 +119,8 @@ class PlasticityMonitor(TaskAwareCallback):
         self._probe_task: int | None = None
         self._last_measured: tuple[int, int | None] | None = None
         self._state_key: str | None = None
+        self._nonfinite_warned: set[str] = set()
+        self._nonfinite: set[str] = set()  # what was non-finite in the measurement under way
 
     @property
     def state_key(self) -> str:
@@ -210,13 +217,16 @@ class PlasticityMonitor(TaskAwareCallback):
         if moment == self._last_measured:
             return {}
         self._last_measured = moment
+        self._nonfinite = set()
         if self.uses_probe:
             outputs, model_output = self.capture(trainer, pl_module)
             if self.unit_dim != 1:
                 outputs = {k: v.movedim(self.unit_dim, 1) if v.ndim > 2 else v for k, v in outputs.items()}
+            for name, output in outputs.items():
+                self.check_finite(trainer, name, output)
         else:
             outputs, model_output = {}, None
-        values = self.measure(trainer, pl_module, outputs, model_output)
+        values = self.nonfinite_as_nan(self.measure(trainer, pl_module, outputs, model_output))
         self.log_values(trainer, values)
         self.history.append(
             {
@@ -278,6 +288,32 @@ class PlasticityMonitor(TaskAwareCallback):
         if flag not in flags:
             flags.add(flag)
             rank_zero_warn(message)
+
+    def check_finite(self, trainer: pl.Trainer, name: str, tensor: torch.Tensor, what: str = "outputs") -> bool:
+        """Whether ``tensor`` is finite. If not, every ``<name>/...`` value (and every ``all/...`` value) of this
+        measurement is logged as NaN, and the first time for ``name`` a warning says so."""
+        if bool(torch.isfinite(tensor).all()):
+            return True
+        self.mark_nonfinite(trainer, name, what)
+        return False
+
+    def mark_nonfinite(self, trainer: pl.Trainer, name: str, what: str = "outputs") -> None:
+        """Record that ``name``'s ``what`` is NaN/inf in this measurement (see :meth:`check_finite`)."""
+        self._nonfinite.add(name)
+        self.warn_once(
+            f"{type(self).__name__}: {name!r} has NaN/inf {what} at step {trainer.global_step}; its measures are "
+            "logged as NaN",
+            self._nonfinite_warned,
+            name,
+        )
+
+    def nonfinite_as_nan(self, values: dict[str, float]) -> dict[str, float]:
+        """``values`` with the measures of what :meth:`check_finite` found non-finite (and pooled ``all/`` values,
+        which include them) set to NaN: a diverged layer must not read as a healthy one."""
+        if not self._nonfinite:
+            return values
+        broken = tuple(f"{name}/" for name in (*self._nonfinite, "all"))
+        return {key: math.nan if key.startswith(broken) else value for key, value in values.items()}
 
     # ------------------------------------------------------------------ state
     @override

@@ -77,7 +77,6 @@ class RankMonitor(PlasticityMonitor):
         self.delta = check_fraction("RankMonitor", "delta", delta, low_open=True)
         self.threshold = check_fraction("RankMonitor", "threshold", threshold, low_open=True, high_open=False)
         self.conv = check_choice("RankMonitor", "conv", conv, ("pool", "positions", "flatten"))
-        self._warned: set[str] = set()
 
     @override
     def settings(self) -> dict[str, Any]:
@@ -97,13 +96,9 @@ class RankMonitor(PlasticityMonitor):
             try:
                 sigma = singular_values(features)
             except NonFiniteFeaturesError:
-                # A diverged run must still log (NaN says what happened) rather than crash the monitor.
-                self.warn_once(
-                    f"RankMonitor: layer {name!r} has NaN/inf outputs at step {trainer.global_step}; "
-                    "its rank measures are logged as NaN",
-                    self._warned,
-                    f"nonfinite/{name}",
-                )
+                # A diverged run must still log (NaN says what happened) rather than crash the monitor. Pooling
+                # can overflow finite outputs, so this is not only the base class's check of the outputs.
+                self.mark_nonfinite(trainer, name, "features")
                 values.update({f"{name}/{measure}": math.nan for measure in self.measures})
                 continue
             compute = {
@@ -171,7 +166,11 @@ class DormantUnitMonitor(PlasticityMonitor):
             stats = activity_statistics(output, self.active)
             masks = stats.masks(self.tau, self.dead_threshold, self.max_active)
             flags = torch.stack([masks["redo_dormant"], masks["dead"], masks["low_activity"]]).to(torch.float64).cpu()
-            fractions = flags.mean(dim=1)
+            if bool(stats.finite):
+                fractions = flags.mean(dim=1)
+            else:  # the metrics' convention: a layer with a NaN/inf activation has NaN shares (and so has "all")
+                fractions = torch.full((3,), math.nan, dtype=torch.float64)
+                flags = flags + math.nan
             counts += torch.cat([torch.tensor([float(flags.shape[1])]), flags.sum(dim=1)])
             for measure, fraction in zip(_ACTIVITY_MEASURES, fractions.tolist(), strict=True):
                 values[f"{name}/{measure}"] = fraction
@@ -215,6 +214,7 @@ class EntropyMonitor(PlasticityMonitor):
         logits = model_output[0] if isinstance(model_output, (tuple, list)) else model_output
         # One output column has no distribution to measure (binary logit or regression).
         if self.predictions and isinstance(logits, torch.Tensor) and logits.ndim == 2 and logits.shape[1] > 1:
+            self.check_finite(trainer, "predictions", logits, "logits")  # a -inf logit would give a clean 0
             values["predictions/prediction_entropy"] = float(prediction_entropy(logits))
         return values
 
@@ -270,6 +270,7 @@ class WeightMonitor(PlasticityMonitor):
         weights = self._weights(pl_module)
         values: dict[str, float] = {}
         for name, w in weights.items():
+            self.check_finite(trainer, name, w, "weights")
             values[f"{name}/mean_abs_weight"] = float(mean_abs_weight(w))
             values[f"{name}/weight_norm"] = float(tensor_norm(w))
             if self.distance and name in self.initial:
@@ -353,6 +354,11 @@ class GradientFlowMonitor(PlasticityMonitor):
         if not stats["layer_grad_norms"]:
             return {}
         values = {f"{name}/grad_norm": norm for name, norm in stats["layer_grad_norms"].items()}
+        # a float64 norm is finite exactly when the layer's gradient is: no second read of the gradients
+        for name, norm in stats["layer_grad_norms"].items():
+            if not math.isfinite(norm):
+                self.mark_nonfinite(trainer, name, "gradients")
+                self._nonfinite.add("grad")  # the pooled grad/* values include that layer
         values.update(
             {
                 "grad/global_norm": stats["global_norm"],

@@ -33,6 +33,10 @@ class ReDo(UnitIntervention):
     running statistics may differ between ranks until DDP re-broadcasts them), and new weights come from a
     generator seeded alike on every rank: every rank recycles the same units with the same weights.
 
+    A layer whose probe activity holds a NaN or ±inf (a diverged network: one +inf activation would make every
+    other unit's score 0, i.e. "dormant") is not recycled at that step: the step is skipped for that layer,
+    counted in ``redo/skipped_nonfinite`` (layer-steps skipped so far), and the first one warns.
+
     Args:
         every_n_steps: recycle period in optimizer steps (the paper: 1000).
         tau: dormancy threshold (0.025 by default in the paper, 0.1 for Atari-100K; 0 recycles silent units only).
@@ -72,6 +76,7 @@ class ReDo(UnitIntervention):
         self.probe = ProbeSet(size=probe_size, source=probe_source, seed=seed, owner="ReDo")
         self.forward = forward or default_forward
         self.replaced: dict[str, int] = {}
+        self.skipped: dict[str, int] = {}  # steps skipped per layer for non-finite activity
         self._last_step: int | None = None
         self._probe_task: int | None = None
 
@@ -104,6 +109,11 @@ class ReDo(UnitIntervention):
             # E|h| averaged across ranks before scoring: with BatchNorm each rank's running statistics (and so its
             # eval-mode features) can differ until DDP re-broadcasts buffers at the next forward pass
             activity = self.reduce_mean(trainer, mean_abs_activation(unit_statistics(inputs[pair.producer], pair)))
+            if not bool(torch.isfinite(activity).all()):  # reduced first: every rank skips alike
+                self.skipped[pair.producer] = self.skipped.get(pair.producer, 0) + 1
+                self.warn_nonfinite(pair.producer, trainer.global_step)
+                counts[pair.producer] = 0
+                continue
             scores = _redo_scores(activity)
             units = torch.nonzero(scores <= self.tau).flatten()
             scheme, gain = self.inits[pair.producer]
@@ -115,15 +125,22 @@ class ReDo(UnitIntervention):
         values = {f"{name}/recycled": count for name, count in counts.items()}
         values["recycled"] = sum(counts.values())
         values["recycled_total"] = sum(self.replaced.values())
+        values["skipped_nonfinite"] = sum(self.skipped.values())
         self.log_values(trainer, values, force=True)
         return counts
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "replaced": dict(self.replaced), "last_step": self._last_step}
+        return {
+            **super().state_dict(),
+            "replaced": dict(self.replaced),
+            "skipped": dict(self.skipped),
+            "last_step": self._last_step,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.replaced = dict(state_dict.get("replaced", {}))
+        self.skipped = dict(state_dict.get("skipped", {}))
         self._last_step = state_dict.get("last_step")

@@ -97,6 +97,10 @@ class SoftmaxCollapseMonitor(PlasticityMonitor):
                 f"SoftmaxCollapseMonitor needs [N, classes >= 2] classification logits from the model, got "
                 f"{type(logits).__name__}{'' if not isinstance(logits, torch.Tensor) else tuple(logits.shape)}"
             )
+        if not self.check_finite(trainer, "logits", logits, "logits"):
+            # a diverged model has no collapse share, alignment or onset: NaN, never the 0.0 the tests would give
+            names = ("softmax_collapse", "zero_terms", "logit_norm", *(("nlm_alignment",) * self.gradient_alignment))
+            return dict.fromkeys(names, math.nan)
         values = {
             "softmax_collapse": softmax_collapse_fraction(logits, self.precision),
             "zero_terms": self._zero_terms(pl_module, logits, targets),
@@ -184,6 +188,11 @@ class SurgeCollapse(Intervention):
     generator and the entropy is averaged across ranks, so DDP ranks stay identical; the generator, counts and
     events are in ``state_dict``. Logs ``surge_collapse/{collapses, surges, resets, sparsity, entropy}``.
 
+    Both decisions rank on statistics, so neither is taken on NaN/inf ones: a collapse when an affected parameter
+    is not finite (its magnitude quantile would be meaningless), a gated reset when the entropy or a recorded
+    gradient norm is not finite. That step is skipped, counted in ``surge_collapse/skipped_nonfinite``, and the
+    first one warns.
+
     Args:
         mode: ``"scheduled"`` or ``"entropy_gated"``.
         layers: module names whose parameters are affected (``None``: every parameter of the model).
@@ -231,6 +240,7 @@ class SurgeCollapse(Intervention):
         self.noise = check_positive_float(owner, "noise", noise)
         self.probe = ProbeSet(size=probe_size, source="train", seed=seed, owner=owner)
         self.counts = {"collapses": 0, "surges": 0, "resets": 0}
+        self.skipped_nonfinite = 0  # steps not taken because their statistics were NaN/inf
         self.events: list[dict[str, Any]] = []
         self._params: list[tuple[str, nn.Parameter]] = []
         self._hidden: dict[str, nn.Module] = {}
@@ -280,15 +290,29 @@ class SurgeCollapse(Intervention):
         if self.mode != "entropy_gated" or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         entropy = self.entropy(trainer, pl_module)
-        if entropy < self.entropy_threshold:
+        broken = [n for n, norm in self._grad_norms.items() if not math.isfinite(norm)]
+        if not math.isfinite(entropy) or broken:
+            self._skip(trainer, "activation_entropy" if not math.isfinite(entropy) else broken[0])
+        elif entropy < self.entropy_threshold:
             self.reset_stalled(trainer, entropy)
         else:
             self.log_values(trainer, {"entropy": entropy}, force=True)
 
     # ------------------------------------------------------------------ the operations
+    def _skip(self, trainer: pl.Trainer | None, name: str) -> None:
+        """Count and log a step skipped for NaN/inf statistics of ``name``; warn the first time."""
+        self.skipped_nonfinite += 1
+        self.warn_nonfinite(name, None if trainer is None else trainer.global_step)
+        if trainer is not None:
+            self.log_values(trainer, {"skipped_nonfinite": self.skipped_nonfinite}, force=True)
+
     @torch.no_grad()
     def collapse(self, trainer: pl.Trainer | None = None) -> None:
-        """Zero each tensor's entries below its ``sparsity`` magnitude quantile."""
+        """Zero each tensor's entries below its ``sparsity`` magnitude quantile (skipped if one is not finite)."""
+        broken = next((n for n, p in self._params if not bool(torch.isfinite(p).all())), None)
+        if broken is not None:
+            self._skip(trainer, broken)
+            return
         for _, param in self._params:
             threshold = magnitude_quantile(param, self.sparsity)
             param.masked_fill_(param.abs() < threshold, 0.0)
@@ -346,6 +370,7 @@ class SurgeCollapse(Intervention):
         return {
             **super().state_dict(),
             "counts": dict(self.counts),
+            "skipped_nonfinite": self.skipped_nonfinite,
             "events": list(self.events),
             "last_step": self._last_step,
         }
@@ -354,5 +379,6 @@ class SurgeCollapse(Intervention):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.counts.update(state_dict.get("counts", {}))
+        self.skipped_nonfinite = int(state_dict.get("skipped_nonfinite", 0))
         self.events = list(state_dict.get("events", []))
         self._last_step = state_dict.get("last_step")

@@ -9,10 +9,16 @@ turns them into what the model sees:
 * training and prediction: ``(x, y)`` as they look in the current task;
 * validation and test with a ``schedule``: ``(x, y, task_ids)`` covering every evaluated task;
 * without a schedule: ``(x, y)``.
+
+Training batches are shuffled by :class:`EpochShuffleSampler` (a permutation drawn from ``seed`` and the epoch
+number alone, split across DDP ranks) through torchdata's ``StatefulDataLoader``, whose position Lightning saves in
+checkpoints: a fit resumed from any checkpoint, mid-epoch included, sees the batches of the uninterrupted fit.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,6 +26,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Subset
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from plasticity_lightning.core.errors import PlasticityConfigError, check_positive_int
 from plasticity_lightning.core.tasks import TaskContext
@@ -61,7 +69,100 @@ class IndexedTensorDataset(Dataset):
         return x, self.targets[index], index
 
 
-class PlasticityDataModule(pl.LightningDataModule):
+class EpochShuffleSampler(StatefulDistributedSampler):
+    """Shuffles every epoch with a permutation drawn from ``seed + epoch`` alone; one share per DDP rank.
+
+    torchdata's ``StatefulDistributedSampler`` (torch's ``DistributedSampler`` that also counts the indices it
+    yielded), used in one process too: Lightning calls :meth:`set_epoch` at every epoch start and leaves a
+    ``DistributedSampler`` in place under DDP. The order therefore depends on no global RNG that a checkpoint would
+    have to hold, and the epoch is saved with the position (:meth:`state_dict`), so a fit resumed from a mid-epoch
+    checkpoint continues with exactly the batches the uninterrupted fit trained next.
+
+    Args:
+        dataset: the sized dataset to shuffle.
+        seed: base seed of the permutations.
+        num_replicas: number of DDP processes (1 outside DDP).
+        rank: this process's rank.
+
+    Example::
+
+        sampler = EpochShuffleSampler(dataset, seed=0)
+        loader = StatefulDataLoader(dataset, batch_size=32, sampler=sampler)
+    """
+
+    def __init__(self, dataset: Dataset, *, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+
+    def state_dict(self) -> dict[str, int]:
+        return {**super().state_dict(), "epoch": self.epoch}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        super().load_state_dict(state_dict)
+        self.epoch = int(state_dict["epoch"])
+
+
+def order_seed(seed: int) -> int:
+    """The seed of a fit's training order: the datamodule's ``seed`` mixed with ``seed_everything``'s.
+
+    Runs that differ only in ``seed_everything`` (a seed sweep) see different orders, as they did when the order came
+    from torch's global RNG; Lightning's own DDP sampler reads the same ``PL_GLOBAL_SEED``.
+    """
+    global_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+    mixed = torch.Generator().manual_seed(global_seed * 1_000_003 + seed)
+    return int(torch.randint(2**62, (), generator=mixed))
+
+
+def seeded_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    trainer: pl.Trainer | None = None,
+    **kwargs: Any,
+) -> DataLoader:
+    """A dataloader whose order and position survive a checkpoint: the one way the library's datamodules load.
+
+    Training (``shuffle=True``): a ``StatefulDataLoader`` over :class:`EpochShuffleSampler` seeded with ``seed``,
+    split across the trainer's DDP ranks. Evaluation: a plain ``DataLoader`` in order (Lightning adds its distributed
+    sampler). Each gets its own generator, because a dataloader without one draws its workers' base seed from torch's
+    global RNG at every epoch, which would shift dropout and augmentation after a resume. ``kwargs`` go to the
+    dataloader.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    if not shuffle:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=generator, **kwargs)
+    world = trainer.world_size if trainer is not None else 1
+    rank = trainer.global_rank if trainer is not None else 0
+    sampler = EpochShuffleSampler(dataset, seed=seed, num_replicas=world, rank=rank)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*set_vital.*")  # torchdata 0.11 calls a deprecated torch API
+        return StatefulDataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=generator, **kwargs)
+
+
+class SeededOrder:
+    """Mixin of the library's datamodules: the training order's seed, fixed once per fit and kept in checkpoints.
+
+    A resumed fit reads the seed back (:meth:`order_state` / :meth:`load_order_state`) even where
+    ``seed_everything`` drew a random one, so its batches are those of the uninterrupted fit.
+    """
+
+    seed: int
+    _order_seed: int | None = None
+
+    def training_order_seed(self) -> int:
+        if self._order_seed is None:
+            self._order_seed = order_seed(self.seed)
+        return self._order_seed
+
+    def order_state(self) -> dict[str, Any]:
+        return {"order_seed": self._order_seed}
+
+    def load_order_state(self, state_dict: dict[str, Any]) -> None:
+        self._order_seed = state_dict.get("order_seed")
+
+
+class PlasticityDataModule(SeededOrder, pl.LightningDataModule):
     """Base class of the library's datamodules.
 
     Subclasses set ``num_classes`` (classification) or ``num_targets`` (regression) and ``input_shape`` in
@@ -75,7 +176,8 @@ class PlasticityDataModule(pl.LightningDataModule):
         pin_memory: pin host memory for faster GPU transfer.
         schedule: optional continual task schedule (:class:`PermutedInputs`, :class:`LabelShuffle`,
             :class:`ClassIncremental`), e.g. in YAML ``{class_path: PermutedInputs, init_args: {...}}``.
-        seed: seed of data generation and splits (independent of ``seed_everything``).
+        seed: seed of data generation and splits (independent of ``seed_everything``), and, mixed with
+            ``seed_everything``'s, of the training order (:func:`order_seed`).
     """
 
     num_classes: int | None = None
@@ -226,10 +328,12 @@ class PlasticityDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: Dataset, *, batch_size: int, shuffle: bool) -> DataLoader:
         reloads = self.schedule is not None and self.schedule.changes_samples
-        return DataLoader(
+        return seeded_loader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            seed=self.training_order_seed(),
+            trainer=self._trainer_or_none(),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0 and not reloads,
@@ -265,7 +369,8 @@ class PlasticityDataModule(pl.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         # The schedule is a function of the trainer's progress; only the task last trained needs keeping, for
         # validate/test runs restored from a checkpoint (their epoch and step counters start at 0).
-        return {"trained_task": self._trained_task}
+        return {"trained_task": self._trained_task, **self.order_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._trained_task = state_dict.get("trained_task")
+        self.load_order_state(state_dict)

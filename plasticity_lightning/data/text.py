@@ -22,6 +22,7 @@ from plasticity_lightning.core.errors import (
     check_split_fractions,
 )
 from plasticity_lightning.core.hub import from_hub
+from plasticity_lightning.data.base import SeededOrder, seeded_loader
 
 EOS = "<|endoftext|>"
 
@@ -90,7 +91,7 @@ def load_tokenizer(
     return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=EOS, bos_token=EOS, unk_token=EOS)
 
 
-class TextDataModule(pl.LightningDataModule):
+class TextDataModule(SeededOrder, pl.LightningDataModule):
     """Token blocks for causal language modelling from one text source.
 
     Sources (exactly one): ``dataset_name`` (+ ``dataset_config``) through HF ``datasets``, e.g.
@@ -108,6 +109,9 @@ class TextDataModule(pl.LightningDataModule):
         vocab_size: size of a tokenizer trained on the text when no other is reachable.
         max_tokens: keep only the first ``max_tokens`` tokens (quick runs).
         data_dir: where tokenizers and tokenized text are cached.
+        num_workers: dataloader worker processes.
+        seed: seed of the training order, mixed with ``seed_everything``'s (see
+            :class:`~plasticity_lightning.data.base.SeededOrder`); the order survives a resume, mid-epoch included.
     """
 
     def __init__(
@@ -125,6 +129,7 @@ class TextDataModule(pl.LightningDataModule):
         max_tokens: int | None = None,
         data_dir: str = "data",
         num_workers: int = 0,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
@@ -146,7 +151,8 @@ class TextDataModule(pl.LightningDataModule):
         self.vocab_size_hint = check_positive_int(owner, "vocab_size", vocab_size)
         self.max_tokens = None if max_tokens is None else check_positive_int(owner, "max_tokens", max_tokens)
         self.data_dir = Path(data_dir)
-        self.num_workers = num_workers
+        self.num_workers = check_positive_int(owner, "num_workers", num_workers, allow_zero=True)
+        self.seed = seed
         self.tokenizer: Any = None
         self.splits: dict[str, torch.Tensor] = {}
 
@@ -206,8 +212,13 @@ class TextDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            TensorDataset(self.splits[split]), batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers
+        return seeded_loader(
+            TensorDataset(self.splits[split]),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            seed=self.training_order_seed(),
+            trainer=getattr(self, "trainer", None),
+            num_workers=self.num_workers,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -218,6 +229,12 @@ class TextDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.order_state()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.load_order_state(state_dict)
 
 
 def _read_files(paths: Sequence[str]) -> list[str]:

@@ -16,6 +16,17 @@ function                       a unit counts when
 
 The ``*_fraction`` functions return the share of units counted. :class:`UnitActivity` accumulates the
 per-unit sums over batches (and processes) and returns all three fractions.
+
+Non-finite activations (NaN, ±inf) — the convention, the same in every function and in :class:`UnitActivity`:
+
+* a unit with a non-finite activation anywhere on the probe is **never counted** as dormant, dead or of low
+  activity (its output is broken, not silent). Its ReDo score is NaN;
+* if any unit of a layer is non-finite, **every** ReDo score of the layer is NaN: the normaliser mean_k E|h_k| is
+  infinite or NaN, so s_i = E|h_i| / mean would be 0 for every finite unit and one +inf activation would make the
+  whole layer look dormant;
+* every **share** (``*_fraction``) of a layer with a non-finite activation is **NaN**, never a number: a share
+  computed over the finite units only would report a diverged network as a healthy 0.0 (or, for ReDo, as
+  98% dormant). The per-unit masks stay usable for inspection.
 """
 
 from __future__ import annotations
@@ -51,7 +62,7 @@ def mean_abs_activation(outputs: torch.Tensor) -> torch.Tensor:
 
 
 def redo_scores(outputs: torch.Tensor) -> torch.Tensor:
-    """ReDo's normalised activity score s_i = E|h_i| / (mean_k E|h_k| + 1e-9).
+    """ReDo's normalised activity score s_i = E|h_i| / (mean_k E|h_k| + 1e-9); all NaN if any unit is non-finite.
 
     Example::
 
@@ -62,7 +73,9 @@ def redo_scores(outputs: torch.Tensor) -> torch.Tensor:
 
 
 def _redo_scores(activity: torch.Tensor) -> torch.Tensor:
-    return activity / (activity.mean() + REDO_EPS)
+    mean = activity.mean()
+    # a non-finite unit makes the normaliser meaningless: every score is undefined (see the module's convention)
+    return torch.where(torch.isfinite(mean), activity / (mean + REDO_EPS), torch.nan)
 
 
 def _redo_dormant(mean_abs: torch.Tensor, tau: float) -> torch.Tensor:
@@ -77,38 +90,57 @@ def _low_activity(share: torch.Tensor, max_active: float) -> torch.Tensor:
     return share < max_active
 
 
+def _share(mask: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """Share of units in ``mask``, NaN when the layer holds a non-finite activation (``finite`` False)."""
+    return torch.where(finite, mask.to(torch.float64).mean(), torch.nan)
+
+
+def _finite_units(mean_abs: torch.Tensor) -> torch.Tensor:
+    """Units whose every activation is finite: E|h| sums |h| in float64, so it is finite exactly when they are."""
+    return torch.isfinite(mean_abs)
+
+
 def redo_dormant_mask(outputs: torch.Tensor, tau: float = 0.0) -> torch.Tensor:
-    """Units with ReDo score s_i ≤ τ (``τ = 0``: exactly silent units)."""
+    """Units with ReDo score s_i ≤ τ (``τ = 0``: exactly silent units); none in a layer with a non-finite unit."""
     check_positive_float("redo_dormant_mask", "tau", tau, allow_zero=True)
     return _redo_dormant(mean_abs_activation(outputs), tau)
 
 
 def redo_dormant_fraction(outputs: torch.Tensor, tau: float = 0.0) -> torch.Tensor:
-    """Share of τ-dormant units (ReDo).
+    """Share of τ-dormant units (ReDo); NaN when any activation is non-finite (see the module's convention).
 
     Example::
 
         >>> redo_dormant_fraction(torch.tensor([[1.0, 0.0, 2.0, 0.01]]), tau=0.025)
         tensor(0.5000, dtype=torch.float64)
+        >>> redo_dormant_fraction(torch.tensor([[1.0, 0.0, float("inf")]]), tau=0.025)
+        tensor(nan, dtype=torch.float64)
     """
-    return redo_dormant_mask(outputs, tau).to(torch.float64).mean()
+    check_positive_float("redo_dormant_fraction", "tau", tau, allow_zero=True)
+    mean_abs = mean_abs_activation(outputs)
+    return _share(_redo_dormant(mean_abs, tau), _finite_units(mean_abs).all())
 
 
 def dead_unit_mask(outputs: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
-    """Units whose |h| never exceeds ``threshold`` on the probe (0: exactly zero everywhere, Dohare's dead units)."""
+    """Units whose |h| never exceeds ``threshold`` on the probe (0: exactly zero everywhere, Dohare's dead units).
+
+    A unit with a NaN or infinite activation is not dead.
+    """
     check_positive_float("dead_unit_mask", "threshold", threshold, allow_zero=True)
+    # amax propagates NaN, and NaN ≤ threshold is false: a NaN unit is not dead, like an infinite one
     return _dead(unit_view(outputs).detach().abs().amax(dim=0), threshold)
 
 
 def dead_unit_fraction(outputs: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
-    """Share of dead units.
+    """Share of dead units; NaN when any activation is non-finite.
 
     Example::
 
         >>> dead_unit_fraction(torch.tensor([[0.0, 1.0], [0.0, 0.0]]))
         tensor(0.5000, dtype=torch.float64)
     """
-    return dead_unit_mask(outputs, threshold).to(torch.float64).mean()
+    mask = dead_unit_mask(outputs, threshold)
+    return _share(mask, _finite_units(mean_abs_activation(outputs)).all())
 
 
 Activity = Literal["nonzero", "positive"]
@@ -131,9 +163,14 @@ def active_share(outputs: torch.Tensor, active: Activity = "nonzero") -> torch.T
 
 
 def low_activity_mask(outputs: torch.Tensor, max_active: float = 0.01, active: Activity = "nonzero") -> torch.Tensor:
-    """Units active on fewer than ``max_active`` of the probe positions (Dohare et al.'s dormant units)."""
+    """Units active on fewer than ``max_active`` of the probe positions (Dohare et al.'s dormant units).
+
+    A unit with a NaN or infinite activation is not counted (with ``active="positive"`` NaN > 0 is false, so it
+    would otherwise read as inactive).
+    """
     check_fraction("low_activity_mask", "max_active", max_active, high_open=False)
-    return _low_activity(active_share(outputs, active), max_active)
+    finite = _finite_units(mean_abs_activation(outputs))
+    return _low_activity(active_share(outputs, active), max_active) & finite
 
 
 def low_activity_fraction(
@@ -149,7 +186,8 @@ def low_activity_fraction(
         >>> low_activity_fraction(h)
         tensor(0.5000, dtype=torch.float64)
     """
-    return low_activity_mask(outputs, max_active, active).to(torch.float64).mean()
+    mask = low_activity_mask(outputs, max_active, active)
+    return _share(mask, _finite_units(mean_abs_activation(outputs)).all())
 
 
 class ActivityStatistics(NamedTuple):
@@ -162,13 +200,27 @@ class ActivityStatistics(NamedTuple):
     #: share of positions where unit i is active (see :func:`active_share`)
     active_share: torch.Tensor
 
+    @property
+    def finite(self) -> torch.Tensor:
+        """Whether every activation of the layer was finite (a 0-d bool tensor, on the statistics' device)."""
+        return _finite_units(self.mean_abs).all()
+
     def masks(self, tau: float = 0.0, dead_threshold: float = 0.0, max_active: float = 0.01) -> dict[str, torch.Tensor]:
-        """The three unit counts' masks: ``redo_dormant`` (score ≤ τ), ``dead`` and ``low_activity``."""
+        """The three unit counts' masks: ``redo_dormant`` (score ≤ τ), ``dead`` and ``low_activity``.
+
+        A unit with a non-finite activation is in none of them (see the module's convention)."""
         return {
             "redo_dormant": _redo_dormant(self.mean_abs, tau),
             "dead": _dead(self.max_abs, dead_threshold),
-            "low_activity": _low_activity(self.active_share, max_active),
+            "low_activity": _low_activity(self.active_share, max_active) & _finite_units(self.mean_abs),
         }
+
+    def fractions(
+        self, tau: float = 0.0, dead_threshold: float = 0.0, max_active: float = 0.01
+    ) -> dict[str, torch.Tensor]:
+        """The shares of the three :meth:`masks`, each NaN when the layer holds a non-finite activation."""
+        finite = self.finite
+        return {name: _share(mask, finite) for name, mask in self.masks(tau, dead_threshold, max_active).items()}
 
 
 def _activity_sums(view: torch.Tensor, active: Activity) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -264,9 +316,9 @@ class UnitActivity(Metric):
         if self.positions == 0:
             raise ValueError("UnitActivity.compute() called before any non-empty update")
         stats = ActivityStatistics(self.abs_sum / self.positions, self.abs_max, self.active_count / self.positions)
-        masks = stats.masks(self.tau, self.dead_threshold, self.max_active)
+        fractions = stats.fractions(self.tau, self.dead_threshold, self.max_active)
         return {
-            **{f"{name}_fraction": mask.to(torch.float64).mean() for name, mask in masks.items()},
+            **{f"{name}_fraction": fraction for name, fraction in fractions.items()},
             "redo_scores": _redo_scores(stats.mean_abs),
             "active_share": stats.active_share,
         }

@@ -14,10 +14,15 @@ function                           definition
 =================================  =================================================================================
 
 Two classes collapse in float32 once the logit gap exceeds ≈ 16.6 (exp(−gap) < 2⁻²⁴); in float64 ≈ 36.7.
+
+Non-finite logits (NaN or ±inf in the given precision, e.g. beyond 65504 in float16) make both shares NaN, and a
+non-finite parameter or gradient makes ``nlm_alignment`` NaN: a diverged model has no collapse share, and the
+comparisons (``== 1``, ``== 0``, ``> 0``) would otherwise report it as a clean 0.0.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -46,26 +51,35 @@ def _zero_loss(logits: torch.Tensor, targets: torch.Tensor, precision: str) -> t
     return torch.nn.functional.cross_entropy(z, targets.long(), reduction="none") == 0
 
 
+def _nonfinite_rows(logits: torch.Tensor, precision: str) -> torch.Tensor:
+    """How many rows hold a NaN/inf logit in ``precision``."""
+    return (~torch.isfinite(_in(logits, precision))).any(dim=1).sum()
+
+
+def _share(flags: torch.Tensor, logits: torch.Tensor, precision: str) -> float:
+    return float(flags.float().mean()) if not int(_nonfinite_rows(logits, precision)) else math.nan
+
+
 def softmax_collapse_fraction(logits: torch.Tensor, precision: str = "float32") -> float:
-    """Share of rows whose softmax normaliser is exactly 1 in ``precision``.
+    """Share of rows whose softmax normaliser is exactly 1 in ``precision`` (NaN if any logit is non-finite).
 
     Example::
 
         >>> softmax_collapse_fraction(torch.tensor([[0.0, 200.0], [0.0, 5.0]]))
         0.5
     """
-    return float(_collapsed(logits, precision).float().mean())
+    return _share(_collapsed(logits, precision), logits, precision)
 
 
 def zero_loss_fraction(logits: torch.Tensor, targets: torch.Tensor, precision: str = "float32") -> float:
-    """Share of rows whose cross-entropy in ``precision`` is exactly 0.
+    """Share of rows whose cross-entropy in ``precision`` is exactly 0 (NaN if any logit is non-finite).
 
     Example::
 
         >>> zero_loss_fraction(torch.tensor([[0.0, 200.0], [0.0, 200.0]]), torch.tensor([1, 0]))
         0.5
     """
-    return float(_zero_loss(logits, targets, precision).float().mean())
+    return _share(_zero_loss(logits, targets, precision), logits, precision)
 
 
 def logit_norm(logits: torch.Tensor) -> float:
@@ -74,7 +88,8 @@ def logit_norm(logits: torch.Tensor) -> float:
 
 
 def nlm_alignment(params: Iterable[torch.Tensor], grads: Iterable[torch.Tensor | None]) -> float:
-    """cos(−g, θ) over the concatenation of ``params`` and their gradients (``None`` gradients are skipped).
+    """cos(−g, θ) over the concatenation of ``params`` and their gradients (``None`` gradients are skipped); 0 when
+    either is all zero, NaN when either holds a NaN or infinite value.
 
     Example::
 
@@ -90,13 +105,15 @@ def nlm_alignment(params: Iterable[torch.Tensor], grads: Iterable[torch.Tensor |
         norm_w += float(torch.dot(w, w))
         norm_g += float(torch.dot(g, g))
     denominator = (norm_w * norm_g) ** 0.5
+    if not (math.isfinite(dot) and math.isfinite(denominator)):
+        return math.nan  # a NaN would otherwise fail `> 0` and read as a clean 0.0
     return dot / denominator if denominator > 0 else 0.0
 
 
 class SoftmaxCollapse(Metric):
     """Accumulating twin of :func:`softmax_collapse_fraction` and :func:`zero_loss_fraction` (``update(logits,
     targets)``; ``compute()`` returns ``{"softmax_collapse", "zero_terms", "logit_norm"}``), summed across
-    processes.
+    processes. Both shares are NaN once any row had a non-finite logit.
 
     Args:
         precision: ``float16``, ``float32`` or ``float64``.
@@ -108,11 +125,12 @@ class SoftmaxCollapse(Metric):
     zero: torch.Tensor
     norm: torch.Tensor
     count: torch.Tensor
+    nonfinite: torch.Tensor
 
     def __init__(self, precision: str = "float32", **kwargs) -> None:
         super().__init__(**kwargs)
         self.precision = check_choice("SoftmaxCollapse", "precision", precision, PRECISIONS)
-        for name in ("collapsed", "zero", "norm", "count"):
+        for name in ("collapsed", "zero", "norm", "count", "nonfinite"):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
@@ -120,10 +138,12 @@ class SoftmaxCollapse(Metric):
         self.zero += _zero_loss(logits, targets, self.precision).sum()
         self.norm += logits.detach().double().norm(dim=1).sum()
         self.count += logits.shape[0]
+        self.nonfinite += _nonfinite_rows(logits, self.precision)
 
     def compute(self) -> dict[str, torch.Tensor]:
+        finite = self.nonfinite == 0
         return {
-            "softmax_collapse": self.collapsed / self.count,
-            "zero_terms": self.zero / self.count,
+            "softmax_collapse": torch.where(finite, self.collapsed / self.count, torch.nan),
+            "zero_terms": torch.where(finite, self.zero / self.count, torch.nan),
             "logit_norm": self.norm / self.count,
         }

@@ -93,6 +93,10 @@ class InjectedOptimizer:
     lr_scheduler_interval: str
     lr_scheduler_monitor: str
 
+    #: hyper-parameters that set how the model trains, not what it is: a run resumed from a checkpoint may change
+    #: them; ``plasticity fit --ckpt_path`` refuses a checkpoint whose other hyper-parameters differ from the recipe's
+    training_hparams: tuple[str, ...] = ("optimizer", "lr_scheduler", "lr_scheduler_interval", "lr_scheduler_monitor")
+
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Parameter groups handed to the optimizer callable. Override to split groups (e.g. no weight decay)."""
         return [{"params": [p for p in self.parameters() if p.requires_grad], "name": "default"}]
@@ -141,6 +145,7 @@ class SupervisedModule(InjectedOptimizer, pl.LightningModule):
     inferred_sizes: tuple[str, ...] = ()
     #: architectures that only make sense as classifiers reject ``task="regression"``
     classification_only: bool = False
+    training_hparams = (*InjectedOptimizer.training_hparams, "loss", "mask_unseen_classes", "metrics")
 
     def __init__(
         self,

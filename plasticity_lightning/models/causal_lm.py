@@ -47,6 +47,9 @@ class CausalLM(InjectedOptimizer, pl.LightningModule):
         torch.Size([2, 10, 100])
     """
 
+    # where the weights first came from and how attention is computed: a resumed run's checkpoint overrides both
+    training_hparams = (*InjectedOptimizer.training_hparams, "pretrained", "attn_implementation")
+
     def __init__(
         self,
         model_name_or_path: str = "distilgpt2",
