@@ -147,11 +147,11 @@ class ContinualBackprop(UnitIntervention):
     Linear producers only.
 
     Non-finite statistics: when a layer's instantaneous utility (or its utility EMA) holds a NaN or ±inf
-    (diverged features or weights), that layer's step is skipped: its utility and mean-activation EMAs keep their previous values and
-    no unit is replaced (replacements due that step are dropped, not carried over); its units still age. The
-    check runs on the device; the host reads it only on steps that would replace units and when logging, so
-    other steps still never wait for the device. Skipped steps are counted per layer and logged, summed over
-    layers, as ``cbp/skipped_nonfinite``; the first one warns.
+    (diverged features or weights), that layer's step is skipped: its utility and mean-activation EMAs keep their
+    previous values and no unit is replaced (replacements due that step are dropped, not carried over); its units
+    still age. The check runs on the device; the host reads it only on steps that would replace units and when
+    logging, so other steps still never wait for the device. Skipped steps are counted per layer and logged,
+    summed over layers, as ``cbp/skipped_nonfinite``; the first one warns.
 
     DDP: per-unit statistics are averaged across ranks before the utility update, and random draws come from a
     generator seeded alike on every rank, so every rank replaces the same units with the same weights. Resume:
@@ -268,12 +268,6 @@ class ContinualBackprop(UnitIntervention):
                     f"ContinualBackprop(init='sigma_orthogonal') supports Linear producers only; {convs[0]!r} is a "
                     f"{type(dict(pl_module.named_modules())[convs[0]]).__name__} (restrict layers=[...] or use "
                     "another init)"
-                )
-            gated = [pair.describe() for pair in self.pairs if pair.partners]
-            if gated:  # Σ-orthogonal rows are drawn for one producer; a gated unit has several
-                raise PlasticityConfigError(
-                    f"ContinualBackprop(init='sigma_orthogonal') supports single-producer pairs only; {gated[0]!r} "
-                    "is a gated MLP unit (restrict layers=[...] or use another init)"
                 )
         for pair in self.pairs:
             self.states[pair.producer] = _LayerState(
