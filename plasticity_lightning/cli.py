@@ -62,6 +62,7 @@ import plasticity_lightning.callbacks
 import plasticity_lightning.data
 import plasticity_lightning.models  # noqa: F401
 from plasticity_lightning import __version__
+from plasticity_lightning.callbacks.reporting import SaveRunConfig
 from plasticity_lightning.core.checkpoints import (
     LAST_NAME,
     GlobalRNGState,
@@ -142,6 +143,7 @@ class PlasticityCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("save_config_callback", SaveRunConfig)  # config.yaml in the run's own folder
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"prog": "plasticity", "version": __version__, "description": DESCRIPTION})
         kwargs.setdefault("parser_class", PlasticityArgumentParser)

@@ -42,7 +42,7 @@ from plasticity_lightning.callbacks.monitors import (
 )
 from plasticity_lightning.callbacks.plasticity_cycle import PlasticityCycle
 from plasticity_lightning.callbacks.redo import ReDo
-from plasticity_lightning.callbacks.reporting import EpochTimer, SavePredictions
+from plasticity_lightning.callbacks.reporting import EpochTimer, SavePredictions, SaveRunConfig
 from plasticity_lightning.callbacks.resets import HeadReset, L2Init, ShrinkAndPerturb
 from plasticity_lightning.callbacks.stability import SoftmaxCollapseMonitor, SurgeCollapse
 
@@ -71,6 +71,7 @@ __all__ = [
     "ReDo",
     "RestoreBestPerTask",
     "SavePredictions",
+    "SaveRunConfig",
     "ShrinkAndPerturb",
     "SoftmaxCollapseMonitor",
     "SurgeCollapse",

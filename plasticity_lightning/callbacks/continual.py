@@ -220,7 +220,10 @@ class TaskAccuracyTable(TaskAwareCallback):
         from rich.console import Console
         from rich.table import Table
 
-        num_tasks = self.num_tasks or (max(self.rows, default=0) + 1)
+        # the tasks this fit reached (a stream cut short is summarised over what it trained on)
+        num_tasks = max([*self.rows, *([self.partial[0]] if self.partial else [])], default=-1) + 1
+        if num_tasks < 2:
+            return  # one task: nothing to set the first tasks against
         window = summary_window(num_tasks)
         diagonal = [self.rows[t][t] if t in self.rows else math.nan for t in range(num_tasks)]
         lines: list[tuple[str, tuple[float, float]]] = [("new-task accuracy", first_and_last(diagonal, window))]

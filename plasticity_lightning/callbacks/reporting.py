@@ -11,10 +11,11 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from plasticity_lightning.core.errors import check_choice, check_positive_int
+from plasticity_lightning.core.errors import PlasticityConfigError, check_choice, check_positive_int
 from plasticity_lightning.core.files import write_bytes_atomic
 from plasticity_lightning.core.rundir import (
     ELAPSED_SECONDS_KEY,
@@ -170,3 +171,26 @@ class SavePredictions(pl.Callback):
         iterations = max(200, math.ceil(1e6 / max(len(labels), 1)))
         logistic = LogisticRegression(max_iter=iterations).fit(flat_train, labels).predict(flat_x)
         return {"baseline_majority": np.full(len(x), majority), "baseline_logistic": logistic}
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """LightningCLI's :class:`~lightning.pytorch.cli.SaveConfigCallback`, writing ``config.yaml`` into the run's own
+    directory (:func:`~plasticity_lightning.core.rundir.run_directory`) rather than ``trainer.log_dir``, which for a
+    W&B-only trainer is the ``save_dir`` that every run shares (one run's config would overwrite the last's)."""
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        directory = run_directory(trainer)  # broadcasts: every rank asks
+        if trainer.is_global_zero:
+            path = directory / self.config_filename
+            if not self.overwrite and path.exists():
+                raise PlasticityConfigError(
+                    f"{path} exists: another run wrote into this directory; give the logger a new version"
+                )
+            directory.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=self.multifile)
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)

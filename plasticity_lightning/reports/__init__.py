@@ -3,6 +3,7 @@ to a run (continual runs per task: new-task accuracy, the accuracy matrix, ranks
 interventions), a per-task or per-run JSON summary, PNGs on request, and comparisons of variants over seeds (mean
 and 95% band per variant, Wilcoxon signed-rank tests and Cohen's d)."""
 
+from plasticity_lightning.reports.callback import PlasticityReport
 from plasticity_lightning.reports.compare import (
     cohens_d,
     compare_runs,
@@ -24,6 +25,7 @@ from plasticity_lightning.reports.run import continual_summary, regression_score
 
 __all__ = [
     "Chart",
+    "PlasticityReport",
     "RunData",
     "Series",
     "cohens_d",

@@ -12,7 +12,9 @@ Each writes ``report.html`` (interactive, offline), ``summary.json`` and, with `
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 from plasticity_lightning.core.errors import check_positive_int
 from plasticity_lightning.core.rundir import REPORT_DIR, REPORT_HTML
@@ -20,8 +22,16 @@ from plasticity_lightning.reports.compare import format_table, write_comparison
 from plasticity_lightning.reports.run import measure_label, write_run_report
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+        sys.exit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="plasticity report", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="plasticity report", description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run directory (CSVLogger or TensorBoard)")
     parser.add_argument(
         "--compare", action="store_true", help="compare variants: each RUN_DIR holds one variant's runs (one per seed)"

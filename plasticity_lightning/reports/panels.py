@@ -20,7 +20,7 @@ from plasticity_lightning.core.rundir import (
     EPOCH_SECONDS_KEY,
     NEW_TASK_ACCURACY_KEY,
 )
-from plasticity_lightning.metrics.continual import accuracy_matrix_summary, per_task_series
+from plasticity_lightning.metrics.continual import accuracy_matrix_summary, matrix_coverage, per_task_series
 from plasticity_lightning.reports.data import RunData, finished_task_values
 
 
@@ -142,6 +142,15 @@ def _layer_name(prefix: str, layer: str, prefixes: set[str]) -> str:
     return layer if len(prefixes) == 1 else f"{prefix}/{layer}"
 
 
+def new_task_accuracy(run: RunData) -> np.ndarray:
+    """Accuracy on each task right after learning it: the matrix's diagonal, else ``continual/new_task_acc``."""
+    matrix = run.accuracy_matrix
+    if matrix:
+        return np.array([matrix[t][t] if t in matrix else np.nan for t in range(run.num_tasks)])
+    values = finished_task_values(run, NEW_TASK_ACCURACY_KEY)
+    return np.array([values.get(t, np.nan) for t in range(run.num_tasks)])
+
+
 # ---------------------------------------------------------------------------------------------------- charts
 def accuracy_charts(run: RunData, axis: _Axis) -> tuple[list[Chart], dict[str, str]]:
     skipped: dict[str, str] = {}
@@ -150,8 +159,8 @@ def accuracy_charts(run: RunData, axis: _Axis) -> tuple[list[Chart], dict[str, s
     matrix = run.accuracy_matrix
     charts = []
     tasks = np.arange(run.num_tasks, dtype=float)
+    diagonal = new_task_accuracy(run)
     if matrix:
-        diagonal = np.array([matrix[t][t] if t in matrix else np.nan for t in range(run.num_tasks)])
         seen = np.array(
             [
                 accuracy_matrix_summary({r: matrix[r] for r in matrix if r <= t})["avg_seen_acc"]
@@ -160,8 +169,10 @@ def accuracy_charts(run: RunData, axis: _Axis) -> tuple[list[Chart], dict[str, s
                 for t in range(run.num_tasks)
             ]
         )
-        series = [Series("new-task accuracy", tasks, diagonal), Series("mean over seen tasks", tasks, seen)]
-        if not np.isfinite(seen).any():
+        series = [Series("new-task accuracy", tasks, diagonal)]
+        if matrix_coverage(matrix) == "seen":
+            series.append(Series("mean over seen tasks", tasks, seen))
+        else:
             skipped["accuracy/seen_tasks"] = "only the task being learned was evaluated (eval_on: current)"
         charts.append(
             _xy_chart(
@@ -192,9 +203,7 @@ def accuracy_charts(run: RunData, axis: _Axis) -> tuple[list[Chart], dict[str, s
             )
         )
     else:
-        values = finished_task_values(run, NEW_TASK_ACCURACY_KEY)
-        if values:
-            y = np.array([values.get(t, np.nan) for t in range(run.num_tasks)])
+        if np.isfinite(diagonal).any():
             charts.append(
                 _xy_chart(
                     "accuracy/new_task",
@@ -202,7 +211,7 @@ def accuracy_charts(run: RunData, axis: _Axis) -> tuple[list[Chart], dict[str, s
                     "Accuracy on each task right after learning it",
                     "task",
                     "accuracy",
-                    [Series("new-task accuracy", tasks, y)],
+                    [Series("new-task accuracy", tasks, diagonal)],
                 )
             )
         skipped["accuracy/matrix"] = "no per-task accuracy was logged (add TaskAccuracyTable, or log val/acc_task_<k>)"

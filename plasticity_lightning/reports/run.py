@@ -48,6 +48,7 @@ from plasticity_lightning.reports.panels import (
     Chart,
     _Axis,
     cycle_table,
+    new_task_accuracy,
     run_charts,
 )
 
@@ -135,18 +136,19 @@ def continual_summary(run: RunData, window: int | None = None) -> dict[str, Any]
     matrix = run.accuracy_matrix
     axis = _Axis(run)
     measures: dict[str, dict[str, float]] = {}
-    if matrix:
-        diagonal = [matrix[t][t] if t in matrix else math.nan for t in range(tasks)]
+    measured = [("continual/new_task_acc", new_task_accuracy(run).tolist())]
+    if matrix and matrix_coverage(matrix) == "seen":  # a mean over the few tasks evaluated is no mean over the seen
         seen = [
             accuracy_matrix_summary({r: matrix[r] for r in matrix if r <= t})["avg_seen_acc"]
             if t in matrix
             else math.nan
             for t in range(tasks)
         ]
-        for name, values in (("continual/new_task_acc", diagonal), ("continual/avg_seen_acc", seen)):
-            first, last = first_and_last(values, window)
-            if math.isfinite(first) or math.isfinite(last):
-                measures[name] = {"first": first, "last": last}
+        measured.append(("continual/avg_seen_acc", seen))
+    for name, values in measured:
+        first, last = first_and_last(values, window)
+        if math.isfinite(first) or math.isfinite(last):
+            measures[name] = {"first": first, "last": last}
     for key in run.columns:
         match = _MEASURE_KEY.match(key)
         if match and match["measure"] in MEASURES and run.has(key):
