@@ -340,3 +340,49 @@ def test_report_pages_render_in_a_real_headless_browser(continual_run, tmp_path)
             assert (tmp_path / f"{name}.png").stat().st_size > 50_000
             page.close()
         browser.close()
+
+
+_SHORT_STREAM = [
+    "--data.init_args.schedule.init_args.num_tasks=2",
+    "--data.init_args.schedule.init_args.epochs_per_task=1",
+    "--trainer.max_epochs=2",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+def test_wandb_runs_keep_their_files_in_their_own_folder_and_get_the_report(in_tmp, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
+
+    from plasticity_lightning.cli import PlasticityCLI
+
+    quickstart = str(REPO / "recipes" / "quickstart.yaml")
+    try:
+        # the fragment: a CSV log first, W&B beside it, and the report sent to W&B at the end
+        cli = PlasticityCLI(args=["fit", "--config", quickstart, "--config", str(REPO / "configs/logger/wandb.yaml"),
+                                  *_SHORT_STREAM])  # fmt: skip
+        run = in_tmp / "runs" / "plasticity" / "version_0"
+        for name in ("metrics.csv", "config.yaml", "task_accuracy.csv", "checkpoints/last.ckpt", "report/report.html"):
+            assert (run / name).is_file(), name
+        summary = dict(cli.trainer.loggers[1].experiment.summary)
+        assert {
+            "plasticity_report/page",
+            "plasticity_report/accuracy/new_task",
+            "plasticity_report/measure/srank",
+        } <= set(summary)
+        wandb.finish()
+        # W&B alone: the run's files go to <save_dir>/<project>/<run id>/, beside its checkpoints, never save_dir
+        PlasticityCLI(
+            args=["fit", "--config", quickstart, "--trainer.logger=lightning.pytorch.loggers.WandbLogger",
+                  "--trainer.logger.init_args.save_dir=solo", "--trainer.logger.init_args.project=p", *_SHORT_STREAM]
+        )  # fmt: skip
+        folders = list((in_tmp / "solo" / "p").iterdir())
+        assert len(folders) == 1
+        for name in ("config.yaml", "task_accuracy.csv", "checkpoints/last.ckpt"):
+            assert (folders[0] / name).is_file(), name
+        assert sorted(p.name for p in (in_tmp / "solo").iterdir() if p.is_file()) == []
+        assert sorted(p.name for p in (in_tmp / "runs").iterdir() if p.is_file()) == []
+    finally:
+        wandb.finish()
