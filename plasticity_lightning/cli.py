@@ -64,7 +64,6 @@ import plasticity_lightning.models  # noqa: F401
 from plasticity_lightning import __version__
 from plasticity_lightning.callbacks.reporting import SaveRunConfig
 from plasticity_lightning.core.checkpoints import (
-    LAST_NAME,
     GlobalRNGState,
     SaveOnPreemption,
     fetch_checkpoint,
@@ -73,6 +72,8 @@ from plasticity_lightning.core.checkpoints import (
     load_checkpoint,
 )
 from plasticity_lightning.core.errors import DataNotFoundError, PlasticityConfigError
+from plasticity_lightning.core.files import write_csv_atomic
+from plasticity_lightning.core.rundir import CHECKPOINT_DIR, LAST_CHECKPOINT, METRICS_FILE
 
 DESCRIPTION = "Measure and maintain the plasticity of neural networks with PyTorch Lightning."
 DEFAULT_LOGGER = {
@@ -98,14 +99,29 @@ def summarize_parser_error(message: str) -> str:
     keys = list(dict.fromkeys(re.findall(r'Parser key "([^"]+)"', message)))
     value_match = re.search(r"Got value: (.*)", message) or re.search(r"Given value: (.*)", message)
     value = value_match.group(1).strip() if value_match else "?"
-    if keys and keys[0] in ("model", "data") and ("dot import path" in message or "not accessible" in message):
-        base, example = (pl.LightningModule, "MyModel") if keys[0] == "model" else (pl.LightningDataModule, "MyData")
-        return (
-            f"--{keys[0]} {value}: no such class; use one of {', '.join(_library_classes(base))}, "
-            f"or a full import path such as my_package.{example}"
-        )
-    expected = [name for name in re.findall(r"Expected a <class '([^']+)'>", message) if name != "NoneType"]
+    if keys and ("dot import path" in message or "not accessible" in message):
+        if keys in (["model"], ["data"]):
+            model = keys[0] == "model"
+            base, example = (pl.LightningModule, "MyModel") if model else (pl.LightningDataModule, "MyData")
+            return (
+                f"--{keys[0]} {value}: no such class; use one of {', '.join(_library_classes(base))}, "
+                f"or a full import path such as my_package.{example}"
+            )
+        if keys[-1] == "schedule":
+            from plasticity_lightning.data import TaskSchedule
+
+            choices = ", ".join(_library_classes(TaskSchedule))
+            return f"--{'.'.join(keys)} {value}: no such class; use one of {choices}, or a full import path"
+        return f"--{'.'.join(keys)} {value}: no such class; give a class name or a full import path"
     field = ".".join(keys) if keys else "argument"
+    literals = [
+        choice.strip()
+        for group in re.findall(r"Expected a typing\.Literal\[([^\]]*)\]", message)
+        for choice in group.split(",")
+    ]
+    if literals:
+        return f"{field}={value!r} is invalid; expected one of {', '.join(dict.fromkeys(literals))}"
+    expected = [name for name in re.findall(r"Expected a <class '([^']+)'>", message) if name != "NoneType"]
     if expected:
         return f"{field}={value!r} is invalid; expected {' or '.join(dict.fromkeys(expected))}"
     skip = ("Subtypes", "Errors", "Given value", "Does not validate")
@@ -192,6 +208,11 @@ class PlasticityCLI(LightningCLI):
         else:
             local, shown = Path(given), given
         checkpoint = load_checkpoint(local, trust=trust, shown=shown)
+        if subcommand == "fit" and "optimizer_states" not in checkpoint:
+            raise PlasticityConfigError(
+                f"--ckpt_path={shown!r} holds the model's weights only (no optimizer or loop state, e.g. from "
+                "ModelCheckpoint(save_weights_only=True)); `fit` cannot resume from it. Use it with validate or test"
+            )
         self._checkpoint_shown = shown
         self._checkpoint_step = _batches_that_stepped(checkpoint)
         config.ckpt_path = str(local)
@@ -217,10 +238,10 @@ class PlasticityCLI(LightningCLI):
         trainer = config.trainer
         for callback in _as_list(trainer.get("callbacks")):
             if _subclass_of(callback, ModelCheckpoint) and _init_arg(callback, "dirpath"):
-                path = Path(_init_arg(callback, "dirpath")) / LAST_NAME
+                path = Path(_init_arg(callback, "dirpath")) / LAST_CHECKPOINT
                 if not path.is_file():
                     raise PlasticityConfigError(
-                        f"--ckpt_path last: no {LAST_NAME} in the recipe's ModelCheckpoint dirpath "
+                        f"--ckpt_path last: no {LAST_CHECKPOINT} in the recipe's ModelCheckpoint dirpath "
                         f"{str(path.parent)!r}; give the checkpoint's path"
                     )
                 return path
@@ -228,7 +249,7 @@ class PlasticityCLI(LightningCLI):
         logger = loggers[0] if loggers else None
         root_dir = Path(trainer.get("default_root_dir") or os.getcwd())
         if logger in (None, False):
-            path = root_dir / "checkpoints" / LAST_NAME
+            path = root_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
             if not path.is_file():
                 raise PlasticityConfigError(
                     f"--ckpt_path last: no {path} (trainer.logger is off); give a checkpoint path"
@@ -241,10 +262,10 @@ class PlasticityCLI(LightningCLI):
             root = Path(_init_arg(logger, "save_dir", ".")) / (name or "")
             version = _init_arg(logger, "version")
             if version is not None:
-                path = root / (f"version_{version}" if isinstance(version, int) else str(version)) / "checkpoints"
-                if not (path / LAST_NAME).is_file():
-                    raise PlasticityConfigError(f"--ckpt_path last: no {LAST_NAME} in {str(path)!r}")
-                return path / LAST_NAME
+                path = root / (f"version_{version}" if isinstance(version, int) else str(version)) / CHECKPOINT_DIR
+                if not (path / LAST_CHECKPOINT).is_file():
+                    raise PlasticityConfigError(f"--ckpt_path last: no {LAST_CHECKPOINT} in {str(path)!r}")
+                return path / LAST_CHECKPOINT
         else:
             raise PlasticityConfigError(
                 f"--ckpt_path last: cannot tell where {logger.get('class_path')} keeps checkpoints; give the "
@@ -253,8 +274,8 @@ class PlasticityCLI(LightningCLI):
         found = last_checkpoint(root)
         if found is None:
             raise PlasticityConfigError(
-                f"--ckpt_path last: no {root / 'version_*' / 'checkpoints' / LAST_NAME} exists; start the run without "
-                "--ckpt_path, or give a checkpoint path"
+                f"--ckpt_path last: no {root / 'version_*' / CHECKPOINT_DIR / LAST_CHECKPOINT} exists; start the run "
+                "without --ckpt_path, or give a checkpoint path"
             )
         version, path = found
         if logger is not True:
@@ -284,7 +305,13 @@ class PlasticityCLI(LightningCLI):
             if not any(isinstance(c, extra) for c in callbacks):
                 callbacks.append(extra())
         kwargs.setdefault("callbacks", callbacks)
-        return super().instantiate_trainer(**kwargs)
+        _check_trainer_numbers(config)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (ValueError, TypeError) as err:  # Lightning's own checks, e.g. an unknown accelerator or strategy
+            if configuration_error(err) is not None:
+                raise
+            raise PlasticityConfigError(f"trainer: {' '.join(str(err).split())}") from err
 
     def before_fit(self) -> None:
         if self._resumed_version is not None and self._checkpoint_step is not None:
@@ -407,7 +434,7 @@ def _keep_logged_rows(logger: CSVLogger, step: int) -> None:
     import csv
     import warnings
 
-    path = Path(logger.log_dir) / "metrics.csv"
+    path = Path(logger.log_dir) / METRICS_FILE
     rows: list[dict[str, str]] = []
     header: list[str] = []
     if path.is_file():
@@ -420,13 +447,30 @@ def _keep_logged_rows(logger: CSVLogger, step: int) -> None:
         writer = logger.experiment
     if not header:
         return
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w", newline="") as f:
-        out = csv.DictWriter(f, fieldnames=header)
-        out.writeheader()
-        out.writerows(rows)
-    os.replace(temporary, path)
+    write_csv_atomic(path, [header, *([row.get(key, "") for key in header] for row in rows)])
     writer.metrics_keys = list(header)
+
+
+# Trainer numbers Lightning accepts without a check and then fails on deep inside a fit (a modulo by zero) or
+# silently ignores: the lower bound each must respect (None stays allowed).
+_TRAINER_LOWER_BOUNDS = {
+    "accumulate_grad_batches": (1, "an integer >= 1"),
+    "check_val_every_n_epoch": (1, "an integer >= 1 or null"),
+    "log_every_n_steps": (1, "an integer >= 1"),
+    "limit_train_batches": (0, "a number >= 0 (a share if < 1, batches if an integer >= 1)"),
+    "limit_val_batches": (0, "a number >= 0 (a share if < 1, batches if an integer >= 1)"),
+    "limit_test_batches": (0, "a number >= 0 (a share if < 1, batches if an integer >= 1)"),
+    "limit_predict_batches": (0, "a number >= 0 (a share if < 1, batches if an integer >= 1)"),
+    "val_check_interval": (1e-12, "a number > 0 (a share of an epoch if <= 1, steps if an integer)"),
+    "gradient_clip_val": (0, "a number >= 0"),
+}
+
+
+def _check_trainer_numbers(config: dict[str, Any]) -> None:
+    for name, (lowest, allowed) in _TRAINER_LOWER_BOUNDS.items():
+        value = config.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < lowest:
+            raise PlasticityConfigError(f"trainer.{name}={value!r} is invalid; expected {allowed}")
 
 
 def _choose_ddp_devices(config: dict[str, Any]) -> None:

@@ -34,10 +34,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from plasticity_lightning.core.errors import PlasticityConfigError
+from plasticity_lightning.core.rundir import CHECKPOINT_DIR, LAST_CHECKPOINT
 
 #: what the errors tell a user who trusts a checkpoint that the safe loader refuses
 TRUST_HINT = "--weights_only false"
-LAST_NAME = "last.ckpt"
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -96,43 +96,43 @@ def load_checkpoint(
     try:
         checkpoint = torch.load(source, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as err:
-        message = str(err)
-        if "Weights only load failed" not in message:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if "Weights only load failed" not in str(err) or found is None:
             raise _not_a_checkpoint(path, name, field, err) from err
-        found = re.search(r"GLOBAL ([\w.]+)", message) or re.search(r"Unsupported (operand \d+)", message)
-        refused = f" ({found.group(1)})" if found else ""
         raise PlasticityConfigError(
-            f"{field}={name!r} holds objects that torch's safe loader refuses{refused}; unpickling them can run "
-            f"code. If you wrote the file or trust its source, add {TRUST_HINT}"
+            f"{field}={name!r} holds objects that torch's safe loader refuses ({found.group(1)}); unpickling them can "
+            f"run code. If you wrote the file or trust its source, add {TRUST_HINT}"
         ) from err
     except Exception as err:  # torch reports damaged files as KeyError, EOFError, RuntimeError, IndexError...
         raise _not_a_checkpoint(path, name, field, err) from err
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+    lightning_keys = ("state_dict", "pytorch-lightning_version")
+    if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in lightning_keys):
         held = (
             f"a dict with keys {sorted(map(str, checkpoint))[:6]}"
             if isinstance(checkpoint, dict)
             else f"a {type(checkpoint).__name__}"
         )
         raise PlasticityConfigError(
-            f"{field}={name!r} holds {held}, not a Lightning checkpoint (no 'state_dict'); give a file written "
-            "by `plasticity fit` or Trainer.save_checkpoint"
+            f"{field}={name!r} holds {held}, not a Lightning checkpoint (it needs 'state_dict' and "
+            "'pytorch-lightning_version'); give a file written by `plasticity fit` or Trainer.save_checkpoint"
         )
     return checkpoint
 
 
 def _not_a_checkpoint(path: str | os.PathLike, name: str, field: str, err: BaseException) -> PlasticityConfigError:
+    with open(path, "rb") as f:
+        head = f.read(512)
+    printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head) / max(len(head), 1)
     if zipfile.is_zipfile(path):
         kind = "a damaged zip archive"
+    elif head.startswith(b"PK"):
+        kind = "a truncated zip archive"
+    elif printable > 0.95:
+        kind = "text"
+    elif head[:1] == b"\x80" and isinstance(err, pickle.UnpicklingError):
+        kind = f"a plain pickle that torch's safe loader cannot read; if you trust its source, add {TRUST_HINT}"
     else:
-        with open(path, "rb") as f:
-            head = f.read(512)
-        printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head) / max(len(head), 1)
-        if printable > 0.95:
-            kind = "text"
-        elif head.startswith(b"PK"):
-            kind = "a truncated zip archive"
-        else:
-            kind = "not a PyTorch file"
+        kind = "not a PyTorch file"
     return PlasticityConfigError(
         f"{field}={name!r} is not a readable checkpoint ({kind}: {type(err).__name__}); it may be truncated "
         "or another kind of file. Give a .ckpt written by `plasticity fit`"
@@ -155,7 +155,7 @@ def last_checkpoint(root: str | os.PathLike) -> tuple[int, Path] | None:
         return None
     for entry in base.iterdir():
         match = re.fullmatch(r"version_(\d+)", entry.name)
-        candidate = entry / "checkpoints" / LAST_NAME
+        candidate = entry / CHECKPOINT_DIR / LAST_CHECKPOINT
         if match and candidate.is_file():
             found.append((int(match.group(1)), candidate))
     return max(found) if found else None

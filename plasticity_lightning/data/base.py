@@ -196,7 +196,9 @@ class PlasticityDataModule(SeededOrder, pl.LightningDataModule):
         super().__init__()
         owner = type(self).__name__
         self.batch_size = check_positive_int(owner, "batch_size", batch_size)
-        self.eval_batch_size = check_positive_int(owner, "eval_batch_size", eval_batch_size or batch_size)
+        self.eval_batch_size = check_positive_int(
+            owner, "eval_batch_size", batch_size if eval_batch_size is None else eval_batch_size
+        )
         self.num_workers = check_positive_int(owner, "num_workers", num_workers, allow_zero=True)
         self.pin_memory = pin_memory
         if schedule is not None and not isinstance(schedule, TaskSchedule):
