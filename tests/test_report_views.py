@@ -386,3 +386,38 @@ def test_wandb_runs_keep_their_files_in_their_own_folder_and_get_the_report(in_t
         assert sorted(p.name for p in (in_tmp / "runs").iterdir() if p.is_file()) == []
     finally:
         wandb.finish()
+
+
+def test_head_runs_get_gate_and_attention_entropy_heatmaps_over_time(tmp_path):
+    import lightning.pytorch as pl
+    from conftest import make_trainer
+    from test_heads import _LMWithPerplexity, _token_loaders
+
+    from plasticity_lightning import AttentionEntropyMonitor, HeadImportance, HeadPruning
+
+    _, train, val = _token_loaders()
+    callbacks = [
+        HeadImportance(num_batches=6),
+        HeadPruning(fraction=0.25, max_fraction=0.5, tolerance=1.0),
+        AttentionEntropyMonitor(every_n_epochs=1, probe_size=4),
+    ]
+    logger = pl.loggers.CSVLogger(tmp_path, name="heads")
+    make_trainer(tmp_path, callbacks=callbacks, logger=logger, max_epochs=3, num_sanity_val_steps=0).fit(
+        _LMWithPerplexity(), train, val
+    )
+    summary = write_run_report(tmp_path / "heads")
+    assert {"heads/gate", "heads/head"} <= set(summary["panels"])
+    figures = _figures(tmp_path / "heads" / "version_0" / "report" / "report.html")
+    metrics = pd.read_csv(tmp_path / "heads" / "version_0" / "metrics.csv")
+    for element, kind, columns in (("chart-heads-gate", "gate", 4), ("chart-heads-head", "head", 4)):
+        heatmap = figures[element]["data"][0]
+        rows = [f"{layer}.{head}" for layer in range(3) for head in range(columns)]
+        assert heatmap["y"] == rows
+        for row, name in enumerate(rows):
+            layer, head = name.split(".")
+            prefix = "heads" if kind == "gate" else "attention_entropy"
+            logged = metrics[["step", f"{prefix}/{layer}/{kind}_{head}"]].dropna()
+            at = [heatmap["x"].index(step) for step in logged["step"]]
+            np.testing.assert_allclose([heatmap["z"][row][i] for i in at], logged.iloc[:, 1], rtol=1e-6)
+    gates = np.array(figures["chart-heads-gate"]["data"][0]["z"], dtype=float)
+    assert (gates[:, 0] == 1).all() and (gates[:, -1] == 0).sum() == 6  # half the heads pruned by the end

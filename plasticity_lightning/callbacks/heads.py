@@ -188,8 +188,8 @@ class HeadImportance(Intervention):
     ``c_proj`` rows. With ``normalize="layer"`` each layer's scores are divided by their L2 norm (Michel et al.'s
     ``--normalize_pruning_by_layer``). Under DDP the accumulated scores are averaged across ranks, so every rank
     holds the same importance. The latest ``[layers, heads]`` scores are :attr:`importance`; their layer means are
-    logged as ``heads/<layer>/importance``. The gates (pruned and ramping heads) are saved in this callback's
-    checkpoint state and restored on resume.
+    logged as ``heads/<layer>/importance``, with each head's gate as ``heads/<layer>/gate_<h>``. The gates (pruned and
+    ramping heads) are saved in this callback's checkpoint state and restored on resume.
 
     Args:
         num_batches: training batches per importance window.
@@ -270,7 +270,11 @@ class HeadImportance(Intervention):
         if self._count >= self.num_batches:
             self.importance = self.compute(trainer)
             layer_means = self.importance.mean(dim=1).tolist()
-            self.log_values(trainer, {f"{i}/importance": v for i, v in enumerate(layer_means)}, force=True)
+            values = {f"{i}/importance": v for i, v in enumerate(layer_means)}
+            # the gates over time (0: pruned, ramping back to 1 after growth): `plasticity report` draws them
+            gates = self.gates.gates.detach().float().cpu().tolist()
+            values.update({f"{i}/gate_{h}": g for i, row in enumerate(gates) for h, g in enumerate(row)})
+            self.log_values(trainer, values, force=True)
             self._sum.zero_()
             self._count = 0
 
