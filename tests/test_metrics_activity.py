@@ -206,3 +206,107 @@ def test_low_activity_counts_nonzero_or_positive_outputs():
     assert metric.compute()["low_activity_fraction"].item() == 1.0
     with pytest.raises(PlasticityConfigError, match="active='sign' is not supported"):
         low_activity_fraction(h, active="sign")
+
+
+# ---- thresholds on their boundary, every argument, every output (what mutation testing showed unguarded) -----
+from plasticity_lightning.metrics import (  # noqa: E402
+    active_share,
+    dead_unit_mask,
+    low_activity_mask,
+    mean_abs_activation,
+    redo_dormant_mask,
+    unit_view,
+)
+
+
+def test_every_threshold_on_its_boundary():
+    # unit i has |h| = i/4 on one row of four: E|h| = i/16, max |h| = i/4, active share 1/4 (unit 0: 0)
+    h = torch.zeros(4, 5, dtype=torch.float64)
+    h[0] = torch.arange(5, dtype=torch.float64) / 4
+    scores = redo_scores(h)  # s_i = (i/16) / (mean 2/16 + 1e-9) ≈ i/2
+    tau = float(scores[1])  # exactly unit 1's score: "≤ τ" counts it
+    assert redo_dormant_mask(h, tau).tolist() == [True, True, False, False, False]
+    assert dead_unit_mask(h, threshold=0.5).tolist() == [True, True, True, False, False]  # max |h| ≤ 0.5
+    assert low_activity_mask(h, max_active=0.25).tolist() == [True, False, False, False, False]  # share < 0.25
+    assert low_activity_mask(h, max_active=0.26).tolist() == [True] * 5
+    stats = activity_statistics(h)
+    masks = stats.masks(tau=tau, dead_threshold=0.5, max_active=0.25)
+    assert [masks[k].sum().item() for k in ("redo_dormant", "dead", "low_activity")] == [2, 3, 1]
+    fractions = stats.fractions(tau=tau, dead_threshold=0.5, max_active=0.25)
+    assert {k: v.item() for k, v in fractions.items()} == {"redo_dormant": 0.4, "dead": 0.6, "low_activity": 0.2}
+    assert redo_dormant_fraction(h, tau).item() == 0.4
+    assert dead_unit_fraction(h, threshold=0.5).item() == 0.6
+    assert low_activity_fraction(h, max_active=0.25).item() == 0.2
+
+
+def test_an_all_zero_layer_is_all_dormant_not_nan():
+    # ReDo's 1e-9 in the normaliser: a silent layer scores 0 everywhere (dormant), not 0/0
+    h = torch.zeros(3, 4)
+    assert redo_scores(h).tolist() == [0.0] * 4
+    assert redo_dormant_fraction(h).item() == 1.0 and dead_unit_fraction(h).item() == 1.0
+    weak = torch.full((2, 2), 1e-12)  # E|h| = 1e-12 ≪ 1e-9: the guard dominates, scores are ≈ 1e-3, not 1
+    assert redo_scores(weak).tolist() == pytest.approx([1e-12 / (1e-12 + 1e-9)] * 2, rel=1e-6)
+
+
+def test_unit_activity_passes_every_argument_and_returns_every_output():
+    rng = np.random.default_rng(5)
+    batches = [rng.normal(size=(n, 6)) * np.array([0.0, 1e-3, 0.3, 1.0, 2.0, 5.0]) for n in (7, 13, 4)]
+    for h in batches:
+        h[: len(h) // 2, 2] = 0.0  # unit 2: zero on half of each batch
+        h[:, 1] = np.where(np.abs(h[:, 1]) < 5e-4, 0.0, h[:, 1])
+    view = np.concatenate(batches)
+    metric = UnitActivity(num_units=6, tau=0.3, dead_threshold=0.5, max_active=0.6, active="positive")
+    for h in batches:
+        metric.update(torch.tensor(h))
+    result = metric.compute()
+    mean_abs = np.abs(view).mean(axis=0)
+    scores = mean_abs / (mean_abs.mean() + 1e-9)
+    share = (view > 0).mean(axis=0)
+    np.testing.assert_allclose(result["redo_scores"].numpy(), scores, rtol=1e-12)
+    np.testing.assert_allclose(result["active_share"].numpy(), share, rtol=1e-12)
+    assert result["redo_dormant_fraction"].item() == pytest.approx(np.mean(scores <= 0.3))
+    assert result["dead_fraction"].item() == pytest.approx(np.mean(np.abs(view).max(axis=0) <= 0.5))
+    assert result["low_activity_fraction"].item() == pytest.approx(np.mean(share < 0.6))
+    assert sorted(result) == [
+        "active_share",
+        "dead_fraction",
+        "low_activity_fraction",
+        "redo_dormant_fraction",
+        "redo_scores",
+    ]
+    # the accumulated statistics equal the one-pass ones of the stacked batches
+    stats = activity_statistics(torch.tensor(view), "positive")
+    np.testing.assert_allclose(metric.abs_sum.numpy() / metric.positions.item(), stats.mean_abs.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(metric.abs_max.numpy(), stats.max_abs.numpy())
+    np.testing.assert_allclose(active_share(torch.tensor(view), "positive").numpy(), share)
+    np.testing.assert_allclose(mean_abs_activation(torch.tensor(view)).numpy(), mean_abs, rtol=1e-12)
+    assert metric.positions.item() == len(view)
+
+
+def test_activity_inputs_and_arguments_are_checked_with_clear_messages():
+    assert unit_view(torch.zeros(2, 3)).shape == (2, 3)
+    assert torch.equal(unit_view(torch.arange(12.0).reshape(1, 3, 2, 2))[:, 0], torch.arange(4.0))
+    with pytest.raises(ValueError, match=r"Expected layer outputs \[N, units, ...\], got shape \(3,\)"):
+        unit_view(torch.zeros(3))
+    with pytest.raises(ValueError, match="activity_statistics needs at least one position"):
+        activity_statistics(torch.zeros(0, 3))
+    metric = UnitActivity(num_units=3)
+    with pytest.raises(ValueError, match=r"UnitActivity.compute\(\) called before any non-empty update"):
+        metric.compute()
+    with pytest.raises(ValueError, match=r"UnitActivity\(num_units=3\) got outputs with 4 units"):
+        metric.update(torch.zeros(2, 4))
+    for call, field, value in [
+        (lambda: UnitActivity(num_units=0), r"UnitActivity.num_units=0", "positive integer"),
+        (lambda: UnitActivity(num_units=2, tau=-1.0), r"UnitActivity.tau=-1.0", "expected a number >= 0"),
+        (lambda: UnitActivity(2, dead_threshold=-0.5), r"UnitActivity.dead_threshold=-0.5", "number >= 0"),
+        (lambda: UnitActivity(2, max_active=1.5), r"UnitActivity.max_active=1.5", r"number in \[0, 1\]"),
+        (lambda: UnitActivity(2, active="any"), r"UnitActivity.active='any'", "choose one of: nonzero, positive"),
+        (lambda: redo_dormant_mask(torch.ones(2, 2), -0.1), r"redo_dormant_mask.tau=-0.1", "number >= 0"),
+        (lambda: redo_dormant_fraction(torch.ones(2, 2), -0.1), r"redo_dormant_fraction.tau=-0.1", ">= 0"),
+        (lambda: dead_unit_mask(torch.ones(2, 2), -1.0), r"dead_unit_mask.threshold=-1.0", "number >= 0"),
+        (lambda: low_activity_mask(torch.ones(2, 2), 2.0), r"low_activity_mask.max_active=2.0", r"\[0, 1\]"),
+        (lambda: active_share(torch.ones(2, 2), "x"), r"active_share.active='x'", "nonzero, positive"),
+        (lambda: activity_statistics(torch.ones(2, 2), "x"), r"activity_statistics.active='x'", "nonzero"),
+    ]:
+        with pytest.raises(PlasticityConfigError, match=f"{field} is .*{value}"):
+            call()

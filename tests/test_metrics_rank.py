@@ -1,5 +1,7 @@
 """Rank measures against independent NumPy/SciPy computations, identities and degenerate inputs."""
 
+import math
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -273,3 +275,138 @@ def test_metric_twins_accept_an_empty_batch():
     assert metric.compute().item() == pytest.approx(3.0)
     with pytest.raises(ValueError, match="NaN or infinite"):
         metric.update(torch.tensor([[1.0, float("inf"), 0.0]]))
+
+
+# ---- boundaries, ties, signs and arguments that mutation testing showed unguarded -----------------------------
+from plasticity_lightning.metrics import FeatureSpectrum, NonFiniteFeaturesError  # noqa: E402
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_scale_comes_from_the_largest_magnitude_of_either_sign(sign):
+    # all entries <= 0: the largest magnitude is -min, not max (which is 0 and once meant "all-zero")
+    assert effective_rank(torch.tensor([[0.0, -1.0]]) * sign).item() == 1.0
+    x = -torch.rand(40, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1e-260
+    s = scipy.linalg.svdvals(x.numpy())
+    np.testing.assert_allclose(singular_values(x * sign).numpy(), s, rtol=1e-10)
+    assert effective_rank(x * sign).item() == pytest.approx(np_erank(s), rel=1e-10)
+    for bad in (-math.inf, math.inf, math.nan):
+        with pytest.raises(NonFiniteFeaturesError, match="NaN or infinite values; rank measures are undefined"):
+            effective_rank(torch.tensor([[1.0, bad]]) * sign)
+
+
+def test_numerical_rank_counts_strictly_above_the_tolerance():
+    # rtol = 0 (documented: Dohare's count of non-zero values): σ = 0 is not counted, σ = atol is not counted
+    assert numerical_rank(torch.diag(torch.tensor([1.0, 0.0])), rtol=0.0).item() == 1
+    assert numerical_rank(sigma=torch.tensor([1.0, 0.5, 0.25]), rtol=0.0, atol=0.5).item() == 1
+    assert numerical_rank(sigma=torch.tensor([1.0, 0.5, 0.25]), rtol=0.5).item() == 1  # 0.5 = rtol·σ₁: out
+    assert numerical_rank(sigma=torch.tensor([1.0, 0.5, 0.25]), rtol=0.25, atol=0.2).item() == 2  # max(atol, ·)
+    assert numerical_rank(sigma=torch.tensor([1.0, 0.5, 0.25]), rtol=0.2, atol=0.3).item() == 2
+    assert numerical_rank(sigma=torch.tensor([4.0, 1.0]), rtol=0.26).item() == 1  # tolerance scales with σ₁
+    assert numerical_rank(sigma=torch.zeros(3), rtol=0.1).item() == 0
+    assert numerical_rank(sigma=torch.zeros(0), rtol=0.1).item() == 0
+    assert numerical_rank(torch.ones(2, 3)).dtype == torch.float64
+    with pytest.raises(ValueError, match="numerical_rank needs `rtol` when called with precomputed singular values"):
+        numerical_rank(sigma=torch.ones(2))
+    with pytest.raises(ValueError, match="Pass exactly one of `features` and `sigma`"):
+        numerical_rank()
+    with pytest.raises(ValueError, match="Pass exactly one of `features` and `sigma`"):
+        numerical_rank(torch.eye(2), sigma=torch.ones(2), rtol=0.1)
+
+
+@pytest.mark.parametrize(("measure", "argument"), [(srank, "delta"), (approximate_rank, "threshold")])
+def test_cumulative_ranks_on_their_threshold(measure, argument):
+    # equal values: the first k of 4 hold exactly k/4 of the total, a tie with the threshold, which counts as reached
+    sigma = torch.ones(4, dtype=torch.float64)
+    for k in (1, 2, 3, 4):
+        share = k / 4
+        value = 1 - share if argument == "delta" else share
+        if value == 0:  # δ = 0 is outside (0, 1)
+            continue
+        assert measure(sigma=sigma, **{argument: value}).item() == k
+        # just above the tie needs one more value; the 1e-12 slack absorbs round-off only
+        above = 1 - share - 1e-9 if argument == "delta" else share + 1e-9
+        if above < 1:
+            assert measure(sigma=sigma, **{argument: above}).item() == k + 1
+    # the last cumulative share may round below 1: never more values than there are
+    thirds = torch.full((3,), 1 / 3, dtype=torch.float64)
+    assert measure(sigma=thirds, **{argument: 1e-12 if argument == "delta" else 1.0}).item() == 3
+
+
+def test_approximate_rank_squares_and_srank_does_not():
+    sigma = torch.tensor([3.0, 1.0, 1.0], dtype=torch.float64)  # energy 9:1:1, magnitude 3:1:1
+    assert approximate_rank(sigma=sigma, threshold=0.8).item() == 1  # 9/11 = 0.82
+    assert srank(sigma=sigma, delta=0.2).item() == 2  # 3/5 = 0.6, 4/5 = 0.8
+    assert stable_rank(sigma=sigma).item() == pytest.approx(11 / 9)
+    assert effective_rank(sigma=torch.tensor([1.0, 1.0, 0.0])).item() == pytest.approx(2.0)  # 0·ln 0 = 0
+
+
+@pytest.mark.parametrize(
+    ("metric", "function", "kwargs"),
+    [(SRank, srank, {"delta": 0.3}), (ApproximateRank, approximate_rank, {"threshold": 0.6})],
+)
+def test_metric_twins_pass_their_arguments_on(metric, function, kwargs):
+    x = torch.randn(200, 12, generator=torch.Generator().manual_seed(1)) * torch.logspace(0, -1, 12)
+    twin = metric(num_units=12, **kwargs)
+    twin.update(x)
+    assert twin.compute().item() == function(x, **kwargs).item()
+    assert twin.compute().item() != function(x).item()  # the non-default argument changes the answer
+
+
+def test_feature_spectrum_keeps_the_raw_gram_matrix_and_checks_its_input():
+    x = torch.randn(30, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    metric = FeatureSpectrum(num_units=5)
+    metric.update(x[:10])
+    metric.update(x[10:])
+    np.testing.assert_allclose(metric.gram.numpy(), (x.T @ x).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(metric.compute().numpy(), scipy.linalg.svdvals(x.numpy()), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"FeatureSpectrum\(num_units=5\) got 4 units"):
+        metric.update(torch.ones(2, 4))
+    with pytest.raises(ValueError, match=r"EffectiveRank.num_units=0 is invalid; expected a positive integer"):
+        EffectiveRank(num_units=0)
+    with pytest.raises(ValueError, match=r"SRank.delta=0 is invalid; expected a number in \(0, 1\)"):
+        SRank(num_units=2, delta=0)
+    with pytest.raises(ValueError, match=r"ApproximateRank.threshold=1.5 is invalid; expected a number in \(0, 1\]"):
+        ApproximateRank(num_units=2, threshold=1.5)
+    with pytest.raises(ValueError, match=r"Expected a 2-D samples x units matrix, got shape \(2, 2, 2\)"):
+        metric.update(torch.ones(2, 2, 2))
+
+
+def test_singular_values_of_every_route_and_shape():
+    x = torch.tensor([[3.0, 0.0], [0.0, 4.0], [0.0, 0.0]], dtype=torch.float64)
+    for method in ("auto", "gram", "svd"):
+        np.testing.assert_allclose(singular_values(x, method).numpy(), [4.0, 3.0], rtol=1e-12)
+        np.testing.assert_allclose(singular_values(x.T, method).numpy(), [4.0, 3.0], rtol=1e-12)
+    assert singular_values(torch.zeros(0, 3)).shape == (0,)
+    assert singular_values(torch.zeros(4, 3)).tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(
+        ValueError, match=r"singular_values.method='qr' is not supported; choose one of: auto, gram, svd"
+    ):
+        singular_values(x, "qr")
+    with pytest.raises(ValueError, match=r"Expected features with a samples axis and a units axis, got shape \(3,\)"):
+        feature_matrix(torch.ones(3))
+    with pytest.raises(
+        ValueError, match=r"feature_matrix.conv='mean' is not supported; choose one of: pool, positions, flatten"
+    ):
+        feature_matrix(torch.ones(2, 3, 4), "mean")
+    with pytest.raises(ValueError, match="Pass exactly one of `features` and `sigma`"):
+        effective_rank()
+    with pytest.raises(ValueError, match="`sigma` must hold finite, non-negative singular values"):
+        stable_rank(sigma=torch.tensor([1.0, math.inf]))
+
+
+def test_gram_columns_whose_squares_underflow_are_dropped(monkeypatch):
+    # entries of 1e-170 next to ones: their squares underflow to 0 in the Gram matrix, where the column is dropped
+    # (kept, its zero eigenvalue would look like a genuine value lost to round-off and force an SVD); every
+    # singular value is still returned, 0 for the underflowed one
+    import plasticity_lightning.metrics.rank as rank_module
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("fell back to an SVD")
+
+    monkeypatch.setattr(rank_module, "_svd_values", no_svd)
+    x = torch.zeros(6, 3, dtype=torch.float64)
+    x[:3, 0], x[3:, 1], x[0, 2] = 1.0, 2.0, 1e-170
+    sigma = singular_values(x)
+    assert sigma.shape == (3,) and sigma[2].item() == 0.0
+    np.testing.assert_allclose(sigma[:2].numpy(), [2 * math.sqrt(3), math.sqrt(3)], rtol=1e-12)
+    assert effective_rank(x).item() == pytest.approx(np_erank(np.array([2.0, 1.0])), rel=1e-12)

@@ -1,0 +1,305 @@
+"""Entropies, weight statistics, Softmax Collapse, per-task accuracy and text degeneration on their edges:
+boundaries and ties of every threshold, signs and zeros, non-default arguments, every returned output and the
+error messages (what mutation testing showed unguarded; ``benchmarks/mutation.sh``). Expected values come from
+NumPy/SciPy or are worked out by hand in the comments."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.special
+import torch
+
+from plasticity_lightning import PlasticityConfigError
+from plasticity_lightning.metrics import (
+    ActivationEntropy,
+    AttentionEntropy,
+    PerTaskAccuracy,
+    PredictionEntropy,
+    SoftmaxCollapse,
+    activation_entropy,
+    attention_entropy,
+    degeneration_summary,
+    distance_from_init,
+    distinct_n,
+    gradient_stats,
+    layer_weights,
+    logit_norm,
+    max_token_repetition,
+    mean_abs_weight,
+    nlm_alignment,
+    per_task_accuracy,
+    prediction_entropy,
+    repeated_ngram_rate,
+    softmax_collapse_fraction,
+    weight_norm,
+    weight_stats,
+    zero_loss_fraction,
+)
+from plasticity_lightning.metrics.continual import (
+    accuracy_matrix_summary,
+    first_and_last,
+    matrix_coverage,
+    summary_window,
+)
+
+NAN = math.nan
+
+
+# ---------------------------------------------------------------------------------------------- entropies
+@pytest.mark.parametrize(
+    ("dtype", "working"),
+    [
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+    ],
+)
+def test_entropies_work_in_float32_or_float64(dtype, working):
+    logits = torch.tensor([[0.0, 1.0, 2.0]], dtype=dtype)
+    assert prediction_entropy(logits).dtype == working
+    assert activation_entropy(logits).dtype == working
+    assert attention_entropy(torch.full((1, 1, 1, 2), 0.5, dtype=dtype)).dtype == working
+
+
+def test_entropies_of_known_distributions():
+    # probabilities with exact zeros: 0·ln 0 = 0, so a one-hot row has entropy 0 and [½, ½, 0] has ln 2
+    probs = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]], dtype=torch.float64)
+    assert prediction_entropy(probs, from_logits=False).item() == pytest.approx(math.log(2) / 2, rel=1e-15)
+    assert prediction_entropy(torch.log(probs)).item() == pytest.approx(math.log(2) / 2, rel=1e-15)
+    # StabilAI's +1e-10 is part of its definition: a saturated softmax gives −ln(1 + 1e-10), not 0
+    saturated = torch.tensor([[1000.0, 0.0]], dtype=torch.float64)
+    assert activation_entropy(saturated).item() == pytest.approx(-math.log1p(1e-10), rel=1e-9)
+    # convolutions: the softmax runs over channels at each position; the mean over batch and positions
+    h = np.random.default_rng(0).normal(size=(2, 3, 2, 2))
+    p = scipy.special.softmax(h, axis=1)
+    expected = -(p * np.log(p + 1e-10)).sum(axis=1).mean()
+    assert activation_entropy(torch.tensor(h)).item() == pytest.approx(expected, rel=1e-12)
+    # attention: one head uniform over 4 keys, one on a single key, averaged over batch and queries
+    attention = torch.zeros(2, 2, 3, 4, dtype=torch.float64)
+    attention[:, 0] = 0.25
+    attention[:, 1, :, 2] = 1.0
+    assert attention_entropy(attention).tolist() == pytest.approx([math.log(4), 0.0], rel=1e-15)
+
+
+def test_entropy_twins_accumulate_every_argument():
+    probs = torch.softmax(torch.randn(10, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64), 1)
+    metric = PredictionEntropy(from_logits=False)
+    metric.update(probs[:3])
+    metric.update(probs[3:])
+    assert metric.compute().item() == pytest.approx(prediction_entropy(probs, from_logits=False).item(), rel=1e-12)
+    assert metric.count.item() == 10
+    act = ActivationEntropy()
+    h = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    act.update(h)
+    assert act.count.item() == 2 * 4 * 4  # one distribution per sample and position
+    assert act.compute().item() == pytest.approx(activation_entropy(h).item(), rel=1e-12)
+    attention = torch.softmax(torch.randn(3, 2, 5, 5, dtype=torch.float64), dim=-1)
+    heads = AttentionEntropy(num_heads=2)
+    heads.update(attention[:1])
+    heads.update(attention[1:])
+    assert heads.count.item() == 3 * 5
+    np.testing.assert_allclose(heads.compute().numpy(), attention_entropy(attention).numpy(), rtol=1e-12)
+
+
+def test_entropy_inputs_are_checked_with_clear_messages():
+    with pytest.raises(ValueError, match=r"Expected \[N, C\] predictions, got shape \(4,\)"):
+        prediction_entropy(torch.zeros(4))
+    with pytest.raises(ValueError, match=r"Expected layer outputs \[N, units, ...\], got shape \(4,\)"):
+        activation_entropy(torch.zeros(4))
+    with pytest.raises(ValueError, match=r"Expected attention probabilities \[batch, heads, queries, keys\]"):
+        attention_entropy(torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match=r"AttentionEntropy\(num_heads=3\) got 2 heads"):
+        AttentionEntropy(num_heads=3).update(torch.full((1, 2, 1, 2), 0.5))
+    with pytest.raises(PlasticityConfigError, match=r"AttentionEntropy.num_heads=0 is invalid"):
+        AttentionEntropy(num_heads=0)
+
+
+# ---------------------------------------------------------------------------------------------- weights
+def test_weight_statistics_of_signed_tensors_and_zeros():
+    a = torch.tensor([[-3.0, 4.0]], dtype=torch.float64)
+    b = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
+    assert mean_abs_weight([a, b]).item() == pytest.approx((3 + 4 + 1 + 0 + 1) / 5)  # |w|, every element once
+    assert mean_abs_weight(a).item() == 3.5 and mean_abs_weight([]).item() == 0.0
+    assert mean_abs_weight(torch.ones(2, dtype=torch.float16)).dtype == torch.float64
+    assert weight_norm([a, b]).item() == pytest.approx(math.sqrt(9 + 16 + 2))
+    assert weight_norm(-a).item() == 5.0
+    assert distance_from_init([a, b], [torch.zeros_like(a), b]).item() == 5.0
+    assert distance_from_init(a, a.clone(), relative=True).item() == 0.0
+    assert distance_from_init(a, -a, relative=True).item() == pytest.approx(2.0)
+    zero = torch.zeros(2, dtype=torch.float64)
+    assert distance_from_init(zero, zero, relative=True).item() == 0.0  # θ₀ = 0 and θ = θ₀
+    with pytest.raises(ValueError, match="weights and initial weights differ in number or shape of tensors"):
+        distance_from_init([a, b], [a])
+    with pytest.raises(ValueError, match="weights and initial weights differ in number or shape of tensors"):
+        distance_from_init(a, b)
+
+
+def test_layer_weights_are_named_after_their_module():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.zeros(3, 2))  # a bare 2-D parameter: named by itself
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Linear(2, 1))
+
+    assert list(layer_weights(Net())) == ["table", "body.0", "body.2"]  # BN weights and biases are 1-D
+
+
+def test_gradient_and_weight_stats_pool_layers_as_neural_elements_does():
+    w1 = torch.nn.Parameter(torch.zeros(2, 2))
+    w2 = torch.nn.Parameter(torch.zeros(1, 3))
+    w3 = torch.nn.Parameter(torch.zeros(2, 1))  # no gradient: skipped
+    w1.grad = torch.tensor([[1.0, -1.0], [3.0, -3.0]])  # mean |g| 2, max 3, norm √20
+    w2.grad = torch.tensor([[-6.0, 0.0, 0.0]])  # mean |g| 2, max 6, norm 6
+    stats = gradient_stats({"a": w1, "b": w2, "c": w3})
+    assert stats["layer_grad_norms"] == {"a": pytest.approx(math.sqrt(20)), "b": pytest.approx(6.0)}
+    assert stats["mean_grad"] == pytest.approx(2.0) and stats["max_grad"] == 6.0
+    assert stats["global_norm"] == pytest.approx(math.sqrt(20 + 36))
+    empty = gradient_stats({"c": w3})
+    assert empty["layer_grad_norms"] == {} and all(math.isnan(empty[k]) for k in ("mean_grad", "max_grad"))
+    assert math.isnan(empty["global_norm"])
+    weights = {"a": torch.tensor([[1.0, 3.0]]), "b": torch.tensor([[-2.0, -2.0, -2.0, 2.0]])}
+    summary = weight_stats(weights)
+    assert summary["layer_weight_norms"] == {"a": pytest.approx(math.sqrt(10)), "b": pytest.approx(4.0)}
+    assert summary["mean_weight"] == pytest.approx((2.0 + -1.0) / 2)  # the mean of each layer's mean
+    assert summary["std_weight"] == pytest.approx((1.0 + np.std([-2, -2, -2, 2])) / 2)  # population std
+    assert summary["mean_abs_weight"] == pytest.approx((1 + 3 + 8) / 6)  # over every element
+    nothing = weight_stats({})
+    assert nothing["layer_weight_norms"] == {} and all(
+        math.isnan(v) for k, v in nothing.items() if k != "layer_weight_norms"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- Softmax Collapse
+@pytest.mark.parametrize(
+    ("gap", "collapsed"),
+    # two classes collapse once exp(−gap) < half an ulp of 1: float16 ≈ 7.6, float32 ≈ 16.6, float64 ≈ 36.7
+    [
+        (8.0, {"float16": True, "float32": False, "float64": False}),
+        (17.0, {"float16": True, "float32": True, "float64": False}),
+        (37.0, {"float16": True, "float32": True, "float64": True}),
+    ],
+)
+def test_collapse_is_judged_in_the_given_precision(gap, collapsed):
+    logits = torch.tensor([[0.0, gap], [0.0, 1.0]], dtype=torch.float64)
+    targets = torch.tensor([1, 1])
+    for precision, expected in collapsed.items():
+        assert softmax_collapse_fraction(logits, precision) == (0.5 if expected else 0.0)
+        assert zero_loss_fraction(logits, targets, precision) == (0.5 if expected else 0.0)
+        metric = SoftmaxCollapse(precision=precision)
+        metric.update(logits, targets)
+        result = metric.compute()
+        assert result["softmax_collapse"].item() == (0.5 if expected else 0.0)
+        assert result["zero_terms"].item() == (0.5 if expected else 0.0)
+    # a collapsed row whose label is not the largest logit has an infinite, not a zero, loss term
+    assert zero_loss_fraction(logits, torch.tensor([0, 1]), "float64") == 0.0
+
+
+def test_collapse_metric_accumulates_counts_and_norms():
+    logits = torch.tensor([[0.0, 100.0], [3.0, 4.0], [-50.0, 50.0]], dtype=torch.float64)
+    targets = torch.tensor([1, 0, 1])
+    metric = SoftmaxCollapse()
+    metric.update(logits[:1], targets[:1])
+    metric.update(logits[1:], targets[1:])
+    result = metric.compute()
+    assert result["softmax_collapse"].item() == pytest.approx(2 / 3)
+    assert result["zero_terms"].item() == pytest.approx(2 / 3)
+    assert result["logit_norm"].item() == pytest.approx((100 + 5 + math.sqrt(5000)) / 3)
+    assert logit_norm(logits) == pytest.approx((100 + 5 + math.sqrt(5000)) / 3)
+    assert metric.count.item() == 3
+
+
+def test_nlm_alignment_sign_and_skipped_gradients():
+    w = [torch.tensor([3.0, 4.0]), torch.tensor([1.0])]
+    assert nlm_alignment(w, [torch.tensor([-3.0, -4.0]), None]) == pytest.approx(1.0)  # descent scales θ up
+    assert nlm_alignment(w, [torch.tensor([6.0, 8.0]), None]) == pytest.approx(-1.0)
+    assert nlm_alignment(w, [torch.tensor([4.0, -3.0]), torch.zeros(1)]) == pytest.approx(0.0)
+    assert nlm_alignment(w, [torch.tensor([0.0, 0.0]), torch.tensor([-2.0])]) == pytest.approx(1 / math.sqrt(26))
+    assert nlm_alignment([torch.zeros(2)], [torch.ones(2)]) == 0.0
+    with pytest.raises(ValueError, match="zip"):
+        nlm_alignment(w, [None])
+
+
+def test_collapse_inputs_are_checked_with_clear_messages():
+    with pytest.raises(PlasticityConfigError, match=r"softmax collapse.precision='float8' is not supported"):
+        softmax_collapse_fraction(torch.zeros(2, 2), "float8")
+    with pytest.raises(PlasticityConfigError, match=r"SoftmaxCollapse.precision='half' is not supported"):
+        SoftmaxCollapse(precision="half")
+    with pytest.raises(ValueError, match=r"Expected \[N, C\] logits, got shape \(2,\)"):
+        zero_loss_fraction(torch.zeros(2), torch.zeros(2))
+
+
+# ---------------------------------------------------------------------------------------------- per-task accuracy
+def test_per_task_accuracy_counts_ids_scores_and_empty_tasks():
+    preds = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])  # argmax 1, 0, 1, 0
+    target = torch.tensor([1, 1, 1, 0])
+    tasks = torch.tensor([0, 0, 2, 2])
+    np.testing.assert_allclose(per_task_accuracy(preds, target, tasks, 4).numpy(), [0.5, NAN, 1.0, NAN])
+    ids = per_task_accuracy(torch.tensor([1, 0, 1, 0]), target, tasks, 3)
+    assert ids.dtype == torch.float32 and ids[0].item() == 0.5 and ids[2].item() == 1.0 and math.isnan(ids[1])
+    metric = PerTaskAccuracy(num_tasks=3)
+    metric.update(preds[:2], target[:2], tasks[:2])
+    metric.update(preds[2:], target[2:], tasks[2:])
+    assert metric.correct.tolist() == [1, 0, 2] and metric.total.tolist() == [2, 0, 2]
+    empty = per_task_accuracy(torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(0), 2)
+    assert torch.isnan(empty).all()
+    with pytest.raises(ValueError, match=r"Expected every task id in \[0, 2\), got values in \[-1, 1\]"):
+        per_task_accuracy(torch.tensor([0, 0]), torch.tensor([0, 0]), torch.tensor([-1, 1]), 2)
+    with pytest.raises(PlasticityConfigError, match=r"per_task_accuracy.num_tasks=0 is invalid"):
+        per_task_accuracy(preds, target, tasks, 0)
+    with pytest.raises(ValueError, match=r"got \(2, 2, 1\), \(4,\), \(4,\)"):
+        per_task_accuracy(torch.zeros(2, 2, 1), target, tasks, 3)
+
+
+def test_continual_summaries_by_hand():
+    assert [summary_window(n) for n in (1, 9, 10, 19, 20, 150)] == [1, 1, 1, 1, 2, 15]
+    assert first_and_last([1.0, 2.0, 3.0], 1) == (1.0, 3.0)
+    assert first_and_last([NAN, 2.0, 4.0, NAN], 2) == (2.0, 4.0)
+    first, last = first_and_last([NAN, NAN, 5.0], 2)
+    assert math.isnan(first) and last == 5.0
+    rows = {0: [0.9, NAN, NAN], 1: [0.6, 0.8, NAN], 2: [0.5, 0.7, 0.95]}
+    summary = accuracy_matrix_summary(rows)
+    assert summary["new_task_acc"] == 0.95
+    assert summary["avg_seen_acc"] == pytest.approx((0.5 + 0.7 + 0.95) / 3)
+    assert summary["avg_forgetting"] == pytest.approx(((0.9 - 0.5) + (0.8 - 0.7)) / 2)  # best earlier − now
+    improved = accuracy_matrix_summary({0: [0.5, NAN], 1: [0.7, 0.8]})
+    assert improved["avg_forgetting"] == pytest.approx(-0.2)  # backward transfer: negative forgetting
+    first_task = accuracy_matrix_summary({0: [0.9, NAN]})
+    assert first_task["avg_seen_acc"] == 0.9 and math.isnan(first_task["avg_forgetting"])
+    assert accuracy_matrix_summary({}) == {}
+    assert matrix_coverage(rows) == "seen"
+    assert matrix_coverage({0: [NAN, NAN], 1: [0.7, NAN]}) == "partial"
+    assert matrix_coverage({0: [NAN], 1: [NAN, NAN]}) == "none" and matrix_coverage({}) == "none"
+    with pytest.raises(PlasticityConfigError, match=r"summary_window.num_tasks=0 is invalid"):
+        summary_window(0)
+    with pytest.raises(PlasticityConfigError, match=r"first_and_last.window=0 is invalid"):
+        first_and_last([1.0], 0)
+
+
+# ---------------------------------------------------------------------------------------------- text
+def test_text_degeneration_by_hand():
+    samples = [["a", "b", "a", "b", "a"], ["c"], []]
+    # bigrams: ab, ba, ab, ba (sample 0); none in the others
+    assert distinct_n(samples, 1) == pytest.approx(3 / 6)  # a b c over six tokens
+    assert distinct_n(samples, 2) == pytest.approx(2 / 4)
+    assert distinct_n([["x"]], 2) == 0.0 and distinct_n([], 1) == 0.0
+    # trigrams of sample 0: aba, bab, aba: one of three repeats an earlier one; samples too short are left out
+    assert repeated_ngram_rate(samples, 3) == pytest.approx(1 / 3)
+    assert repeated_ngram_rate(samples, 2) == pytest.approx(2 / 4)
+    assert repeated_ngram_rate([["a", "b"]], 3) == 0.0
+    assert max_token_repetition(samples) == pytest.approx((3 / 5 + 1.0) / 2)  # empty samples are skipped
+    assert max_token_repetition([[]]) == 0.0
+    summary = degeneration_summary(samples)
+    assert summary == {
+        "distinct_1": pytest.approx(0.5),
+        "distinct_2": pytest.approx(0.5),
+        "repeated_3gram_rate": pytest.approx(1 / 3),
+        "max_token_repetition": pytest.approx(0.8),
+    }
+    for call, field in [
+        (lambda: distinct_n(samples, 0), r"distinct_n.n=0 is invalid"),
+        (lambda: repeated_ngram_rate(samples, -1), r"repeated_ngram_rate.n=-1 is invalid"),
+    ]:
+        with pytest.raises(PlasticityConfigError, match=field):
+            call()
