@@ -263,3 +263,236 @@ def test_adagrad_accumulators_restart_from_their_initial_value():
     assert (opt.state[model[0].weight]["sum"][2] == 0.5).all() and (
         opt.state[model[2].weight]["sum"][:, 2] == 0.5
     ).all()
+
+
+# ---------------------------------------------------------------------------------------------- rules, any model
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=8, vocab_size=20, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=20,
+        max_position_embeddings=8,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def test_rules_read_the_mlps_of_hf_models_that_no_whole_trace_can():
+    from plasticity_lightning.surgery import pair_units
+
+    gpt2 = pair_units(_tiny_gpt2())
+    assert [(p.producer, p.consumer, p.partners, p.rule) for p in gpt2.pairs] == [
+        (f"transformer.h.{i}.mlp.c_fc", f"transformer.h.{i}.mlp.c_proj", (), "hf_gpt2_mlp") for i in (0, 1)
+    ]
+    assert gpt2.pairs[0].num_units == 64 and gpt2.pairs[0].activation_name == "transformer.h.0.mlp.act"
+    assert gpt2.rule_blocks["transformer.h.0.attn"] == "attention" and not gpt2.skipped
+    llama = pair_units(_tiny_llama())
+    assert [(p.producer, p.partners, p.consumer) for p in llama.pairs] == [
+        (f"model.layers.{i}.mlp.gate_proj", (f"model.layers.{i}.mlp.up_proj",), f"model.layers.{i}.mlp.down_proj")
+        for i in (0, 1)
+    ]
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, dim_feedforward=12), 2, enable_nested_tensor=False)
+    assert [(p.producer, p.consumer) for p in find_unit_pairs(encoder)] == [
+        ("layers.0.linear1", "layers.0.linear2"),
+        ("layers.1.linear1", "layers.1.linear2"),
+    ]
+
+
+def _output_unchanged_by_replacement(model, x, pair, units):
+    """Remove the old units' contribution (consumer columns, in the consumer's own weight layout), replace them, and
+    return (output before, output after, producer weights before)."""
+    consumer = pair.consumer_module
+    with torch.no_grad():
+        if type(consumer).__name__ == "Conv1D":  # HF Conv1D stores [in, out]: a unit's outgoing weights are a row
+            consumer.weight[units] = 0.0
+        else:
+            consumer.weight[:, units] = 0.0
+    producers = [pair.producer_module, *pair.partner_modules]
+    weights = [m.weight.detach().clone() for m in producers]
+    before = model(x).logits
+    reinit_units(pair, units, init="default", generator=torch.Generator().manual_seed(3))
+    return before, model(x).logits, weights
+
+
+def test_replacing_a_gpt2_conv1d_unit_redraws_its_column_and_keeps_the_output():
+    model = _tiny_gpt2()
+    pair = find_unit_pairs(model)[1]
+    c_fc, c_proj = pair.producer_module, pair.consumer_module
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, 20, (2, 6), generator=torch.Generator().manual_seed(0))
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    units = torch.tensor([1, 5, 40])
+    before, after, (old,) = _output_unchanged_by_replacement(model, ids, pair, units)
+    assert torch.allclose(before, after, atol=1e-6)
+    new = c_fc.weight.detach()  # [in=16, out=64]: a unit's incoming weights are a column
+    assert (new[:, units] != old[:, units]).all() and (new[:, units].abs() <= 1 / 16**0.5).all()
+    keep = torch.ones(64, dtype=torch.bool)
+    keep[units] = False
+    assert torch.equal(new[:, keep], old[:, keep]) and (c_fc.bias[units] == 0).all()
+    assert (c_proj.weight[units] == 0).all() and (c_proj.weight[keep] != 0).any(dim=1).all()
+    reinit_units(pair, units, optimizers=[opt], generator=torch.Generator().manual_seed(4))
+    assert (opt.state[c_fc.weight]["exp_avg"][:, units] == 0).all()
+    assert (opt.state[c_fc.weight]["exp_avg"][:, keep] != 0).any()
+    assert (opt.state[c_proj.weight]["exp_avg_sq"][units] == 0).all()
+    assert (opt.state[c_proj.weight]["exp_avg_sq"][keep] != 0).any()
+
+
+def test_replacing_a_gated_mlp_unit_redraws_both_producers_rows_and_keeps_the_output():
+    model = _tiny_llama()
+    pair = find_unit_pairs(model)[0]
+    ids = torch.randint(0, 20, (2, 6), generator=torch.Generator().manual_seed(0))
+    units = torch.tensor([0, 7, 23])
+    before, after, (gate_old, up_old) = _output_unchanged_by_replacement(model, ids, pair, units)
+    assert torch.allclose(before, after, atol=1e-6)
+    gate, up = pair.producer_module.weight.detach(), pair.partner_modules[0].weight.detach()
+    assert (gate[units] != gate_old[units]).all() and (up[units] != up_old[units]).all()
+    assert not torch.equal(gate[units], up[units])  # two independent draws
+    keep = torch.ones(24, dtype=torch.bool)
+    keep[units] = False
+    assert torch.equal(gate[keep], gate_old[keep]) and torch.equal(up[keep], up_old[keep])
+    assert (pair.consumer_module.weight[:, units] == 0).all()
+
+
+def test_units_of_a_conv1d_pair_are_read_on_the_last_axis_as_an_independent_computation_gives_them():
+    from plasticity_lightning.probes import capture_outputs
+
+    model = _tiny_gpt2()
+    pair = find_unit_pairs(model)[0]
+    mlp = model.transformer.h[0].mlp
+    ids = torch.randint(0, 20, (3, 5), generator=torch.Generator().manual_seed(0))
+    received = capture_outputs(model, ids, {"mlp": mlp}, inputs=True)[0]["mlp"]  # the block's input
+    captured, _ = capture_outputs(model, ids, {pair.producer: pair.consumer_module}, inputs=True)
+    view = unit_statistics(captured[pair.producer], pair)
+    # GPT-2's tanh GELU of x W + b, with W stored [in, out], for each of the 3 x 5 tokens
+    weight, bias = pair.producer_module.weight.detach(), pair.producer_module.bias.detach()
+    independent = torch.nn.functional.gelu(received.reshape(15, 16) @ weight + bias, approximate="tanh")
+    assert view.shape == (15, 64) and torch.allclose(view, independent, atol=1e-6)
+
+
+class _Routed(nn.Module):
+    """Data-dependent control flow: no trace reads it."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(4, 12)
+        self.down = nn.Linear(12, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.up(x))
+        return self.down(h if h.sum() > 0 else -h)
+
+
+def _with_routed_block():
+    return nn.Sequential(nn.Linear(3, 4), _Routed(), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+
+
+def test_a_block_nothing_can_read_is_skipped_with_one_warning_and_a_rule_reads_it():
+    from plasticity_lightning.surgery import PairingRule, register_pairing_rule, unregister_pairing_rule
+
+    model = _with_routed_block()
+    with pytest.warns(UserWarning, match=r"skipped 1 block\(s\).*1 \(_Routed: cannot trace, TraceError") as warned:
+        pairs = find_unit_pairs(model, owner="CBP")
+    assert len([w for w in warned if "skipped" in str(w.message)]) == 1
+    assert [(p.producer, p.consumer) for p in pairs] == [("2", "4")]  # the rest of the model is still traced
+    register_pairing_rule(PairingRule("routed", blocks=(_Routed,), producer="up", consumer="down"))
+    try:
+        pairs = find_unit_pairs(model)
+    finally:
+        unregister_pairing_rule("routed")
+    assert [(p.producer, p.consumer, p.rule) for p in pairs] == [("1.up", "1.down", "routed"), ("2", "4", None)]
+    with pytest.raises(PlasticityConfigError, match=r"PairingRule\('x'\): producer='up' and consumer=None"):
+        PairingRule("x", blocks=(_Routed,), producer="up")
+
+
+def test_nothing_to_pair_is_one_error_naming_the_argument():
+    lstm = nn.Sequential(nn.LSTM(4, 8, batch_first=True))
+    with pytest.raises(PlasticityConfigError, match=r"^ReDo: Sequential has no Linear/Conv1D/Conv2d layer .*pairs="):
+        find_unit_pairs(lstm, owner="ReDo")
+
+
+class _TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 8)
+        self.out = nn.Linear(8, 10)
+        self.out.weight = self.embed.weight  # tied embeddings
+
+    def forward(self, ids):
+        return self.out(torch.relu(self.fc2(torch.relu(self.fc1(self.embed(ids))))))
+
+
+def test_tied_or_shared_weights_are_skipped_when_found_and_refused_when_named():
+    model = _TiedLM()
+    with pytest.warns(UserWarning, match=r"fc2 \('out' shares its parameters with 'embed'"):
+        pairs = find_unit_pairs(model)
+    assert [(p.producer, p.consumer) for p in pairs] == [("fc1", "fc2")]
+    with pytest.raises(PlasticityConfigError, match=r"'out' shares its parameters with 'embed'.*\['fc2', 'out'\]"):
+        find_unit_pairs(model, pairs=[["fc2", "out"]])
+    shared = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+    shared[2].weight = shared[0].weight  # one weight, two modules
+    with pytest.raises(PlasticityConfigError, match=r"'0' shares its parameters with '2'"):
+        find_unit_pairs(shared, pairs=[["0", "2"]])
+    alias = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    alias.add_module("again", alias[0])  # one module under two names is one layer, not a tie
+    assert [(p.producer, p.consumer) for p in find_unit_pairs(alias, pairs=[["0", "2"]])] == [("0", "2")]
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 8)
+        self.fc2 = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+        self.side = nn.Linear(4, 8)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        y = self.fc2(torch.relu(h)) + h  # fc2's units are summed with fc1's (a residual connection)
+        return self.head(y)
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        (["fc1", "head"], r"'fc1' feeds 'fc2', a layer other than 'head'"),
+        (["fc1", "fc2"], r"'fc1' feeds 'head', a layer other than 'fc2'"),
+        (["fc2", "head"], r"'fc2''s units are combined with other values at 'add'.*before 'head'"),
+        (["side", "fc2"], r"'side' is never called in the forward pass of 'the model'"),
+    ],
+)
+def test_explicit_pairs_the_traced_graph_contradicts_are_refused(entry, problem):
+    with pytest.raises(
+        PlasticityConfigError, match=rf"pairs: \[{entry[0]!r}, {entry[1]!r}\] contradicts the traced.*{problem}"
+    ):
+        find_unit_pairs(_Residual(), pairs=[entry])
+
+
+def test_an_explicit_pair_that_a_rule_or_trace_pairs_otherwise_is_refused_and_an_agreeing_one_takes_its_partners():
+    model = MLP(input_dim=4, num_outputs=2, hidden_sizes=[8, 8, 8])
+    with pytest.raises(PlasticityConfigError, match=r"contradicts the model, where 'hidden.0.linear' feeds 'hidden.1"):
+        find_unit_pairs(model, pairs=[["hidden.0.linear", "hidden.2.linear"]])
+    llama = _tiny_llama()
+    (pair,) = find_unit_pairs(llama, pairs=[["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.down_proj"]])
+    assert pair.partners == ("model.layers.0.mlp.up_proj",) and pair.partner_modules == (
+        llama.model.layers[0].mlp.up_proj,
+    )

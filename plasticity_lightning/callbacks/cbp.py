@@ -269,6 +269,12 @@ class ContinualBackprop(UnitIntervention):
                     f"{type(dict(pl_module.named_modules())[convs[0]]).__name__} (restrict layers=[...] or use "
                     "another init)"
                 )
+            gated = [pair.describe() for pair in self.pairs if pair.partners]
+            if gated:  # Σ-orthogonal rows are drawn for one producer; a gated unit has several
+                raise PlasticityConfigError(
+                    f"ContinualBackprop(init='sigma_orthogonal') supports single-producer pairs only; {gated[0]!r} "
+                    "is a gated MLP unit (restrict layers=[...] or use another init)"
+                )
         for pair in self.pairs:
             self.states[pair.producer] = _LayerState(
                 pair.num_units, pair.producer_module.weight.device, self.maturity_threshold

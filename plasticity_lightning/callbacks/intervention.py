@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, XLAStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
@@ -15,7 +16,7 @@ from typing_extensions import override
 from plasticity_lightning.callbacks.base import TaskAwareCallback
 from plasticity_lightning.core.errors import PlasticityConfigError, check_positive_float
 from plasticity_lightning.nn.init import resolve_init_scheme
-from plasticity_lightning.surgery import UnitPair, find_unit_pairs
+from plasticity_lightning.surgery import UnitPair, pair_units
 
 # Activation → torch's gain name. Like Dohare et al.'s code, ReLU-like units (GELU, SiLU/swish, ELU) take ReLU's.
 _GAINS = {
@@ -29,6 +30,17 @@ _GAINS = {
     "SELU": "selu",
     "Identity": "linear",
 }
+
+
+def _gain_name(activation: nn.Module | None) -> str:
+    """torch's gain name for an activation module; unknown GELU/SiLU variants (HF's ``NewGELUActivation``,
+    ``SiLUActivation``) are ReLU-like."""
+    if activation is None:
+        return "linear"
+    kind = type(activation).__name__
+    if kind in _GAINS:
+        return _GAINS[kind]
+    return "relu" if any(word in kind.upper() for word in ("GELU", "SILU", "SWISH")) else "linear"
 
 
 class Intervention(TaskAwareCallback):
@@ -158,11 +170,18 @@ class Intervention(TaskAwareCallback):
 class UnitIntervention(Intervention):
     """An intervention on hidden units: finds the producer → consumer pairs and the init of new units.
 
+    At the start of every fit it binds the pairs and logs them once, with the blocks it skipped (INFO, rank zero;
+    also in :attr:`pairs` and :attr:`skipped_blocks`). With no arguments, any model works whose blocks a pairing
+    rule reads (torch and HF transformer MLPs, gated MLPs, BERT, timm, ConvNeXt; see
+    :mod:`plasticity_lightning.surgery.rules`) or that ``torch.fx`` traces, block by block; a block neither can read
+    is skipped with one warning that names it.
+
     Args:
-        layers: producers (``Linear``/``Conv2d`` module names) whose units may be replaced; ``None``: every pair
-            found by tracing the model (see :mod:`plasticity_lightning.surgery.topology`).
-        pairs: explicit ``[producer, consumer]`` (or ``[producer, consumer, [norms]]``) entries, for models that
-            cannot be traced or to restrict the pairs exactly.
+        layers: producers (``Linear``/``Conv1D``/``Conv2d`` module names) whose units may be replaced; ``None``:
+            every pair found (see :mod:`plasticity_lightning.surgery.topology`).
+        pairs: explicit ``[producer, consumer]`` (or ``[producer, consumer, [norms]]``) entries, for blocks nothing
+            can read or to restrict the pairs exactly; refused when they share weights with another module or when
+            a traced graph contradicts them.
         init: init scheme of new incoming weights: ``"auto"`` uses the model's ``layer_init(name)`` (our models
             report the scheme each layer was built with) and else PyTorch's default; or a scheme name (kaiming,
             kaiming_normal, xavier, xavier_normal, lecun, lecun_uniform, default), with the gain of the
@@ -195,6 +214,7 @@ class UnitIntervention(Intervention):
         self.explicit_pairs = None if pairs is None else [list(p) for p in pairs]
         self.init = init if init in ("auto", *self.extra_inits) else resolve_init_scheme(init, owner=owner)
         self.pairs: list[UnitPair] = []
+        self.skipped_blocks: dict[str, str] = {}  # block → why no pair was bound there
         self.inits: dict[str, tuple[str, float]] = {}
 
     #: init names a subclass accepts besides the schemes (e.g. CBP's "sigma_orthogonal")
@@ -205,17 +225,16 @@ class UnitIntervention(Intervention):
         return {**super().settings(), "layers": self.layer_names, "pairs": self.explicit_pairs}
 
     def bind(self, pl_module: pl.LightningModule) -> None:
-        """Find the pairs on the (built) model and the init of each producer."""
+        """Find the pairs on the (built) model and the init of each producer; log them once, with what was skipped.
+
+        Explicit pairs take their activation (and a gated unit's partner producers) from the rules and traces
+        where those agree with them.
+        """
         owner = type(self).__name__
-        self.pairs = find_unit_pairs(pl_module, self.layer_names, self.explicit_pairs, owner=owner)
-        if self.explicit_pairs is not None:  # explicit pairs name no activation: take it from a trace if there is one
-            try:
-                traced = {(p.producer, p.consumer): p.activation for p in find_unit_pairs(pl_module, owner=owner)}
-            except PlasticityConfigError:
-                traced = {}
-            for pair in self.pairs:
-                pair.activation = pair.activation or traced.get((pair.producer, pair.consumer))
+        pairing = pair_units(pl_module, self.layer_names, self.explicit_pairs, owner=owner)
+        self.pairs, self.skipped_blocks = pairing.pairs, dict(pairing.skipped)
         self.inits = {pair.producer: self._init_of(pl_module, pair) for pair in self.pairs}
+        rank_zero_info(pairing.summary(owner))
 
     def _init_of(self, pl_module: nn.Module, pair: UnitPair) -> tuple[str, float]:
         if self.init == "auto":
@@ -224,7 +243,7 @@ class UnitIntervention(Intervention):
         scheme = self.init if self.init not in self.extra_inits else "default"
         if self.gain is not None:
             return scheme, self.gain
-        name = _GAINS.get(type(pair.activation).__name__, "linear") if pair.activation is not None else "linear"
+        name = _gain_name(pair.activation)
         param = pair.activation.negative_slope if isinstance(pair.activation, nn.LeakyReLU) else None
         return scheme, nn.init.calculate_gain(name, param)
 

@@ -19,7 +19,15 @@ from plasticity_lightning.callbacks.base import TaskAwareCallback
 from plasticity_lightning.core.errors import PlasticityConfigError, check_positive_int
 from plasticity_lightning.core.rundir import TASK_ID_KEY
 from plasticity_lightning.core.tasks import TaskContext, get_task_context
-from plasticity_lightning.probes import ProbeSet, capture_outputs, default_forward, resolve_layers
+from plasticity_lightning.probes import (
+    ProbeSet,
+    capture_outputs,
+    default_forward,
+    resolve_layers,
+    unit_axes,
+    units_first,
+)
+from plasticity_lightning.surgery import hidden_unit_layers
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +64,10 @@ class PlasticityMonitor(TaskAwareCallback):
     warning per layer and monitor (:meth:`check_finite`; subclasses use it for weights, gradients and logits too).
 
     Args:
-        layers: names of the layers to read (``model.named_modules()`` names); ``None``: the model's
-            ``hidden_layers()``, or every activation module.
+        layers: names of the layers to read (``model.named_modules()`` names; ``"<name>:input"`` reads what a
+            module receives); ``None``: the model's ``hidden_layers()``, or else every activation module, recurrent
+            layer and, behind functional or unknown activations, the inputs of the layers that consume hidden units
+            (see :func:`~plasticity_lightning.surgery.hidden_unit_layers`).
         every_n_epochs: measure after every n-th training epoch (``None``: see above).
         every_n_steps: measure after every n-th optimizer step (``None``: never).
         on_task_change: measure when a new task starts (continual streams only).
@@ -68,8 +78,9 @@ class PlasticityMonitor(TaskAwareCallback):
         log_media: log histograms/tables to W&B and TensorBoard loggers.
         prefix: first part of every logged key.
         forward: ``forward(model, batch)`` for models whose input is not the batch's first element.
-        unit_dim: the axis of a layer's output that indexes units (1: ``[N, D]`` and ``[N, C, H, W]``; use -1
-            for ``[N, T, D]`` sequence outputs, whose units are the last axis).
+        unit_dim: the axis of every layer's output that indexes units, overriding the axis taken from each layer's
+            type (``None``: the last axis of ``[batch, time, hidden]`` outputs of Linear, LSTM/GRU and attention
+            blocks, the channel axis of convolutions; see :func:`~plasticity_lightning.probes.unit_axes`).
     """
 
     #: monitors that read layer outputs on the probe (the others read parameters or gradients)
@@ -88,7 +99,7 @@ class PlasticityMonitor(TaskAwareCallback):
         log_media: bool = True,
         prefix: str = "plasticity",
         forward: Callable[[nn.Module, Any], Any] | None = None,
-        unit_dim: int = 1,
+        unit_dim: int | None = None,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
@@ -108,13 +119,14 @@ class PlasticityMonitor(TaskAwareCallback):
         self.log_media = log_media
         self.prefix = prefix
         self.forward = forward or default_forward
-        if not isinstance(unit_dim, int) or unit_dim == 0:
+        if unit_dim is not None and (isinstance(unit_dim, bool) or not isinstance(unit_dim, int) or unit_dim == 0):
             raise PlasticityConfigError(
                 f"{owner}.unit_dim={unit_dim!r} is invalid; expected a non-zero axis (1 for [N, D] and [N, C, H, W] "
                 "outputs, -1 for [N, T, D] sequences; axis 0 holds the samples)"
             )
         self.unit_dim = unit_dim
         self.layers: dict[str, nn.Module] = {}
+        self.unit_axes: dict[str, tuple[int, int | None]] = {}  # (sample axis, unit axis) of each layer's output
         self.history: list[dict[str, Any]] = []
         self._probe_task: int | None = None
         self._last_measured: tuple[int, int | None] | None = None
@@ -156,7 +168,8 @@ class PlasticityMonitor(TaskAwareCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Layers exist by now: models may build them in configure_model.
         if self.uses_probe:
-            self.layers = resolve_layers(pl_module, self.layer_names)
+            self.layers = resolve_layers(pl_module, self.layer_names, discover=hidden_unit_layers)
+            self.unit_axes = unit_axes(pl_module, self.layers)
 
     @override
     def on_task_start(
@@ -220,8 +233,9 @@ class PlasticityMonitor(TaskAwareCallback):
         self._nonfinite = set()
         if self.uses_probe:
             outputs, model_output = self.capture(trainer, pl_module)
-            if self.unit_dim != 1:
-                outputs = {k: v.movedim(self.unit_dim, 1) if v.ndim > 2 else v for k, v in outputs.items()}
+            # [samples, units, positions...]: units from the layer type (or unit_dim), not time steps
+            default = None if self.unit_dim is None else (0, self.unit_dim)
+            outputs = {k: units_first(v, *(default or self.unit_axes.get(k, (0, None)))) for k, v in outputs.items()}
             for name, output in outputs.items():
                 self.check_finite(trainer, name, output)
         else:

@@ -5,11 +5,31 @@
 * :class:`ProbeSet` draws a fixed probe batch once from a dataloader's *dataset* (in dataset order, without
   touching the global RNG, identical on every DDP rank) and moves it through the trainer's batch-transfer
   hooks, so a continual datamodule hands over the rows as the current task sees them;
-* :func:`resolve_layers` turns layer names (or ``None``: the model's ``hidden_layers()``, else every
-  activation module) into modules, with a clear error when it cannot.
+* :func:`resolve_layers` turns layer names (or ``None``: the model's ``hidden_layers()``, else what a discovery
+  function finds, else every activation module) into modules, with a clear error when it cannot; a name ending in
+  ``:input`` reads what that module receives;
+* :func:`unit_axes` / :func:`units_first` say which axis of each output holds units (from the layer type: the
+  last axis of ``[batch, time, hidden]`` sequences, the channel axis of convolutions).
 """
 
-from plasticity_lightning.probes.capture import capture_outputs, default_forward, resolve_layers
+from plasticity_lightning.probes.capture import (
+    INPUT_SUFFIX,
+    capture_outputs,
+    default_forward,
+    is_transposed_linear,
+    resolve_layers,
+    unit_axes,
+    units_first,
+)
 from plasticity_lightning.probes.probe_set import ProbeSet
 
-__all__ = ["ProbeSet", "capture_outputs", "default_forward", "resolve_layers"]
+__all__ = [
+    "INPUT_SUFFIX",
+    "ProbeSet",
+    "capture_outputs",
+    "default_forward",
+    "is_transposed_linear",
+    "resolve_layers",
+    "unit_axes",
+    "units_first",
+]

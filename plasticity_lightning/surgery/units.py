@@ -20,19 +20,20 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from plasticity_lightning.nn.init import layer_fans, sample_init_
-from plasticity_lightning.surgery.topology import UnitPair
+from plasticity_lightning.nn.init import sample_init_
+from plasticity_lightning.surgery.topology import UnitPair, unit_weight, weight_unit_axis
 
 
 def unit_columns(features: torch.Tensor, pair: UnitPair) -> torch.Tensor:
     """``[positions, units, columns_per_unit]`` view of the consumer's input, float32.
 
-    Linear consumers read ``[..., units·columns_per_unit]`` (leading axes — batch, and time for ``[N, T, D]``
-    sequences — are positions; the columns of one unit are consecutive, as ``flatten`` lays out a channel's H×W
-    map). Conv consumers read ``[N, units, H, W]``: batch × spatial places are positions, one column per unit.
+    The unit axis comes from the consumer's type. Linear (and HF Conv1D) consumers read
+    ``[..., units·columns_per_unit]`` (leading axes — batch, and time for ``[N, T, D]`` sequences — are positions;
+    the columns of one unit are consecutive, as ``flatten`` lays out a channel's H×W map). Conv consumers read
+    ``[N, units, H, W]``: batch × spatial places are positions, one column per unit.
     """
     x = features.detach().float()
-    if isinstance(pair.consumer_module, nn.Linear):
+    if not isinstance(pair.consumer_module, nn.Conv2d):
         return x.reshape(-1, pair.num_units, pair.columns_per_unit)
     return x.movedim(1, -1).reshape(-1, x.shape[1], 1)
 
@@ -50,21 +51,21 @@ def outgoing_magnitude(pair: UnitPair, absolute: torch.Tensor | None = None) -> 
     linear, one value per flattened column, so utilities can weight each column's activity by its own weights as
     his ``ConvGnT`` does. ``absolute``: the consumer weight's |w|, if already computed.
     """
-    weight = pair.consumer_module.weight.detach()
+    weight = unit_weight(pair.consumer_module).detach()
     absolute = weight.abs() if absolute is None else absolute
     return _per_column(absolute.sum(dim=0).flatten(), pair)
 
 
 def _per_column(column_sums: torch.Tensor, pair: UnitPair) -> torch.Tensor:
     """Consumer column sums of |w| (one per input element) → mean |w| per (unit, column)."""
-    weight = pair.consumer_module.weight
+    weight = unit_weight(pair.consumer_module)
     per_input = column_sums.float().reshape(pair.num_units * pair.columns_per_unit, -1)  # conv: kernel positions
     return (per_input.sum(dim=1) / (weight.shape[0] * per_input.shape[1])).reshape(pair.num_units, -1)
 
 
 def incoming_magnitude(pair: UnitPair, absolute: torch.Tensor | None = None) -> torch.Tensor:
     """Mean |w| of each unit's incoming weights (Dohare's ``input_weight_mag``)."""
-    weight = pair.producer_module.weight.detach()
+    weight = unit_weight(pair.producer_module).detach()
     absolute = (weight.abs() if absolute is None else absolute).flatten(1)
     return absolute.sum(dim=1).float() / absolute.shape[1]
 
@@ -85,7 +86,7 @@ def unit_magnitudes(
 
     def absolute_sums(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor]:
         if module not in sums:  # keyed by the module, which lives throughout
-            sums[module] = _abs_row_and_column_sums(module.weight.detach(), rows=module in producers)
+            sums[module] = _abs_row_and_column_sums(unit_weight(module).detach(), rows=module in producers)
         return sums[module]
 
     result = {}
@@ -93,7 +94,7 @@ def unit_magnitudes(
         outgoing = _per_column(absolute_sums(pair.consumer_module)[1], pair)
         incoming_mean = None
         if incoming:
-            producer = pair.producer_module.weight
+            producer = unit_weight(pair.producer_module)
             incoming_mean = absolute_sums(pair.producer_module)[0] / producer[0].numel()
         result[pair.producer] = (outgoing, incoming_mean)
     return result
@@ -136,7 +137,8 @@ def reinit_units(
             full layer's, so new rows follow the layer's initial distribution.
         gain: the scheme's gain (e.g. √2 before ReLU).
         generator: source of the new weights (a generator seeded alike on every DDP rank gives identical weights).
-        incoming: explicit new incoming rows ``[len(units), *weight.shape[1:]]`` instead of sampling.
+        incoming: explicit new incoming rows ``[len(units), *weight.shape[1:]]`` of the producer instead of sampling
+            (a gated pair's partners are sampled).
         optimizers: optimizers whose state for the touched slices is zeroed.
 
     Example::
@@ -153,17 +155,21 @@ def reinit_units(
         return
     producer, consumer = pair.producer_module, pair.consumer_module
     index = units.to(producer.weight.device)
-    if incoming is None:
-        rows = torch.empty((len(units), *producer.weight.shape[1:]), dtype=producer.weight.dtype)
-        fan_in, fan_out = layer_fans(producer)
-        sample_init_(rows, init, fan_in=fan_in, fan_out=fan_out, gain=gain, generator=generator)
-    else:
-        rows = incoming.reshape(len(units), *producer.weight.shape[1:])
-    producer.weight[index] = rows.to(producer.weight)
-    touched: list[tuple[nn.Parameter, int, torch.Tensor]] = [(producer.weight, 0, index)]
-    if producer.bias is not None:
-        producer.bias[index] = 0.0
-        touched.append((producer.bias, 0, index))
+    touched: list[tuple[nn.Parameter, int, torch.Tensor]] = []
+    # a gated unit has a row in every producer (gate and up): each gets fresh weights from its own fans
+    for i, module in enumerate((producer, *pair.partner_modules)):
+        weight = unit_weight(module)  # [units, in, ...]; a view, so HF Conv1D's transposed weight is written too
+        if incoming is None or i > 0:
+            rows = torch.empty((len(units), *weight.shape[1:]), dtype=weight.dtype)
+            fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(weight)
+            sample_init_(rows, init, fan_in=fan_in, fan_out=fan_out, gain=gain, generator=generator)
+        else:
+            rows = incoming.reshape(len(units), *weight.shape[1:])
+        weight[index] = rows.to(weight)
+        touched.append((module.weight, weight_unit_axis(module), index))
+        if module.bias is not None:
+            module.bias[index] = 0.0
+            touched.append((module.bias, 0, index))
     for norm in pair.norm_modules:
         if norm.weight is not None:
             norm.weight[index] = 1.0
@@ -175,8 +181,8 @@ def reinit_units(
             norm.running_mean[index] = 0.0
             norm.running_var[index] = 1.0
     columns = _consumer_columns(pair, index)
-    consumer.weight[:, columns] = 0.0
-    touched.append((consumer.weight, 1, columns))
+    unit_weight(consumer)[:, columns] = 0.0
+    touched.append((consumer.weight, weight_unit_axis(consumer, incoming=False), columns))
     for optimizer in optimizers:
         for param, dim, idx in touched:
             reset_optimizer_state(optimizer, param, dim, idx)
