@@ -7,7 +7,10 @@ so the global RNG states travel in the checkpoint too.
 """
 
 import csv
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ import torch
 import yaml
 from conftest import REPO
 
-from plasticity_lightning.cli import PlasticityCLI
+from plasticity_lightning.cli import PlasticityCLI, main
 
 
 @pytest.fixture(autouse=True)
@@ -147,3 +150,37 @@ def test_text_recipe_resumes_exactly(corpus, tmp_path, monkeypatch):
         "--data.init_args.max_tokens=1800",
     ]
     _check_resumes(recipe, steps_per_epoch=6, epochs=3, tmp_path=tmp_path, monkeypatch=monkeypatch)
+
+
+def test_sigterm_saves_a_resumable_checkpoint_writes_summaries_and_exits_non_zero(tmp_path, monkeypatch):
+    """A cluster scheduler's preemption: SIGTERM mid-fit, then `--ckpt_path last` continues in the same version."""
+    script = Path(sys.executable).with_name("plasticity")
+    recipe = [
+        "fit",
+        "--config",
+        str(REPO / "recipes" / "quickstart.yaml"),
+        "--trainer.enable_progress_bar=false",
+        "--data.init_args.schedule.init_args.epochs_per_task=1",
+    ]
+    run = tmp_path / "runs" / "quickstart" / "version_0"
+    last = run / "checkpoints" / "last.ckpt"
+    process = subprocess.Popen(
+        [script, *recipe, "--trainer.max_epochs=30"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 240
+    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # the first epoch's checkpoint: training is under way
+    first_step = torch.load(last, weights_only=True)["global_step"]
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=240)[0].decode()
+    assert process.returncode == 143, output[-3000:]
+    assert "stopped by SIGTERM" in output and "--ckpt_path last" in output
+    stopped = torch.load(last, weights_only=True)
+    assert stopped["global_step"] > first_step  # written at the signal, not the epoch-end checkpoint
+    assert (run / "task_accuracy.csv").is_file()  # the summaries of the part that ran
+
+    epochs = stopped["epoch"] + 1  # finish the epoch it stopped in
+    monkeypatch.chdir(tmp_path)
+    main([*recipe, f"--trainer.max_epochs={epochs}", "--ckpt_path=last"])
+    assert torch.load(last, weights_only=True)["epoch"] == epochs - 1
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
