@@ -290,12 +290,16 @@ def test_text_degeneration_by_hand():
     assert repeated_ngram_rate([["a", "b"]], 3) == 0.0
     assert max_token_repetition(samples) == pytest.approx((3 / 5 + 1.0) / 2)  # empty samples are skipped
     assert max_token_repetition([[]]) == 0.0
-    summary = degeneration_summary(samples)
+    # defaults: distinct unigrams, repeated trigrams
+    assert distinct_n(samples) == distinct_n(samples, 1) and repeated_ngram_rate(samples) == pytest.approx(1 / 3)
+    # two samples with trigrams: the rate is their mean; the summary's four numbers each use their own n
+    more = [["a", "b", "a", "b", "a"], ["x", "y", "z", "w"]]  # 6 distinct tokens of 9
+    summary = degeneration_summary(more)
     assert summary == {
-        "distinct_1": pytest.approx(0.5),
-        "distinct_2": pytest.approx(0.5),
-        "repeated_3gram_rate": pytest.approx(1 / 3),
-        "max_token_repetition": pytest.approx(0.8),
+        "distinct_1": pytest.approx(6 / 9),
+        "distinct_2": pytest.approx(5 / 7),  # ab ba ab ba | xy yz zw: ab, ba, xy, yz, zw
+        "repeated_3gram_rate": pytest.approx((1 / 3 + 0.0) / 2),
+        "max_token_repetition": pytest.approx((3 / 5 + 1 / 4) / 2),
     }
     for call, field in [
         (lambda: distinct_n(samples, 0), r"distinct_n.n=0 is invalid"),

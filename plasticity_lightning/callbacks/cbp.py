@@ -366,25 +366,8 @@ class ContinualBackprop(UnitIntervention):
         """
         state = self.states[pair.producer]
         eta = self.decay_rate
-        # every micro-batch of the step (gradient accumulation) counts, as one batch
-        columns = unit_columns(features[0] if len(features) == 1 else torch.cat(features), pair)
         state.age()
-        if self.utility == "contribution":
-            activity = columns.abs().mean(dim=0)
-            mean_activation = state.mean_activation
-        else:  # f (the mean activation) is tracked by the utilities that use it
-            mean_h = self.reduce_mean(trainer, columns.mean(dim=(0, 2)))
-            mean_activation = state.mean_activation.lerp(mean_h, 1 - eta)
-            activity = (columns - (mean_activation / self._correction(state))[:, None]).abs().mean(dim=0)
-        activity = self.reduce_mean(trainer, activity)
-        outgoing, incoming = magnitudes if magnitudes is not None else (outgoing_magnitude(pair), None)
-        # per column, then averaged over the unit's columns (conv → flatten → linear: each H×W position has its own
-        # outgoing weights, as in Dohare's ConvGnT); one column per unit otherwise
-        instantaneous = activity.mul_(outgoing)
-        instantaneous = instantaneous[:, 0] if pair.columns_per_unit == 1 else instantaneous.mean(dim=1)
-        if self.utility == "adaptable_contribution":
-            incoming = incoming if incoming is not None else incoming_magnitude(pair)
-            instantaneous = instantaneous / incoming.clamp(min=torch.finfo(torch.float32).tiny)
+        instantaneous, mean_activation = self._instantaneous_utility(trainer, pair, state, features, magnitudes)
         # NaN/inf features or weights (or a utility loaded so): skip the layer's step, as a NaN would stay in the
         # EMAs for good. Decided on the device, from statistics reduced across ranks, so every rank skips alike
         # without a read-back.
@@ -404,6 +387,36 @@ class ContinualBackprop(UnitIntervention):
                 self.warn_nonfinite(pair.producer, None if trainer is None else trainer.global_step)
                 units = units[:0]
         return units
+
+    def _instantaneous_utility(
+        self,
+        trainer: pl.Trainer | None,
+        pair: UnitPair,
+        state: _LayerState,
+        features: list[torch.Tensor],
+        magnitudes: tuple[torch.Tensor, torch.Tensor | None] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's utility of each unit of ``pair`` (after the units aged), and the updated mean-activation
+        EMA f that it used (``state.mean_activation`` itself for ``"contribution"``, which does not track f)."""
+        # every micro-batch of the step (gradient accumulation) counts, as one batch
+        columns = unit_columns(features[0] if len(features) == 1 else torch.cat(features), pair)
+        if self.utility == "contribution":
+            activity = columns.abs().mean(dim=0)
+            mean_activation = state.mean_activation
+        else:  # f (the mean activation) is tracked by the utilities that use it
+            mean_h = self.reduce_mean(trainer, columns.mean(dim=(0, 2)))
+            mean_activation = state.mean_activation.lerp(mean_h, 1 - self.decay_rate)
+            activity = (columns - (mean_activation / self._correction(state))[:, None]).abs().mean(dim=0)
+        activity = self.reduce_mean(trainer, activity)
+        outgoing, incoming = magnitudes if magnitudes is not None else (outgoing_magnitude(pair), None)
+        # per column, then averaged over the unit's columns (conv → flatten → linear: each H×W position has its own
+        # outgoing weights, as in Dohare's ConvGnT); one column per unit otherwise
+        instantaneous = activity.mul_(outgoing)
+        instantaneous = instantaneous[:, 0] if pair.columns_per_unit == 1 else instantaneous.mean(dim=1)
+        if self.utility == "adaptable_contribution":
+            incoming = incoming if incoming is not None else incoming_magnitude(pair)
+            instantaneous = instantaneous / incoming.clamp(min=torch.finfo(torch.float32).tiny)
+        return instantaneous, mean_activation
 
     def _correction(self, state: _LayerState) -> torch.Tensor:
         """Bias correction 1 − η^age of each unit's EMAs."""

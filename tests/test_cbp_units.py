@@ -1,0 +1,343 @@
+"""Continual Backprop's utility and selection without a Trainer: every utility by hand (linear, conv → flatten →
+linear, conv → conv), the bias correction, the replacement count of every counting mode on its boundaries, the
+ranking, the host-side ages, the magnitudes over more than 512 consumer rows, the checkpoint state and the
+argument errors. CBP's own tests for ``benchmarks/mutation.sh`` (the Trainer runs are in test_interventions.py)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from plasticity_lightning import ContinualBackprop, PlasticityConfigError
+from plasticity_lightning.callbacks.cbp import _LayerState
+from plasticity_lightning.surgery import outgoing_magnitude, unit_columns, unit_magnitudes, unit_statistics
+
+
+def bound(net, **kwargs):
+    kwargs.setdefault("maturity_threshold", 1000)
+    cbp = ContinualBackprop(**kwargs)
+    cbp.on_fit_start(None, net)
+    return cbp
+
+
+# ---------------------------------------------------------------------------------------------- the utilities
+@pytest.mark.parametrize("utility", ["contribution", "zero_contribution", "adaptable_contribution"])
+def test_each_utility_of_a_conv_to_conv_pair_by_hand(utility):
+    # a channel of a conv feeding a conv: its activity is pooled over batch × H × W, its outgoing weights are the
+    # consumer's |w| over output channels and the 3×3 kernel, its incoming ones the producer's
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1))
+    cbp = bound(net, utility=utility, decay_rate=0.8)
+    (pair,) = cbp.pairs
+    assert (pair.producer, pair.consumer, pair.columns_per_unit) == ("0", "2", 1)
+    h = [torch.relu(torch.randn(3, 4, 6, 6)) for _ in range(2)]
+    for step in h:
+        cbp.step(None, pair, [step])
+    w_out = np.abs(net[2].weight.detach().numpy()).mean(axis=(0, 2, 3))
+    w_in = np.abs(net[0].weight.detach().numpy()).mean(axis=(1, 2, 3))
+    f = np.zeros(4)
+    u = np.zeros(4)
+    for age, step in enumerate(h, start=1):
+        x = step.numpy().transpose(1, 0, 2, 3).reshape(4, -1)  # [units, positions]
+        f = 0.8 * f + 0.2 * x.mean(axis=1)
+        if utility == "contribution":
+            new = np.abs(x).mean(axis=1) * w_out
+        else:
+            new = np.abs(x - (f / (1 - 0.8**age))[:, None]).mean(axis=1) * w_out
+            if utility == "adaptable_contribution":
+                new = new / w_in
+        u = 0.8 * u + 0.2 * new
+    state = cbp.states["0"]
+    np.testing.assert_allclose(state.utility.numpy(), u, rtol=1e-5)
+    if utility != "contribution":
+        np.testing.assert_allclose(state.mean_activation.numpy(), f, rtol=1e-5)
+    else:
+        assert not state.mean_activation.any()
+    assert state.ages.tolist() == [2] * 4
+    cbp._remove_hooks()
+
+
+def test_conv_to_conv_columns_and_statistics_pool_every_position():
+    net = nn.Sequential(nn.Conv2d(1, 3, 1), nn.ReLU(), nn.Conv2d(3, 2, 1))
+    cbp = bound(net)
+    (pair,) = cbp.pairs
+    h = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
+    columns = unit_columns(h, pair)
+    assert columns.shape == (8, 3, 1)
+    assert torch.equal(columns[:, 1, 0], h[:, 1].flatten())  # channel 1 over batch × H × W
+    assert torch.equal(unit_statistics(h, pair), h.movedim(1, -1).reshape(-1, 3))
+    cbp._remove_hooks()
+
+
+def test_utility_of_conv_to_flatten_to_linear_weights_each_column_by_its_own_weights():
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 3, 4))
+    cbp = bound(net, decay_rate=0.5)
+    (pair,) = cbp.pairs
+    assert pair.columns_per_unit == 3 and pair.consumer == "3"
+    h = torch.relu(torch.randn(5, 6))
+    cbp.step(None, pair, [h])
+    x = h.numpy().reshape(5, 2, 3)
+    w = np.abs(net[3].weight.detach().numpy()).reshape(4, 2, 3).mean(axis=0)
+    expected = 0.5 * (np.abs(x).mean(axis=0) * w).mean(axis=1)  # per column, then the channel's mean
+    np.testing.assert_allclose(cbp.states["0"].utility.numpy(), expected, rtol=1e-6)
+    cbp._remove_hooks()
+
+
+def test_micro_batches_of_one_step_count_as_one_batch():
+    net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    with torch.no_grad():
+        net[2].weight.fill_(1.0)
+    one, two = bound(net, decay_rate=0.5), bound(net, decay_rate=0.5)
+    h = torch.rand(6, 3)
+    one.step(None, one.pairs[0], [h])
+    two.step(None, two.pairs[0], [h[:2], h[2:]])
+    assert torch.equal(one.states["0"].utility, two.states["0"].utility)
+    np.testing.assert_allclose(one.states["0"].utility.numpy(), 0.5 * h.abs().mean(dim=0).numpy(), rtol=1e-6)
+    one._remove_hooks(), two._remove_hooks()
+
+
+def test_adaptable_utility_of_a_unit_with_zero_incoming_weights_stays_finite():
+    net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    with torch.no_grad():
+        net[0].weight[1] = 0.0
+        net[2].weight.fill_(1.0)
+    cbp = bound(net, utility="adaptable_contribution", decay_rate=0.5)
+    cbp.step(None, cbp.pairs[0], [torch.ones(2, 3) * torch.tensor([1.0, 2.0, 0.0])])
+    # |h − f̂| is 0 after one step (f̂ = h): every utility is 0, the zero denominator clamped to float32's tiny
+    assert cbp.states["0"].utility.tolist() == [0.0, 0.0, 0.0]
+    cbp._remove_hooks()
+
+
+def test_bias_correction():
+    cbp = ContinualBackprop(decay_rate=0.9)
+    state = _LayerState(3, torch.device("cpu"), maturity=5)
+    state.ages[:] = torch.tensor([1, 2, 10])
+    np.testing.assert_allclose(cbp._correction(state).numpy(), [0.1, 1 - 0.81, 1 - 0.9**10], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- ages and counts
+def test_layer_state_ages_resets_and_round_trips():
+    state = _LayerState(4, torch.device("cpu"), maturity=2)
+    assert state.num_units == 4 and state.mature_units == 0
+    for _ in range(3):
+        state.age()
+    assert state.ages.tolist() == [3] * 4 and state.mature_units == 4  # age 3 > 2
+    state.utility[:] = 1.0
+    state.mean_activation[:] = 2.0
+    state.reset(torch.tensor([0, 2]), mature=True)
+    assert state.ages.tolist() == [0, 3, 0, 3] and state.utility.tolist() == [0.0, 1.0, 0.0, 1.0]
+    assert state.mean_activation.tolist() == [0.0, 2.0, 0.0, 2.0] and state.replaced == 2
+    assert state.mature_units == 2
+    state.age(), state.age()
+    assert state.mature_units == 2  # ages 2 are not yet > 2
+    state.age()
+    assert state.mature_units == 4
+    state.reset(torch.tensor([1]))  # not promised mature: the count is rebuilt from the ages
+    assert state.mature_units == 3 and state.replaced == 3
+    state.accumulated, state.skipped = 0.25, torch.tensor(2)
+    saved = state.state_dict()
+    assert set(saved) == {"ages", "utility", "mean_activation", "accumulated", "replaced", "skipped"}
+    copy = _LayerState(4, torch.device("cpu"), maturity=2)
+    copy.load(saved)
+    assert torch.equal(copy.ages, state.ages) and torch.equal(copy.utility, state.utility)
+    assert torch.equal(copy.mean_activation, state.mean_activation)
+    assert (copy.accumulated, copy.replaced, int(copy.skipped), copy.mature_units) == (0.25, 3, 2, 3)
+    del saved["skipped"]  # a checkpoint from before the counter
+    copy.load(saved)
+    assert int(copy.skipped) == 0
+
+
+def _chooser(units=10, mature=10, **kwargs):
+    cbp = ContinualBackprop(maturity_threshold=0, **kwargs)
+    state = _LayerState(units, torch.device("cpu"), maturity=0)
+    state.age()
+    if mature < units:
+        state.ages[mature:] = 0
+        state.sync_cohorts()
+    return cbp, state
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "mature", "counts"),
+    [
+        ({"replacement_rate": 0.25}, 10, [2, 3, 2, 3]),  # 2.5 per step, fractions carried over
+        ({"replacement_rate": 0.25}, 4, [1, 1, 1, 1]),  # ρ · #eligible = 1
+        ({"replacement_rate": 0.25, "count": "width"}, 4, [2, 3, 2, 3]),  # ρ · width = 2.5
+        ({"replacement_rate": 1.0, "count": "width"}, 4, [4, 4, 4, 4]),  # never more than are eligible
+        ({"replacement_rate": 0.25, "accumulate": False}, 8, [2, 2, 2, 2]),  # n = 2 ≥ 1: int(n), no draw
+        ({"replacement_rate": 0.25, "accumulate": False}, 10, [2, 2, 2, 2]),  # int(2.5)
+        ({"replacement_rate": 0.0}, 10, [0, 0, 0, 0]),
+        ({"replacement_rate": 0.5}, 0, [0, 0, 0, 0]),  # nothing eligible: nothing accrues
+    ],
+)
+def test_replacement_counts(kwargs, mature, counts):
+    cbp, state = _chooser(mature=mature, **kwargs)
+    state.utility[:] = torch.arange(10.0)
+    assert [len(cbp._choose(state)) for _ in counts] == counts
+    if mature == 0:
+        assert state.accumulated == 0.0
+
+
+def test_bernoulli_draw_counts_a_draw_equal_to_n():
+    # n = 0.5 < 1: one unit when the uniform draw is at most n (a draw of exactly n counts)
+    cbp, state = _chooser(units=10, mature=10, replacement_rate=0.05, accumulate=False, seed=0)
+    draws = torch.rand(200, generator=torch.Generator().manual_seed(0))
+    counts = [len(cbp._choose(state)) for _ in range(200)]
+    assert counts == [int(d <= 0.5) for d in draws.tolist()]
+    edge, edge_state = _chooser(units=4, mature=4, replacement_rate=0.25, accumulate=False)  # n = 1.0: no draw
+    assert [len(edge._choose(edge_state)) for _ in range(3)] == [1, 1, 1]
+    assert torch.equal(edge.generator.get_state(), torch.Generator().manual_seed(0).get_state())
+
+
+def test_the_lowest_bias_corrected_utilities_of_mature_units_are_chosen():
+    cbp, state = _chooser(units=6, mature=6, replacement_rate=0.6, decay_rate=0.5)  # 0.6 × 5 eligible: 3
+    state.ages[:] = torch.tensor([1, 1, 3, 3, 0, 3])  # unit 4 is young (age 0 ≤ maturity 0)
+    state.sync_cohorts()
+    state.utility[:] = torch.tensor([0.4, 0.45, 0.5, 0.9, 0.0, 0.95])
+    # corrected: 0.4/0.5 = 0.8, 0.9, 0.5/0.875 = 0.571, 1.03, young, 1.086: the 3 lowest mature are 2, 0, 1
+    assert sorted(cbp._choose(state).tolist()) == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------------- magnitudes
+def test_outgoing_column_means_over_more_than_512_consumer_rows():
+    # the column sums run in blocks of 512 rows: every block must count, the last one (here 88 rows) too
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 600))
+    with torch.no_grad():
+        net[2].weight[512:] *= 100.0  # the rows past the first block dominate the mean
+    cbp = bound(net, utility="adaptable_contribution")
+    (pair,) = cbp.pairs
+    expected_out = net[2].weight.detach().abs().mean(dim=0)
+    expected_in = net[0].weight.detach().abs().mean(dim=1)
+    outgoing, incoming = unit_magnitudes([pair], incoming=True)["0"]
+    torch.testing.assert_close(outgoing[:, 0], expected_out, rtol=1e-5, atol=0)
+    torch.testing.assert_close(incoming, expected_in, rtol=1e-6, atol=0)
+    torch.testing.assert_close(outgoing_magnitude(pair)[:, 0], expected_out, rtol=1e-5, atol=0)
+    cbp._remove_hooks()
+
+
+def test_a_hidden_layer_is_read_once_as_consumer_and_producer():
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(4, 700), nn.ReLU(), nn.Linear(700, 520), nn.ReLU(), nn.Linear(520, 2))
+    cbp = bound(net, utility="adaptable_contribution")
+    assert [p.producer for p in cbp.pairs] == ["0", "2"]
+    magnitudes = unit_magnitudes(cbp.pairs, incoming=True)
+    torch.testing.assert_close(magnitudes["0"][0][:, 0], net[2].weight.detach().abs().mean(dim=0), rtol=1e-5, atol=0)
+    torch.testing.assert_close(magnitudes["2"][1], net[2].weight.detach().abs().mean(dim=1), rtol=1e-5, atol=0)
+    torch.testing.assert_close(magnitudes["2"][0][:, 0], net[4].weight.detach().abs().mean(dim=0), rtol=1e-5, atol=0)
+    assert unit_magnitudes(cbp.pairs)["0"][1] is None  # incoming only when asked
+    cbp._remove_hooks()
+
+
+def test_cached_magnitudes_are_recomputed_every_n_steps():
+    net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    cbp = bound(net, magnitudes_every_n_steps=2)
+    first = cbp._current_magnitudes()
+    assert cbp._current_magnitudes() is first  # reused once
+    third = cbp._current_magnitudes()
+    assert third is not first and cbp._magnitude_age == 1
+    assert first["0"][1] is None  # "contribution" reads no incoming weights
+    every = bound(net, utility="adaptable_contribution")
+    assert every._current_magnitudes() is not every._current_magnitudes()
+    assert every._current_magnitudes()["0"][1] is not None
+    cbp._remove_hooks(), every._remove_hooks()
+
+
+# ---------------------------------------------------------------------------------------------- hooks and state
+def test_hooks_record_training_forward_passes_only():
+    net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    cbp = bound(net)
+    net.train()
+    net(torch.ones(4, 2))
+    assert len(cbp._features["0"]) == 1 and cbp._features["0"][0].shape == (4, 3)
+    assert not cbp._features["0"][0].requires_grad
+    net.eval()
+    net(torch.ones(1, 2))
+    net.train()
+    with torch.no_grad():
+        net(torch.ones(1, 2))
+    assert len(cbp._features["0"]) == 1  # neither evaluation nor no_grad passes
+    cbp._remove_hooks()
+    net(torch.ones(1, 2))
+    assert len(cbp._features["0"]) == 1 and cbp._handles == []
+
+
+def test_checkpoint_state_is_applied_when_the_layers_are_bound():
+    net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 1))
+    cbp = bound(net, utility="adaptable_contribution", magnitudes_every_n_steps=3)
+    cbp.states["0"].utility[:] = torch.tensor([1.0, 2.0, 3.0])
+    cbp._current_magnitudes()
+    cbp._last_step = 7
+    saved = cbp.state_dict()
+    restored = ContinualBackprop(utility="adaptable_contribution", magnitudes_every_n_steps=3)
+    restored.load_state_dict(saved)
+    restored.on_fit_start(None, net)
+    assert restored.states["0"].utility.tolist() == [1.0, 2.0, 3.0] and restored._last_step == 7
+    assert restored._magnitudes is not None and restored._magnitude_age == 1
+    for name, (outgoing, incoming) in cbp._magnitudes.items():
+        assert torch.equal(restored._magnitudes[name][0], outgoing)
+        assert torch.equal(restored._magnitudes[name][1], incoming)
+    smaller = ContinualBackprop(utility="adaptable_contribution", magnitudes_every_n_steps=3)
+    smaller.load_state_dict(saved)
+    with pytest.warns(UserWarning, match=r"the checkpoint's layers differ from this model's \(\['2'\]\)"):
+        smaller.on_fit_start(None, nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)))
+    assert smaller.states["0"].utility.tolist() == [1.0, 2.0, 3.0]
+    assert smaller._magnitudes is None  # the cache covered other layers: computed afresh
+    cbp._remove_hooks(), restored._remove_hooks(), smaller._remove_hooks()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"replacement_rate": 1.5},
+            r"ContinualBackprop.replacement_rate=1.5 is invalid; expected a number in \[0, 1\]",
+        ),
+        ({"maturity_threshold": -1}, r"ContinualBackprop.maturity_threshold=-1 is invalid"),
+        ({"decay_rate": 1.0}, r"ContinualBackprop.decay_rate=1.0 is invalid; expected a number in \[0, 1\)"),
+        ({"utility": "mean"}, r"ContinualBackprop.utility='mean' is not supported; choose one of: contribution"),
+        ({"accumulate": 1}, r"ContinualBackprop.accumulate=1 is invalid; expected true or false"),
+        ({"count": "all"}, r"ContinualBackprop.count='all' is not supported; choose one of: eligible, width"),
+        ({"sigma_decay": 1.0}, r"ContinualBackprop.sigma_decay=1.0 is invalid"),
+        ({"sigma_ridge": -1.0}, r"ContinualBackprop.sigma_ridge=-1.0 is invalid"),
+        ({"energy_budget": True}, r"ContinualBackprop.energy_budget=True needs init='sigma_orthogonal'.*init='auto'"),
+        ({"magnitudes_every_n_steps": 0}, r"ContinualBackprop.magnitudes_every_n_steps=0 is invalid"),
+    ],
+)
+def test_bad_arguments_name_the_field_and_the_value(kwargs, message):
+    with pytest.raises(PlasticityConfigError, match=message):
+        ContinualBackprop(**kwargs)
+
+
+def test_arguments_are_kept_and_distinguish_instances():
+    cbp = ContinualBackprop(
+        replacement_rate=0.5,
+        maturity_threshold=0,
+        decay_rate=0.0,
+        utility="zero_contribution",
+        accumulate=False,
+        count="width",
+        sigma_decay=0.5,
+        sigma_ridge=0.0,
+        magnitudes_every_n_steps=4,
+    )
+    assert (cbp.replacement_rate, cbp.maturity_threshold, cbp.decay_rate, cbp.utility) == (
+        0.5,
+        0,
+        0.0,
+        "zero_contribution",
+    )
+    assert (cbp.accumulate, cbp.count, cbp.sigma_decay, cbp.sigma_ridge, cbp.magnitudes_every_n_steps) == (
+        False,
+        "width",
+        0.5,
+        0.0,
+        4,
+    )
+    assert not cbp.sigma_orthogonal and ContinualBackprop(init="sigma_orthogonal").sigma_orthogonal
+    assert ContinualBackprop(init="sigma_orthogonal", energy_budget=True).energy_budget
+    assert cbp.state_key != ContinualBackprop().state_key
+    assert math.isclose(ContinualBackprop().replacement_rate, 1e-4)

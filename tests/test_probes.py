@@ -1,0 +1,195 @@
+"""The probes without a training run: which layers are read, along which axes, on which rows, and the errors.
+
+Unit tests of :mod:`plasticity_lightning.probes` (the monitors' fits in test_monitors.py cover them in a Trainer);
+they are the module's own tests for ``benchmarks/mutation.sh``.
+"""
+
+import pytest
+import torch
+from conftest import make_trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from plasticity_lightning import PlasticityConfigError
+from plasticity_lightning.probes import (
+    ProbeSet,
+    capture_outputs,
+    default_forward,
+    resolve_layers,
+    unit_axes,
+    units_first,
+)
+from plasticity_lightning.probes.capture import is_transposed_linear
+
+
+class Conv1D(nn.Module):
+    """HF's GPT-2 linear layer: ``weight`` stored ``[in, out]``, width in ``nf``."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+
+    def forward(self, x):
+        return x @ self.weight
+
+
+def test_transposed_linear_is_recognised_by_name_width_and_a_2d_weight():
+    assert is_transposed_linear(Conv1D(4, 3))
+    assert not is_transposed_linear(nn.Linear(3, 4))  # no nf
+    odd = Conv1D(4, 3)
+    del odd.nf
+    assert not is_transposed_linear(odd)
+    flat = Conv1D(4, 3)
+    flat.weight = nn.Parameter(torch.zeros(4))
+    assert not is_transposed_linear(flat)
+    named_other = type("Conv2D", (Conv1D,), {})(4, 3)
+    assert not is_transposed_linear(named_other)
+
+
+def test_unit_axes_from_the_layer_type_its_siblings_and_its_ancestors():
+    net = nn.Sequential(
+        nn.Linear(4, 8),  # 0
+        nn.GELU(),  # 1: after a Linear: last axis
+        nn.Conv1d(8, 8, 1),  # 2
+        nn.BatchNorm1d(8),  # 3
+        nn.ReLU(),  # 4: after a BatchNorm: axis 1
+    )
+    seq = nn.Sequential(nn.Tanh(), Conv1D(4, 3), nn.ReLU())
+    rnn = nn.ModuleDict({"lstm": nn.LSTM(3, 5), "gru": nn.GRU(3, 5, batch_first=True)})
+    attention = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16)  # not batch_first: [time, batch, hidden]
+    assert unit_axes(net, {n: net[int(n)] for n in ("0", "1", "2", "3", "4")}) == {
+        "0": (0, -1),
+        "1": (0, -1),
+        "2": (0, 1),
+        "3": (0, 1),
+        "4": (0, 1),
+    }
+    # nothing typed before the first Tanh: unknown; the ReLU after a Conv1D takes the last axis
+    assert unit_axes(seq, {"0": seq[0], "2": seq[2], "1:input": seq[1]}) == {
+        "0": (0, None),
+        "2": (0, -1),
+        "1:input": (0, -1),
+    }
+    assert unit_axes(rnn, {"lstm": rnn["lstm"], "gru": rnn["gru"]}) == {"lstm": (1, -1), "gru": (0, -1)}
+    holder = nn.Sequential(attention)
+    assert unit_axes(holder, {"0.linear1": attention.linear1, "0.activation:input": attention.linear2}) == {
+        "0.linear1": (1, -1),  # inside a sequence-first block: samples on axis 1
+        "0.activation:input": (1, -1),
+    }
+    top = nn.ReLU()
+    assert unit_axes(top, {"": top}) == {"": (0, None)}  # the model itself: no parent to ask
+    lone = nn.Sequential(nn.Identity())
+    assert unit_axes(lone, {"0": lone[0]}) == {"0": (0, None)}
+
+
+def test_units_first_moves_the_unit_and_sample_axes():
+    x = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
+    assert units_first(torch.zeros(5, 7)).shape == (5, 7)  # 2-D: as it is
+    assert torch.equal(units_first(x), x.movedim(-1, 1))  # 3-D default: the last axis holds units
+    assert torch.equal(units_first(x, unit_axis=1), x)
+    assert torch.equal(units_first(x, unit_axis=-1), x.movedim(-1, 1))
+    assert torch.equal(units_first(x, sample_axis=1, unit_axis=-1), x.movedim(1, 0).movedim(-1, 1))
+    four = torch.zeros(2, 3, 4, 5)
+    assert units_first(four).shape == (2, 3, 4, 5)  # 4-D default: channels (axis 1)
+    assert units_first(four, unit_axis=-1).shape == (2, 5, 3, 4)
+    assert units_first(four, unit_axis=3).shape == (2, 5, 3, 4)
+
+
+def test_resolve_layers_by_name_hidden_layers_discovery_or_activations():
+    net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
+    assert resolve_layers(net) == {"1": net[1], "3": net[3]}
+    assert resolve_layers(net, ["3", "2:input"]) == {"3": net[3], "2:input": net[2]}
+    assert resolve_layers(net, discover=lambda m: {"0": m[0]}) == {"0": net[0]}
+
+    class WithHidden(nn.Sequential):
+        def hidden_layers(self):
+            return [("0", self[0])]
+
+    class NotImplemented(nn.Sequential):
+        def hidden_layers(self):
+            raise NotImplementedError
+
+    hidden = WithHidden(nn.Linear(2, 2), nn.ReLU())
+    assert resolve_layers(hidden) == {"0": hidden[0]}
+    fallback = NotImplemented(nn.Linear(2, 2), nn.ReLU())
+    assert resolve_layers(fallback) == {"1": fallback[1]}
+    with pytest.raises(PlasticityConfigError, match=r"layers=\['9'\]: Sequential has no submodule named '9'"):
+        resolve_layers(net, ["9"])
+    with pytest.raises(PlasticityConfigError, match=r"no submodule named '7:input'.*e\.g\. 0, 1, 2"):
+        resolve_layers(net, ["7:input"])
+    with pytest.raises(PlasticityConfigError, match="Cannot find hidden layers in Linear"):
+        resolve_layers(nn.Linear(2, 2))
+    with pytest.raises(PlasticityConfigError, match="Cannot find hidden layers in Sequential"):
+        resolve_layers(nn.Sequential(nn.Linear(2, 2)), discover=lambda m: {})
+
+
+def test_default_forward_reads_tuples_dicts_or_the_batch():
+    model = nn.Identity()
+    x = torch.ones(2)
+    assert default_forward(model, (x, 0)) is x and default_forward(model, [x]) is x
+    for key in ("x", "input_ids", "inputs"):
+        assert default_forward(model, {key: x, "labels": 0}) is x
+    assert default_forward(model, {"x": x, "input_ids": x + 1})[0] == 1  # "x" first
+    assert default_forward(model, x) is x
+    with pytest.raises(PlasticityConfigError, match=r"dict batch with keys \['a', 'b'\]; pass forward=\.\.\."):
+        default_forward(model, {"b": x, "a": x})
+
+
+def test_capture_reads_outputs_or_inputs_and_concatenates_shared_layers():
+    shared = nn.Linear(3, 3)
+    net = nn.Sequential(shared, nn.ReLU(), shared)
+    x = torch.randn(4, 3)
+    outputs, out = capture_outputs(net, x, {"1": net[1], "0": shared})
+    assert torch.equal(outputs["1"], torch.relu(shared(x)))
+    assert outputs["0"].shape == (8, 3)  # called twice: both outputs, along the sample axis
+    assert torch.equal(out, net(x))
+    inputs, _ = capture_outputs(net, x, {"1": net[1]}, inputs=True)
+    assert torch.equal(inputs["1"], shared(x))
+    tapped, _ = capture_outputs(net, x, {"1:input": net[1], "1": net[1]})
+    assert torch.equal(tapped["1:input"], shared(x)) and torch.equal(tapped["1"], torch.relu(shared(x)))
+    with pytest.raises(PlasticityConfigError, match=r"Layer 'extra' did not run in the forward pass"):
+        capture_outputs(net, x, {"extra": nn.ReLU()})
+    with pytest.raises(PlasticityConfigError, match=r"Module has no forward\(\), so monitors cannot run it"):
+        capture_outputs(nn.Module(), x, {})
+
+
+def _trainer_with(loader):
+    trainer = make_trainer(".")
+    trainer.fit_loop._data_source = None
+    return trainer
+
+
+def test_probe_rows_are_a_seeded_subset_of_the_dataset():
+    data = TensorDataset(torch.arange(20.0).unsqueeze(1), torch.arange(20))
+    loader = DataLoader(data, batch_size=4, shuffle=True)
+    probe = ProbeSet(size=6, seed=3)
+    probe._loader = lambda _trainer: loader
+    trainer = _trainer_with(loader)
+    x, y = probe.draw(trainer)
+    expected = torch.randperm(20, generator=torch.Generator().manual_seed(3))[:6].sort().values
+    assert torch.equal(y, expected) and torch.equal(x[:, 0], expected.float())
+    assert probe.batch is not None and probe.batch[1] is y
+    big = ProbeSet(size=100)
+    big._loader = lambda _trainer: loader
+    assert len(big.draw(trainer)[1]) == 20  # a dataset smaller than the probe: all of it
+    assert ProbeSet.from_batch((x, y)).batch == (x, y)
+
+
+def test_probe_arguments_and_loaders_are_checked_with_clear_messages():
+    assert (ProbeSet().size, ProbeSet().source, ProbeSet().seed) == (1024, "train", 0)
+    assert ProbeSet(source="val").source == "val"
+    with pytest.raises(PlasticityConfigError, match=r"ProbeSet.size=0 is invalid"):
+        ProbeSet(size=0)
+    with pytest.raises(PlasticityConfigError, match=r"ReDo.probe_size=0 is invalid"):
+        ProbeSet(size=0, owner="ReDo")
+    with pytest.raises(PlasticityConfigError, match=r"ReDo.probe_source='test' is not supported"):
+        ProbeSet(source="test", owner="ReDo")
+
+    from types import SimpleNamespace
+
+    first = DataLoader(TensorDataset(torch.zeros(4, 1)), batch_size=2)
+    fake = SimpleNamespace(train_dataloader=[first], val_dataloaders=[object()])
+    assert ProbeSet()._loader(fake) is first  # the first of a list
+    with pytest.raises(PlasticityConfigError, match=r"ProbeSet\(source='val'\) needs the trainer's val dataloader"):
+        ProbeSet(source="val")._loader(fake)
