@@ -47,6 +47,7 @@ import os
 import re
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -331,6 +332,17 @@ class PlasticityCLI(LightningCLI):
                 f"{type(self.model).__name__}: {'; '.join(problems[:2])[:300]}. Give the model the checkpoint's "
                 "settings, or add --model_from_checkpoint true"
             ) from err
+        except KeyError as err:
+            # A checkpoint trained with another optimizer: torch loads its param groups as they are, and the
+            # recipe's optimizer then misses its own settings at the first step (SGD after Adam: 'momentum').
+            frames = traceback.extract_tb(err.__traceback__)
+            if self._checkpoint_shown is None or not frames or f"torch{os.sep}optim" not in frames[-1].filename:
+                raise
+            optimizer = type(self.trainer.optimizers[0]).__name__ if self.trainer.optimizers else "the recipe's"
+            raise PlasticityConfigError(
+                f"--ckpt_path={self._checkpoint_shown!r} holds the state of another optimizer than {optimizer} (its "
+                f"parameter groups have no {err}); resume with the optimizer it was trained with"
+            ) from err
         except Exception as err:
             self._raise_from_checkpoint_error(err)
             raise
@@ -400,7 +412,10 @@ def _check_architecture(model_config: Any, hparams: dict[str, Any], shown: str) 
         return
     saved_class = hparams.get("_class_path")
     recipe_name, saved_name = recipe_class.rpartition(".")[2], str(saved_class).rpartition(".")[2]
-    if saved_class is not None and saved_class != recipe_class:
+    same = (
+        saved_class is None or saved_class == recipe_class or _import_class(saved_class) is _import_class(recipe_class)
+    )
+    if not same:
         raise PlasticityConfigError(
             f"--ckpt_path={shown!r} holds a {saved_name} ({saved_class}); the recipe asks for a {recipe_name} "
             f"({recipe_class}). Give --model {saved_name} with its settings, or add --model_from_checkpoint true"

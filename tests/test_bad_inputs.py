@@ -40,7 +40,7 @@ def _ckpt(name: str, *extra: str) -> list[str]:
 
 
 # (id, arguments, what the one line must contain). `{ckpt}` is the folder of planted checkpoint files, `{url}` the
-# address of a local HTTP server that serves it.
+# address of a local HTTP server that serves it, `{adam}` a quickstart checkpoint trained with Adam.
 CASES = [
     # ---------------------------------------------------------------- checkpoints
     ("ckpt_missing_file", _ckpt("nothing.ckpt"), ["--ckpt_path=", "nothing.ckpt", "does not exist"]),
@@ -64,6 +64,11 @@ CASES = [
     ("ckpt_url_text", [*QUICKSTART, "--ckpt_path={url}/notes.ckpt"], ["{url}/notes.ckpt", "not a readable"]),
     ("ckpt_url_payload", [*QUICKSTART, "--ckpt_path={url}/payload.ckpt"], ["{url}/payload.ckpt", "refuses"]),
     ("ckpt_foreign_weights", _ckpt("whole.ckpt"), ["whole.ckpt", "weights that do not fit", "MLP"]),
+    (
+        "ckpt_other_optimizer",
+        [*QUICKSTART[:3], "--trainer.max_epochs=2", "--trainer.limit_train_batches=2", "--ckpt_path={adam}"],
+        ["last.ckpt", "another optimizer than SGD", "momentum"],
+    ),
     ("ckpt_url_unreachable", [*QUICKSTART, "--ckpt_path=http://127.0.0.1:9/x.ckpt"], ["127.0.0.1:9", "cannot be read"]),
     ("ckpt_unknown_scheme", [*QUICKSTART, "--ckpt_path=nosuchscheme://x.ckpt"], ["nosuchscheme://x.ckpt", "cannot"]),
     ("ckpt_memory_url_missing", [*QUICKSTART, "--ckpt_path=memory://none.ckpt"], ["memory://none.ckpt", "cannot"]),
@@ -192,6 +197,23 @@ def planted(tmp_path_factory) -> Path:
     torch.save({**good, "hyper_parameters": mlp}, folder / "mlp_32_tanh.ckpt")
     convnet = {"_class_path": "plasticity_lightning.models.ConvNet", "activation": "relu"}
     torch.save({**good, "hyper_parameters": convnet}, folder / "convnet.ckpt")
+    # a real checkpoint of the quickstart's model, trained with Adam instead of the recipe's SGD
+    argv, sys.argv = sys.argv, ["plasticity"]
+    try:
+        main(
+            [
+                *QUICKSTART[:3],
+                "--model.optimizer=Adam",
+                "--trainer.max_epochs=1",
+                "--trainer.limit_train_batches=2",
+                "--trainer.limit_val_batches=1",
+                "--trainer.enable_progress_bar=false",
+                "--trainer.logger=false",
+                f"--trainer.default_root_dir={folder / 'adam'}",
+            ]
+        )
+    finally:
+        sys.argv = argv
     return folder
 
 
@@ -215,7 +237,7 @@ def test_bad_input_gives_exit_2_and_one_line(args, expected, planted, server, tm
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["plasticity"])
     monkeypatch.delenv("PLASTICITY_TRACEBACK", raising=False)
-    fill = {"ckpt": str(planted), "url": server}
+    fill = {"ckpt": str(planted), "url": server, "adam": str(planted / "adam" / "checkpoints" / "last.ckpt")}
     args = [arg.format(**fill) for arg in args]
     with pytest.raises(SystemExit) as exit_info:
         main(args)

@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import RECIPES, REPO
 
-from plasticity_lightning.cli import main
+from plasticity_lightning.cli import PlasticityCLI, main
 
 
 @pytest.fixture(autouse=True)
@@ -405,3 +406,92 @@ def test_cbp_cifar_follows_dohares_per_task_protocol():
     # the monitors measure, at each task change, the network that early stopping kept
     assert callbacks.index("RestoreBestPerTask") < callbacks.index("RankMonitor")
     assert config["trainer"]["max_epochs"] == schedule["epochs_per_task"] * 20
+
+
+def _small_mlp_checkpoint(tmp: Path, *extra: str) -> Path:
+    """A 32-unit tanh MLP trained two steps on digits; the path of its last.ckpt."""
+    main(
+        [
+            "fit",
+            "--model=MLP",
+            "--model.hidden_sizes=[32]",
+            "--model.activation=tanh",
+            "--model.optimizer=SGD",  # the quickstart's optimizer, so the run can resume with it
+            "--model.optimizer.init_args.lr=0.05",
+            "--model.optimizer.init_args.momentum=0.9",
+            "--data=DigitsDataModule",
+            *extra,
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.logger.init_args.save_dir={tmp}",
+        ]
+    )
+    (path,) = tmp.glob("*/version_0/checkpoints/last.ckpt")
+    return path
+
+
+def test_a_checkpoint_of_another_architecture_is_refused_naming_both(in_tmp, capsys):
+    checkpoint = _small_mlp_checkpoint(in_tmp / "small")
+    line = _run_error(
+        ["fit", "--config", str(REPO / "recipes" / "quickstart.yaml"), f"--ckpt_path={checkpoint}"], capsys
+    )
+    assert "holds a MLP with hidden_sizes=[32], activation='tanh'" in line
+    assert "the recipe asks for hidden_sizes=[256, 256], activation='relu'" in line
+    assert "--model_from_checkpoint true" in line
+
+
+def test_model_from_checkpoint_trains_the_checkpoints_model(in_tmp):
+    checkpoint = _small_mlp_checkpoint(in_tmp / "small")
+    cli = PlasticityCLI(
+        args=[
+            "fit",
+            "--config",
+            str(REPO / "recipes" / "quickstart.yaml"),
+            f"--ckpt_path={checkpoint}",
+            "--model_from_checkpoint=true",
+            "--trainer.max_epochs=2",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    widths = [module.out_features for module in cli.model.modules() if isinstance(module, torch.nn.Linear)]
+    assert widths == [32, 10] and cli.trainer.current_epoch == 2
+
+
+def test_a_checkpoint_model_that_does_not_fit_the_data_is_blamed_on_the_checkpoint(in_tmp, capsys):
+    checkpoint = _small_mlp_checkpoint(in_tmp / "toy", "--data=ToyDataModule")  # 2 inputs, 2 classes
+    line = _run_error(
+        [
+            "fit",
+            "--config",
+            str(REPO / "recipes" / "quickstart.yaml"),
+            f"--ckpt_path={checkpoint}",
+            "--model_from_checkpoint=true",
+        ],
+        capsys,
+    )
+    assert "the model built from --ckpt_path=" in line and "does not fit this run" in line
+    assert "MLP.input_dim=2 does not match the datamodule" in line
+
+
+def test_ddp_fragment_alone_runs_two_cpu_processes(in_tmp):
+    args = [
+        "fit",
+        "--config",
+        str(REPO / "recipes" / "quickstart.yaml"),
+        "--config",
+        str(REPO / "configs" / "trainer" / "cpu.yaml"),
+        "--config",
+        str(REPO / "configs" / "trainer" / "ddp.yaml"),
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=2",
+        "--trainer.enable_progress_bar=false",
+    ]
+    result = _console_script(args)
+    output = result.stdout + result.stderr
+    assert "running 2 CPU processes" in output and "--trainer.devices N" in output
+    assert "MEMBER: 2/2" in output  # Lightning's line for the second of two processes
