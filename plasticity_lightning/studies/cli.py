@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import NoReturn
 
 from plasticity_lightning.core.errors import PlasticityConfigError
-from plasticity_lightning.studies.store import ResultStore, merge_stores, open_store
+from plasticity_lightning.studies.store import ResultStore, merge_stores, open_store, owner_alive
 from plasticity_lightning.studies.study import StudySpec, run_study
 
 
@@ -22,19 +23,54 @@ def _shard(text: str) -> tuple[int, int]:
     try:
         index, count = (int(part) for part in text.split("/"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--shard {text!r} is invalid; expected i/n, e.g. 0/4") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; expected i/n, e.g. 0/4") from None
     if not 0 <= index < count:
-        raise argparse.ArgumentTypeError(f"--shard {text!r} is invalid; expected 0 <= i < n")
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; expected i/n with 0 <= i < n, e.g. 0/4")
     return index, count
 
 
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; expected a positive number of processes, e.g. 2")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; expected a number of seconds >= 0, e.g. 60")
+    return value
+
+
+def _in_progress(store: ResultStore, groups: list[list[dict]]) -> str:
+    """ ", N runs being trained by another `study run`" when live claims hold groups of ``groups``."""
+    held = {group for group, owner, heartbeat in store.claims() if owner_alive(owner, heartbeat)}
+    stored = store.keys()
+    busy = sum(len(g) for g in groups if g[0]["key"] in held and not all(r["key"] in stored for r in g))
+    return f"; {busy} runs being trained by another `study run`" if busy else ""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are configuration errors: ``plasticity`` prints them as one line, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise PlasticityConfigError(f"{self.prog}: {message} (see: {self.prog} --help)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="plasticity study", description=__doc__)
+    parser = _Parser(prog="plasticity study", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="train every run of a spec not yet in the store")
     run.add_argument("spec", help="study spec (YAML)")
     run.add_argument("--store", help="SQLite store (default runs/studies/<name>.sqlite)")
-    run.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
+    run.add_argument("--workers", type=_workers, default=os.cpu_count() or 1, help="worker processes")
     run.add_argument("--shard", type=_shard, default=(0, 1), help="run only shard i of n (i/n)")
     status = commands.add_parser("status", help="runs stored vs runs in the spec")
     status.add_argument("spec")
@@ -51,24 +87,39 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a store as CSV or Parquet (one line per run)")
     export.add_argument("store")
     export.add_argument("path", help="output file: .csv, or .parquet")
+    for command in (run, status, merge, report, export):
+        command.add_argument(
+            "--lock-timeout",
+            type=_seconds,
+            default=60.0,
+            help="seconds to wait while another process writes the store (default 60)",
+        )
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    timeout = args.lock_timeout
     if args.command == "merge":
-        store = merge_stores(args.target, args.sources)
+        store = merge_stores(args.target, args.sources, timeout=timeout)
         print(f"{args.target}: {len(store)} runs")
         return
     if args.command == "export":
-        print(open_store(args.store).export(args.path))
+        store = open_store(args.store, timeout=timeout)
+        store.check(deep=True)
+        print(store.export(args.path))
         return
     spec = StudySpec.from_yaml(args.spec)
     path = _store_path(spec, args.store, args.shard)
-    # status and report read a store: a mistyped path must not create an empty one
-    store = ResultStore(path) if args.command == "run" else open_store(path)
+    # status and report read a store: a mistyped path must not create an empty one. Every command checks the
+    # whole store (integrity, schema, every run decodes) before it reads or writes: a damaged store is never
+    # reported as complete or trained into.
+    store = ResultStore(path, timeout=timeout) if args.command == "run" else open_store(path, timeout=timeout)
+    if args.command != "run":  # run_study checks it itself
+        store.check(deep=True)
     index, count = args.shard
-    expected = sum(len(g) for i, g in enumerate(spec.groups()) if i % count == index)
+    groups = spec.groups()[index::count]
+    expected = sum(len(g) for g in groups)
     if args.command == "report":
         from plasticity_lightning.studies.report import write_report
 
@@ -80,8 +131,8 @@ def main(argv: list[str] | None = None) -> None:
         print(write_report(rows, out, title=f"{spec.name}: {len(rows)}/{len(keys)} runs"))
         return
     if args.command == "status":
-        stored = len(store.keys() & {r["key"] for g in spec.groups()[index::count] for r in g})
-        print(f"{spec.name}: {stored}/{expected} runs stored in {store.path}")
+        stored = len(store.keys() & {r["key"] for g in groups for r in g})
+        print(f"{spec.name}: {stored}/{expected} runs stored in {store.path}{_in_progress(store, groups)}")
         return
     from rich.progress import Progress
 
@@ -92,4 +143,4 @@ def main(argv: list[str] | None = None) -> None:
             bar.update(task, completed=done, total=total)
 
         trained = run_study(spec, store, workers=args.workers, shard=args.shard, progress=progress)
-    print(f"{spec.name}: trained {trained} runs; {len(store)} in {store.path}")
+    print(f"{spec.name}: trained {trained} runs; {len(store)} in {store.path}{_in_progress(store, groups)}")

@@ -149,6 +149,10 @@ def train_stacked(
     check_positive_int("train_stacked", "epochs", epochs)
     check_positive_int("train_stacked", "record_every", record_every)
     check_positive_float("train_stacked", "lr", lr)
+    if x.ndim != 3 or x.shape[1] < 1:  # no rows: every loss would be a mean over nothing (NaN)
+        raise PlasticityConfigError(
+            f"train_stacked: x of shape {tuple(x.shape)} is invalid; expected [runs, rows >= 1, features]"
+        )
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     rows: dict[str, list[torch.Tensor]] = {name: [] for name in StackedHistory.__dataclass_fields__ if name != "epoch"}
     epochs_recorded: list[int] = []

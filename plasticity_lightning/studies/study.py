@@ -14,7 +14,8 @@ import hashlib
 import itertools
 import json
 import multiprocessing
-from collections.abc import Callable, Sequence
+import queue
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,14 @@ class StudySpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # the name becomes runs/studies/<name>.sqlite and <name>_report: it must stay a plain file name
+        name = self.name
+        plain = isinstance(name, str) and name.strip() and name.isprintable() and name not in (".", "..")
+        if not plain or "/" in name or "\\" in name:
+            raise PlasticityConfigError(
+                f"StudySpec.name={name!r} is invalid; expected a plain file name without path separators, not '.' "
+                "or '..' (the store is runs/studies/<name>.sqlite), e.g. name: phase3"
+            )
         owner = f"StudySpec({self.name!r})"
         for name in self.activations:
             check_choice(owner, "activations", name, tuple(ACTIVATIONS))
@@ -102,6 +111,8 @@ class StudySpec:
         for sigma in self.noise:
             if sigma is not None:
                 check_positive_float(owner, "noise", sigma, allow_zero=True)
+        for dataset, n_samples in itertools.product(self.datasets, self.n_samples):
+            _check_split(owner, dataset, n_samples, self.test_fraction)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StudySpec:
@@ -203,6 +214,30 @@ def _row_count(dataset: str, n_samples: int) -> int:
     return len(make_toy(dataset, n_samples, None, seed=0)[1])
 
 
+def _split(dataset: str, n_samples: int, test_fraction: float) -> tuple[int, int]:
+    """(training rows, held-out rows) of one dataset draw: the split :func:`group_data` makes."""
+    rows = _row_count(dataset, n_samples)
+    n_test = round(test_fraction * rows)
+    return rows - n_test, n_test
+
+
+def _check_split(owner: str, dataset: str, n_samples: int, test_fraction: float) -> None:
+    """A run must have training rows, and a test split must hold rows out (else its "test" columns would
+    silently repeat the training ones)."""
+    n_train, n_test = _split(dataset, n_samples, test_fraction)
+    where = f"{owner}: n_samples={n_samples} on dataset {dataset!r} ({n_train + n_test} rows)"
+    if n_train < 1:
+        raise PlasticityConfigError(
+            f"{where} with test_fraction={test_fraction} leaves no training rows; raise n_samples or lower "
+            "test_fraction"
+        )
+    if test_fraction > 0 and n_test < 1:
+        raise PlasticityConfigError(
+            f"{where} with test_fraction={test_fraction} holds out no test rows; raise n_samples or test_fraction, "
+            "or set test_fraction: 0"
+        )
+
+
 def _seed(text: str) -> int:
     return int.from_bytes(hashlib.sha1(text.encode()).digest()[:4], "little") & 0x7FFFFFFF
 
@@ -212,6 +247,7 @@ def group_data(group: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor | None
     xs, ys, xts, yts = [], [], [], []
     for run in group:
         c = run["config"]
+        _check_split("study run " + repr(run["key"]), c["dataset"], c["n_samples"], c["test_fraction"])
         X, y = make_toy(c["dataset"], c["n_samples"], c["noise"], seed=run["data_seed"])
         X, y = torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
         n_test = round(c["test_fraction"] * len(y))
@@ -291,9 +327,8 @@ def _noise_robustness(
     return result
 
 
-def _run_group_args(args: tuple[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+def _worker_init() -> None:
     torch.set_num_threads(1)  # a worker process: parallelism comes from the processes
-    return run_group(*args)
 
 
 def run_study(
@@ -307,33 +342,85 @@ def run_study(
     """Train every group of ``spec`` (of this shard) whose runs are not all in ``store``; returns runs trained.
 
     Groups are assigned to shards round-robin (shard i of n takes groups i, i + n, ...), so shards of one spec
-    never overlap and their stores merge into the single-run store.
+    never overlap and their stores merge into the single-run store. Calls that share one store (several
+    processes, or machines on a shared file system) share its work: each claims a group in the store before
+    training it (:meth:`ResultStore.claim`) and skips groups another live call holds; the groups of a call that
+    died are taken over.
+
+    Raises:
+        PlasticityConfigError: a damaged or foreign store (checked before any group is trained), or a bad shard.
     """
     index, count = shard
     if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
         raise PlasticityConfigError(f"study shard {index}/{count} is invalid; expected i/n with 0 <= i < n")
     check_positive_int("run_study", "workers", workers)
+    store.check(deep=True)  # a damaged store fails here, before any group is trained into it
     done = store.keys()
     todo = [g for i, g in enumerate(spec.groups()) if i % count == index]
     todo = [g for g in todo if not all(run["key"] in done for run in g)]
     total, finished = sum(len(g) for g in todo), 0
     if progress:
         progress(0, total)
-    jobs = [(spec.name, group) for group in todo]
-    if workers == 1 or len(jobs) <= 1:
-        results = map(_run_group_args, jobs)
-        pool = None
-    else:
-        pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)))
-        results = pool.imap_unordered(_run_group_args, jobs)
-    try:
-        for rows in results:
-            store.write(rows)  # one transaction per group: a killed study loses no finished group
+
+    with store.claimant() as owner:
+
+        def claimed() -> Iterator[list[dict[str, Any]]]:
+            """The groups this call gets, claimed one at a time as it is ready to train them; a group another call
+            holds is tried once more at the end, in case that call died meanwhile."""
+            nonlocal total
+            held = []
+            for attempt, groups in enumerate((todo, held)):
+                for group in groups:
+                    if store.claim(group[0]["key"], [run["key"] for run in group], owner):
+                        yield group
+                    elif attempt == 0:
+                        held.append(group)
+                    else:
+                        total -= len(group)  # stored or trained by another call
+
+        def write(group: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+            nonlocal finished
+            # one transaction per group, with the claim's release: a killed study loses no finished group
+            store.write(rows, release=group[0]["key"], owner=owner)
             finished += len(rows)
             if progress:
                 progress(finished, total)
-    finally:
-        if pool is not None:
+
+        groups = claimed()
+        if workers == 1 or len(todo) <= 1:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # small matmuls: one thread is fastest
+            try:
+                for group in groups:
+                    write(group, run_group(spec.name, group))
+            finally:
+                torch.set_num_threads(threads)
+            return finished
+        results: queue.Queue = queue.Queue()
+        size = min(workers, len(todo))
+        pool = multiprocessing.get_context("spawn").Pool(size, initializer=_worker_init)
+
+        def submit() -> bool:
+            group = next(groups, None)
+            if group is None:
+                return False
+            pool.apply_async(
+                run_group,
+                (spec.name, group),
+                callback=lambda rows: results.put((group, rows, None)),
+                error_callback=lambda err: results.put((group, None, err)),
+            )
+            return True
+
+        try:
+            running = sum(submit() for _ in range(size))
+            while running:
+                group, rows, err = results.get()
+                if err is not None:
+                    raise err
+                write(group, rows)
+                running += submit() - 1
+        finally:
             pool.terminate()
             pool.join()
     return finished

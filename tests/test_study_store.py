@@ -1,0 +1,540 @@
+"""The study store: round trips, damage noticed before use, atomic merge/export, claims shared by concurrent runs,
+lock waits, spec names and runs that cannot train. Every CLI case runs in-process (``plasticity_lightning.cli.main``),
+so mutation tools exercise it."""
+
+import csv
+import hashlib
+import json
+import os
+import random
+import re
+import sqlite3
+import subprocess
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+
+from plasticity_lightning import PlasticityConfigError
+from plasticity_lightning.cli import main as plasticity
+from plasticity_lightning.studies import ResultStore, StudySpec, merge_stores, run_group, run_study, train_stacked
+from plasticity_lightning.studies import store as store_module
+from plasticity_lightning.studies import study as study_module
+from plasticity_lightning.studies.store import STALE_AFTER, owner_alive
+
+SPEC = {
+    "name": "tiny",
+    "activations": ["relu", "tanh"],
+    "depths": [1, 2],
+    "width": 4,
+    "datasets": ["xor", "moons"],
+    "trials": 3,
+    "epochs": 6,
+    "record_every": 3,
+}  # 4 groups (activation x depth) of 6 runs (2 datasets x 3 trials)
+
+
+def _write_spec(folder: Path, **overrides) -> Path:
+    path = folder / f"{overrides.get('name', SPEC['name'])}.yaml"
+    path.write_text(yaml.safe_dump({**SPEC, **overrides}))
+    return path
+
+
+def _cli(capsys, *args) -> tuple[int, str, str]:
+    """``plasticity study ARGS`` in this process: (exit code, stdout, stderr)."""
+    try:
+        plasticity(["study", *map(str, args)])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, Path]:
+    """A spec and its finished store (24 runs), shared read-only: tests copy the store before changing it."""
+    folder = tmp_path_factory.mktemp("finished")
+    spec_path = _write_spec(folder)
+    store = ResultStore(folder / "tiny.sqlite")
+    assert run_study(StudySpec.from_yaml(spec_path), store) == 24
+    return spec_path, store.path
+
+
+@pytest.fixture
+def keep_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- round trips (issue 26: a stored field that is dropped, renamed or nulled must fail a test) --------------------
+
+
+def test_every_field_round_trips(tmp_path):
+    rows = [
+        {
+            "key": f"k{i}",
+            "study": f"study{i}",
+            "config": {"activation": "tanh", "hidden_sizes": [3, i + 1], "noise": None, "skip": bool(i), "lr": 0.25},
+            "seed": 1000 + i,
+            "metrics": {"final_accuracy": 0.5 + i / 8, "dynamics": {"convergence_epoch": i, "curve": [1.5, None]}},
+            "history": {"epoch": [0, 5], "loss": [0.75, 0.125 * i], "test_accuracy": [float(i), 1.0]},
+        }
+        for i in (2, 0, 1)  # written out of order: rows() sorts by key
+    ]
+    store = ResultStore(tmp_path / "s.sqlite")
+    before = time.time()
+    store.write(rows)
+    after = time.time()
+    expected = sorted(rows, key=lambda r: r["key"])
+    back = list(store.rows())
+    assert back == [
+        {"key": r["key"], "study": r["study"], "config": r["config"], "seed": r["seed"], **r["metrics"]}
+        for r in expected
+    ]
+    assert all(type(b["seed"]) is int and b["config"]["noise"] is None for b in back)
+    for row in rows:
+        assert store.history(row["key"]) == row["history"]
+    assert store.keys() == {"k0", "k1", "k2"} and len(store) == 3
+    # the columns themselves, read without the store's code
+    with sqlite3.connect(store.path) as db:
+        raw = db.execute("SELECT key, study, config, seed, metrics, history, finished FROM runs WHERE key = 'k2'")
+        key, study, config, seed, metrics, history, stamp = raw.fetchone()
+    assert (key, study, seed) == ("k2", "study2", 1002)
+    assert json.loads(config) == rows[0]["config"] and json.loads(metrics) == rows[0]["metrics"]
+    assert json.loads(zlib.decompress(history)) == rows[0]["history"] and before <= stamp <= after
+    with pytest.raises(KeyError, match="'nope'"):
+        store.history("nope")
+    store.write([{**rows[0], "seed": 7, "metrics": {"final_accuracy": 0.0}}])  # a key written again: replaced
+    assert len(store) == 3 and next(r for r in store.rows() if r["key"] == "k2")["seed"] == 7
+
+
+def test_trained_runs_round_trip_through_store_merge_and_export(tmp_path):
+    spec = StudySpec.from_dict({**SPEC, "name": "rt", "trials": 1, "activations": ["sine"], "depths": [2]})
+    (group,) = spec.groups()
+    rows = run_group(spec.name, group)
+    store = ResultStore(tmp_path / "a.sqlite")
+    store.write(rows)
+    back = {r["key"]: r for r in store.rows()}
+    for row in rows:
+        assert back[row["key"]] == {
+            "key": row["key"],
+            "study": "rt",
+            "config": row["config"],
+            "seed": row["seed"],
+            **row["metrics"],
+        }
+        assert store.history(row["key"]) == row["history"]
+    merged = merge_stores(tmp_path / "m.sqlite", [store.path])
+    assert list(merged.rows()) == list(store.rows())
+    assert all(merged.history(r["key"]) == r["history"] for r in rows)
+    with (store.export(tmp_path / "runs.csv")).open() as f:
+        exported = {line["key"]: line for line in csv.DictReader(f)}
+    for row in rows:
+        line = exported[row["key"]]
+        assert (line["study"], int(line["seed"])) == ("rt", row["seed"])
+        assert line["config.activation"] == "sine" and line["config.dataset"] == row["config"]["dataset"]
+        assert float(line["final_accuracy"]) == row["metrics"]["final_accuracy"]
+
+
+# -- damage is noticed before anything reads or writes -------------------------------------------------------------
+
+
+def _overwrite_4k(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    start = len(data) // 2 + 100  # inside the file, across a page boundary
+    data[start : start + 4096] = random.Random(0).randbytes(4096)
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def _sql(statement: str):
+    def damage(path: Path) -> None:
+        with sqlite3.connect(path) as db:
+            db.executescript(statement)
+
+    return damage
+
+
+def _replace_with(make):
+    def damage(path: Path) -> None:
+        path.unlink()
+        make(path)
+
+    return damage
+
+
+def _foreign(columns: str):
+    return _replace_with(lambda path: _sql(f"CREATE TABLE {columns}")(path))
+
+
+FIRST = "(SELECT MIN(key) FROM runs)"
+DAMAGE = {
+    "4KB_overwritten": (_overwrite_4k, "is damaged"),
+    "truncated": (_truncate, "is damaged"),
+    "runs_wrong_columns": (
+        _foreign("runs (key TEXT PRIMARY KEY, value TEXT)"),
+        "its runs table has columns key, value",
+    ),
+    "no_runs_table": (_foreign("users (id INTEGER)"), "no runs table"),
+    "not_a_database": (_replace_with(lambda path: path.write_text("name,acc\nx,1\n" * 50)), "file is not a database"),
+    "history_bytes": (_sql(f"UPDATE runs SET history = X'789c0011' WHERE key = {FIRST}"), "does not decode"),
+    "metrics_cut": (_sql(f"UPDATE runs SET metrics = '{{\"final_accuracy\": 0.9' WHERE key = {FIRST}"), "decode"),
+    "config_null": (_sql(f"UPDATE runs SET config = 'null' WHERE key = {FIRST}"), "config is NoneType"),
+    "claims_wrong_columns": (
+        _sql("DROP TABLE IF EXISTS claims; CREATE TABLE claims (x INTEGER)"),
+        "its claims table has columns x",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_store_gets_one_line_and_nothing_is_trained_into_it(damage, finished, tmp_path, capsys, monkeypatch):
+    spec_path, original = finished
+    path = tmp_path / "damaged.sqlite"
+    path.write_bytes(original.read_bytes())
+    make_damage, message = DAMAGE[damage]
+    make_damage(path)
+    digest = _digest(path)
+    trained = []
+    monkeypatch.setattr(study_module, "run_group", lambda *args: trained.append(args) or [])
+    monkeypatch.chdir(tmp_path)
+    commands = {
+        "run": ["run", spec_path, "--store", path, "--workers", 1],
+        "status": ["status", spec_path, "--store", path],
+        "report": ["report", spec_path, "--store", path, "--out", tmp_path / "report"],
+        "export": ["export", path, tmp_path / "out.csv"],
+        "merge": ["merge", tmp_path / "merged.sqlite", original, path],
+    }
+    for command, args in commands.items():
+        code, out, err = _cli(capsys, *args)
+        assert code == 2, (command, out, err)
+        assert err.count("\n") == 1 and err.startswith("plasticity: error: "), (command, err)
+        assert str(path) in err and message in err, (command, err)
+        assert "Traceback" not in err and "sqlite3." not in err
+    assert not trained  # checked before any group was trained
+    assert _digest(path) == digest  # and nothing was written into it
+    assert not (tmp_path / "merged.sqlite").exists() and not (tmp_path / "out.csv").exists()
+    assert not (tmp_path / "report").exists()
+    with pytest.raises(PlasticityConfigError, match=message):
+        run_study(StudySpec.from_yaml(spec_path), ResultStore(path))  # the library checks too
+    assert not trained
+
+
+def test_an_undamaged_store_passes_every_check(finished, capsys, tmp_path, monkeypatch):
+    spec_path, original = finished
+    monkeypatch.chdir(tmp_path)
+    ResultStore(original).check(deep=True)
+    assert _cli(capsys, "status", spec_path, "--store", original)[:2] == (0, f"tiny: 24/24 runs stored in {original}\n")
+    code, out, _ = _cli(capsys, "run", spec_path, "--store", original)
+    assert code == 0 and f"tiny: trained 0 runs; 24 in {original}" in out
+
+
+def test_readers_never_create_a_store(tmp_path, capsys, monkeypatch):
+    spec_path = _write_spec(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for args in (["status", spec_path], ["report", spec_path], ["export", "missing.sqlite", "o.csv"]):
+        code, _, err = _cli(capsys, *args)
+        assert code == 2 and "does not exist" in err and err.count("\n") == 1
+    (tmp_path / "empty.sqlite").touch()
+    code, _, err = _cli(capsys, "status", spec_path, "--store", "empty.sqlite")
+    assert code == 2 and "'empty.sqlite' is not a study store (an empty file)" in err
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "folder.sqlite").mkdir()
+    with pytest.raises(PlasticityConfigError, match=r"study store '.*folder\.sqlite' is a folder"):
+        ResultStore(tmp_path / "folder.sqlite")
+
+
+# -- merge and export: all or nothing ----------------------------------------------------------------------------
+
+
+def test_a_failed_merge_leaves_no_file_behind(finished, tmp_path, monkeypatch):
+    _, original = finished
+    damaged = tmp_path / "damaged.sqlite"
+    damaged.write_bytes(original.read_bytes())
+    _overwrite_4k(damaged)
+    with pytest.raises(PlasticityConfigError, match=r"damaged\.sqlite' is damaged"):
+        merge_stores(tmp_path / "new.sqlite", [original, damaged])
+    assert not (tmp_path / "new.sqlite").exists()
+    # an existing target keeps exactly what it held
+    target = tmp_path / "target.sqlite"
+    target.write_bytes(original.read_bytes())
+    digest = _digest(target)
+    with pytest.raises(PlasticityConfigError, match="is damaged"):
+        merge_stores(target, [damaged])
+    assert _digest(target) == digest
+    # a failure while the new target is being written (disk full, ...) removes the temporary file
+    monkeypatch.setattr(store_module.os, "replace", lambda *args: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        merge_stores(tmp_path / "new.sqlite", [original])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged.sqlite", "target.sqlite"]
+
+
+def test_merge_into_an_existing_store_adds_runs(finished, tmp_path):
+    _, original = finished
+    rows = list(ResultStore(original).rows())
+    half = tmp_path / "half.sqlite"
+    ResultStore(half)
+    with sqlite3.connect(original) as src, sqlite3.connect(half) as dst:
+        dst.executemany("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?)", src.execute("SELECT * FROM runs LIMIT 10"))
+    rest = tmp_path / "rest.sqlite"
+    rest.write_bytes(original.read_bytes())
+    merged = merge_stores(half, [rest])
+    assert list(merged.rows()) == rows and merged.path == half
+    with pytest.raises(PlasticityConfigError, match="merge: no source stores given"):
+        merge_stores(tmp_path / "x.sqlite", [])
+    with pytest.raises(PlasticityConfigError, match=r"merge target '.*nowhere/x\.sqlite': folder '.*nowhere' does not"):
+        merge_stores(tmp_path / "nowhere" / "x.sqlite", [rest])
+
+
+def test_export_refuses_what_it_cannot_write_and_never_half_writes(finished, tmp_path, monkeypatch):
+    _, original = finished
+    store = ResultStore(original)
+    with pytest.raises(PlasticityConfigError, match=r"export path '.*runs.xlsx': expected a .csv or .parquet file"):
+        store.export(tmp_path / "runs.xlsx")
+    with pytest.raises(PlasticityConfigError, match="holds no runs; nothing to export"):
+        ResultStore(tmp_path / "empty.sqlite").export(tmp_path / "e.csv")
+    out = tmp_path / "runs.csv"
+    out.write_text("previous export\n")
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", fail)
+    with pytest.raises(OSError, match="disk full"):
+        store.export(out)
+    assert out.read_text() == "previous export\n" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "empty.sqlite",
+        "runs.csv",
+    ]
+
+
+# -- concurrent runs share one store ------------------------------------------------------------------------------
+
+
+def test_two_runs_on_one_store_share_the_work(tmp_path, keep_torch_threads):
+    spec = StudySpec.from_dict({**SPEC, "name": "share", "activations": ["relu", "tanh", "sigmoid"], "trials": 1})
+    total = len(spec.runs())  # 6 groups of 2
+    path = tmp_path / "shared.sqlite"
+    ResultStore(path)
+    first_written, second_written = threading.Event(), threading.Event()
+    trained: dict[str, int] = {}
+
+    def progress_a(done: int, total: int) -> None:
+        if done:
+            first_written.set()
+            assert second_written.wait(120)  # both runs are certainly going at the same time
+
+    def progress_b(done: int, total: int) -> None:
+        if done:
+            second_written.set()
+
+    def run(name: str, progress, start: threading.Event | None = None) -> None:
+        if start is not None:
+            assert start.wait(120)
+        trained[name] = run_study(spec, ResultStore(path), workers=1, progress=progress)
+
+    threads = [
+        threading.Thread(target=run, args=("a", progress_a)),
+        threading.Thread(target=run, args=("b", progress_b, first_written)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert trained["a"] + trained["b"] == total and trained["a"] >= 2 and trained["b"] >= 2, trained
+    store = ResultStore(path)
+    assert len(store) == total and store.claims() == []  # every claim released with its group's runs
+
+
+def test_claims_of_live_runs_are_skipped_and_claims_of_dead_runs_taken_over(tmp_path, keep_torch_threads):
+    spec = StudySpec.from_dict({**SPEC, "name": "claims", "activations": ["relu"], "depths": [1, 2, 3]})
+    groups = spec.groups()  # 3 groups of 6
+    store = ResultStore(tmp_path / "c.sqlite")
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        process = psutil.Process(sleeper.pid)
+        live = f"{store_module._HOST}:{sleeper.pid}:{process.create_time():.3f}:other"
+        assert owner_alive(live, 0.0)
+        first = [run["key"] for run in groups[0]]
+        assert store.claim(first[0], first, live)
+        assert not store.claim(first[0], first, "someone-else")  # held by a live process
+        elsewhere = "otherhost:1:0.0:x"
+        second = [run["key"] for run in groups[1]]
+        assert store.claim(second[0], second, elsewhere)  # another host, fresh heartbeat: alive
+        assert run_study(spec, store) == 6  # only the unclaimed group
+        assert store.keys() == {run["key"] for run in groups[2]}
+        with sqlite3.connect(store.path) as db:  # the other host stopped beating long ago
+            db.execute("UPDATE claims SET heartbeat = ? WHERE owner = ?", (time.time() - STALE_AFTER - 1, elsewhere))
+        assert not owner_alive(elsewhere, time.time() - STALE_AFTER - 1)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert not owner_alive(live, time.time())  # killed: same host, its process is gone
+    assert run_study(spec, store) == 12 and len(store) == 18 and store.claims() == []
+    stale_here = f"{store_module._HOST}:{os.getpid()}:{psutil.Process().create_time():.3f}:finished"
+    assert not owner_alive(stale_here, time.time())  # this process, but no call of run_study under that name
+    assert not owner_alive("garbled", time.time() - STALE_AFTER - 1) and owner_alive("garbled", time.time())
+
+
+def test_a_run_killed_mid_study_resumes_in_process(tmp_path, keep_torch_threads, monkeypatch):
+    """In-process twin of the kill -9 test in test_studies.py: the study dies during its third group, leaving
+    that group's claim behind as a killed process would; the next run trains exactly the rest."""
+    spec = StudySpec.from_dict({**SPEC, "name": "killed"})
+    whole = ResultStore(tmp_path / "whole.sqlite")
+    run_study(spec, whole)
+    path = tmp_path / "killed.sqlite"
+    calls = []
+    real_run_group = study_module.run_group
+
+    def dies_in_third_group(study, group):
+        calls.append(group)
+        if len(calls) == 3:
+            with sqlite3.connect(path) as db:  # a kill -9 releases nothing: keep the claim of a dead process
+                db.execute("UPDATE claims SET owner = 'host-of-the-dead:1:0.0:x', heartbeat = 0")
+            raise KeyboardInterrupt
+        return real_run_group(study, group)
+
+    monkeypatch.setattr(study_module, "run_group", dies_in_third_group)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(spec, ResultStore(path))
+    stored = {r["key"]: r for r in ResultStore(path).rows()}
+    assert len(stored) == 12 and len(ResultStore(path).claims()) == 1  # two whole groups, one orphaned claim
+    monkeypatch.setattr(study_module, "run_group", real_run_group)
+    assert run_study(spec, ResultStore(path)) == 12
+    assert list(ResultStore(path).rows()) == list(whole.rows())  # identical to the uninterrupted study
+
+
+def test_the_cli_says_when_another_run_holds_groups(finished, tmp_path, capsys, monkeypatch):
+    spec_path, _ = finished
+    monkeypatch.chdir(tmp_path)
+    spec = StudySpec.from_yaml(spec_path)
+    store = ResultStore(tmp_path / "busy.sqlite")
+    group = [run["key"] for run in spec.groups()[1]]
+    store.claim(group[0], group, "otherhost:1:0.0:x")
+    code, out, _ = _cli(capsys, "run", spec_path, "--store", store.path, "--workers", 1)
+    assert code == 0 and "tiny: trained 18 runs; 18 in" in out
+    assert "; 6 runs being trained by another `study run`" in out
+    code, out, _ = _cli(capsys, "status", spec_path, "--store", store.path)
+    assert out == f"tiny: 18/24 runs stored in {store.path}; 6 runs being trained by another `study run`\n"
+
+
+# -- locks, names, runs that cannot train ------------------------------------------------------------------------
+
+
+def test_a_lock_held_too_long_gets_one_line(finished, tmp_path, capsys, monkeypatch):
+    spec_path, original = finished
+    path = tmp_path / "locked.sqlite"
+    path.write_bytes(original.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        for args in (["status", spec_path, "--store", path], ["run", spec_path, "--store", path]):
+            start = time.perf_counter()
+            code, _, err = _cli(capsys, *args, "--lock-timeout", "0.2")
+            assert time.perf_counter() - start < 30
+            assert code == 2 and err.count("\n") == 1
+            assert f"study store '{path}' is locked: another process held it longer than 0.2 s" in err
+        with pytest.raises(PlasticityConfigError, match=r"is locked: another process held it longer than 0.1 s"):
+            ResultStore(path, timeout=0.1)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert len(ResultStore(path, timeout=0.1)) == 24
+    code, _, err = _cli(capsys, "status", spec_path, "--lock-timeout", "soon")
+    assert code == 2 and "argument --lock-timeout: 'soon' is invalid; expected a number of seconds >= 0" in err
+    for timeout in (-1, float("nan"), float("inf"), True):
+        with pytest.raises(PlasticityConfigError, match=rf"ResultStore.timeout={timeout!r} is invalid"):
+            ResultStore(path, timeout=timeout)
+
+
+BAD_NAMES = ["../../x", "a/b", "/abs", "..", ".", "", "   ", "a\\b", "two\nlines", 12, None]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES, ids=repr)
+def test_spec_names_stay_inside_the_study_folder(name, tmp_path, capsys, monkeypatch):
+    with pytest.raises(PlasticityConfigError, match=r"StudySpec.name=.* is invalid; expected a plain file name"):
+        StudySpec.from_dict({**SPEC, "name": name})
+    monkeypatch.chdir(tmp_path)
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({**SPEC, "name": name}))
+    code, _, err = _cli(capsys, "run", spec_path)
+    expected = " ".join(f"StudySpec.name={name!r} is invalid".split())  # the CLI prints one line
+    assert code == 2 and expected in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == [spec_path]  # nothing written anywhere
+
+
+NO_TRAINING = [
+    ({"test_fraction": 0.999}, "n_samples=200 on dataset 'xor' (200 rows) with test_fraction=0.999 leaves no training"),
+    ({"n_samples": [2]}, "n_samples=2 on dataset 'xor' (0 rows) with test_fraction=0.0 leaves no training rows"),
+    ({"n_samples": [3], "datasets": ["moons"], "test_fraction": 0.75}, "n_samples=3 on dataset 'moons' (2 rows) with"),
+    ({"test_fraction": 0.001}, "n_samples=200 on dataset 'xor' (200 rows) with test_fraction=0.001 holds out no test"),
+]
+
+
+@pytest.mark.parametrize(("fields", "message"), NO_TRAINING, ids=[json.dumps(fields) for fields, _ in NO_TRAINING])
+def test_a_spec_that_cannot_train_is_refused_before_training(fields, message, tmp_path, capsys, monkeypatch):
+    with pytest.raises(PlasticityConfigError, match=re.escape(f"StudySpec('tiny'): {message}")):
+        StudySpec.from_dict({**SPEC, **fields})
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _cli(capsys, "run", _write_spec(tmp_path, **fields))
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()  # no store, no stored run with null metrics
+
+
+def test_a_group_without_training_rows_is_an_error_in_the_library_too():
+    spec = StudySpec.from_dict({**SPEC, "trials": 1})
+    spec.test_fraction = 0.999  # changed after validation: run_group checks again before training
+    with pytest.raises(
+        PlasticityConfigError, match=r"study run 'tiny/relu/4/.*' \(200 rows\) with test_fraction=0.999"
+    ):
+        run_group(spec.name, spec.groups()[0])
+    from plasticity_lightning.studies import StackedMLP
+
+    with pytest.raises(PlasticityConfigError, match=r"train_stacked: x of shape \(1, 0, 2\) is invalid"):
+        train_stacked(
+            StackedMLP(seeds=[0], in_features=2, hidden_sizes=[4]), torch.zeros(1, 0, 2), torch.zeros(1, 0), epochs=1
+        )
+
+
+def test_study_cli_in_process(tmp_path, capsys, monkeypatch, keep_torch_threads):
+    """In-process twin of test_study_cli_through_the_entry_point (which runs `plasticity` as a subprocess)."""
+    monkeypatch.chdir(tmp_path)
+    spec_path = _write_spec(tmp_path, activations=["relu"], depths=[1], trials=2)
+    code, out, err = _cli(capsys, "run", spec_path, "--workers", 1)
+    store = tmp_path / "runs" / "studies" / "tiny.sqlite"
+    assert code == 0 and "tiny: trained 4 runs; 4 in runs/studies/tiny.sqlite" in out, err
+    assert _cli(capsys, "status", spec_path)[1] == "tiny: 4/4 runs stored in runs/studies/tiny.sqlite\n"
+    code, out, _ = _cli(capsys, "export", store, "out.csv")
+    assert code == 0 and out == "out.csv\n"
+    with open("out.csv") as f:
+        lines = list(csv.DictReader(f))
+    assert sorted(line["key"] for line in lines) == sorted(ResultStore(store).keys())
+    code, out, _ = _cli(capsys, "merge", "merged.sqlite", store)
+    assert code == 0 and out == "merged.sqlite: 4 runs\n"
+    assert list(ResultStore("merged.sqlite").rows()) == list(ResultStore(store).rows())
+    code, out, _ = _cli(capsys, "report", spec_path)
+    assert code == 0 and out.strip().endswith("report.md") and (tmp_path / "runs/studies/tiny_report").is_dir()
+    for args, message in [
+        (["run", "missing.yaml"], "study spec 'missing.yaml' does not exist"),
+        (["run", spec_path, "--workers", "0"], "argument --workers: '0' is invalid; expected a positive number"),
+        (["run", spec_path, "--shard", "2/2"], "argument --shard: '2/2' is invalid; expected i/n with 0 <= i < n"),
+        (["bogus"], "argument command: invalid choice: 'bogus'"),
+        ([], "the following arguments are required: command"),
+    ]:
+        code, _, err = _cli(capsys, *args)
+        assert code == 2 and message in err and err.count("\n") == 1, err
