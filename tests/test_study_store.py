@@ -22,6 +22,7 @@ import yaml
 
 from plasticity_lightning import PlasticityConfigError
 from plasticity_lightning.cli import main as plasticity
+from plasticity_lightning.core import files as files_module
 from plasticity_lightning.studies import ResultStore, StudySpec, merge_stores, run_group, run_study, train_stacked
 from plasticity_lightning.studies import store as store_module
 from plasticity_lightning.studies import study as study_module
@@ -145,6 +146,12 @@ def test_trained_runs_round_trip_through_store_merge_and_export(tmp_path):
         assert (line["study"], int(line["seed"])) == ("rt", row["seed"])
         assert line["config.activation"] == "sine" and line["config.dataset"] == row["config"]["dataset"]
         assert float(line["final_accuracy"]) == row["metrics"]["final_accuracy"]
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(store.export(tmp_path / "runs.parquet")).to_pylist()
+    assert {line["key"]: (line["seed"], line["final_accuracy"]) for line in table} == {
+        row["key"]: (row["seed"], row["metrics"]["final_accuracy"]) for row in rows
+    }
 
 
 # -- damage is noticed before anything reads or writes -------------------------------------------------------------
@@ -261,6 +268,10 @@ def test_readers_never_create_a_store(tmp_path, capsys, monkeypatch):
 # -- merge and export: all or nothing ----------------------------------------------------------------------------
 
 
+def _disk_full(*args):
+    raise OSError("disk full")
+
+
 def test_a_failed_merge_leaves_no_file_behind(finished, tmp_path, monkeypatch):
     _, original = finished
     damaged = tmp_path / "damaged.sqlite"
@@ -277,7 +288,7 @@ def test_a_failed_merge_leaves_no_file_behind(finished, tmp_path, monkeypatch):
         merge_stores(target, [damaged])
     assert _digest(target) == digest
     # a failure while the new target is being written (disk full, ...) removes the temporary file
-    monkeypatch.setattr(store_module.os, "replace", lambda *args: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(files_module.os, "replace", _disk_full)
     with pytest.raises(OSError, match="disk full"):
         merge_stores(tmp_path / "new.sqlite", [original])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged.sqlite", "target.sqlite"]
@@ -310,12 +321,10 @@ def test_export_refuses_what_it_cannot_write_and_never_half_writes(finished, tmp
     out = tmp_path / "runs.csv"
     out.write_text("previous export\n")
 
-    def fail(*args):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(csv.DictWriter, "writerows", fail)
-    with pytest.raises(OSError, match="disk full"):
-        store.export(out)
+    monkeypatch.setattr(files_module.os, "replace", _disk_full)
+    for name in ("runs.csv", "runs.parquet"):
+        with pytest.raises(OSError, match="disk full"):
+            store.export(tmp_path / name)
     assert out.read_text() == "previous export\n" and sorted(p.name for p in tmp_path.iterdir()) == [
         "empty.sqlite",
         "runs.csv",

@@ -19,7 +19,6 @@ heartbeat for :data:`STALE_AFTER` seconds) is taken over, so a killed run's grou
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import math
 import os
@@ -37,6 +36,7 @@ from typing import Any
 import psutil
 
 from plasticity_lightning.core.errors import PlasticityConfigError
+from plasticity_lightning.core.files import write_bytes_atomic, write_csv_atomic
 
 RUNS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -314,7 +314,7 @@ class ResultStore:
 
     def export(self, path: str | Path) -> Path:
         """One line per run (config fields and scalar metrics) as CSV, or Parquet for a ``.parquet`` path; written
-        to a temporary file first, so a failed export leaves nothing half-written."""
+        through a temporary file, so a failed export leaves nothing half-written."""
         path = Path(path)
         if path.suffix not in (".csv", ".parquet"):
             raise PlasticityConfigError(f"export path {str(path)!r}: expected a .csv or .parquet file")
@@ -324,21 +324,19 @@ class ResultStore:
         if not rows:
             raise PlasticityConfigError(f"study store {str(self.path)!r} holds no runs; nothing to export")
         columns = sorted({column for row in rows for column in row})
-        with _replace_on_success(path) as tmp:
-            if path.suffix == ".parquet":
-                try:
-                    import pyarrow as pa
-                    import pyarrow.parquet as pq
-                except ImportError as err:
-                    raise PlasticityConfigError(
-                        f"export path {str(path)!r}: Parquet needs pyarrow (pip install pyarrow), or export .csv"
-                    ) from err
-                pq.write_table(pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows]), tmp)
-            else:
-                with tmp.open("w", newline="") as f:
-                    writer = csv.DictWriter(f, fieldnames=columns)
-                    writer.writeheader()
-                    writer.writerows(rows)
+        if path.suffix == ".csv":
+            write_csv_atomic(path, [columns, *([row.get(c) for c in columns] for row in rows)])
+            return path
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError as err:
+            raise PlasticityConfigError(
+                f"export path {str(path)!r}: Parquet needs pyarrow (pip install pyarrow), or export .csv"
+            ) from err
+        buffer = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows]), buffer)
+        write_bytes_atomic(path, buffer.getvalue().to_pybytes())
         return path
 
 
@@ -368,10 +366,11 @@ def merge_stores(target: str | Path, sources: Iterable[str | Path], *, timeout: 
         return store
     if not target.parent.is_dir():
         raise PlasticityConfigError(f"merge target {str(target)!r}: folder {str(target.parent)!r} does not exist")
-    with _replace_on_success(target) as tmp:
-        store = ResultStore(tmp, timeout=timeout)
-        with store._transaction() as db:
+    with tempfile.TemporaryDirectory(dir=target.parent) as folder:  # built aside, then moved into place whole
+        built = ResultStore(Path(folder) / target.name, timeout=timeout)
+        with built._transaction() as db:
             db.executemany(insert, records)
+        write_bytes_atomic(target, built.path.read_bytes())
     return ResultStore(target, timeout=timeout)
 
 
@@ -427,20 +426,6 @@ def _sqlite_errors(store: ResultStore) -> Iterator[None]:
         yield
     except sqlite3.Error as err:
         raise store._error(err) from err
-
-
-@contextlib.contextmanager
-def _replace_on_success(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path``, moved onto it when the block succeeds and removed when it fails."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    tmp.unlink()  # SQLite and pyarrow create the file themselves
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _flatten(row: dict[str, Any]) -> dict[str, Any]:
