@@ -197,7 +197,7 @@ class PlasticityCLI(LightningCLI):
         given = str(given)
         trust = config.get("weights_only") is False
         if given == "last":
-            local = self._find_last(config)
+            local = self._find_last(config, resume=subcommand == "fit")
             shown = str(local)
         elif given in ("best", "hpc", "registry") or given.startswith("registry:"):
             raise PlasticityConfigError(
@@ -234,8 +234,11 @@ class PlasticityCLI(LightningCLI):
         model = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
 
-    def _find_last(self, config: Any) -> Path:
-        """``last.ckpt`` of the run's latest version; the resumed fit then logs into that version."""
+    def _find_last(self, config: Any, resume: bool) -> Path:
+        """``last.ckpt`` of the run's latest version; a resumed fit (``resume``) then logs into that version.
+
+        ``validate``/``test`` log into a new version: Lightning's CSV writer would replace the run's ``metrics.csv``.
+        """
         trainer = config.trainer
         for callback in _as_list(trainer.get("callbacks")):
             if _subclass_of(callback, ModelCheckpoint) and _init_arg(callback, "dirpath"):
@@ -279,9 +282,9 @@ class PlasticityCLI(LightningCLI):
                 "without --ckpt_path, or give a checkpoint path"
             )
         version, path = found
-        if logger is not True:
+        if resume and logger is not True:
             logger.init_args.version = version  # resume into the same version_N directory
-        self._resumed_version = version
+            self._resumed_version = version
         return path
 
     # ------------------------------------------------------------------ building and running

@@ -495,3 +495,14 @@ def test_ddp_fragment_alone_runs_two_cpu_processes(in_tmp):
     output = result.stdout + result.stderr
     assert "running 2 CPU processes" in output and "--trainer.devices N" in output
     assert "MEMBER: 2/2" in output  # Lightning's line for the second of two processes
+
+
+def test_validate_with_ckpt_path_last_keeps_the_runs_metrics(in_tmp):
+    quick = ["--config", str(REPO / "recipes" / "quickstart.yaml"), "--trainer.limit_val_batches=2"]
+    quick += ["--trainer.enable_progress_bar=false"]
+    main(["fit", *quick, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2"])
+    metrics = in_tmp / "runs" / "quickstart" / "version_0" / "metrics.csv"
+    before = metrics.read_text()
+    main(["validate", *quick, "--ckpt_path=last"])
+    assert metrics.read_text() == before  # Lightning's CSV writer would have replaced it in the same folder
+    assert (in_tmp / "runs" / "quickstart" / "version_1" / "metrics.csv").is_file()
