@@ -1,0 +1,244 @@
+"""Any model, zero configuration: the monitors and interventions on models nobody here wrote.
+
+Each model is built from its config (no download) and wrapped in the thinnest LightningModule (its own forward,
+cross-entropy), as a user would. One short fit runs RankMonitor, DormantUnitMonitor, ContinualBackprop and ReDo
+with no arguments that name a layer. Each callback must log finite values; at the last step, where CBP and ReDo
+both replace units, every replaced unit's outgoing weights are zero, its incoming weights re-drawn and nothing
+else changed, so the network computes what it computed before minus the old units' contribution (the gated MLP
+of Llama included). The LSTM language model has no producer → consumer pair: its monitors work, and the
+interventions fail with one line that names ``pairs=``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import make_trainer
+from torch import nn
+from torch.nn import functional as F
+
+from plasticity_lightning import PlasticityConfigError
+from plasticity_lightning.callbacks import ContinualBackprop, DormantUnitMonitor, RankMonitor, ReDo
+from plasticity_lightning.surgery.topology import unit_weight
+
+VOCAB, SEQ, STEPS = 32, 6, 2
+
+
+class Wrapped(pl.LightningModule):
+    """A user's model in the thinnest LightningModule: its own forward and cross-entropy."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        return getattr(out, "logits", out)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        if logits.ndim == 3:  # a language model: every position predicts
+            return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        return F.cross_entropy(logits, y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class TransformerLM(nn.Module):
+    """``nn.TransformerEncoder`` LM, sequence-first as torch's default (functional ReLU inside each layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, VOCAB)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(ids).transpose(0, 1)).transpose(0, 1))
+
+
+class LSTMLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.rnn = nn.LSTM(16, 32, num_layers=2, batch_first=True)
+        self.head = nn.Linear(32, VOCAB)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(self.embed(ids))[0])
+
+
+def _hf(kind: str) -> nn.Module:
+    import transformers as tf
+
+    special = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
+    if kind == "gpt2":
+        return tf.GPT2LMHeadModel(
+            tf.GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=SEQ, vocab_size=VOCAB, **special)
+        )
+    if kind == "llama":
+        config = tf.LlamaConfig(
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=VOCAB,
+            max_position_embeddings=SEQ,
+            **special,
+        )
+        return tf.LlamaForCausalLM(config)
+    config = tf.BertConfig(
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=SEQ,
+        num_labels=4,
+        pad_token_id=0,
+    )
+    return tf.BertForSequenceClassification(config)
+
+
+def _torchvision(kind: str) -> nn.Module:
+    import torchvision
+
+    if kind == "vit_b_16":
+        return torchvision.models.vit_b_16(image_size=16, num_classes=4)
+    if kind == "vit":  # vit_b_16's class, a tiny configuration
+        return torchvision.models.VisionTransformer(16, 8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64)
+    return getattr(torchvision.models, kind)(num_classes=4)
+
+
+def _timm(kind: str) -> nn.Module:
+    timm = pytest.importorskip("timm")  # the optional `test` extra installs it
+    if kind == "vit_tiny":
+        return timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=2, num_classes=4)
+    return timm.create_model("convnext_atto", depths=(1, 1, 1, 1), num_classes=4)
+
+
+# name → (builder, input kind)
+ZOO = {
+    "resnet18": (lambda: _torchvision("resnet18"), "image"),
+    "mobilenet_v3_small": (lambda: _torchvision("mobilenet_v3_small"), "image"),
+    "vit": (lambda: _torchvision("vit"), "image"),
+    "vit_b_16": (lambda: _torchvision("vit_b_16"), "image"),  # 86M parameters: the slow tier
+    "transformer_lm": (TransformerLM, "tokens"),
+    "lstm_lm": (LSTMLM, "tokens"),
+    "gpt2": (lambda: _hf("gpt2"), "tokens"),
+    "llama": (lambda: _hf("llama"), "tokens"),
+    "bert": (lambda: _hf("bert"), "sentence"),
+    "timm_vit_tiny": (lambda: _timm("vit_tiny"), "image"),
+    "timm_convnext_atto": (lambda: _timm("convnext_atto"), "image32"),  # four stride-2 stages
+}
+
+
+def _data(kind: str) -> torch.utils.data.DataLoader:
+    g = torch.Generator().manual_seed(0)
+    if kind.startswith("image"):
+        size = 32 if kind == "image32" else 16
+        x, y = torch.randn(8, 3, size, size, generator=g), torch.randint(0, 4, (8,), generator=g)
+    else:
+        x = torch.randint(1, VOCAB, (8, SEQ), generator=g)
+        y = (
+            torch.randint(0, VOCAB, (8, SEQ), generator=g)
+            if kind == "tokens"
+            else torch.randint(0, 4, (8,), generator=g)
+        )
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+
+
+class _SnapshotBeforeSurgery(pl.Callback):
+    """Keeps the model as the last optimizer step left it, before CBP and ReDo (after it in the list) act."""
+
+    def __init__(self) -> None:
+        self.model: nn.Module | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == STEPS:
+            self.model = copy.deepcopy(pl_module)
+
+
+def _replaced_units(pairs, after: nn.Module) -> dict[str, torch.Tensor]:
+    """Each producer's replaced units: those whose outgoing weights are all zero (trained weights never are exactly),
+    except in the consumer's own replaced rows, which were re-drawn after (a consumer that is also a producer)."""
+    replaced: dict[str, torch.Tensor] = {}
+    producers = {pair.producer for pair in pairs}
+    for pair in sorted(pairs, key=lambda p: p.consumer in producers):  # chains' last pairs first
+        weight = unit_weight(after.get_submodule(pair.consumer)).detach()
+        rows = torch.ones(weight.shape[0], dtype=torch.bool)
+        if pair.consumer in producers:
+            rows[replaced[pair.consumer]] = False
+        zero = (weight[rows].reshape(int(rows.sum()), pair.num_units, -1) == 0).all(dim=(0, 2))
+        replaced[pair.producer] = torch.nonzero(zero).flatten()
+    return replaced
+
+
+def _check_surgery(pairs, before: nn.Module, after: nn.Module, x: torch.Tensor) -> int:
+    """Replaced units: outgoing weights zero, incoming re-drawn, bias zero, nothing else touched; returns how many.
+    Then ``before`` without the replaced units' outgoing weights must compute what ``after`` computes."""
+    replaced = _replaced_units(pairs, after)
+    for pair in pairs:
+        units = replaced[pair.producer]
+        keep = torch.ones(pair.num_units, dtype=torch.bool)
+        keep[units] = False
+        for name in (pair.producer, *pair.partners):
+            old, new = unit_weight(before.get_submodule(name)).detach(), unit_weight(after.get_submodule(name)).detach()
+            assert torch.equal(old[keep], new[keep]), f"{name}: a unit that was not replaced changed"
+            assert (old[units] != new[units]).flatten(1).any(dim=1).all(), f"{name}: a replaced unit kept its weights"
+            bias = after.get_submodule(name).bias
+            assert bias is None or (bias[units] == 0).all()
+        old_consumer = unit_weight(before.get_submodule(pair.consumer))
+        with torch.no_grad():  # the old units' contribution, removed
+            old_consumer.reshape(old_consumer.shape[0], pair.num_units, -1)[:, units] = 0.0
+    before.eval(), after.eval()
+    with torch.no_grad():
+        expected, got = before(x), after(x)
+    assert torch.allclose(expected, got, atol=1e-5, rtol=1e-4), (expected - got).abs().max()
+    return sum(units.numel() for units in replaced.values())
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "vit_b_16" else n for n in ZOO])
+def test_monitors_and_interventions_work_with_zero_configuration(name, tmp_path):
+    build, kind = ZOO[name]
+    torch.manual_seed(0)
+    model = Wrapped(build())
+    data = _data(kind)
+    monitors = [RankMonitor(), DormantUnitMonitor()]
+    cbp = ContinualBackprop(replacement_rate=0.2, maturity_threshold=0)
+    redo = ReDo(every_n_steps=STEPS, tau=0.5, seed=1)  # its own draws: seed 0 would repeat CBP's first ones
+    if name == "lstm_lm":  # nothing to pair: the monitors read the LSTM's hidden states, the interventions refuse
+        for intervention in (cbp, redo):
+            with pytest.raises(PlasticityConfigError, match=rf"^{type(intervention).__name__}: .*pairs="):
+                make_trainer(tmp_path, callbacks=[intervention], max_steps=STEPS).fit(Wrapped(build()), data)
+        interventions = []
+    else:
+        interventions = [cbp, redo]
+    snapshot = _SnapshotBeforeSurgery()
+    trainer = make_trainer(
+        tmp_path, callbacks=[*monitors, snapshot, *interventions], max_steps=STEPS, log_every_n_steps=1
+    )
+    trainer.fit(model, data)
+    logged = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    for monitor in monitors:
+        assert monitor.layers, f"{type(monitor).__name__} found no layers"
+        values = {k: v for k, v in monitor.history[-1].items() if "/" in k}
+        assert {k.rsplit("/", 1)[0] for k in values} >= set(monitor.layers)  # every found layer measured
+        assert values and all(math.isfinite(v) for v in values.values()), values
+    if not interventions:
+        assert list(monitors[0].layers) == ["net.rnn"]
+        return
+    for prefix, key in (("cbp", "cbp/replaced"), ("redo", "redo/recycled_total")):
+        values = {k: v for k, v in logged.items() if k.startswith(f"{prefix}/")}
+        assert key in values and all(math.isfinite(v) for v in values.values()), values
+    assert cbp.pairs and [p.producer for p in cbp.pairs] == [p.producer for p in redo.pairs]
+    x = next(iter(data))[0]
+    assert _check_surgery(cbp.pairs, snapshot.model, model, x) > 0
