@@ -1,94 +1,91 @@
 """Reproduction: does each intervention keep the plasticity that plain backprop loses?
 
-Runs the five variants of the plasticity-loss recipe through the real entry point (`plasticity fit`), one after
-the other — plain backprop (`recipes/plasticity_loss_digits.yaml`) and the same run with Continual Backprop, ReDo,
-Shrink & Perturb or L2 Init (`recipes/plasticity_loss_digits_{cbp,redo,shrink_perturb,l2_init}.yaml`) — and reads
-their CSV logs: accuracy on each new task right after training on it, effective rank of the second hidden layer
-and the share of low-activity ("dormant") units, at the start of the first and last tasks. Expected direction
-(Dohare et al. 2024): BP declines over tasks; the others hold.
+Runs the five variants of the plasticity-loss recipe through the real entry point (`plasticity fit`), each over
+several seeds — plain backprop (`recipes/plasticity_loss_digits.yaml`) and the same run with Continual Backprop,
+ReDo, Shrink & Perturb or L2 Init (`recipes/plasticity_loss_digits_{cbp,redo,shrink_perturb,l2_init}.yaml`) — then
+compares them with one `plasticity report --compare` command: the per-task curves of every variant (mean and 95%
+band over its seeds) in `<output>/comparison/report.html`, and the table of the first tasks against the last for
+new-task accuracy, effective rank and dormant units, with paired tests against BP. Expected direction (Dohare et
+al. 2024): BP declines over tasks; the others hold.
 
-    python benchmarks/plasticity_loss.py [--tasks 50] [--variants bp cbp redo shrink_perturb l2_init]
+    python benchmarks/plasticity_loss.py [--tasks 50] [--seeds 3] [--variants bp cbp ...] [--output DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import math
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
-    "bp": "plasticity_loss_digits.yaml",
-    "cbp": "plasticity_loss_digits_cbp.yaml",
-    "redo": "plasticity_loss_digits_redo.yaml",
-    "shrink_perturb": "plasticity_loss_digits_shrink_perturb.yaml",
-    "l2_init": "plasticity_loss_digits_l2_init.yaml",
+    "bp": ("BP", "plasticity_loss_digits.yaml"),
+    "cbp": ("CBP", "plasticity_loss_digits_cbp.yaml"),
+    "redo": ("ReDo", "plasticity_loss_digits_redo.yaml"),
+    "shrink_perturb": ("S&P", "plasticity_loss_digits_shrink_perturb.yaml"),
+    "l2_init": ("L2Init", "plasticity_loss_digits_l2_init.yaml"),
 }
-NEW_TASK = "continual/new_task_acc"
-ERANK = "plasticity/hidden.1.act/effective_rank"
-DORMANT = "plasticity/all/low_activity_fraction"
 
 
-def run(variant: str, tasks: int, out: Path) -> tuple[dict[str, list[float]], float]:
+def fit(variant: str, seed: int, tasks: int, out: Path) -> float:
+    """One run of ``variant`` through ``plasticity fit``; returns its wall time."""
     args = [
         sys.executable,
         "-m",
         "plasticity_lightning",
         "fit",
         "--config",
-        str(ROOT / "recipes" / VARIANTS[variant]),
+        str(ROOT / "recipes" / VARIANTS[variant][1]),
+        f"--seed_everything={seed}",
         f"--trainer.max_epochs={2 * tasks}",
         f"--data.init_args.schedule.init_args.num_tasks={tasks}",
         f"--trainer.logger.init_args.save_dir={out}",
         f"--trainer.logger.init_args.name={variant}",
+        f"--trainer.logger.init_args.version={seed}",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_checkpointing=false",
     ]
     start = time.perf_counter()
     result = subprocess.run(args, capture_output=True, text=True, cwd=out)
     if result.returncode:
-        sys.exit(f"{variant} failed:\n{result.stderr[-3000:]}")
-    seconds = time.perf_counter() - start
-    series: dict[str, list[float]] = {NEW_TASK: [], ERANK: [], DORMANT: []}
-    with (out / variant / "version_0" / "metrics.csv").open() as f:
-        for row in csv.DictReader(f):
-            for key, values in series.items():
-                if row.get(key):
-                    values.append(float(row[key]))
-    return series, seconds
-
-
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
+        sys.exit(f"{variant} (seed {seed}) failed:\n{result.stderr[-3000:]}")
+    return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=50)
+    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--output", default="runs/plasticity_loss", help="where the runs and the comparison go")
+    parser.add_argument("--png", action="store_true", help="also write the comparison's PNGs")
     args = parser.parse_args()
-    window = max(1, args.tasks // 10)
-    print(f"{args.tasks} permuted-digit tasks, MLP 64-256-256-10, SGD 0.1; first/last = mean over {window} tasks")
-    header = (
-        f"{'variant':<15}{'new-task acc first':>19}{'last':>8}{'erank first':>13}{'last':>8}"
-        f"{'dormant first':>15}{'last':>8}{'time':>8}"
-    )
-    print(header)
-    with tempfile.TemporaryDirectory() as tmp:
-        for variant in args.variants:
-            series, seconds = run(variant, args.tasks, Path(tmp))
-            acc, erank, dormant = series[NEW_TASK], series[ERANK], series[DORMANT]
-            print(
-                f"{variant:<15}{mean(acc[:window]):>19.3f}{mean(acc[-window:]):>8.3f}"
-                f"{mean(erank[:window]):>13.1f}{mean(erank[-window:]):>8.1f}"
-                f"{mean(dormant[:window]):>15.3f}{mean(dormant[-window:]):>8.3f}{seconds:>7.0f}s",
-                flush=True,
-            )
+    out = Path(args.output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{args.tasks} permuted-digit tasks, MLP 64-256-256-10, SGD 0.1, {args.seeds} seeds per variant")
+    for variant in args.variants:
+        for seed in range(args.seeds):
+            if (out / variant / f"version_{seed}" / "metrics.csv").is_file():
+                print(f"{variant} seed {seed}: kept from an earlier run")
+                continue
+            print(f"{variant} seed {seed}: {fit(variant, seed, args.tasks, out):.0f} s", flush=True)
+    command = [
+        sys.executable,
+        "-m",
+        "plasticity_lightning",
+        "report",
+        "--compare",
+        *(str(out / v) for v in args.variants),
+        "--labels",
+        *(VARIANTS[v][0] for v in args.variants),
+        "--output",
+        str(out / "comparison"),
+        *(["--png"] if args.png else []),
+    ]
+    print("+ plasticity report --compare ...", flush=True)
+    sys.exit(subprocess.run(command).returncode)
 
 
 if __name__ == "__main__":

@@ -170,6 +170,23 @@ def accuracy_matrix_summary(rows: Mapping[int, Sequence[float]]) -> dict[str, fl
     }
 
 
+def seen_accuracy(rows: Mapping[int, Sequence[float]], num_tasks: int) -> list[float]:
+    """Mean accuracy over the tasks seen so far after each task: ``mean(rows[t][:t + 1])``, NaN where any of them
+    was not evaluated (or row ``t`` is missing). Entry ``t`` equals ``accuracy_matrix_summary`` of rows ``0..t``.
+
+    Example::
+
+        >>> nan = float("nan")
+        >>> seen_accuracy({0: [0.9, nan], 1: [0.7, 0.8]}, 3)
+        [0.9, 0.75, nan]
+    """
+    series = []
+    for t in range(num_tasks):
+        cells = list(rows[t][: t + 1]) if t in rows else [math.nan]
+        series.append(sum(cells) / len(cells) if all(math.isfinite(v) for v in cells) else math.nan)
+    return series
+
+
 def matrix_coverage(rows: Mapping[int, Sequence[float]]) -> str:
     """What an accuracy matrix measured: ``"seen"`` (every task so far after each task), ``"current"`` (only the
     task being learned, e.g. ``eval_on: current``), ``"partial"`` or ``"none"``.

@@ -81,7 +81,7 @@ def read_metrics_csv(path: str | Path) -> pd.DataFrame:
     if not text.strip():
         raise PlasticityConfigError(f"{path}: empty file, the run logged nothing")
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        table = pd.read_csv(path, engine="c", low_memory=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         reason = " ".join(str(err).split())
         raise PlasticityConfigError(f"{path}: malformed CSV ({reason})") from None
@@ -90,18 +90,20 @@ def read_metrics_csv(path: str | Path) -> pd.DataFrame:
         raise PlasticityConfigError(f"{path}: no 'step' column (columns: {columns}), not a CSVLogger metrics.csv")
     if table.empty:
         raise PlasticityConfigError(f"{path}: header only, the run logged no values")
-    numbers = {}
     for name in table.columns:
-        column = table[name].str.strip()
-        converted = pd.to_numeric(column.where(column != "", None), errors="coerce")
-        bad = converted.isna() & (column != "") & ~column.str.lower().isin(("nan", "inf", "-inf", "+inf"))
+        if table[name].dtype.kind in "fiub":
+            continue
+        # pandas parsed this column as text: find the first entry that is not a number
+        text = table[name].astype(str).str.strip()
+        converted = pd.to_numeric(text.where(table[name].notna(), None), errors="coerce")
+        bad = converted.isna() & table[name].notna()
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
             raise PlasticityConfigError(
-                f"{path}: column {name!r}, data row {row + 1} holds {column.iloc[row]!r}, not a number"
+                f"{path}: column {name!r}, data row {row + 1} holds {text.iloc[row]!r}, not a number"
             )
-        numbers[name] = converted.astype(float)
-    table = pd.DataFrame(numbers)
+        table[name] = converted
+    table = table.astype(float)
     if table["step"].isna().any():
         row = int(np.flatnonzero(table["step"].isna().to_numpy())[0])
         raise PlasticityConfigError(f"{path}: data row {row + 1} has no step")
@@ -169,8 +171,21 @@ class RunData:
     def columns(self) -> list[str]:
         return [c for c in self.table.columns if c not in ("step", "epoch")]
 
+    @cached_property
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {name: self.table[name].to_numpy(dtype=float) for name in self.table.columns}
+
+    @cached_property
+    def _logged(self) -> frozenset[str]:
+        return frozenset(name for name, values in self._arrays.items() if np.isfinite(values).any())
+
+    def values(self, key: str) -> np.ndarray:
+        """Every row's value of ``key`` (NaN where the row did not log it); empty when it was never logged."""
+        return self._arrays.get(key, np.full(len(self.table), np.nan))
+
     def has(self, key: str) -> bool:
-        return key in self.table.columns and bool(np.isfinite(self.table[key].to_numpy()).any())
+        """Whether ``key`` was logged with at least one finite value."""
+        return key in self._logged
 
     @property
     def task(self) -> str:
@@ -201,7 +216,7 @@ class RunData:
         """Tasks the run trained on: the highest task seen, plus one (a stream cut short counts what it reached)."""
         highest = -1
         if self.has(TASK_ID_KEY):
-            highest = int(np.nanmax(self.table[TASK_ID_KEY].to_numpy()))
+            highest = int(np.nanmax(self.values(TASK_ID_KEY)))
         if self.task_accuracy:
             highest = max(highest, max(self.task_accuracy))
         if highest < 0 and self._per_task_columns():  # no task id logged: the tasks that were evaluated
@@ -213,9 +228,9 @@ class RunData:
         """``(steps, values)`` of every finite value logged under ``key``, in logging order."""
         if key not in self.table.columns:
             return np.empty(0), np.empty(0)
-        values = self.table[key].to_numpy()
+        values = self.values(key)
         keep = np.isfinite(values)
-        return self.table["step"].to_numpy()[keep], values[keep]
+        return self.values("step")[keep], values[keep]
 
     @cached_property
     def row_tasks(self) -> np.ndarray:
@@ -240,7 +255,7 @@ class RunData:
         """``(tasks, values)`` of ``key`` in logging order, each value with the task it measured."""
         if key not in self.table.columns:
             return [], []
-        values = self.table[key].to_numpy()
+        values = self.values(key)
         keep = np.isfinite(values)
         tasks = self.row_tasks[keep]
         return [None if math.isnan(t) else int(t) for t in tasks], values[keep].tolist()
@@ -260,7 +275,7 @@ class RunData:
         for k, key in enumerate(keys):
             if key not in self.table.columns:
                 continue
-            values = self.table[key].to_numpy()
+            values = self.values(key)
             for index in np.flatnonzero(np.isfinite(values)):
                 if not math.isnan(tasks[index]):
                     rows.setdefault(int(tasks[index]), [math.nan] * width)[k] = float(values[index])
@@ -353,7 +368,7 @@ def finished_task_values(run: RunData, key: str) -> dict[int, float]:
     if not len(values):
         return {}
     if FINISHED_TASK_KEY in run.table.columns:
-        tasks = run.table.loc[np.isfinite(run.table[key].to_numpy()), FINISHED_TASK_KEY].to_numpy()
+        tasks = run.values(FINISHED_TASK_KEY)[np.isfinite(run.values(key))]
         if np.isfinite(tasks).all():
             return {int(t): float(v) for t, v in zip(tasks, values, strict=True)}
     return {t: float(v) for t, v in enumerate(values)}

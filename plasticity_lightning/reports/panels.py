@@ -20,7 +20,7 @@ from plasticity_lightning.core.rundir import (
     EPOCH_SECONDS_KEY,
     NEW_TASK_ACCURACY_KEY,
 )
-from plasticity_lightning.metrics.continual import accuracy_matrix_summary, matrix_coverage, per_task_series
+from plasticity_lightning.metrics.continual import matrix_coverage, per_task_series, seen_accuracy
 from plasticity_lightning.reports.data import RunData, finished_task_values
 
 
@@ -118,12 +118,11 @@ class _Axis:
             return self.run.series(key)
         if key not in self.run.table.columns:
             return np.empty(0), np.empty(0)
-        values = self.run.table[key].to_numpy()
+        values = self.run.values(key)
         tasks = self.run.training_tasks
+        keep = np.isfinite(values) & np.isfinite(tasks) & (tasks >= 0) & (tasks < self.run.num_tasks)
         y = np.full(self.run.num_tasks, np.nan)
-        for index in np.flatnonzero(np.isfinite(values)):
-            if not math.isnan(tasks[index]) and 0 <= tasks[index] < len(y):
-                y[int(tasks[index])] = values[index]
+        y[tasks[keep].astype(int)] = values[keep]  # later rows overwrite earlier ones: the task's last value
         return _trim(np.arange(len(y), dtype=float), y)
 
 
@@ -161,14 +160,7 @@ def accuracy_charts(run: RunData, axis: _Axis) -> tuple[list[Chart], dict[str, s
     tasks = np.arange(run.num_tasks, dtype=float)
     diagonal = new_task_accuracy(run)
     if matrix:
-        seen = np.array(
-            [
-                accuracy_matrix_summary({r: matrix[r] for r in matrix if r <= t})["avg_seen_acc"]
-                if t in matrix
-                else np.nan
-                for t in range(run.num_tasks)
-            ]
-        )
+        seen = np.array(seen_accuracy(matrix, run.num_tasks))
         series = [Series("new-task accuracy", tasks, diagonal)]
         if matrix_coverage(matrix) == "seen":
             series.append(Series("mean over seen tasks", tasks, seen))
@@ -339,7 +331,7 @@ def intervention_charts(run: RunData, axis: _Axis) -> list[Chart]:
 
 
 def _events_per_task(run: RunData, key: str, running: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    values = run.table[key].to_numpy()
+    values = run.values(key)
     tasks = run.training_tasks[np.isfinite(values)]
     y = np.full(run.num_tasks, np.nan)
     for task, total in zip(tasks, running, strict=True):

@@ -36,6 +36,7 @@ from plasticity_lightning.metrics.continual import (
     accuracy_matrix_summary,
     first_and_last,
     matrix_coverage,
+    seen_accuracy,
     summary_window,
 )
 from plasticity_lightning.metrics.dynamics import loss_convergence_epoch
@@ -138,12 +139,7 @@ def continual_summary(run: RunData, window: int | None = None) -> dict[str, Any]
     measures: dict[str, dict[str, float]] = {}
     measured = [("continual/new_task_acc", new_task_accuracy(run).tolist())]
     if matrix and matrix_coverage(matrix) == "seen":  # a mean over the few tasks evaluated is no mean over the seen
-        seen = [
-            accuracy_matrix_summary({r: matrix[r] for r in matrix if r <= t})["avg_seen_acc"]
-            if t in matrix
-            else math.nan
-            for t in range(tasks)
-        ]
+        seen = seen_accuracy(matrix, tasks)
         measured.append(("continual/avg_seen_acc", seen))
     for name, values in measured:
         first, last = first_and_last(values, window)
