@@ -527,3 +527,79 @@ def test_gradient_flow_logs_nan_for_nonfinite_gradients(tmp_path):
     at_three = next(h for h in monitor.history if h["step"] == 3)
     assert math.isnan(at_three["head/grad_norm"]) and math.isnan(at_three["grad/global_norm"])
     assert math.isfinite(at_three["hidden.0.linear/grad_norm"])  # the other layers are still measured
+
+
+class _SequenceModel(pl.LightningModule):
+    """Token ids → a recurrent or transformer body → logits per position; ``kind`` picks the body."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.embed = nn.Embedding(20, 16)
+        if kind == "lstm":
+            self.body = nn.LSTM(16, 64, batch_first=True)
+        elif kind == "gru":  # sequence-first: outputs [time, batch, hidden]
+            self.body = nn.GRU(16, 64)
+        else:
+            from transformers import GPT2Config, GPT2Model
+
+            self.body = GPT2Model(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=8, vocab_size=20))
+        self.head = nn.Linear(64 if kind != "gpt2" else 16, 20)
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """The 64 hidden units as [batch, time, 64], computed without the monitor's machinery."""
+        if self.kind == "lstm":
+            return self.body(self.embed(ids))[0]
+        if self.kind == "gru":
+            return self.body(self.embed(ids).transpose(0, 1))[0].transpose(0, 1)
+        mlp = self.body.h[0].mlp  # GPT-2's MLP units: gelu_new(ln_2(x) W + b), W stored [in, out] (HF Conv1D)
+        seen = []
+        handle = mlp.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        self.body(ids)
+        handle.remove()
+        return nn.functional.gelu(seen[0] @ mlp.c_fc.weight + mlp.c_fc.bias, approximate="tanh")
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.kind == "gpt2":
+            return self.head(self.body(ids).last_hidden_state)
+        return self.head(self.hidden(ids))
+
+    def training_step(self, batch, _):
+        return nn.functional.cross_entropy(self(batch[0]).flatten(0, 1), batch[1].flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _numpy_effective_rank(features: torch.Tensor) -> float:
+    import numpy as np
+
+    sigma = np.linalg.svd(features.double().numpy(), compute_uv=False)
+    p = sigma[sigma > 0] / sigma.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+@pytest.mark.parametrize(("kind", "layer"), [("lstm", "body"), ("gru", "body"), ("gpt2", "body.h.0.mlp.act")])
+def test_sequence_models_measure_their_hidden_units_not_time_steps(kind, layer, tmp_path):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 20, (96, 8))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids, ids), batch_size=32)
+    rank, dormant = RankMonitor(every_n_epochs=1, at_train_end=False), DormantUnitMonitor(every_n_epochs=1)
+    # an explicit unit_dim overrides the layer type's axis: axis 1 of [batch, time, hidden] is time
+    over_time = RankMonitor(layers=[layer], unit_dim=1, prefix="time", every_n_epochs=1, at_train_end=False)
+    model = _SequenceModel(kind)
+    make_trainer(tmp_path, callbacks=[rank, dormant, over_time], max_epochs=1).fit(model, data)
+    assert layer in rank.layers  # found with zero configuration (GPT-2's NewGELUActivation is no torch module)
+    model.eval()
+    with torch.no_grad():
+        hidden = model.hidden(rank.probe.batch[0])  # [96, 8, 64]
+    expected = _numpy_effective_rank(hidden.mean(dim=1))  # each unit pooled over time, as for conv maps
+    measured = rank.history[-1][f"{layer}/effective_rank"]
+    assert measured == pytest.approx(expected, rel=1e-6) and measured > 8  # 8 time steps would cap a rank over time
+    shares = (hidden != 0).double().mean(dim=(0, 1))  # per unit: share of the 96 x 8 positions where it is active
+    assert dormant.history[-1][f"{layer}/low_activity_fraction"] == pytest.approx(
+        float((shares < 0.01).double().mean())
+    )
+    if kind != "gru":  # [time, batch, hidden] outputs: axis 1 is the batch, not time
+        expected = _numpy_effective_rank(hidden.mean(dim=2))
+        assert over_time.history[-1][f"{layer}/effective_rank"] == pytest.approx(expected, rel=1e-6)
