@@ -242,3 +242,39 @@ def test_monitors_and_interventions_work_with_zero_configuration(name, tmp_path)
     assert cbp.pairs and [p.producer for p in cbp.pairs] == [p.producer for p in redo.pairs]
     x = next(iter(data))[0]
     assert _check_surgery(cbp.pairs, snapshot.model, model, x) > 0
+
+
+class _Routed(nn.Module):
+    """Data-dependent control flow: no trace reads it, and no rule knows it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(4, 12)
+        self.down = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.up(x))
+        return self.down(h if h.sum() > 0 else -h)
+
+
+def test_an_intervention_logs_once_which_pairs_it_bound_and_which_blocks_it_skipped(tmp_path, caplog):
+    import logging
+
+    net = nn.Sequential(nn.Linear(3, 4), _Routed(), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(8, 3), torch.randint(0, 2, (8,))), batch_size=4
+    )
+    cbp = ContinualBackprop()
+    lightning_log = logging.getLogger("lightning.pytorch")  # Lightning's own handler does not propagate
+    lightning_log.addHandler(caplog.handler)
+    try:
+        with pytest.warns(
+            UserWarning, match=r"ContinualBackprop: skipped 1 block\(s\).*net\.1 \(_Routed: cannot trace"
+        ):
+            make_trainer(tmp_path, callbacks=[cbp], max_steps=2).fit(Wrapped(net), data)
+    finally:
+        lightning_log.removeHandler(caplog.handler)
+    bound = [r.getMessage() for r in caplog.records if "bound" in r.getMessage()]
+    assert len(bound) == 1
+    assert bound[0].startswith("ContinualBackprop: bound 1 producer → consumer pair(s): net.2 → net.4; skipped net.1")
+    assert [p.producer for p in cbp.pairs] == ["net.2"] and list(cbp.skipped_blocks) == ["net.1"]
