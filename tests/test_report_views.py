@@ -421,3 +421,23 @@ def test_head_runs_get_gate_and_attention_entropy_heatmaps_over_time(tmp_path):
             np.testing.assert_allclose([heatmap["z"][row][i] for i in at], logged.iloc[:, 1], rtol=1e-6)
     gates = np.array(figures["chart-heads-gate"]["data"][0]["z"], dtype=float)
     assert (gates[:, 0] == 1).all() and (gates[:, -1] == 0).sum() == 6  # half the heads pruned by the end
+
+
+def test_a_resumed_stream_reports_what_an_unbroken_one_does(continual_run, in_tmp):
+    # before the fix, cells a validation did not evaluate kept stale values, which a resumed fit no longer had:
+    # the resumed summary dropped avg_seen_acc. Now both measure the same cells, with the same values.
+    fragment = continual_run["csv"].parents[2] / "loggers.yaml"
+    base = ["--config", str(REPO / "recipes" / "plasticity_loss_digits.yaml"), "--config", str(fragment),
+            f"--data.init_args.schedule.init_args.num_tasks={TASKS}",
+            "--data.init_args.schedule.init_args.epochs_per_task=1",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        main(["fit", *base, "--trainer.max_epochs=2"])
+        main(["fit", *base, f"--trainer.max_epochs={TASKS}", "--ckpt_path", "last"])
+    resumed = in_tmp / "runs" / "digits" / "version_0"
+    assert not (in_tmp / "runs" / "digits" / "version_1").exists()  # resumed into its own folder
+    pd.testing.assert_frame_equal(
+        pd.read_csv(resumed / "task_accuracy.csv"), pd.read_csv(continual_run["csv"] / "task_accuracy.csv")
+    )
+    unbroken, again = write_run_report(continual_run["csv"]), write_run_report(resumed)
+    assert again["measures"] == unbroken["measures"] and again["accuracy_measured"] == unbroken["accuracy_measured"]
