@@ -138,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     if not tests:
         print(f"mutation: module={module!r} has no tests listed in MODULE_TESTS; name them after it", file=sys.stderr)
         return 2
-    mutmut = shutil.which("mutmut") or str(Path(sys.executable).with_name("mutmut"))
-    if not Path(mutmut).exists():
+    # the mutmut of this interpreter's environment first: another one on PATH would test another install
+    beside = Path(sys.executable).with_name("mutmut")
+    mutmut = str(beside) if beside.exists() else shutil.which("mutmut") or ""
+    if not mutmut:
         print("mutation: mutmut is not installed (pip install -e '.[mutation]')", file=sys.stderr)
         return 2
 

@@ -5,4 +5,4 @@
 # Needs the `mutation` extra: pip install -e '.[mutation]'. See benchmarks/mutation.py for what it prints.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec python benchmarks/mutation.py "$@"
+exec "${PYTHON:-python}" benchmarks/mutation.py "$@"

@@ -288,10 +288,10 @@ def test_activity_inputs_and_arguments_are_checked_with_clear_messages():
     assert torch.equal(unit_view(torch.arange(12.0).reshape(1, 3, 2, 2))[:, 0], torch.arange(4.0))
     with pytest.raises(ValueError, match=r"Expected layer outputs \[N, units, ...\], got shape \(3,\)"):
         unit_view(torch.zeros(3))
-    with pytest.raises(ValueError, match="activity_statistics needs at least one position"):
+    with pytest.raises(ValueError, match=r"^activity_statistics needs at least one position \(got an empty batch\)$"):
         activity_statistics(torch.zeros(0, 3))
     metric = UnitActivity(num_units=3)
-    with pytest.raises(ValueError, match=r"UnitActivity.compute\(\) called before any non-empty update"):
+    with pytest.raises(ValueError, match=r"^UnitActivity.compute\(\) called before any non-empty update$"):
         metric.compute()
     with pytest.raises(ValueError, match=r"UnitActivity\(num_units=3\) got outputs with 4 units"):
         metric.update(torch.zeros(2, 4))

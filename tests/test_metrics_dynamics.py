@@ -31,7 +31,7 @@ def test_convergence_is_the_first_record_reaching_the_share_ties_included():
     assert convergence_epoch([0.5, 0.9, 0.95, 1.0], share=0.95) == (2, 2)
     assert convergence_epoch([0.4]) == (0, 0)
     assert convergence_epoch([-2.0, -1.0]) == (1, 1)  # target −0.9, never reached: the last record
-    with pytest.raises(ValueError, match="convergence_epoch needs at least one accuracy record"):
+    with pytest.raises(ValueError, match=r"^convergence_epoch needs at least one accuracy record$"):
         convergence_epoch([])
 
 
@@ -42,7 +42,7 @@ def test_loss_convergence_counts_from_the_first_finite_loss_ties_included():
     assert loss_convergence_epoch(loss, epochs=[10, 20, 30, 40, 50], share=0.75) == (30, 2)
     assert loss_convergence_epoch([INF, 2.0, 1.0]) == (2, 2)  # 2 − 0.9 = 1.1: only 1.0 reaches it
     assert loss_convergence_epoch([1.0, 1.0]) == (0, 0)  # never improves: converged at the first record
-    with pytest.raises(ValueError, match="loss_convergence_epoch needs at least one finite loss record"):
+    with pytest.raises(ValueError, match=r"^loss_convergence_epoch needs at least one finite loss record$"):
         loss_convergence_epoch([NAN, INF])
 
 

@@ -121,18 +121,27 @@ def test_weight_statistics_of_signed_tensors_and_zeros():
     a = torch.tensor([[-3.0, 4.0]], dtype=torch.float64)
     b = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
     assert mean_abs_weight([a, b]).item() == pytest.approx((3 + 4 + 1 + 0 + 1) / 5)  # |w|, every element once
-    assert mean_abs_weight(a).item() == 3.5 and mean_abs_weight([]).item() == 0.0
+    assert mean_abs_weight(a).item() == 3.5 and mean_abs_weight(torch.tensor(-2.0)).item() == 2.0  # 0-d too
+    for empty in (mean_abs_weight([]), weight_norm([])):
+        assert empty.item() == 0.0 and empty.dtype == torch.float64
     assert mean_abs_weight(torch.ones(2, dtype=torch.float16)).dtype == torch.float64
+    huge = torch.tensor([3e38, 3e38])  # its float32 sum overflows
+    assert mean_abs_weight(huge).item() == pytest.approx(3e38, rel=1e-6)
+    assert weight_norm(torch.tensor(-3.0)).item() == 3.0
     assert weight_norm([a, b]).item() == pytest.approx(math.sqrt(9 + 16 + 2))
     assert weight_norm(-a).item() == 5.0
     assert distance_from_init([a, b], [torch.zeros_like(a), b]).item() == 5.0
     assert distance_from_init(a, a.clone(), relative=True).item() == 0.0
     assert distance_from_init(a, -a, relative=True).item() == pytest.approx(2.0)
-    zero = torch.zeros(2, dtype=torch.float64)
-    assert distance_from_init(zero, zero, relative=True).item() == 0.0  # θ₀ = 0 and θ = θ₀
-    with pytest.raises(ValueError, match="weights and initial weights differ in number or shape of tensors"):
+    zero = torch.zeros(2, dtype=torch.float32)
+    unchanged = distance_from_init(zero, zero, relative=True)  # θ₀ = 0 and θ = θ₀
+    assert unchanged.item() == 0.0 and unchanged.dtype == torch.float64
+    # a reference norm below 1 still divides: 0.25 / 0.25
+    assert distance_from_init(torch.tensor([0.5]), torch.tensor([0.25]), relative=True).item() == 1.0
+    message = r"^weights and initial weights differ in number or shape of tensors$"
+    with pytest.raises(ValueError, match=message):
         distance_from_init([a, b], [a])
-    with pytest.raises(ValueError, match="weights and initial weights differ in number or shape of tensors"):
+    with pytest.raises(ValueError, match=message):
         distance_from_init(a, b)
 
 
@@ -166,9 +175,21 @@ def test_gradient_and_weight_stats_pool_layers_as_neural_elements_does():
     assert summary["std_weight"] == pytest.approx((1.0 + np.std([-2, -2, -2, 2])) / 2)  # population std
     assert summary["mean_abs_weight"] == pytest.approx((1 + 3 + 8) / 6)  # over every element
     nothing = weight_stats({})
-    assert nothing["layer_weight_norms"] == {} and all(
-        math.isnan(v) for k, v in nothing.items() if k != "layer_weight_norms"
-    )
+    assert sorted(nothing) == ["layer_weight_norms", "mean_abs_weight", "mean_weight", "std_weight"]
+    assert nothing.pop("layer_weight_norms") == {} and all(math.isnan(v) for v in nothing.values())
+
+
+def test_weight_and_gradient_norms_are_computed_in_float64():
+    # float32 entries of 1e20: their squares (1e40) overflow float32, not float64
+    w = torch.nn.Parameter(torch.zeros(1, 2))
+    w.grad = torch.tensor([[1e20, 1e20]])
+    big = math.sqrt(2) * 1e20
+    assert gradient_stats({"a": w})["layer_grad_norms"]["a"] == pytest.approx(big, rel=1e-6)
+    assert gradient_stats({"a": w})["global_norm"] == pytest.approx(big, rel=1e-6)
+    stats = weight_stats({"a": torch.tensor([[1e20, -1e20]])})
+    assert stats["layer_weight_norms"]["a"] == pytest.approx(big, rel=1e-6)
+    assert stats["std_weight"] == pytest.approx(1e20, rel=1e-6) and stats["mean_weight"] == 0.0
+    assert weight_norm(torch.tensor([1e20, 1e20])).item() == pytest.approx(big, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- Softmax Collapse
