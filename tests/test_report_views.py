@@ -102,7 +102,7 @@ def test_continual_report_panels_equal_an_independent_computation(continual_run)
     ]:
         expected = _independent_per_task(metrics, key)
         drawn = _trace(figures, chart, layer)
-        np.testing.assert_allclose(drawn, expected[: len(drawn)], rtol=1e-12, err_msg=key)
+        np.testing.assert_allclose(drawn, expected[: len(drawn)], rtol=1e-6, err_msg=key)
         assert np.isfinite(expected[len(drawn) :]).sum() == 0  # only trailing gaps are trimmed
         first, last = expected[0], expected[np.isfinite(expected)][-1]
         assert summary["measures"][key] == {"first": pytest.approx(first), "last": pytest.approx(last)}
@@ -186,8 +186,8 @@ def test_compare_draws_mean_and_t_band_per_variant_with_paired_tests(tmp_path):
         band = next(t for t in traces if t["name"] == f"{label} (n={n}) 95% band")
         values = ranks[variant]
         low, high = stats.t.interval(0.95, n - 1, loc=values.mean(0), scale=stats.sem(values, axis=0))
-        np.testing.assert_allclose(line["y"], values.mean(0), rtol=1e-12)
-        np.testing.assert_allclose(band["y"], np.concatenate([high, low[::-1]]), rtol=1e-10)
+        np.testing.assert_allclose(line["y"], values.mean(0), rtol=1e-6)
+        np.testing.assert_allclose(band["y"], np.concatenate([high, low[::-1]]), rtol=1e-6)
     # the last window (6 // 10 → 1 task) of new-task accuracy, tested against BP, paired by seed
     rows = {(r["measure"], r["variant"]): r for r in comparison["table"]}
     cbp = rows[("continual/new_task_acc", "CBP")]

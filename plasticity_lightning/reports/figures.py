@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,11 @@ DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
 
 
 def _values(array: np.ndarray | Sequence[Any]) -> list[Any]:
-    """JSON-ready values: NaN and ±inf become ``null`` (a gap in the line), numpy scalars plain numbers."""
+    """JSON-ready values: NaN and ±inf become ``null`` (a gap in the line), floats keep 7 significant digits (float32's
+    precision, which is what the loggers record; it keeps a 150-task comparison's page small)."""
     values = np.asarray(array)
     if values.dtype.kind in "fc":
-        return [None if not np.isfinite(v) else float(v) for v in values.tolist()]
+        return [float(f"{v:.7g}") if math.isfinite(v) else None for v in values.tolist()]
     return values.tolist()
 
 
