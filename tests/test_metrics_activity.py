@@ -310,3 +310,75 @@ def test_activity_inputs_and_arguments_are_checked_with_clear_messages():
     ]:
         with pytest.raises(PlasticityConfigError, match=f"{field} is .*{value}"):
             call()
+
+
+def test_defaults_of_the_masks_and_of_the_metric():
+    # scores in (0, 1], max |h| in (0, 1], shares in (0.01, 1]: every default threshold decides something here
+    h = torch.zeros(200, 4, dtype=torch.float64)
+    h[0, 0] = 0.5  # active on 0.5% of the rows: low activity by the default 0.01, not dead, τ-dormant only if τ > 0
+    h[:, 1] = -0.01  # negative everywhere: active under "nonzero"
+    h[:, 2:] = 1.0
+    stats = activity_statistics(h)
+    explicit = stats.masks(tau=0.0, dead_threshold=0.0, max_active=0.01)
+    assert {k: v.tolist() for k, v in stats.masks().items()} == {k: v.tolist() for k, v in explicit.items()}
+    assert explicit["low_activity"].tolist() == [True, False, False, False]
+    assert {k: v.item() for k, v in stats.fractions().items()} == {
+        "redo_dormant": 0.0,
+        "dead": 0.0,
+        "low_activity": 0.25,
+    }
+    metric = UnitActivity(num_units=4)  # τ = 0, dead at 0, max_active 0.01, "nonzero"
+    metric.update(h)
+    result = metric.compute()
+    assert (result["redo_dormant_fraction"].item(), result["dead_fraction"].item()) == (0.0, 0.0)
+    assert result["low_activity_fraction"].item() == 0.25
+    assert result["active_share"].tolist() == [0.005, 1.0, 1.0, 1.0]  # the negative unit counts as active
+
+
+def test_unit_activity_reduces_its_states_across_processes_as_one_process_would():
+    # two ranks, simulated through torchmetrics' own sync: the gather returns this rank's state and the other's
+    rng = np.random.default_rng(8)
+    first, second = (torch.tensor(np.maximum(rng.normal(size=(n, 5)), 0) * rng.uniform(0, 2, 5)) for n in (9, 14))
+    second[:, 0] = 7.0  # the largest |h| of unit 0 is on the second rank only
+    other = UnitActivity(num_units=5, tau=0.2, dead_threshold=1.0)
+    other.update(second)
+
+    def gather(tensor, group=None):
+        return [tensor, next(states)]
+
+    rank = UnitActivity(
+        num_units=5, tau=0.2, dead_threshold=1.0, dist_sync_fn=gather, distributed_available_fn=lambda: True
+    )
+    rank.update(first)
+    single = UnitActivity(num_units=5, tau=0.2, dead_threshold=1.0)
+    single.update(torch.cat([first, second]))
+    states = iter([getattr(other, name) for name in other._reductions])
+    result = rank.compute()
+    assert sorted(result) == sorted(single.compute())
+    for key, value in single.compute().items():
+        torch.testing.assert_close(result[key], value, rtol=1e-12, atol=0)
+
+
+def test_positions_are_counted_exactly_beyond_float32():
+    # 2²⁴ + 1 positions (17 conv batches of 1024 × 32 × 32 reach it): a float32 count would round to 2²⁴
+    metric = UnitActivity(num_units=1)
+    metric.update(torch.ones(2**24 + 1, 1, dtype=torch.bool).to(torch.float16))
+    assert metric.positions.item() == 2**24 + 1
+    assert metric.compute()["active_share"].item() == 1.0
+
+
+def test_functional_defaults_and_sequence_outputs():
+    h = torch.zeros(200, 3, 2)  # [N, units, positions]: 3-D outputs pool the last axis with the batch
+    h[0, 0, 0] = 0.5  # unit 0: active at 1 of 400 positions, score ≈ 0.004, max 0.5
+    h[:, 1] = -0.01  # unit 1: negative everywhere (active under the default "nonzero")
+    h[:, 2] = 1.0
+    view = unit_view(h)
+    assert view.shape == (400, 3) and torch.equal(view, h.movedim(1, -1).reshape(-1, 3))
+    assert active_share(h).tolist() == [1 / 400, 1.0, 1.0]
+    assert redo_dormant_mask(h).tolist() == [False, False, False]  # τ = 0: only exactly silent units
+    assert redo_dormant_fraction(h).item() == 0.0 and dead_unit_fraction(h).item() == 0.0  # threshold 0
+    assert low_activity_mask(h).tolist() == [True, False, False]  # max_active 0.01
+    assert low_activity_fraction(h).item() == pytest.approx(1 / 3)
+    stats = activity_statistics(h)
+    assert stats.mean_abs.dtype == stats.max_abs.dtype == stats.active_share.dtype == torch.float64
+    assert stats.max_abs.tolist() == pytest.approx([0.5, 0.01, 1.0])

@@ -138,6 +138,9 @@ def test_weight_statistics_of_signed_tensors_and_zeros():
     assert unchanged.item() == 0.0 and unchanged.dtype == torch.float64
     # a reference norm below 1 still divides: 0.25 / 0.25
     assert distance_from_init(torch.tensor([0.5]), torch.tensor([0.25]), relative=True).item() == 1.0
+    # θ₀ kept on the host for weights on an accelerator (WeightMonitor does): moved to the weights' device; the
+    # "meta" device stands in for an accelerator on a CPU-only machine
+    assert distance_from_init(torch.ones(2, device="meta"), torch.zeros(2)).device.type == "meta"
     message = r"^weights and initial weights differ in number or shape of tensors$"
     with pytest.raises(ValueError, match=message):
         distance_from_init([a, b], [a])
