@@ -114,6 +114,24 @@ CASES = [
     ("resnet_regression", _model("ResNet18", "--model.task=regression"), ["ResNet18.task='regression'"]),
     ("causal_lm_attention", [*TEXT, "--model.attn_implementation=foo"], ["attn_implementation='foo'", "'sdpa'"]),
     ("causal_lm_unknown_arch", [*TEXT, "--model.model_name_or_path=gpt5"], ["model_name_or_path='gpt5'"]),
+    (
+        "generation_beyond_positions",
+        [
+            *TEXT,
+            "--model.n_layer=1",
+            "--model.n_head=2",
+            "--model.n_embd=16",
+            "--model.n_positions=16",
+            "--data.text_files=[{texts}]",
+            "--data.vocab_size=300",
+            "--data.block_size=16",
+            "--trainer.fast_dev_run=1",
+            "--trainer.callbacks+=DegenerationMonitor",
+            "--trainer.callbacks.prompts=[The old cat]",
+            "--trainer.callbacks.every_n_steps=1",
+        ],
+        ["max_new_tokens=32", "CausalLM.n_positions=16"],
+    ),
     # ---------------------------------------------------------------- datamodules and schedules
     ("data_batch_size_zero", [*QUICKSTART, "--data.batch_size=0"], ["DigitsDataModule.batch_size=0 is invalid"]),
     ("data_batch_size_negative", [*QUICKSTART, "--data.batch_size=-3"], ["DigitsDataModule.batch_size=-3"]),
@@ -178,6 +196,8 @@ def planted(tmp_path_factory) -> Path:
     """A folder of files that are not usable checkpoints for the quickstart recipe."""
     folder = tmp_path_factory.mktemp("planted")
     (folder / "notes.ckpt").write_text("these are my notes, not a checkpoint\n" * 20)
+    (folder / "texts").mkdir()
+    (folder / "texts" / "a.txt").write_text(" ".join(f"The old cat sees {n} dogs by the river." for n in range(200)))
     (folder / "empty.ckpt").write_bytes(b"")
     (folder / "noise.ckpt").write_bytes(bytes(range(256)) * 8)
     torch.save([1, 2, 3], folder / "list.ckpt")
@@ -238,6 +258,7 @@ def test_bad_input_gives_exit_2_and_one_line(args, expected, planted, server, tm
     monkeypatch.setattr(sys, "argv", ["plasticity"])
     monkeypatch.delenv("PLASTICITY_TRACEBACK", raising=False)
     fill = {"ckpt": str(planted), "url": server, "adam": str(planted / "adam" / "checkpoints" / "last.ckpt")}
+    fill["texts"] = str(planted / "texts")
     args = [arg.format(**fill) for arg in args]
     with pytest.raises(SystemExit) as exit_info:
         main(args)

@@ -148,6 +148,13 @@ class CausalLM(InjectedOptimizer, pl.LightningModule):
         is left as it was."""
         kwargs.setdefault("do_sample", True)
         kwargs.setdefault("top_k", 50)
+        positions = getattr(self.model.config, "n_positions", None)
+        if positions is not None and input_ids.shape[-1] + max_new_tokens > positions:
+            # GPT-2 has no position embedding past n_positions: torch would fail with "index out of range in self"
+            raise PlasticityConfigError(
+                f"max_new_tokens={max_new_tokens} after a {input_ids.shape[-1]}-token prompt exceeds "
+                f"CausalLM.n_positions={positions}; generate fewer tokens or give the model more positions"
+            )
         was_training = self.model.training
         self.model.eval()
         devices = [input_ids.device] if input_ids.device.type == "cuda" else []
