@@ -14,6 +14,9 @@ al. 2024): BP declines over tasks; the others hold.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
 import subprocess
 import sys
 import time
@@ -29,12 +32,9 @@ VARIANTS = {
 }
 
 
-def fit(variant: str, seed: int, tasks: int, out: Path) -> float:
-    """One run of ``variant`` through ``plasticity fit``; returns its wall time."""
+def fit(variant: str, seed: int, tasks: int, out: Path, in_process: bool = False) -> float:
+    """One run of ``variant`` through ``plasticity fit`` (a new process, or this one); returns its wall time."""
     args = [
-        sys.executable,
-        "-m",
-        "plasticity_lightning",
         "fit",
         "--config",
         str(ROOT / "recipes" / VARIANTS[variant][1]),
@@ -48,20 +48,34 @@ def fit(variant: str, seed: int, tasks: int, out: Path) -> float:
         "--trainer.enable_checkpointing=false",
     ]
     start = time.perf_counter()
-    result = subprocess.run(args, capture_output=True, text=True, cwd=out)
+    if in_process:
+        from plasticity_lightning.cli import main as plasticity
+
+        previous = Path.cwd()
+        os.chdir(out)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                plasticity(args)
+        finally:
+            os.chdir(previous)
+        return time.perf_counter() - start
+    result = subprocess.run(
+        [sys.executable, "-m", "plasticity_lightning", *args], capture_output=True, text=True, cwd=out
+    )
     if result.returncode:
         sys.exit(f"{variant} (seed {seed}) failed:\n{result.stderr[-3000:]}")
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=50)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--output", default="runs/plasticity_loss", help="where the runs and the comparison go")
     parser.add_argument("--png", action="store_true", help="also write the comparison's PNGs")
-    args = parser.parse_args()
+    parser.add_argument("--in-process", action="store_true", help="fit in this process (tests; no new imports)")
+    args = parser.parse_args(argv)
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     print(f"{args.tasks} permuted-digit tasks, MLP 64-256-256-10, SGD 0.1, {args.seeds} seeds per variant")
@@ -70,11 +84,9 @@ def main() -> None:
             if (out / variant / f"version_{seed}" / "metrics.csv").is_file():
                 print(f"{variant} seed {seed}: kept from an earlier run")
                 continue
-            print(f"{variant} seed {seed}: {fit(variant, seed, args.tasks, out):.0f} s", flush=True)
+            seconds = fit(variant, seed, args.tasks, out, args.in_process)
+            print(f"{variant} seed {seed}: {seconds:.0f} s", flush=True)
     command = [
-        sys.executable,
-        "-m",
-        "plasticity_lightning",
         "report",
         "--compare",
         *(str(out / v) for v in args.variants),
@@ -85,8 +97,13 @@ def main() -> None:
         *(["--png"] if args.png else []),
     ]
     print("+ plasticity report --compare ...", flush=True)
-    sys.exit(subprocess.run(command).returncode)
+    if args.in_process:
+        from plasticity_lightning.cli import main as plasticity
+
+        plasticity(command)
+        return 0
+    return subprocess.run([sys.executable, "-m", "plasticity_lightning", *command]).returncode
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -18,7 +18,7 @@ import pytest
 from scipy import stats
 
 from plasticity_lightning.cli import main
-from plasticity_lightning.reports import write_comparison, write_run_report
+from plasticity_lightning.reports import write_run_report
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = 4
@@ -294,19 +294,41 @@ def _browser() -> str | None:
     return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 
 
-def test_report_pages_render_in_a_real_headless_browser(continual_run, tmp_path):
+VARIANTS = ("BP", "CBP", "ReDo", "S&P", "L2Init")
+
+
+@pytest.fixture(scope="module")
+def reproduction(tmp_path_factory) -> Path:
+    """The plasticity-loss reproduction, cut to 2 tasks: 5 variants × 3 seeds fitted in this process, then one
+    `plasticity report --compare` (what benchmarks/plasticity_loss.py runs)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plasticity_loss", REPO / "benchmarks" / "plasticity_loss.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    out = tmp_path_factory.mktemp("reproduction")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert benchmark.main(["--tasks", "2", "--seeds", "3", "--output", str(out), "--in-process"]) == 0
+    return out / "comparison"
+
+
+def test_the_reproduction_is_one_compare_command_with_bands_over_seeds(reproduction):
+    comparison = json.loads((reproduction / "summary.json").read_text())
+    assert {row["variant"] for row in comparison["table"]} == set(VARIANTS)
+    assert {row["runs"] for row in comparison["table"]} == {3}
+    assert {"continual/new_task_acc", "plasticity/hidden.1.act/effective_rank"} <= set(comparison["measures"])
+    traces = {t["name"] for t in _figures(reproduction / "report.html")["chart-measure-effective-rank"]["data"]}
+    assert {f"{v} · hidden.1.act (n=3) 95% band" for v in VARIANTS} <= traces
+
+
+def test_report_pages_render_in_a_real_headless_browser(continual_run, reproduction, tmp_path):
     executable = _browser()
     if executable is None:
         pytest.skip("no Chromium or Chrome on this machine (.ci/run installs Debian's chromium)")
     from playwright.sync_api import sync_playwright
 
     write_run_report(continual_run["csv"])
-    rng = np.random.default_rng(1)  # a comparison whose variants have spread over seeds: bands to draw
-    for variant, seeds in (("bp", 3), ("cbp", 2)):
-        for seed in range(seeds):
-            _write_run(tmp_path / variant / f"version_{seed}", seed, rng.normal(100, 5, 8), rng.uniform(0.8, 0.9, 8))
-    write_comparison({"BP": tmp_path / "bp", "CBP": tmp_path / "cbp"}, tmp_path / "cmp")
-    pages = {"run": continual_run["csv"] / "report" / "report.html", "compare": tmp_path / "cmp" / "report.html"}
+    pages = {"run": continual_run["csv"] / "report" / "report.html", "compare": reproduction / "report.html"}
     flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
              "--disable-sync", "--no-first-run"]  # fmt: skip
     with sync_playwright() as playwright:
@@ -335,7 +357,7 @@ def test_report_pages_render_in_a_real_headless_browser(continual_run, tmp_path)
                     "Array.from(document.querySelectorAll('.chart')).flatMap(d => d.data)"
                     ".filter(t => t.fill === 'toself').map(t => t.name)"
                 )
-                assert {"BP (n=3) 95% band", "CBP (n=2) 95% band"} <= set(bands)
+                assert {f"{v} · hidden.1.act (n=3) 95% band" for v in VARIANTS} <= set(bands)
             for chart in charts:
                 assert chart["traces"] > 0 and chart["points"] > 0 and chart["drawn"] > 0, (name, chart)
             assert page.locator("#summary-table").count() == 1
@@ -446,24 +468,3 @@ def test_a_resumed_stream_reports_what_an_unbroken_one_does(continual_run, in_tm
     )
     unbroken, again = write_run_report(continual_run["csv"]), write_run_report(resumed)
     assert again["measures"] == unbroken["measures"] and again["accuracy_measured"] == unbroken["accuracy_measured"]
-
-
-@pytest.mark.slow
-def test_the_plasticity_loss_reproduction_is_one_compare_command(tmp_path):
-    """benchmarks/plasticity_loss.py with every variant over seeds, cut to 3 tasks: one comparison of them all."""
-    import subprocess
-    import sys
-
-    out = tmp_path / "repro"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "plasticity_loss.py"), "--tasks", "3", "--seeds", "2",
-         "--output", str(out)],
-        capture_output=True, text=True, timeout=1800,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    comparison = json.loads((out / "comparison" / "summary.json").read_text())
-    variants = {"BP", "CBP", "ReDo", "S&P", "L2Init"}
-    assert {row["variant"] for row in comparison["table"]} == variants
-    assert {"continual/new_task_acc", "plasticity/hidden.1.act/effective_rank"} <= set(comparison["measures"])
-    traces = _figures(out / "comparison" / "report.html")["chart-measure-effective-rank"]["data"]
-    assert {f"{v} · hidden.1.act (n=2) 95% band" for v in variants} <= {t["name"] for t in traces}
