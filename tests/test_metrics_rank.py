@@ -411,3 +411,80 @@ def test_gram_columns_whose_squares_underflow_are_dropped(monkeypatch):
     assert sigma.shape == (3,) and sigma[2].item() == 0.0
     np.testing.assert_allclose(sigma[:2].numpy(), [2 * math.sqrt(3), math.sqrt(3)], rtol=1e-12)
     assert effective_rank(x).item() == pytest.approx(np_erank(np.array([2.0, 1.0])), rel=1e-12)
+
+
+def test_feature_matrix_passes_2d_through_and_pools_3d_outputs():
+    x = torch.randn(4, 3)
+    for mode in ("pool", "positions", "flatten"):
+        assert feature_matrix(x, mode) is x
+    seq = torch.arange(24.0).reshape(2, 3, 4)  # [N, units, positions]
+    assert torch.equal(feature_matrix(seq), seq.mean(dim=2))
+    assert torch.equal(feature_matrix(seq, "positions"), seq.transpose(1, 2).reshape(-1, 3))
+    assert torch.equal(feature_matrix(seq, "flatten"), seq.reshape(2, 12))
+
+
+def test_power_of_two_scaling_is_exact_over_its_documented_range():
+    from plasticity_lightning.metrics.rank import _times_power_of_two
+
+    # 2^2046 overflows a float: the scaling takes two factors that do not (each at most 2^1023)
+    x = torch.tensor([2.0**-1000, 3 * 2.0**-1000], dtype=torch.float64)
+    assert _times_power_of_two(x, 2000).tolist() == [2.0**1000, 3 * 2.0**1000]
+    assert _times_power_of_two(torch.tensor([2.0**-1074], dtype=torch.float64), 2046).item() == 2.0**972
+    y = torch.tensor([2.0**1000], dtype=torch.float64)
+    assert _times_power_of_two(y, -2046).item() == 2.0**-1046  # a subnormal, still exact
+
+
+def test_every_measure_is_float64_zero_on_an_all_zero_matrix():
+    zeros = torch.zeros(5, 3, dtype=torch.float32)
+    for measure in (effective_rank, srank, approximate_rank, stable_rank, numerical_rank):
+        value = measure(zeros)
+        assert value.item() == 0.0 and value.dtype == torch.float64, measure.__name__
+
+
+def test_rank_measures_passes_its_arguments_and_names_every_measure():
+    x = torch.randn(120, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    x = x * torch.logspace(0, -1.5, 10, dtype=torch.float64)
+    measures = rank_measures(x, delta=0.3, threshold=0.6)
+    assert sorted(measures) == ["approximate_rank", "effective_rank", "srank", "stable_rank"]
+    assert measures["srank"].item() == srank(x, delta=0.3).item() != srank(x).item()
+    assert measures["approximate_rank"].item() == approximate_rank(x, threshold=0.6).item() != approximate_rank(x)
+    assert measures["effective_rank"].item() == pytest.approx(effective_rank(x).item(), rel=1e-12)
+    assert measures["stable_rank"].item() == pytest.approx(stable_rank(x).item(), rel=1e-12)
+    assert rank_measures(x)["srank"].item() == srank(x).item()  # default method "auto"
+    with pytest.raises(ValueError, match=r"singular_values.method='qr' is not supported"):
+        rank_measures(x, method="qr")
+
+
+def test_threshold_and_delta_bounds_name_the_function():
+    with pytest.raises(ValueError, match=r"^approximate_rank.threshold=0 is invalid; expected a number in \(0, 1\]$"):
+        approximate_rank(sigma=torch.ones(2), threshold=0)
+    assert approximate_rank(sigma=torch.ones(2), threshold=1.0).item() == 2  # 1 is allowed
+    with pytest.raises(ValueError, match=r"^srank.delta=1 is invalid; expected a number in \(0, 1\)$"):
+        srank(sigma=torch.ones(2), delta=1)
+
+
+@pytest.mark.parametrize(
+    ("metric", "function", "kwargs"),
+    [
+        (EffectiveRank, effective_rank, {}),
+        (SRank, srank, {"delta": 0.2}),
+        (ApproximateRank, approximate_rank, {"threshold": 0.7}),
+        (StableRank, stable_rank, {}),
+    ],
+)
+def test_metric_twins_sum_their_gram_matrices_across_processes(metric, function, kwargs):
+    # two ranks, simulated through torchmetrics' own sync (the gather returns both ranks' states); the twin's
+    # keyword arguments (here the sync function) reach torchmetrics
+    x = torch.randn(60, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    x = x * torch.logspace(0, -1, 6, dtype=torch.float64)
+    other = metric(num_units=6, **kwargs)
+    other.update(x[25:])
+    states = iter([other.gram])
+    rank = metric(
+        num_units=6,
+        dist_sync_fn=lambda tensor, group=None: [tensor, next(states)],
+        distributed_available_fn=lambda: True,
+        **kwargs,
+    )
+    rank.update(x[:25])
+    assert rank.compute().item() == pytest.approx(function(x, **kwargs).item(), rel=1e-9)

@@ -92,7 +92,7 @@ def _largest_magnitude(x: torch.Tensor) -> float:
 
 
 def _times_power_of_two(x: torch.Tensor, exponent: int) -> torch.Tensor:
-    """x·2^exponent, exact, in two factors so that neither overflows a Python float (|exponent| up to ~2100)."""
+    """x·2^exponent, exact, in two factors so that neither overflows a Python float (|exponent| up to 2046)."""
     half = exponent // 2
     return x * math.ldexp(1.0, half) * math.ldexp(1.0, exponent - half)
 
