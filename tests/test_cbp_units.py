@@ -341,3 +341,93 @@ def test_arguments_are_kept_and_distinguish_instances():
     assert ContinualBackprop(init="sigma_orthogonal", energy_budget=True).energy_budget
     assert cbp.state_key != ContinualBackprop().state_key
     assert math.isclose(ContinualBackprop().replacement_rate, 1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- boundaries
+def test_given_magnitudes_are_used_as_given():
+    # a reused (cached) magnitude is what the step must weigh activity by, not the current weights
+    net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    cbp = bound(net, utility="adaptable_contribution", decay_rate=0.0)
+    h = torch.tensor([[1.0, 2.0, 4.0], [3.0, 2.0, 0.0]])
+    outgoing, incoming = torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([2.0, 4.0, 8.0])
+    cbp.step(None, cbp.pairs[0], [h], magnitudes=(outgoing, incoming))
+    # η = 0: u = |h − mean h| · out / in = [1, 0, 2] · [1, 2, 3] / [2, 4, 8]
+    assert cbp.states["0"].utility.tolist() == pytest.approx([0.5, 0.0, 0.75])
+    cbp._remove_hooks()
+
+
+def test_two_columns_per_unit_are_averaged():
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 2, 3))
+    cbp = bound(net, decay_rate=0.0)
+    (pair,) = cbp.pairs
+    assert pair.columns_per_unit == 2
+    h = torch.tensor([[1.0, 3.0, 0.0, 2.0]])  # unit 0: columns 1, 3; unit 1: 0, 2
+    cbp.step(None, pair, [h])
+    w = net[3].weight.detach().abs().mean(dim=0).reshape(2, 2)
+    expected = (h.reshape(2, 2) * w).mean(dim=1)
+    torch.testing.assert_close(cbp.states["0"].utility, expected)
+    cbp._remove_hooks()
+
+
+def test_selection_boundaries():
+    # one eligible unit is replaced when one is due
+    cbp, state = _chooser(units=4, mature=1, replacement_rate=1.0)
+    assert cbp._choose(state).tolist() == [0]
+    # a unit whose age equals the maturity threshold is still young
+    cbp = ContinualBackprop(maturity_threshold=2, replacement_rate=0.5, decay_rate=0.5)
+    state = _LayerState(4, torch.device("cpu"), maturity=2)
+    state.ages[:] = torch.tensor([2, 3, 3, 3])
+    state.sync_cohorts()
+    state.utility[:] = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    assert state.mature_units == 3 and cbp._choose(state).tolist() == [1]  # 0.5 × 3 → 1; unit 0 is young
+    # ranked by u / (1 − η^age), not by u · (1 − η^age): a young-ish unit's shrunken EMA is corrected upwards
+    cbp = ContinualBackprop(maturity_threshold=0, replacement_rate=0.5, decay_rate=0.5)
+    state = _LayerState(2, torch.device("cpu"), maturity=0)
+    state.ages[:] = torch.tensor([1, 10])
+    state.sync_cohorts()
+    state.utility[:] = torch.tensor([0.3, 0.5])  # corrected 0.6 and ≈ 0.5: unit 1 goes
+    assert cbp._choose(state).tolist() == [1]
+
+
+def test_a_bernoulli_draw_equal_to_n_replaces():
+    draw = torch.rand(1, generator=torch.Generator().manual_seed(7)).item()
+    cbp = ContinualBackprop(maturity_threshold=0, replacement_rate=draw, accumulate=False, count="width", seed=7)
+    state = _LayerState(1, torch.device("cpu"), maturity=0)
+    state.age()
+    assert len(cbp._choose(state)) == 1  # n = ρ · 1 equals the draw: "≤ n" replaces
+
+
+def test_resets_keep_the_young_count_exact():
+    state = _LayerState(6, torch.device("cpu"), maturity=3)
+    for _ in range(4):
+        state.age()
+    state.reset(torch.tensor([0]), mature=True)
+    state.reset(torch.tensor([1, 2]), mature=True)  # a second cohort: three young units in all
+    assert state.mature_units == 3 == int((state.ages > 3).sum())
+    state.age()
+    state.reset(torch.tensor([0]))  # a young unit, without the promise: counted from the ages
+    assert state.mature_units == 3 == int((state.ages > 3).sum())
+
+
+def test_replaced_units_start_over_and_patch_the_cached_magnitudes():
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    cbp = bound(
+        net, maturity_threshold=0, replacement_rate=0.5, magnitudes_every_n_steps=10, utility="adaptable_contribution"
+    )
+    (pair,) = cbp.pairs
+    cbp._current_magnitudes()
+    before = net[0].weight.detach().clone()
+    units = cbp.step(None, pair, [torch.rand(5, 4)], magnitudes=cbp._magnitudes["0"])
+    assert len(units) == 2
+    state = cbp.states["0"]
+    assert (state.ages[units] == 0).all() and (state.utility[units] == 0).all() and state.replaced == 2
+    assert (net[2].weight[:, units] == 0).all() and not torch.equal(net[0].weight[units], before[units])
+    assert (net[0].bias[units] == 0).all()
+    outgoing, incoming = cbp._magnitudes["0"]
+    assert (outgoing[units] == 0).all()
+    torch.testing.assert_close(incoming[units], net[0].weight.detach()[units].abs().mean(dim=1))
+    cbp._replace(None, pair, units[:1])  # by hand, not promised mature: the young count follows the ages
+    assert state.mature_units == int((state.ages > 0).sum())
+    cbp._remove_hooks()

@@ -318,6 +318,7 @@ def test_text_degeneration_by_hand():
     assert distinct_n(samples) == distinct_n(samples, 1) and repeated_ngram_rate(samples) == pytest.approx(1 / 3)
     # two samples with trigrams: the rate is their mean; the summary's four numbers each use their own n
     more = [["a", "b", "a", "b", "a"], ["x", "y", "z", "w"]]  # 6 distinct tokens of 9
+    assert distinct_n(more) == pytest.approx(6 / 9)  # the default n is 1 (distinct_2 here is 5/7)
     summary = degeneration_summary(more)
     assert summary == {
         "distinct_1": pytest.approx(6 / 9),
