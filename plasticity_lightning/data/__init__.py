@@ -9,7 +9,7 @@ from plasticity_lightning.data.algorithmic import (
 from plasticity_lightning.data.base import IndexedTensorDataset, PlasticityDataModule
 from plasticity_lightning.data.continual import ClassIncremental, LabelShuffle, PermutedInputs, TaskSchedule
 from plasticity_lightning.data.particles import ParticleDataModule, cyclotron_motion, generate_particles
-from plasticity_lightning.data.text import TextDataModule, load_tokenizer, token_ids
+from plasticity_lightning.data.text import TextDataModule, TextParts, load_tokenizer, token_ids
 from plasticity_lightning.data.toy import (
     TOY_DATASETS,
     ToyDataModule,
@@ -48,6 +48,7 @@ __all__ = [
     "SparseParityDataModule",
     "TaskSchedule",
     "TextDataModule",
+    "TextParts",
     "TorchvisionDataModule",
     "ToyDataModule",
     "cyclotron_motion",

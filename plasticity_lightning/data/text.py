@@ -1,4 +1,5 @@
-"""Text for causal language models: sources, a tokenizer that works offline, packing into fixed-length blocks."""
+"""Text for causal language models: sources, a tokenizer that works offline, packing into fixed-length blocks, and
+continual streams of the text's contiguous parts (:class:`TextParts`)."""
 
 from __future__ import annotations
 
@@ -9,20 +10,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from torch.utils.data import DataLoader, TensorDataset
 
 from plasticity_lightning.core.batches import token_ids  # noqa: F401  (re-exported for users of data)
 from plasticity_lightning.core.errors import (
     DataNotFoundError,
     PlasticityConfigError,
+    check_choice,
     check_positive_int,
     check_split_fractions,
 )
 from plasticity_lightning.core.hub import from_hub
-from plasticity_lightning.data.base import SeededOrder, seeded_loader
+from plasticity_lightning.data.base import IndexedTensorDataset, PlasticityDataModule
+from plasticity_lightning.data.continual import Split, TaskSchedule
 
 EOS = "<|endoftext|>"
 
@@ -91,8 +92,85 @@ def load_tokenizer(
     return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=EOS, bos_token=EOS, unk_token=EOS)
 
 
-class TextDataModule(SeededOrder, pl.LightningDataModule):
-    """Token blocks for causal language modelling from one text source.
+class TextParts(TaskSchedule):
+    """A continual text stream: the token stream cut into ``num_tasks`` contiguous parts, each part one task.
+
+    For :class:`TextDataModule`. Part ``k`` holds the ``k``-th contiguous share of the tokens (``by="tokens"``:
+    shares differing by at most one token, as ``numpy.array_split`` cuts them) or of the documents
+    (``by="documents"``: e.g. whole plays of the Shakespeare corpus, ``numpy.array_split`` over the documents in
+    order). Each part is packed into blocks on its own (no block straddles two parts) and split into train / val /
+    test blocks by the datamodule's fractions, its last blocks held out. Task ``k`` trains on part ``k``'s training
+    blocks; validation evaluates the tasks of ``eval_on`` (default: every task seen so far), each block tagged with
+    its task, so a model reports every task's loss (:class:`~plasticity_lightning.models.CausalLM`). The training
+    set changes between tasks, so only ``epochs_per_task`` is allowed (Lightning swaps a training set between
+    epochs).
+
+    Args:
+        num_tasks: number of parts (tasks).
+        by: ``"tokens"`` or ``"documents"``.
+        **kwargs: :class:`~plasticity_lightning.data.TaskSchedule` arguments (``epochs_per_task``, ``eval_on``).
+
+    Example::
+
+        >>> TextParts(num_tasks=3, epochs_per_task=1).boundaries([5, 2, 3])  # 10 tokens in 3 documents
+        [0, 4, 7, 10]
+        >>> TextParts(num_tasks=2, epochs_per_task=1, by="documents").boundaries([5, 2, 3])
+        [0, 7, 10]
+    """
+
+    changes_samples = True
+
+    def __init__(self, num_tasks: int, by: Literal["tokens", "documents"] = "tokens", **kwargs: Any) -> None:
+        super().__init__(num_tasks=num_tasks, **kwargs)
+        owner = type(self).__name__
+        check_positive_int(owner, "num_tasks", num_tasks)
+        self.by = check_choice(owner, "by", by, ("tokens", "documents"))
+        if self.steps_per_task is not None:
+            raise PlasticityConfigError(
+                f"{owner}.steps_per_task={self.steps_per_task} is not supported: each task trains on its own part of "
+                "the text, and Lightning swaps a training set only between epochs; use epochs_per_task"
+            )
+
+    def boundaries(self, document_lengths: Sequence[int]) -> list[int]:
+        """Token offsets ``[0, end of part 0, …, total]`` of the parts of a stream of documents of these lengths."""
+        lengths = [int(n) for n in document_lengths]
+        total = sum(lengths)
+        if self.by == "tokens":
+            if total < self.num_tasks:
+                raise PlasticityConfigError(
+                    f"TextParts.num_tasks={self.num_tasks} exceeds the {total} tokens of the text; give more text"
+                )
+            size, extra = divmod(total, self.num_tasks)
+            return [k * size + min(k, extra) for k in range(self.num_tasks + 1)]
+        if len(lengths) < self.num_tasks:
+            raise PlasticityConfigError(
+                f"TextParts.num_tasks={self.num_tasks} exceeds the {len(lengths)} documents of the text (by="
+                "'documents'); give fewer tasks, more text (max_tokens) or by='tokens'"
+            )
+        size, extra = divmod(len(lengths), self.num_tasks)
+        ends = [k * size + min(k, extra) for k in range(self.num_tasks + 1)]  # document index of each boundary
+        offsets = [0]
+        for length in lengths:
+            offsets.append(offsets[-1] + length)
+        return [offsets[d] for d in ends]
+
+    def subset_indices(self, targets: torch.Tensor, tasks: Sequence[int], split: Split) -> torch.Tensor:
+        return torch.isin(targets, torch.as_tensor(list(tasks), dtype=targets.dtype)).nonzero().flatten()
+
+    def transform(self, x, y, idx, task, split):
+        return x, y
+
+    def expand_eval(self, x, y, idx, tasks, split):
+        # a block's target is its part, i.e. its task
+        keep = torch.isin(y, torch.as_tensor(list(tasks), dtype=y.dtype, device=y.device))
+        return x[keep], y[keep], y[keep]
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, by={self.by!r})"
+
+
+class TextDataModule(PlasticityDataModule):
+    """Token blocks for causal language modelling from one text source, optionally as a continual task stream.
 
     Sources (exactly one): ``dataset_name`` (+ ``dataset_config``) through HF ``datasets``, e.g.
     ``wikitext`` / ``wikitext-2-raw-v1`` (needs a network or the HF cache); ``text_files`` (files or directories of
@@ -100,18 +178,34 @@ class TextDataModule(SeededOrder, pl.LightningDataModule):
     tokenized (see :func:`load_tokenizer`), joined with ``<|endoftext|>``, packed into ``block_size`` tokens and
     split into consecutive train / val / test blocks. Batches are ``(input_ids,)``.
 
+    With ``schedule: TextParts`` the stream is cut into contiguous parts, one task each (see :class:`TextParts`):
+    every part is packed and split on its own, a task trains on its part, and validation batches are
+    ``(input_ids, task_ids)`` over the evaluated tasks. The task machinery is the library's continual one
+    (:class:`~plasticity_lightning.data.PlasticityDataModule`): ``task_context()``, task-aware callbacks,
+    ``TaskAccuracyTable`` and exact resume work as for the image streams.
+
     Args:
         dataset_name, dataset_config, text_files, corpus: the source.
         tokenizer: name or directory of a tokenizer (``gpt2`` falls back offline, see :func:`load_tokenizer`).
         block_size: tokens per training sequence.
         batch_size: sequences per batch.
-        val_fraction, test_fraction: shares of the blocks held out.
+        val_fraction, test_fraction: shares of the blocks held out (of each part's blocks, with a schedule).
         vocab_size: size of a tokenizer trained on the text when no other is reachable.
-        max_tokens: keep only the first ``max_tokens`` tokens (quick runs).
+        max_tokens: keep only the first ``max_tokens`` tokens (quick runs), before any cut into parts.
         data_dir: where tokenizers and tokenized text are cached.
         num_workers: dataloader worker processes.
         seed: seed of the training order, mixed with ``seed_everything``'s (see
             :class:`~plasticity_lightning.data.base.SeededOrder`); the order survives a resume, mid-epoch included.
+        schedule: ``TextParts`` for a continual stream, or ``None``.
+        eval_batch_size: validation/test batch size (default: ``batch_size``).
+
+    Example::
+
+        data:
+          class_path: TextDataModule
+          init_args:
+            corpus: shakespeare
+            schedule: {class_path: TextParts, init_args: {num_tasks: 8, epochs_per_task: 2}}
     """
 
     def __init__(
@@ -130,9 +224,24 @@ class TextDataModule(SeededOrder, pl.LightningDataModule):
         data_dir: str = "data",
         num_workers: int = 0,
         seed: int = 0,
+        schedule: TaskSchedule | None = None,
+        eval_batch_size: int | None = None,
     ) -> None:
-        super().__init__()
         owner = type(self).__name__
+        if schedule is not None and not isinstance(schedule, TextParts):
+            raise PlasticityConfigError(
+                f"{owner}.schedule={schedule!r} is not supported; text streams are cut into tasks by TextParts"
+            )
+        super().__init__(
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            schedule=schedule,
+            seed=seed,
+        )
+        # its vocab_size (the size of a tokenizer to train) is not the model's; a logger merging both under one key
+        # would refuse the run, and no text datamodule logged hyper-parameters before
+        self._log_hyperparams = False
         sources = {"dataset_name": dataset_name, "text_files": text_files, "corpus": corpus}
         given = [name for name, value in sources.items() if value]
         if len(given) != 1:
@@ -146,15 +255,14 @@ class TextDataModule(SeededOrder, pl.LightningDataModule):
         self.text_files = None if text_files is None else [str(p) for p in text_files]
         self.tokenizer_name = tokenizer
         self.block_size = check_positive_int(owner, "block_size", block_size)
-        self.batch_size = check_positive_int(owner, "batch_size", batch_size)
         self.val_fraction, self.test_fraction = check_split_fractions(owner, val_fraction, test_fraction)
         self.vocab_size_hint = check_positive_int(owner, "vocab_size", vocab_size)
         self.max_tokens = None if max_tokens is None else check_positive_int(owner, "max_tokens", max_tokens)
         self.data_dir = Path(data_dir)
-        self.num_workers = check_positive_int(owner, "num_workers", num_workers, allow_zero=True)
-        self.seed = seed
         self.tokenizer: Any = None
         self.splits: dict[str, torch.Tensor] = {}
+        self.block_tasks: dict[str, torch.Tensor] = {}
+        self._datasets: dict[str, IndexedTensorDataset] = {}
 
     # ------------------------------------------------------------------ reading
     def texts(self) -> list[str]:
@@ -175,66 +283,78 @@ class TextDataModule(SeededOrder, pl.LightningDataModule):
 
     @property
     def vocab_size(self) -> int:
-        self.setup("fit")
+        if not self.splits:  # not setup(): a fit's task state must survive the model asking its vocabulary
+            self.splits = self.load_splits()
         return len(self.tokenizer)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
+    def load_splits(self) -> dict[str, torch.Tensor]:
+        """``{"train", "val", "test"}`` token blocks ``[N, block_size]``; each block's part (task) goes to
+        :attr:`block_tasks` (all 0 without a schedule)."""
         texts = self.texts()
         self.tokenizer = load_tokenizer(
             self.tokenizer_name, texts=texts, cache_dir=self.data_dir, vocab_size=self.vocab_size_hint
         )
-        ids = self._token_ids(texts)
+        ids, lengths = self._token_ids(texts)
+        bounds = [0, len(ids)] if self.schedule is None else self.schedule.boundaries(lengths)
+        parts: dict[str, list[torch.Tensor]] = {"train": [], "val": [], "test": []}
+        for part in range(len(bounds) - 1):
+            where = f"part {part} of {len(bounds) - 1} (TextParts)" if self.schedule is not None else "the text"
+            for name, blocks in self._split_blocks(ids[bounds[part] : bounds[part + 1]], where).items():
+                parts[name].append(blocks)
+        self.block_tasks = {
+            name: torch.cat([torch.full((len(b),), k, dtype=torch.long) for k, b in enumerate(blocks)])
+            for name, blocks in parts.items()
+        }
+        self._datasets = {}
+        return {name: torch.cat(blocks) for name, blocks in parts.items()}
+
+    def _split(self, name: str) -> IndexedTensorDataset:
+        # the splits stay plain token tensors (data.splits["val"][:1]); the loaders read them with their tasks
+        if name not in self._datasets:
+            self._datasets[name] = IndexedTensorDataset(super()._split(name), self.block_tasks[name])
+        return self._datasets[name]
+
+    def _split_blocks(self, ids: torch.Tensor, where: str) -> dict[str, torch.Tensor]:
+        """``ids`` packed into blocks, its last blocks held out as validation, then test."""
         blocks = ids[: len(ids) // self.block_size * self.block_size].view(-1, self.block_size)
         held_out = [max(1, round(len(blocks) * f)) if f > 0 else 0 for f in (self.val_fraction, self.test_fraction)]
         if len(blocks) - sum(held_out) < 1:
             raise PlasticityConfigError(
-                f"TextDataModule: the text gives {len(blocks)} blocks of {self.block_size} tokens, too few to split; "
-                "give more text or a smaller block_size"
+                f"TextDataModule: {where} gives {len(blocks)} blocks of {self.block_size} tokens, too few to split; "
+                "give more text (max_tokens), a smaller block_size or fewer tasks"
             )
         train_end = len(blocks) - sum(held_out)
-        self.splits = {
+        return {
             "train": blocks[:train_end],
             "val": blocks[train_end : train_end + held_out[0]],
             "test": blocks[train_end + held_out[0] :],
         }
 
-    def _token_ids(self, texts: list[str]) -> torch.Tensor:
+    def _token_ids(self, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
+        """The token stream (each document followed by EOS, cut at ``max_tokens``) and each document's length in
+        it."""
         eos = self.tokenizer.eos_token_id
         ids: list[int] = []
+        lengths: list[int] = []
         for text in texts:
+            start = len(ids)
             ids.extend(self.tokenizer(text)["input_ids"])
             ids.append(eos)
+            lengths.append(len(ids) - start)
             if self.max_tokens is not None and len(ids) >= self.max_tokens:
                 break
-        return torch.tensor(ids[: self.max_tokens] if self.max_tokens else ids, dtype=torch.long)
+        if self.max_tokens is not None and len(ids) > self.max_tokens:
+            lengths[-1] -= len(ids) - self.max_tokens
+            ids = ids[: self.max_tokens]
+        return torch.tensor(ids, dtype=torch.long), lengths
 
-    # ------------------------------------------------------------------ loaders
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return seeded_loader(
-            TensorDataset(self.splits[split]),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            seed=self.training_order_seed(),
-            trainer=getattr(self, "trainer", None),
-            num_workers=self.num_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.order_state()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.load_order_state(state_dict)
+    # ------------------------------------------------------------------ batches
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # text batches are token ids first; evaluation on a task stream adds each block's task
+        out = super().on_after_batch_transfer(batch, dataloader_idx)
+        if len(out) == 3:
+            return out[0], out[2]
+        return (out[0],)
 
 
 def _read_files(paths: Sequence[str]) -> list[str]:
