@@ -5,83 +5,200 @@ The public API is re-exported here::
     from plasticity_lightning import MLP, DigitsDataModule, PermutedInputs, TaskAccuracyTable
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from __future__ import annotations
 
-from plasticity_lightning.callbacks import (
-    AdaptiveLossWeights,
-    AttentionEntropyMonitor,
-    ContinualBackprop,
-    DegenerationMonitor,
-    DormantUnitMonitor,
-    EntropyMonitor,
-    EpochTimer,
-    GradientFlowMonitor,
-    HeadGrowth,
-    HeadImportance,
-    HeadPruning,
-    HeadReset,
-    JamesSteinShrinkage,
-    L2Init,
-    LearningDynamics,
-    OscillationDampener,
-    PlasticityCycle,
-    PlasticityMonitor,
-    RankMonitor,
-    ReDo,
-    RestoreBestPerTask,
-    SavePredictions,
-    ShrinkAndPerturb,
-    SoftmaxCollapseMonitor,
-    SurgeCollapse,
-    TaskAccuracyTable,
-    TaskAwareCallback,
-    WeightMonitor,
-    WeightPrecision,
-)
-from plasticity_lightning.core import (
-    DataNotFoundError,
-    PlasticityConfigError,
-    TaskContext,
-    TaskProvider,
-    get_task_context,
-    per_task_accuracy_key,
-)
-from plasticity_lightning.data import (
-    BinaryGaussianDataModule,
-    CIFAR10DataModule,
-    CIFAR100DataModule,
-    ClassIncremental,
-    DigitsDataModule,
-    FashionMNISTDataModule,
-    IndexedTensorDataset,
-    LabelShuffle,
-    MNISTDataModule,
-    ModularArithmeticDataModule,
-    ParticleDataModule,
-    PermutedInputs,
-    PlasticityDataModule,
-    SparseParityDataModule,
-    TaskSchedule,
-    TextDataModule,
-    ToyDataModule,
-    make_toy,
-)
-from plasticity_lightning.losses import AdaptiveRegressionLoss, build_loss, register_loss
-from plasticity_lightning.metrics import (
-    PerTaskAccuracy,
-    approximate_rank,
-    dynamics_summary,
-    effective_rank,
-    numerical_rank,
-    per_task_accuracy,
-    srank,
-    stable_rank,
-)
-from plasticity_lightning.models import MLP, CausalLM, ConvNet, ResNet18, SupervisedModule
-from plasticity_lightning.nn import Sine, activation_gain, build_activation, init_layer_, sample_init_
-from plasticity_lightning.optim import PeriodicMultiStepLR
-from plasticity_lightning.probes import ProbeSet, capture_outputs
-from plasticity_lightning.surgery import UnitPair, find_unit_pairs, reinit_units
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
+
+from plasticity_lightning.core.lazy import lazy_exports
+
+if TYPE_CHECKING:  # static checkers and IDEs see the real names
+    from plasticity_lightning.callbacks import (
+        AdaptiveLossWeights,
+        AttentionEntropyMonitor,
+        ContinualBackprop,
+        DegenerationMonitor,
+        DormantUnitMonitor,
+        EntropyMonitor,
+        EpochTimer,
+        GradientFlowMonitor,
+        HeadGrowth,
+        HeadImportance,
+        HeadPruning,
+        HeadReset,
+        JamesSteinShrinkage,
+        L2Init,
+        LearningDynamics,
+        OscillationDampener,
+        PlasticityCycle,
+        PlasticityMonitor,
+        RankMonitor,
+        ReDo,
+        RestoreBestPerTask,
+        SavePredictions,
+        ShrinkAndPerturb,
+        SoftmaxCollapseMonitor,
+        SurgeCollapse,
+        TaskAccuracyTable,
+        TaskAwareCallback,
+        WeightMonitor,
+        WeightPrecision,
+    )
+    from plasticity_lightning.core import (
+        DataNotFoundError,
+        PlasticityConfigError,
+        TaskContext,
+        TaskProvider,
+        get_task_context,
+        per_task_accuracy_key,
+    )
+    from plasticity_lightning.data import (
+        BinaryGaussianDataModule,
+        CIFAR10DataModule,
+        CIFAR100DataModule,
+        ClassIncremental,
+        DigitsDataModule,
+        FashionMNISTDataModule,
+        IndexedTensorDataset,
+        LabelShuffle,
+        MNISTDataModule,
+        ModularArithmeticDataModule,
+        ParticleDataModule,
+        PermutedInputs,
+        PlasticityDataModule,
+        SparseParityDataModule,
+        TaskSchedule,
+        TextDataModule,
+        ToyDataModule,
+        make_toy,
+    )
+    from plasticity_lightning.losses import (
+        AdaptiveRegressionLoss,
+        build_loss,
+        register_loss,
+    )
+    from plasticity_lightning.metrics import (
+        PerTaskAccuracy,
+        approximate_rank,
+        dynamics_summary,
+        effective_rank,
+        numerical_rank,
+        per_task_accuracy,
+        srank,
+        stable_rank,
+    )
+    from plasticity_lightning.models import (
+        MLP,
+        CausalLM,
+        ConvNet,
+        ResNet18,
+        SupervisedModule,
+    )
+    from plasticity_lightning.nn import (
+        Sine,
+        activation_gain,
+        build_activation,
+        init_layer_,
+        sample_init_,
+    )
+    from plasticity_lightning.optim import (
+        PeriodicMultiStepLR,
+    )
+    from plasticity_lightning.probes import (
+        ProbeSet,
+        capture_outputs,
+    )
+    from plasticity_lightning.surgery import (
+        UnitPair,
+        find_unit_pairs,
+        reinit_units,
+    )
+
+_EXPORTS: dict[str, str] = {
+    "AdaptiveLossWeights": "plasticity_lightning.callbacks",
+    "AttentionEntropyMonitor": "plasticity_lightning.callbacks",
+    "ContinualBackprop": "plasticity_lightning.callbacks",
+    "DegenerationMonitor": "plasticity_lightning.callbacks",
+    "DormantUnitMonitor": "plasticity_lightning.callbacks",
+    "EntropyMonitor": "plasticity_lightning.callbacks",
+    "EpochTimer": "plasticity_lightning.callbacks",
+    "GradientFlowMonitor": "plasticity_lightning.callbacks",
+    "HeadGrowth": "plasticity_lightning.callbacks",
+    "HeadImportance": "plasticity_lightning.callbacks",
+    "HeadPruning": "plasticity_lightning.callbacks",
+    "HeadReset": "plasticity_lightning.callbacks",
+    "JamesSteinShrinkage": "plasticity_lightning.callbacks",
+    "L2Init": "plasticity_lightning.callbacks",
+    "LearningDynamics": "plasticity_lightning.callbacks",
+    "OscillationDampener": "plasticity_lightning.callbacks",
+    "PlasticityCycle": "plasticity_lightning.callbacks",
+    "PlasticityMonitor": "plasticity_lightning.callbacks",
+    "RankMonitor": "plasticity_lightning.callbacks",
+    "ReDo": "plasticity_lightning.callbacks",
+    "RestoreBestPerTask": "plasticity_lightning.callbacks",
+    "SavePredictions": "plasticity_lightning.callbacks",
+    "ShrinkAndPerturb": "plasticity_lightning.callbacks",
+    "SoftmaxCollapseMonitor": "plasticity_lightning.callbacks",
+    "SurgeCollapse": "plasticity_lightning.callbacks",
+    "TaskAccuracyTable": "plasticity_lightning.callbacks",
+    "TaskAwareCallback": "plasticity_lightning.callbacks",
+    "WeightMonitor": "plasticity_lightning.callbacks",
+    "WeightPrecision": "plasticity_lightning.callbacks",
+    "DataNotFoundError": "plasticity_lightning.core",
+    "PlasticityConfigError": "plasticity_lightning.core",
+    "TaskContext": "plasticity_lightning.core",
+    "TaskProvider": "plasticity_lightning.core",
+    "get_task_context": "plasticity_lightning.core",
+    "per_task_accuracy_key": "plasticity_lightning.core",
+    "BinaryGaussianDataModule": "plasticity_lightning.data",
+    "CIFAR100DataModule": "plasticity_lightning.data",
+    "CIFAR10DataModule": "plasticity_lightning.data",
+    "ClassIncremental": "plasticity_lightning.data",
+    "DigitsDataModule": "plasticity_lightning.data",
+    "FashionMNISTDataModule": "plasticity_lightning.data",
+    "IndexedTensorDataset": "plasticity_lightning.data",
+    "LabelShuffle": "plasticity_lightning.data",
+    "MNISTDataModule": "plasticity_lightning.data",
+    "ModularArithmeticDataModule": "plasticity_lightning.data",
+    "ParticleDataModule": "plasticity_lightning.data",
+    "PermutedInputs": "plasticity_lightning.data",
+    "PlasticityDataModule": "plasticity_lightning.data",
+    "SparseParityDataModule": "plasticity_lightning.data",
+    "TaskSchedule": "plasticity_lightning.data",
+    "TextDataModule": "plasticity_lightning.data",
+    "ToyDataModule": "plasticity_lightning.data",
+    "make_toy": "plasticity_lightning.data",
+    "AdaptiveRegressionLoss": "plasticity_lightning.losses",
+    "build_loss": "plasticity_lightning.losses",
+    "register_loss": "plasticity_lightning.losses",
+    "PerTaskAccuracy": "plasticity_lightning.metrics",
+    "approximate_rank": "plasticity_lightning.metrics",
+    "dynamics_summary": "plasticity_lightning.metrics",
+    "effective_rank": "plasticity_lightning.metrics",
+    "numerical_rank": "plasticity_lightning.metrics",
+    "per_task_accuracy": "plasticity_lightning.metrics",
+    "srank": "plasticity_lightning.metrics",
+    "stable_rank": "plasticity_lightning.metrics",
+    "CausalLM": "plasticity_lightning.models",
+    "ConvNet": "plasticity_lightning.models",
+    "MLP": "plasticity_lightning.models",
+    "ResNet18": "plasticity_lightning.models",
+    "SupervisedModule": "plasticity_lightning.models",
+    "Sine": "plasticity_lightning.nn",
+    "activation_gain": "plasticity_lightning.nn",
+    "build_activation": "plasticity_lightning.nn",
+    "init_layer_": "plasticity_lightning.nn",
+    "sample_init_": "plasticity_lightning.nn",
+    "PeriodicMultiStepLR": "plasticity_lightning.optim",
+    "ProbeSet": "plasticity_lightning.probes",
+    "capture_outputs": "plasticity_lightning.probes",
+    "UnitPair": "plasticity_lightning.surgery",
+    "find_unit_pairs": "plasticity_lightning.surgery",
+    "reinit_units": "plasticity_lightning.surgery",
+}
+
+
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 try:
     __version__ = version("plasticity-lightning")

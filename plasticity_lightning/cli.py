@@ -534,7 +534,7 @@ def _without_duplicates(callbacks: list[Callback]) -> list[Callback]:
     return list(kept.values())
 
 
-_CONFIG_ERRORS = (MisconfigurationException, DataNotFoundError)
+_CONFIG_ERRORS = (MisconfigurationException, PlasticityConfigError, DataNotFoundError)
 
 
 def configuration_error(err: BaseException) -> BaseException | None:

@@ -9,11 +9,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+class PlasticityConfigError(ValueError):
+    """A bad argument value: the message names the field, the bad value and what is allowed.
 
-class PlasticityConfigError(MisconfigurationException, ValueError):
-    """A bad argument value. Subclasses Lightning's ``MisconfigurationException`` and ``ValueError``."""
+    A ``ValueError``, not Lightning's ``MisconfigurationException``: the layers below the callbacks (metrics, surgery,
+    policies, reports) raise it, and reading a finished run must not import Lightning (seconds on a small machine).
+    ``plasticity`` prints either kind as one line and exits with status 2.
+    """
 
 
 class DataNotFoundError(FileNotFoundError):

@@ -52,6 +52,16 @@ ELAPSED_SECONDS_KEY = "time/elapsed_seconds"
 MONITOR_PREFIX = "plasticity"  # <prefix>/<layer>/<measure>; <prefix>/all/<measure> over every layer
 
 
+def per_task_accuracy_key(stage: str, task: int) -> str:
+    """Logged key of one task's accuracy, e.g. ``val/acc_task_3``. Models log it; callbacks read it."""
+    return f"{stage}/acc_task_{task}"
+
+
+CURRENT_TASK_ACCURACY = "{stage}/acc_current_task"
+SEEN_TASKS_ACCURACY = "{stage}/acc_seen_tasks"  # mean over the tasks trained so far
+ALL_TASKS_ACCURACY = "{stage}/acc_all_tasks"  # mean over every evaluated task, trained or not
+
+
 def run_directory(trainer: pl.Trainer, broadcast: bool = True) -> Path:
     """The directory that holds this run's files, the same on every rank (rank 0 decides).
 

@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
-from plasticity_lightning.core.rundir import TASK_ID_KEY as TASK_ID_KEY  # re-exported: models import it here
+# re-exported: models and callbacks import these here
+from plasticity_lightning.core.rundir import ALL_TASKS_ACCURACY as ALL_TASKS_ACCURACY
+from plasticity_lightning.core.rundir import CURRENT_TASK_ACCURACY as CURRENT_TASK_ACCURACY
+from plasticity_lightning.core.rundir import SEEN_TASKS_ACCURACY as SEEN_TASKS_ACCURACY
+from plasticity_lightning.core.rundir import TASK_ID_KEY as TASK_ID_KEY
+from plasticity_lightning.core.rundir import per_task_accuracy_key as per_task_accuracy_key
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -86,13 +91,3 @@ def stopped_mid_task(trainer: pl.Trainer) -> bool:
     """
     completed = getattr(getattr(trainer, "datamodule", None), "task_completed", None)
     return callable(completed) and completed() is False
-
-
-def per_task_accuracy_key(stage: str, task: int) -> str:
-    """Logged key of one task's accuracy, e.g. ``val/acc_task_3``. Models log it; callbacks read it."""
-    return f"{stage}/acc_task_{task}"
-
-
-CURRENT_TASK_ACCURACY = "{stage}/acc_current_task"
-SEEN_TASKS_ACCURACY = "{stage}/acc_seen_tasks"  # mean over the tasks trained so far
-ALL_TASKS_ACCURACY = "{stage}/acc_all_tasks"  # mean over every evaluated task, trained or not

@@ -11,79 +11,150 @@ accumulate over batches (DDP-synchronised for free).
 * Softmax Collapse and naive-loss-minimisation alignment (:mod:`~plasticity_lightning.metrics.collapse`).
 """
 
-from plasticity_lightning.metrics.activity import (
-    ActivityStatistics,
-    UnitActivity,
-    active_share,
-    activity_statistics,
-    dead_unit_fraction,
-    dead_unit_mask,
-    low_activity_fraction,
-    low_activity_mask,
-    mean_abs_activation,
-    redo_dormant_fraction,
-    redo_dormant_mask,
-    redo_scores,
-    unit_view,
-)
-from plasticity_lightning.metrics.collapse import (
-    SoftmaxCollapse,
-    logit_norm,
-    nlm_alignment,
-    softmax_collapse_fraction,
-    zero_loss_fraction,
-)
-from plasticity_lightning.metrics.continual import PerTaskAccuracy, per_task_accuracy
-from plasticity_lightning.metrics.dynamics import (
-    DynamicsThresholds,
-    classify_training_pattern,
-    convergence_epoch,
-    dynamics_summary,
-    generalization_gap,
-    gradient_health,
-    learning_curve,
-    loss_convergence_epoch,
-    loss_stability,
-    weight_evolution,
-)
-from plasticity_lightning.metrics.entropy import (
-    ActivationEntropy,
-    AttentionEntropy,
-    PredictionEntropy,
-    activation_entropy,
-    attention_entropy,
-    prediction_entropy,
-)
-from plasticity_lightning.metrics.rank import (
-    ApproximateRank,
-    EffectiveRank,
-    FeatureSpectrum,
-    NonFiniteFeaturesError,
-    SRank,
-    StableRank,
-    approximate_rank,
-    effective_rank,
-    feature_matrix,
-    numerical_rank,
-    rank_measures,
-    singular_values,
-    srank,
-    stable_rank,
-)
-from plasticity_lightning.metrics.text import (
-    degeneration_summary,
-    distinct_n,
-    max_token_repetition,
-    repeated_ngram_rate,
-)
-from plasticity_lightning.metrics.weights import (
-    distance_from_init,
-    gradient_stats,
-    layer_weights,
-    mean_abs_weight,
-    weight_norm,
-    weight_stats,
-)
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from plasticity_lightning.core.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from plasticity_lightning.metrics.activity import (
+        ActivityStatistics,
+        UnitActivity,
+        active_share,
+        activity_statistics,
+        dead_unit_fraction,
+        dead_unit_mask,
+        low_activity_fraction,
+        low_activity_mask,
+        mean_abs_activation,
+        redo_dormant_fraction,
+        redo_dormant_mask,
+        redo_scores,
+        unit_view,
+    )
+    from plasticity_lightning.metrics.collapse import (
+        SoftmaxCollapse,
+        logit_norm,
+        nlm_alignment,
+        softmax_collapse_fraction,
+        zero_loss_fraction,
+    )
+    from plasticity_lightning.metrics.continual import PerTaskAccuracy, per_task_accuracy
+    from plasticity_lightning.metrics.dynamics import (
+        DynamicsThresholds,
+        classify_training_pattern,
+        convergence_epoch,
+        dynamics_summary,
+        generalization_gap,
+        gradient_health,
+        learning_curve,
+        loss_convergence_epoch,
+        loss_stability,
+        weight_evolution,
+    )
+    from plasticity_lightning.metrics.entropy import (
+        ActivationEntropy,
+        AttentionEntropy,
+        PredictionEntropy,
+        activation_entropy,
+        attention_entropy,
+        prediction_entropy,
+    )
+    from plasticity_lightning.metrics.rank import (
+        ApproximateRank,
+        EffectiveRank,
+        FeatureSpectrum,
+        NonFiniteFeaturesError,
+        SRank,
+        StableRank,
+        approximate_rank,
+        effective_rank,
+        feature_matrix,
+        numerical_rank,
+        rank_measures,
+        singular_values,
+        srank,
+        stable_rank,
+    )
+    from plasticity_lightning.metrics.text import (
+        degeneration_summary,
+        distinct_n,
+        max_token_repetition,
+        repeated_ngram_rate,
+    )
+    from plasticity_lightning.metrics.weights import (
+        distance_from_init,
+        gradient_stats,
+        layer_weights,
+        mean_abs_weight,
+        weight_norm,
+        weight_stats,
+    )
+
+_EXPORTS = {
+    "ActivationEntropy": "plasticity_lightning.metrics.entropy",
+    "ActivityStatistics": "plasticity_lightning.metrics.activity",
+    "ApproximateRank": "plasticity_lightning.metrics.rank",
+    "AttentionEntropy": "plasticity_lightning.metrics.entropy",
+    "DynamicsThresholds": "plasticity_lightning.metrics.dynamics",
+    "EffectiveRank": "plasticity_lightning.metrics.rank",
+    "FeatureSpectrum": "plasticity_lightning.metrics.rank",
+    "NonFiniteFeaturesError": "plasticity_lightning.metrics.rank",
+    "PerTaskAccuracy": "plasticity_lightning.metrics.continual",
+    "PredictionEntropy": "plasticity_lightning.metrics.entropy",
+    "SRank": "plasticity_lightning.metrics.rank",
+    "SoftmaxCollapse": "plasticity_lightning.metrics.collapse",
+    "StableRank": "plasticity_lightning.metrics.rank",
+    "UnitActivity": "plasticity_lightning.metrics.activity",
+    "activation_entropy": "plasticity_lightning.metrics.entropy",
+    "active_share": "plasticity_lightning.metrics.activity",
+    "activity_statistics": "plasticity_lightning.metrics.activity",
+    "approximate_rank": "plasticity_lightning.metrics.rank",
+    "attention_entropy": "plasticity_lightning.metrics.entropy",
+    "classify_training_pattern": "plasticity_lightning.metrics.dynamics",
+    "convergence_epoch": "plasticity_lightning.metrics.dynamics",
+    "dead_unit_fraction": "plasticity_lightning.metrics.activity",
+    "dead_unit_mask": "plasticity_lightning.metrics.activity",
+    "degeneration_summary": "plasticity_lightning.metrics.text",
+    "distance_from_init": "plasticity_lightning.metrics.weights",
+    "distinct_n": "plasticity_lightning.metrics.text",
+    "dynamics_summary": "plasticity_lightning.metrics.dynamics",
+    "effective_rank": "plasticity_lightning.metrics.rank",
+    "feature_matrix": "plasticity_lightning.metrics.rank",
+    "generalization_gap": "plasticity_lightning.metrics.dynamics",
+    "gradient_health": "plasticity_lightning.metrics.dynamics",
+    "gradient_stats": "plasticity_lightning.metrics.weights",
+    "layer_weights": "plasticity_lightning.metrics.weights",
+    "learning_curve": "plasticity_lightning.metrics.dynamics",
+    "logit_norm": "plasticity_lightning.metrics.collapse",
+    "loss_convergence_epoch": "plasticity_lightning.metrics.dynamics",
+    "loss_stability": "plasticity_lightning.metrics.dynamics",
+    "low_activity_fraction": "plasticity_lightning.metrics.activity",
+    "low_activity_mask": "plasticity_lightning.metrics.activity",
+    "max_token_repetition": "plasticity_lightning.metrics.text",
+    "mean_abs_activation": "plasticity_lightning.metrics.activity",
+    "mean_abs_weight": "plasticity_lightning.metrics.weights",
+    "nlm_alignment": "plasticity_lightning.metrics.collapse",
+    "numerical_rank": "plasticity_lightning.metrics.rank",
+    "per_task_accuracy": "plasticity_lightning.metrics.continual",
+    "prediction_entropy": "plasticity_lightning.metrics.entropy",
+    "rank_measures": "plasticity_lightning.metrics.rank",
+    "redo_dormant_fraction": "plasticity_lightning.metrics.activity",
+    "redo_dormant_mask": "plasticity_lightning.metrics.activity",
+    "redo_scores": "plasticity_lightning.metrics.activity",
+    "repeated_ngram_rate": "plasticity_lightning.metrics.text",
+    "singular_values": "plasticity_lightning.metrics.rank",
+    "softmax_collapse_fraction": "plasticity_lightning.metrics.collapse",
+    "srank": "plasticity_lightning.metrics.rank",
+    "stable_rank": "plasticity_lightning.metrics.rank",
+    "unit_view": "plasticity_lightning.metrics.activity",
+    "weight_evolution": "plasticity_lightning.metrics.dynamics",
+    "weight_norm": "plasticity_lightning.metrics.weights",
+    "weight_stats": "plasticity_lightning.metrics.weights",
+    "zero_loss_fraction": "plasticity_lightning.metrics.collapse",
+}
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 __all__ = [
     "ActivationEntropy",

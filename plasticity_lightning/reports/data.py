@@ -31,8 +31,8 @@ from plasticity_lightning.core.rundir import (
     TASK_ACCURACY_FILE,
     TASK_ID_KEY,
     TENSORBOARD_EVENTS_GLOB,
+    per_task_accuracy_key,
 )
-from plasticity_lightning.core.tasks import per_task_accuracy_key
 
 
 class _HparamsLoader(yaml.SafeLoader):

@@ -20,7 +20,7 @@ from plasticity_lightning.core.rundir import (
     EPOCH_SECONDS_KEY,
     NEW_TASK_ACCURACY_KEY,
 )
-from plasticity_lightning.metrics.continual import matrix_coverage, per_task_series, seen_accuracy
+from plasticity_lightning.metrics.continual_summary import matrix_coverage, per_task_series, seen_accuracy
 from plasticity_lightning.reports.data import RunData, finished_task_values
 
 

@@ -31,7 +31,7 @@ from plasticity_lightning.core.rundir import (
     SUMMARY_FILE,
 )
 from plasticity_lightning.core.serialization import json_safe
-from plasticity_lightning.metrics.continual import (
+from plasticity_lightning.metrics.continual_summary import (
     COVERAGE_TEXT,
     accuracy_matrix_summary,
     first_and_last,
