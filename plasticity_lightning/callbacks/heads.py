@@ -44,6 +44,26 @@ GROWTH_SCORE = {"balanced": None, "entropy_gap": "entropy", "gradient": "gradien
 GROWTH_CHOICES = tuple(GROWTH_SCORE)
 
 
+class NonFiniteScores(ArithmeticError):
+    """Head scores that a decision ranks by (importance, entropy gap, weight norms) are NaN/inf: the callbacks skip
+    that step instead of ranking heads on them.
+
+    Attributes:
+        what: which scores (``"importance"``, ``"entropy"``, …), for the warning and the skip count.
+    """
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"head scores by {what!r} are NaN/inf")
+        self.what = what
+
+
+def require_finite_scores(scores: torch.Tensor, candidates: torch.Tensor, what: str) -> None:
+    """Raise :class:`NonFiniteScores` when a score of a candidate head (``candidates``: a boolean ``[layers, heads]``
+    mask) is NaN/inf."""
+    if not bool(torch.isfinite(scores[candidates.to(scores.device)]).all()):
+        raise NonFiniteScores(what)
+
+
 def language_model(pl_module: torch.nn.Module) -> torch.nn.Module:
     """The HF transformers model of ``pl_module``: ``pl_module.model`` (as in CausalLM) or ``pl_module`` itself."""
     inner = getattr(pl_module, "model", None)
@@ -125,6 +145,7 @@ def heads_to_grow(
         return chosen
     if scores is None:
         raise PlasticityConfigError(f"growth choice {choice!r} needs head scores")
+    require_finite_scores(scores, mask == 0, GROWTH_SCORE[choice] or choice)
     order = sorted(dead, key=lambda lh: (-float(scores[lh]), lh))
     return order[:count]
 
@@ -175,6 +196,20 @@ def find_head_importance(trainer: pl.Trainer, owner: str) -> HeadImportance:
     if not found or found[0].gates is None:
         raise PlasticityConfigError(f"{owner} needs a HeadImportance callback listed before it on the same Trainer")
     return found[0]
+
+
+class SkipsNonFinite:
+    """The head callbacks' record of steps skipped on NaN/inf statistics, as CBP and ReDo keep theirs: each skip is
+    counted in ``<prefix>/skipped_nonfinite`` (logged, and kept in the checkpoint) and the first one per statistic
+    warns."""
+
+    skipped_nonfinite: int = 0
+
+    def skip_nonfinite(self, trainer: pl.Trainer | None, name: str) -> None:
+        self.skipped_nonfinite += 1
+        self.warn_nonfinite(name, None if trainer is None else trainer.global_step)
+        if trainer is not None:
+            self.log_values(trainer, {"skipped_nonfinite": self.skipped_nonfinite}, force=True)
 
 
 class HeadImportance(Intervention):
@@ -434,8 +469,11 @@ def _generate(pl_module: pl.LightningModule, ids: torch.Tensor, max_new_tokens: 
     return out
 
 
-def lowest_heads(importance: torch.Tensor, alive: torch.Tensor, count: int) -> list[tuple[int, int]]:
-    """The ``count`` alive heads of lowest importance, never a layer's last alive head (ties: lowest index).
+def lowest_heads(
+    importance: torch.Tensor, alive: torch.Tensor, count: int, what: str = "importance"
+) -> list[tuple[int, int]]:
+    """The ``count`` alive heads of lowest importance, never a layer's last alive head (ties: lowest index);
+    :class:`NonFiniteScores` (naming ``what``) when an alive head's importance is NaN/inf.
 
     Example::
 
@@ -443,6 +481,7 @@ def lowest_heads(importance: torch.Tensor, alive: torch.Tensor, count: int) -> l
         >>> lowest_heads(imp, torch.ones(2, 2, dtype=torch.bool), 3)  # layer 0 keeps one head, so does layer 1
         [(0, 0), (1, 0)]
     """
+    require_finite_scores(importance, alive, what)
     remaining = alive.sum(dim=1).tolist()
     order = sorted(
         (float(importance[layer, head]), layer, head)
@@ -460,7 +499,7 @@ def lowest_heads(importance: torch.Tensor, alive: torch.Tensor, count: int) -> l
     return chosen
 
 
-class HeadPruning(Intervention):
+class HeadPruning(SkipsNonFinite, Intervention):
     """Iterative head pruning by importance (Michel et al.): after every ``every_n_validations``-th validation of the
     fit (not of ``trainer.validate``), gate off
     the ``fraction`` of all heads with the lowest importance — never a layer's last head — until ``max_fraction``
@@ -470,7 +509,8 @@ class HeadPruning(Intervention):
     Importance and gates come from a :class:`HeadImportance` callback on the same trainer (add it before this
     one). Decisions use DDP-averaged importance and the perplexity averaged across ranks, so every rank prunes the
     same heads. Undoing a step turns back on exactly the heads that step pruned. The mask, baseline, validation
-    count and history are in ``state_dict``.
+    count and history are in ``state_dict``. A step whose perplexity or importance is NaN/inf is skipped (no head
+    pruned, the baseline not set), counted in ``heads/skipped_nonfinite``; the first one warns.
 
     Args:
         fraction: share of all heads pruned per step (Michel et al.: 0.1).
@@ -529,6 +569,9 @@ class HeadPruning(Intervention):
         # averaged across ranks: a value logged without sync_dist would let ranks decide differently
         value = trainer.callback_metrics[self.monitor].detach().float().to(pl_module.device)
         perplexity = float(self.reduce_mean(trainer, value))
+        if not math.isfinite(perplexity):  # neither a baseline nor a reason to undo
+            self.skip_nonfinite(trainer, self.monitor)
+            return
         gates = self._importance.gates
         if self.baseline is None:
             self.baseline = perplexity
@@ -543,7 +586,11 @@ class HeadPruning(Intervention):
         budget = int(self.max_fraction * total) - int((~alive).sum())
         count = min(max(1, round(self.fraction * total)), budget)
         importance = self._importance.current(trainer)
-        heads = lowest_heads(importance, alive, count) if count > 0 else []
+        try:
+            heads = lowest_heads(importance, alive, count) if count > 0 else []
+        except NonFiniteScores as skipped:
+            self.skip_nonfinite(trainer, skipped.what)
+            return
         if not heads:
             self.stopped = True
             self._record(trainer, perplexity, [], reverted=False)
@@ -579,11 +626,13 @@ class HeadPruning(Intervention):
             "baseline": self.baseline,
             "stopped": self.stopped,
             "history": list(self.history),
+            "skipped_nonfinite": self.skipped_nonfinite,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        self.skipped_nonfinite = int(state_dict.get("skipped_nonfinite", 0))
         self.mask = state_dict.get("mask")
         self.last_pruned = [tuple(h) for h in state_dict.get("last_pruned", [])]
         self.validations = int(state_dict.get("validations", 0))
@@ -592,7 +641,7 @@ class HeadPruning(Intervention):
         self.history = list(state_dict.get("history", []))
 
 
-class RevivingIntervention(Intervention):
+class RevivingIntervention(SkipsNonFinite, Intervention):
     """Base of the callbacks that revive heads with a :class:`~plasticity_lightning.surgery.HeadReviver`: its
     validated settings, its checkpointed state, the gate ramp set before every training batch and the
     learning-rate boost hooked onto the trainer's optimizers for the fit."""
@@ -642,12 +691,13 @@ class RevivingIntervention(Intervention):
     @override
     def state_dict(self) -> dict[str, Any]:
         reviver = self.reviver.state_dict() if self.reviver is not None else self._pending_reviver
-        return {**super().state_dict(), "reviver": reviver}
+        return {**super().state_dict(), "reviver": reviver, "skipped_nonfinite": self.skipped_nonfinite}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._pending_reviver = state_dict.get("reviver")
+        self.skipped_nonfinite = int(state_dict.get("skipped_nonfinite", 0))
 
 
 class HeadGrowth(RevivingIntervention):
@@ -661,7 +711,9 @@ class HeadGrowth(RevivingIntervention):
     heads whose attention is most focused, ln T − H on a fixed validation probe), ``"gradient"`` (the largest
     |∂L/∂ξ| at ξ = 0 — how much the loss would change if the head were switched on; needs
     ``HeadImportance(method="gradient")``), ``"random"``. Random draws come from the callback's seeded generator,
-    so every DDP rank revives the same heads; the ramp, boost and history are in ``state_dict``.
+    so every DDP rank revives the same heads; the ramp, boost and history are in ``state_dict``. A growth step whose
+    scores (entropy gap, gradient importance) are NaN/inf for a dead head is skipped, counted in
+    ``heads/skipped_nonfinite``; the first one warns.
 
     Args:
         fraction: share of the dead heads revived per growth step.
@@ -753,7 +805,11 @@ class HeadGrowth(RevivingIntervention):
         dead = int((self._gates().mask == 0).sum())
         if count is None:
             count = max(1, int(self.fraction * dead)) if dead else 0
-        heads = self.choose(trainer, pl_module, count) if count > 0 else []
+        try:
+            heads = self.choose(trainer, pl_module, count) if count > 0 else []
+        except NonFiniteScores as skipped:
+            self.skip_nonfinite(trainer, skipped.what)
+            return []
         if heads:
             self.reviver.revive(
                 heads, trainer.global_step, generator=self.generator, optimizers=self.optimizers(trainer)

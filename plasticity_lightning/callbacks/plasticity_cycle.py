@@ -25,6 +25,7 @@ from plasticity_lightning.callbacks.heads import (
     HeadGrowth,
     HeadImportance,
     HeadPruning,
+    NonFiniteScores,
     RevivingIntervention,
     check_prompts,
     choose_heads_to_grow,
@@ -96,6 +97,11 @@ class PlasticityCycle(RevivingIntervention):
     so all ranks prune, grow and revert alike. Everything — snapshot included (about three model copies with Adam)
     — is in ``state_dict``, so a run resumed mid-cycle finishes it as the uninterrupted run would. The record of
     cycles, ratings and memory is written to ``<log_dir>/plasticity_cycle.json`` after each cycle.
+
+    A cycle is not started on NaN/inf statistics: when the first perplexity or the head scores a strategy ranks by
+    are not finite, nothing is pruned or grown (a pruning already made is undone), the skip is counted in
+    ``cycle/skipped_nonfinite`` (the first one warns) and the next try comes ``learn_steps`` steps later. A cycle
+    whose final perplexity is NaN/inf fails its judgement and is reverted.
 
     Needs a :class:`HeadImportance` before it (its gates; its gradient importance for ``"gradient"`` pruning or
     growth), and no :class:`HeadPruning` or :class:`HeadGrowth` on the same trainer (they would change the gates
@@ -212,6 +218,7 @@ class PlasticityCycle(RevivingIntervention):
         self.stopped: str | None = None
         self.current: dict[str, Any] | None = None  # the cycle in its learning phase
         self.snapshot: dict[str, Any] | None = None
+        self.retry_step = 0  # after a cycle skipped on NaN/inf statistics, the step of the next try
         self._importance: HeadImportance | None = None
 
     @override
@@ -248,7 +255,8 @@ class PlasticityCycle(RevivingIntervention):
         step = trainer.global_step
         if self.current is not None and step - self.current["start_step"] >= self.current["learn_steps"]:
             self.finish_cycle(trainer, pl_module)
-        if self.current is None and self.stopped is None and step >= self.start_step and self._room(trainer):
+        ready = step >= max(self.start_step, self.retry_step)
+        if self.current is None and self.stopped is None and ready and self._room(trainer):
             self.start_cycle(trainer, pl_module)
 
     def _room(self, trainer: pl.Trainer) -> bool:
@@ -271,11 +279,15 @@ class PlasticityCycle(RevivingIntervention):
         with trainer.precision_plugin.forward_context():
             loss = float(model(ids, labels=ids).loss)
         model.train(was_training)
-        tokenizer = resolve_tokenizer(trainer, self.tokenizer, "PlasticityCycle")
-        scores, _ = score_generations(pl_module, tokenizer, self.prompts, self.max_new_tokens, self.seed)
+        # a diverged model has no text to judge (sampling from NaN probabilities fails): NaN fails every judgement
+        degeneration = math.nan
+        if math.isfinite(loss):
+            tokenizer = resolve_tokenizer(trainer, self.tokenizer, "PlasticityCycle")
+            scores, _ = score_generations(pl_module, tokenizer, self.prompts, self.max_new_tokens, self.seed)
+            degeneration = scores[self.degeneration_metric]
         values = {
-            "perplexity": math.exp(min(loss, 700.0)),
-            "degeneration": scores[self.degeneration_metric],
+            "perplexity": math.inf if loss == math.inf else math.exp(min(loss, 700.0)),  # NaN stays NaN
+            "degeneration": degeneration,
             "live_heads": int((self._importance.gates.mask > 0).sum()),
         }
         return trainer.strategy.broadcast(values, src=0)
@@ -283,39 +295,21 @@ class PlasticityCycle(RevivingIntervention):
     # ------------------------------------------------------------------ the cycle
     def start_cycle(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Steps 1–4: measure, snapshot, choose, prune, measure, grow."""
-        gates = self._importance.gates
         before = self.evaluate(trainer, pl_module)
+        if not math.isfinite(before["perplexity"]):  # nothing to judge a cycle against
+            self._skip_cycle(trainer, "perplexity")
+            return
         self.snapshot = self._take_snapshot(trainer, pl_module)
         plan = trainer.strategy.broadcast(self._plan(), src=0)
         ids = token_ids(self.probe.draw(trainer))
         importance = self._importance.current(trainer) if self._importance.method == "gradient" else None
-
-        alive = gates.mask.cpu() > 0
-        count = max(1, int(plan["prune_level"] * int(alive.sum())))
-        scores = head_scores(
-            plan["prune_strategy"], pl_module, gates, importance=importance, input_ids=ids, generator=self.generator
-        )
-        pruned = trainer.strategy.broadcast(lowest_heads(scores, alive, count), src=0)
-        for layer, head in pruned:
-            gates.set(layer, head, 0.0)
-        after_pruning = self.evaluate(trainer, pl_module)
-
-        dead = int((gates.mask == 0).sum())
-        grow_count = max(1, int(plan["growth_ratio"] * dead)) if dead else 0
-        grown = choose_heads_to_grow(
-            plan["growth_strategy"],
-            pl_module,
-            gates,
-            grow_count,
-            importance=importance,
-            input_ids=ids,
-            generator=self.generator,
-        )
-        grown = trainer.strategy.broadcast(grown, src=0)
-        if grown:
-            self.reviver.revive(
-                grown, trainer.global_step, generator=self.generator, optimizers=self.optimizers(trainer)
-            )
+        try:
+            pruned, after_pruning, grown = self._prune_and_grow(trainer, pl_module, plan, ids, importance)
+        except NonFiniteScores as skipped:  # the same scores on every rank: all ranks skip
+            self._restore_snapshot(trainer, pl_module)  # the gates a pruning may have set
+            self.snapshot = None
+            self._skip_cycle(trainer, skipped.what)
+            return
         self.current = {
             "cycle": len(self.history),
             "start_step": trainer.global_step,
@@ -336,6 +330,49 @@ class PlasticityCycle(RevivingIntervention):
             },
             force=True,
         )
+
+    def _prune_and_grow(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        plan: dict[str, Any],
+        ids: torch.Tensor,
+        importance: torch.Tensor | None,
+    ) -> tuple[list[tuple[int, int]], dict[str, float], list[tuple[int, int]]]:
+        """Steps 3–4: prune the lowest-scored heads, measure, revive heads (:class:`NonFiniteScores` on NaN/inf
+        scores, before the revival)."""
+        gates = self._importance.gates
+        alive = gates.mask.cpu() > 0
+        count = max(1, int(plan["prune_level"] * int(alive.sum())))
+        scores = head_scores(
+            plan["prune_strategy"], pl_module, gates, importance=importance, input_ids=ids, generator=self.generator
+        )
+        pruned = trainer.strategy.broadcast(lowest_heads(scores, alive, count, plan["prune_strategy"]), src=0)
+        for layer, head in pruned:
+            gates.set(layer, head, 0.0)
+        after_pruning = self.evaluate(trainer, pl_module)
+
+        dead = int((gates.mask == 0).sum())
+        grow_count = max(1, int(plan["growth_ratio"] * dead)) if dead else 0
+        grown = choose_heads_to_grow(
+            plan["growth_strategy"],
+            pl_module,
+            gates,
+            grow_count,
+            importance=importance,
+            input_ids=ids,
+            generator=self.generator,
+        )
+        grown = trainer.strategy.broadcast(grown, src=0)
+        if grown:
+            self.reviver.revive(
+                grown, trainer.global_step, generator=self.generator, optimizers=self.optimizers(trainer)
+            )
+        return pruned, after_pruning, grown
+
+    def _skip_cycle(self, trainer: pl.Trainer, what: str) -> None:
+        self.skip_nonfinite(trainer, what)
+        self.retry_step = trainer.global_step + self.learn_steps
 
     def finish_cycle(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Step 5: measure, judge, keep or revert, rate, remember, adapt."""
@@ -481,6 +518,7 @@ class PlasticityCycle(RevivingIntervention):
             "stale": self.stale,
             "current": self.current,
             "snapshot": self.snapshot,
+            "retry_step": self.retry_step,
         }
 
     @override
@@ -497,6 +535,7 @@ class PlasticityCycle(RevivingIntervention):
         self.stale = int(state_dict.get("stale", 0))
         self.current = state_dict.get("current", state_dict.get("unfinished"))
         self.snapshot = state_dict.get("snapshot")
+        self.retry_step = int(state_dict.get("retry_step", 0))
 
 
 def _to_cpu(collection: Any) -> Any:
