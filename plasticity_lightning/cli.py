@@ -566,6 +566,11 @@ def main(args: ArgsType = None) -> None:
 
             report_main(argv[1:])
             return
+        if argv and argv[0] == "tune":  # hyperparameter search: an Optuna study whose trials are fits
+            from plasticity_lightning.tune.cli import main as tune_main
+
+            tune_main(argv[1:])
+            return
         PlasticityCLI(args=args)
     except SIGTERMException as err:
         # Lightning ends a fit stopped by SIGTERM with SystemExit(None), which would exit 0 as if it had finished.

@@ -11,6 +11,7 @@ import html
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,18 @@ from plasticity_lightning.reports.panels import Chart, Series
 # Plotly's default qualitative palette: a variant keeps its colour on every chart
 PALETTE = ("#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692", "#B6E880", "#FF97FF", "#FECB52")
 DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
+
+
+@dataclass
+class FigureChart(Chart):
+    """A chart another library has drawn (``optuna.visualization`` for ``plasticity tune``): its Plotly figure
+    dictionary goes onto the page as it is, beside the library's own charts."""
+
+    plotly: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def points(self) -> int:
+        return len(self.plotly.get("data") or [])
 
 
 def _values(array: np.ndarray | Sequence[Any]) -> list[Any]:
@@ -56,6 +69,8 @@ def _band(series: Series, color: str, legend_group: str) -> dict[str, Any] | Non
 
 def figure(chart: Chart) -> dict[str, Any]:
     """The Plotly figure dictionary of ``chart``."""
+    if isinstance(chart, FigureChart):
+        return chart.plotly
     layout: dict[str, Any] = {
         "title": {"text": html.escape(chart.title), "font": {"size": 14}},
         "template": "plotly_white",

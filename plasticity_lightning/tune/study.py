@@ -1,0 +1,678 @@
+"""Running a tuning study: storage, the trial queue, worker processes, heartbeats, and each trial as a ``fit``.
+
+How the pieces fit:
+
+* The study lives in an Optuna storage: by default SQLite in the tune folder (``runs/tune/<name>/study.sqlite``),
+  or any Optuna URL (PostgreSQL/MySQL through SQLAlchemy, or ``journal:PATH`` for a journal file on a shared file
+  system). Every worker, on this machine or another, joins the same study through it.
+* The study holds exactly ``--trials`` trial slots. ``plasticity tune`` tops the queue up to that number with
+  waiting trials (the first one set to the recipe's own values, the baseline); a worker claims a waiting trial
+  by moving it to RUNNING, which the storage grants to one worker only (Optuna's own queue), so two workers never
+  run the same trial and no slot is lost. The sampler draws each trial's values when the trial starts.
+* A running trial records a heartbeat (RDB storages). A worker killed mid-trial stops beating; after the grace
+  period (three heartbeats) any worker, or the rerun command, marks that trial failed and Optuna's
+  ``RetryHeartbeatStaleTrialCallback`` queues a copy of it with the same values (up to ``retries`` times).
+  Workers keep waiting while others' trials run, so a retry is always picked up.
+* Each trial is an ordinary ``plasticity fit`` of the complete recipe (written as the run's ``trial.yaml``) with
+  the sampled values in place, run inside the worker (no new interpreter per trial) and logging into its own run
+  directory ``<tune folder>/trials/trial_NNNN`` (readable by ``plasticity report``). The objective is read back from
+  what the run logged. A trial whose fit raises, or whose objective is missing or NaN, is recorded as failed with
+  its reason; the study goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import fcntl
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from plasticity_lightning.core.errors import PlasticityConfigError
+from plasticity_lightning.core.files import write_text_atomic
+from plasticity_lightning.tune.search import Param, SearchSpec, apply, current_value
+
+TRIALS_DIR = "trials"
+TRIAL_CONFIG = "trial.yaml"
+BEST_CONFIG = "best.yaml"
+STUDY_FILE = "study.sqlite"
+LOGS_DIR = "logs"
+PROBE_DIR = ".probe"
+FINGERPRINT_ATTR = "plasticity_tune"
+_RUN_DIR_ATTR = "run_dir"
+_FAIL_ATTR = "fail_reason"
+_BASELINE_ATTR = "baseline"
+_FIT_SECONDS_ATTR = "fit_seconds"
+_TRIAL_SECONDS_ATTR = "trial_seconds"
+_LOGGERS = ("lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.loggers.TensorBoardLogger")
+
+
+def _quiet_optuna() -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+# ---------------------------------------------------------------------------------------------------- the recipe
+def _one_line(err: BaseException) -> str:
+    from plasticity_lightning.cli import configuration_error
+
+    cause = configuration_error(err) or err
+    text = " ".join(str(cause).split()) or type(cause).__name__
+    return text if isinstance(cause, PlasticityConfigError) else f"{type(cause).__name__}: {text}"[:500]
+
+
+def recipe_config(configs: list[str]) -> dict[str, Any]:
+    """The complete configuration that ``plasticity fit --config A --config B`` would run (``--print_config``)."""
+    import io
+
+    from plasticity_lightning.cli import main as plasticity_main
+
+    for path in configs:
+        if not Path(path).is_file():
+            raise PlasticityConfigError(f"--config {path!r} does not exist")
+    out = io.StringIO()
+    args = ["fit", *(item for path in configs for item in ("--config", path)), "--print_config"]
+    try:
+        with contextlib.redirect_stdout(out), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            plasticity_main(args)
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            raise  # the CLI has printed its one line
+    config = yaml.safe_load(out.getvalue())
+    if not isinstance(config, dict) or "model" not in config:
+        raise PlasticityConfigError(f"--config {' '.join(configs)}: not a complete recipe (no model)")
+    for key in ("ckpt_path", "model_from_checkpoint", "weights_only"):
+        config.pop(key, None)  # a tuning run starts from scratch; best.yaml must not resume a checkpoint
+    seed = config.get("seed_everything")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        # a random seed per trial would compare seeds, not settings, and best.yaml could not reproduce its trial
+        print("plasticity tune: seed_everything is not a number; every trial uses seed 0", file=sys.stderr)
+        config["seed_everything"] = 0
+    return config
+
+
+def _logger_blocks(trainer: dict[str, Any]) -> list[Any]:
+    logger = trainer.get("logger")
+    if logger in (None, True, False):
+        return []
+    return list(logger) if isinstance(logger, list) else [logger]
+
+
+def run_config(base: dict[str, Any], directory: Path, **trainer: Any) -> dict[str, Any]:
+    """``base`` logging into ``directory`` (its first logger, CSV or TensorBoard, redirected; else a CSVLogger
+    added first), with ``trainer`` settings on top. DDP that re-launches the command becomes ``ddp_spawn``: a trial
+    runs inside a worker, whose command is ``plasticity tune``, not ``fit``."""
+    config = copy.deepcopy(base)
+    settings = config.setdefault("trainer", {})
+    loggers = _logger_blocks(settings)
+    where = {"save_dir": str(directory.parent.parent), "name": directory.parent.name, "version": directory.name}
+    first = loggers[0] if loggers else None
+    if isinstance(first, dict) and first.get("class_path") in _LOGGERS:
+        first.setdefault("init_args", {}).update(where)
+    else:
+        loggers.insert(0, {"class_path": _LOGGERS[0], "init_args": where})
+    settings["logger"] = loggers
+    strategy = settings.get("strategy")
+    ddp_class = isinstance(strategy, dict) and str(strategy.get("class_path", "")).endswith("DDPStrategy")
+    if strategy == "ddp" or ddp_class:
+        if isinstance(strategy, dict):
+            strategy.setdefault("init_args", {})["start_method"] = "spawn"
+        else:
+            settings["strategy"] = "ddp_spawn"
+    settings.update(trainer)
+    return config
+
+
+def _fit(config: dict[str, Any], path: Path, callbacks: list[Any]) -> Any:
+    """``plasticity fit --config path`` (``config`` written there first) in this process; returns the trainer."""
+    from plasticity_lightning.cli import PlasticityCLI
+
+    write_text_atomic(path, yaml.safe_dump(config, sort_keys=False))
+    with warnings.catch_warnings():
+        # LightningCLI warns when given args while sys.argv holds others: here they are `tune`'s, on purpose
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = PlasticityCLI(args=["fit", "--config", str(path)], trainer_defaults={"callbacks": callbacks})
+    return cli.trainer
+
+
+@contextlib.contextmanager
+def _output_to(path: Path | None) -> Iterator[None]:
+    """Send everything this process prints (Python, logging, C libraries) to ``path`` while a trial runs: the
+    workers' fits would interleave on one terminal."""
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with path.open("ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def probe(base: dict[str, Any], spec: SearchSpec, folder: Path) -> list[str]:
+    """Run the recipe for ``spec.probe_epochs`` epochs of one batch and check that every objective metric is logged
+    (and the pruning monitor reaches ``trainer.callback_metrics``) before any trial is spent. Returns the logged
+    keys."""
+    from plasticity_lightning.reports.data import load_run
+
+    directory = folder / PROBE_DIR / TRIALS_DIR / "probe"
+    shutil.rmtree(folder / PROBE_DIR, ignore_errors=True)
+    settings = base.get("trainer") or {}
+    limits = {"limit_train_batches": 1, "limit_val_batches": 1, "limit_test_batches": 1}
+    max_epochs = settings.get("max_epochs")
+    if isinstance(max_epochs, int) and max_epochs > 0:
+        limits["max_epochs"] = min(max_epochs, spec.probe_epochs)
+    elif isinstance(settings.get("max_steps"), int) and settings["max_steps"] > 0:
+        limits["max_steps"] = min(settings["max_steps"], spec.probe_epochs)
+    else:
+        limits["max_epochs"] = spec.probe_epochs
+    config = run_config(
+        base, directory, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **limits
+    )
+    try:
+        with _output_to(folder / LOGS_DIR / "probe.log"):
+            trainer = _fit(config, folder / PROBE_DIR / TRIAL_CONFIG, [])
+    except SystemExit as exit_:
+        raise PlasticityConfigError(
+            f"the recipe does not run (exit {exit_.code}); see {folder / LOGS_DIR / 'probe.log'}"
+        ) from None
+    except Exception as err:
+        raise PlasticityConfigError(f"the recipe does not run: {_one_line(err)}") from err
+    monitored = sorted(trainer.callback_metrics)
+    try:
+        run = load_run(directory)
+        logged = sorted(set(run.columns) | set(monitored))
+        present = {key for key in logged if run.has(key) or key in monitored}
+    except (PlasticityConfigError, FileNotFoundError):
+        logged, present = monitored, set(monitored)
+    shutil.rmtree(folder / PROBE_DIR, ignore_errors=True)
+    where = f"search file {spec.source}"
+    for objective in spec.objectives:
+        if objective.metric not in present:
+            raise PlasticityConfigError(
+                f"{where}: objective metric {objective.metric!r} is never logged by the recipe (a "
+                f"{spec.probe_epochs}-epoch probe logged: {', '.join(logged) or 'nothing'}); fix the name, or raise "
+                "probe_epochs if it is logged later in a run"
+            )
+    if spec.pruning_monitor is not None and spec.pruning_monitor not in monitored:
+        raise PlasticityConfigError(
+            f"{where}: pruning.monitor {spec.pruning_monitor!r} is not in trainer.callback_metrics (keys the model or "
+            f"callbacks log with self.log: {', '.join(monitored) or 'none'})"
+        )
+    return logged
+
+
+# ---------------------------------------------------------------------------------------------------- objectives
+def objective_values(run_dir: Path, spec: SearchSpec) -> list[float]:
+    """The objectives of a finished run, read from what it logged.
+
+    ``continual/*`` keys hold one value per finished task (the task on the row, :func:`finished_task_values`),
+    other keys one per logging call. ``mean_last`` averages the last ``window`` of them (a tenth of the values when
+    no window is given, as the README's per-task summaries do); NaN entries are not measurements and are skipped.
+
+    Raises:
+        ValueError: a metric has no finite value (the trial is recorded as failed with this reason).
+    """
+    from plasticity_lightning.core.rundir import FINISHED_TASK_KEY
+    from plasticity_lightning.metrics.continual import first_and_last, summary_window
+    from plasticity_lightning.reports.data import finished_task_values, load_run
+
+    run = load_run(run_dir)
+    values = []
+    for objective in spec.objectives:
+        if objective.metric.startswith("continual/") and FINISHED_TASK_KEY in run.table.columns:
+            by_task = finished_task_values(run, objective.metric)
+            series = [by_task[task] for task in sorted(by_task)]
+        else:
+            series = run.series(objective.metric)[1].tolist()
+        finite = [v for v in series if math.isfinite(v)]
+        if not finite:
+            state = "was never logged" if not series else "is NaN or infinite (the fit diverged?)"
+            raise ValueError(f"objective {objective.metric} {state}")
+        if objective.reduce == "last":
+            value = finite[-1]
+        elif objective.reduce == "mean_last":
+            value = first_and_last(series, objective.window or summary_window(len(series)))[1]
+        elif objective.reduce == "mean":
+            value = sum(finite) / len(finite)
+        else:
+            value = max(finite) if objective.reduce == "max" else min(finite)
+        if not math.isfinite(value):
+            raise ValueError(f"objective {objective.name} is NaN (no finite value in its window)")
+        values.append(float(value))
+    return values
+
+
+# ---------------------------------------------------------------------------------------------------- storage
+@dataclasses.dataclass
+class TuneSetup:
+    """What every worker needs (picklable: sent to spawned processes)."""
+
+    base: dict[str, Any]
+    spec: SearchSpec
+    folder: Path
+    storage_url: str
+    study_name: str
+    trials: int
+    heartbeat: int = 10
+    retries: int = 2
+    threads: int | None = None
+    capture: bool = True
+
+
+def storage_url(folder: Path, storage: str | None) -> str:
+    return storage or f"sqlite:///{(folder / STUDY_FILE).resolve()}"
+
+
+def open_storage(url: str, heartbeat: int = 10, retries: int = 2) -> Any:
+    """The Optuna storage behind ``url``: ``journal:PATH`` (or a ``.journal``/``.log`` file) is a journal file,
+    anything else an RDB URL for SQLAlchemy. RDB storages get heartbeats and retries of stale trials.
+
+    Raises:
+        PlasticityConfigError: the storage cannot be opened (one line naming the URL and why).
+    """
+    import optuna
+    from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages.journal import JournalFileBackend
+
+    _quiet_optuna()
+    try:
+        if url.startswith("journal:") or url.endswith((".journal", ".log")):
+            path = Path(url.removeprefix("journal:").removeprefix("//"))
+            if not path.parent.is_dir():
+                raise FileNotFoundError(f"no folder {str(path.parent)!r}")
+            return JournalStorage(JournalFileBackend(str(path)))
+        if "://" not in url:
+            raise ValueError("not a storage URL; expected e.g. sqlite:///x.db, postgresql://host/db or journal:PATH")
+        engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+        return RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=heartbeat,
+            grace_period=3 * heartbeat,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=retries),
+        )
+    except Exception as err:
+        if isinstance(err, optuna.exceptions.StorageInternalError) and err.__cause__ is not None:
+            err = err.__cause__
+        reason = " ".join(str(err).split()).split(" (Background on this error")[0][:300]
+        raise PlasticityConfigError(f"--storage {url!r} cannot be opened: {type(err).__name__}: {reason}") from None
+
+
+def _heartbeats(storage: Any) -> bool:
+    return getattr(storage, "heartbeat_interval", None) is not None
+
+
+@contextlib.contextmanager
+def _heartbeat(storage: Any, trial_id: int) -> Iterator[None]:
+    """Record the trial's heartbeat now and every interval while it runs (what ``Study.optimize`` does)."""
+    if not _heartbeats(storage):
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            with contextlib.suppress(Exception):  # a busy database: the next beat comes soon enough
+                storage.record_heartbeat(trial_id)
+            if stop.wait(storage.heartbeat_interval):
+                return
+
+    storage.record_heartbeat(trial_id)
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+@contextlib.contextmanager
+def _queue_lock(url: str, folder: Path) -> Iterator[None]:
+    """An exclusive lock while the queue is topped up, for storages in a local file (several ``plasticity tune``
+    commands started at once on one machine must not both add the missing slots)."""
+    target = url.removeprefix("journal:") if url.startswith("journal:") else None
+    if url.startswith("sqlite:///"):
+        target = url.removeprefix("sqlite:///")
+    path = Path(f"{target}.lock") if target else folder / ".queue.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def fingerprint(base: dict[str, Any], spec: SearchSpec) -> str:
+    """What a study was started with (the complete recipe, less where it logs, and the search): a rerun with other
+    settings under the same study name is refused instead of mixing two searches."""
+    recipe = copy.deepcopy(base)
+    recipe.get("trainer", {}).pop("logger", None)
+    text = json.dumps({"recipe": recipe, "search": spec.to_dict()}, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def load_study(setup: TuneSetup, storage: Any | None = None) -> Any:
+    import optuna
+
+    _quiet_optuna()
+    storage = storage or open_storage(setup.storage_url, setup.heartbeat, setup.retries)
+    return optuna.load_study(
+        study_name=setup.study_name,
+        storage=storage,
+        sampler=setup.spec.build_sampler(),
+        pruner=setup.spec.build_pruner(),
+    )
+
+
+def _retried(trials: list[Any]) -> set[int]:
+    """Numbers of trials that failed stale and were queued again (their copies count instead of them)."""
+    return {number for t in trials for number in t.system_attrs.get("retry_history", [])}
+
+
+def counted_trials(trials: list[Any]) -> list[Any]:
+    """The trials that fill the study's slots: all but the stale ones that were retried."""
+    retried = _retried(trials)
+    return [t for t in trials if t.number not in retried]
+
+
+def baseline_params(base: dict[str, Any], spec: SearchSpec) -> dict[str, Any]:
+    """The recipe's own values as Optuna parameters, for the ones the search can represent."""
+    params = {}
+    for param in spec.params:
+        label = param.label_of(current_value(base, param))
+        if label is not None:
+            params[param.key] = label
+    return params
+
+
+def prepare(setup: TuneSetup) -> Any:
+    """Create or resume the study and top its queue up to ``setup.trials`` slots; returns the study."""
+    import optuna
+
+    storage = open_storage(setup.storage_url, setup.heartbeat, setup.retries)
+    mark = fingerprint(setup.base, setup.spec)
+    with _queue_lock(setup.storage_url, setup.folder):
+        study = optuna.create_study(
+            study_name=setup.study_name,
+            storage=storage,
+            directions=setup.spec.directions,
+            sampler=setup.spec.build_sampler(),
+            pruner=setup.spec.build_pruner(),
+            load_if_exists=True,
+        )
+        if list(study.directions) != [
+            optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE
+            for d in setup.spec.directions
+        ]:
+            raise PlasticityConfigError(
+                f"study {setup.study_name!r} in {setup.storage_url} optimises other directions; give another "
+                "--study-name"
+            )
+        recorded = study.user_attrs.get(FINGERPRINT_ATTR)
+        if recorded is not None and recorded != mark:
+            raise PlasticityConfigError(
+                f"study {setup.study_name!r} in {setup.storage_url} was started with another recipe or search file; "
+                "rerun it with the same --config and --search, or give another --study-name"
+            )
+        if recorded is None:
+            study.set_user_attr(FINGERPRINT_ATTR, mark)
+        if _heartbeats(storage):
+            optuna.storages.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        missing = setup.trials - len(counted_trials(trials))
+        if setup.spec.baseline and missing > 0 and not any(t.user_attrs.get(_BASELINE_ATTR) for t in trials):
+            study.enqueue_trial(baseline_params(setup.base, setup.spec), user_attrs={_BASELINE_ATTR: True})
+            missing -= 1
+        for _ in range(max(0, missing)):
+            study.enqueue_trial({})  # a slot: the sampler draws its values when a worker starts it
+    return study
+
+
+# ---------------------------------------------------------------------------------------------------- workers
+def _claim(study: Any) -> int | None:
+    """Move one waiting trial to RUNNING; the storage grants each to one worker only (Optuna's queue)."""
+    import optuna
+
+    storage = study._storage
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+        try:
+            if storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.RUNNING):
+                return trial._trial_id
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return None
+
+
+def _suggest(trial: Any, param: Param) -> Any:
+    if param.kind == "float":
+        return trial.suggest_float(param.key, param.low, param.high, log=param.log, step=param.step)
+    if param.kind == "int":
+        return trial.suggest_int(param.key, param.low, param.high, log=param.log, step=param.step or 1)
+    return trial.suggest_categorical(param.key, param.labels)
+
+
+def trial_directory(folder: Path, number: int) -> Path:
+    return folder / TRIALS_DIR / f"trial_{number:04d}"
+
+
+def configured(base: dict[str, Any], spec: SearchSpec, params: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with the Optuna parameters ``params`` put in place."""
+    config = copy.deepcopy(base)
+    for param in spec.params:
+        if param.key in params:
+            apply(config, param, param.value(params[param.key]))
+    return config
+
+
+def _tell(study: Any, trial: Any, values: list[float] | None, state: Any) -> None:
+    from optuna.trial import TrialState
+
+    try:
+        study.tell(trial, values if state == TrialState.COMPLETE else None, state=state)
+    except RuntimeError as err:
+        # A sampler that has tried every point (GridSampler, BruteForceSampler) calls Study.stop, which Optuna
+        # allows only inside Study.optimize; the trial's state is stored before that (Optuna's finally clause).
+        if "Study.stop" not in str(err):
+            raise
+
+
+def run_trial(study: Any, trial_id: int, setup: TuneSetup, report: Callable[[str], None] = print) -> str:
+    """Run one claimed trial as a ``fit`` and tell the study how it ended; returns the state's name."""
+    import optuna
+    from optuna.trial import TrialState
+
+    started = time.perf_counter()
+    trial = optuna.Trial(study, trial_id)
+    directory = trial_directory(setup.folder, trial.number)
+    storage = study._storage
+    state, values, reason, fit_seconds = TrialState.FAIL, None, None, 0.0
+    with _heartbeat(storage, trial_id):
+        try:
+            params = {param.key: _suggest(trial, param) for param in setup.spec.params}
+            trial.set_user_attr(_RUN_DIR_ATTR, str(directory))
+            config = run_config(
+                configured(setup.base, setup.spec, params),
+                directory,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+            )
+            callbacks = []
+            if setup.spec.pruning_monitor is not None:
+                from optuna_integration import PyTorchLightningPruningCallback
+
+                callbacks.append(PyTorchLightningPruningCallback(trial, monitor=setup.spec.pruning_monitor))
+            log = setup.folder / LOGS_DIR / f"{directory.name}.log" if setup.capture else None
+            fit_started = time.perf_counter()
+            try:
+                with _output_to(log):
+                    _fit(config, directory.parent / f".{directory.name}.yaml", callbacks)
+                    for callback in callbacks:
+                        callback.check_pruned()  # DDP: the ranks' decision, kept in the storage
+            finally:
+                fit_seconds = time.perf_counter() - fit_started
+            values = objective_values(directory, setup.spec)
+            state = TrialState.COMPLETE
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+        except SystemExit as exit_:  # the CLI's one-line errors (a value jsonargparse refuses) end in exit 2
+            reason = f"plasticity fit exited with status {exit_.code}" + (f"; see {log}" if setup.capture else "")
+        except Exception as err:
+            reason = _one_line(err)
+        except KeyboardInterrupt:
+            _tell(study, trial, None, TrialState.FAIL)
+            raise
+        if reason is not None:
+            trial.set_user_attr(_FAIL_ATTR, reason)
+        trial.set_user_attr(_FIT_SECONDS_ATTR, round(fit_seconds, 3))
+        trial.set_user_attr(_TRIAL_SECONDS_ATTR, round(time.perf_counter() - started, 3))
+        _tell(study, trial, values, state)
+    shown = ", ".join(f"{v:.6g}" for v in values) if values else (reason or "")
+    report(f"trial {trial.number}: {state.name.lower()}" + (f" ({shown})" if shown else "") + f" -> {directory}")
+    return state.name
+
+
+def work(setup: TuneSetup, report: Callable[[str], None] = print) -> int:
+    """One worker: claim and run waiting trials until the study holds no waiting or running trial; returns how
+    many it ran. While other workers' trials run it waits: one may die, and its retry must still be run."""
+    import optuna
+
+    storage = open_storage(setup.storage_url, setup.heartbeat, setup.retries)
+    study = load_study(setup, storage)
+    ran = 0
+    while True:
+        if _heartbeats(storage):
+            optuna.storages.fail_stale_trials(study)
+        trial_id = _claim(study)
+        if trial_id is not None:
+            run_trial(study, trial_id, setup, report)
+            ran += 1
+            continue
+        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        if not running or not _heartbeats(storage):
+            return ran
+        time.sleep(min(2.0, setup.heartbeat / 2))
+
+
+def _worker_main(setup: TuneSetup) -> None:
+    import torch
+
+    if setup.threads:
+        torch.set_num_threads(setup.threads)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C reaches every worker: the main process reports it
+        work(setup, report=lambda line: print(line, flush=True))
+
+
+def run_workers(setup: TuneSetup, workers: int) -> None:
+    """``workers`` worker processes (this process itself when 1) until the study is complete."""
+    if workers == 1:
+        work(setup)
+        return
+    context = multiprocessing.get_context("spawn")
+    setup = dataclasses.replace(setup, threads=setup.threads or max(1, (os.cpu_count() or 1) // workers))
+    processes = [context.Process(target=_worker_main, args=(setup,), name=f"tune-worker-{i}") for i in range(workers)]
+    for process in processes:
+        process.start()
+    try:
+        for process in processes:
+            process.join()
+    except KeyboardInterrupt:
+        for process in processes:
+            process.terminate()
+        raise
+    failed = [p.exitcode for p in processes if p.exitcode not in (0, None)]
+    if failed:
+        print(f"plasticity tune: {len(failed)} worker(s) ended with status {failed}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------- results
+def best_trials(study: Any) -> list[Any]:
+    """The best trial (one objective) or the Pareto front (several), among completed trials."""
+    import optuna
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        return []
+    return list(study.best_trials) if len(study.directions) > 1 else [study.best_trial]
+
+
+def write_best(study: Any, setup: TuneSetup) -> Path | None:
+    """``best.yaml``: the complete recipe with the best trial's values (the first objective's best on a Pareto
+    front, whose other members go to ``pareto/trial_N.yaml``), logging where the recipe logs.
+    ``plasticity fit --config best.yaml`` runs that trial again with the same seed."""
+    best = best_trials(study)
+    if not best:
+        return None
+    sign = 1 if setup.spec.directions[0] == "maximize" else -1
+    chosen = max(best, key=lambda t: sign * t.values[0])
+    for trial in best:
+        target = setup.folder / (BEST_CONFIG if trial is chosen else f"pareto/trial_{trial.number:04d}.yaml")
+        values = ", ".join(f"{o.name} = {v:.6g}" for o, v in zip(setup.spec.objectives, trial.values, strict=True))
+        header = (
+            f"# plasticity tune: trial {trial.number} of study {setup.study_name!r} ({values})\n"
+            f"# ran in {trial.user_attrs.get(_RUN_DIR_ATTR)}; reproduce with: plasticity fit --config {target}\n"
+        )
+        config = configured(setup.base, setup.spec, trial.params)
+        write_text_atomic(target, header + yaml.safe_dump(config, sort_keys=False))
+    return setup.folder / BEST_CONFIG
+
+
+def summary(study: Any, setup: TuneSetup) -> dict[str, Any]:
+    """Counts, the baseline, the best value(s) and per-trial timing, as ``plasticity tune`` prints them."""
+    import optuna
+
+    trials = study.get_trials(deepcopy=False)
+    states: dict[str, int] = {}
+    for t in counted_trials(trials):
+        states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    baseline = next((t for t in trials if t.user_attrs.get(_BASELINE_ATTR)), None)
+    overhead = [
+        t.user_attrs[_TRIAL_SECONDS_ATTR] - t.user_attrs[_FIT_SECONDS_ATTR]
+        for t in complete
+        if _TRIAL_SECONDS_ATTR in t.user_attrs
+    ]
+    return {
+        "study": setup.study_name,
+        "storage": setup.storage_url,
+        "trials": states,
+        "objectives": [o.name for o in setup.spec.objectives],
+        "directions": setup.spec.directions,
+        "baseline": (
+            {"number": baseline.number, "state": baseline.state.name.lower(), "values": baseline.values}
+            if baseline is not None
+            else None
+        ),
+        "best": [{"number": t.number, "values": t.values, "params": t.params} for t in best_trials(study)],
+        "overhead_seconds_median": sorted(overhead)[len(overhead) // 2] if overhead else None,
+    }
