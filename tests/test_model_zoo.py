@@ -15,6 +15,7 @@ import copy
 import math
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from conftest import make_trainer
@@ -22,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from plasticity_lightning import PlasticityConfigError
-from plasticity_lightning.callbacks import ContinualBackprop, DormantUnitMonitor, RankMonitor, ReDo
+from plasticity_lightning.callbacks import ContinualBackprop, DormantUnitMonitor, RankMonitor, ReDo, SurgeCollapse
 from plasticity_lightning.surgery.topology import unit_weight
 
 VOCAB, SEQ, STEPS = 32, 6, 2
@@ -278,3 +279,51 @@ def test_an_intervention_logs_once_which_pairs_it_bound_and_which_blocks_it_skip
     assert len(bound) == 1
     assert bound[0].startswith("ContinualBackprop: bound 1 producer → consumer pair(s): net.2 → net.4; skipped net.1")
     assert [p.producer for p in cbp.pairs] == ["net.2"] and list(cbp.skipped_blocks) == ["net.1"]
+
+
+@pytest.mark.parametrize("name", ["transformer_lm", "lstm_lm", "llama"])
+def test_entropy_gated_surge_collapse_reads_the_units_the_monitors_find(name, tmp_path):
+    """SurgeCollapse's gate measures the layers the monitors find (functional ReLU, LSTM states, a gated MLP's
+    ``act(gate) * up``), softmax over each layer's units: the entropy against numpy on the same activations."""
+    build, kind = ZOO[name]
+    torch.manual_seed(0)
+    model = Wrapped(build())
+    data = _data(kind)
+    monitor = RankMonitor()
+    gated = SurgeCollapse(mode="entropy_gated", entropy_threshold=1e-9, probe_size=64)  # the gate stays shut
+    trainer = make_trainer(tmp_path, callbacks=[monitor, gated], max_steps=STEPS)
+    trainer.fit(model, data)  # one epoch of 2 steps, then the gate's measurement
+    assert gated._hidden and list(gated._hidden) == list(monitor.layers)
+    # what each layer gave on the whole training set (the probe: every row), read by hooks of our own
+    captured: dict[str, torch.Tensor] = {}
+    named = dict(model.named_modules())
+
+    def keep(layer, reads_input):
+        def hook(module, args, output=None):
+            value = args if reads_input else output
+            captured[layer] = (value[0] if isinstance(value, tuple) else value).detach()
+
+        return hook
+
+    handles = [
+        named[layer.removesuffix(":input")].register_forward_pre_hook(keep(layer, True))
+        if layer.endswith(":input")
+        else named[layer].register_forward_hook(keep(layer, False))
+        for layer in gated._hidden
+    ]
+    model.train()  # dropout is 0: the same outputs as eval, through the modules (no fused fast path)
+    with torch.no_grad():
+        model(data.dataset.tensors[0])
+    for handle in handles:
+        handle.remove()
+    expected = []
+    for layer, h in captured.items():
+        units = h.transpose(0, 1) if name == "transformer_lm" else h  # sequence-first: [time, batch, hidden]
+        assert units.shape[-1] == {"transformer_lm": 32, "lstm_lm": 32, "llama": 24}[name], layer
+        rows = units.double().reshape(-1, units.shape[-1]).numpy()
+        p = np.exp(rows - rows.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        expected.append(float(-(p * np.log(p + 1e-10)).sum(axis=1).mean()))
+    assert gated.counts["resets"] == 0 and gated.skipped_nonfinite == 0
+    logged = trainer.callback_metrics["surge_collapse/entropy"].item()
+    assert logged == pytest.approx(np.mean(expected), rel=1e-5)

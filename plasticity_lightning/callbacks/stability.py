@@ -30,7 +30,8 @@ from plasticity_lightning.metrics.collapse import (
     zero_loss_fraction,
 )
 from plasticity_lightning.metrics.entropy import activation_entropy
-from plasticity_lightning.probes import ProbeSet, capture_outputs, resolve_layers
+from plasticity_lightning.probes import ProbeSet, capture_outputs, resolve_layers, unit_axes, units_first
+from plasticity_lightning.surgery import hidden_unit_layers
 
 
 class SoftmaxCollapseMonitor(PlasticityMonitor):
@@ -178,9 +179,11 @@ class SurgeCollapse(Intervention):
 
     ``mode="entropy_gated"`` (StabilAI): after every ``every_n_epochs``-th training epoch, the mean activation
     entropy of the hidden layers (softmax over units, :func:`~plasticity_lightning.metrics.activation_entropy`) is
-    measured on a fixed training probe; when it is below ``entropy_threshold``, every parameter tensor whose
-    gradient on the epoch's last training batch (after clipping) had L2 norm below ``gradient_threshold`` is zeroed
-    and refilled with N(0, ``noise``²). StabilAI reads
+    measured on a fixed training probe — the layers and unit axes the monitors find
+    (:func:`~plasticity_lightning.surgery.hidden_unit_layers`: activation modules, recurrent layers, and the inputs
+    of the layers that consume units behind functional or unknown activations, e.g. a transformer's MLP); when it is
+    below ``entropy_threshold``, every parameter tensor whose gradient on the epoch's last training batch (after
+    clipping) had L2 norm below ``gradient_threshold`` is zeroed and refilled with N(0, ``noise``²). StabilAI reads
     the entropy of the last training batch and also runs the reset once per epoch unconditionally; here it runs
     only when the gate opens.
 
@@ -244,6 +247,7 @@ class SurgeCollapse(Intervention):
         self.events: list[dict[str, Any]] = []
         self._params: list[tuple[str, nn.Parameter]] = []
         self._hidden: dict[str, nn.Module] = {}
+        self._axes: dict[str, tuple[int, int | None]] = {}
         self._last_step: int | None = None
         self._grad_norms: dict[str, float] = {}
 
@@ -266,8 +270,9 @@ class SurgeCollapse(Intervention):
             self._params = [
                 (f"{n}.{pn}", p) for n in self.layer_names for pn, p in modules[n].named_parameters() if p.requires_grad
             ]
-        if self.mode == "entropy_gated":
-            self._hidden = resolve_layers(pl_module, None)
+        if self.mode == "entropy_gated":  # the monitors' discovery: one engine for every callback that reads units
+            self._hidden = resolve_layers(pl_module, None, discover=hidden_unit_layers)
+            self._axes = unit_axes(pl_module, self._hidden)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
@@ -333,7 +338,9 @@ class SurgeCollapse(Intervention):
     def entropy(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
         """Mean activation entropy of the hidden layers on the fixed probe, averaged across ranks."""
         outputs, _ = capture_outputs(pl_module, self.probe.draw(trainer), self._hidden)
-        mean = torch.stack([activation_entropy(v.flatten(1) if v.ndim > 2 else v) for v in outputs.values()]).mean()
+        # [samples, units, positions...]: softmax over units (a sequence's hidden axis, a convolution's channels)
+        entropies = [activation_entropy(units_first(v, *self._axes[name])) for name, v in outputs.items()]
+        mean = torch.stack(entropies).mean()
         return float(self.reduce_mean(trainer, mean.to(pl_module.device)))
 
     @torch.no_grad()
