@@ -36,10 +36,13 @@ from plasticity_lightning.metrics import (
     weight_stats,
     zero_loss_fraction,
 )
-from plasticity_lightning.metrics.continual import (
+from plasticity_lightning.metrics.continual_summary import (
+    COVERAGE_TEXT,
     accuracy_matrix_summary,
     first_and_last,
     matrix_coverage,
+    per_task_series,
+    seen_accuracy,
     summary_window,
 )
 
@@ -299,6 +302,49 @@ def test_continual_summaries_by_hand():
         summary_window(0)
     with pytest.raises(PlasticityConfigError, match=r"first_and_last.window=0 is invalid"):
         first_and_last([1.0], 0)
+
+
+def test_per_task_series_takes_each_tasks_first_measurement_and_the_end_state():
+    # tasks in time order; None (no task logged) and ids outside [0, num_tasks) are left out
+    tasks = [None, 0, 0, 5, -1, 1, 1, 2, 2]
+    values = [99.0, 10.0, 11.0, 98.0, 97.0, 9.0, 8.5, 8.0, 7.5]
+    assert per_task_series(tasks, values, 3) == [10.0, 9.0, 8.0, 7.5]
+    # the last measurement is the last task's first one: no end state
+    ended = per_task_series([0, 1, 2], [3.0, 2.0, 1.0], 3)
+    assert ended[:3] == [3.0, 2.0, 1.0] and math.isnan(ended[3])
+    # task 1 never measured; the last task (index 1 of 2) measured twice: its second value is the end state
+    gap = per_task_series([0, 2, 2], [4.0, 5.0, 6.0], 3)
+    assert gap[0] == 4.0 and math.isnan(gap[1]) and gap[2:] == [5.0, 6.0]
+    # measurements after the last task but no last task: no end state either
+    partial = per_task_series([0, 0, 0], [1.0, 2.0, 3.0], 2)
+    assert partial[0] == 1.0 and math.isnan(partial[1]) and math.isnan(partial[2])
+    # an id equal to num_tasks is outside the stream, 0 inside
+    single = per_task_series([1, 0], [1.0, 2.0], 1)
+    assert single[0] == 2.0 and math.isnan(single[1])
+    assert all(math.isnan(v) for v in per_task_series([], [], 2)) and len(per_task_series([], [], 2)) == 3
+    assert per_task_series([0], [np.float32(0.5)], 1)[0] == 0.5 and type(per_task_series([0], [1], 1)[0]) is float
+    with pytest.raises(PlasticityConfigError, match=r"per_task_series.num_tasks=0 is invalid"):
+        per_task_series([0], [1.0], 0)
+
+
+def test_seen_accuracy_after_each_task():
+    rows = {0: [0.9, NAN, NAN], 1: [0.7, 0.8, NAN], 2: [0.5, NAN, 0.95]}
+    series = seen_accuracy(rows, 4)
+    assert series[0] == 0.9 and series[1] == pytest.approx((0.7 + 0.8) / 2)
+    assert math.isnan(series[2])  # task 1 was not evaluated after task 2
+    assert math.isnan(series[3]) and len(series) == 4  # no row for task 3
+    # entry t equals accuracy_matrix_summary's avg_seen_acc of rows 0..t
+    full = {0: [0.6, NAN], 1: [0.4, 0.9]}
+    assert seen_accuracy(full, 2) == [0.6, accuracy_matrix_summary(full)["avg_seen_acc"]]
+    assert seen_accuracy({}, 0) == []
+
+
+def test_coverage_names_and_their_text():
+    assert matrix_coverage({0: [0.9, NAN], 1: [NAN, 0.8]}) == "current"
+    assert matrix_coverage({0: [0.9, NAN], 1: [0.7, NAN]}) == "partial"  # the task being learned is missing
+    assert matrix_coverage({0: [NAN, NAN], 1: [NAN, 0.8]}) == "partial"  # the first task was never measured
+    # run summaries and the report print a text for every coverage matrix_coverage can name
+    assert sorted(COVERAGE_TEXT) == ["current", "none", "partial", "seen"]
 
 
 # ---------------------------------------------------------------------------------------------- text

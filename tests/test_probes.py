@@ -223,3 +223,99 @@ def test_probe_arguments_and_loaders_are_checked_with_clear_messages():
     assert ProbeSet()._loader(fake) is first  # the first of a list
     with pytest.raises(PlasticityConfigError, match=full(NO_LOADER)):
         ProbeSet(source="val")._loader(fake)
+
+
+def test_capture_restores_every_modules_own_mode_through_train():
+    net = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Sequential(nn.Dropout(0.5), nn.ReLU()))
+    net.train()
+    net[1].eval()  # a frozen BatchNorm inside a training model
+    net[2][0].eval()
+    seen_modes, calls = [], []
+    net[2].register_forward_hook(lambda module, args, out: seen_modes.append(module.training))
+    original_train = nn.Module.train
+
+    def counting_train(module, mode=True):
+        calls.append((module, mode))
+        return original_train(module, mode)
+
+    for module in net.modules():
+        module.train = counting_train.__get__(module)
+    capture_outputs(net, torch.randn(4, 2), {"2.1": net[2][1]})
+    assert seen_modes == [False]  # measured in eval mode
+    assert [m.training for m in net.modules()] == [True, True, False, True, False, True]
+    # restored through train(), never by setting flags (modules may act on a mode change): one recursive call
+    # from the model, then one call for each module whose mode differed, in module order
+    start = calls.index((net, True))
+    assert calls[start:] == [(m, True) for m in net.modules()] + [(net[1], False), (net[2][0], False)]
+    eval_net = nn.Sequential(nn.Linear(2, 2), nn.ReLU()).eval()
+    capture_outputs(eval_net, torch.randn(3, 2), {"1": eval_net[1]})
+    assert not any(m.training for m in eval_net.modules())  # an eval model stays in eval mode
+
+
+def test_capture_measures_through_the_modules_and_restores_the_fast_path():
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+
+    def fail(module, batch):
+        raise RuntimeError("boom")
+
+    def unimplemented(module, batch):
+        raise NotImplementedError("other")
+
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    during = []
+    layer.linear1.register_forward_hook(lambda *_: during.append(torch.backends.mha.get_fastpath_enabled()))
+    try:
+        for setting in (True, False):
+            torch.backends.mha.set_fastpath_enabled(setting)
+            outputs, _ = capture_outputs(layer, torch.randn(2, 5, 8), {"linear1": layer.linear1})
+            assert outputs["linear1"].shape == (2, 5, 16) and during[-1] is False
+            assert torch.backends.mha.get_fastpath_enabled() is setting
+            with pytest.raises(RuntimeError, match="boom"):  # restored on an error too
+                capture_outputs(layer, None, {"linear1": layer.linear1}, forward=fail)
+            assert torch.backends.mha.get_fastpath_enabled() is setting
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+    with pytest.raises(NotImplementedError, match=r"^other$"):  # only a missing forward() is reworded
+        capture_outputs(layer, None, {}, forward=unimplemented)
+
+
+def test_drawing_the_probe_leaves_the_global_rngs_alone_and_reads_rows_once():
+    import random
+
+    import numpy as np
+
+    class Noisy(torch.utils.data.Dataset):
+        """Random augmentation from the global RNGs, and a count of the rows read."""
+
+        def __init__(self, n):
+            self.n, self.reads = n, 0
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, i):
+            self.reads += 1
+            return torch.tensor([float(i), torch.rand(()).item(), float(np.random.rand()), random.random()])
+
+    data = Noisy(10)
+    probe = ProbeSet(size=4, seed=5)
+    probe._loader = lambda _trainer: DataLoader(data)
+    trainer = _trainer_with(None)
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    first = probe.draw(trainer)
+    after = (torch.rand(()).item(), float(np.random.rand()), random.random())
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    assert after == (torch.rand(()).item(), float(np.random.rand()), random.random())  # nothing consumed
+    assert data.reads == 4
+    torch.manual_seed(123)
+    again = ProbeSet(size=4, seed=5)
+    again._loader = probe._loader
+    assert torch.equal(again.draw(trainer), first)  # augmentation drawn from the probe's seed, not the global one
+    other = ProbeSet(size=4, seed=6)
+    other._loader = probe._loader
+    assert not torch.equal(other.draw(trainer)[:, 1:], first[:, 1:])
+    reads = data.reads
+    assert torch.equal(probe.draw(trainer), first) and data.reads == reads  # same dataset: rows kept
+    data.n = 12  # the dataset changed (a new task): read again
+    probe.draw(trainer)
+    assert data.reads == reads + 4
