@@ -55,9 +55,19 @@ MODULE_TESTS: dict[str, list[str]] = {
         "tests/test_metrics.py::test_metric_accumulates_like_the_functional",
         "tests/test_metrics.py::test_input_validation",
     ],
+    "plasticity_lightning/metrics/continual_summary.py": ["tests/test_metrics_edges.py"],
     "plasticity_lightning/metrics/text.py": ["tests/test_metrics_edges.py"],
     "plasticity_lightning/probes/capture.py": ["tests/test_probes.py"],
     "plasticity_lightning/probes/probe_set.py": ["tests/test_probes.py"],
+    "plasticity_lightning/surgery/units.py": ["tests/test_surgery.py", "tests/test_cbp_units.py"],
+    "plasticity_lightning/surgery/topology.py": ["tests/test_surgery.py"],
+    "plasticity_lightning/studies/store.py": ["tests/test_study_store.py"],
+    # the report tests that train runs and open a browser are too slow to repeat per mutant: the data path's own
+    # unit tests on hand-written run folders, and the bad inputs through the command
+    "plasticity_lightning/reports/data.py": [
+        "tests/test_report_data.py",
+        "tests/test_report_views.py::test_bad_report_inputs_get_one_line_and_exit_2",
+    ],
     "plasticity_lightning/callbacks/cbp.py": ["tests/test_cbp_units.py"],
 }
 
