@@ -506,3 +506,33 @@ def test_validate_with_ckpt_path_last_keeps_the_runs_metrics(in_tmp):
     main(["validate", *quick, "--ckpt_path=last"])
     assert metrics.read_text() == before  # Lightning's CSV writer would have replaced it in the same folder
     assert (in_tmp / "runs" / "quickstart" / "version_1" / "metrics.csv").is_file()
+
+
+def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    from plasticity_lightning.cli import SUBCOMMANDS, main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    listed = capsys.readouterr().out
+    for name in ("fit", "validate", "test", "predict", *SUBCOMMANDS):
+        assert f"\n    {name} " in listed, name
+    for _, description in SUBCOMMANDS.values():
+        assert description in listed
+
+
+def test_report_subcommand_runs_without_lightning(tmp_path: Path) -> None:
+    # `plasticity report` must not pay for importing Lightning: a bad run directory is refused in a fresh
+    # interpreter that never loads it
+    probe = (
+        "import sys\n"
+        "from plasticity_lightning.cli import main\n"
+        "try:\n"
+        f"    main(['report', {str(tmp_path)!r}])\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code == 2, exit.code\n"
+        "assert 'lightning' not in sys.modules and 'torch' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("\n") == 1 and "plasticity: error:" in result.stderr

@@ -25,6 +25,7 @@ def loaded_after(statement: str) -> set[str]:
         "import plasticity_lightning.metrics",
         "import plasticity_lightning.reports",
         "from plasticity_lightning.reports.cli import main",  # `plasticity report` reads runs without torch
+        "from plasticity_lightning.cli import main, SUBCOMMANDS",  # the entry point dispatches before importing
         "from plasticity_lightning.metrics.continual_summary import first_and_last",
     ],
 )

@@ -1,42 +1,6 @@
-"""The ``plasticity`` command: LightningCLI over any LightningModule and LightningDataModule.
+"""``plasticity fit|validate|test|predict``: LightningCLI with the library's conventions.
 
-.. code-block:: bash
-
-    plasticity fit --config recipes/quickstart.yaml
-    plasticity fit --model MLP --data ToyDataModule --data.dataset moons --trainer.max_epochs 50
-    plasticity fit --config recipes/cbp_cifar.yaml --config configs/trainer/gpu.yaml --config configs/logger/wandb.yaml
-    plasticity fit --config recipes/quickstart.yaml --print_config
-    plasticity report runs/plasticity/version_0
-
-The library's models and datamodules are importable by their short names (``MLP``, ``DigitsDataModule``);
-anything else by its import path (``my_package.MyModel``). Configs compose with repeated ``--config``:
-later files override earlier ones key by key.
-
-Defaults a recipe can override: a CSV logger writing to ``runs/``, a rich progress bar (unless the recipe
-adds another progress bar or disables it), and a checkpoint callback that also keeps ``last.ckpt``.
-
-Configuration errors (bad values, missing data files, unusable checkpoints) print one line and exit with status 2;
-set ``PLASTICITY_TRACEBACK=1`` to see the full traceback instead.
-
-Checkpoints (``--ckpt_path``):
-
-* a local file, a URL (``http(s)://``, or an fsspec URL such as ``s3://``), or ``last``: the ``last.ckpt`` of the
-  run's latest ``version_N`` that has one (``<save_dir>/<name>/version_N/checkpoints/``, or the directory of the
-  recipe's ``ModelCheckpoint``); the resumed fit logs into that same ``version_N``, appending to its ``metrics.csv``.
-* Every checkpoint, local or remote, loads with torch's safe unpickler (``weights_only=True``): a file that asks to
-  run code is refused with one line. ``--weights_only false`` is the explicit opt-in for a file you trust.
-* The recipe's model wins: a checkpoint of another model class or other architecture settings is refused with one
-  line saying what it holds and what the recipe asks for. ``--model_from_checkpoint true`` takes the checkpoint's
-  model class and settings instead (LightningCLI's own behaviour).
-* ``fit`` resumes exactly: the training order (:class:`~plasticity_lightning.data.base.EpochShuffleSampler`), the
-  dataloader's position in a mid-epoch checkpoint, the global RNG states (dropout, augmentation;
-  :class:`~plasticity_lightning.core.checkpoints.GlobalRNGState`) and every callback's state are in the checkpoint.
-* A fit stopped by SIGTERM (a cluster scheduler's preemption) finishes its batch, saves ``last.ckpt``
-  (:class:`~plasticity_lightning.core.checkpoints.SaveOnPreemption`), writes its summaries and exits with status 143;
-  ``--ckpt_path last`` continues it.
-
-``configs/trainer/ddp.yaml`` (``strategy: ddp``, ``devices: auto``) starts one process per GPU, and two processes on
-a machine without GPUs (``--trainer.devices N`` chooses another number).
+The command's documentation is :mod:`plasticity_lightning.cli`.
 """
 
 from __future__ import annotations
@@ -55,7 +19,6 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 # Imported for their side effect: jsonargparse resolves short class names among imported subclasses.
@@ -64,6 +27,7 @@ import plasticity_lightning.data
 import plasticity_lightning.models  # noqa: F401
 from plasticity_lightning import __version__
 from plasticity_lightning.callbacks.reporting import SaveRunConfig
+from plasticity_lightning.cli import SUBCOMMANDS, configuration_error
 from plasticity_lightning.core.checkpoints import (
     GlobalRNGState,
     SaveOnPreemption,
@@ -72,7 +36,7 @@ from plasticity_lightning.core.checkpoints import (
     last_checkpoint,
     load_checkpoint,
 )
-from plasticity_lightning.core.errors import DataNotFoundError, PlasticityConfigError
+from plasticity_lightning.core.errors import PlasticityConfigError
 from plasticity_lightning.core.files import write_csv_atomic
 from plasticity_lightning.core.rundir import CHECKPOINT_DIR, LAST_CHECKPOINT, METRICS_FILE
 
@@ -171,6 +135,13 @@ class PlasticityCLI(LightningCLI):
         self._resumed_version: int | None = None
         with self._downloads:
             super().__init__(args=args, **kwargs)
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        # `plasticity --help` lists every subcommand; `main` runs these before LightningCLI ever parses them.
+        for name, (_, description) in SUBCOMMANDS.items():
+            placeholder = LightningArgumentParser(prog=f"plasticity {name}", description=description)
+            parser._subcommands_action.add_subcommand(name, placeholder, help=description)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults({"trainer.logger": DEFAULT_LOGGER})
@@ -532,60 +503,3 @@ def _without_duplicates(callbacks: list[Callback]) -> list[Callback]:
         else:
             rank_zero_info(f"plasticity: {type(callback).__name__} is configured twice; keeping the first one")
     return list(kept.values())
-
-
-_CONFIG_ERRORS = (MisconfigurationException, PlasticityConfigError, DataNotFoundError)
-
-
-def configuration_error(err: BaseException) -> BaseException | None:
-    """The configuration error behind ``err``, if any.
-
-    jsonargparse wraps exceptions raised while it instantiates classes (e.g. ``MLP(activation="foo")``) in its
-    own ``ValueError``; the user's mistake is the cause further down the chain.
-    """
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, _CONFIG_ERRORS):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
-
-
-def main(args: ArgsType = None) -> None:
-    """Entry point of ``plasticity`` and ``python -m plasticity_lightning``."""
-    argv = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:] if args is None else None
-    try:
-        if argv and argv[0] == "study":  # grids of small models: their own runner, not a Lightning fit
-            from plasticity_lightning.studies.cli import main as study_main
-
-            study_main(argv[1:])
-            return
-        if argv and argv[0] == "report":  # reads finished runs back: figures, summaries, comparisons
-            from plasticity_lightning.reports.cli import main as report_main
-
-            report_main(argv[1:])
-            return
-        if argv and argv[0] == "tune":  # hyperparameter search: an Optuna study whose trials are fits
-            from plasticity_lightning.tune.cli import main as tune_main
-
-            tune_main(argv[1:])
-            return
-        PlasticityCLI(args=args)
-    except SIGTERMException as err:
-        # Lightning ends a fit stopped by SIGTERM with SystemExit(None), which would exit 0 as if it had finished.
-        sys.stderr.write(
-            "plasticity: stopped by SIGTERM; a resumable last.ckpt was saved: continue with --ckpt_path last\n"
-        )
-        raise SystemExit(143) from err
-    except Exception as err:
-        cause = configuration_error(err)
-        if cause is None or os.environ.get("PLASTICITY_TRACEBACK"):
-            raise
-        message = " ".join(str(cause).split())  # one line, whatever the message's own layout
-        sys.stderr.write(f"plasticity: error: {message}\n")
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
