@@ -105,7 +105,7 @@ class Interleave(pl.Callback):
             elif callback is not None:
                 callback.setup(trainer, pl_module, "fit")
                 callback.on_fit_start(trainer, pl_module)
-                callback._remove_hooks()  # hooked only while active
+                callback.policy.detach()  # hooked only while active
                 for state in callback.states.values():  # steady state: every unit mature
                     state.ages.fill_(state.maturity + 1)
                     state.sync_cohorts()
@@ -114,11 +114,11 @@ class Interleave(pl.Callback):
         if batch_idx % self.block == 0:
             previous = self.variants.get(self.active) if self.active else None
             if previous is not None:
-                previous._remove_hooks()
+                _unhook(previous)
             self.active = next(self.order)
             current = self.variants[self.active]
             if current is not None:
-                current._register_hooks()
+                current._register_hooks() if isinstance(current, ReferenceGnT) else current.policy._register_hooks()
             self.fresh = True
         callback = self.variants[self.active]
         if callback is not None:
@@ -139,7 +139,15 @@ class Interleave(pl.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         for callback in self.variants.values():
             if callback is not None:
-                callback._remove_hooks()
+                _unhook(callback)
+
+
+def _unhook(callback: Any) -> None:
+    """Stop a variant's recording: the reference's hooks, or the library policy's."""
+    if isinstance(callback, ReferenceGnT):
+        callback._remove_hooks()
+    else:
+        callback.policy.detach()
 
 
 def step_times(

@@ -94,16 +94,19 @@ class Compare(pl.Callback):
 
 
 class RankedCBP(ContinualBackprop):
-    """The library's callback, unchanged, keeping each layer's bias-corrected utilities as it ranks them."""
+    """The library's callback, unchanged, keeping each layer's bias-corrected utilities as its policy ranks them."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.ranked: dict[str, torch.Tensor] = {}
+        choose = self.policy._choose
 
-    def _choose(self, state):
-        name = next(name for name, s in self.states.items() if s is state)  # a handful of layers
-        self.ranked[name] = state.utility / self._correction(state)
-        return super()._choose(state)
+        def ranked_choose(state):
+            name = next(name for name, s in self.states.items() if s is state)  # a handful of layers
+            self.ranked[name] = state.utility / self.policy._correction(state)
+            return choose(state)
+
+        self.policy._choose = ranked_choose
 
 
 # --self-check: the library runs another utility than the reference

@@ -56,7 +56,7 @@ def test_each_utility_of_a_conv_to_conv_pair_by_hand(utility):
     else:
         assert not state.mean_activation.any()
     assert state.ages.tolist() == [2] * 4
-    cbp._remove_hooks()
+    cbp.policy.detach()
 
 
 def test_conv_to_conv_columns_and_statistics_pool_every_position():
@@ -68,7 +68,7 @@ def test_conv_to_conv_columns_and_statistics_pool_every_position():
     assert columns.shape == (8, 3, 1)
     assert torch.equal(columns[:, 1, 0], h[:, 1].flatten())  # channel 1 over batch × H × W
     assert torch.equal(unit_statistics(h, pair), h.movedim(1, -1).reshape(-1, 3))
-    cbp._remove_hooks()
+    cbp.policy.detach()
 
 
 def test_utility_of_conv_to_flatten_to_linear_weights_each_column_by_its_own_weights():
@@ -83,7 +83,7 @@ def test_utility_of_conv_to_flatten_to_linear_weights_each_column_by_its_own_wei
     w = np.abs(net[3].weight.detach().numpy()).reshape(4, 2, 3).mean(axis=0)
     expected = 0.5 * (np.abs(x).mean(axis=0) * w).mean(axis=1)  # per column, then the channel's mean
     np.testing.assert_allclose(cbp.states["0"].utility.numpy(), expected, rtol=1e-6)
-    cbp._remove_hooks()
+    cbp.policy.detach()
 
 
 def test_micro_batches_of_one_step_count_as_one_batch():
@@ -96,7 +96,7 @@ def test_micro_batches_of_one_step_count_as_one_batch():
     two.step(None, two.pairs[0], [h[:2], h[2:]])
     assert torch.equal(one.states["0"].utility, two.states["0"].utility)
     np.testing.assert_allclose(one.states["0"].utility.numpy(), 0.5 * h.abs().mean(dim=0).numpy(), rtol=1e-6)
-    one._remove_hooks(), two._remove_hooks()
+    one.policy.detach(), two.policy.detach()
 
 
 def test_adaptable_utility_of_a_unit_with_zero_incoming_weights_stays_finite():
@@ -108,14 +108,14 @@ def test_adaptable_utility_of_a_unit_with_zero_incoming_weights_stays_finite():
     cbp.step(None, cbp.pairs[0], [torch.ones(2, 3) * torch.tensor([1.0, 2.0, 0.0])])
     # |h − f̂| is 0 after one step (f̂ = h): every utility is 0, the zero denominator clamped to float32's tiny
     assert cbp.states["0"].utility.tolist() == [0.0, 0.0, 0.0]
-    cbp._remove_hooks()
+    cbp.policy.detach()
 
 
 def test_bias_correction():
     cbp = ContinualBackprop(decay_rate=0.9)
     state = _LayerState(3, torch.device("cpu"), maturity=5)
     state.ages[:] = torch.tensor([1, 2, 10])
-    np.testing.assert_allclose(cbp._correction(state).numpy(), [0.1, 1 - 0.81, 1 - 0.9**10], rtol=1e-6)
+    np.testing.assert_allclose(cbp.policy._correction(state).numpy(), [0.1, 1 - 0.81, 1 - 0.9**10], rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- ages and counts
@@ -176,7 +176,7 @@ def _chooser(units=10, mature=10, **kwargs):
 def test_replacement_counts(kwargs, mature, counts):
     cbp, state = _chooser(mature=mature, **kwargs)
     state.utility[:] = torch.arange(10.0)
-    assert [len(cbp._choose(state)) for _ in counts] == counts
+    assert [len(cbp.policy._choose(state)) for _ in counts] == counts
     if mature == 0:
         assert state.accumulated == 0.0
 
@@ -185,10 +185,10 @@ def test_bernoulli_draw_counts_a_draw_equal_to_n():
     # n = 0.5 < 1: one unit when the uniform draw is at most n (a draw of exactly n counts)
     cbp, state = _chooser(units=10, mature=10, replacement_rate=0.05, accumulate=False, seed=0)
     draws = torch.rand(200, generator=torch.Generator().manual_seed(0))
-    counts = [len(cbp._choose(state)) for _ in range(200)]
+    counts = [len(cbp.policy._choose(state)) for _ in range(200)]
     assert counts == [int(d <= 0.5) for d in draws.tolist()]
     edge, edge_state = _chooser(units=4, mature=4, replacement_rate=0.25, accumulate=False)  # n = 1.0: no draw
-    assert [len(edge._choose(edge_state)) for _ in range(3)] == [1, 1, 1]
+    assert [len(edge.policy._choose(edge_state)) for _ in range(3)] == [1, 1, 1]
     assert torch.equal(edge.generator.get_state(), torch.Generator().manual_seed(0).get_state())
 
 
@@ -198,7 +198,7 @@ def test_the_lowest_bias_corrected_utilities_of_mature_units_are_chosen():
     state.sync_cohorts()
     state.utility[:] = torch.tensor([0.4, 0.45, 0.5, 0.9, 0.0, 0.95])
     # corrected: 0.4/0.5 = 0.8, 0.9, 0.5/0.875 = 0.571, 1.03, young, 1.086: the 3 lowest mature are 2, 0, 1
-    assert sorted(cbp._choose(state).tolist()) == [0, 1, 2]
+    assert sorted(cbp.policy._choose(state).tolist()) == [0, 1, 2]
 
 
 # ---------------------------------------------------------------------------------------------- magnitudes
@@ -216,7 +216,7 @@ def test_outgoing_column_means_over_more_than_512_consumer_rows():
     torch.testing.assert_close(outgoing[:, 0], expected_out, rtol=1e-5, atol=0)
     torch.testing.assert_close(incoming, expected_in, rtol=1e-6, atol=0)
     torch.testing.assert_close(outgoing_magnitude(pair)[:, 0], expected_out, rtol=1e-5, atol=0)
-    cbp._remove_hooks()
+    cbp.policy.detach()
 
 
 def test_a_hidden_layer_is_read_once_as_consumer_and_producer():
@@ -229,21 +229,21 @@ def test_a_hidden_layer_is_read_once_as_consumer_and_producer():
     torch.testing.assert_close(magnitudes["2"][1], net[2].weight.detach().abs().mean(dim=1), rtol=1e-5, atol=0)
     torch.testing.assert_close(magnitudes["2"][0][:, 0], net[4].weight.detach().abs().mean(dim=0), rtol=1e-5, atol=0)
     assert unit_magnitudes(cbp.pairs)["0"][1] is None  # incoming only when asked
-    cbp._remove_hooks()
+    cbp.policy.detach()
 
 
 def test_cached_magnitudes_are_recomputed_every_n_steps():
     net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
     cbp = bound(net, magnitudes_every_n_steps=2)
-    first = cbp._current_magnitudes()
-    assert cbp._current_magnitudes() is first  # reused once
-    third = cbp._current_magnitudes()
-    assert third is not first and cbp._magnitude_age == 1
+    first = cbp.policy._current_magnitudes()
+    assert cbp.policy._current_magnitudes() is first  # reused once
+    third = cbp.policy._current_magnitudes()
+    assert third is not first and cbp.policy._magnitude_age == 1
     assert first["0"][1] is None  # "contribution" reads no incoming weights
     every = bound(net, utility="adaptable_contribution")
-    assert every._current_magnitudes() is not every._current_magnitudes()
-    assert every._current_magnitudes()["0"][1] is not None
-    cbp._remove_hooks(), every._remove_hooks()
+    assert every.policy._current_magnitudes() is not every.policy._current_magnitudes()
+    assert every.policy._current_magnitudes()["0"][1] is not None
+    cbp.policy.detach(), every.policy.detach()
 
 
 # ---------------------------------------------------------------------------------------------- hooks and state
@@ -252,41 +252,41 @@ def test_hooks_record_training_forward_passes_only():
     cbp = bound(net)
     net.train()
     net(torch.ones(4, 2))
-    assert len(cbp._features["0"]) == 1 and cbp._features["0"][0].shape == (4, 3)
-    assert not cbp._features["0"][0].requires_grad
+    assert len(cbp.policy._features["0"]) == 1 and cbp.policy._features["0"][0].shape == (4, 3)
+    assert not cbp.policy._features["0"][0].requires_grad
     net.eval()
     net(torch.ones(1, 2))
     net.train()
     with torch.no_grad():
         net(torch.ones(1, 2))
-    assert len(cbp._features["0"]) == 1  # neither evaluation nor no_grad passes
-    cbp._remove_hooks()
+    assert len(cbp.policy._features["0"]) == 1  # neither evaluation nor no_grad passes
+    cbp.policy.detach()
     net(torch.ones(1, 2))
-    assert len(cbp._features["0"]) == 1 and cbp._handles == []
+    assert len(cbp.policy._features["0"]) == 1 and cbp.policy._handles == []
 
 
 def test_checkpoint_state_is_applied_when_the_layers_are_bound():
     net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 1))
     cbp = bound(net, utility="adaptable_contribution", magnitudes_every_n_steps=3)
     cbp.states["0"].utility[:] = torch.tensor([1.0, 2.0, 3.0])
-    cbp._current_magnitudes()
+    cbp.policy._current_magnitudes()
     cbp._last_step = 7
     saved = cbp.state_dict()
     restored = ContinualBackprop(utility="adaptable_contribution", magnitudes_every_n_steps=3)
     restored.load_state_dict(saved)
     restored.on_fit_start(None, net)
     assert restored.states["0"].utility.tolist() == [1.0, 2.0, 3.0] and restored._last_step == 7
-    assert restored._magnitudes is not None and restored._magnitude_age == 1
-    for name, (outgoing, incoming) in cbp._magnitudes.items():
-        assert torch.equal(restored._magnitudes[name][0], outgoing)
-        assert torch.equal(restored._magnitudes[name][1], incoming)
+    assert restored.policy._magnitudes is not None and restored.policy._magnitude_age == 1
+    for name, (outgoing, incoming) in cbp.policy._magnitudes.items():
+        assert torch.equal(restored.policy._magnitudes[name][0], outgoing)
+        assert torch.equal(restored.policy._magnitudes[name][1], incoming)
     smaller = ContinualBackprop(utility="adaptable_contribution", magnitudes_every_n_steps=3)
     smaller.load_state_dict(saved)
     with pytest.warns(UserWarning, match=r"the checkpoint's layers differ from this model's \(\['2'\]\)"):
         smaller.on_fit_start(None, nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)))
     assert smaller.states["0"].utility.tolist() == [1.0, 2.0, 3.0]
-    assert smaller._magnitudes is None  # the cache covered other layers: computed afresh
-    cbp._remove_hooks(), restored._remove_hooks(), smaller._remove_hooks()
+    assert smaller.policy._magnitudes is None  # the cache covered other layers: computed afresh
+    cbp.policy.detach(), restored.policy.detach(), smaller.policy.detach()
 
 
 @pytest.mark.parametrize(
@@ -353,7 +353,7 @@ def test_given_magnitudes_are_used_as_given():
     cbp.step(None, cbp.pairs[0], [h], magnitudes=(outgoing, incoming))
     # η = 0: u = |h − mean h| · out / in = [1, 0, 2] · [1, 2, 3] / [2, 4, 8]
     assert cbp.states["0"].utility.tolist() == pytest.approx([0.5, 0.0, 0.75])
-    cbp._remove_hooks()
+    cbp.policy.detach()
 
 
 def test_two_columns_per_unit_are_averaged():
@@ -367,27 +367,27 @@ def test_two_columns_per_unit_are_averaged():
     w = net[3].weight.detach().abs().mean(dim=0).reshape(2, 2)
     expected = (h.reshape(2, 2) * w).mean(dim=1)
     torch.testing.assert_close(cbp.states["0"].utility, expected)
-    cbp._remove_hooks()
+    cbp.policy.detach()
 
 
 def test_selection_boundaries():
     # one eligible unit is replaced when one is due
     cbp, state = _chooser(units=4, mature=1, replacement_rate=1.0)
-    assert cbp._choose(state).tolist() == [0]
+    assert cbp.policy._choose(state).tolist() == [0]
     # a unit whose age equals the maturity threshold is still young
     cbp = ContinualBackprop(maturity_threshold=2, replacement_rate=0.5, decay_rate=0.5)
     state = _LayerState(4, torch.device("cpu"), maturity=2)
     state.ages[:] = torch.tensor([2, 3, 3, 3])
     state.sync_cohorts()
     state.utility[:] = torch.tensor([0.0, 1.0, 2.0, 3.0])
-    assert state.mature_units == 3 and cbp._choose(state).tolist() == [1]  # 0.5 × 3 → 1; unit 0 is young
+    assert state.mature_units == 3 and cbp.policy._choose(state).tolist() == [1]  # 0.5 × 3 → 1; unit 0 is young
     # ranked by u / (1 − η^age), not by u · (1 − η^age): a young-ish unit's shrunken EMA is corrected upwards
     cbp = ContinualBackprop(maturity_threshold=0, replacement_rate=0.5, decay_rate=0.5)
     state = _LayerState(2, torch.device("cpu"), maturity=0)
     state.ages[:] = torch.tensor([1, 10])
     state.sync_cohorts()
     state.utility[:] = torch.tensor([0.3, 0.5])  # corrected 0.6 and ≈ 0.5: unit 1 goes
-    assert cbp._choose(state).tolist() == [1]
+    assert cbp.policy._choose(state).tolist() == [1]
 
 
 def test_a_bernoulli_draw_equal_to_n_replaces():
@@ -395,7 +395,7 @@ def test_a_bernoulli_draw_equal_to_n_replaces():
     cbp = ContinualBackprop(maturity_threshold=0, replacement_rate=draw, accumulate=False, count="width", seed=7)
     state = _LayerState(1, torch.device("cpu"), maturity=0)
     state.age()
-    assert len(cbp._choose(state)) == 1  # n = ρ · 1 equals the draw: "≤ n" replaces
+    assert len(cbp.policy._choose(state)) == 1  # n = ρ · 1 equals the draw: "≤ n" replaces
 
 
 def test_resets_keep_the_young_count_exact():
@@ -417,17 +417,17 @@ def test_replaced_units_start_over_and_patch_the_cached_magnitudes():
         net, maturity_threshold=0, replacement_rate=0.5, magnitudes_every_n_steps=10, utility="adaptable_contribution"
     )
     (pair,) = cbp.pairs
-    cbp._current_magnitudes()
+    cbp.policy._current_magnitudes()
     before = net[0].weight.detach().clone()
-    units = cbp.step(None, pair, [torch.rand(5, 4)], magnitudes=cbp._magnitudes["0"])
+    units = cbp.step(None, pair, [torch.rand(5, 4)], magnitudes=cbp.policy._magnitudes["0"])
     assert len(units) == 2
     state = cbp.states["0"]
     assert (state.ages[units] == 0).all() and (state.utility[units] == 0).all() and state.replaced == 2
     assert (net[2].weight[:, units] == 0).all() and not torch.equal(net[0].weight[units], before[units])
     assert (net[0].bias[units] == 0).all()
-    outgoing, incoming = cbp._magnitudes["0"]
+    outgoing, incoming = cbp.policy._magnitudes["0"]
     assert (outgoing[units] == 0).all()
     torch.testing.assert_close(incoming[units], net[0].weight.detach()[units].abs().mean(dim=1))
-    cbp._replace(None, pair, units[:1])  # by hand, not promised mature: the young count follows the ages
+    cbp.policy._replace(pair, units[:1])  # by hand, not promised mature: the young count follows the ages
     assert state.mature_units == int((state.ages > 0).sum())
-    cbp._remove_hooks()
+    cbp.policy.detach()

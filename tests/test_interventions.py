@@ -101,7 +101,7 @@ def test_utilities_match_a_hand_computation(utility):
     else:
         np.testing.assert_allclose(state.mean_activation.numpy(), f, rtol=1e-5, atol=1e-9)
     assert state.ages.tolist() == [4] * 7
-    cbp._remove_hooks()
+    cbp.policy.detach()
 
 
 def test_the_least_useful_mature_units_are_replaced_by_bias_corrected_utility():
@@ -130,7 +130,7 @@ def test_the_least_useful_mature_units_are_replaced_by_bias_corrected_utility():
     assert 1 in sorted(raw, key=raw.get)[:3]  # ranking by the raw EMA would have re-replaced the young unit
     assert (state.ages[replaced] == 0).all() and (state.utility[replaced] == 0).all()
     assert (net[2].weight[:, replaced] == 0).all()
-    cbp._remove_hooks()
+    cbp.policy.detach()
 
 
 @pytest.mark.parametrize(
@@ -151,7 +151,7 @@ def test_replacement_counts_accumulate(count, maturity, expected):
     cbp, pair, _ = bare_cbp(10, replacement_rate=rate, maturity_threshold=maturity, count=count)
     counts = [len(cbp.step(None, pair, [torch.rand(4, 10)])) for _ in range(len(expected))]
     assert counts == expected
-    cbp._remove_hooks()
+    cbp.policy.detach()
 
 
 @pytest.mark.parametrize("maturity", [0, 3, 7])
@@ -167,8 +167,8 @@ def test_the_host_side_maturity_count_follows_the_ages(maturity):
     restored.load_state_dict(cbp.state_dict())
     restored.on_fit_start(None, nn.Sequential(nn.Linear(3, 12), nn.ReLU(), nn.Linear(12, 2)))  # a fresh net
     assert restored.states["0"].mature_units == state.mature_units
-    cbp._remove_hooks()
-    restored._remove_hooks()
+    cbp.policy.detach()
+    restored.policy.detach()
 
 
 @pytest.mark.parametrize("utility", ["contribution", "zero_contribution", "adaptable_contribution"])
@@ -198,7 +198,7 @@ def test_nonfinite_statistics_skip_the_layers_step_warn_once_and_keep_its_state(
     assert 0 <= state.accumulated < 1  # 3 × 0.2 × 12 units were due and dropped
     assert len(cbp.step(None, pair, [torch.rand(4, 12)])) in (2, 3)  # a finite step replaces again: 0.2 × 12
     assert int(state.skipped) == 3
-    cbp._remove_hooks()
+    cbp.policy.detach()
 
 
 def test_a_nonfinite_utility_is_never_ranked():
@@ -209,7 +209,7 @@ def test_a_nonfinite_utility_is_never_ranked():
     with pytest.warns(UserWarning, match="NaN/inf"):
         counts = [len(cbp.step(None, pair, [torch.rand(4, 10)])) for _ in range(3)]
     assert counts == [0, 0, 0] and int(state.skipped) == 3
-    cbp._remove_hooks()
+    cbp.policy.detach()
 
 
 def test_cbp_logs_skipped_steps_in_a_trainer(tmp_path):
@@ -231,7 +231,7 @@ def test_cbp_logs_skipped_steps_in_a_trainer(tmp_path):
     restored.load_state_dict(cbp.state_dict())
     restored.on_fit_start(None, mlp())
     assert {name: int(state.skipped) for name, state in restored.states.items()} == skipped
-    restored._remove_hooks()
+    restored.policy.detach()
 
 
 def test_a_second_fit_with_the_same_callback_ages_units_every_step(tmp_path):
@@ -255,7 +255,7 @@ def test_bernoulli_counting_replaces_one_unit_with_probability_n():
     counts = [len(cbp.step(None, pair, [torch.rand(2, 10)])) for _ in range(2000)]
     assert set(counts) <= {0, 1}
     assert np.mean(counts) == pytest.approx(0.3, abs=0.04)  # n = 0.03 * 10
-    cbp._remove_hooks()
+    cbp.policy.detach()
 
 
 # ---------------------------------------------------------------------------------------------- CBP in a Trainer
@@ -271,7 +271,7 @@ def test_cbp_in_a_trainer_replaces_units_logs_counts_and_keeps_hooks_off_evaluat
     assert replaced["hidden.0.linear"] > 0 and replaced["hidden.1.linear"] > 0
     assert trainer.callback_metrics["cbp/replaced"].item() == sum(replaced.values())
     assert all((state.ages <= 24).all() for state in cbp.states.values())
-    assert not cbp._handles  # hooks removed at the end of fit
+    assert not cbp.policy._handles  # hooks removed at the end of fit
 
 
 def test_cbp_works_with_gradient_accumulation_and_bf16_mixed(tmp_path):
@@ -339,13 +339,13 @@ def test_cached_magnitudes_are_patched_exactly_for_replaced_units():
     model = mlp()
     cbp = ContinualBackprop(utility="adaptable_contribution", magnitudes_every_n_steps=10)
     cbp.bind(model)
-    cbp.states = {pair.producer: _LayerState(pair.num_units, torch.device("cpu"), 100) for pair in cbp.pairs}
-    cached = cbp._current_magnitudes()
+    cbp.policy.states = {pair.producer: _LayerState(pair.num_units, torch.device("cpu"), 100) for pair in cbp.pairs}
+    cached = cbp.policy._current_magnitudes()
     stale = {name: (out.clone(), inc.clone()) for name, (out, inc) in cached.items()}
     pair = cbp.pairs[0]
     units = torch.tensor([1, 4])
-    cbp._replace(None, pair, units)
-    assert cbp._current_magnitudes() is cached  # reused, not recomputed
+    cbp.policy._replace(pair, units)
+    assert cbp.policy._current_magnitudes() is cached  # reused, not recomputed
     exact = unit_magnitudes(cbp.pairs, incoming=True)[pair.producer]
     outgoing, incoming = cached[pair.producer]
     assert torch.equal(outgoing[units], exact[0][units]) and (outgoing[units] == 0).all()
@@ -533,7 +533,7 @@ def test_conv_to_linear_utility_weights_each_column_by_its_own_outgoing_weights(
     w = model.classifier.fc1.weight.detach().numpy().reshape(-1, 128, 4)
     expected = 0.1 * (np.abs(h).mean(axis=0) * np.abs(w).mean(axis=0)).mean(axis=1)
     np.testing.assert_allclose(cbp.states["features.conv3"].utility.numpy(), expected, rtol=1e-5)
-    cbp._remove_hooks()
+    cbp.policy.detach()
 
 
 def test_explicit_pairs_take_the_traced_activation_gain_or_an_explicit_one():
@@ -553,7 +553,7 @@ def test_cbp_statistics_ignore_validation_and_cover_every_micro_batch(tmp_path):
 
         class Spy(pl.Callback):  # runs before CBP's batch-end hook: what it is about to use
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                seen.append(len(cbp._features["hidden.0.linear"]))
+                seen.append(len(cbp.policy._features["hidden.0.linear"]))
 
         trainer = make_trainer(
             tmp_path,

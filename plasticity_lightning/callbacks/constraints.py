@@ -67,12 +67,12 @@ class ParameterConstraint(Intervention):
         parameters: Sequence[str] | None = None,
         prefix: str = "constraint",
     ) -> None:
-        super().__init__(seed=0, prefix=prefix)
         owner = type(self).__name__
         if every_n_epochs is not None:
             check_positive_int(owner, "every_n_epochs", every_n_epochs)
         if every_n_steps is not None:
             check_positive_int(owner, "every_n_steps", every_n_steps)
+        super().__init__(seed=0, prefix=prefix, every_n_steps=every_n_steps)
         if every_n_epochs is None and every_n_steps is None:
             raise PlasticityConfigError(f"{owner}: every_n_epochs=None and every_n_steps=None never apply; set one")
         if parameters is not None and (isinstance(parameters, str) or not all(isinstance(p, str) for p in parameters)):
@@ -83,7 +83,6 @@ class ParameterConstraint(Intervention):
         self.history: dict[str, dict[str, torch.Tensor]] = {}
         self.applications = 0
         self._selected: list[str] = []
-        self._last_step: int | None = None
         self._applied_epoch: int | None = None
 
     @override
@@ -137,15 +136,14 @@ class ParameterConstraint(Intervention):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        # with gradient accumulation several batches end on one step: apply once, and only after a real step
-        by_step = self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0
-        by_step = by_step and step != self._last_step
+        # the shared step rule: never at step 0, once per step (gradient accumulation ends several batches on one)
+        by_step = self.cadence.due(step)
         # The epoch cadence acts after the epoch's last batch, not in on_train_epoch_end: validation and the
         # checkpoint saved after it (ModelCheckpoint saves on validation end) must see the constrained weights, or a
         # resumed run would lose the application.
         by_epoch = self.every_n_epochs is not None and trainer.is_last_batch and self._epoch_due(trainer)
         if by_step or by_epoch:
-            self._last_step = step
+            self.cadence.mark(step)
             if by_epoch:
                 self._applied_epoch = trainer.current_epoch
             self.apply(trainer, pl_module)

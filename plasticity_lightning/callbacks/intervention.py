@@ -1,8 +1,12 @@
-"""Shared machinery of the interventions: strategy checks, a rank-agreeing RNG, the bound unit pairs, logging."""
+"""Shared machinery of the interventions: strategy checks, the policy they adapt, cadence, checkpoint state, logging.
+
+The algorithms live in :mod:`plasticity_lightning.policies` as plain objects; an intervention callback decides
+*when* they act (:class:`~plasticity_lightning.policies.StepCadence`, task changes), hands them the trainer's
+optimizers and DDP averaging, keeps their state in the checkpoint and logs what they report.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -10,37 +14,13 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, XLAStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch import nn
 from typing_extensions import override
 
 from plasticity_lightning.callbacks.base import TaskAwareCallback
-from plasticity_lightning.core.errors import PlasticityConfigError, check_positive_float
-from plasticity_lightning.nn.init import resolve_init_scheme
-from plasticity_lightning.surgery import UnitPair, pair_units
-
-# Activation → torch's gain name. Like Dohare et al.'s code, ReLU-like units (GELU, SiLU/swish, ELU) take ReLU's.
-_GAINS = {
-    "ReLU": "relu",
-    "GELU": "relu",
-    "SiLU": "relu",
-    "ELU": "relu",
-    "LeakyReLU": "leaky_relu",
-    "Tanh": "tanh",
-    "Sigmoid": "sigmoid",
-    "SELU": "selu",
-    "Identity": "linear",
-}
-
-
-def _gain_name(activation: nn.Module | None) -> str:
-    """torch's gain name for an activation module; unknown GELU/SiLU variants (HF's ``NewGELUActivation``,
-    ``SiLUActivation``) are ReLU-like."""
-    if activation is None:
-        return "linear"
-    kind = type(activation).__name__
-    if kind in _GAINS:
-        return _GAINS[kind]
-    return "relu" if any(word in kind.upper() for word in ("GELU", "SILU", "SWISH")) else "linear"
+from plasticity_lightning.core.errors import PlasticityConfigError
+from plasticity_lightning.policies.base import Policy, UnitPolicy
+from plasticity_lightning.policies.cadence import StepCadence
+from plasticity_lightning.surgery import UnitPair
 
 
 class Intervention(TaskAwareCallback):
@@ -48,31 +28,58 @@ class Intervention(TaskAwareCallback):
 
     It owns what every intervention needs to be correct under DDP and on resume:
 
-    * a CPU ``torch.Generator`` seeded with ``seed`` — the same on every rank, so every random choice (which
-      units, which new weights) is identical across processes without communication — whose state is saved in
-      the checkpoint, so a resumed run draws what the uninterrupted run would have drawn; large draws on an
-      accelerator use :meth:`generator_on`, a generator of that device with the same guarantees;
+    * :attr:`policy`, the trainer-free object that holds the algorithm's state and its random source: a CPU
+      ``torch.Generator`` seeded with ``seed`` — the same on every rank, so every random choice (which units, which
+      new weights) is identical across processes without communication — whose state is saved in the checkpoint,
+      so a resumed run draws what the uninterrupted run would have drawn; large draws on an accelerator use
+      :meth:`generator_on`, a generator of that device with the same guarantees;
+    * :attr:`cadence`, the shared step rule (never at step 0, once per step; its last step is checkpointed);
     * a check in ``setup`` that the strategy keeps full parameters on every rank (single device or DDP);
-    * the optimizers whose state is reset for touched parameters;
+    * the optimizers whose state is reset for touched parameters, and averaging across ranks (:meth:`connect`);
     * logging through every logger and ``trainer.callback_metrics``, at the trainer's ``log_every_n_steps``.
 
     Args:
         seed: seed of the intervention's own random draws.
         prefix: first part of every logged key.
+        policy: the algorithm (``None``: a bare :class:`~plasticity_lightning.policies.Policy`, i.e. just the
+            random source, for interventions whose algorithm still lives in the callback).
+        every_n_steps: period of :attr:`cadence` (``None``: no step cadence).
     """
 
-    def __init__(self, seed: int = 0, prefix: str = "intervention") -> None:
+    def __init__(
+        self,
+        seed: int = 0,
+        prefix: str = "intervention",
+        policy: Policy | None = None,
+        every_n_steps: int | None = None,
+    ) -> None:
         super().__init__()
-        if not isinstance(seed, int):
-            raise PlasticityConfigError(f"{type(self).__name__}.seed={seed!r} is invalid; expected an integer")
+        if policy is None:
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise PlasticityConfigError(f"{type(self).__name__}.seed={seed!r} is invalid; expected an integer")
+            policy = Policy(seed=seed, prefix=prefix)
+        self.policy = policy
+        self.policy.owner = type(self).__name__
+        self.policy.announce = rank_zero_info
+        self.policy.warn = rank_zero_warn
         self.seed = seed
         self.prefix = prefix
-        self.generator = torch.Generator().manual_seed(seed)
-        self._device_generators: dict[str, torch.Generator] = {}
-        self._pending_device_states: dict[str, torch.Tensor] = {}
-        self._last_step: int | None = None  # the optimizer step acted on last
+        self.cadence = StepCadence(every_n_steps)
         self._state_key: str | None = None
-        self._nonfinite_warned: set[str] = set()
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The policy's CPU generator."""
+        return self.policy.generator
+
+    @property
+    def _last_step(self) -> int | None:
+        """The optimizer step acted on last (or the step the fit started from)."""
+        return self.cadence.last_step
+
+    @_last_step.setter
+    def _last_step(self, step: int | None) -> None:
+        self.cadence.last_step = step
 
     @property
     def state_key(self) -> str:
@@ -102,21 +109,20 @@ class Intervention(TaskAwareCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A new fit starts at step 0 (also the second fit of one instance); a resumed one at its checkpoint's step,
         # where, with gradient accumulation, its first batches end again and must not act a second time.
-        self._last_step = trainer.global_step
+        self.cadence.mark(trainer.global_step)
+
+    def connect(self, trainer: pl.Trainer | None) -> Policy:
+        """Hand the policy the trainer's optimizers and, under DDP, the strategy's averaging; returns the policy."""
+        self.policy.optimizers = self.optimizers(trainer)
+        if trainer is not None and trainer.world_size > 1:
+            self.policy.reduce_mean = lambda tensor: trainer.strategy.reduce(tensor, reduce_op="mean")
+        else:
+            self.policy.reduce_mean = None
+        return self.policy
 
     def generator_on(self, device: torch.device | str) -> torch.Generator:
-        """The random source for draws made on ``device``: the CPU generator itself on the CPU; on an accelerator a
-        generator of that device type, seeded alike on every rank and kept in the checkpoint. Noise for every
-        parameter is then drawn where the parameters live, with no host-side draw and copy per application."""
-        kind = torch.device(device).type
-        if kind == "cpu":
-            return self.generator
-        if kind not in self._device_generators:
-            generator = torch.Generator(device=device).manual_seed(self.seed)
-            if kind in self._pending_device_states:
-                generator.set_state(self._pending_device_states.pop(kind))
-            self._device_generators[kind] = generator
-        return self._device_generators[kind]
+        """The random source for draws made on ``device`` (see :meth:`Policy.generator_on`)."""
+        return self.policy.generator_on(device)
 
     @staticmethod
     def optimizers(trainer: pl.Trainer | None) -> list[torch.optim.Optimizer]:
@@ -136,12 +142,7 @@ class Intervention(TaskAwareCallback):
 
     def warn_nonfinite(self, name: str, step: int | None) -> None:
         """Warn, once per ``name``, that a step was skipped because ``name``'s statistics were NaN/inf."""
-        if name not in self._nonfinite_warned:
-            self._nonfinite_warned.add(name)
-            rank_zero_warn(
-                f"{type(self).__name__}: the statistics of {name!r} are NaN/inf at step {step}; such steps are "
-                f"skipped there and counted in {self.prefix}/skipped_nonfinite"
-            )
+        self.policy.warn_nonfinite(name, step)
 
     def log_values(self, trainer: pl.Trainer, values: dict[str, float], *, force: bool = False) -> None:
         """Log ``values`` under ``prefix/`` every ``log_every_n_steps`` optimizer steps (always with ``force``)."""
@@ -154,99 +155,71 @@ class Intervention(TaskAwareCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        devices = {kind: g.get_state() for kind, g in self._device_generators.items()}
-        return {**super().state_dict(), "generator": self.generator.get_state(), "device_generators": devices}
+        return {**super().state_dict(), **self.policy.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        if "generator" in state_dict:
-            self.generator.set_state(state_dict["generator"])
-        # accelerator generators are rebuilt on first use, from these states
-        self._device_generators = {}
-        self._pending_device_states = dict(state_dict.get("device_generators", {}))
+        self.policy.load_state_dict(state_dict)
 
 
 class UnitIntervention(Intervention):
-    """An intervention on hidden units: finds the producer → consumer pairs and the init of new units.
+    """An intervention on hidden units, adapting a :class:`~plasticity_lightning.policies.base.UnitPolicy`.
 
-    At the start of every fit it binds the pairs and logs them once, with the blocks it skipped (INFO, rank zero;
-    also in :attr:`pairs` and :attr:`skipped_blocks`). With no arguments, any model works whose blocks a pairing
-    rule reads (torch and HF transformer MLPs, gated MLPs, BERT, timm, ConvNeXt; see
-    :mod:`plasticity_lightning.surgery.rules`) or that ``torch.fx`` traces, block by block; a block neither can read
-    is skipped with one warning that names it.
-
-    Args:
-        layers: producers (``Linear``/``Conv1D``/``Conv2d`` module names) whose units may be replaced; ``None``:
-            every pair found (see :mod:`plasticity_lightning.surgery.topology`).
-        pairs: explicit ``[producer, consumer]`` (or ``[producer, consumer, [norms]]``) entries, for blocks nothing
-            can read or to restrict the pairs exactly; refused when they share weights with another module or when
-            a traced graph contradicts them.
-        init: init scheme of new incoming weights: ``"auto"`` uses the model's ``layer_init(name)`` (our models
-            report the scheme each layer was built with) and else PyTorch's default; or a scheme name (kaiming,
-            kaiming_normal, xavier, xavier_normal, lecun, lecun_uniform, default), with the gain of the
-            activation between producer and consumer (as traced; for explicit pairs of a model that cannot be
-            traced, 1 unless ``gain`` is given).
-        gain: gain of a named ``init`` scheme for every pair, instead of the traced activation's.
-        seed: seed of the intervention's random draws.
-        prefix: first part of logged keys.
+    At the start of every fit the policy binds the producer → consumer pairs and reports them once, with the blocks
+    it skipped (INFO, rank zero; also in :attr:`pairs`, :attr:`skipped_blocks` and :attr:`bound_layers`), and the
+    init of each producer's new units with where it comes from (:attr:`inits`, :attr:`init_reasons`; a guessed init
+    warns once). The arguments ``layers``, ``pairs``, ``init``, ``gain`` and ``seed`` of the subclasses are the
+    policy's (see :class:`~plasticity_lightning.policies.base.UnitPolicy`).
     """
 
-    def __init__(
-        self,
-        layers: Sequence[str] | None = None,
-        pairs: Sequence[Sequence[Any]] | None = None,
-        init: str = "auto",
-        gain: float | None = None,
-        seed: int = 0,
-        prefix: str = "intervention",
-    ) -> None:
-        super().__init__(seed=seed, prefix=prefix)
-        owner = type(self).__name__
-        self.gain = None if gain is None else check_positive_float(owner, "gain", gain)
-        if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)):
-            raise PlasticityConfigError(f"{owner}.layers={layers!r} is invalid; expected a list of module names")
-        if pairs is not None and (isinstance(pairs, str) or not all(not isinstance(p, str) for p in pairs)):
-            raise PlasticityConfigError(
-                f"{owner}.pairs={pairs!r} is invalid; expected a list of [producer, consumer] lists"
-            )
-        self.layer_names = None if layers is None else list(layers)
-        self.explicit_pairs = None if pairs is None else [list(p) for p in pairs]
-        self.init = init if init in ("auto", *self.extra_inits) else resolve_init_scheme(init, owner=owner)
-        self.pairs: list[UnitPair] = []
-        self.skipped_blocks: dict[str, str] = {}  # block → why no pair was bound there
-        self.inits: dict[str, tuple[str, float]] = {}
+    policy: UnitPolicy
 
-    #: init names a subclass accepts besides the schemes (e.g. CBP's "sigma_orthogonal")
-    extra_inits: tuple[str, ...] = ()
+    @property
+    def pairs(self) -> list[UnitPair]:
+        return self.policy.pairs
+
+    @property
+    def skipped_blocks(self) -> dict[str, str]:
+        return self.policy.skipped_blocks
+
+    @property
+    def inits(self) -> dict[str, tuple[str, float]]:
+        return self.policy.inits
+
+    @property
+    def init_reasons(self) -> dict[str, str]:
+        return self.policy.init_reasons
+
+    @property
+    def bound_layers(self) -> list[str]:
+        return self.policy.bound_layers
+
+    @property
+    def layer_names(self) -> list[str] | None:
+        return self.policy.layer_names
+
+    @property
+    def explicit_pairs(self) -> list[list[Any]] | None:
+        return self.policy.explicit_pairs
+
+    @property
+    def init(self) -> str:
+        return self.policy.init
+
+    @property
+    def gain(self) -> float | None:
+        return self.policy.gain
 
     @override
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "layers": self.layer_names, "pairs": self.explicit_pairs}
 
     def bind(self, pl_module: pl.LightningModule) -> None:
-        """Find the pairs on the (built) model and the init of each producer; log them once, with what was skipped.
-
-        Explicit pairs take their activation (and a gated unit's partner producers) from the rules and traces
-        where those agree with them.
-        """
-        owner = type(self).__name__
-        pairing = pair_units(pl_module, self.layer_names, self.explicit_pairs, owner=owner)
-        self.pairs, self.skipped_blocks = pairing.pairs, dict(pairing.skipped)
-        self.inits = {pair.producer: self._init_of(pl_module, pair) for pair in self.pairs}
-        rank_zero_info(pairing.summary(owner))
-
-    def _init_of(self, pl_module: nn.Module, pair: UnitPair) -> tuple[str, float]:
-        if self.init == "auto":
-            layer_init = getattr(pl_module, "layer_init", None)
-            return layer_init(pair.producer) if callable(layer_init) else ("default", 1.0)
-        scheme = self.init if self.init not in self.extra_inits else "default"
-        if self.gain is not None:
-            return scheme, self.gain
-        name = _gain_name(pair.activation)
-        param = pair.activation.negative_slope if isinstance(pair.activation, nn.LeakyReLU) else None
-        return scheme, nn.init.calculate_gain(name, param)
+        """Find the pairs on the (built) model and the init of each producer; log them once."""
+        self.policy.bind(pl_module)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.connect(trainer)
         self.bind(pl_module)

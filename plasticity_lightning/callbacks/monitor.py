@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
@@ -19,6 +18,8 @@ from plasticity_lightning.callbacks.base import TaskAwareCallback
 from plasticity_lightning.core.errors import PlasticityConfigError, check_positive_int
 from plasticity_lightning.core.rundir import TASK_ID_KEY
 from plasticity_lightning.core.tasks import TaskContext, get_task_context
+from plasticity_lightning.policies.cadence import StepCadence
+from plasticity_lightning.policies.measure import nan_where_nonfinite
 from plasticity_lightning.probes import (
     ProbeSet,
     capture_outputs,
@@ -49,7 +50,9 @@ class PlasticityMonitor(TaskAwareCallback):
 
     Cadence: when a new task begins (``on_task_change``, before its first batch: the model as the previous task
     left it, on the new task's probe — Dohare et al.'s protocol), after every ``every_n_epochs``-th training
-    epoch, after every ``every_n_steps``-th optimizer step, and once more when training ends (``at_train_end``).
+    epoch, after every ``every_n_steps``-th optimizer step (the interventions' rule,
+    :class:`~plasticity_lightning.policies.StepCadence`: never at step 0, once per step), and once more when
+    training ends (``at_train_end``).
     Any combination. With neither ``every_n_*`` set, a run without tasks is measured after every epoch, so the
     defaults mean "once per task" in continual runs and "once per epoch" otherwise. Sanity checks never measure.
 
@@ -112,6 +115,7 @@ class PlasticityMonitor(TaskAwareCallback):
         self.layer_names = None if layers is None else list(layers)
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
+        self.cadence = StepCadence(every_n_steps)  # the step rule shared with the interventions
         self.on_task_change = on_task_change
         self.at_train_end = at_train_end
         self.probe = ProbeSet(size=probe_size, source=probe_source, owner=owner)
@@ -182,8 +186,13 @@ class PlasticityMonitor(TaskAwareCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+        if self.cadence.take(trainer.global_step):
             self.run(trainer, pl_module, reason="step")
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a resumed run's first batches may end again on the checkpoint's step, which was measured before saving
+        self.cadence.mark(trainer.global_step)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -324,10 +333,7 @@ class PlasticityMonitor(TaskAwareCallback):
     def nonfinite_as_nan(self, values: dict[str, float]) -> dict[str, float]:
         """``values`` with the measures of what :meth:`check_finite` found non-finite (and pooled ``all/`` values,
         which include them) set to NaN: a diverged layer must not read as a healthy one."""
-        if not self._nonfinite:
-            return values
-        broken = tuple(f"{name}/" for name in (*self._nonfinite, "all"))
-        return {key: math.nan if key.startswith(broken) else value for key, value in values.items()}
+        return nan_where_nonfinite(values, self._nonfinite)
 
     # ------------------------------------------------------------------ state
     @override

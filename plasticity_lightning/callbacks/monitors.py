@@ -18,23 +18,15 @@ from typing_extensions import override
 
 from plasticity_lightning.callbacks.monitor import PlasticityMonitor
 from plasticity_lightning.core.errors import PlasticityConfigError, check_choice, check_fraction, check_positive_float
-from plasticity_lightning.metrics.activity import ACTIVITY_CHOICES, activity_statistics
-from plasticity_lightning.metrics.entropy import activation_entropy, prediction_entropy
-from plasticity_lightning.metrics.rank import (
-    NonFiniteFeaturesError,
-    approximate_rank,
-    effective_rank,
-    feature_matrix,
-    numerical_rank,
-    singular_values,
-    srank,
-    stable_rank,
+from plasticity_lightning.metrics.activity import ACTIVITY_CHOICES
+from plasticity_lightning.metrics.weights import gradient_stats, layer_weights
+from plasticity_lightning.policies.measure import (
+    RANK_MEASURES,
+    activity_values,
+    entropy_values,
+    rank_values,
+    weight_values,
 )
-from plasticity_lightning.metrics.weights import distance_from_init, gradient_stats, layer_weights, mean_abs_weight
-from plasticity_lightning.metrics.weights import weight_norm as tensor_norm
-
-RANK_MEASURES = ("effective_rank", "srank", "approximate_rank", "stable_rank", "numerical_rank")
-_ACTIVITY_MEASURES = ("redo_dormant_fraction", "dead_fraction", "low_activity_fraction")
 
 
 class RankMonitor(PlasticityMonitor):
@@ -90,26 +82,10 @@ class RankMonitor(PlasticityMonitor):
 
     @override
     def measure(self, trainer, pl_module, outputs, model_output) -> dict[str, float]:
-        values: dict[str, float] = {}
-        for name, output in outputs.items():
-            features = feature_matrix(output, self.conv)
-            try:
-                sigma = singular_values(features)
-            except NonFiniteFeaturesError:
-                # A diverged run must still log (NaN says what happened) rather than crash the monitor. Pooling
-                # can overflow finite outputs, so this is not only the base class's check of the outputs.
-                self.mark_nonfinite(trainer, name, "features")
-                values.update({f"{name}/{measure}": math.nan for measure in self.measures})
-                continue
-            compute = {
-                "effective_rank": lambda s=sigma: effective_rank(sigma=s),
-                "srank": lambda s=sigma: srank(sigma=s, delta=self.delta),
-                "approximate_rank": lambda s=sigma: approximate_rank(sigma=s, threshold=self.threshold),
-                "stable_rank": lambda s=sigma: stable_rank(sigma=s),
-                "numerical_rank": lambda f=features: numerical_rank(f),
-            }
-            for measure in self.measures:
-                values[f"{name}/{measure}"] = float(compute[measure]())
+        values, spectra, broken = rank_values(outputs, self.measures, self.delta, self.threshold, self.conv)
+        for name in broken:  # pooling can overflow finite outputs: not only the base class's check of the outputs
+            self.mark_nonfinite(trainer, name, "features")
+        for name, sigma in spectra.items():
             self.log_histogram(trainer, f"{name}/singular_values", sigma)
         return values
 
@@ -159,26 +135,9 @@ class DormantUnitMonitor(PlasticityMonitor):
 
     @override
     def measure(self, trainer, pl_module, outputs, model_output) -> dict[str, float]:
-        values: dict[str, float] = {}
-        counts = torch.zeros(4, dtype=torch.float64)  # units, redo-dormant, dead, low-activity
-        rows = []
-        for name, output in outputs.items():
-            stats = activity_statistics(output, self.active)
-            masks = stats.masks(self.tau, self.dead_threshold, self.max_active)
-            flags = torch.stack([masks["redo_dormant"], masks["dead"], masks["low_activity"]]).to(torch.float64).cpu()
-            if bool(stats.finite):
-                fractions = flags.mean(dim=1)
-            else:  # the metrics' convention: a layer with a NaN/inf activation has NaN shares (and so has "all")
-                fractions = torch.full((3,), math.nan, dtype=torch.float64)
-                flags = flags + math.nan
-            counts += torch.cat([torch.tensor([float(flags.shape[1])]), flags.sum(dim=1)])
-            for measure, fraction in zip(_ACTIVITY_MEASURES, fractions.tolist(), strict=True):
-                values[f"{name}/{measure}"] = fraction
-            rows.append([name, flags.shape[1], *fractions.tolist()])
-            self.log_histogram(trainer, f"{name}/active_share", stats.active_share)
-        if counts[0] > 0:
-            for i, measure in enumerate(_ACTIVITY_MEASURES, start=1):
-                values[f"all/{measure}"] = float(counts[i] / counts[0])
+        values, rows, shares = activity_values(outputs, self.tau, self.dead_threshold, self.max_active, self.active)
+        for name, share in shares.items():
+            self.log_histogram(trainer, f"{name}/active_share", share)
         self.log_table(trainer, "dormant_units", ["layer", "units", "redo_dormant", "dead", "low_activity"], rows)
         return values
 
@@ -207,15 +166,9 @@ class EntropyMonitor(PlasticityMonitor):
 
     @override
     def measure(self, trainer, pl_module, outputs, model_output) -> dict[str, float]:
-        values: dict[str, float] = {}
-        if self.activations:
-            for name, output in outputs.items():
-                values[f"{name}/activation_entropy"] = float(activation_entropy(output))
-        logits = model_output[0] if isinstance(model_output, (tuple, list)) else model_output
-        # One output column has no distribution to measure (binary logit or regression).
-        if self.predictions and isinstance(logits, torch.Tensor) and logits.ndim == 2 and logits.shape[1] > 1:
+        values, logits = entropy_values(outputs, model_output, self.predictions, self.activations)
+        if logits is not None:
             self.check_finite(trainer, "predictions", logits, "logits")  # a -inf logit would give a clean 0
-            values["predictions/prediction_entropy"] = float(prediction_entropy(logits))
         return values
 
 
@@ -268,21 +221,9 @@ class WeightMonitor(PlasticityMonitor):
     @override
     def measure(self, trainer, pl_module, outputs, model_output) -> dict[str, float]:
         weights = self._weights(pl_module)
-        values: dict[str, float] = {}
         for name, w in weights.items():
             self.check_finite(trainer, name, w, "weights")
-            values[f"{name}/mean_abs_weight"] = float(mean_abs_weight(w))
-            values[f"{name}/weight_norm"] = float(tensor_norm(w))
-            if self.distance and name in self.initial:
-                values[f"{name}/distance_from_init"] = float(distance_from_init(w, self.initial[name]))
-        values["all/mean_abs_weight"] = float(mean_abs_weight(weights.values()))
-        values["all/weight_norm"] = float(tensor_norm(weights.values()))
-        if self.distance and self.initial:
-            shared = [name for name in weights if name in self.initial]
-            values["all/distance_from_init"] = float(
-                distance_from_init([weights[n] for n in shared], [self.initial[n] for n in shared])
-            )
-        return values
+        return weight_values(weights, self.initial if self.distance else None)
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -1,70 +1,28 @@
-"""Whole-parameter interventions: Shrink & Perturb, L2 toward the initial weights, output-head reset."""
+"""Whole-parameter interventions as Lightning callbacks — Shrink & Perturb, L2 toward the initial weights, output-head
+reset: adapters over :mod:`plasticity_lightning.policies.resets`."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
-from torch import nn
 from typing_extensions import override
 
 from plasticity_lightning.callbacks.intervention import Intervention
-from plasticity_lightning.core.errors import (
-    PlasticityConfigError,
-    check_choice,
-    check_positive_float,
-    check_positive_int,
-)
-from plasticity_lightning.nn.init import init_layer_
-from plasticity_lightning.surgery import reset_optimizer_state
-
-_WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
-
-
-def _selected_modules(
-    owner: str, pl_module: nn.Module, layers: Sequence[str] | None, kinds: tuple[type, ...]
-) -> dict[str, nn.Module]:
-    modules = {name: m for name, m in pl_module.named_modules() if isinstance(m, kinds)}
-    if layers is None:
-        return modules
-    unknown = [name for name in layers if name not in modules]
-    if unknown:
-        raise PlasticityConfigError(
-            f"{owner}.layers: {unknown[0]!r} is not a weight or normalisation layer of {type(pl_module).__name__}; "
-            f"choose among {', '.join(list(modules)[:12])}"
-        )
-    return {name: modules[name] for name in layers}
-
-
-def fresh_layer(pl_module: nn.Module, name: str, module: nn.Module, generator: torch.Generator) -> nn.Module:
-    """A copy of ``module`` re-initialised as the model initialised it (``layer_init``; else PyTorch's default)."""
-    fresh = copy.deepcopy(module)
-    if isinstance(module, _WEIGHT_LAYERS):
-        layer_init = getattr(pl_module, "layer_init", None)
-        scheme, gain = layer_init(name) if callable(layer_init) else ("default", 1.0)
-        init_layer_(fresh, scheme, gain=gain, generator=generator)
-    else:  # normalisation layers start at weight 1, bias 0
-        with torch.no_grad():
-            if getattr(fresh, "weight", None) is not None:
-                fresh.weight.fill_(1.0)
-            if getattr(fresh, "bias", None) is not None:
-                fresh.bias.zero_()
-    return fresh
+from plasticity_lightning.core.errors import PlasticityConfigError
+from plasticity_lightning.policies import resets as policy
+from plasticity_lightning.policies.resets import fresh_layer  # noqa: F401  (re-exported for old imports)
 
 
 class ShrinkAndPerturb(Intervention):
-    """Shrink & Perturb (Ash & Adams 2020): θ ← λ·θ + p·θ_fresh.
+    """Shrink & Perturb (Ash & Adams 2020): θ ← λ·θ + p·θ_fresh, when a new task starts and/or every n steps.
 
-    ``noise="fresh_init"`` (the paper): θ_fresh is a newly initialised copy of each weight and normalisation layer
-    (its own init scheme, so every layer keeps its scale), applied when a new task starts and/or every
-    ``every_n_steps`` optimizer steps; defaults λ = 0.4, p = 0.1. ``noise="gaussian"``: θ ← λ·θ + N(0, p²) on every
-    trainable parameter — Dohare et al.'s continual variant (``shrink=1``, ``perturb=σ``, ``every_n_steps=1``, with
-    the optimizer's weight decay doing the shrinking). Fresh values come from a generator seeded alike on every
-    DDP rank, so ranks stay identical. Optimizer state is kept (as in the paper).
+    The update is :class:`plasticity_lightning.policies.ShrinkAndPerturb`'s (``noise="fresh_init"``: the paper,
+    λ = 0.4, p = 0.1; ``noise="gaussian"``: Dohare et al.'s continual variant θ ← λ·θ + N(0, p²) on every trainable
+    parameter). This callback applies it when a new task starts (``on_task_change``, not before the first) and/or
+    every ``every_n_steps`` optimizer steps (never at step 0, once per step), keeps the generator in the checkpoint
+    (ranks stay identical: it is seeded alike on every rank) and logs ``shrink_perturb/applied``.
 
     Args:
         shrink: λ.
@@ -75,12 +33,15 @@ class ShrinkAndPerturb(Intervention):
         layers: module names to change (``None``: every Linear/Conv/norm layer, or every parameter with
             ``noise="gaussian"``).
         seed: seed of the fresh values.
+        prefix: first part of logged keys.
 
     Example::
 
         >>> from lightning.pytorch import Trainer
         >>> trainer = Trainer(callbacks=[ShrinkAndPerturb(shrink=0.4, perturb=0.1)])
     """
+
+    policy: policy.ShrinkAndPerturb
 
     def __init__(
         self,
@@ -93,21 +54,28 @@ class ShrinkAndPerturb(Intervention):
         seed: int = 0,
         prefix: str = "shrink_perturb",
     ) -> None:
-        super().__init__(seed=seed, prefix=prefix)
-        self.shrink = check_positive_float("ShrinkAndPerturb", "shrink", shrink, allow_zero=True)
-        self.perturb = check_positive_float("ShrinkAndPerturb", "perturb", perturb, allow_zero=True)
-        self.noise = check_choice("ShrinkAndPerturb", "noise", noise, ("fresh_init", "gaussian"))
-        self.on_task_change = on_task_change
-        if every_n_steps is not None:
-            check_positive_int("ShrinkAndPerturb", "every_n_steps", every_n_steps)
+        snp = policy.ShrinkAndPerturb(
+            shrink=shrink,
+            perturb=perturb,
+            noise=noise,
+            every_n_steps=every_n_steps,
+            layers=layers,
+            seed=seed,
+            prefix=prefix,
+        )
         if not on_task_change and every_n_steps is None:
             raise PlasticityConfigError(
                 "ShrinkAndPerturb: on_task_change=False with every_n_steps=None never applies; set one of them"
             )
-        self.every_n_steps = every_n_steps
-        self.layer_names = None if layers is None else list(layers)
-        self.applied = 0
-        self._last_step: int | None = None
+        super().__init__(seed=seed, prefix=prefix, policy=snp, every_n_steps=every_n_steps)
+        self.on_task_change = on_task_change
+
+    shrink = property(lambda self: self.policy.shrink)
+    perturb = property(lambda self: self.policy.perturb)
+    noise = property(lambda self: self.policy.noise)
+    every_n_steps = property(lambda self: self.policy.every_n_steps)
+    layer_names = property(lambda self: self.policy.layer_names)
+    applied = property(lambda self: self.policy.applied)
 
     @override
     def settings(self) -> dict[str, Any]:
@@ -115,8 +83,7 @@ class ShrinkAndPerturb(Intervention):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.noise == "fresh_init":
-            _selected_modules("ShrinkAndPerturb", pl_module, self.layer_names, (*_WEIGHT_LAYERS, *_NORM_LAYERS))
+        self.policy.attach(pl_module)
 
     @override
     def on_task_start(self, trainer, pl_module, context, previous_task) -> None:
@@ -125,60 +92,36 @@ class ShrinkAndPerturb(Intervention):
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
-        step = trainer.global_step
-        if self.every_n_steps and step and step != self._last_step and step % self.every_n_steps == 0:
-            self._last_step = step
+        if self.cadence.take(trainer.global_step):
             self.apply(trainer, pl_module)
 
-    @torch.no_grad()
     def apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Shrink and perturb now."""
-        if self.noise == "gaussian":
-            params = self._gaussian_params(pl_module)
-            for param in params:
-                generator = self.generator_on(param.device)  # drawn where the parameter lives
-                noise = torch.randn(param.shape, generator=generator, dtype=param.dtype, device=param.device)
-                param.mul_(self.shrink).add_(noise, alpha=self.perturb)
-        else:
-            kinds = (*_WEIGHT_LAYERS, *_NORM_LAYERS)
-            for name, module in _selected_modules("ShrinkAndPerturb", pl_module, self.layer_names, kinds).items():
-                fresh = fresh_layer(pl_module, name, module, self.generator)
-                for param, new in zip(module.parameters(recurse=False), fresh.parameters(recurse=False), strict=True):
-                    param.mul_(self.shrink).add_(new.to(param.device), alpha=self.perturb)
-        self.applied += 1
+        self.policy.apply(pl_module)
         self.log_values(trainer, {"applied": self.applied}, force=self.every_n_steps is None)
-
-    def _gaussian_params(self, pl_module: nn.Module) -> list[nn.Parameter]:
-        if self.layer_names is None:
-            return [p for p in pl_module.parameters() if p.requires_grad]
-        modules = dict(pl_module.named_modules())
-        unknown = [name for name in self.layer_names if name not in modules]
-        if unknown:
-            raise PlasticityConfigError(f"ShrinkAndPerturb.layers: the model has no module named {unknown[0]!r}")
-        return [p for name in self.layer_names for p in modules[name].parameters() if p.requires_grad]
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "applied": self.applied, "last_step": self._last_step}
+        return {**super().state_dict(), "last_step": self._last_step}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.applied = int(state_dict.get("applied", 0))
         self._last_step = state_dict.get("last_step")
 
 
 class L2Init(Intervention):
     """L2 toward the initial parameters (Kumar, Marklund & Van Roy 2023): adds λ‖θ − θ₀‖² to the loss.
 
-    Implemented on the gradients (``g ← g + 2λ(θ − θ₀)`` in ``on_before_optimizer_step``, after DDP averaging and
-    AMP unscaling, before gradient clipping), which is the gradient of the penalised loss without touching the
-    model's ``training_step``. θ₀ is copied at the start of ``fit`` and kept in the checkpoint, so a resumed run
-    pulls toward the same point. The penalty λ‖θ − θ₀‖² is logged as ``l2_init/penalty``.
+    :class:`plasticity_lightning.policies.L2Init` adds ``2λ(θ − θ₀)`` to the gradients; this callback calls it in
+    ``on_before_optimizer_step`` (after DDP averaging and AMP unscaling, before gradient clipping), so the model's
+    ``training_step`` is untouched. θ₀ is copied at the start of ``fit`` and kept in the checkpoint, so a resumed
+    run pulls toward the same point. The penalty λ‖θ − θ₀‖² is logged as ``l2_init/penalty``.
 
     Args:
         weight: λ (the paper's sweep: 1e-2 … 1e-5).
         layers: module names whose parameters are regularised (``None``: every trainable parameter).
+        prefix: first part of logged keys.
 
     Example::
 
@@ -186,75 +129,53 @@ class L2Init(Intervention):
         >>> trainer = Trainer(callbacks=[L2Init(weight=1e-3)])
     """
 
+    policy: policy.L2Init
+
     def __init__(self, weight: float = 1e-3, layers: Sequence[str] | None = None, prefix: str = "l2_init") -> None:
-        super().__init__(prefix=prefix)
-        self.weight = check_positive_float("L2Init", "weight", weight)
-        self.layer_names = None if layers is None else list(layers)
-        self.initial: dict[str, torch.Tensor] = {}
-        self._bound: dict[str, nn.Parameter] = {}
+        super().__init__(prefix=prefix, policy=policy.L2Init(weight=weight, layers=layers, prefix=prefix))
+
+    weight = property(lambda self: self.policy.weight)
+    layer_names = property(lambda self: self.policy.layer_names)
+
+    @property
+    def initial(self):
+        """θ₀, per parameter name."""
+        return self.policy.initial
 
     @override
     def settings(self) -> dict[str, Any]:
         return {"weight": self.weight, "layers": self.layer_names}
 
-    def _params(self, pl_module: nn.Module) -> dict[str, nn.Parameter]:
-        named = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
-        if self.layer_names is None:
-            return named
-        modules = dict(pl_module.named_modules())
-        unknown = [name for name in self.layer_names if name not in modules]
-        if unknown:
-            raise PlasticityConfigError(f"L2Init.layers: the model has no module named {unknown[0]!r}")
-        prefixes = tuple(f"{name}." for name in self.layer_names)
-        return {n: p for n, p in named.items() if n.startswith(prefixes)}
-
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        params = self._bound = self._params(pl_module)
-        if not self.initial:  # a resumed run keeps the point it started from
-            self.initial = {name: p.detach().clone() for name, p in params.items()}
-        else:
-            self.initial = {name: value.to(params[name].device) for name, value in self.initial.items()}
+        self.policy.attach(pl_module)
 
     @override
-    @torch.no_grad()
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        penalty = 0.0
-        for name, param in self._bound.items():
-            difference = param - self.initial[name]
-            if param.grad is not None:
-                param.grad.add_(difference, alpha=2 * self.weight)
-            if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
-                penalty += float(difference.pow(2).sum())
-        self.log_values(trainer, {"penalty": self.weight * penalty})
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "initial": {k: v.cpu() for k, v in self.initial.items()}}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.initial = dict(state_dict.get("initial", {}))
+        penalty = self.policy.step(penalty=self.log_due(trainer))  # read back only when logging
+        self.log_values(trainer, {"penalty": penalty or 0.0})
 
 
 class HeadReset(Intervention):
     """Re-initialise the output layer when a new task starts (Dohare et al.'s Continual-ImageNet protocol).
 
-    ``mode="init"`` draws fresh weights as the model initialised the layer (``layer_init``; else PyTorch's
-    default), ``mode="zero"`` sets weight and bias to 0 (the reference code's head reset). The layer's optimizer
-    state is cleared. The first task keeps its initial head.
+    The reset is :class:`plasticity_lightning.policies.HeadReset`'s (``mode="init"``: fresh weights as the model
+    initialised the layer; ``mode="zero"``: weight and bias 0, the reference code's head reset; the layer's
+    optimizer state cleared). The first task keeps its initial head. Logged: ``head_reset/resets``.
 
     Args:
         layer: module name of the head (``None``: the model's ``output_layer()``).
         mode: ``"init"`` or ``"zero"``.
         seed: seed of the fresh weights.
+        prefix: first part of logged keys.
 
     Example::
 
         >>> from lightning.pytorch import Trainer
         >>> trainer = Trainer(callbacks=[HeadReset(mode="zero")])
     """
+
+    policy: policy.HeadReset
 
     def __init__(
         self,
@@ -263,62 +184,29 @@ class HeadReset(Intervention):
         seed: int = 0,
         prefix: str = "head_reset",
     ) -> None:
-        super().__init__(seed=seed, prefix=prefix)
-        self.layer = layer
-        self.mode = check_choice("HeadReset", "mode", mode, ("init", "zero"))
-        self.resets = 0
+        super().__init__(
+            seed=seed, prefix=prefix, policy=policy.HeadReset(layer=layer, mode=mode, seed=seed, prefix=prefix)
+        )
+
+    layer = property(lambda self: self.policy.layer)
+    mode = property(lambda self: self.policy.mode)
+    resets = property(lambda self: self.policy.resets)
 
     @override
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "layer": self.layer, "mode": self.mode}
 
-    def _head(self, pl_module: nn.Module) -> tuple[str, nn.Module]:
-        if self.layer is None:
-            output_layer = getattr(pl_module, "output_layer", None)
-            if not callable(output_layer):
-                raise PlasticityConfigError(
-                    f"HeadReset: {type(pl_module).__name__} has no output_layer(); name the head with layer=..."
-                )
-            return output_layer()
-        layers = {name: m for name, m in pl_module.named_modules() if isinstance(m, _WEIGHT_LAYERS)}
-        if self.layer not in layers:
-            raise PlasticityConfigError(
-                f"HeadReset.layer={self.layer!r} is not a Linear/Conv layer of {type(pl_module).__name__}; choose "
-                f"among {', '.join(list(layers)[-8:])}"
-            )
-        module = layers[self.layer]
-        return self.layer, module
-
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._head(pl_module)
+        self.policy.attach(pl_module)
 
     @override
     def on_task_start(self, trainer, pl_module, context, previous_task) -> None:
         if previous_task is not None:
             self.reset(trainer, pl_module)
 
-    @torch.no_grad()
     def reset(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        name, head = self._head(pl_module)
-        if self.mode == "zero":
-            for param in head.parameters(recurse=False):
-                param.zero_()
-        else:
-            fresh = fresh_layer(pl_module, name, head, self.generator)
-            for param, new in zip(head.parameters(recurse=False), fresh.parameters(recurse=False), strict=True):
-                param.copy_(new)
-        for optimizer in self.optimizers(trainer):
-            for param in head.parameters(recurse=False):
-                reset_optimizer_state(optimizer, param, 0, torch.arange(param.shape[0]))
-        self.resets += 1
+        """Reset the head now."""
+        self.connect(trainer)
+        self.policy.apply(pl_module)
         self.log_values(trainer, {"resets": self.resets}, force=True)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "resets": self.resets}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.resets = int(state_dict.get("resets", 0))

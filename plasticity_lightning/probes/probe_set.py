@@ -5,14 +5,16 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
 from plasticity_lightning.core.errors import PlasticityConfigError, check_choice, check_positive_int
+
+if TYPE_CHECKING:  # the trainer is only read: probes (and the policies above them) must not import Lightning
+    import lightning.pytorch as pl
 
 
 class ProbeSet:

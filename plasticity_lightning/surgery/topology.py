@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from torch.nn import functional as F
 
@@ -188,6 +187,15 @@ class UnitPairing:
     trace_error: str | None = None
     graphs: list[tuple[str, torch.fx.Graph]] = field(default_factory=list, repr=False)
 
+    def skipped_warning(self, owner: str) -> str:
+        """The warning about the blocks nothing could read (see :func:`pair_units`)."""
+        return (
+            f"{owner}: skipped {len(self.skipped)} block(s) that no pairing rule or trace can read: "
+            + "; ".join(f"{name} ({why})" for name, why in self.skipped.items())
+            + ". Their units are left alone; name their pairs with pairs=[...] or register a PairingRule "
+            "(plasticity_lightning.surgery.rules)"
+        )
+
     def summary(self, owner: str) -> str:
         """One paragraph for the log: the bound pairs and the skipped blocks."""
         pairs = ", ".join(pair.describe() for pair in self.pairs) or "none"
@@ -258,12 +266,10 @@ def pair_units(
             f"such layer through per-unit operations{skipped}; pass the pairs explicitly, e.g. {example}"
         )
     if warn and pairs is None and found.skipped:
-        rank_zero_warn(
-            f"{owner}: skipped {len(found.skipped)} block(s) that no pairing rule or trace can read: "
-            + "; ".join(f"{name} ({why})" for name, why in found.skipped.items())
-            + ". Their units are left alone; name their pairs with pairs=[...] or register a PairingRule "
-            "(plasticity_lightning.surgery.rules)"
-        )
+        # imported here: surgery (and the policies above it) must not import Lightning
+        from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+        rank_zero_warn(found.skipped_warning(owner))
     return found
 
 

@@ -1,0 +1,42 @@
+"""The algorithms as plain objects, for any PyTorch training loop: no trainer, any ``nn.Module`` and optimizer.
+
+Each policy holds its own state (:meth:`state_dict` / :meth:`load_state_dict`) and its own ``torch.Generator``,
+reports once which layers it bound to (also a property), and says which init new units get and why (warning once
+when it had to guess). In a hand-written loop, construct it with the model and optimizer, then call ``step()``
+after ``optimizer.step()``::
+
+    cbp = ContinualBackprop(model, optimizer, replacement_rate=1e-4, maturity_threshold=100)
+    for x, y in stream:
+        optimizer.zero_grad(); loss_fn(model(x), y).backward(); optimizer.step()
+        cbp.step()
+
+* unit replacement: :class:`ContinualBackprop` (and RR-CBP with ``init="sigma_orthogonal"``), :class:`ReDo`;
+* whole parameters: :class:`ShrinkAndPerturb`, :class:`L2Init` (call it before ``optimizer.step()``),
+  :class:`HeadReset`;
+* measuring: :func:`measure` — model + probe batch → every monitor's measures in one dict;
+* when: :class:`StepCadence`, the step rule the Lightning callbacks share (never at step 0, once per step).
+
+The Lightning callbacks of the same names (:mod:`plasticity_lightning.callbacks`) are adapters over these objects:
+they add hooks and cadence, DDP averaging, checkpoint state and logging.
+"""
+
+from plasticity_lightning.policies.base import Policy, UnitPolicy, all_reduce_mean
+from plasticity_lightning.policies.cadence import StepCadence
+from plasticity_lightning.policies.cbp import ContinualBackprop
+from plasticity_lightning.policies.measure import measure
+from plasticity_lightning.policies.redo import ReDo
+from plasticity_lightning.policies.resets import HeadReset, L2Init, ShrinkAndPerturb, fresh_layer
+
+__all__ = [
+    "ContinualBackprop",
+    "HeadReset",
+    "L2Init",
+    "Policy",
+    "ReDo",
+    "ShrinkAndPerturb",
+    "StepCadence",
+    "UnitPolicy",
+    "all_reduce_mean",
+    "fresh_layer",
+    "measure",
+]

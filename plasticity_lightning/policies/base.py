@@ -1,0 +1,269 @@
+"""What every trainer-free policy shares: its own random source, its state, the optimizers it resets, DDP averaging,
+and, for unit policies, which producer → consumer pairs it bound and which init their new units get (and why)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from plasticity_lightning.core.errors import PlasticityConfigError, check_positive_float
+from plasticity_lightning.nn.init import resolve_init_scheme
+from plasticity_lightning.surgery import UnitPair, pair_units
+from plasticity_lightning.surgery.topology import unit_weight
+
+log = logging.getLogger(__name__)
+
+# Activation → torch's gain name. Like Dohare et al.'s code, ReLU-like units (GELU, SiLU/swish, ELU) take ReLU's.
+_GAINS = {
+    "ReLU": "relu",
+    "GELU": "relu",
+    "SiLU": "relu",
+    "ELU": "relu",
+    "LeakyReLU": "leaky_relu",
+    "Tanh": "tanh",
+    "Sigmoid": "sigmoid",
+    "SELU": "selu",
+    "Identity": "linear",
+}
+
+
+def _gain_name(activation: nn.Module | None) -> str:
+    """torch's gain name for an activation module; unknown GELU/SiLU variants (HF's ``NewGELUActivation``,
+    ``SiLUActivation``) are ReLU-like."""
+    if activation is None:
+        return "linear"
+    kind = type(activation).__name__
+    if kind in _GAINS:
+        return _GAINS[kind]
+    return "relu" if any(word in kind.upper() for word in ("GELU", "SILU", "SWISH")) else "linear"
+
+
+def _known_activation(activation: nn.Module) -> bool:
+    kind = type(activation).__name__
+    return kind in _GAINS or any(word in kind.upper() for word in ("GELU", "SILU", "SWISH"))
+
+
+def as_optimizers(optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None) -> list[Any]:
+    """``None``, one optimizer or several, as a list."""
+    if optimizer is None:
+        return []
+    if isinstance(optimizer, torch.optim.Optimizer) or hasattr(optimizer, "param_groups"):
+        return [optimizer]
+    return list(optimizer)
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Average ``tensor`` over the processes of the default ``torch.distributed`` group (identity without one).
+
+    Pass it as a policy's ``reduce_mean`` in a hand-written DDP loop, so every rank takes the same decisions.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    reduced = tensor.clone()
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return reduced / dist.get_world_size()
+
+
+class Policy:
+    """Base of the trainer-free algorithms.
+
+    It holds what every algorithm needs to be reproducible and correct in any training loop:
+
+    * a CPU ``torch.Generator`` seeded with ``seed``, the same on every process, so every random choice is identical
+      across DDP ranks without communication; draws on an accelerator use :meth:`generator_on`, a generator of that
+      device with the same guarantees. Both are in :meth:`state_dict`, so a resumed run draws what the uninterrupted
+      run would have drawn;
+    * :attr:`optimizers`, whose state is cleared for every touched slice;
+    * :attr:`reduce_mean`, which averages per-unit statistics across processes before any decision (``None``: one
+      process; :func:`all_reduce_mean` for ``torch.distributed``);
+    * :attr:`announce` and :attr:`warn`, where one-time reports and warnings go (the Lightning callbacks route them
+      to rank zero).
+
+    Args:
+        seed: seed of the policy's own random draws.
+        prefix: name of the policy's values in reports and warnings (a callback logs them under it).
+    """
+
+    def __init__(self, seed: int = 0, prefix: str = "policy") -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise PlasticityConfigError(f"{type(self).__name__}.seed={seed!r} is invalid; expected an integer")
+        self.seed = seed
+        self.prefix = prefix
+        self.owner = type(self).__name__  # the name in messages (an adapting callback puts its own)
+        self.generator = torch.Generator().manual_seed(seed)
+        self._device_generators: dict[str, torch.Generator] = {}
+        self._pending_device_states: dict[str, torch.Tensor] = {}
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.announce: Callable[[str], None] = log.info
+        self.warn: Callable[[str], None] = lambda message: warnings.warn(message, UserWarning, stacklevel=3)
+        self._warned: set[str] = set()
+
+    def generator_on(self, device: torch.device | str) -> torch.Generator:
+        """The random source for draws made on ``device``: the CPU generator itself on the CPU; on an accelerator a
+        generator of that device type, seeded alike on every rank and kept in the checkpoint. Noise for every
+        parameter is then drawn where the parameters live, with no host-side draw and copy per application."""
+        kind = torch.device(device).type
+        if kind == "cpu":
+            return self.generator
+        if kind not in self._device_generators:
+            generator = torch.Generator(device=device).manual_seed(self.seed)
+            if kind in self._pending_device_states:
+                generator.set_state(self._pending_device_states.pop(kind))
+            self._device_generators[kind] = generator
+        return self._device_generators[kind]
+
+    def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` averaged across processes through :attr:`reduce_mean` (itself on one process)."""
+        return tensor if self.reduce_mean is None else self.reduce_mean(tensor)
+
+    def warn_once(self, key: str, message: str) -> None:
+        """Send ``message`` to :attr:`warn` the first time ``key`` is seen."""
+        if key not in self._warned:
+            self._warned.add(key)
+            self.warn(message)
+
+    def warn_nonfinite(self, name: str, step: int | None) -> None:
+        """Warn, once per ``name``, that a step was skipped because ``name``'s statistics were NaN/inf."""
+        self.warn_once(
+            f"nonfinite:{name}",
+            f"{self.owner}: the statistics of {name!r} are NaN/inf at step {step}; such steps are skipped "
+            f"there and counted in {self.prefix}/skipped_nonfinite",
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The policy's state: its generators (subclasses add theirs)."""
+        devices = {kind: g.get_state() for kind, g in self._device_generators.items()}
+        return {"generator": self.generator.get_state(), "device_generators": devices}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "generator" in state_dict:
+            self.generator.set_state(state_dict["generator"])
+        # accelerator generators are rebuilt on first use, from these states
+        self._device_generators = {}
+        self._pending_device_states = dict(state_dict.get("device_generators", {}))
+
+
+class UnitPolicy(Policy):
+    """A policy on hidden units: binds the producer → consumer pairs and the init of each producer's new units.
+
+    :meth:`bind` finds the pairs (registered pairing rules, then ``torch.fx`` traces, block by block; see
+    :mod:`plasticity_lightning.surgery.topology`), reports them once through :attr:`announce` with the blocks it
+    skipped, and records for every producer the init scheme and gain of its new units and why
+    (:attr:`init_reasons`). When the init had to be guessed it warns once, naming the argument that settles it:
+
+    * ``init="auto"`` on a model without ``layer_init(name)`` falls back to PyTorch's default Linear/Conv init,
+      U(±1/√fan_in) (±0.22 for 20 inputs, where Dohare et al.'s kaiming init with ReLU's gain draws ±0.55);
+    * a named scheme takes its gain from the activation module between producer and consumer; with none in sight
+      (a functional ``F.relu`` in ``forward``) or of an unknown kind, the gain is 1.
+
+    Args:
+        layers: producers (``Linear``/``Conv1D``/``Conv2d`` module names) whose units may be replaced; ``None``:
+            every pair found.
+        pairs: explicit ``[producer, consumer]`` (or ``[producer, consumer, [norms]]``) entries.
+        init: ``"auto"`` (the model's ``layer_init(name)``, else PyTorch's default) or a scheme name (kaiming,
+            kaiming_normal, xavier, xavier_normal, lecun, lecun_uniform, default) with the activation's gain.
+        gain: gain of a named ``init`` for every pair, instead of the activation's.
+        seed, prefix: see :class:`Policy`.
+    """
+
+    #: init names a subclass accepts besides the schemes (e.g. CBP's "sigma_orthogonal")
+    extra_inits: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        layers: Sequence[str] | None = None,
+        pairs: Sequence[Sequence[Any]] | None = None,
+        init: str = "auto",
+        gain: float | None = None,
+        seed: int = 0,
+        prefix: str = "policy",
+    ) -> None:
+        super().__init__(seed=seed, prefix=prefix)
+        owner = type(self).__name__
+        self.gain = None if gain is None else check_positive_float(owner, "gain", gain)
+        if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)):
+            raise PlasticityConfigError(f"{owner}.layers={layers!r} is invalid; expected a list of module names")
+        if pairs is not None and (isinstance(pairs, str) or not all(not isinstance(p, str) for p in pairs)):
+            raise PlasticityConfigError(
+                f"{owner}.pairs={pairs!r} is invalid; expected a list of [producer, consumer] lists"
+            )
+        self.layer_names = None if layers is None else list(layers)
+        self.explicit_pairs = None if pairs is None else [list(p) for p in pairs]
+        self.init = init if init in ("auto", *self.extra_inits) else resolve_init_scheme(init, owner=owner)
+        self.pairs: list[UnitPair] = []
+        self.skipped_blocks: dict[str, str] = {}  # block → why no pair was bound there
+        self.inits: dict[str, tuple[str, float]] = {}  # producer → (scheme, gain) of its new units
+        self.init_reasons: dict[str, str] = {}  # producer → where that init comes from
+        self.binding = ""  # the one-paragraph report of the last bind
+
+    @property
+    def bound_layers(self) -> list[str]:
+        """The bound pairs, ``"producer (+ partners) → consumer"``."""
+        return [pair.describe() for pair in self.pairs]
+
+    def bind(self, model: nn.Module) -> None:
+        """Find the pairs on the (built) model and the init of each producer; report them once, with what was
+        skipped, and warn once if an init had to be guessed."""
+        owner = self.owner
+        pairing = pair_units(model, self.layer_names, self.explicit_pairs, owner=owner, warn=False)
+        if self.explicit_pairs is None and pairing.skipped:
+            self.warn(pairing.skipped_warning(owner))  # through the policy: rank zero's under a Lightning callback
+        self.pairs, self.skipped_blocks = pairing.pairs, dict(pairing.skipped)
+        self.inits, self.init_reasons = {}, {}
+        defaults: list[str] = []  # producers that fell back to PyTorch's default init: "'name': ±b (kaiming ±k)"
+        gains: list[str] = []  # pairs whose gain was guessed
+        for pair in self.pairs:
+            scheme, gain, reason = self._init_of(model, pair)
+            self.inits[pair.producer] = (scheme, gain)
+            self.init_reasons[pair.producer] = reason
+            if reason.startswith("PyTorch's default"):
+                fan_in = unit_weight(pair.producer_module)[0].numel()
+                kaiming = nn.init.calculate_gain(_gain_name(pair.activation)) * (3.0 / fan_in) ** 0.5
+                defaults.append(f"{pair.producer!r} ±{fan_in**-0.5:.3g} (kaiming: ±{kaiming:.3g})")
+            elif "gain 1 (" in reason:
+                gains.append(f"{pair.producer!r} → {pair.consumer!r} ({reason.split('gain 1 (', 1)[1][:-1]})")
+        self.binding = pairing.summary(owner)
+        self.announce(self.binding)
+        if defaults:
+            self.warn_once(
+                "init",
+                f"{owner}: {type(model).__name__} has no layer_init(name), so new units get PyTorch's default init "
+                f"U(±1/√fan_in): {', '.join(defaults)}; pass init='kaiming' for Dohare et al.'s init with the "
+                "activation's gain, or another scheme name",
+            )
+        if gains:
+            self.warn_once(
+                "gain",
+                f"{owner}: init={self.init!r} takes its gain from the activation between producer and consumer, but "
+                f"none is known for {', '.join(gains)}, so the gain is 1; pass gain=... (√2 for ReLU)",
+            )
+
+    def _init_of(self, model: nn.Module, pair: UnitPair) -> tuple[str, float, str]:
+        """(scheme, gain, where it comes from) for ``pair``'s new units."""
+        if self.init == "auto":
+            layer_init = getattr(model, "layer_init", None)
+            if callable(layer_init):
+                scheme, gain = layer_init(pair.producer)
+                return scheme, gain, f"{type(model).__name__}.layer_init({pair.producer!r})"
+            return "default", 1.0, "PyTorch's default init (the model has no layer_init)"
+        scheme = self.init if self.init not in self.extra_inits else "default"
+        if self.gain is not None:
+            return scheme, self.gain, f"init={self.init!r}, gain={self.gain:g} as given"
+        name = _gain_name(pair.activation)
+        param = pair.activation.negative_slope if isinstance(pair.activation, nn.LeakyReLU) else None
+        gain = nn.init.calculate_gain(name, param)
+        if pair.activation is None:
+            # a functional activation (F.relu in forward) is not a module: the trace cannot name it
+            return scheme, gain, f"init={self.init!r} with gain 1 (no activation module seen)"
+        kind = type(pair.activation).__name__
+        if not _known_activation(pair.activation):
+            return scheme, gain, f"init={self.init!r} with gain 1 (unknown activation {kind})"
+        return scheme, gain, f"init={self.init!r} with the {name} gain of {kind}"

@@ -1,0 +1,553 @@
+"""Continual Backprop (Dohare et al., Nature 2024) and its rank-restoring variant RR-CBP, for any training loop."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from plasticity_lightning.core.errors import (
+    PlasticityConfigError,
+    check_choice,
+    check_fraction,
+    check_positive_float,
+    check_positive_int,
+)
+from plasticity_lightning.policies.base import UnitPolicy, as_optimizers
+from plasticity_lightning.surgery import (
+    InputCovariance,
+    UnitPair,
+    activation_energy_share,
+    incoming_magnitude,
+    outgoing_magnitude,
+    reinit_units,
+    sigma_orthogonal_rows,
+    unit_columns,
+    unit_magnitudes,
+)
+
+UTILITIES = ("contribution", "zero_contribution", "adaptable_contribution")
+
+
+class _LayerState:
+    """Per-producer running statistics: ages, utility EMA, mean-activation EMA, replacement accumulator.
+
+    How many units are mature (age > ``maturity``) is also kept on the host, from the cohorts of units that may
+    still be young (all units at the start, then each replaced group), so that a step without a replacement never
+    waits for the device: on a GPU, asking the ``ages`` tensor would synchronise every step.
+    """
+
+    def __init__(self, units: int, device: torch.device, maturity: int) -> None:
+        self.ages = torch.zeros(units, dtype=torch.long, device=device)
+        self.utility = torch.zeros(units, dtype=torch.float32, device=device)
+        self.mean_activation = torch.zeros(units, dtype=torch.float32, device=device)
+        self.accumulated = 0.0
+        self.replaced = 0
+        # steps whose statistics were NaN/inf, counted where they are known (on the device: no read-back per step)
+        self.skipped = torch.zeros((), dtype=torch.long, device=device)
+        self.maturity = maturity
+        self._clock = 0  # steps aged so far; a cohort born at clock b has age clock - b
+        self._young: deque[tuple[int, int]] = deque([(0, units)])  # (birth clock, units), oldest first
+        self._young_units = units
+
+    @property
+    def num_units(self) -> int:
+        return self.ages.numel()
+
+    @property
+    def mature_units(self) -> int:
+        """Units older than the maturity threshold (equal to ``(ages > maturity).sum()``, without reading it)."""
+        return self.num_units - self._young_units
+
+    def age(self) -> None:
+        """One optimizer step older."""
+        self.ages += 1
+        self._clock += 1
+        while self._young and self._clock - self._young[0][0] > self.maturity:
+            self._young_units -= self._young.popleft()[1]
+
+    def reset(self, units: torch.Tensor, *, mature: bool = False) -> None:
+        """``units`` start again: age, utility and mean activation 0.
+
+        ``mature=True`` promises that every unit was mature (as ``_choose`` guarantees): they join the young as one
+        cohort. Otherwise the count is rebuilt from the ages (one small read), exact whichever units were reset.
+        """
+        self.ages[units] = 0
+        self.utility[units] = 0.0
+        self.mean_activation[units] = 0.0
+        self.replaced += units.numel()
+        if mature:
+            self._young.append((self._clock, units.numel()))
+            self._young_units += units.numel()
+        else:
+            self.sync_cohorts()
+
+    def sync_cohorts(self) -> None:
+        """Rebuild the host-side maturity count from ``ages`` (after loading them, or setting them by hand)."""
+        ages = self.ages.cpu()
+        young, counts = torch.unique(ages[ages <= self.maturity], return_counts=True)
+        self._clock = 0
+        self._young = deque((-int(a), int(c)) for a, c in sorted(zip(young, counts, strict=True), reverse=True))
+        self._young_units = int(counts.sum())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "ages": self.ages.cpu(),
+            "utility": self.utility.cpu(),
+            "mean_activation": self.mean_activation.cpu(),
+            "accumulated": self.accumulated,
+            "replaced": self.replaced,
+            "skipped": self.skipped.cpu(),
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        device = self.ages.device
+        self.ages = state["ages"].to(device)
+        self.utility = state["utility"].to(device)
+        self.mean_activation = state["mean_activation"].to(device)
+        self.accumulated = float(state["accumulated"])
+        self.replaced = int(state["replaced"])
+        self.skipped = torch.as_tensor(state.get("skipped", 0), dtype=torch.long).to(device)
+        self.sync_cohorts()
+
+
+class ContinualBackprop(UnitPolicy):
+    """Continual Backprop: after every optimizer step, replace a small share of the least useful mature units.
+
+    A plain object: no trainer, any ``nn.Module`` and optimizer. In a hand-written loop::
+
+        cbp = ContinualBackprop(model, optimizer, replacement_rate=1e-4, maturity_threshold=100)
+        for x, y in stream:
+            optimizer.zero_grad(); loss_fn(model(x), y).backward(); optimizer.step()
+            cbp.step()
+
+    Construction binds the producer → consumer pairs (reported once, also in :attr:`bound_layers`; the init of new
+    units and why in :attr:`init_reasons`) and puts forward pre-hooks on the consumers, which keep what each
+    consumer received in *training* forward passes (train mode, gradients on; never evaluation or probes).
+    :meth:`step` then acts on what was recorded since the last call, for every pair:
+
+    * every unit ages by one step; f ← η·f + (1−η)·mean(h), f̂ = f / (1 − η^age);
+    * instantaneous utility ``contribution`` = mean|h| · mean|w_out|; ``zero_contribution`` = mean|h − f̂| ·
+      mean|w_out|; ``adaptable_contribution`` = zero_contribution / mean|w_in| (Dohare's code: means over the
+      consumer's rows and the producer's inputs — ranking within a layer is the same as with sums; for conv →
+      flatten → linear the product is taken per flattened column and averaged over the channel's columns, as
+      in his ``ConvGnT``);
+    * u ← η·u + (1−η)·utility, ranked as û = u / (1 − η^age) (bias-corrected, so young units are not
+      judged on a shrunken EMA);
+    * units older than ``maturity_threshold`` are eligible; ``n = ρ·#eligible`` (``count="eligible"``, Dohare's
+      MLP ``GnT``) or ``n = ρ·width`` (``count="width"``, his ConvNet/ResNet code, only on steps with an eligible
+      unit); with ``accumulate=True`` fractional parts carry over and ``int(acc)`` units are replaced, otherwise a
+      fractional n < 1 replaces one unit with probability n;
+    * the n eligible units with the lowest û get fresh incoming weights (the layer's own init), bias 0, reset
+      BatchNorm/LayerNorm entries, zero outgoing weights (the network's output does not change) and zeroed
+      optimizer state on exactly those rows/columns (:func:`~plasticity_lightning.surgery.reinit_units`); their
+      age, utility and f restart at 0.
+
+    ``init="sigma_orthogonal"`` is RR-CBP: new incoming weights Σ-orthogonal to the kept units' rows with unit
+    Σ-norm, Σ the bias-corrected EMA (decay ``sigma_decay``) of the producer's input covariance, optionally scaled
+    by an energy budget (:mod:`plasticity_lightning.surgery.sigma`, which lists the deviations from the reference).
+    Linear producers only.
+
+    Non-finite statistics: when a layer's instantaneous utility (or its utility EMA) holds a NaN or ±inf
+    (diverged features or weights), that layer's step is skipped: its utility and mean-activation EMAs keep their
+    previous values and no unit is replaced (replacements due that step are dropped, not carried over); its units
+    still age. The check runs on the device; the host reads it only on steps that would replace units, so other
+    steps never wait for the device. Skipped steps are counted per layer (:meth:`skipped_nonfinite`); the first one
+    warns.
+
+    DDP: with :attr:`reduce_mean` set (:func:`~plasticity_lightning.policies.all_reduce_mean`, or the Lightning
+    callback's strategy), per-unit statistics are averaged across ranks before the utility update, and random draws
+    come from a generator seeded alike on every rank, so every rank replaces the same units with the same weights.
+    Resume: ages, utilities, f, accumulators, counts, Σ, the magnitude cache and the generator are in
+    :meth:`state_dict`. Several forward passes between two steps (gradient accumulation) count as one batch.
+
+    Deviations from the reference code (``lop/algos/gnt.py``, ``convGnT.py``, ``res_gnt.py``): the next-layer bias
+    correction, a no-op there, is not performed; Conv layers use their own init (the reference always draws
+    U(±1/√fan_in)); optimizer state is reset for every touched slice and every optimizer (the reference forgets
+    some).
+
+    Args:
+        model: the network (``None``: bind later with :meth:`attach`).
+        optimizer: its optimizer(s), whose state is cleared for replaced units.
+        replacement_rate: ρ, the share of units replaced per step.
+        maturity_threshold: m, steps a unit must live before it can be replaced.
+        decay_rate: η, the utility EMA decay.
+        utility: ``"contribution"``, ``"zero_contribution"`` or ``"adaptable_contribution"``.
+        accumulate: carry fractional replacements over (``False``: Bernoulli for n < 1).
+        count: ``"eligible"`` (ρ·#mature) or ``"width"`` (ρ·#units).
+        init: ``"auto"`` (the layer's own scheme), a scheme name, or ``"sigma_orthogonal"`` (RR-CBP).
+        gain: gain of a named ``init`` for every pair, instead of the activation's.
+        sigma_decay: EMA decay of the input covariance (RR-CBP).
+        sigma_ridge: ridge added to Σ (RR-CBP).
+        energy_budget: scale RR-CBP rows to the activation's energy target instead of unit Σ-norm.
+        magnitudes_every_n_steps: recompute the weight magnitudes |w_out| (and |w_in|) every n steps instead of every
+            step (1, the default, is Dohare's algorithm). The pass over the weights is most of CBP's cost on large
+            layers; between passes the cached magnitudes are used, stale by up to n − 1 optimizer steps. A replaced
+            unit's own entries are patched (outgoing 0, its new incoming weights); what its replacement changes in
+            neighbouring pairs' entries waits for the next refresh.
+        layers, pairs: see :class:`~plasticity_lightning.policies.base.UnitPolicy`.
+        seed: seed of the random draws.
+        prefix: name of the values in reports.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(20, 5), nn.ReLU(), nn.Linear(5, 1))
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.01)
+        >>> cbp = ContinualBackprop(net, opt, replacement_rate=1e-4, init="kaiming")
+        >>> cbp.bound_layers
+        ['0 → 2']
+        >>> opt.zero_grad(); net(torch.rand(1, 20)).pow(2).mean().backward(); opt.step()
+        >>> cbp.step()
+        {'0': 0}
+    """
+
+    extra_inits = ("sigma_orthogonal",)
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
+        *,
+        replacement_rate: float = 1e-4,
+        maturity_threshold: int = 100,
+        decay_rate: float = 0.99,
+        utility: Literal["contribution", "zero_contribution", "adaptable_contribution"] = "contribution",
+        accumulate: bool = True,
+        count: Literal["eligible", "width"] = "eligible",
+        init: str = "auto",
+        gain: float | None = None,
+        sigma_decay: float = 0.99,
+        sigma_ridge: float = 1e-4,
+        energy_budget: bool = False,
+        magnitudes_every_n_steps: int = 1,
+        layers: Sequence[str] | None = None,
+        pairs: Sequence[Sequence[Any]] | None = None,
+        seed: int = 0,
+        prefix: str = "cbp",
+    ) -> None:
+        super().__init__(layers=layers, pairs=pairs, init=init, gain=gain, seed=seed, prefix=prefix)
+        owner = type(self).__name__
+        self.replacement_rate = check_fraction(owner, "replacement_rate", replacement_rate, high_open=False)
+        self.maturity_threshold = check_positive_int(owner, "maturity_threshold", maturity_threshold, allow_zero=True)
+        self.decay_rate = check_fraction(owner, "decay_rate", decay_rate)
+        self.utility = check_choice(owner, "utility", utility, UTILITIES)
+        if not isinstance(accumulate, bool):
+            raise PlasticityConfigError(f"{owner}.accumulate={accumulate!r} is invalid; expected true or false")
+        self.accumulate = accumulate
+        self.count = check_choice(owner, "count", count, ("eligible", "width"))
+        self.sigma_decay = check_fraction(owner, "sigma_decay", sigma_decay)
+        self.sigma_ridge = check_positive_float(owner, "sigma_ridge", sigma_ridge, allow_zero=True)
+        self.energy_budget = bool(energy_budget)
+        if self.energy_budget and init != "sigma_orthogonal":
+            raise PlasticityConfigError(
+                f"{owner}.energy_budget=True needs init='sigma_orthogonal' (RR-CBP), got init={init!r}"
+            )
+        self.magnitudes_every_n_steps = check_positive_int(owner, "magnitudes_every_n_steps", magnitudes_every_n_steps)
+        # (outgoing, incoming) weight magnitudes per producer, reused for magnitudes_every_n_steps steps
+        self._magnitudes: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        self._magnitude_age = 0
+        self.states: dict[str, _LayerState] = {}
+        self.covariances: dict[str, InputCovariance] = {}
+        self._features: dict[str, list[torch.Tensor]] = {}
+        self._inputs: dict[str, list[torch.Tensor]] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._pending: dict[str, Any] | None = None
+        self.steps = 0  # calls of step() since attach
+        if model is not None:
+            self.attach(model, optimizer)
+
+    @property
+    def sigma_orthogonal(self) -> bool:
+        return self.init == "sigma_orthogonal"
+
+    def settings(self) -> dict[str, Any]:
+        """The arguments that distinguish two instances."""
+        return {
+            "replacement_rate": self.replacement_rate,
+            "maturity_threshold": self.maturity_threshold,
+            "decay_rate": self.decay_rate,
+            "utility": self.utility,
+            "accumulate": self.accumulate,
+            "count": self.count,
+            "init": self.init,
+            "magnitudes_every_n_steps": self.magnitudes_every_n_steps,
+        }
+
+    # ------------------------------------------------------------------ set-up
+    def attach(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
+    ) -> None:
+        """Bind to ``model``'s pairs with fresh statistics (or those of a loaded :meth:`state_dict`) and start
+        recording the consumers' training inputs. ``optimizer``: the optimizer(s) whose state is reset."""
+        if optimizer is not None:
+            self.optimizers = as_optimizers(optimizer)
+        self.bind(model)
+        self._magnitudes, self._magnitude_age = None, 0  # a loaded state restores them in _load_pending
+        self.steps = 0
+        if self.sigma_orthogonal:
+            convs = [pair.producer for pair in self.pairs if not isinstance(pair.producer_module, nn.Linear)]
+            if convs:
+                raise PlasticityConfigError(
+                    f"ContinualBackprop(init='sigma_orthogonal') supports Linear producers only; {convs[0]!r} is a "
+                    f"{type(dict(model.named_modules())[convs[0]]).__name__} (restrict layers=[...] or use "
+                    "another init)"
+                )
+            gated = [pair.describe() for pair in self.pairs if pair.partners]
+            if gated:  # Σ-orthogonal rows are drawn for one producer; a gated unit has several
+                raise PlasticityConfigError(
+                    f"ContinualBackprop(init='sigma_orthogonal') supports single-producer pairs only; {gated[0]!r} "
+                    "is a gated MLP unit (restrict layers=[...] or use another init)"
+                )
+        self.states = {}
+        self.covariances = {}
+        for pair in self.pairs:
+            self.states[pair.producer] = _LayerState(
+                pair.num_units, pair.producer_module.weight.device, self.maturity_threshold
+            )
+            if self.sigma_orthogonal:
+                self.covariances[pair.producer] = InputCovariance(pair.producer_module.in_features, self.sigma_decay)
+        if self._pending is not None:
+            self._apply_state(self._pending)
+            self._pending = None
+        self._register_hooks()
+
+    def _register_hooks(self) -> None:
+        self.detach()
+        for pair in self.pairs:
+            self._features[pair.producer] = []
+            self._handles.append(pair.consumer_module.register_forward_pre_hook(self._recorder(self._features, pair)))
+            if self.sigma_orthogonal:
+                self._inputs[pair.producer] = []
+                self._handles.append(pair.producer_module.register_forward_pre_hook(self._recorder(self._inputs, pair)))
+
+    @staticmethod
+    def _recorder(store: dict[str, list[torch.Tensor]], pair: UnitPair):
+        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+            # Training forward passes only: not validation, sanity checks or monitors' probes (eval mode).
+            if module.training and torch.is_grad_enabled():
+                store[pair.producer].append(args[0].detach())
+
+        return record
+
+    def detach(self) -> None:
+        """Stop recording (remove the forward hooks); :meth:`attach` starts again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    _remove_hooks = detach
+
+    def clear(self) -> None:
+        """Forget what was recorded since the last step (e.g. forward passes whose step was skipped)."""
+        for store in (self._features, self._inputs):
+            for recorded in store.values():
+                recorded.clear()
+
+    # ------------------------------------------------------------------ the algorithm
+    def step(self, step: int | None = None) -> dict[str, int]:
+        """One optimizer step has been taken: update every pair on the inputs its consumer received since the last
+        call and replace units. Call it after ``optimizer.step()``.
+
+        Args:
+            step: the training step, for messages (``None``: the number of calls so far).
+
+        Returns:
+            The number of units replaced so far, per producer (pairs without recorded inputs are left out).
+        """
+        self.steps += 1
+        step = self.steps if step is None else step
+        replaced: dict[str, int] = {}
+        magnitudes = self._current_magnitudes()
+        for pair in self.pairs:
+            features = self._features[pair.producer]
+            inputs = self._inputs.get(pair.producer, [])
+            if not features:
+                continue
+            self.step_pair(pair, features, inputs, magnitudes[pair.producer], step=step)
+            features.clear()
+            inputs.clear()
+            replaced[pair.producer] = self.states[pair.producer].replaced
+        return replaced
+
+    def skipped_nonfinite(self) -> int:
+        """Layer-steps skipped so far for NaN/inf statistics, summed over layers (reads the device); warns once."""
+        skipped = [(name, int(state.skipped)) for name, state in self.states.items()]
+        for name, count in skipped:
+            if count:
+                self.warn_nonfinite(name, None)
+                break
+        return sum(count for _, count in skipped)
+
+    def _current_magnitudes(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        if self._magnitudes is None or self._magnitude_age >= self.magnitudes_every_n_steps:
+            self._magnitudes = unit_magnitudes(self.pairs, incoming=self.utility == "adaptable_contribution")
+            self._magnitude_age = 0
+        self._magnitude_age += 1
+        return self._magnitudes
+
+    @torch.no_grad()
+    def step_pair(
+        self,
+        pair: UnitPair,
+        features: list[torch.Tensor],
+        inputs: list[torch.Tensor] | None = None,
+        magnitudes: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+        *,
+        step: int | None = None,
+    ) -> torch.Tensor:
+        """One CBP step for ``pair`` on this step's consumer inputs; returns the replaced unit indices.
+
+        ``magnitudes``: the pair's (outgoing, incoming) weight magnitudes if already computed for the step.
+        """
+        state = self.states[pair.producer]
+        eta = self.decay_rate
+        state.age()
+        instantaneous, mean_activation = self._instantaneous_utility(pair, state, features, magnitudes)
+        # NaN/inf features or weights (or a utility loaded so): skip the layer's step, as a NaN would stay in the
+        # EMAs for good. Decided on the device, from statistics reduced across ranks, so every rank skips alike
+        # without a read-back.
+        finite = torch.isfinite(instantaneous).all() & torch.isfinite(state.utility).all()
+        state.utility.copy_(torch.where(finite, state.utility.lerp(instantaneous, 1 - eta), state.utility))
+        if mean_activation is not state.mean_activation:
+            state.mean_activation.copy_(torch.where(finite, mean_activation, state.mean_activation))
+        state.skipped += ~finite
+        if self.sigma_orthogonal and inputs:
+            batch = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs]).to(torch.float64)
+            self.covariances[pair.producer].update_moment(self.reduce(batch.T @ batch / len(batch)))
+        units = self._choose(state)
+        if units.numel():
+            if bool(finite):  # never replace on a NaN ranking: one read, only on steps that would replace
+                self._replace(pair, units, mature=True)
+            else:
+                self.warn_nonfinite(pair.producer, step)
+                units = units[:0]
+        return units
+
+    def _instantaneous_utility(
+        self,
+        pair: UnitPair,
+        state: _LayerState,
+        features: list[torch.Tensor],
+        magnitudes: tuple[torch.Tensor, torch.Tensor | None] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's utility of each unit of ``pair`` (after the units aged), and the updated mean-activation
+        EMA f that it used (``state.mean_activation`` itself for ``"contribution"``, which does not track f)."""
+        # every micro-batch of the step (gradient accumulation) counts, as one batch
+        columns = unit_columns(features[0] if len(features) == 1 else torch.cat(features), pair)
+        if self.utility == "contribution":
+            activity = columns.abs().mean(dim=0)
+            mean_activation = state.mean_activation
+        else:  # f (the mean activation) is tracked by the utilities that use it
+            mean_h = self.reduce(columns.mean(dim=(0, 2)))
+            mean_activation = state.mean_activation.lerp(mean_h, 1 - self.decay_rate)
+            activity = (columns - (mean_activation / self._correction(state))[:, None]).abs().mean(dim=0)
+        activity = self.reduce(activity)
+        outgoing, incoming = magnitudes if magnitudes is not None else (outgoing_magnitude(pair), None)
+        # per column, then averaged over the unit's columns (conv → flatten → linear: each H×W position has its own
+        # outgoing weights, as in Dohare's ConvGnT); one column per unit otherwise
+        instantaneous = activity.mul_(outgoing)
+        instantaneous = instantaneous[:, 0] if pair.columns_per_unit == 1 else instantaneous.mean(dim=1)
+        if self.utility == "adaptable_contribution":
+            incoming = incoming if incoming is not None else incoming_magnitude(pair)
+            instantaneous = instantaneous / incoming.clamp(min=torch.finfo(torch.float32).tiny)
+        return instantaneous, mean_activation
+
+    def _correction(self, state: _LayerState) -> torch.Tensor:
+        """Bias correction 1 − η^age of each unit's EMAs."""
+        return 1 - self.decay_rate ** state.ages.to(torch.float32)
+
+    def _choose(self, state: _LayerState) -> torch.Tensor:
+        """The units to replace this step. Decided on the host: a step without replacement reads nothing back."""
+        eligible = state.mature_units
+        none = state.ages.new_zeros(0)
+        if eligible == 0:
+            return none
+        base = eligible if self.count == "eligible" else state.num_units
+        expected = self.replacement_rate * base
+        if self.accumulate:
+            state.accumulated += expected
+            number = int(state.accumulated)
+            state.accumulated -= number
+        elif expected < 1:
+            number = int(torch.rand(1, generator=self.generator).item() <= expected)
+        else:
+            number = int(expected)
+        number = min(number, eligible)
+        if number == 0:
+            return none
+        corrected = state.utility / self._correction(state)
+        corrected = corrected.masked_fill(state.ages <= state.maturity, torch.inf)  # lowest first; never a young unit
+        return torch.topk(corrected, number, largest=False).indices
+
+    def _replace(self, pair: UnitPair, units: torch.Tensor, *, mature: bool = False) -> None:
+        scheme, gain = self.inits[pair.producer]
+        incoming = None
+        if self.sigma_orthogonal:
+            weight = pair.producer_module.weight.detach()
+            keep = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+            keep[units] = False
+            share = activation_energy_share(pair.activation) if self.energy_budget else None
+            incoming = sigma_orthogonal_rows(
+                weight[keep],
+                self.covariances[pair.producer].covariance(self.sigma_ridge),
+                units.numel(),
+                generator=self.generator,
+                energy_share=share,
+            )
+        reinit_units(
+            pair, units, init=scheme, gain=gain, generator=self.generator, incoming=incoming, optimizers=self.optimizers
+        )
+        if self._magnitudes is not None and pair.producer in self._magnitudes:  # keep a reused cache exact for them
+            outgoing, incoming_mean = self._magnitudes[pair.producer]
+            outgoing[units] = 0.0
+            if incoming_mean is not None:
+                rows = pair.producer_module.weight.detach()[units]
+                incoming_mean[units] = rows.abs().reshape(units.numel(), -1).mean(dim=1).float()
+        self.states[pair.producer].reset(units, mature=mature)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "layers": {name: state.state_dict() for name, state in self.states.items()},
+            "covariances": {name: cov.state_dict() for name, cov in self.covariances.items()},
+            # the cache is part of the trajectory when it is reused: a resumed run continues with it
+            "magnitudes": None
+            if self._magnitudes is None or self.magnitudes_every_n_steps == 1
+            else {k: [None if t is None else t.cpu() for t in v] for k, v in self._magnitudes.items()},
+            "magnitude_age": self._magnitude_age,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`; per-layer statistics apply at the next :meth:`attach` (or now if attached)."""
+        super().load_state_dict(state_dict)
+        # kept for the next attach: a callback loads its checkpoint before the fit binds the layers afresh
+        self._pending = state_dict
+        if self.states:  # already bound: apply now too
+            self._apply_state(state_dict)
+
+    def _apply_state(self, pending: dict[str, Any]) -> None:
+        missing = set(pending.get("layers", {})) ^ set(self.states)
+        if missing:
+            self.warn(
+                f"ContinualBackprop: the checkpoint's layers differ from this model's ({sorted(missing)}); "
+                "those layers start fresh"
+            )
+        for name, layer_state in pending.get("layers", {}).items():
+            if name in self.states:
+                self.states[name].load(layer_state)
+        for name, cov_state in pending.get("covariances", {}).items():
+            if name in self.covariances:
+                self.covariances[name].load_state_dict(cov_state)
+        cached = pending.get("magnitudes")
+        if cached is not None and set(cached) == set(self.states):
+            device = next(iter(self.states.values())).ages.device
+            self._magnitudes = {
+                name: (out.to(device), None if inc is None else inc.to(device)) for name, (out, inc) in cached.items()
+            }
+            self._magnitude_age = int(pending.get("magnitude_age", 0))

@@ -1,0 +1,393 @@
+"""Whole-parameter policies for any training loop: Shrink & Perturb, L2 toward the initial weights, head reset."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from plasticity_lightning.core.errors import (
+    PlasticityConfigError,
+    check_choice,
+    check_positive_float,
+    check_positive_int,
+)
+from plasticity_lightning.nn.init import init_layer_
+from plasticity_lightning.policies.base import Policy, as_optimizers
+from plasticity_lightning.policies.cadence import StepCadence
+from plasticity_lightning.surgery import reset_optimizer_state
+
+_WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+def _selected_modules(
+    owner: str, model: nn.Module, layers: Sequence[str] | None, kinds: tuple[type, ...]
+) -> dict[str, nn.Module]:
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
+    if layers is None:
+        return modules
+    unknown = [name for name in layers if name not in modules]
+    if unknown:
+        raise PlasticityConfigError(
+            f"{owner}.layers: {unknown[0]!r} is not a weight or normalisation layer of {type(model).__name__}; "
+            f"choose among {', '.join(list(modules)[:12])}"
+        )
+    return {name: modules[name] for name in layers}
+
+
+def _layer_init(model: nn.Module, name: str) -> tuple[str, float]:
+    layer_init = getattr(model, "layer_init", None)
+    return layer_init(name) if callable(layer_init) else ("default", 1.0)
+
+
+def fresh_layer(model: nn.Module, name: str, module: nn.Module, generator: torch.Generator) -> nn.Module:
+    """A copy of ``module`` re-initialised as the model initialised it (``layer_init``; else PyTorch's default)."""
+    fresh = copy.deepcopy(module)
+    if isinstance(module, _WEIGHT_LAYERS):
+        scheme, gain = _layer_init(model, name)
+        init_layer_(fresh, scheme, gain=gain, generator=generator)
+    else:  # normalisation layers start at weight 1, bias 0
+        with torch.no_grad():
+            if getattr(fresh, "weight", None) is not None:
+                fresh.weight.fill_(1.0)
+            if getattr(fresh, "bias", None) is not None:
+                fresh.bias.zero_()
+    return fresh
+
+
+def _guessed_inits(owner: str, model: nn.Module, names: Iterable[str]) -> str | None:
+    """A warning when fresh weights for ``names`` fall back to PyTorch's default init (no ``layer_init``)."""
+    if callable(getattr(model, "layer_init", None)):
+        return None
+    names = [repr(name) if name else "the model itself" for name in names]
+    if not names:
+        return None
+    return (
+        f"{owner}: {type(model).__name__} has no layer_init(name), so fresh weights of {', '.join(names[:4])}"
+        f"{' …' if len(names) > 4 else ''} follow PyTorch's default U(±1/√fan_in); give the model a "
+        "layer_init(name) -> (scheme, gain) method to choose"
+    )
+
+
+class ShrinkAndPerturb(Policy):
+    """Shrink & Perturb (Ash & Adams 2020): θ ← λ·θ + p·θ_fresh.
+
+    ``noise="fresh_init"`` (the paper): θ_fresh is a newly initialised copy of each weight and normalisation layer
+    (its own init scheme — the model's ``layer_init(name)``, else PyTorch's default, which warns once — so every
+    layer keeps its scale); defaults λ = 0.4, p = 0.1. ``noise="gaussian"``: θ ← λ·θ + N(0, p²) on every trainable
+    parameter — Dohare et al.'s continual variant (``shrink=1``, ``perturb=σ``, every step, with the optimizer's
+    weight decay doing the shrinking). Fresh values come from the policy's generator, seeded alike on every DDP
+    rank, so ranks stay identical. Optimizer state is kept (as in the paper).
+
+    In a hand-written loop, :meth:`apply` acts now (e.g. when new data arrives) and :meth:`step`, called after
+    ``optimizer.step()``, acts every ``every_n_steps`` steps.
+
+    Args:
+        model: the network (``None``: give it to :meth:`attach`).
+        shrink: λ.
+        perturb: p (the fresh-init mix) or σ (the Gaussian noise std).
+        noise: ``"fresh_init"`` or ``"gaussian"``.
+        every_n_steps: period of :meth:`step` (``None``: only :meth:`apply`).
+        layers: module names to change (``None``: every Linear/Conv/norm layer, or every parameter with
+            ``noise="gaussian"``).
+        seed: seed of the fresh values.
+        prefix: name of the values in reports.
+
+    Example::
+
+        >>> net = nn.Linear(3, 2)
+        >>> before = net.weight.detach().clone()
+        >>> ShrinkAndPerturb(net, shrink=0.5, perturb=0.0).apply()
+        >>> torch.equal(net.weight, before * 0.5)
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        *,
+        shrink: float = 0.4,
+        perturb: float = 0.1,
+        noise: Literal["fresh_init", "gaussian"] = "fresh_init",
+        every_n_steps: int | None = None,
+        layers: Sequence[str] | None = None,
+        seed: int = 0,
+        prefix: str = "shrink_perturb",
+    ) -> None:
+        super().__init__(seed=seed, prefix=prefix)
+        owner = type(self).__name__
+        self.shrink = check_positive_float(owner, "shrink", shrink, allow_zero=True)
+        self.perturb = check_positive_float(owner, "perturb", perturb, allow_zero=True)
+        self.noise = check_choice(owner, "noise", noise, ("fresh_init", "gaussian"))
+        if every_n_steps is not None:
+            check_positive_int(owner, "every_n_steps", every_n_steps)
+        self.cadence = StepCadence(every_n_steps)
+        self.layer_names = None if layers is None else list(layers)
+        self.model: nn.Module | None = None
+        self.applied = 0
+        self.steps = 0
+        if model is not None:
+            self.attach(model)
+
+    @property
+    def every_n_steps(self) -> int | None:
+        return self.cadence.every_n_steps
+
+    def attach(self, model: nn.Module) -> None:
+        """Use ``model`` (its layers are checked now)."""
+        self.model = model
+        if self.noise == "fresh_init":
+            kinds = (*_WEIGHT_LAYERS, *_NORM_LAYERS)
+            modules = _selected_modules(self.owner, model, self.layer_names, kinds)
+            guess = _guessed_inits(self.owner, model, [n for n, m in modules.items() if isinstance(m, _WEIGHT_LAYERS)])
+            if guess:
+                self.warn_once("init", guess)
+
+    def step(self) -> bool:
+        """One optimizer step has been taken: apply if it is the ``every_n_steps``-th; returns whether it did."""
+        self.steps += 1
+        if not self.cadence.take(self.steps):
+            return False
+        self.apply()
+        return True
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module | None = None) -> None:
+        """Shrink and perturb now."""
+        model = self.model if model is None else model
+        if model is None:
+            raise PlasticityConfigError("ShrinkAndPerturb.apply: no model; pass it to ShrinkAndPerturb(model, ...)")
+        if self.noise == "gaussian":
+            for param in self._gaussian_params(model):
+                generator = self.generator_on(param.device)  # drawn where the parameter lives
+                noise = torch.randn(param.shape, generator=generator, dtype=param.dtype, device=param.device)
+                param.mul_(self.shrink).add_(noise, alpha=self.perturb)
+        else:
+            kinds = (*_WEIGHT_LAYERS, *_NORM_LAYERS)
+            for name, module in _selected_modules(self.owner, model, self.layer_names, kinds).items():
+                fresh = fresh_layer(model, name, module, self.generator)
+                for param, new in zip(module.parameters(recurse=False), fresh.parameters(recurse=False), strict=True):
+                    param.mul_(self.shrink).add_(new.to(param.device), alpha=self.perturb)
+        self.applied += 1
+
+    def _gaussian_params(self, model: nn.Module) -> list[nn.Parameter]:
+        if self.layer_names is None:
+            return [p for p in model.parameters() if p.requires_grad]
+        modules = dict(model.named_modules())
+        unknown = [name for name in self.layer_names if name not in modules]
+        if unknown:
+            raise PlasticityConfigError(f"{self.owner}.layers: the model has no module named {unknown[0]!r}")
+        return [p for name in self.layer_names for p in modules[name].parameters() if p.requires_grad]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "applied": self.applied, "steps": self.steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.applied = int(state_dict.get("applied", 0))
+        self.steps = int(state_dict.get("steps", 0))
+        self.cadence.mark(self.steps)
+
+
+class L2Init(Policy):
+    """L2 toward the initial parameters (Kumar, Marklund & Van Roy 2023): adds λ‖θ − θ₀‖² to the loss.
+
+    Implemented on the gradients, ``g ← g + 2λ(θ − θ₀)``, which is the gradient of the penalised loss without
+    touching the loss: call :meth:`step` after ``backward()`` and **before** ``optimizer.step()`` (after DDP has
+    averaged the gradients and AMP has unscaled them). θ₀ is copied when the policy is attached (and kept in
+    :meth:`state_dict`, so a resumed run pulls toward the same point).
+
+    Args:
+        model: the network (``None``: give it to :meth:`attach`).
+        weight: λ (the paper's sweep: 1e-2 … 1e-5).
+        layers: module names whose parameters are regularised (``None``: every trainable parameter).
+        prefix: name of the values in reports.
+
+    Example::
+
+        >>> net = nn.Linear(2, 1)
+        >>> l2 = L2Init(net, weight=0.5)
+        >>> with torch.no_grad():
+        ...     _ = net.weight.add_(1.0)
+        >>> net.weight.grad = torch.zeros_like(net.weight)
+        >>> l2.step()  # the penalty λ‖θ − θ₀‖², and 2λ(θ − θ₀) added to the gradient
+        1.0
+        >>> net.weight.grad.tolist()
+        [[1.0, 1.0]]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        *,
+        weight: float = 1e-3,
+        layers: Sequence[str] | None = None,
+        prefix: str = "l2_init",
+    ) -> None:
+        super().__init__(prefix=prefix)
+        self.weight = check_positive_float(type(self).__name__, "weight", weight)
+        self.layer_names = None if layers is None else list(layers)
+        self.initial: dict[str, torch.Tensor] = {}
+        self._bound: dict[str, nn.Parameter] = {}
+        if model is not None:
+            self.attach(model)
+
+    def _params(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if self.layer_names is None:
+            return named
+        modules = dict(model.named_modules())
+        unknown = [name for name in self.layer_names if name not in modules]
+        if unknown:
+            raise PlasticityConfigError(f"{self.owner}.layers: the model has no module named {unknown[0]!r}")
+        prefixes = tuple(f"{name}." for name in self.layer_names)
+        return {n: p for n, p in named.items() if n.startswith(prefixes)}
+
+    def attach(self, model: nn.Module) -> None:
+        """Regularise ``model``'s parameters toward their values now (or toward a loaded θ₀)."""
+        params = self._bound = self._params(model)
+        if not self.initial:  # a resumed run keeps the point it started from
+            self.initial = {name: p.detach().clone() for name, p in params.items()}
+        else:
+            self.initial = {name: value.to(params[name].device) for name, value in self.initial.items()}
+
+    @torch.no_grad()
+    def step(self, penalty: bool = True) -> float | None:
+        """Add 2λ(θ − θ₀) to every bound gradient; returns the penalty λ‖θ − θ₀‖² (``None`` with
+        ``penalty=False``, which saves a read-back)."""
+        total = 0.0
+        for name, param in self._bound.items():
+            difference = param - self.initial[name]
+            if param.grad is not None:
+                param.grad.add_(difference, alpha=2 * self.weight)
+            if penalty:
+                total += float(difference.pow(2).sum())
+        return self.weight * total if penalty else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "initial": {k: v.cpu() for k, v in self.initial.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.initial = dict(state_dict.get("initial", {}))
+        if self._bound:  # attached already: move θ₀ where the parameters are
+            self.initial = {name: value.to(self._bound[name].device) for name, value in self.initial.items()}
+
+
+class HeadReset(Policy):
+    """Re-initialise the output layer when a new task starts (Dohare et al.'s Continual-ImageNet protocol).
+
+    ``mode="init"`` draws fresh weights as the model initialised the layer (``layer_init``; else PyTorch's
+    default, which warns once), ``mode="zero"`` sets weight and bias to 0 (the reference code's head reset). The
+    layer's optimizer state is cleared. In a hand-written loop, :meth:`step` with the current task id resets at
+    every task change (not before the first task); :meth:`apply` resets now.
+
+    Args:
+        model: the network (``None``: give it to :meth:`attach`).
+        optimizer: its optimizer(s), whose state for the head is cleared.
+        layer: module name of the head (``None``: the model's ``output_layer()``).
+        mode: ``"init"`` or ``"zero"``.
+        seed: seed of the fresh weights.
+        prefix: name of the values in reports.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> reset = HeadReset(net, layer="2", mode="zero")
+        >>> [reset.step(task) for task in (0, 0, 1)]
+        [False, False, True]
+        >>> net[2].weight.abs().sum().item()
+        0.0
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
+        *,
+        layer: str | None = None,
+        mode: Literal["init", "zero"] = "init",
+        seed: int = 0,
+        prefix: str = "head_reset",
+    ) -> None:
+        super().__init__(seed=seed, prefix=prefix)
+        self.layer = layer
+        self.mode = check_choice(type(self).__name__, "mode", mode, ("init", "zero"))
+        self.model: nn.Module | None = None
+        self.resets = 0
+        self.task: Any = None
+        if model is not None:
+            self.attach(model, optimizer)
+
+    def head(self, model: nn.Module | None = None) -> tuple[str, nn.Module]:
+        """(name, module) of the head."""
+        model = self.model if model is None else model
+        if model is None:
+            raise PlasticityConfigError("HeadReset: no model; pass it to HeadReset(model, ...)")
+        if self.layer is None:
+            output_layer = getattr(model, "output_layer", None)
+            if not callable(output_layer):
+                raise PlasticityConfigError(
+                    f"HeadReset: {type(model).__name__} has no output_layer(); name the head with layer=..."
+                )
+            return output_layer()
+        layers = {name: m for name, m in model.named_modules() if isinstance(m, _WEIGHT_LAYERS)}
+        if self.layer not in layers:
+            raise PlasticityConfigError(
+                f"HeadReset.layer={self.layer!r} is not a Linear/Conv layer of {type(model).__name__}; choose "
+                f"among {', '.join(list(layers)[-8:])}"
+            )
+        return self.layer, layers[self.layer]
+
+    def attach(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
+    ) -> None:
+        """Use ``model`` (its head is checked now); ``optimizer``: the optimizer(s) whose head state is cleared."""
+        if optimizer is not None:
+            self.optimizers = as_optimizers(optimizer)
+        self.model = model
+        name, _ = self.head(model)
+        if self.mode == "init":
+            guess = _guessed_inits(self.owner, model, [name])
+            if guess:
+                self.warn_once("init", guess)
+
+    def step(self, task: Any) -> bool:
+        """Reset if ``task`` differs from the task of the previous call (never on the first); returns whether it
+        did."""
+        previous, self.task = self.task, task
+        if previous is None or previous == task:
+            return False
+        self.apply()
+        return True
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module | None = None) -> None:
+        """Reset the head now."""
+        model = self.model if model is None else model
+        name, head = self.head(model)
+        if self.mode == "zero":
+            for param in head.parameters(recurse=False):
+                param.zero_()
+        else:
+            fresh = fresh_layer(model, name, head, self.generator)
+            for param, new in zip(head.parameters(recurse=False), fresh.parameters(recurse=False), strict=True):
+                param.copy_(new)
+        for optimizer in self.optimizers:
+            for param in head.parameters(recurse=False):
+                reset_optimizer_state(optimizer, param, 0, torch.arange(param.shape[0]))
+        self.resets += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "resets": self.resets, "task": self.task}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.resets = int(state_dict.get("resets", 0))
+        self.task = state_dict.get("task")
