@@ -1,0 +1,358 @@
+"""The trainer-free policies: plain loops, state, init reports, the shared step rule, the measurement entry point,
+and the Lightning callbacks as adapters over them (bit-identical weights on the same stream)."""
+
+import copy
+import math
+import warnings
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from conftest import make_trainer
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from plasticity_lightning import PlasticityConfigError, callbacks, policies
+from plasticity_lightning.policies import StepCadence, measure
+
+
+def stream(n=96, inputs=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, inputs, generator=g)
+    return x, x[:, :2].sum(dim=1, keepdim=True) * 2 - x[:, 2:3]
+
+
+def net(seed=0, hidden=8, inputs=6):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1)
+    )
+
+
+class Regressor(pl.LightningModule):
+    """A plain LightningModule around a network: MSE, SGD with momentum (Lightning's loop, nothing of ours)."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.net = network
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def plain_loop(model, policy_step, x, y, batch_size):
+    """The loop a user writes: forward, loss, zero_grad, backward, step, then the policy."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    policy = policy_step(model, optimizer)
+    for start in range(0, len(x), batch_size):
+        loss = F.mse_loss(model(x[start : start + batch_size]), y[start : start + batch_size])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        policy.step()
+    return policy
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+SAME_STREAM = {
+    "cbp": (
+        lambda: callbacks.ContinualBackprop(replacement_rate=0.2, maturity_threshold=2, init="kaiming", seed=3),
+        lambda model, opt: policies.ContinualBackprop(
+            model, opt, replacement_rate=0.2, maturity_threshold=2, init="kaiming", seed=3
+        ),
+    ),
+    "cbp_adaptable": (
+        lambda: callbacks.ContinualBackprop(
+            replacement_rate=0.1, maturity_threshold=1, utility="adaptable_contribution", accumulate=False, seed=5
+        ),
+        lambda model, opt: policies.ContinualBackprop(
+            model,
+            opt,
+            replacement_rate=0.1,
+            maturity_threshold=1,
+            utility="adaptable_contribution",
+            accumulate=False,
+            seed=5,
+        ),
+    ),
+    "shrink_perturb": (
+        lambda: callbacks.ShrinkAndPerturb(
+            shrink=0.9, perturb=0.01, noise="gaussian", on_task_change=False, every_n_steps=2, seed=1
+        ),
+        lambda model, opt: policies.ShrinkAndPerturb(
+            model, shrink=0.9, perturb=0.01, noise="gaussian", every_n_steps=2, seed=1
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SAME_STREAM))
+def test_the_callback_and_the_bare_policy_give_bit_identical_weights(tmp_path, kind):
+    x, y = stream()
+    make_callback, make_policy = SAME_STREAM[kind]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lightning_model = Regressor(net())
+        plain_model = copy.deepcopy(lightning_model.net)
+        callback = make_callback()
+        data = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
+        make_trainer(tmp_path, callbacks=[callback], max_epochs=1, limit_val_batches=0).fit(lightning_model, data)
+        policy = plain_loop(plain_model, make_policy, x, y, batch_size=8)
+    for (name, ours), theirs in zip(lightning_model.net.named_parameters(), plain_model.parameters(), strict=True):
+        assert torch.equal(ours, theirs), name
+    if kind.startswith("cbp"):  # units were replaced along the way, identically
+        replaced = [state.replaced for state in callback.states.values()]  # "net.0" there, "0" here
+        assert replaced == [state.replaced for state in policy.states.values()]
+        assert sum(replaced) > 0
+    else:
+        assert callback.applied == policy.applied == len(x) // 8 // 2
+
+
+def test_an_interrupted_plain_loop_resumes_bit_exactly_from_the_policy_state():
+    x, y = stream(n=120)
+
+    def run(model, optimizer, cbp, start, stop):
+        for i in range(start, stop):
+            loss = F.mse_loss(model(x[i : i + 1]), y[i : i + 1])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            cbp.step()
+
+    settings = {"replacement_rate": 0.05, "maturity_threshold": 3, "utility": "zero_contribution", "init": "kaiming"}
+    whole = net()
+    optimizer = torch.optim.Adam(whole.parameters(), lr=1e-2)
+    cbp = policies.ContinualBackprop(whole, optimizer, **settings)
+    run(whole, optimizer, cbp, 0, 120)
+
+    first = net()
+    optimizer = torch.optim.Adam(first.parameters(), lr=1e-2)
+    cbp = policies.ContinualBackprop(first, optimizer, **settings)
+    run(first, optimizer, cbp, 0, 60)
+    saved = copy.deepcopy((first.state_dict(), optimizer.state_dict(), cbp.state_dict()))
+    second = net(seed=9)  # other weights: everything comes from the saved state
+    second.load_state_dict(saved[0])
+    optimizer = torch.optim.Adam(second.parameters(), lr=1e-2)
+    optimizer.load_state_dict(saved[1])
+    resumed = policies.ContinualBackprop(second, optimizer, **settings)
+    resumed.load_state_dict(saved[2])
+    run(second, optimizer, resumed, 60, 120)
+    assert sum(state.replaced for state in resumed.states.values()) > 0
+    for a, b in zip(whole.parameters(), second.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_callback_checkpoint_keeps_its_keys():
+    # checkpoints written before the policies existed load: the callback's state has the same flat keys
+    cbp = callbacks.ContinualBackprop()
+    assert set(cbp.state_dict()) == {
+        "current_task",
+        "generator",
+        "device_generators",
+        "layers",
+        "covariances",
+        "magnitudes",
+        "magnitude_age",
+        "last_step",
+    }
+    assert {"current_task", "generator", "replaced", "skipped", "last_step"} <= set(callbacks.ReDo().state_dict())
+    assert cbp.state_key == callbacks.ContinualBackprop().state_key != callbacks.ContinualBackprop(seed=1).state_key
+
+
+# ---------------------------------------------------------------------------------------------- binding and inits
+def test_bound_layers_and_the_init_of_new_units_are_reported():
+    model = net()
+    reports = []
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        cbp = policies.ContinualBackprop(init="kaiming")
+        cbp.announce = reports.append
+        cbp.attach(model)
+    assert not [w for w in warned if "guessed" in str(w.message) or "init" in str(w.message)]
+    assert cbp.bound_layers == ["0 → 2", "2 → 4"]
+    assert reports == ["ContinualBackprop: bound 2 producer → consumer pair(s): 0 → 2, 2 → 4"]
+    assert cbp.init_reasons["0"] == "init='kaiming_uniform' with the relu gain of ReLU"
+    assert cbp.inits["0"] == ("kaiming_uniform", pytest.approx(math.sqrt(2)))
+
+
+def test_default_init_on_a_model_without_layer_init_warns_once_with_both_bounds():
+    model = nn.Sequential(nn.Linear(20, 5), nn.ReLU(), nn.Linear(5, 1))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        cbp = policies.ContinualBackprop(model)
+        cbp.attach(model)  # a second bind: no second warning
+    messages = [str(r.message) for r in record if "layer_init" in str(r.message)]
+    assert len(messages) == 1
+    bound, kaiming = 1 / math.sqrt(20), math.sqrt(2) * math.sqrt(3 / 20)
+    assert messages[0] == (
+        "ContinualBackprop: Sequential has no layer_init(name), so new units get PyTorch's default init "
+        f"U(±1/√fan_in): '0' ±{bound:.3g} (kaiming: ±{kaiming:.3g}); pass init='kaiming' for Dohare et al.'s init "
+        "with the activation's gain, or another scheme name"
+    )
+    assert cbp.inits["0"] == ("default", 1.0) and cbp.init_reasons["0"].startswith("PyTorch's default")
+
+
+class FunctionalReLU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(20, 50), nn.Linear(50, 1)
+
+    def forward(self, x):
+        return self.down(F.relu(self.up(x)))
+
+
+def test_a_functional_activation_gives_gain_one_with_a_warning_naming_gain():
+    model = FunctionalReLU()
+    with pytest.warns(
+        UserWarning,
+        match=r"none is known for 'up' → 'down' \(no activation module seen\), so the gain "
+        r"is 1; pass gain=\.\.\. \(√2 for ReLU\)",
+    ):
+        cbp = policies.ContinualBackprop(model, init="kaiming", replacement_rate=1.0, maturity_threshold=0)
+    assert cbp.inits["up"] == ("kaiming_uniform", 1.0)
+    fixed = policies.ContinualBackprop(
+        model, init="kaiming", gain=math.sqrt(2), replacement_rate=1.0, maturity_threshold=0
+    )
+    assert fixed.init_reasons["up"] == "init='kaiming_uniform', gain=1.41421 as given"
+    # the new units' weights follow the scheme: every unit is replaced at the first step (ρ = 1, maturity 0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    fixed.optimizers = [optimizer]
+    cbp.detach()
+    model(torch.rand(4, 20)).sum().backward()
+    fixed.step()
+    bound = math.sqrt(2) * math.sqrt(3 / 20)
+    weights = model.up.weight.detach()
+    assert float(weights.abs().max()) <= bound and float(weights.abs().max()) > 1 / math.sqrt(20)
+    assert float(model.down.weight.abs().sum()) == 0.0  # outgoing weights of new units start at 0
+
+
+def test_a_model_without_pairs_is_refused_in_one_line():
+    with pytest.raises(PlasticityConfigError, match=r"^ContinualBackprop: Linear has no Linear/Conv1D/Conv2d layer"):
+        policies.ContinualBackprop(nn.Linear(3, 2))
+    with pytest.raises(PlasticityConfigError, match=r"^ReDo\.recycle: probe=None; pass a probe batch"):
+        policies.ReDo(net(), init="kaiming").recycle()
+
+
+# ---------------------------------------------------------------------------------------------- the other policies
+def test_redo_in_a_plain_loop_recycles_exactly_the_dormant_units_on_its_cadence():
+    model = net(hidden=10)
+    with torch.no_grad():
+        model[0].bias[:4] = -100.0  # four silent units in the first layer
+    probe = torch.randn(64, 6, generator=torch.Generator().manual_seed(1))
+    drawn = []
+    redo = policies.ReDo(model, every_n_steps=3, tau=0.1, init="kaiming", probe=lambda: drawn.append(1) or probe)
+    with torch.no_grad():
+        h = torch.relu(model[0](probe))
+    scores = h.abs().mean(dim=0).numpy() / (h.abs().mean().item() + 1e-9)
+    expected = int((scores <= 0.1).sum())
+    results = [redo.step() for _ in range(6)]
+    assert [r is not None for r in results] == [False, False, True, False, False, True]
+    assert len(drawn) == 2  # the probe is drawn only when recycling is due
+    assert results[2]["0"] == expected >= 4
+    assert redo.replaced["0"] >= expected and model[0].bias[:4].abs().sum() == 0  # bias 0, as ReDo resets it
+
+
+def test_l2_init_adds_twice_lambda_times_the_distance_to_the_gradients():
+    model = net()
+    l2 = policies.L2Init(model, weight=0.25, layers=["2"])
+    initial = model[2].weight.detach().clone()
+    with torch.no_grad():
+        model[2].weight.add_(0.5)
+        model[0].weight.add_(0.5)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    penalty = l2.step()
+    expected = 0.25 * (float(((model[2].weight - initial) ** 2).sum()) + 0.0)
+    assert penalty == pytest.approx(expected, rel=1e-6)
+    assert torch.allclose(model[2].weight.grad, 2 * 0.25 * (model[2].weight - initial))
+    assert model[0].weight.grad.abs().sum() == 0  # not a regularised layer
+
+
+def test_gaussian_shrink_and_perturb_draws_from_its_own_generator():
+    model = net()
+    before = [p.detach().clone() for p in model.parameters()]
+    snp = policies.ShrinkAndPerturb(model, shrink=0.5, perturb=0.1, noise="gaussian", seed=7)
+    snp.apply()
+    generator = torch.Generator().manual_seed(7)
+    for old, new in zip(before, model.parameters(), strict=True):
+        noise = torch.randn(old.shape, generator=generator)
+        torch.testing.assert_close(new, old * 0.5 + 0.1 * noise, rtol=1e-6, atol=1e-7)
+
+
+def test_head_reset_follows_task_changes():
+    model = net()
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.rand(2, 6)).sum().backward()
+    optimizer.step()
+    reset = policies.HeadReset(model, optimizer, layer="4", mode="zero")
+    assert [reset.step(task) for task in (0, 0, 1, 1, 2)] == [False, False, True, False, True]
+    assert reset.resets == 2 and model[4].weight.abs().sum() == 0
+    assert optimizer.state[model[4].weight]["exp_avg"].abs().sum() == 0
+
+
+# ---------------------------------------------------------------------------------------------- the step rule
+def test_step_cadence_never_acts_at_step_zero_and_once_per_step():
+    cadence = StepCadence(every_n_steps=3)
+    assert [step for step in (0, 0, 1, 3, 3, 4, 6, 9, 9) if cadence.take(step)] == [3, 6, 9]
+    resumed = StepCadence(every_n_steps=3)
+    resumed.mark(6)  # a fit resumed at step 6 does not act there again
+    assert [resumed.take(step) for step in (6, 9)] == [False, True]
+    assert not StepCadence(None).due(5)
+    with pytest.raises(PlasticityConfigError, match=r"^StepCadence\.every_n_steps=0 is invalid; expected a positive"):
+        StepCadence(every_n_steps=0)
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+def test_measure_gives_the_monitors_values_and_agrees_with_numpy(tmp_path):
+    x, y = stream(n=64)
+    model = Regressor(net(hidden=12))
+    monitors = [
+        callbacks.RankMonitor(measures=["effective_rank", "srank"], probe_size=64),
+        callbacks.DormantUnitMonitor(probe_size=64),
+        callbacks.WeightMonitor(distance=False),
+    ]
+    data = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(tmp_path, callbacks=monitors, max_epochs=2, limit_val_batches=0).fit(model, data)
+        logged = {k.removeprefix("plasticity/"): float(v) for k, v in model.trainer.callback_metrics.items()}
+        values = measure(
+            model, (x, y), families=["rank", "activity", "weights"], rank_measures=["effective_rank", "srank"]
+        )
+    shared = set(values) & set(logged)
+    assert len(shared) == len(logged) > 10
+    for key in shared:  # the monitors log float32
+        assert values[key] == pytest.approx(logged[key], rel=1e-6), key
+    # independently: the ReLU features' effective rank and dead share, with numpy
+    with torch.no_grad():
+        h = torch.relu(model.net[0](x)).double().numpy()
+    s = np.linalg.svd(h, compute_uv=False)
+    p = s / s.sum()
+    assert values["net.1/effective_rank"] == pytest.approx(
+        float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum())), rel=1e-6
+    )
+    dead = (np.abs(h).max(axis=0) == 0).mean()
+    assert values["net.1/dead_fraction"] == pytest.approx(dead)
+
+
+def test_measure_reports_a_diverged_layer_as_nan_and_checks_its_arguments():
+    model = net()
+    with torch.no_grad():
+        model[2].bias[0] = math.inf
+    values = measure(model, torch.randn(32, 6), families=["activity", "weights"])
+    assert math.isnan(values["3/dead_fraction"]) and math.isnan(values["all/dead_fraction"])
+    assert not math.isnan(values["1/dead_fraction"])
+    assert not math.isnan(values["all/mean_abs_weight"])  # the weights themselves are finite
+    with pytest.raises(PlasticityConfigError, match=r"^measure\.families='ranks' is not supported; choose one of"):
+        measure(model, torch.randn(4, 6), families=["rank", "ranks"])
+    with pytest.raises(PlasticityConfigError, match=r"^measure\.families='rank' is invalid; expected a list drawn"):
+        measure(model, torch.randn(4, 6), families="rank")
