@@ -1,21 +1,30 @@
-"""Attention-head surgery for GPT-2-style models: gates, head re-initialisation, structural removal.
+"""Attention-head surgery: gates, head re-initialisation, structural removal.
 
 transformers 5.x removed GPT-2's ``head_mask`` and ``prune_heads`` (see ``ecosystem_anchors.md`` §3), so the
-library owns them. A head's output enters the block only through ``attn.c_proj``, whose input is the heads'
-outputs concatenated (``[..., heads·head_dim]``); :class:`HeadGates` multiplies each head's slice there with a
-forward pre-hook. Shapes never change (DDP-safe), and it works with every attention implementation (eager, sdpa,
-flash), because it acts after attention. :func:`prune_heads_` removes heads for export; its logits equal the
-gated model's with those gates at 0.
+library owns them. A head's output enters the block only through the attention's output projection, whose input is
+the heads' outputs concatenated (``[..., heads·head_dim]``): the heads are units of a producer → consumer pair, read
+where the consumer receives them, as the monitors read a functional activation's units (a consumer-input tap).
+:class:`HeadGates` multiplies each head's slice there with a forward pre-hook. Shapes never change (DDP-safe), and
+it works with every attention implementation (eager, sdpa, flash), because it acts after attention.
+:func:`prune_heads_` removes heads for export; its logits equal the gated model's with those gates at 0.
 
-An *attention module* here is any module with ``c_attn`` (fused Q/K/V, HF ``Conv1D``: weight ``[embed,
-3·embed]``), ``c_proj`` (``Conv1D``: weight ``[heads·head_dim, embed]``), ``num_heads`` and ``head_dim``, as
-GPT-2, distilgpt2 and their relatives define it.
+The attention modules and where each head lives in their weights (:class:`HeadLayout`) are read from the structure
+of the blocks that the ``attention`` pairing rule names (:mod:`plasticity_lightning.surgery.rules`), or of any
+module with one of these layouts:
+
+* ``gpt2`` (GPT-2, distilgpt2, ImageGPT): ``c_attn`` (fused Q/K/V, HF ``Conv1D``: weight ``[embed, 3·embed]``),
+  ``c_proj`` (``Conv1D``: weight ``[heads·head_dim, embed]``), ``num_heads`` and ``head_dim``;
+* ``qkvo`` (Llama, Mistral, Qwen2, Gemma, OPT, BART, …): ``Linear`` ``q_proj``, ``k_proj``, ``v_proj`` and an output
+  ``o_proj`` / ``out_proj``. With grouped-query attention (fewer K/V heads than query heads) a K/V head is shared by
+  a group, so a head's own weights are its query rows and output columns; K/V rows belong to a head only when
+  every head has its own.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,11 +37,177 @@ from plasticity_lightning.core.errors import (
     check_positive_int,
 )
 from plasticity_lightning.metrics.entropy import attention_entropy
+from plasticity_lightning.probes.capture import is_transposed_linear
+from plasticity_lightning.surgery.rules import rule_for
 from plasticity_lightning.surgery.units import reset_optimizer_state
 
 
+@dataclass(frozen=True)
+class HeadSlice:
+    """The entries of one parameter that belong to heads: along ``dim``, head ``h`` owns ``index(h)``.
+
+    Attributes:
+        param: the parameter (a projection's weight or bias).
+        dim: the axis that holds heads.
+        offsets: where each block of ``head_dim`` entries of head 0 starts (the fused Q/K/V of GPT-2: three).
+        head_dim: entries per head and block.
+        role: ``"in"`` (a weight producing the head: Q/K/V), ``"bias"`` (its bias) or ``"out"`` (the output
+            projection's input columns, the head's outgoing weights).
+    """
+
+    param: nn.Parameter
+    dim: int
+    offsets: tuple[int, ...]
+    head_dim: int
+    role: str
+
+    def index(self, heads: torch.Tensor) -> torch.Tensor:
+        """Indices along :attr:`dim` of ``heads`` (a 1-D tensor of head numbers), block after block."""
+        within = (heads[:, None] * self.head_dim + torch.arange(self.head_dim)).flatten()
+        return torch.cat([within + offset for offset in self.offsets])
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Where the heads of one attention module live.
+
+    Attributes:
+        kind: ``"gpt2"`` or ``"qkvo"`` (see the module docstring).
+        module: the attention module.
+        num_heads, head_dim: its (query) heads and their width.
+        output: the projection that receives the heads' concatenated outputs (the gates tap its input).
+        slices: every parameter slice owned by heads, producers first (Q, K, V weights, their biases), then the
+            output projection's columns.
+    """
+
+    kind: str
+    module: nn.Module
+    num_heads: int
+    head_dim: int
+    output: nn.Module
+    slices: tuple[HeadSlice, ...]
+
+    def owned(
+        self, heads: Iterable[int], roles: Sequence[str] = ("in", "bias", "out")
+    ) -> list[tuple[HeadSlice, torch.Tensor]]:
+        """``(slice, indices)`` of ``heads`` for the slices of the given roles."""
+        index = torch.as_tensor(list(heads), dtype=torch.long)
+        return [(piece, piece.index(index)) for piece in self.slices if piece.role in roles]
+
+
+def _gpt2_layout(name: str, module: nn.Module) -> HeadLayout:
+    # head slicing assumes GPT-2's layout: Conv1D weights [in, out], fused Q/K/V of num_heads heads each
+    width = module.num_heads * module.head_dim
+    if (
+        not is_transposed_linear(module.c_attn)
+        or not is_transposed_linear(module.c_proj)
+        or tuple(module.c_attn.weight.shape[1:]) != (3 * width,)
+        or module.c_proj.weight.shape[0] != width
+    ):
+        raise PlasticityConfigError(
+            f"{name}: c_attn weight {tuple(module.c_attn.weight.shape)} / c_proj weight "
+            f"{tuple(module.c_proj.weight.shape)} is not GPT-2's fused layout for {module.num_heads} heads of "
+            f"{module.head_dim} (c_attn [embed, 3·{width}], c_proj [{width}, embed]); multi-query, cross- and "
+            "Linear-based fused attention are not supported"
+        )
+    d, blocks = module.head_dim, (0, width, 2 * width)
+    slices = [HeadSlice(module.c_attn.weight, 1, blocks, d, "in")]
+    if module.c_attn.bias is not None:
+        slices.append(HeadSlice(module.c_attn.bias, 0, blocks, d, "bias"))
+    slices.append(HeadSlice(module.c_proj.weight, 0, (0,), d, "out"))
+    return HeadLayout("gpt2", module, module.num_heads, d, module.c_proj, tuple(slices))
+
+
+def _qkvo_layout(name: str, module: nn.Module) -> HeadLayout:
+    output = getattr(module, "o_proj", None) or getattr(module, "out_proj", None)
+    projections = [getattr(module, key) for key in ("q_proj", "k_proj", "v_proj")]
+    if not all(isinstance(p, nn.Linear) for p in (*projections, output)):
+        raise PlasticityConfigError(
+            f"{name}: q_proj/k_proj/v_proj/o_proj of {type(module).__name__} are not all nn.Linear; its heads "
+            "cannot be sliced"
+        )
+    config = getattr(module, "config", None)
+    heads = getattr(module, "num_heads", None) or getattr(config, "num_attention_heads", None)
+    d = getattr(module, "head_dim", None) or (projections[0].out_features // heads if heads else None)
+    if not heads or not d or projections[0].out_features != heads * d or output.in_features != heads * d:
+        raise PlasticityConfigError(
+            f"{name}: cannot tell the heads of {type(module).__name__} (num_heads={heads!r}, head_dim={d!r}, q_proj "
+            f"out {projections[0].out_features}, output in {output.in_features})"
+        )
+    q, k, v = projections
+    own = [q] + ([k, v] if k.out_features == v.out_features == heads * d else [])  # grouped K/V: shared, not owned
+    slices = [HeadSlice(p.weight, 0, (0,), d, "in") for p in own]
+    slices += [HeadSlice(p.bias, 0, (0,), d, "bias") for p in own if p.bias is not None]
+    slices.append(HeadSlice(output.weight, 1, (0,), d, "out"))
+    return HeadLayout("qkvo", module, heads, d, output, tuple(slices))
+
+
+def head_layout(module: nn.Module, name: str = "") -> HeadLayout | None:
+    """The :class:`HeadLayout` of ``module``, ``None`` when it has no known attention layout (one line when it has
+    one whose shapes do not fit).
+
+    Example::
+
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        ...     num_attention_heads=4, num_key_value_heads=2, vocab_size=50))
+        >>> layout = head_layout(model.model.layers[0].self_attn)
+        >>> layout.kind, layout.num_heads, [piece.role for piece in layout.slices]  # K/V shared by pairs of heads
+        ('qkvo', 4, ['in', 'out'])
+    """
+    if all(hasattr(module, attr) for attr in ("c_attn", "c_proj", "num_heads", "head_dim")):
+        return _gpt2_layout(name or type(module).__name__, module)
+    if all(hasattr(module, attr) for attr in ("q_proj", "k_proj", "v_proj")) and (
+        hasattr(module, "o_proj") or hasattr(module, "out_proj")
+    ):
+        return _qkvo_layout(name or type(module).__name__, module)
+    return None
+
+
+def _as_layout(module: nn.Module | HeadLayout) -> HeadLayout:
+    if isinstance(module, HeadLayout):
+        return module
+    layout = head_layout(module)
+    if layout is None:
+        raise PlasticityConfigError(f"{type(module).__name__} has no known attention layout (gpt2 or qkvo)")
+    return layout
+
+
+def attention_layouts(model: nn.Module) -> list[tuple[str, HeadLayout]]:
+    """Every attention module of ``model`` with its :class:`HeadLayout`, in forward (layer) order: the blocks the
+    ``attention`` pairing rule names and any other module with a known layout (the outermost one: an attention
+    module inside another is part of it).
+
+    Example::
+
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=50))
+        >>> [(name, layout.kind) for name, layout in attention_layouts(model)]
+        [('transformer.h.0.attn', 'gpt2'), ('transformer.h.1.attn', 'gpt2')]
+    """
+    found: list[tuple[str, HeadLayout]] = []
+    unread: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{outer}.") for outer, _ in found):
+            continue
+        layout = head_layout(module, name)
+        if layout is not None:
+            found.append((name, layout))
+            continue
+        rule = rule_for(module)
+        if rule is not None and rule.name == "attention" and not any(name.startswith(f"{u}.") for u in unread):
+            unread.append(f"{name} ({type(module).__name__})")
+    if not found:
+        seen = f"; attention blocks of other layouts: {', '.join(unread[:4])}" if unread else ""
+        raise PlasticityConfigError(
+            f"{type(model).__name__} has no attention modules whose heads can be sliced: GPT-2's fused c_attn/c_proj "
+            f"or Linear q_proj/k_proj/v_proj with o_proj/out_proj{seen}"
+        )
+    return found
+
+
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The GPT-2-style attention modules of ``model``, in forward (layer) order.
+    """The attention modules of ``model`` (see :func:`attention_layouts`), in forward (layer) order.
 
     Example::
 
@@ -41,37 +216,19 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
         >>> [name for name, _ in attention_modules(model)]
         ['transformer.h.0.attn', 'transformer.h.1.attn']
     """
-    found = [
-        (name, module)
-        for name, module in model.named_modules()
-        if all(hasattr(module, attr) for attr in ("c_attn", "c_proj", "num_heads", "head_dim"))
-    ]
-    if not found:
-        raise PlasticityConfigError(
-            f"{type(model).__name__} has no GPT-2-style attention modules (with c_attn, c_proj, num_heads, head_dim)"
-        )
-    for name, module in found:
-        # head slicing assumes GPT-2's layout: Conv1D weights [in, out], fused Q/K/V of num_heads heads each
-        width = module.num_heads * module.head_dim
-        if tuple(module.c_attn.weight.shape[1:]) != (3 * width,) or module.c_proj.weight.shape[0] != width:
-            raise PlasticityConfigError(
-                f"{name}: c_attn weight {tuple(module.c_attn.weight.shape)} / c_proj weight "
-                f"{tuple(module.c_proj.weight.shape)} is not GPT-2's fused layout for {module.num_heads} heads of "
-                f"{module.head_dim} (c_attn [embed, 3·{width}], c_proj [{width}, embed]); multi-query, cross- and "
-                "Linear-based attention are not supported"
-            )
-    return found
+    return [(name, layout.module) for name, layout in attention_layouts(model)]
 
 
 class HeadGates:
-    """Per-layer, per-head multiplicative gates on the heads' outputs (before ``attn.c_proj``).
+    """Per-layer, per-head multiplicative gates on the heads' outputs (the input of each attention's output
+    projection: ``c_proj``, ``o_proj``, ``out_proj``).
 
     ``gates`` is a ``[layers, heads]`` tensor: 1 keeps a head, 0 silences it, values between scale it (a growth
     warm-up ramp). With ``differentiable=True`` the gates require grad, so after ``loss.backward()``,
     ``gates.grad`` holds ∂L/∂ξ — Michel et al.'s head importance before the absolute value and averaging.
 
     Args:
-        model: a model with GPT-2-style attention (see :func:`attention_modules`).
+        model: a model with attention whose heads can be sliced (see :func:`attention_layouts`).
         differentiable: make the gates a leaf tensor that requires grad.
 
     Example::
@@ -86,17 +243,18 @@ class HeadGates:
     """
 
     def __init__(self, model: nn.Module, *, differentiable: bool = False) -> None:
-        self.layers = attention_modules(model)
-        heads = {module.num_heads for _, module in self.layers}
+        self.layouts = [layout for _, layout in attention_layouts(model)]
+        self.layers = [(name, layout.module) for name, layout in attention_layouts(model)]
+        heads = {layout.num_heads for layout in self.layouts}
         if len(heads) != 1:
             raise PlasticityConfigError(
                 f"HeadGates needs the same number of heads in every layer, got {sorted(heads)} (a pruned model: "
                 "gate it before removing heads)"
             )
-        device = self.layers[0][1].c_proj.weight.device
+        device = self.layouts[0].output.weight.device
         self.gates = torch.ones(len(self.layers), heads.pop(), device=device, requires_grad=differentiable)
         self._handles = [
-            module.c_proj.register_forward_pre_hook(self._hook(index)) for index, (_, module) in enumerate(self.layers)
+            layout.output.register_forward_pre_hook(self._hook(index)) for index, layout in enumerate(self.layouts)
         ]
 
     @property
@@ -139,12 +297,15 @@ class HeadGates:
 
     @torch.no_grad()
     def fold_(self) -> None:
-        """Bake the gates into the weights (each head's ``c_proj`` rows × its gate) and detach the hooks: the model
-        then computes exactly what the gated model did, with no hooks (for export; then :func:`prune_heads_`
-        removes the heads whose gate was 0)."""
-        for index, (_, module) in enumerate(self.layers):
-            rows = module.c_proj.weight.view(self.num_heads, -1, module.c_proj.weight.shape[1])
-            rows.mul_(self.gates[index].detach().to(rows)[:, None, None])
+        """Bake the gates into the weights (each head's output-projection inputs × its gate) and detach the hooks:
+        the model then computes exactly what the gated model did, with no hooks (for export; then
+        :func:`prune_heads_` removes the heads whose gate was 0)."""
+        for index, layout in enumerate(self.layouts):
+            for piece in layout.slices:
+                if piece.role == "out":  # [.., heads·head_dim, ..] viewed as [.., heads, head_dim, ..]
+                    heads = piece.param.unflatten(piece.dim, (self.num_heads, -1))
+                    shape = [self.num_heads if axis == piece.dim else 1 for axis in range(heads.ndim)]
+                    heads.mul_(self.gates[index].detach().to(heads).view(shape))
         self.remove()
 
     def attached_to(self, model: nn.Module) -> bool:
@@ -212,8 +373,9 @@ def head_importance(
     return normalize_importance(total / max(count, 1), normalize).cpu()
 
 
-def head_weight_norms(module: nn.Module) -> torch.Tensor:
-    """‖(Q, K, V columns, ``c_proj`` rows)‖₂ of every head of one attention module → ``[heads]`` (float32).
+def head_weight_norms(module: nn.Module | HeadLayout) -> torch.Tensor:
+    """‖(the head's Q, K, V weights, its output-projection inputs)‖₂ of every head of one attention module →
+    ``[heads]`` (float32); with grouped K/V, the weights a head owns alone (see :class:`HeadLayout`).
 
     Example::
 
@@ -222,10 +384,16 @@ def head_weight_norms(module: nn.Module) -> torch.Tensor:
         >>> head_weight_norms(model.transformer.h[0].attn).shape
         torch.Size([4])
     """
-    heads, d = module.num_heads, module.head_dim
-    qkv = module.c_attn.weight.detach().unflatten(1, (3, heads, d))  # [embed, 3, heads, d]
-    out = module.c_proj.weight.detach().unflatten(0, (heads, d))  # [heads, d, embed]
-    return (qkv.pow(2).sum(dim=(0, 1, 3)) + out.pow(2).sum(dim=(1, 2))).sqrt().float()
+    layout = _as_layout(module)
+    total = None
+    for piece in layout.slices:
+        if piece.role == "bias":
+            continue
+        # [.., blocks·heads·head_dim, ..] → [.., blocks, heads, head_dim, ..]: sum all but the heads axis
+        blocks = piece.param.detach().unflatten(piece.dim, (len(piece.offsets), layout.num_heads, layout.head_dim))
+        squares = blocks.pow(2).sum(dim=[a for a in range(blocks.ndim) if a != piece.dim + 1])
+        total = squares if total is None else total + squares
+    return total.sqrt().float()
 
 
 @torch.no_grad()
@@ -263,7 +431,7 @@ def head_attention_entropy(model: nn.Module, input_ids: torch.Tensor) -> torch.T
 
 
 def _head_columns(module: nn.Module, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Q/K/V columns of ``c_attn``, input rows of ``c_proj``) belonging to ``heads``."""
+    """(Q/K/V columns of ``c_attn``, input rows of ``c_proj``) belonging to ``heads`` (GPT-2's fused layout)."""
     d, width = module.head_dim, module.num_heads * module.head_dim
     rows = (heads[:, None] * d + torch.arange(d, device=heads.device)).flatten()
     return torch.cat([rows, rows + width, rows + 2 * width]), rows
@@ -271,7 +439,7 @@ def _head_columns(module: nn.Module, heads: torch.Tensor) -> tuple[torch.Tensor,
 
 @torch.no_grad()
 def reinit_heads(
-    module: nn.Module,
+    module: nn.Module | HeadLayout,
     heads: Iterable[int],
     *,
     std: float = 0.02,
@@ -279,11 +447,13 @@ def reinit_heads(
     generator: torch.Generator | None = None,
     optimizers: Iterable[torch.optim.Optimizer] = (),
 ) -> None:
-    """Give ``heads`` of one attention module fresh Q/K/V weights and output rows, and clear their optimizer state.
+    """Give ``heads`` of one attention module fresh Q/K/V weights and output weights, and clear their optimizer
+    state.
 
-    Q/K/V columns of ``c_attn`` are drawn from N(0, std²) (GPT-2's ``initializer_range``) with zero bias; the
-    head's input rows of ``c_proj`` from N(0, (output_scale·std)²) — a small ``output_scale`` lets a revived head
-    start near silent. Exactly those slices of every per-element optimizer state are zeroed.
+    The head's Q/K/V weights (GPT-2: columns of ``c_attn``; q/k/v_proj rows; with grouped K/V only its query rows)
+    are drawn from N(0, std²) (GPT-2's ``initializer_range``) with zero bias; its inputs of the output projection
+    (``c_proj`` rows, ``o_proj`` columns) from N(0, (output_scale·std)²) — a small ``output_scale`` lets a revived
+    head start near silent. Exactly those slices of every per-element optimizer state are zeroed.
 
     Example::
 
@@ -294,24 +464,31 @@ def reinit_heads(
         >>> float(attn.c_proj.weight[16:24].abs().sum())
         0.0
     """
+    layout = _as_layout(module)
     index = torch.as_tensor(list(heads), dtype=torch.long)
     if index.numel() == 0:
         return
-    if int(index.min()) < 0 or int(index.max()) >= module.num_heads:
+    if int(index.min()) < 0 or int(index.max()) >= layout.num_heads:
         raise PlasticityConfigError(
-            f"reinit_heads: heads {index.tolist()} out of range for a layer with {module.num_heads} heads"
+            f"reinit_heads: heads {index.tolist()} out of range for a layer with {layout.num_heads} heads"
         )
-    columns, rows = _head_columns(module, index)
-    c_attn, c_proj = module.c_attn, module.c_proj
-    qkv = torch.randn((c_attn.weight.shape[0], len(columns)), generator=generator) * std
-    c_attn.weight[:, columns.to(c_attn.weight.device)] = qkv.to(c_attn.weight)
-    c_attn.bias[columns.to(c_attn.bias.device)] = 0.0
-    out = torch.randn((len(rows), c_proj.weight.shape[1]), generator=generator) * (std * output_scale)
-    c_proj.weight[rows.to(c_proj.weight.device)] = out.to(c_proj.weight)
+    owned = layout.owned(index.tolist())
+    # draws in slice order (producers, then the output projection): GPT-2's are those of its first version
+    for role, scale in (("in", std), ("bias", None), ("out", std * output_scale)):
+        for piece, rows in owned:
+            if piece.role != role:
+                continue
+            where = rows.to(piece.param.device)
+            if scale is None:
+                piece.param.index_fill_(piece.dim, where, 0.0)
+                continue
+            shape = list(piece.param.shape)
+            shape[piece.dim] = len(rows)
+            fresh = torch.randn(shape, generator=generator) * scale
+            piece.param.index_copy_(piece.dim, where, fresh.to(piece.param))
     for optimizer in optimizers:
-        reset_optimizer_state(optimizer, c_attn.weight, 1, columns)
-        reset_optimizer_state(optimizer, c_attn.bias, 0, columns)
-        reset_optimizer_state(optimizer, c_proj.weight, 0, rows)
+        for piece, rows in owned:
+            reset_optimizer_state(optimizer, piece.param, piece.dim, rows)
 
 
 @torch.no_grad()
@@ -321,13 +498,21 @@ def prune_heads_(model: nn.Module, heads: Mapping[int, Iterable[int]]) -> dict[i
     ``heads`` maps a layer index (in :func:`attention_modules` order) to the heads to remove. The pruned model's
     output equals the gated model's with those gates at 0. Parameters are replaced, so optimizers built before
     must be rebuilt: this is not for use during a (DDP) fit — gate instead. Returns the heads kept per layer.
+    GPT-2's fused layout only (other layouts: gate the heads, or fold the gates into the weights with
+    :meth:`HeadGates.fold_`).
     """
-    layers = attention_modules(model)
+    layers = attention_layouts(model)
     kept_per_layer = {}
     for layer, removed in heads.items():
         if not 0 <= layer < len(layers):
             raise PlasticityConfigError(f"prune_heads_: layer {layer} out of range (the model has {len(layers)})")
-        _, module = layers[layer]
+        name, layout = layers[layer]
+        if layout.kind != "gpt2":
+            raise PlasticityConfigError(
+                f"prune_heads_: {name} has the {layout.kind!r} layout; structural removal is for GPT-2's fused "
+                "attention only: gate its heads (HeadGates) or fold the gates into the weights (HeadGates.fold_)"
+            )
+        module = layout.module
         drop = sorted({int(h) for h in removed})
         keep = [h for h in range(module.num_heads) if h not in drop]
         if not keep:
@@ -356,7 +541,8 @@ class HeadReviver:
     * the head's gate ramps linearly from ``initial_gate`` to 1 over ``warmup_steps``: during the k-th step after
       the revival it is ``initial_gate + (1 - initial_gate)·min(1, k/warmup_steps)`` — never 0, so a revived head
       learns from its first step and is not mistaken for a pruned one;
-    * its slices (Q/K/V columns, ``c_attn`` bias, ``c_proj`` rows) learn with the learning rate multiplied by
+    * its slices (Q/K/V weights and biases, output-projection inputs: :class:`HeadLayout`) learn with the
+      learning rate multiplied by
       ``1 + (lr_multiplier - 1)·max(0, 1 - t/boost_steps)`` — a boost that decays linearly back to 1.
 
     Why not a param group: an optimizer param group holds whole tensors, but ``c_attn`` fuses every head of a layer
@@ -471,7 +657,7 @@ class HeadReviver:
             by_layer.setdefault(int(layer), []).append(int(head))
         for layer, layer_heads in sorted(by_layer.items()):
             reinit_heads(
-                self.gates.layers[layer][1],
+                self.gates.layouts[layer],
                 layer_heads,
                 std=self.std,
                 output_scale=self.output_scale,
@@ -515,13 +701,8 @@ class HeadReviver:
             factor = self.lr_factor_at(self.step - start)
             if factor == 1.0:
                 continue
-            module = self.gates.layers[layer][1]
-            columns, rows = _head_columns(module, torch.tensor([head]))
-            slices += [
-                (module.c_attn.weight, 1, columns, factor),
-                (module.c_attn.bias, 0, columns, factor),
-                (module.c_proj.weight, 0, rows, factor),
-            ]
+            for piece, index in self.gates.layouts[layer].owned([head]):
+                slices.append((piece.param, piece.dim, index, factor))
         return slices
 
     @torch.no_grad()
