@@ -356,3 +356,105 @@ def test_measure_reports_a_diverged_layer_as_nan_and_checks_its_arguments():
         measure(model, torch.randn(4, 6), families=["rank", "ranks"])
     with pytest.raises(PlasticityConfigError, match=r"^measure\.families='rank' is invalid; expected a list drawn"):
         measure(model, torch.randn(4, 6), families="rank")
+
+
+# ---------------------------------------------------------------------------------------------- CBP's window
+def _window_run(window, steps=400, nonfinite=(), **settings):
+    x, y = stream(n=steps, seed=2)
+    model = net(hidden=10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    cbp = policies.ContinualBackprop(
+        model, optimizer, replacement_rate=0.02, maturity_threshold=5, init="kaiming", window=window, **settings
+    )
+    history = []
+    for i in range(steps):
+        xi = x[i : i + 1].clone()
+        if i in nonfinite:
+            xi[0, 0] = math.inf  # the consumers' inputs of this step are not finite; no optimizer step
+        loss = F.mse_loss(model(xi), y[i : i + 1])
+        optimizer.zero_grad()
+        if i not in nonfinite:
+            loss.backward()
+            optimizer.step()
+        cbp.step()
+        history.append([state.replaced for state in cbp.states.values()])
+    cbp.flush()
+    return model, cbp, history
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"utility": "contribution"}, {"utility": "adaptable_contribution", "accumulate": False}],
+    ids=["contribution", "adaptable_bernoulli"],
+)
+def test_a_window_makes_the_per_step_decisions_up_to_round_off(settings):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        per_step, exact, exact_history = _window_run(1, **settings)
+        windowed, cbp, history = _window_run(16, **settings)
+    assert history == exact_history and history[-1][0] > 20  # the same units on the same steps, many of them
+    for (a, b), name in zip(zip(exact.states.values(), cbp.states.values(), strict=True), exact.states, strict=True):
+        assert torch.equal(a.ages, b.ages), name
+        scale = float(a.utility.abs().max())
+        torch.testing.assert_close(b.utility, a.utility, rtol=0, atol=1e-5 * scale)
+    for p, q in zip(per_step.parameters(), windowed.parameters(), strict=True):
+        assert torch.equal(p, q)  # same units, same draws: the same weights
+
+
+def test_a_window_skips_nonfinite_steps_as_the_per_step_path_does():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, exact, exact_history = _window_run(1, nonfinite=(50, 51, 203), utility="zero_contribution")
+        _, cbp, history = _window_run(16, nonfinite=(50, 51, 203), utility="zero_contribution")
+    assert history == exact_history
+    assert [int(s.skipped) for s in cbp.states.values()] == [int(s.skipped) for s in exact.states.values()] == [3, 3]
+    assert all(bool(torch.isfinite(state.utility).all()) for state in cbp.states.values())
+
+
+def test_a_plain_loop_saved_in_the_middle_of_a_window_resumes_bit_exactly():
+    x, y = stream(n=150, seed=3)
+    settings = {"replacement_rate": 0.05, "maturity_threshold": 3, "utility": "adaptable_contribution", "window": 16}
+
+    def run(model, optimizer, cbp, start, stop):
+        for i in range(start, stop):
+            loss = F.mse_loss(model(x[i : i + 1]), y[i : i + 1])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            cbp.step()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        whole = net()
+        optimizer = torch.optim.SGD(whole.parameters(), lr=0.01)
+        cbp = policies.ContinualBackprop(whole, optimizer, **settings)
+        run(whole, optimizer, cbp, 0, 150)
+        first = net()
+        optimizer = torch.optim.SGD(first.parameters(), lr=0.01)
+        interrupted = policies.ContinualBackprop(first, optimizer, **settings)
+        run(first, optimizer, interrupted, 0, 77)
+        saved = copy.deepcopy((first.state_dict(), optimizer.state_dict(), interrupted.state_dict()))
+        second = net(seed=4)
+        second.load_state_dict(saved[0])
+        optimizer = torch.optim.SGD(second.parameters(), lr=0.01)
+        optimizer.load_state_dict(saved[1])
+        resumed = policies.ContinualBackprop(second, optimizer, **settings)
+        resumed.load_state_dict(saved[2])
+        run(second, optimizer, resumed, 77, 150)
+    assert 0 < len(saved[2]["window"]["steps"]) < 16  # saved mid-window, not flushed
+    for a, b in zip(whole.parameters(), second.parameters(), strict=True):
+        assert torch.equal(a, b)
+    cbp.flush(), resumed.flush()
+    for a, b in zip(cbp.states.values(), resumed.states.values(), strict=True):
+        assert torch.equal(a.utility, b.utility) and torch.equal(a.ages, b.ages)
+
+
+def test_the_window_refuses_what_it_cannot_do():
+    with pytest.raises(PlasticityConfigError, match=r"^ContinualBackprop\.window=0 is invalid; expected a positive"):
+        policies.ContinualBackprop(window=0)
+    with pytest.raises(PlasticityConfigError, match=r"^ContinualBackprop\.window=8 needs init other than "):
+        policies.ContinualBackprop(window=8, init="sigma_orthogonal")
+    with pytest.raises(PlasticityConfigError, match=r"magnitudes_every_n_steps=2\); use window=1$"):
+        callbacks.ContinualBackprop(window=8, magnitudes_every_n_steps=2)
+    assert callbacks.ContinualBackprop(window=1).state_key == callbacks.ContinualBackprop().state_key
+    assert callbacks.ContinualBackprop(window=4).state_key != callbacks.ContinualBackprop().state_key

@@ -37,7 +37,7 @@ class ContinualBackprop(UnitIntervention):
 
     Args:
         replacement_rate, maturity_threshold, decay_rate, utility, accumulate, count, init, gain, sigma_decay,
-            sigma_ridge, energy_budget, magnitudes_every_n_steps, layers, pairs, seed: see
+            sigma_ridge, energy_budget, magnitudes_every_n_steps, window, layers, pairs, seed: see
             :class:`plasticity_lightning.policies.ContinualBackprop`.
         prefix: first part of logged keys.
 
@@ -63,6 +63,7 @@ class ContinualBackprop(UnitIntervention):
         sigma_ridge: float = 1e-4,
         energy_budget: bool = False,
         magnitudes_every_n_steps: int = 1,
+        window: int = 1,
         layers: Sequence[str] | None = None,
         pairs: Sequence[Sequence[Any]] | None = None,
         seed: int = 0,
@@ -81,6 +82,7 @@ class ContinualBackprop(UnitIntervention):
             sigma_ridge=sigma_ridge,
             energy_budget=energy_budget,
             magnitudes_every_n_steps=magnitudes_every_n_steps,
+            window=window,
             layers=layers,
             pairs=pairs,
             seed=seed,
@@ -99,6 +101,7 @@ class ContinualBackprop(UnitIntervention):
     sigma_ridge = property(lambda self: self.policy.sigma_ridge)
     energy_budget = property(lambda self: self.policy.energy_budget)
     magnitudes_every_n_steps = property(lambda self: self.policy.magnitudes_every_n_steps)
+    window = property(lambda self: self.policy.window)
     sigma_orthogonal = property(lambda self: self.policy.sigma_orthogonal)
 
     @property
@@ -123,6 +126,7 @@ class ContinualBackprop(UnitIntervention):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.policy.detach()
+        self.policy.flush()  # window > 1: the states as the fit left them (the fit is over: nothing else changes)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -17,6 +17,7 @@ from plasticity_lightning.core.errors import (
     check_positive_int,
 )
 from plasticity_lightning.policies.base import UnitPolicy, as_optimizers
+from plasticity_lightning.probes.capture import is_transposed_linear
 from plasticity_lightning.surgery import (
     InputCovariance,
     UnitPair,
@@ -62,9 +63,10 @@ class _LayerState:
         """Units older than the maturity threshold (equal to ``(ages > maturity).sum()``, without reading it)."""
         return self.num_units - self._young_units
 
-    def age(self) -> None:
-        """One optimizer step older."""
-        self.ages += 1
+    def age(self, tensor: bool = True) -> None:
+        """One optimizer step older (``tensor=False``: the host-side count only; ``ages`` follows later)."""
+        if tensor:
+            self.ages += 1
         self._clock += 1
         while self._young and self._clock - self._young[0][0] > self.maturity:
             self._young_units -= self._young.popleft()[1]
@@ -188,6 +190,14 @@ class ContinualBackprop(UnitPolicy):
             layers; between passes the cached magnitudes are used, stale by up to n − 1 optimizer steps. A replaced
             unit's own entries are patched (outgoing 0, its new incoming weights); what its replacement changes in
             neighbouring pairs' entries waits for the next refresh.
+        window: update the statistics of up to this many steps at once (1: every step). The same algorithm — every
+            step's utility from that step's features and weights, replacements on the steps they fall due — for
+            small networks at small batches (online learning, RL), where the per-step cost is tens of tiny tensor
+            operations: :meth:`step` then records the step's consumer inputs and a copy of the bound weights and
+            counts on the host, and the EMAs of the pending steps are computed together (the recursion unrolled, in
+            float64) when a unit is due for replacement or the window is full. Utilities then differ from
+            ``window=1`` by float round-off only. Memory: ``window`` copies of the bound weights and inputs. Not
+            with RR-CBP or ``magnitudes_every_n_steps > 1``.
         layers, pairs: see :class:`~plasticity_lightning.policies.base.UnitPolicy`.
         seed: seed of the random draws.
         prefix: name of the values in reports.
@@ -223,6 +233,7 @@ class ContinualBackprop(UnitPolicy):
         sigma_ridge: float = 1e-4,
         energy_budget: bool = False,
         magnitudes_every_n_steps: int = 1,
+        window: int = 1,
         layers: Sequence[str] | None = None,
         pairs: Sequence[Sequence[Any]] | None = None,
         seed: int = 0,
@@ -246,6 +257,15 @@ class ContinualBackprop(UnitPolicy):
                 f"{owner}.energy_budget=True needs init='sigma_orthogonal' (RR-CBP), got init={init!r}"
             )
         self.magnitudes_every_n_steps = check_positive_int(owner, "magnitudes_every_n_steps", magnitudes_every_n_steps)
+        self.window = check_positive_int(owner, "window", window)
+        if self.window > 1 and (init == "sigma_orthogonal" or magnitudes_every_n_steps != 1):
+            raise PlasticityConfigError(
+                f"{owner}.window={window!r} needs init other than 'sigma_orthogonal' and magnitudes_every_n_steps=1 "
+                f"(got init={init!r}, magnitudes_every_n_steps={magnitudes_every_n_steps!r}); use window=1"
+            )
+        self._window_steps: list[dict[str, torch.Tensor]] = []  # per pending step: each pair's consumer input
+        self._decays: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._finite: dict[str, bool] = {}  # per producer: were the last flushed step's statistics finite
         # (outgoing, incoming) weight magnitudes per producer, reused for magnitudes_every_n_steps steps
         self._magnitudes: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
         self._magnitude_age = 0
@@ -274,6 +294,8 @@ class ContinualBackprop(UnitPolicy):
             "count": self.count,
             "init": self.init,
             "magnitudes_every_n_steps": self.magnitudes_every_n_steps,
+            # only when set: instances (and checkpoints) from before the window existed keep their identity
+            **({"window": self.window} if self.window > 1 else {}),
         }
 
     # ------------------------------------------------------------------ set-up
@@ -311,6 +333,9 @@ class ContinualBackprop(UnitPolicy):
             )
             if self.sigma_orthogonal:
                 self.covariances[pair.producer] = InputCovariance(pair.producer_module.in_features, self.sigma_decay)
+        self._window_steps = []
+        if self.window > 1:
+            self._setup_window()
         if self._pending is not None:
             self._apply_state(self._pending)
             self._pending = None
@@ -361,6 +386,12 @@ class ContinualBackprop(UnitPolicy):
         """
         self.steps += 1
         step = self.steps if step is None else step
+        if self.window > 1:
+            return self._step_in_window(step)
+        return self._step_now(step)
+
+    def _step_now(self, step: int) -> dict[str, int]:
+        """:meth:`step` with every statistic updated now (``window=1``)."""
         replaced: dict[str, int] = {}
         magnitudes = self._current_magnitudes()
         for pair in self.pairs:
@@ -373,6 +404,164 @@ class ContinualBackprop(UnitPolicy):
             inputs.clear()
             replaced[pair.producer] = self.states[pair.producer].replaced
         return replaced
+
+    # ------------------------------------------------------------------ the window (window > 1)
+    def _setup_window(self) -> None:
+        """A ring of weight snapshots: every producer's and consumer's weight, one flat row per pending step."""
+        modules: dict[int, nn.Module] = {}
+        for pair in self.pairs:
+            modules.setdefault(id(pair.producer_module), pair.producer_module)
+            modules.setdefault(id(pair.consumer_module), pair.consumer_module)
+        weights = [module.weight.detach() for module in modules.values()]
+        if any(not w.is_contiguous() for w in weights) or len({(w.dtype, w.device) for w in weights}) > 1:
+            raise PlasticityConfigError(
+                f"{self.owner}.window={self.window} needs contiguous weights of one dtype and device in every bound "
+                "layer; use window=1"
+            )
+        # views of the parameters' storage: they follow every in-place update (optimizer steps, replacements)
+        self._flat = [w.view(-1) for w in weights]
+        self._slices, offset = {}, 0
+        for key, w in zip(modules, weights, strict=True):
+            self._slices[key] = (offset, w.numel(), tuple(w.shape))
+            offset += w.numel()
+        self._ring = torch.empty(self.window, offset, dtype=weights[0].dtype, device=weights[0].device)
+        self._ring_rows = self._ring.unbind(0)
+        self._window_steps = []
+
+    def _step_in_window(self, step: int) -> dict[str, int]:
+        """:meth:`step` that only records (the step's consumer inputs and a weight snapshot) and counts on the
+        host, and brings the statistics up to date — all pending steps at once — when a unit is due for replacement
+        or the window is full."""
+        recorded: dict[str, torch.Tensor] = {}
+        for pair in self.pairs:
+            features = self._features[pair.producer]
+            if not features:  # a pair without inputs this step: the per-step path, after the pending steps
+                self.flush()
+                return self._step_now(step)
+            recorded[pair.producer] = features[0] if len(features) == 1 else torch.cat(features)
+        torch.cat(self._flat, out=self._ring_rows[len(self._window_steps)])
+        self._window_steps.append(recorded)
+        for pair in self.pairs:
+            self._features[pair.producer].clear()
+        replaced: dict[str, int] = {}
+        for pair in self.pairs:
+            state = self.states[pair.producer]
+            state.age(tensor=False)
+            number = self._count(state)  # in the per-step path's order of generator draws
+            if number:
+                finite = self.flush()
+                if finite.get(pair.producer, True):
+                    self._replace(pair, self._lowest(state, number), mature=True)
+                else:  # never replace on a NaN ranking
+                    self.warn_nonfinite(pair.producer, step)
+            replaced[pair.producer] = state.replaced
+        if len(self._window_steps) >= self.window:
+            self.flush()
+        return replaced
+
+    @torch.no_grad()
+    def flush(self) -> dict[str, bool]:
+        """Bring the statistics of the pending steps (``window > 1``) up to date now; returns, per producer, whether
+        the last step's statistics were finite.
+
+        :meth:`step` flushes by itself when a unit is due for replacement and when the window is full; between,
+        :attr:`states` lags by the pending steps. Flushing by hand (e.g. to read the states at the end) starts a new
+        window, which changes the float round-off of the steps that follow compared with a run that did not flush
+        there. :meth:`state_dict` never flushes: it saves the pending steps.
+        """
+        pending, self._window_steps = self._window_steps, []
+        finite = self._finite  # kept: a second pair's decision in the same step reads the flags of this flush
+        if not pending:
+            return finite
+        snapshots = self._ring[: len(pending)]
+        for pair in self.pairs:
+            state = self.states[pair.producer]
+            features = [step[pair.producer] for step in pending]
+            outgoing, incoming = self._window_magnitudes(pair, snapshots)
+            done = len({f.shape for f in features}) == 1 and self._window_update(
+                pair, state, torch.stack(features), outgoing, incoming
+            )
+            if done:
+                state.ages += len(pending)
+                finite[pair.producer] = True
+                continue
+            # NaN/inf somewhere, or batches of different sizes: step by step, exactly as the per-step path
+            last = None
+            for j, step_features in enumerate(features):
+                state.ages += 1
+                last = self._update(
+                    pair, state, [step_features], (outgoing[j], None if incoming is None else incoming[j])
+                )
+            finite[pair.producer] = bool(last)
+        return finite
+
+    def _window_magnitudes(self, pair: UnitPair, snapshots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per pending step: mean |w_out| per (unit, column) ``[k, units, columns]`` and, for the adaptable utility,
+        mean |w_in| per unit ``[k, units]`` — :func:`~plasticity_lightning.surgery.unit_magnitudes` on snapshots."""
+        k = len(snapshots)
+
+        def weight(module: nn.Module) -> torch.Tensor:  # [k, out, in, ...], as unit_weight orients it
+            offset, numel, shape = self._slices[id(module)]
+            w = snapshots[:, offset : offset + numel].reshape(k, *shape)
+            return w.transpose(1, 2) if is_transposed_linear(module) else w
+
+        consumer = weight(pair.consumer_module).abs().float()
+        per_input = consumer.sum(dim=1).reshape(k, pair.num_units * pair.columns_per_unit, -1)
+        outgoing = per_input.sum(dim=2) / (consumer.shape[1] * per_input.shape[2])
+        outgoing = outgoing.reshape(k, pair.num_units, pair.columns_per_unit)
+        if self.utility != "adaptable_contribution":
+            return outgoing, None
+        producer = weight(pair.producer_module).abs().float().reshape(k, pair.num_units, -1)
+        return outgoing, producer.sum(dim=2) / producer.shape[2]
+
+    def _decay(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """float64 (η^(j+1) for j < k, the k×k matrix (1−η)·η^(j−i) for i ≤ j, and (1−η)·η^(k−1−j)): the EMA
+        recursion unrolled over k steps."""
+        if k not in self._decays:
+            eta = self.decay_rate
+            j = torch.arange(k, dtype=torch.float64)
+            lag = j[:, None] - j[None, :]
+            lower = torch.where(lag >= 0, (1 - eta) * eta ** lag.clamp(min=0), torch.zeros((), dtype=torch.float64))
+            self._decays[k] = (eta ** (j + 1), lower, (1 - eta) * eta ** (k - 1 - j))
+        return self._decays[k]
+
+    def _window_update(
+        self,
+        pair: UnitPair,
+        state: _LayerState,
+        features: torch.Tensor,
+        outgoing: torch.Tensor,
+        incoming: torch.Tensor | None,
+    ) -> bool:
+        """The EMAs over the ``k`` pending steps at once (``features``: ``[k, ...]``, one step's consumer input each),
+        in float64; False (nothing changed) if any statistic is NaN/inf."""
+        k = len(features)
+        eta = self.decay_rate
+        device = state.utility.device
+        powers, lower, weights = (t.to(device) for t in self._decay(k))
+        if isinstance(pair.consumer_module, nn.Conv2d):  # as unit_columns, per step: [k, positions, units, columns]
+            columns = features.detach().float().movedim(2, -1).reshape(k, -1, features.shape[2], 1)
+        else:
+            columns = features.detach().float().reshape(k, -1, pair.num_units, pair.columns_per_unit)
+        mean_activation = None
+        if self.utility == "contribution":
+            activity = columns.abs().mean(dim=1)
+        else:  # f_j = η^(j+1)·f_0 + Σ_(i≤j) (1−η)·η^(j−i)·mean(h_i), then f̂_j = f_j / (1 − η^age_j)
+            mean_h = self.reduce(columns.mean(dim=(1, 3))).double()
+            mean_activation = powers[:, None] * state.mean_activation.double() + lower @ mean_h
+            ages = state.ages.double() + torch.arange(1, k + 1, dtype=torch.float64, device=device)[:, None]
+            corrected = (mean_activation / (1 - eta**ages)).float()
+            activity = (columns - corrected[:, None, :, None]).abs().mean(dim=1)
+        instantaneous = self.reduce(activity).mul_(outgoing)
+        instantaneous = instantaneous[..., 0] if pair.columns_per_unit == 1 else instantaneous.mean(dim=2)
+        if incoming is not None:
+            instantaneous = instantaneous / incoming.clamp(min=torch.finfo(torch.float32).tiny)
+        if not bool(torch.isfinite(instantaneous).all() & torch.isfinite(state.utility).all()):
+            return False
+        state.utility.copy_(eta**k * state.utility.double() + weights @ instantaneous.double())
+        if mean_activation is not None:
+            state.mean_activation.copy_(mean_activation[-1])
+        return True
 
     def skipped_nonfinite(self) -> int:
         """Layer-steps skipped so far for NaN/inf statistics, summed over layers (reads the device); warns once."""
@@ -405,17 +594,8 @@ class ContinualBackprop(UnitPolicy):
         ``magnitudes``: the pair's (outgoing, incoming) weight magnitudes if already computed for the step.
         """
         state = self.states[pair.producer]
-        eta = self.decay_rate
         state.age()
-        instantaneous, mean_activation = self._instantaneous_utility(pair, state, features, magnitudes)
-        # NaN/inf features or weights (or a utility loaded so): skip the layer's step, as a NaN would stay in the
-        # EMAs for good. Decided on the device, from statistics reduced across ranks, so every rank skips alike
-        # without a read-back.
-        finite = torch.isfinite(instantaneous).all() & torch.isfinite(state.utility).all()
-        state.utility.copy_(torch.where(finite, state.utility.lerp(instantaneous, 1 - eta), state.utility))
-        if mean_activation is not state.mean_activation:
-            state.mean_activation.copy_(torch.where(finite, mean_activation, state.mean_activation))
-        state.skipped += ~finite
+        finite = self._update(pair, state, features, magnitudes)
         if self.sigma_orthogonal and inputs:
             batch = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs]).to(torch.float64)
             self.covariances[pair.producer].update_moment(self.reduce(batch.T @ batch / len(batch)))
@@ -427,6 +607,25 @@ class ContinualBackprop(UnitPolicy):
                 self.warn_nonfinite(pair.producer, step)
                 units = units[:0]
         return units
+
+    def _update(
+        self,
+        pair: UnitPair,
+        state: _LayerState,
+        features: list[torch.Tensor],
+        magnitudes: tuple[torch.Tensor, torch.Tensor | None] | None,
+    ) -> torch.Tensor:
+        """The EMAs of one step (the units have aged); returns whether its statistics were finite (0-d tensor)."""
+        instantaneous, mean_activation = self._instantaneous_utility(pair, state, features, magnitudes)
+        # NaN/inf features or weights (or a utility loaded so): skip the layer's step, as a NaN would stay in the
+        # EMAs for good. Decided on the device, from statistics reduced across ranks, so every rank skips alike
+        # without a read-back.
+        finite = torch.isfinite(instantaneous).all() & torch.isfinite(state.utility).all()
+        state.utility.copy_(torch.where(finite, state.utility.lerp(instantaneous, 1 - self.decay_rate), state.utility))
+        if mean_activation is not state.mean_activation:
+            state.mean_activation.copy_(torch.where(finite, mean_activation, state.mean_activation))
+        state.skipped += ~finite
+        return finite
 
     def _instantaneous_utility(
         self,
@@ -463,10 +662,14 @@ class ContinualBackprop(UnitPolicy):
 
     def _choose(self, state: _LayerState) -> torch.Tensor:
         """The units to replace this step. Decided on the host: a step without replacement reads nothing back."""
+        number = self._count(state)
+        return self._lowest(state, number) if number else state.ages.new_zeros(0)
+
+    def _count(self, state: _LayerState) -> int:
+        """How many units to replace this step (host only; with ``accumulate=False`` a draw from the generator)."""
         eligible = state.mature_units
-        none = state.ages.new_zeros(0)
         if eligible == 0:
-            return none
+            return 0
         base = eligible if self.count == "eligible" else state.num_units
         expected = self.replacement_rate * base
         if self.accumulate:
@@ -477,9 +680,10 @@ class ContinualBackprop(UnitPolicy):
             number = int(torch.rand(1, generator=self.generator).item() <= expected)
         else:
             number = int(expected)
-        number = min(number, eligible)
-        if number == 0:
-            return none
+        return min(number, eligible)
+
+    def _lowest(self, state: _LayerState, number: int) -> torch.Tensor:
+        """The ``number`` mature units with the lowest bias-corrected utility."""
         corrected = state.utility / self._correction(state)
         corrected = corrected.masked_fill(state.ages <= state.maturity, torch.inf)  # lowest first; never a young unit
         return torch.topk(corrected, number, largest=False).indices
@@ -521,6 +725,17 @@ class ContinualBackprop(UnitPolicy):
             if self._magnitudes is None or self.magnitudes_every_n_steps == 1
             else {k: [None if t is None else t.cpu() for t in v] for k, v in self._magnitudes.items()},
             "magnitude_age": self._magnitude_age,
+            # pending steps (window > 1) are saved, not flushed: a resumed run finishes the same window
+            **(
+                {
+                    "window": {
+                        "steps": [{k: v.cpu() for k, v in step.items()} for step in self._window_steps],
+                        "snapshots": self._ring[: len(self._window_steps)].cpu(),
+                    }
+                }
+                if self._window_steps
+                else {}
+            ),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -551,3 +766,12 @@ class ContinualBackprop(UnitPolicy):
                 name: (out.to(device), None if inc is None else inc.to(device)) for name, (out, inc) in cached.items()
             }
             self._magnitude_age = int(pending.get("magnitude_age", 0))
+        window = pending.get("window")
+        self._window_steps = []
+        if window and self.window > 1 and window["steps"] and set(window["steps"][0]) == set(self.states):
+            device = self._ring.device
+            self._window_steps = [{k: v.to(device) for k, v in step.items()} for step in window["steps"]]
+            self._ring[: len(self._window_steps)].copy_(window["snapshots"])
+            for state in self.states.values():  # the saved ages lag by the pending steps; the host count does not
+                for _ in self._window_steps:
+                    state.age(tensor=False)
