@@ -441,7 +441,7 @@ def test_a_plain_loop_saved_in_the_middle_of_a_window_resumes_bit_exactly():
         resumed = policies.ContinualBackprop(second, optimizer, **settings)
         resumed.load_state_dict(saved[2])
         run(second, optimizer, resumed, 77, 150)
-    assert 0 < len(saved[2]["window"]["steps"]) < 16  # saved mid-window, not flushed
+    assert 0 < len(saved[2]["window"]["snapshots"]) < 16  # saved mid-window, not flushed
     for a, b in zip(whole.parameters(), second.parameters(), strict=True):
         assert torch.equal(a, b)
     cbp.flush(), resumed.flush()

@@ -263,7 +263,7 @@ class ContinualBackprop(UnitPolicy):
                 f"{owner}.window={window!r} needs init other than 'sigma_orthogonal' and magnitudes_every_n_steps=1 "
                 f"(got init={init!r}, magnitudes_every_n_steps={magnitudes_every_n_steps!r}); use window=1"
             )
-        self._window_steps: list[dict[str, torch.Tensor]] = []  # per pending step: each pair's consumer input
+        self._pending_steps = 0  # window > 1: steps recorded (inputs in _features, weights in the ring) not yet applied
         self._decays: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._finite: dict[str, bool] = {}  # per producer: were the last flushed step's statistics finite
         # (outgoing, incoming) weight magnitudes per producer, reused for magnitudes_every_n_steps steps
@@ -333,7 +333,7 @@ class ContinualBackprop(UnitPolicy):
             )
             if self.sigma_orthogonal:
                 self.covariances[pair.producer] = InputCovariance(pair.producer_module.in_features, self.sigma_decay)
-        self._window_steps = []
+        self._features, self._inputs, self._pending_steps = {}, {}, 0
         if self.window > 1:
             self._setup_window()
         if self._pending is not None:
@@ -344,18 +344,18 @@ class ContinualBackprop(UnitPolicy):
     def _register_hooks(self) -> None:
         self.detach()
         for pair in self.pairs:
-            self._features[pair.producer] = []
-            self._handles.append(pair.consumer_module.register_forward_pre_hook(self._recorder(self._features, pair)))
+            features = self._features.setdefault(pair.producer, [])  # a loaded state may have filled it
+            self._handles.append(pair.consumer_module.register_forward_pre_hook(self._recorder(features)))
             if self.sigma_orthogonal:
-                self._inputs[pair.producer] = []
-                self._handles.append(pair.producer_module.register_forward_pre_hook(self._recorder(self._inputs, pair)))
+                inputs = self._inputs.setdefault(pair.producer, [])
+                self._handles.append(pair.producer_module.register_forward_pre_hook(self._recorder(inputs)))
 
     @staticmethod
-    def _recorder(store: dict[str, list[torch.Tensor]], pair: UnitPair):
+    def _recorder(store: list[torch.Tensor]):
         def record(module: nn.Module, args: tuple[Any, ...]) -> None:
             # Training forward passes only: not validation, sanity checks or monitors' probes (eval mode).
             if module.training and torch.is_grad_enabled():
-                store[pair.producer].append(args[0].detach())
+                store.append(args[0].detach())
 
         return record
 
@@ -426,23 +426,21 @@ class ContinualBackprop(UnitPolicy):
             offset += w.numel()
         self._ring = torch.empty(self.window, offset, dtype=weights[0].dtype, device=weights[0].device)
         self._ring_rows = self._ring.unbind(0)
-        self._window_steps = []
 
     def _step_in_window(self, step: int) -> dict[str, int]:
         """:meth:`step` that only records (the step's consumer inputs and a weight snapshot) and counts on the
         host, and brings the statistics up to date — all pending steps at once — when a unit is due for replacement
         or the window is full."""
-        recorded: dict[str, torch.Tensor] = {}
-        for pair in self.pairs:
+        pending = self._pending_steps
+        for pair in self.pairs:  # each list holds one input per pending step, then this step's forward passes
             features = self._features[pair.producer]
-            if not features:  # a pair without inputs this step: the per-step path, after the pending steps
-                self.flush()
-                return self._step_now(step)
-            recorded[pair.producer] = features[0] if len(features) == 1 else torch.cat(features)
-        torch.cat(self._flat, out=self._ring_rows[len(self._window_steps)])
-        self._window_steps.append(recorded)
-        for pair in self.pairs:
-            self._features[pair.producer].clear()
+            if len(features) != pending + 1:
+                if len(features) == pending:  # no input this step: the per-step path, after the pending steps
+                    self.flush()
+                    return self._step_now(step)
+                features[pending:] = [torch.cat(features[pending:])]  # micro-batches of one step: one batch
+        torch.cat(self._flat, out=self._ring_rows[pending])
+        self._pending_steps = pending + 1
         replaced: dict[str, int] = {}
         for pair in self.pairs:
             state = self.states[pair.producer]
@@ -455,7 +453,7 @@ class ContinualBackprop(UnitPolicy):
                 else:  # never replace on a NaN ranking
                     self.warn_nonfinite(pair.producer, step)
             replaced[pair.producer] = state.replaced
-        if len(self._window_steps) >= self.window:
+        if self._pending_steps >= self.window:
             self.flush()
         return replaced
 
@@ -469,20 +467,21 @@ class ContinualBackprop(UnitPolicy):
         window, which changes the float round-off of the steps that follow compared with a run that did not flush
         there. :meth:`state_dict` never flushes: it saves the pending steps.
         """
-        pending, self._window_steps = self._window_steps, []
+        pending, self._pending_steps = self._pending_steps, 0
         finite = self._finite  # kept: a second pair's decision in the same step reads the flags of this flush
         if not pending:
             return finite
-        snapshots = self._ring[: len(pending)]
+        snapshots = self._ring[:pending]
         for pair in self.pairs:
             state = self.states[pair.producer]
-            features = [step[pair.producer] for step in pending]
+            recorded = self._features[pair.producer]
+            features, recorded[:] = recorded[:pending], recorded[pending:]  # later forward passes stay
             outgoing, incoming = self._window_magnitudes(pair, snapshots)
             done = len({f.shape for f in features}) == 1 and self._window_update(
                 pair, state, torch.stack(features), outgoing, incoming
             )
             if done:
-                state.ages += len(pending)
+                state.ages += pending
                 finite[pair.producer] = True
                 continue
             # NaN/inf somewhere, or batches of different sizes: step by step, exactly as the per-step path
@@ -729,11 +728,11 @@ class ContinualBackprop(UnitPolicy):
             **(
                 {
                     "window": {
-                        "steps": [{k: v.cpu() for k, v in step.items()} for step in self._window_steps],
-                        "snapshots": self._ring[: len(self._window_steps)].cpu(),
+                        "inputs": {k: [t.cpu() for t in v[: self._pending_steps]] for k, v in self._features.items()},
+                        "snapshots": self._ring[: self._pending_steps].cpu(),
                     }
                 }
-                if self._window_steps
+                if self._pending_steps
                 else {}
             ),
         }
@@ -767,11 +766,16 @@ class ContinualBackprop(UnitPolicy):
             }
             self._magnitude_age = int(pending.get("magnitude_age", 0))
         window = pending.get("window")
-        self._window_steps = []
-        if window and self.window > 1 and window["steps"] and set(window["steps"][0]) == set(self.states):
-            device = self._ring.device
-            self._window_steps = [{k: v.to(device) for k, v in step.items()} for step in window["steps"]]
-            self._ring[: len(self._window_steps)].copy_(window["snapshots"])
-            for state in self.states.values():  # the saved ages lag by the pending steps; the host count does not
-                for _ in self._window_steps:
-                    state.age(tensor=False)
+        if self.window > 1:
+            for recorded in self._features.values():
+                recorded.clear()  # in place: the hooks hold these lists
+            self._pending_steps = 0
+            if window and set(window["inputs"]) == set(self.states):
+                count = len(window["snapshots"])
+                for name, tensors in window["inputs"].items():
+                    self._features.setdefault(name, [])[:] = [t.to(self._ring.device) for t in tensors]
+                self._ring[:count].copy_(window["snapshots"])
+                self._pending_steps = count
+                for state in self.states.values():  # the saved ages lag by the pending steps; the host count does not
+                    for _ in range(count):
+                        state.age(tensor=False)
