@@ -13,11 +13,11 @@ How the pieces fit:
   period (three heartbeats) any worker, or the rerun command, marks that trial failed and Optuna's
   ``RetryHeartbeatStaleTrialCallback`` queues a copy of it with the same values (up to ``retries`` times).
   Workers keep waiting while others' trials run, so a retry is always picked up.
-* Each trial is an ordinary ``plasticity fit`` of the complete recipe (written as the run's ``trial.yaml``) with
-  the sampled values in place, run inside the worker (no new interpreter per trial) and logging into its own run
-  directory ``<tune folder>/trials/trial_NNNN`` (readable by ``plasticity report``). The objective is read back from
-  what the run logged. A trial whose fit raises, or whose objective is missing or NaN, is recorded as failed with
-  its reason; the study goes on.
+* Each trial is an ordinary ``plasticity fit`` of the complete recipe with the sampled values in place
+  (``logs/trial_NNNN.yaml``, beside the fit's output ``logs/trial_NNNN.log``), run inside the worker (no new
+  interpreter per trial) and logging into its own run directory ``<tune folder>/trials/trial_NNNN`` (readable by
+  ``plasticity report``). The objective is read back from what the run logged. A trial whose fit raises, or whose
+  objective is missing or NaN, is recorded as failed with its reason; the study goes on.
 """
 
 from __future__ import annotations
@@ -358,8 +358,11 @@ def _heartbeat(storage: Any, trial_id: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _queue_lock(url: str, folder: Path) -> Iterator[None]:
-    """An exclusive lock while the queue is topped up, for storages in a local file (several ``plasticity tune``
-    commands started at once on one machine must not both add the missing slots)."""
+    """An exclusive lock, across this machine's processes, while the queue changes: topping it up, claiming a
+    trial, failing stale ones (whose retries are queued). A storage in a local file needs it: SQLite lets two
+    processes read a trial as waiting and both write it as running (no row locks), and two workers failing the same
+    stale trial would queue two retries. PostgreSQL/MySQL lock the row themselves (``SELECT ... FOR UPDATE``), and
+    the journal file replays its log in one order; for them this lock only orders this machine's workers."""
     target = url.removeprefix("journal:") if url.startswith("journal:") else None
     if url.startswith("sqlite:///"):
         target = url.removeprefix("sqlite:///")
@@ -460,14 +463,16 @@ def prepare(setup: TuneSetup) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------- workers
-def _claim(study: Any) -> int | None:
-    """Move one waiting trial to RUNNING; the storage grants each to one worker only (Optuna's queue)."""
+def _claim(study: Any, storage: Any) -> int | None:
+    """Move one waiting trial to RUNNING (Optuna's queue grants it to one worker) and record its first heartbeat
+    at once: Optuna never calls a running trial without a heartbeat stale."""
     import optuna
 
-    storage = study._storage
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
         try:
-            if storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.RUNNING):
+            if study._storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.RUNNING):
+                if _heartbeats(storage):
+                    storage.record_heartbeat(trial._trial_id)
                 return trial._trial_id
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
@@ -536,7 +541,7 @@ def run_trial(study: Any, trial_id: int, setup: TuneSetup, report: Callable[[str
             fit_started = time.perf_counter()
             try:
                 with _output_to(log):
-                    _fit(config, directory.parent / f".{directory.name}.yaml", callbacks)
+                    _fit(config, setup.folder / LOGS_DIR / f"{directory.name}.yaml", callbacks)
                     for callback in callbacks:
                         callback.check_pruned()  # DDP: the ranks' decision, kept in the storage
             finally:
@@ -552,11 +557,17 @@ def run_trial(study: Any, trial_id: int, setup: TuneSetup, report: Callable[[str
         except KeyboardInterrupt:
             _tell(study, trial, None, TrialState.FAIL)
             raise
-        if reason is not None:
-            trial.set_user_attr(_FAIL_ATTR, reason)
-        trial.set_user_attr(_FIT_SECONDS_ATTR, round(fit_seconds, 3))
-        trial.set_user_attr(_TRIAL_SECONDS_ATTR, round(time.perf_counter() - started, 3))
-        _tell(study, trial, values, state)
+        try:
+            if reason is not None:
+                trial.set_user_attr(_FAIL_ATTR, reason)
+            trial.set_user_attr(_FIT_SECONDS_ATTR, round(fit_seconds, 3))
+            trial.set_user_attr(_TRIAL_SECONDS_ATTR, round(time.perf_counter() - started, 3))
+            _tell(study, trial, values, state)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # its heartbeats came too late (a machine too busy to run the heartbeat thread for a grace period):
+            # another worker failed it as stale and queued a copy, which counts instead
+            report(f"trial {trial.number}: {state.name.lower()}, but it was failed as stale meanwhile; its copy counts")
+            return "STALE"
     shown = ", ".join(f"{v:.6g}" for v in values) if values else (reason or "")
     report(f"trial {trial.number}: {state.name.lower()}" + (f" ({shown})" if shown else "") + f" -> {directory}")
     return state.name
@@ -571,9 +582,10 @@ def work(setup: TuneSetup, report: Callable[[str], None] = print) -> int:
     study = load_study(setup, storage)
     ran = 0
     while True:
-        if _heartbeats(storage):
-            optuna.storages.fail_stale_trials(study)
-        trial_id = _claim(study)
+        with _queue_lock(setup.storage_url, setup.folder):
+            if _heartbeats(storage):
+                optuna.storages.fail_stale_trials(study)
+            trial_id = _claim(study, storage)
         if trial_id is not None:
             run_trial(study, trial_id, setup, report)
             ran += 1

@@ -1,0 +1,161 @@
+"""``plasticity tune`` with several workers on one storage, workers killed mid-trial, and trials under DDP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+from plasticity_lightning.cli import main
+from plasticity_lightning.tune.study import counted_trials
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "recipes" / "quickstart.yaml")
+COMPLETE, FAIL, PRUNED = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED
+
+
+def _argv(tmp_path: Path, trials: int, batches: int, *extra: str, search: dict | None = None) -> list[str]:
+    tiny = {
+        "trainer": {
+            "max_epochs": 4,
+            "limit_train_batches": batches,
+            "limit_val_batches": 2,
+            "log_every_n_steps": 1,
+            "enable_checkpointing": False,
+            "callbacks": [{"class_path": "plasticity_lightning.callbacks.TaskAccuracyTable"}],
+        },
+        "model": {"init_args": {"hidden_sizes": [16]}},
+        "data": {
+            "init_args": {
+                "schedule": {
+                    "class_path": "plasticity_lightning.data.PermutedInputs",
+                    "init_args": {"num_tasks": 2, "epochs_per_task": 2, "seed": 0},
+                }
+            }
+        },
+    }
+    search = search or {
+        "objective": {"metric": "continual/new_task_acc", "reduce": "mean_last", "window": 2},
+        "params": {"model.optimizer.lr": {"type": "float", "low": 0.01, "high": 0.2, "log": True}},
+    }
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+    (tmp_path / "search.yaml").write_text(yaml.safe_dump(search))
+    return [
+        "tune",
+        "--config",
+        QUICKSTART,
+        "--config",
+        str(tmp_path / "tiny.yaml"),
+        "--search",
+        str(tmp_path / "search.yaml"),
+        "--trials",
+        str(trials),
+        "--out",
+        str(tmp_path / "tune"),
+        *extra,
+    ]
+
+
+def _trials(tmp_path: Path) -> list[optuna.trial.FrozenTrial]:
+    storage = f"sqlite:///{tmp_path / 'tune' / 'study.sqlite'}"
+    return optuna.load_study(study_name="search", storage=storage).trials
+
+
+def _check_complete(tmp_path: Path, trials: int) -> list[optuna.trial.FrozenTrial]:
+    """``trials`` slots, each finished once: no duplicate run directory, every run logged, none lost."""
+    all_trials = _trials(tmp_path)
+    counted = counted_trials(all_trials)
+    assert len(counted) == trials and all(t.state == COMPLETE for t in counted)
+    runs = [t.user_attrs["run_dir"] for t in counted]
+    assert len(set(runs)) == trials
+    for run in runs:
+        table = pd.read_csv(Path(run) / "metrics.csv")
+        assert table["continual/new_task_acc"].notna().sum() == 2  # both tasks finished: the fit ran to its end
+    # one run directory per trial that started (a trial killed before its logger wrote anything has none)
+    folders = {p.name for p in (tmp_path / "tune" / "trials").iterdir()}
+    assert {Path(run).name for run in runs} <= folders
+    assert folders <= {f"trial_{t.number:04d}" for t in all_trials if "run_dir" in t.user_attrs}
+    return all_trials
+
+
+def test_two_workers_share_one_storage(tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    main(_argv(tmp_path, 4, 3, "--workers", "2"))
+    trials = _check_complete(tmp_path, 4)
+    assert len(trials) == 4
+    out = capfd.readouterr().out  # the workers print to the terminal they inherit
+    assert sorted(line.split(":")[0] for line in out.splitlines() if line.startswith("trial ")) == [
+        f"trial {n}" for n in range(4)
+    ]
+    assert (tmp_path / "tune" / "best.yaml").is_file()
+
+
+@pytest.mark.slow  # three processes start (~10 s each on 2 cores) and the grace period passes: ~1-2 minutes
+def test_killed_workers_trial_is_retried_when_the_command_runs_again(tmp_path, monkeypatch):
+    """kill -9 of the whole command (both workers) mid-trial; the same command again completes the study."""
+    monkeypatch.chdir(tmp_path)
+    argv = _argv(tmp_path, 3, 40, "--workers", "2", "--heartbeat", "2")
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "plasticity_lightning", *argv],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    running: list[optuna.trial.FrozenTrial] = []
+    try:
+        while time.monotonic() < deadline and not running:
+            time.sleep(0.5)
+            if (tmp_path / "tune" / "study.sqlite").exists():
+                try:
+                    running = [t for t in _trials(tmp_path) if t.state.name == "RUNNING" and "run_dir" in t.user_attrs]
+                except KeyError:  # the study is not created yet
+                    continue
+        assert running, "no trial started within 240 s"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    killed = {t.number for t in running}
+    main(argv)
+    trials = _check_complete(tmp_path, 3)
+    counted = {t.number for t in counted_trials(trials)}
+    for number in killed:
+        assert trials[number].state == FAIL  # found stale through its heartbeat, then run again as a copy
+        retries = [t for t in trials if number in t.system_attrs.get("retry_history", [])]
+        # the copy that counts finished (on a loaded machine a copy can itself miss heartbeats and be copied again)
+        final = [t for t in retries if t.number in counted]
+        assert len(final) == 1 and final[0].state == COMPLETE and final[0].params == trials[number].params
+
+
+@pytest.mark.slow
+def test_pruning_under_ddp_stops_every_rank(tmp_path, monkeypatch):
+    """strategy: ddp runs as ddp_spawn inside the worker; rank 0's pruning decision stops both ranks."""
+    monkeypatch.chdir(tmp_path)
+    search = {
+        "objective": {"metric": "val/acc", "reduce": "max"},
+        "params": {"model.optimizer.lr": [0.05]},
+        "pruning": {
+            "monitor": "val/acc",
+            "pruner": {"class_path": "optuna.pruners.ThresholdPruner", "init_args": {"lower": 2.0}},
+        },
+        "probe_epochs": 1,
+    }
+    argv = _argv(tmp_path, 1, 3, "--config", str(ROOT / "configs" / "trainer" / "ddp.yaml"), search=search)
+    main(argv)
+    (trial,) = _trials(tmp_path)
+    assert trial.state == PRUNED and list(trial.intermediate_values) == [0]
+    config = yaml.safe_load((Path(trial.user_attrs["run_dir"]) / "config.yaml").read_text())
+    assert config["trainer"]["strategy"] == "ddp_spawn"  # ddp.yaml's ddp, spawned inside the worker
+    epochs = pd.read_csv(Path(trial.user_attrs["run_dir"]) / "metrics.csv")["epoch"].dropna()
+    assert epochs.max() == 0
