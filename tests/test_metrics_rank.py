@@ -478,7 +478,7 @@ def test_metric_twins_sum_their_gram_matrices_across_processes(metric, function,
     x = torch.randn(60, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     x = x * torch.logspace(0, -1, 6, dtype=torch.float64)
     other = metric(num_units=6, **kwargs)
-    other.update(x[25:])
+    other.update(x[1:])
     states = iter([other.gram])
     rank = metric(
         num_units=6,
@@ -486,5 +486,72 @@ def test_metric_twins_sum_their_gram_matrices_across_processes(metric, function,
         distributed_available_fn=lambda: True,
         **kwargs,
     )
-    rank.update(x[:25])
+    rank.update(x[:1])  # one row alone is rank 1 by every measure: only the other rank's rows make the answer
     assert rank.compute().item() == pytest.approx(function(x, **kwargs).item(), rel=1e-9)
+    assert function(x[:1], **kwargs).item() == 1.0 != rank.compute().item()
+
+
+def test_svd_values_are_exact_and_the_auto_route_resolves_round_off():
+    # a rank-1 matrix: an SVD returns round-off (~1e-17) where the true singular values are 0; "auto" resolves it
+    # (values at or below max(n, d)·eps·σ₁ are 0), "svd" returns what the SVD gives, unresolved
+    u = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64) / 7
+    v = torch.tensor([3.0, 1.0, 4.0, 1.0, 5.0], dtype=torch.float64) / 9
+    rank_one = torch.outer(u, v)
+    svd = scipy.linalg.svdvals(rank_one.numpy())
+    assert (svd[1:] > 0).any()  # the premise: the SVD's own round-off
+    np.testing.assert_array_equal(singular_values(rank_one, "svd").numpy(), torch.linalg.svdvals(rank_one).numpy())
+    auto = singular_values(rank_one, "auto")
+    assert auto[1:].tolist() == [0.0] * 4 and auto[0].item() == pytest.approx(svd[0], rel=1e-12)
+    assert effective_rank(rank_one).item() == 1.0 and srank(rank_one).item() == 1.0
+    # on the resolution itself: diag(1, 2·eps) has σ₂ = max(n, d)·eps·σ₁ exactly, which counts as round-off
+    eps = torch.finfo(torch.float64).eps
+    tie = torch.diag(torch.tensor([1.0, 2 * eps], dtype=torch.float64))
+    assert singular_values(tie, "auto").tolist() == [1.0, 0.0]
+    assert singular_values(tie, "svd").tolist() == [1.0, 2 * eps]
+    # a value just above it is genuine
+    assert singular_values(torch.diag(torch.tensor([1.0, 4 * eps], dtype=torch.float64)), "auto").tolist() == [
+        1.0,
+        4 * eps,
+    ]
+
+
+def test_gram_floor_tie_counts_as_round_off_in_the_functional_and_the_twin():
+    # xᵀx = diag(1, 2^-51): σ₂ = √(2·eps)·σ₁, exactly the Gram route's floor √(k·eps)·σ₁ for k = 2
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0**-26], [0.0, 2.0**-26]], dtype=torch.float64)
+    assert singular_values(x, "gram").tolist() == [1.0, 0.0]
+    twin = EffectiveRank(num_units=2)
+    twin.update(x)
+    assert twin.spectrum().tolist() == [1.0, 0.0] and twin.compute().item() == 1.0
+    # twice the floor's square is above it: kept, by the functional and the twin
+    above = x * torch.tensor([1.0, 2.0**0.5], dtype=torch.float64)
+    assert singular_values(above, "gram")[1].item() == pytest.approx(2.0**-25, rel=1e-12)
+    twin = EffectiveRank(num_units=2)
+    twin.update(above)
+    assert twin.spectrum()[1].item() == pytest.approx(2.0**-25, rel=1e-12)
+
+
+def test_precomputed_spectra_are_computed_in_float64():
+    sigma = torch.tensor([1.0, 0.3, 1e-4], dtype=torch.float32)
+    exact = sigma.double()
+    for measure, kwargs in [(effective_rank, {}), (stable_rank, {}), (srank, {"delta": 0.1})]:
+        value = measure(sigma=sigma, **kwargs)
+        assert value.dtype == torch.float64 and value.item() == measure(sigma=exact, **kwargs).item(), measure
+    value = approximate_rank(sigma=sigma, threshold=0.5)
+    assert value.dtype == torch.float64 and value.item() == 1.0
+    # float32 would round 1 + 1e-8 to 1: the float64 computation keeps the second value's share
+    tiny = torch.tensor([1.0, 1e-4], dtype=torch.float32)
+    assert stable_rank(sigma=tiny).item() == pytest.approx(1 + float(tiny[1]) ** 2, rel=1e-15) != 1.0
+
+
+def test_cumulative_rank_slack_is_a_tie_that_counts_as_reached():
+    # threshold 0.5 + 1e-12: the slack takes it back to exactly 0.5, the first of two equal energies
+    assert 0.5 + 1e-12 - 1e-12 == 0.5  # the premise, in float64
+    assert approximate_rank(sigma=torch.ones(2), threshold=0.5 + 1e-12).item() == 1.0
+    assert srank(sigma=torch.ones(2), delta=0.5 - 1e-12).item() == 1.0
+    assert approximate_rank(sigma=torch.ones(2), threshold=0.5 + 3e-12).item() == 2.0
+
+
+def test_metric_twins_take_torchmetrics_keyword_arguments():
+    for metric, kwargs in [(SRank, {"delta": 0.3}), (ApproximateRank, {"threshold": 0.6}), (EffectiveRank, {})]:
+        twin = metric(num_units=3, compute_with_cache=False, sync_on_compute=False, **kwargs)
+        assert twin.compute_with_cache is False and twin.sync_on_compute is False, metric
