@@ -1,5 +1,5 @@
-"""LightningDataModules (toy 2-D, digits, torchvision image sets, text, algorithmic tasks, charged particles) and
-continual task schedules."""
+"""LightningDataModules (toy 2-D, digits, torchvision image sets, text, algorithmic tasks, charged particles,
+Dohare et al.'s slowly-changing regression) and continual task schedules."""
 
 from plasticity_lightning.data.algorithmic import (
     BinaryGaussianDataModule,
@@ -9,6 +9,7 @@ from plasticity_lightning.data.algorithmic import (
 from plasticity_lightning.data.base import IndexedTensorDataset, PlasticityDataModule
 from plasticity_lightning.data.continual import ClassIncremental, LabelShuffle, PermutedInputs, TaskSchedule
 from plasticity_lightning.data.particles import ParticleDataModule, cyclotron_motion, generate_particles
+from plasticity_lightning.data.slowly_changing import SlowlyChangingRegression, SlowlyChangingRegressionDataModule
 from plasticity_lightning.data.text import TextDataModule, TextParts, load_tokenizer, token_ids
 from plasticity_lightning.data.toy import (
     TOY_DATASETS,
@@ -45,6 +46,8 @@ __all__ = [
     "ParticleDataModule",
     "PermutedInputs",
     "PlasticityDataModule",
+    "SlowlyChangingRegression",
+    "SlowlyChangingRegressionDataModule",
     "SparseParityDataModule",
     "TaskSchedule",
     "TextDataModule",
