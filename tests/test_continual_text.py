@@ -2,18 +2,24 @@
 against HF's own loss, the task machinery (one part per task, exact resume) and one-line errors."""
 
 import math
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import make_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 
 from plasticity_lightning.callbacks import TaskAccuracyTable
 from plasticity_lightning.core.errors import PlasticityConfigError
 from plasticity_lightning.data import PermutedInputs, TextDataModule, TextParts
 from plasticity_lightning.models.causal_lm import CausalLM, PerTaskTokenLoss
+from plasticity_lightning.reports.data import load_run
+from plasticity_lightning.reports.panels import run_charts
+from plasticity_lightning.reports.run import measure_label, summarize_run
 
 LLAMA = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 4}
 
@@ -96,7 +102,10 @@ def test_a_tiny_llama_learns_the_parts_in_turn_and_reports_every_task_like_hf_co
         pretrained=False, architecture="llama", config=LLAMA, optimizer=lambda p: torch.optim.AdamW(p, 3e-3)
     )
     batches, table = _Batches(), TaskAccuracyTable()
-    trainer = make_trainer(corpus, max_epochs=6, num_sanity_val_steps=0, callbacks=[batches, table])
+    logger = CSVLogger(corpus / "runs", name="text")
+    trainer = make_trainer(
+        corpus, max_epochs=6, num_sanity_val_steps=0, callbacks=[batches, table], logger=logger, log_every_n_steps=1
+    )
     trainer.fit(model, data)
     assert type(model.model).__name__ == "LlamaForCausalLM" and model.model.config.vocab_size == data.vocab_size
 
@@ -127,6 +136,28 @@ def test_a_tiny_llama_learns_the_parts_in_turn_and_reports_every_task_like_hf_co
     assert metrics["val/loss_current_task"] == metrics["val/loss_task_2"]
     assert metrics["task_id"].item() == 2.0
     assert table.rows[0][1:] == [pytest.approx(math.nan, nan_ok=True)] * 2  # task 0: later tasks not evaluated
+
+    # the report: each task's loss and perplexity right after learning it, from metrics.csv by pandas
+    frame = pd.read_csv(Path(logger.log_dir) / "metrics.csv")
+    frame["task"] = frame["task_id"].ffill()  # validation rows follow the training steps of their task
+    after = frame.dropna(subset=["val/perplexity_current_task"]).groupby("task").last()
+    assert after.index.tolist() == [0, 1, 2]
+    run = load_run(logger.log_dir)
+    summary = summarize_run(run)
+    window = summary["window"]
+    for key, label in (
+        ("val/loss_current_task", "new-task loss"),
+        ("val/perplexity_current_task", "new-task perplexity"),
+    ):
+        expected = after[key].to_numpy()
+        assert summary["measures"][key]["first"] == pytest.approx(expected[:window].mean(), rel=1e-6)
+        assert summary["measures"][key]["last"] == pytest.approx(expected[-window:].mean(), rel=1e-6)
+        assert measure_label(key) == label
+    charts = {chart.id: chart for chart in run_charts(run)[0]}
+    (learning,) = [line for line in charts["training/loss"].series if line.name == "validation, task being learned"]
+    assert learning.x.tolist() == [0, 1, 2] and learning.y == pytest.approx(after["val/loss_current_task"].to_numpy())
+    (new_task,) = charts["accuracy/new_task"].series[:1]
+    assert new_task.y == pytest.approx([table.rows[t][t] for t in range(3)], abs=1e-6)
 
 
 def test_per_task_token_loss_against_numpy():

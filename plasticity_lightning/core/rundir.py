@@ -47,6 +47,9 @@ FINISHED_TASK_KEY = "continual/task"  # the task that the continual/* values of 
 NEW_TASK_ACCURACY_KEY = "continual/new_task_acc"
 SEEN_TASKS_ACCURACY_KEY = "continual/avg_seen_acc"
 FORGETTING_KEY = "continual/avg_forgetting"
+# a language model's validation loss and perplexity on the task being learned (CausalLM on a TextParts stream)
+NEW_TASK_LOSS_KEY = "val/loss_current_task"
+NEW_TASK_PERPLEXITY_KEY = "val/perplexity_current_task"
 EPOCH_SECONDS_KEY = "time/epoch_seconds"
 ELAPSED_SECONDS_KEY = "time/elapsed_seconds"
 MONITOR_PREFIX = "plasticity"  # <prefix>/<layer>/<measure>; <prefix>/all/<measure> over every layer

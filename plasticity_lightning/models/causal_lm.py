@@ -18,6 +18,7 @@ from torchmetrics.text import Perplexity
 from plasticity_lightning.core.batches import token_ids
 from plasticity_lightning.core.errors import DataNotFoundError, PlasticityConfigError, check_choice, check_positive_int
 from plasticity_lightning.core.hub import from_hub
+from plasticity_lightning.core.rundir import NEW_TASK_LOSS_KEY, NEW_TASK_PERPLEXITY_KEY
 from plasticity_lightning.core.tasks import (
     CURRENT_TASK_ACCURACY,
     SEEN_TASKS_ACCURACY,
@@ -370,8 +371,8 @@ class CausalLM(InjectedOptimizer, pl.LightningModule):
             values[per_task_accuracy_key("val", k)] = accuracy[k]
         context = self._task_context()
         if context is not None and context.task_id in evaluated:
-            values["val/loss_current_task"] = loss[context.task_id].float()
-            values["val/perplexity_current_task"] = loss[context.task_id].exp().float()
+            values[NEW_TASK_LOSS_KEY] = loss[context.task_id].float()
+            values[NEW_TASK_PERPLEXITY_KEY] = loss[context.task_id].exp().float()
             values[CURRENT_TASK_ACCURACY.format(stage="val")] = accuracy[context.task_id]
         seen = [k for k in evaluated if context is not None and k <= context.task_id]
         if seen:

@@ -19,6 +19,7 @@ import numpy as np
 from plasticity_lightning.core.rundir import (
     EPOCH_SECONDS_KEY,
     NEW_TASK_ACCURACY_KEY,
+    NEW_TASK_LOSS_KEY,
 )
 from plasticity_lightning.metrics.continual_summary import matrix_coverage, per_task_series, seen_accuracy
 from plasticity_lightning.reports.data import RunData, finished_task_values
@@ -224,7 +225,12 @@ def training_charts(run: RunData, axis: _Axis) -> list[Chart]:
             f"Loss{title_suffix}",
             axis.label,
             "loss",
-            [Series("train", *axis.last_in_task(train_loss)), Series("validation", *axis.last_in_task("val/loss"))],
+            [
+                Series("train", *axis.last_in_task(train_loss)),
+                Series("validation", *axis.last_in_task("val/loss")),
+                # a language model's loss on the task being learned: the plasticity signal of a text stream
+                Series("validation, task being learned", *axis.last_in_task(NEW_TASK_LOSS_KEY)),
+            ],
         ),
         _xy_chart(
             f"training/{quality}",

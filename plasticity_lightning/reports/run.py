@@ -26,6 +26,8 @@ from plasticity_lightning.core.errors import PlasticityConfigError
 from plasticity_lightning.core.files import atomic_directory
 from plasticity_lightning.core.rundir import (
     ELAPSED_SECONDS_KEY,
+    NEW_TASK_LOSS_KEY,
+    NEW_TASK_PERPLEXITY_KEY,
     REPORT_DIR,
     REPORT_HTML,
     SUMMARY_FILE,
@@ -138,6 +140,9 @@ def continual_summary(run: RunData, window: int | None = None) -> dict[str, Any]
     axis = _Axis(run)
     measures: dict[str, dict[str, float]] = {}
     measured = [("continual/new_task_acc", new_task_accuracy(run).tolist())]
+    for key in (NEW_TASK_LOSS_KEY, NEW_TASK_PERPLEXITY_KEY):  # a language model's, on the task being learned
+        if run.has(key):
+            measured.append((key, axis.last_in_task(key)[1].tolist()))
     if matrix and matrix_coverage(matrix) == "seen":  # a mean over the few tasks evaluated is no mean over the seen
         seen = seen_accuracy(matrix, tasks)
         measured.append(("continual/avg_seen_acc", seen))
@@ -215,7 +220,12 @@ def summarize_run(run: RunData, window: int | None = None) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- tables
 def measure_label(key: str) -> str:
     """A readable name of a summary measure key."""
-    names = {"continual/new_task_acc": "new-task accuracy", "continual/avg_seen_acc": "mean accuracy over seen tasks"}
+    names = {
+        "continual/new_task_acc": "new-task accuracy",
+        "continual/avg_seen_acc": "mean accuracy over seen tasks",
+        NEW_TASK_LOSS_KEY: "new-task loss",
+        NEW_TASK_PERPLEXITY_KEY: "new-task perplexity",
+    }
     if key in names:
         return names[key]
     match = _MEASURE_KEY.match(key)
