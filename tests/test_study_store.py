@@ -547,3 +547,265 @@ def test_study_cli_in_process(tmp_path, capsys, monkeypatch, keep_torch_threads)
     ]:
         code, _, err = _cli(capsys, *args)
         assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+# -- the store's own parts, in-process and without training (what mutation testing showed unguarded) -------------
+
+
+def _rows(*keys: str, group: str = "g") -> list[dict]:
+    return [
+        {"key": key, "study": group, "config": {"a": i}, "seed": i, "metrics": {"m": 0.5}, "history": {"h": [i]}}
+        for i, key in enumerate(keys)
+    ]
+
+
+def test_opening_arguments_and_files_get_one_line_each(tmp_path):
+    store = ResultStore(tmp_path / "a.sqlite", timeout=0)  # zero seconds: no wait, allowed
+    assert store.timeout == 0.0 and type(ResultStore(store.path, timeout=2).timeout) is float
+    for timeout in ("5", None, -0.5):
+        message = f"ResultStore.timeout={timeout!r} is invalid; expected a finite number of seconds >= 0"
+        with pytest.raises(PlasticityConfigError, match=f"^{re.escape(message)}$"):
+            ResultStore(tmp_path / "b.sqlite", timeout=timeout)
+    empty = tmp_path / "empty.sqlite"
+    empty.touch()
+    assert len(ResultStore(empty)) == 0 and ResultStore(empty, create=False).keys() == set()  # initialised
+    missing = tmp_path / "missing.sqlite"
+    with pytest.raises(PlasticityConfigError, match=f"^study store {re.escape(repr(str(missing)))} does not exist$"):
+        ResultStore(missing, create=False)
+    assert not missing.exists()
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    inside = tmp_path / "blocker" / "s.sqlite"
+    with pytest.raises(
+        PlasticityConfigError, match=rf"^study store {re.escape(repr(str(inside)))}: cannot create its folder \(.+\)$"
+    ):
+        ResultStore(inside)
+    deeper = tmp_path / "new" / "folder" / "s.sqlite"
+    assert len(ResultStore(deeper)) == 0 and deeper.is_file()  # missing folders are made
+
+
+def test_a_foreign_table_is_named_with_the_columns_expected(tmp_path):
+    path = tmp_path / "foreign.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE runs (key TEXT PRIMARY KEY, value TEXT)")
+    expected = "key TEXT, study TEXT, config TEXT, seed INTEGER, metrics TEXT, history BLOB, finished REAL"
+    message = f"{str(path)!r} is not a study store: its runs table has columns key, value; expected {expected}"
+    with pytest.raises(PlasticityConfigError, match=f"^{re.escape(message)}$"):
+        ResultStore(path)
+    claims = tmp_path / "claims.sqlite"
+    ResultStore(claims)
+    with sqlite3.connect(claims) as db:
+        db.execute("CREATE TABLE claims (grp TEXT PRIMARY KEY, owner TEXT)")
+    message = (
+        f"{str(claims)!r} is not a study store: its claims table has columns grp, owner; expected grp TEXT, "
+        "owner TEXT, heartbeat REAL"
+    )
+    with pytest.raises(PlasticityConfigError, match=f"^{re.escape(message)}$"):
+        ResultStore(claims)
+    other = tmp_path / "other.sqlite"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE users (id INTEGER)")
+    with pytest.raises(
+        PlasticityConfigError, match=f"^{re.escape(repr(str(other)))} is not a study store: no runs table;"
+    ):
+        ResultStore(other)
+
+
+def test_damage_found_by_quick_check_is_reported_with_its_first_problem_and_the_count(tmp_path):
+    path = tmp_path / "big.sqlite"
+    ResultStore(path).write(
+        [{**row, "history": {"h": list(range(200))}} for row in _rows(*(f"k{i:03d}" for i in range(300)))]
+    )
+    _overwrite_4k(path)
+    with sqlite3.connect(path) as db:  # what SQLite itself reports, read independently
+        problems = [row[0] for row in db.execute("PRAGMA quick_check")]
+    lines = [line for problem in problems for line in problem.splitlines() if "***" not in line]
+    assert len(lines) > 2  # the premise: several problems
+    message = (
+        f"study store {str(path)!r} is damaged (PRAGMA quick_check: {lines[0]} and {len(lines) - 1} more problems); "
+        "restore it from a copy or move it aside and run the study again"
+    )
+    with pytest.raises(PlasticityConfigError, match=f"^{re.escape(message)}$"):
+        ResultStore(path)
+
+
+def test_values_of_the_wrong_kind_are_damage(tmp_path):
+    path = tmp_path / "s.sqlite"
+    store = ResultStore(path)
+    store.write(_rows("a", "b", "c"))
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE runs SET seed = 'abc' WHERE key = 'a'")
+        db.execute("UPDATE runs SET config = '[1, 2]' WHERE key = 'b'")
+    damaged = "study store {!r} is damaged: run {!r} does not decode ({}); restore it from a copy or move it aside "
+    for key, why in [("a", "key, study or seed has the wrong type"), ("b", "config is list, not a mapping")]:
+        with pytest.raises(PlasticityConfigError, match=f"^{re.escape(damaged.format(str(path), key, why))}"):
+            store.history(key)
+    with pytest.raises(PlasticityConfigError, match=r"run 'a' does not decode"):
+        store.check(deep=True)
+    store.check()  # the shallow check reads no run
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM runs WHERE key IN ('a', 'b')")
+        db.execute("UPDATE runs SET history = ? WHERE key = 'c'", (zlib.compress(b"{not json"),))
+    store.check(deep=True)  # the deep check decompresses (the checksum), it does not parse
+    with pytest.raises(PlasticityConfigError, match=r"run 'c' does not decode \(Expecting property name"):
+        store.history("c")
+    assert [row["key"] for row in store.rows()] == ["c"]  # rows() leaves the history out
+
+
+def test_claims_are_taken_refused_renewed_and_released_per_owner(tmp_path, monkeypatch):
+    store = ResultStore(tmp_path / "c.sqlite")
+    assert store.claims() == []  # no claims table yet
+    store.heartbeat("x")
+    store.release("x")  # without a claims table: nothing to do, no error
+    store.write(_rows("a1"), release="g1", owner="x")
+    clock = [1000.0]
+    monkeypatch.setattr(store_module.time, "time", lambda: clock[0])
+    live = {"me": True, "other": True}
+    monkeypatch.setattr(store_module, "owner_alive", lambda owner, heartbeat: live[owner])
+    assert not store.claim("g1", ["a1"], "me")  # every run of the group is stored
+    assert store.claim("g1", ["a1", "a2", "a2"], "me")  # one of two distinct runs stored: claimed
+    assert store.claims() == [("g1", "me", 1000.0)]
+    assert not store.claim("g1", ["a1", "a2"], "other")  # held by a live owner
+    clock[0] = 1010.0
+    assert store.claim("g1", ["a1", "a2"], "me")  # its own claim: renewed
+    assert store.claims() == [("g1", "me", 1010.0)]
+    assert store.claim("g2", ["b1"], "other") and store.claim("g3", ["c1"], "me")
+    clock[0] = 1020.0
+    store.heartbeat("me")
+    assert sorted(store.claims()) == [("g1", "me", 1020.0), ("g2", "other", 1010.0), ("g3", "me", 1020.0)]
+    store.write(_rows("a2"), release="g1", owner="other")  # not its claim: kept
+    assert len(store.claims()) == 3
+    store.write(_rows("c1"), release="g3", owner="me")  # released with the runs, in one transaction
+    assert sorted(store.claims()) == [("g1", "me", 1020.0), ("g2", "other", 1010.0)]
+    live["other"] = False
+    assert store.claim("g2", ["b1"], "me")  # a dead owner's claim is taken over
+    store.release("me")
+    assert store.claims() == []
+
+
+def test_a_claimant_beats_while_it_runs_and_releases_its_claims(tmp_path, monkeypatch):
+    store = ResultStore(tmp_path / "c.sqlite")
+    monkeypatch.setattr(store_module, "HEARTBEAT_EVERY", 0.01)
+    process = psutil.Process()
+    with store.claimant() as owner:
+        host, pid, started, token = owner.rsplit(":", 3)
+        assert (host, int(pid), started) == (store_module._HOST, os.getpid(), f"{process.create_time():.3f}")
+        assert len(token) == 8 and owner_alive(owner, 0.0)  # alive: this process, running it
+        assert store.claim("g", ["k"], owner)
+        first = store.claims()[0][2]
+        deadline = time.time() + 30
+        while store.claims()[0][2] == first and time.time() < deadline:
+            time.sleep(0.02)
+        assert store.claims()[0][2] > first  # the heartbeat thread renewed it
+    assert store.claims() == [] and not owner_alive(owner, time.time())
+    with store.claimant() as second:
+        assert second != owner
+
+
+def test_owner_alive_tells_a_reused_process_id_and_unreadable_processes(monkeypatch):
+    me = psutil.Process()
+    other_pid = os.getppid()
+    started = psutil.Process(other_pid).create_time()
+    here = store_module._HOST
+    assert owner_alive(f"{here}:{other_pid}:{started:.3f}:t", 0.0)
+    assert owner_alive(f"{here}:{other_pid}:{started + 0.009:.3f}:t", 0.0)  # within the 0.01 s the text keeps
+    assert not owner_alive(f"{here}:{other_pid}:{started + 0.02:.3f}:t", 0.0)  # the id of another process now
+    assert not owner_alive(f"{here}:{other_pid}:{started - 0.02:.3f}:t", 0.0)
+
+    def denied(pid):
+        raise psutil.AccessDenied(pid)
+
+    monkeypatch.setattr(store_module.psutil, "Process", denied)
+    assert owner_alive(f"{here}:{other_pid}:0.0:t", 0.0)  # cannot be read: assumed alive
+    assert me.pid == os.getpid()
+    now = time.time()
+    assert owner_alive(f"elsewhere:{other_pid}:0.0:t", now - STALE_AFTER + 5)
+    assert not owner_alive(f"elsewhere:{other_pid}:0.0:t", now - STALE_AFTER - 5)
+    assert not owner_alive(f"{here}:notapid:0.0:t", now - STALE_AFTER - 5) and owner_alive(f"{here}:x:y:t", now)
+
+
+def test_sqlite_errors_become_one_line_by_kind(tmp_path):
+    path = tmp_path / "s.sqlite"
+    error = store_module._store_error
+    cases = [
+        (sqlite3.OperationalError("database is locked"), "is locked: another process held it longer than 1.5 s"),
+        (sqlite3.OperationalError("database table is busy"), "is locked: another process held it longer than 1.5 s"),
+        (sqlite3.OperationalError("unable to open database file"), ": unable to open database file"),
+        (sqlite3.DatabaseError("file is not a database"), " (file is not a database)"),
+        (sqlite3.OperationalError("Could not decode to UTF-8 column 'x'"), " is damaged (Could not decode"),
+        (sqlite3.DatabaseError("database disk image is malformed"), " is damaged (database disk image is malformed)"),
+    ]
+    expected = [
+        f"study store {str(path)!r} is locked: another process held it longer than 1.5 s; wait for it to finish or "
+        "raise --lock-timeout",
+        f"study store {str(path)!r} is locked: another process held it longer than 1.5 s; wait for it to finish or "
+        "raise --lock-timeout",
+        f"study store {str(path)!r}: unable to open database file",
+        f"{str(path)!r} is not a study store (file is not a database)",
+        f"study store {str(path)!r} is damaged (Could not decode to UTF-8 column 'x'); restore it from a copy or move "
+        "it aside and run the study again",
+        f"study store {str(path)!r} is damaged (database disk image is malformed); restore it from a copy or move it "
+        "aside and run the study again",
+    ]
+    for (err, _), message in zip(cases, expected, strict=True):
+        assert str(error(path, err, 1.5)) == message
+
+
+def test_export_flattens_configs_and_metrics_into_sorted_columns(tmp_path, monkeypatch):
+    store = ResultStore(tmp_path / "s.sqlite")
+    store.write(
+        [
+            {
+                "key": "b",
+                "study": "s",
+                "config": {"lr": 0.5, "sizes": [4, 2], "opt": {"name": "sgd"}},
+                "seed": 2,
+                "metrics": {"acc": 0.75, "curve": [0.5, 0.75], "dynamics": {"pattern": "normal", "deep": {"x": 1}}},
+                "history": {},
+            },
+            {"key": "a", "study": "s", "config": {"lr": 0.1}, "seed": 1, "metrics": {"acc": 0.25}, "history": {}},
+        ]
+    )
+    with store.export(tmp_path / "out.csv").open() as f:
+        lines = list(csv.reader(f))
+    header = ["acc", "config.lr", "curve", "dynamics.pattern", "key", "seed", "study"]
+    assert lines == [
+        header,
+        ["0.25", "0.1", "", "", "a", "1", "s"],
+        ["0.75", "0.5", "[0.5, 0.75]", "normal", "b", "2", "s"],
+    ]
+    with pytest.raises(
+        PlasticityConfigError,
+        match=rf"^export path {re.escape(repr(str(tmp_path / 'no' / 'x.csv')))}: folder "
+        rf"{re.escape(repr(str(tmp_path / 'no')))} does not exist$",
+    ):
+        store.export(tmp_path / "no" / "x.csv")
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_pyarrow(name, *args, **kwargs):
+        if name.startswith("pyarrow"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_pyarrow)
+    target = tmp_path / "out.parquet"
+    message = f"export path {str(target)!r}: Parquet needs pyarrow (pip install pyarrow), or export .csv"
+    with pytest.raises(PlasticityConfigError, match=f"^{re.escape(message)}$"):
+        store.export(target)
+    assert not target.exists()
+
+
+def test_merging_builds_a_new_target_or_adds_to_an_existing_one(tmp_path):
+    one, two = ResultStore(tmp_path / "1.sqlite"), ResultStore(tmp_path / "2.sqlite")
+    one.write(_rows("a", "b"))
+    two.write(_rows("b", "c", group="h"))  # "b" stored twice: the later source's row is kept
+    merged = merge_stores(tmp_path / "m.sqlite", [one.path, two.path], timeout=3)
+    assert merged.path == tmp_path / "m.sqlite" and merged.timeout == 3.0
+    assert [(r["key"], r["study"]) for r in merged.rows()] == [("a", "g"), ("b", "h"), ("c", "h")]
+    assert merged.history("c") == {"h": [1]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1.sqlite", "2.sqlite", "m.sqlite"]  # no temporary left
+    again = merge_stores(one.path, [two.path])
+    assert again.path == one.path and len(again) == 3
+    with pytest.raises(PlasticityConfigError, match=r"^study store '.*nope\.sqlite' does not exist$"):
+        merge_stores(tmp_path / "x.sqlite", [tmp_path / "nope.sqlite"])
