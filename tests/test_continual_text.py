@@ -280,3 +280,35 @@ def test_any_causal_lm_architecture_is_built_from_its_config(kwargs, expected):
     for key, value in kwargs.get("config", {}).items():
         if key != "model_type":
             assert getattr(model.model.config, key) == value
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--model.architecture=lama"], ["CausalLM.architecture='lama'", "did you mean llama"]),
+        (["--model.architecture=llama", "--model.config={hidden_sise: 8}"], ["key 'hidden_sise'", "LlamaConfig"]),
+        (
+            ["--data.schedule=TextParts", "--data.schedule.num_tasks=2", "--data.schedule.steps_per_task=5"],
+            ["TextParts.steps_per_task=5 is not supported"],
+        ),
+    ],
+    ids=["architecture", "config_key", "text_parts_steps"],
+)
+def test_bad_language_models_and_streams_through_the_entry_point_give_exit_2_and_one_line(
+    extra, expected, corpus, monkeypatch, capsys
+):
+    import sys
+
+    from plasticity_lightning.cli import main
+
+    monkeypatch.chdir(corpus)
+    monkeypatch.setattr(sys, "argv", ["plasticity"])
+    monkeypatch.delenv("PLASTICITY_TRACEBACK", raising=False)
+    args = ["fit", "--model", "CausalLM", "--model.pretrained", "false", "--data", "TextDataModule"]
+    args += [f"--data.text_files=[{corpus / 'texts'}]", "--trainer.fast_dev_run=1", *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("plasticity: error:")]
+    assert exit_info.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert all(part in lines[0] for part in expected), lines[0]
