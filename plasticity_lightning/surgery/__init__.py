@@ -4,7 +4,9 @@ re-initialisation and removal. Pure torch; the callbacks decide when and which."
 
 from plasticity_lightning.surgery.heads import (
     HeadGates,
+    HeadLayout,
     HeadReviver,
+    attention_layouts,
     attention_modules,
     head_attention_entropy,
     head_importance,
@@ -42,12 +44,14 @@ from plasticity_lightning.surgery.units import (
 __all__ = [
     "DEFAULT_RULES",
     "HeadGates",
+    "HeadLayout",
     "HeadReviver",
     "InputCovariance",
     "PairingRule",
     "UnitPair",
     "UnitPairing",
     "activation_energy_share",
+    "attention_layouts",
     "attention_modules",
     "discover_unit_pairs",
     "find_unit_pairs",
