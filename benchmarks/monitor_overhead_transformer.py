@@ -28,16 +28,11 @@ import warnings
 import lightning.pytorch as pl
 import torch
 from _common import quiet_trainer
-from monitor_overhead import all_monitors
+from monitor_overhead import Nothing, all_monitors
 from monitor_overhead import fit_seconds as mlp_fit_seconds
 
 from plasticity_lightning.data import TextDataModule, TextParts
 from plasticity_lightning.models import CausalLM
-
-
-class Nothing(pl.Callback):
-    """A callback without behaviour."""
-
 
 VARIANTS = {
     "no callbacks": list,
