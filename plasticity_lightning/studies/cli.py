@@ -70,7 +70,20 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="train every run of a spec not yet in the store")
     run.add_argument("spec", help="study spec (YAML)")
     run.add_argument("--store", help="SQLite store (default runs/studies/<name>.sqlite)")
-    run.add_argument("--workers", type=_workers, default=os.cpu_count() or 1, help="worker processes")
+    run.add_argument(
+        "--workers",
+        type=_workers,
+        help="worker processes, or Ray tasks at once (default: the CPUs, of the cluster with Ray)",
+    )
+    run.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        default="local",
+        help="local worker processes, or Ray tasks (the [ray] extra)",
+    )
+    run.add_argument(
+        "--address", help="Ray cluster address with --backend ray, e.g. auto (default: a local Ray runtime)"
+    )
     run.add_argument("--shard", type=_shard, default=(0, 1), help="run only shard i of n (i/n)")
     status = commands.add_parser("status", help="runs stored vs runs in the spec")
     status.add_argument("spec")
@@ -134,6 +147,14 @@ def main(argv: list[str] | None = None) -> None:
         stored = len(store.keys() & {r["key"] for g in groups for r in g})
         print(f"{spec.name}: {stored}/{expected} runs stored in {store.path}{_in_progress(store, groups)}")
         return
+    if args.address is not None and args.backend != "ray":
+        raise PlasticityConfigError(f"--address {args.address!r} needs --backend ray")
+    workers = args.workers
+    if workers is None and args.backend == "ray":
+        from plasticity_lightning.studies.ray_backend import cluster_cpus
+
+        workers = cluster_cpus(args.address)
+    workers = workers or os.cpu_count() or 1
     from rich.progress import Progress
 
     with Progress() as bar:
@@ -142,5 +163,13 @@ def main(argv: list[str] | None = None) -> None:
         def progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        trained = run_study(spec, store, workers=args.workers, shard=args.shard, progress=progress)
+        trained = run_study(
+            spec,
+            store,
+            workers=workers,
+            shard=args.shard,
+            progress=progress,
+            backend=args.backend,
+            address=args.address,
+        )
     print(f"{spec.name}: trained {trained} runs; {len(store)} in {store.path}{_in_progress(store, groups)}")

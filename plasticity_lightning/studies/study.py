@@ -338,6 +338,8 @@ def run_study(
     workers: int = 1,
     shard: tuple[int, int] = (0, 1),
     progress: Callable[[int, int], None] | None = None,
+    backend: str = "local",
+    address: str | None = None,
 ) -> int:
     """Train every group of ``spec`` (of this shard) whose runs are not all in ``store``; returns runs trained.
 
@@ -347,6 +349,10 @@ def run_study(
     training it (:meth:`ResultStore.claim`) and skips groups another live call holds; the groups of a call that
     died are taken over.
 
+    ``backend="ray"`` runs the groups as Ray tasks (on the cluster at ``address``, or a local Ray runtime) instead
+    of local worker processes; their rows come back to this process, the store's only writer, so claims,
+    crash-resume and shards work unchanged (:mod:`plasticity_lightning.studies.ray_backend`).
+
     Raises:
         PlasticityConfigError: a damaged or foreign store (checked before any group is trained), or a bad shard.
     """
@@ -354,6 +360,7 @@ def run_study(
     if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
         raise PlasticityConfigError(f"study shard {index}/{count} is invalid; expected i/n with 0 <= i < n")
     check_positive_int("run_study", "workers", workers)
+    check_choice("run_study", "backend", backend, ("local", "ray"))
     store.check(deep=True)  # a damaged store fails here, before any group is trained into it
     done = store.keys()
     todo = [g for i, g in enumerate(spec.groups()) if i % count == index]
@@ -387,7 +394,7 @@ def run_study(
                 progress(finished, total)
 
         groups = claimed()
-        if workers == 1 or len(todo) <= 1:
+        if not todo or (backend == "local" and (workers == 1 or len(todo) <= 1)):
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # small matmuls: one thread is fastest
             try:
@@ -398,7 +405,12 @@ def run_study(
             return finished
         results: queue.Queue = queue.Queue()
         size = min(workers, len(todo))
-        pool = multiprocessing.get_context("spawn").Pool(size, initializer=_worker_init)
+        if backend == "ray":
+            from plasticity_lightning.studies.ray_backend import RayPool
+
+            pool = RayPool(address)
+        else:
+            pool = multiprocessing.get_context("spawn").Pool(size, initializer=_worker_init)
 
         def submit() -> bool:
             group = next(groups, None)
