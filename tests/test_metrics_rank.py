@@ -555,3 +555,26 @@ def test_metric_twins_take_torchmetrics_keyword_arguments():
     for metric, kwargs in [(SRank, {"delta": 0.3}), (ApproximateRank, {"threshold": 0.6}), (EffectiveRank, {})]:
         twin = metric(num_units=3, compute_with_cache=False, sync_on_compute=False, **kwargs)
         assert twin.compute_with_cache is False and twin.sync_on_compute is False, metric
+
+
+def test_auto_keeps_the_gram_route_when_the_zeroed_values_cannot_matter(monkeypatch):
+    # 299 unit singular values and one of 1e-12: the Gram route zeroes that one (below its floor √(k·eps) ≈ 2.6e-7),
+    # and 1 value × the floor is still below 1e-9 of Σσ ≈ 3e-7, so "auto" keeps the Gram answer (no SVD); an SVD
+    # would have resolved 1e-12
+    import plasticity_lightning.metrics.rank as rank_module
+
+    k = 300
+    q, _ = torch.linalg.qr(torch.randn(k, k, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    sigma = torch.ones(k, dtype=torch.float64)
+    sigma[-1] = 1e-12
+    x = q * sigma
+    floor = math.sqrt(k * torch.finfo(torch.float64).eps)
+    assert floor < 1e-9 * sigma.sum().item()  # the premise
+    assert singular_values(x, "svd")[-1].item() == pytest.approx(1e-12, rel=1e-3)
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("fell back to an SVD")
+
+    monkeypatch.setattr(rank_module, "_svd_values", no_svd)
+    auto = singular_values(x)
+    assert auto[-1].item() == 0.0 and auto[:-1].numpy() == pytest.approx(np.ones(k - 1), rel=1e-12)
