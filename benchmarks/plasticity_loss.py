@@ -8,7 +8,7 @@ band over its seeds) in `<output>/comparison/report.html`, and the table of the 
 new-task accuracy, effective rank and dormant units, with paired tests against BP. Expected direction (Dohare et
 al. 2024): BP declines over tasks; the others hold.
 
-    python benchmarks/plasticity_loss.py [--tasks 50] [--seeds 3] [--variants bp cbp ...] [--output DIR]
+    python benchmarks/plasticity_loss.py [--tasks 50] [--seeds 3] [--variants bp cbp ...] [--output DIR] [--png]
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ VARIANTS = {
 }
 
 
-def fit(variant: str, seed: int, tasks: int, out: Path, in_process: bool = False) -> float:
+def fit(variant: str, seed: int, tasks: int, out: Path, in_process: bool = False, batches: int | None = None) -> float:
     """One run of ``variant`` through ``plasticity fit`` (a new process, or this one); returns its wall time."""
+    cut = [f"--trainer.limit_train_batches={batches}", "--trainer.limit_val_batches=2"] if batches else []
     args = [
         "fit",
         "--config",
@@ -46,6 +47,7 @@ def fit(variant: str, seed: int, tasks: int, out: Path, in_process: bool = False
         f"--trainer.logger.init_args.version={seed}",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_checkpointing=false",
+        *cut,
     ]
     start = time.perf_counter()
     if in_process:
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="runs/plasticity_loss", help="where the runs and the comparison go")
     parser.add_argument("--png", action="store_true", help="also write the comparison's PNGs")
     parser.add_argument("--in-process", action="store_true", help="fit in this process (tests; no new imports)")
+    parser.add_argument("--batches", type=int, help="training batches per epoch (tests: a short stream; default all)")
     args = parser.parse_args(argv)
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             if (out / variant / f"version_{seed}" / "metrics.csv").is_file():
                 print(f"{variant} seed {seed}: kept from an earlier run")
                 continue
-            seconds = fit(variant, seed, args.tasks, out, args.in_process)
+            seconds = fit(variant, seed, args.tasks, out, args.in_process, args.batches)
             print(f"{variant} seed {seed}: {seconds:.0f} s", flush=True)
     command = [
         "report",

@@ -14,6 +14,7 @@ included) and of the report call alone, in one process run.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -29,7 +30,7 @@ RANKS = ("effective_rank", "srank", "stable_rank", "approximate_rank")
 DORMANCY = ("dead_fraction", "redo_dormant_fraction", "low_activity_fraction")
 
 
-def synthetic_run(folder: Path, tasks: int, seed: int, steps_per_epoch: int = 34, epochs_per_task: int = 2) -> int:
+def synthetic_run(folder: Path, tasks: int, seed: int, steps_per_epoch: int = 170, epochs_per_task: int = 2) -> int:
     """Write a continual run's metrics.csv; returns its number of rows."""
     rng = np.random.default_rng(seed)
     rows: list[dict[str, float]] = []
@@ -111,7 +112,9 @@ def main() -> None:
             write_comparison(variants, root / "c2")
             compare_call.append(time.perf_counter() - start)
         size = (root / "c" / "report.html").stat().st_size / 1e6
+    load = os.getloadavg()[0]
     print(f"{args.tasks}-task run, {rows:,} metric rows; comparison of 5 variants × 3 seeds (HTML {size:.1f} MB)")
+    print(f"load average over the last minute: {load:.1f} on {os.cpu_count()} cores")
     print(f"{'':<34}{'median s':>10}{'min s':>8}{'target s':>10}")
     for name, values, target in (
         ("report RUN (whole command)", single_cli, 5),

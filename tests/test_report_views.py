@@ -299,8 +299,9 @@ VARIANTS = ("BP", "CBP", "ReDo", "S&P", "L2Init")
 
 @pytest.fixture(scope="module")
 def reproduction(tmp_path_factory) -> Path:
-    """The plasticity-loss reproduction, cut to 2 tasks: 5 variants × 3 seeds fitted in this process, then one
-    `plasticity report --compare` (what benchmarks/plasticity_loss.py runs)."""
+    """The plasticity-loss reproduction cut short (2 tasks, 4 batches an epoch): 5 variants × 2 seeds fitted in this
+    process through `plasticity fit`, then one `plasticity report --compare` (what benchmarks/plasticity_loss.py
+    runs)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("plasticity_loss", REPO / "benchmarks" / "plasticity_loss.py")
@@ -308,21 +309,21 @@ def reproduction(tmp_path_factory) -> Path:
     spec.loader.exec_module(benchmark)
     out = tmp_path_factory.mktemp("reproduction")
     with contextlib.redirect_stdout(io.StringIO()):
-        assert benchmark.main(["--tasks", "2", "--seeds", "3", "--output", str(out), "--in-process"]) == 0
+        arguments = ["--tasks", "2", "--seeds", "2", "--batches", "4", "--output", str(out), "--in-process"]
+        assert benchmark.main(arguments) == 0
     return out / "comparison"
 
 
-@pytest.mark.slow
 def test_the_reproduction_is_one_compare_command_with_bands_over_seeds(reproduction):
     comparison = json.loads((reproduction / "summary.json").read_text())
     assert {row["variant"] for row in comparison["table"]} == set(VARIANTS)
-    assert {row["runs"] for row in comparison["table"]} == {3}
+    assert {row["runs"] for row in comparison["table"]} == {2}
     assert {"continual/new_task_acc", "plasticity/hidden.1.act/effective_rank"} <= set(comparison["measures"])
     traces = {t["name"] for t in _figures(reproduction / "report.html")["chart-measure-effective-rank"]["data"]}
-    assert {f"{v} · hidden.1.act (n=3) 95% band" for v in VARIANTS} <= traces
+    assert {f"{v} · hidden.1.act (n=2) 95% band" for v in VARIANTS} <= traces
 
 
-def test_report_pages_render_in_a_real_headless_browser(continual_run, tmp_path):
+def test_report_pages_render_in_a_real_headless_browser(continual_run, reproduction, tmp_path):
     executable = _browser()
     if executable is None:
         pytest.skip("no Chromium or Chrome on this machine (.ci/run installs Debian's chromium)")
@@ -335,7 +336,11 @@ def test_report_pages_render_in_a_real_headless_browser(continual_run, tmp_path)
             folder = tmp_path / "runs" / variant / f"version_{seed}"
             _write_run(folder, seed, rng.normal(100, 5, 8), rng.uniform(0.8, 0.9, 8), layer="hidden.1.act")
     write_comparison({v: tmp_path / "runs" / v for v in VARIANTS}, tmp_path / "cmp")
-    pages = {"run": continual_run["csv"] / "report" / "report.html", "compare": tmp_path / "cmp" / "report.html"}
+    pages = {
+        "run": continual_run["csv"] / "report" / "report.html",
+        "compare": tmp_path / "cmp" / "report.html",
+        "reproduction": reproduction / "report.html",  # the real one: 5 variants fitted through `plasticity fit`
+    }
     flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
              "--disable-sync", "--no-first-run"]  # fmt: skip
     with sync_playwright() as playwright:
@@ -359,12 +364,15 @@ def test_report_pages_render_in_a_real_headless_browser(continual_run, tmp_path)
             )
             expected = set(_figures(page_file))
             assert len(charts) == len(expected) >= (5 if name == "run" else 2)
-            if name == "compare":  # each variant's 95% band is drawn as a filled area around its mean
+            if name != "run":  # each variant's 95% band is drawn as a filled area around its mean
                 bands = page.evaluate(
                     "Array.from(document.querySelectorAll('.chart')).flatMap(d => d.data)"
                     ".filter(t => t.fill === 'toself').map(t => t.name)"
                 )
-                assert {f"{v} (n=3) 95% band" for v in VARIANTS} <= set(bands)
+                seeds = 3 if name == "compare" else 2
+                assert {f"{v} (n={seeds}) 95% band" for v in VARIANTS} <= set(bands), name
+                if name == "reproduction":  # per layer on the plasticity panels
+                    assert {f"{v} · hidden.1.act (n=2) 95% band" for v in VARIANTS} <= set(bands)
             for chart in charts:
                 assert chart["traces"] > 0 and chart["points"] > 0 and chart["drawn"] > 0, (name, chart)
             assert page.locator("#summary-table").count() == 1
