@@ -227,7 +227,7 @@ class SurgeCollapse(Intervention):
         seed: int = 0,
         prefix: str = "surge_collapse",
     ) -> None:
-        super().__init__(seed=seed, prefix=prefix)
+        super().__init__(seed=seed, prefix=prefix, every_n_steps=1)  # the step rule; each schedule below on it
         owner = "SurgeCollapse"
         self.mode = check_choice(owner, "mode", mode, ("scheduled", "entropy_gated"))
         if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)):
@@ -282,9 +282,8 @@ class SurgeCollapse(Intervention):
             self._grad_norms = {n: float(p.grad.norm()) for n, p in self._params if p.grad is not None}
             return
         step = trainer.global_step
-        if step == 0 or self._last_step == step:
-            return  # no optimizer step since the last check (gradient accumulation)
-        self._last_step = step
+        if not self.cadence.take(step):  # the shared step rule: never at step 0, once per step
+            return
         if step % self.collapse_every_n_steps == 0:
             self.collapse(trainer)
         if step % self.surge_every_n_steps == 0:
