@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -260,11 +259,11 @@ def test_tune_best_yaml_reproduces_the_best_trial(tmp_path, monkeypatch, capsys)
         },
         "sampler": {"class_path": "optuna.samplers.RandomSampler", "init_args": {"seed": 3}},
     }
-    main(_tune(tmp_path, search, trials=3))
+    main(_tune(tmp_path, search, trials=2))
     out = capsys.readouterr().out
     folder = tmp_path / "tune"
     study = _study(folder)
-    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
     assert study.trials[0].params == {"model.optimizer.lr": 0.05, "model.optimizer.momentum": 0.9}  # the recipe's
     for trial in study.trials:
         run = Path(trial.user_attrs["run_dir"])
@@ -309,8 +308,9 @@ def test_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch, 
     assert best["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 0.05
 
 
-def test_pruned_trials_stop_early_and_rerun_resumes(tmp_path, monkeypatch):
-    """A pruner that prunes at the first report stops the fit after its first epoch; rerunning adds no trial."""
+def test_pruned_trials_stop_early_and_rerun_resumes(tmp_path, monkeypatch, capsys):
+    """A pruner that prunes at the first report stops the fit after its first epoch; rerunning adds no trial, and
+    rerunning with another search under the same study name is refused."""
     monkeypatch.chdir(tmp_path)
     search = {
         "objective": {"metric": "val/acc", "reduce": "max"},
@@ -331,16 +331,9 @@ def test_pruned_trials_stop_early_and_rerun_resumes(tmp_path, monkeypatch):
     assert not (tmp_path / "tune" / "best.yaml").exists()
     main(argv)  # the same command again: the study is complete, nothing runs
     assert len(_study(tmp_path / "tune").trials) == 2
-
-
-def test_resuming_with_another_search_is_refused(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    search = {"objective": OBJECTIVE, "params": {"model.optimizer.lr": [0.05]}}
-    main(_tune(tmp_path, search, trials=1))
-    other = {"objective": OBJECTIVE, "params": {"model.optimizer.lr": [0.05, 0.1]}}
+    other = {**search, "params": {"model.optimizer.lr": {"type": "float", "low": 0.01, "high": 0.2}}}
     line = _error(capsys, _tune(tmp_path, other, trials=2))
     assert "was started with another recipe or search file; rerun it with the same --config and --search" in line
-    assert math.isfinite(_study(tmp_path / "tune").trials[0].value)
 
 
 def test_load_study_uses_the_search_files_pruner(tmp_path):
