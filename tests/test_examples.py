@@ -20,7 +20,7 @@ def _example(name):
 def test_online_regression_learns_with_cbp_and_measures(capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        summary = _example("online_regression").main(["--steps", "6000", "--report-every", "3000"])
+        summary = _example("online_regression").main(["--steps", "3000", "--report-every", "1500"])
     out = capsys.readouterr().out
     assert out.count("step ") == 2 and "CBP replaced" in out and "['0 → 2']" in out
     assert 0 < summary["error"] < 5 and 1 <= summary["effective_rank"] <= 5 and 0 <= summary["dead_fraction"] <= 1
@@ -30,8 +30,8 @@ def test_rl_replay_recycles_dormant_units_from_the_replay_buffer(capsys):
     example = _example("rl_replay")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        summary = example.main(["--steps", "800", "--redo-every", "200", "--report-every", "800", "--cbp"])
-    assert "step     800" in capsys.readouterr().out
+        summary = example.main(["--steps", "500", "--redo-every", "100", "--report-every", "500", "--cbp"])
+    assert "step     500" in capsys.readouterr().out
     assert summary["recycled"] > 0 and math.isfinite(summary["dormant"]) and -1 <= summary["return"] <= 1
     # the environment: the paying end switches on schedule (the right end pays for the first 4 steps)
     env = example.DriftingChain(states=5, switch_every=4, max_steps=10)
