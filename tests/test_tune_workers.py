@@ -159,3 +159,21 @@ def test_pruning_under_ddp_stops_every_rank(tmp_path, monkeypatch):
     assert config["trainer"]["strategy"] == "ddp_spawn"  # ddp.yaml's ddp, spawned inside the worker
     epochs = pd.read_csv(Path(trial.user_attrs["run_dir"]) / "metrics.csv")["epoch"].dropna()
     assert epochs.max() == 0
+
+
+def test_a_running_trial_keeps_beating_past_the_grace_period(tmp_path):
+    """The heartbeat goes through the cache Optuna wraps the storage in: a trial running longer than the grace
+    period is not failed as stale, and one that stops beating is."""
+    from plasticity_lightning.tune.study import _claim, _heartbeat, open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat=1)  # grace period: 3 s
+    study = optuna.create_study(study_name="s", storage=storage)
+    study.enqueue_trial({})
+    study.enqueue_trial({})
+    beating, silent = _claim(study, storage), _claim(study, storage)
+    with _heartbeat(study._storage, beating):
+        time.sleep(3.5)
+        optuna.storages.fail_stale_trials(study)
+    states = {t._trial_id: t.state for t in study.get_trials()}
+    assert states[beating] == optuna.trial.TrialState.RUNNING
+    assert states[silent] == FAIL  # beat once when claimed, then nothing for longer than the grace period

@@ -328,7 +328,9 @@ def open_storage(url: str, heartbeat: int = 10, retries: int = 2) -> Any:
 
 
 def _heartbeats(storage: Any) -> bool:
-    return getattr(storage, "heartbeat_interval", None) is not None
+    """Whether ``storage`` (an RDB storage, or the cache Optuna wraps it in) records heartbeats."""
+    interval = getattr(storage, "get_heartbeat_interval", None)
+    return interval is not None and interval() is not None
 
 
 @contextlib.contextmanager
@@ -343,7 +345,7 @@ def _heartbeat(storage: Any, trial_id: int) -> Iterator[None]:
         while True:
             with contextlib.suppress(Exception):  # a busy database: the next beat comes soon enough
                 storage.record_heartbeat(trial_id)
-            if stop.wait(storage.heartbeat_interval):
+            if stop.wait(storage.get_heartbeat_interval()):
                 return
 
     storage.record_heartbeat(trial_id)
