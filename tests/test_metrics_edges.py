@@ -378,3 +378,29 @@ def test_text_degeneration_by_hand():
     ]:
         with pytest.raises(PlasticityConfigError, match=field):
             call()
+
+
+@pytest.mark.parametrize(
+    ("metric", "function", "make"),
+    [
+        (PredictionEntropy, prediction_entropy, lambda g: torch.randn(7, 4, dtype=torch.float64, generator=g)),
+        (ActivationEntropy, activation_entropy, lambda g: torch.randn(7, 3, 2, dtype=torch.float64, generator=g)),
+        (
+            lambda **kw: AttentionEntropy(num_heads=2, **kw),
+            attention_entropy,
+            lambda g: torch.softmax(torch.randn(7, 2, 3, 4, dtype=torch.float64, generator=g), dim=-1),
+        ),
+    ],
+)
+def test_entropy_twins_sum_totals_and_counts_across_processes(metric, function, make):
+    # two ranks through torchmetrics' own sync (the gather returns both ranks' states); the twins' keyword arguments
+    # reach torchmetrics. Rank 0 holds one sample, rank 1 six: the mean weighs every sample once.
+    x = make(torch.Generator().manual_seed(3))
+    other = metric()
+    other.update(x[1:])
+    states = iter([other.total, other.count])
+    rank = metric(dist_sync_fn=lambda tensor, group=None: [tensor, next(states)], distributed_available_fn=lambda: True)
+    rank.update(x[:1])
+    np.testing.assert_allclose(rank.compute().numpy(), function(x).numpy(), rtol=1e-12)
+    assert not np.allclose(function(x[:1]).numpy(), function(x).numpy())  # the premise: rank 0 alone differs
+    assert rank.count.dtype == torch.float64  # counts stay exact past 2^24 samples
