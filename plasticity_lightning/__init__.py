@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from plasticity_lightning.core.lazy import lazy_exports
 
 if TYPE_CHECKING:  # static checkers and IDEs see the real names
+    from plasticity_lightning import policies
     from plasticity_lightning.callbacks import (
         AdaptiveLossWeights,
         AttentionEntropyMonitor,
@@ -66,6 +67,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
         ParticleDataModule,
         PermutedInputs,
         PlasticityDataModule,
+        SlowlyChangingRegressionDataModule,
         SparseParityDataModule,
         TaskSchedule,
         TextDataModule,
@@ -138,6 +140,7 @@ _EXPORTS: dict[str, str] = {
     "RestoreBestPerTask": "plasticity_lightning.callbacks",
     "SavePredictions": "plasticity_lightning.callbacks",
     "ShrinkAndPerturb": "plasticity_lightning.callbacks",
+    "SlowlyChangingRegressionDataModule": "plasticity_lightning.data",
     "SoftmaxCollapseMonitor": "plasticity_lightning.callbacks",
     "SurgeCollapse": "plasticity_lightning.callbacks",
     "TaskAccuracyTable": "plasticity_lightning.callbacks",
@@ -150,6 +153,7 @@ _EXPORTS: dict[str, str] = {
     "TaskProvider": "plasticity_lightning.core",
     "get_task_context": "plasticity_lightning.core",
     "per_task_accuracy_key": "plasticity_lightning.core",
+    "policies": "plasticity_lightning.policies",
     "BinaryGaussianDataModule": "plasticity_lightning.data",
     "CIFAR100DataModule": "plasticity_lightning.data",
     "CIFAR10DataModule": "plasticity_lightning.data",
@@ -253,6 +257,7 @@ __all__ = [
     "SavePredictions",
     "ShrinkAndPerturb",
     "Sine",
+    "SlowlyChangingRegressionDataModule",
     "SoftmaxCollapseMonitor",
     "SparseParityDataModule",
     "SupervisedModule",
@@ -282,6 +287,7 @@ __all__ = [
     "numerical_rank",
     "per_task_accuracy",
     "per_task_accuracy_key",
+    "policies",
     "register_loss",
     "reinit_units",
     "sample_init_",

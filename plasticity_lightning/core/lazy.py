@@ -29,7 +29,9 @@ def lazy_exports(
         module = exports.get(name)
         if module is None:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(module), name)
+        imported = importlib.import_module(module)
+        # a subpackage exported under its own name (``plasticity_lightning.policies``) is the module itself
+        value = imported if module == f"{package}.{name}" else getattr(imported, name)
         namespace[name] = value  # later lookups are plain attribute reads
         return value
 
