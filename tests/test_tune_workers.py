@@ -88,9 +88,16 @@ def _check_complete(tmp_path: Path, trials: int) -> list[optuna.trial.FrozenTria
 
 def test_two_workers_share_one_storage(tmp_path, monkeypatch, capfd):
     monkeypatch.chdir(tmp_path)
-    main(_argv(tmp_path, 3, 3, "--workers", "2"))
+    search = {
+        "objective": {"metric": "continual/new_task_acc", "reduce": "mean_last", "window": 2},
+        "params": {"model.optimizer.lr": {"type": "float", "low": 0.01, "high": 0.2, "log": True}},
+        "sampler": {"class_path": "optuna.samplers.RandomSampler", "init_args": {"seed": 0}},
+        "baseline": False,
+    }
+    main(_argv(tmp_path, 3, 3, "--workers", "2", search=search))
     trials = _check_complete(tmp_path, 3)
     assert len(trials) == 3
+    assert len({t.params["model.optimizer.lr"] for t in trials}) == 3  # each worker its own seed: no value twice
     out = capfd.readouterr().out  # the workers print to the terminal they inherit
     assert sorted(line.split(":")[0] for line in out.splitlines() if line.startswith("trial ")) == [
         f"trial {n}" for n in range(3)

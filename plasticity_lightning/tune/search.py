@@ -199,12 +199,17 @@ class SearchSpec:
             return optuna.pruners.NopPruner()
         return _instantiate(self.pruner, "pruning.pruner", optuna.pruners.BasePruner, self.source)
 
-    def build_sampler(self) -> Any:
+    def build_sampler(self, worker: int = 0) -> Any:
+        """The search file's sampler (Optuna's default when none). A ``seed`` is offset by ``worker``: workers
+        seeded alike would draw the same values for their trials."""
         import optuna
 
         if self.sampler is None:
             return None  # Optuna's default for the number of objectives
-        return _instantiate(self.sampler, "sampler", optuna.samplers.BaseSampler, self.source)
+        block = copy.deepcopy(self.sampler)
+        if isinstance(block["init_args"].get("seed"), int):
+            block["init_args"]["seed"] += worker
+        return _instantiate(block, "sampler", optuna.samplers.BaseSampler, self.source)
 
     def to_dict(self) -> dict[str, Any]:
         """A canonical form of the search, compared when a study is resumed."""

@@ -285,6 +285,7 @@ class TuneSetup:
     heartbeat: int = 10
     retries: int = 2
     threads: int | None = None
+    worker: int = 0
     capture: bool = True
 
 
@@ -395,7 +396,7 @@ def load_study(setup: TuneSetup, storage: Any | None = None) -> Any:
     return optuna.load_study(
         study_name=setup.study_name,
         storage=storage,
-        sampler=setup.spec.build_sampler(),
+        sampler=setup.spec.build_sampler(setup.worker),
         pruner=setup.spec.build_pruner(),
     )
 
@@ -614,7 +615,10 @@ def run_workers(setup: TuneSetup, workers: int) -> None:
         return
     context = multiprocessing.get_context("spawn")
     setup = dataclasses.replace(setup, threads=setup.threads or max(1, (os.cpu_count() or 1) // workers))
-    processes = [context.Process(target=_worker_main, args=(setup,), name=f"tune-worker-{i}") for i in range(workers)]
+    processes = [
+        context.Process(target=_worker_main, args=(dataclasses.replace(setup, worker=i),), name=f"tune-worker-{i}")
+        for i in range(workers)
+    ]
     for process in processes:
         process.start()
     try:
