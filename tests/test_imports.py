@@ -53,3 +53,15 @@ def test_unknown_name_is_an_attribute_error() -> None:
 
     with pytest.raises(AttributeError, match="has no attribute 'NoSuchThing'"):
         plasticity_lightning.NoSuchThing  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        # the trainer-free layer: a plain torch loop pays for torch, nothing else
+        "from plasticity_lightning.policies import ContinualBackprop, ShrinkAndPerturb, L2Init",
+        "import plasticity_lightning.surgery, plasticity_lightning.probes",
+    ],
+)
+def test_policies_need_torch_only(statement: str) -> None:
+    assert loaded_after(statement) <= {"torch"}

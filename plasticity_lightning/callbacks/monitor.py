@@ -19,7 +19,7 @@ from plasticity_lightning.core.errors import PlasticityConfigError, check_positi
 from plasticity_lightning.core.rundir import TASK_ID_KEY
 from plasticity_lightning.core.tasks import TaskContext, get_task_context
 from plasticity_lightning.policies.cadence import StepCadence
-from plasticity_lightning.policies.measure import nan_where_nonfinite
+from plasticity_lightning.policies.measurement import nan_where_nonfinite
 from plasticity_lightning.probes import (
     ProbeSet,
     capture_outputs,

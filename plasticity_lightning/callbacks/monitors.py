@@ -20,7 +20,7 @@ from plasticity_lightning.callbacks.monitor import PlasticityMonitor
 from plasticity_lightning.core.errors import PlasticityConfigError, check_choice, check_fraction, check_positive_float
 from plasticity_lightning.metrics.activity import ACTIVITY_CHOICES
 from plasticity_lightning.metrics.weights import gradient_stats, layer_weights
-from plasticity_lightning.policies.measure import (
+from plasticity_lightning.policies.measurement import (
     RANK_MEASURES,
     activity_values,
     entropy_values,

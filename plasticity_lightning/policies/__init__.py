@@ -20,12 +20,34 @@ The Lightning callbacks of the same names (:mod:`plasticity_lightning.callbacks`
 they add hooks and cadence, DDP averaging, checkpoint state and logging.
 """
 
-from plasticity_lightning.policies.base import Policy, UnitPolicy, all_reduce_mean
-from plasticity_lightning.policies.cadence import StepCadence
-from plasticity_lightning.policies.cbp import ContinualBackprop
-from plasticity_lightning.policies.measure import measure
-from plasticity_lightning.policies.redo import ReDo
-from plasticity_lightning.policies.resets import HeadReset, L2Init, ShrinkAndPerturb, fresh_layer
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from plasticity_lightning.core.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from plasticity_lightning.policies.base import Policy, UnitPolicy, all_reduce_mean
+    from plasticity_lightning.policies.cadence import StepCadence
+    from plasticity_lightning.policies.cbp import ContinualBackprop
+    from plasticity_lightning.policies.measurement import measure
+    from plasticity_lightning.policies.redo import ReDo
+    from plasticity_lightning.policies.resets import HeadReset, L2Init, ShrinkAndPerturb, fresh_layer
+
+_EXPORTS = {
+    "ContinualBackprop": "plasticity_lightning.policies.cbp",
+    "HeadReset": "plasticity_lightning.policies.resets",
+    "L2Init": "plasticity_lightning.policies.resets",
+    "Policy": "plasticity_lightning.policies.base",
+    "ReDo": "plasticity_lightning.policies.redo",
+    "ShrinkAndPerturb": "plasticity_lightning.policies.resets",
+    "StepCadence": "plasticity_lightning.policies.cadence",
+    "UnitPolicy": "plasticity_lightning.policies.base",
+    "all_reduce_mean": "plasticity_lightning.policies.base",
+    "fresh_layer": "plasticity_lightning.policies.resets",
+    "measure": "plasticity_lightning.policies.measurement",
+}
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 __all__ = [
     "ContinualBackprop",

@@ -12,16 +12,35 @@
   last axis of ``[batch, time, hidden]`` sequences, the channel axis of convolutions).
 """
 
-from plasticity_lightning.probes.capture import (
-    INPUT_SUFFIX,
-    capture_outputs,
-    default_forward,
-    is_transposed_linear,
-    resolve_layers,
-    unit_axes,
-    units_first,
-)
-from plasticity_lightning.probes.probe_set import ProbeSet
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from plasticity_lightning.core.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from plasticity_lightning.probes.capture import (
+        INPUT_SUFFIX,
+        capture_outputs,
+        default_forward,
+        is_transposed_linear,
+        resolve_layers,
+        unit_axes,
+        units_first,
+    )
+    from plasticity_lightning.probes.probe_set import ProbeSet
+
+_EXPORTS = {
+    "INPUT_SUFFIX": "plasticity_lightning.probes.capture",
+    "ProbeSet": "plasticity_lightning.probes.probe_set",
+    "capture_outputs": "plasticity_lightning.probes.capture",
+    "default_forward": "plasticity_lightning.probes.capture",
+    "is_transposed_linear": "plasticity_lightning.probes.capture",
+    "resolve_layers": "plasticity_lightning.probes.capture",
+    "unit_axes": "plasticity_lightning.probes.capture",
+    "units_first": "plasticity_lightning.probes.capture",
+}
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 __all__ = [
     "INPUT_SUFFIX",
