@@ -71,6 +71,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
         SparseParityDataModule,
         TaskSchedule,
         TextDataModule,
+        TextParts,
         ToyDataModule,
         make_toy,
     )
@@ -170,6 +171,7 @@ _EXPORTS: dict[str, str] = {
     "SparseParityDataModule": "plasticity_lightning.data",
     "TaskSchedule": "plasticity_lightning.data",
     "TextDataModule": "plasticity_lightning.data",
+    "TextParts": "plasticity_lightning.data",
     "ToyDataModule": "plasticity_lightning.data",
     "make_toy": "plasticity_lightning.data",
     "AdaptiveRegressionLoss": "plasticity_lightning.losses",
@@ -268,6 +270,7 @@ __all__ = [
     "TaskProvider",
     "TaskSchedule",
     "TextDataModule",
+    "TextParts",
     "ToyDataModule",
     "UnitPair",
     "WeightMonitor",
