@@ -248,6 +248,30 @@ def test_nlm_alignment_sign_and_skipped_gradients():
         nlm_alignment(w, [None])
 
 
+def test_nlm_alignment_sums_every_tensor_and_keeps_small_norms():
+    # cos(−g, θ) over the concatenation: [3, 4] and [1] with g = −θ is exactly aligned; every tensor's |g|² counts
+    w = [torch.tensor([3.0, 4.0]), torch.tensor([1.0])]
+    assert nlm_alignment(w, [-w[0], -w[1]]) == pytest.approx(1.0, rel=1e-15)
+    assert nlm_alignment(w, [torch.tensor([-3.0, -4.0]), torch.tensor([2.0])]) == pytest.approx(
+        (25 - 2) / (math.sqrt(26) * math.sqrt(29)), rel=1e-15
+    )
+    # norms below 1 (a product of 0.01) are not a zero vector
+    assert nlm_alignment([torch.tensor([0.1])], [torch.tensor([-0.1])]) == pytest.approx(1.0, rel=1e-15)
+    assert nlm_alignment([torch.tensor([1e-5, 0.0])], [torch.tensor([0.0, 1e-5])]) == 0.0  # orthogonal, not skipped
+    # gradients so large that |g|² overflows float64 (a diverged model): NaN, never a clean-looking −0.0
+    assert math.isnan(nlm_alignment([torch.tensor([1e-200])], [torch.tensor([1e200], dtype=torch.float64)]))
+
+
+def test_collapse_metric_counts_the_rows_with_nonfinite_logits_over_updates():
+    metric = SoftmaxCollapse()
+    metric.update(torch.tensor([[math.inf, 0.0], [0.0, 1.0], [math.nan, math.nan]]), torch.tensor([0, 1, 0]))
+    assert metric.nonfinite.item() == 2  # two rows, however many entries
+    metric.update(torch.tensor([[0.0, 1.0]]), torch.tensor([1]))  # a later finite batch keeps the shares NaN
+    assert metric.nonfinite.item() == 2
+    result = metric.compute()
+    assert math.isnan(result["softmax_collapse"]) and math.isnan(result["zero_terms"])
+
+
 def test_collapse_inputs_are_checked_with_clear_messages():
     with pytest.raises(PlasticityConfigError, match=r"softmax collapse.precision='float8' is not supported"):
         softmax_collapse_fraction(torch.zeros(2, 2), "float8")
