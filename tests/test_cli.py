@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -172,9 +173,28 @@ def test_fragments_compose(in_tmp, capsys):
     assert config["model"]["init_args"]["activation"] == "sine"  # the recipe's values survive
 
 
-@pytest.mark.parametrize("fragment", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.stem)
+SEARCH_FILES = REPO / "configs" / "search"  # `plasticity tune --search` files, not `fit` fragments
+
+
+@pytest.mark.parametrize(
+    "fragment",
+    sorted(p for p in (REPO / "configs").rglob("*.yaml") if SEARCH_FILES not in p.parents),
+    ids=lambda p: p.stem,
+)
 def test_every_fragment_parses_with_the_quickstart(fragment, in_tmp, capsys):
     _print_config(["--config", str(REPO / "recipes" / "quickstart.yaml"), "--config", str(fragment)], capsys)
+
+
+@pytest.mark.parametrize("search", sorted(SEARCH_FILES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_search_file_parses_and_its_keys_exist_in_the_recipe_it_names(search, in_tmp, capsys):
+    from plasticity_lightning.tune.search import SearchSpec, check_keys
+
+    spec = SearchSpec.from_yaml(search)
+    assert spec.params and spec.objectives
+    configs = re.findall(r"--config (\S+)", search.read_text())  # the command its header shows
+    assert configs and configs[0].startswith("recipes/")
+    config = yaml.safe_load(_print_config([arg for c in configs for arg in ("--config", str(REPO / c))], capsys))
+    check_keys(config, spec)  # raises one line naming an unknown key
 
 
 def test_wandb_fragment_runs_offline(in_tmp, monkeypatch):
