@@ -122,13 +122,15 @@ def main(args: ArgsType | Any = None) -> None:
         from plasticity_lightning.cli.fit import PlasticityCLI
 
         PlasticityCLI(args=args)
+    except SystemExit as err:
+        if not _stopped_by_sigterm(err):
+            raise
+        # Lightning's SIGTERMException is a SystemExit(None), which would exit 0 as if the fit had finished.
+        sys.stderr.write(
+            "plasticity: stopped by SIGTERM; a resumable last.ckpt was saved: continue with --ckpt_path last\n"
+        )
+        raise SystemExit(143) from err
     except Exception as err:
-        if _stopped_by_sigterm(err):
-            # Lightning ends a fit stopped by SIGTERM with SystemExit(None), which would exit 0 as if it had finished.
-            sys.stderr.write(
-                "plasticity: stopped by SIGTERM; a resumable last.ckpt was saved: continue with --ckpt_path last\n"
-            )
-            raise SystemExit(143) from err
         cause = configuration_error(err)
         if cause is None or os.environ.get("PLASTICITY_TRACEBACK"):
             raise
