@@ -30,3 +30,12 @@ def test_callback_and_policy_take_the_same_arguments_with_the_same_defaults(name
     # every knob of the algorithm reaches it through the callback; only a plain loop hands ReDo its probe batch
     # (the callback draws its own from the training data)
     assert set(algorithm) - set(adapter) <= {"probe"}, sorted(set(algorithm) - set(adapter))
+
+
+def test_the_slowly_changing_datamodule_passes_the_problems_arguments_with_its_defaults() -> None:
+    from plasticity_lightning.data import SlowlyChangingRegression, SlowlyChangingRegressionDataModule
+
+    problem = parameters(SlowlyChangingRegression.__init__)
+    module = parameters(SlowlyChangingRegressionDataModule.__init__)
+    assert set(problem) <= set(module), sorted(set(problem) - set(module))
+    assert {key: module[key] for key in problem} == problem
