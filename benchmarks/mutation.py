@@ -68,7 +68,7 @@ MODULE_TESTS: dict[str, list[str]] = {
         "tests/test_report_data.py",
         "tests/test_report_views.py::test_bad_report_inputs_get_one_line_and_exit_2",
     ],
-    "plasticity_lightning/callbacks/cbp.py": ["tests/test_cbp_units.py"],
+    "plasticity_lightning/callbacks/interventions/cbp.py": ["tests/test_cbp_units.py"],
 }
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from plasticity_lightning import ContinualBackprop, PlasticityConfigError
-from plasticity_lightning.callbacks.cbp import _LayerState
+from plasticity_lightning.callbacks.interventions.cbp import _LayerState
 from plasticity_lightning.surgery import outgoing_magnitude, unit_columns, unit_magnitudes, unit_statistics
 
 

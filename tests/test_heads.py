@@ -174,7 +174,7 @@ def _token_loaders():
 
 
 def test_pruning_choice_never_takes_a_layers_last_head():
-    from plasticity_lightning.callbacks.heads import lowest_heads
+    from plasticity_lightning.callbacks.heads.importance import lowest_heads
 
     importance = torch.tensor([[0.0, 0.1, 0.2], [0.9, 0.8, 0.7]])
     alive = torch.tensor([[True, True, False], [True, True, True]])
@@ -187,7 +187,7 @@ def test_iterative_pruning_by_importance_and_revert_beyond_tolerance(tmp_path):
     from conftest import make_trainer
 
     from plasticity_lightning import HeadImportance, HeadPruning
-    from plasticity_lightning.callbacks.heads import lowest_heads
+    from plasticity_lightning.callbacks.heads.importance import lowest_heads
 
     _, train, val = _token_loaders()
     importance = HeadImportance(num_batches=6)

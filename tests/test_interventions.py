@@ -24,8 +24,8 @@ from plasticity_lightning import (
     ReDo,
     ShrinkAndPerturb,
 )
-from plasticity_lightning.callbacks.cbp import _LayerState
-from plasticity_lightning.callbacks.resets import fresh_layer
+from plasticity_lightning.callbacks.interventions.cbp import _LayerState
+from plasticity_lightning.callbacks.interventions.resets import fresh_layer
 from plasticity_lightning.surgery import unit_magnitudes
 
 

@@ -18,7 +18,7 @@ from plasticity_lightning import (
     SparseParityDataModule,
     SurgeCollapse,
 )
-from plasticity_lightning.callbacks.stability import magnitude_quantile
+from plasticity_lightning.callbacks.interventions.stability import magnitude_quantile
 from plasticity_lightning.losses import StableMaxCrossEntropy, build_loss, stablemax
 from plasticity_lightning.metrics import (
     SoftmaxCollapse,

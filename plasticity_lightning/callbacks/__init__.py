@@ -9,42 +9,47 @@ heads :class:`HeadPruning`, :class:`HeadGrowth`, :class:`PlasticityCycle`; numer
 :class:`SoftmaxCollapseMonitor`, :class:`SurgeCollapse`; weight constraints :class:`WeightPrecision`,
 :class:`OscillationDampener`, :class:`JamesSteinShrinkage` and the adaptive regression loss's
 :class:`AdaptiveLossWeights`. Reporting: :class:`EpochTimer`, :class:`SavePredictions`.
+Folders: ``monitors/``, ``interventions/``, ``heads/``; modules ``continual``, ``reporting``, ``task_aware``.
 Base classes: :class:`PlasticityMonitor` (cadence, probe, logging), :class:`TaskAwareCallback` (task changes),
 :class:`Intervention` / :class:`UnitIntervention` (rank-agreeing RNG, strategy checks, unit pairs).
 """
 
-from plasticity_lightning.callbacks.adaptive_loss import AdaptiveLossWeights
-from plasticity_lightning.callbacks.base import TaskAwareCallback
-from plasticity_lightning.callbacks.cbp import ContinualBackprop
-from plasticity_lightning.callbacks.constraints import (
-    JamesSteinShrinkage,
-    OscillationDampener,
-    ParameterConstraint,
-    WeightPrecision,
-)
 from plasticity_lightning.callbacks.continual import RestoreBestPerTask, TaskAccuracyTable
-from plasticity_lightning.callbacks.dynamics import LearningDynamics
 from plasticity_lightning.callbacks.heads import (
     AttentionEntropyMonitor,
     DegenerationMonitor,
     HeadGrowth,
     HeadImportance,
     HeadPruning,
+    PlasticityCycle,
 )
-from plasticity_lightning.callbacks.intervention import Intervention, UnitIntervention
-from plasticity_lightning.callbacks.monitor import PlasticityMonitor
+from plasticity_lightning.callbacks.interventions import (
+    AdaptiveLossWeights,
+    ContinualBackprop,
+    HeadReset,
+    Intervention,
+    JamesSteinShrinkage,
+    L2Init,
+    OscillationDampener,
+    ParameterConstraint,
+    ReDo,
+    ShrinkAndPerturb,
+    SoftmaxCollapseMonitor,
+    SurgeCollapse,
+    UnitIntervention,
+    WeightPrecision,
+)
 from plasticity_lightning.callbacks.monitors import (
     DormantUnitMonitor,
     EntropyMonitor,
     GradientFlowMonitor,
+    LearningDynamics,
+    PlasticityMonitor,
     RankMonitor,
     WeightMonitor,
 )
-from plasticity_lightning.callbacks.plasticity_cycle import PlasticityCycle
-from plasticity_lightning.callbacks.redo import ReDo
 from plasticity_lightning.callbacks.reporting import EpochTimer, SavePredictions, SaveRunConfig
-from plasticity_lightning.callbacks.resets import HeadReset, L2Init, ShrinkAndPerturb
-from plasticity_lightning.callbacks.stability import SoftmaxCollapseMonitor, SurgeCollapse
+from plasticity_lightning.callbacks.task_aware import TaskAwareCallback
 
 __all__ = [
     "AdaptiveLossWeights",

@@ -14,9 +14,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from plasticity_lightning.callbacks.base import TaskAwareCallback
-from plasticity_lightning.callbacks.intervention import Intervention
-from plasticity_lightning.callbacks.monitor import PlasticityMonitor
+from plasticity_lightning.callbacks.interventions.base import Intervention
+from plasticity_lightning.callbacks.monitors.base import PlasticityMonitor
+from plasticity_lightning.callbacks.task_aware import TaskAwareCallback
 from plasticity_lightning.core.errors import PlasticityConfigError, check_choice, check_positive_int
 from plasticity_lightning.core.files import write_csv_atomic
 from plasticity_lightning.core.rundir import FINISHED_TASK_KEY, TASK_ACCURACY_FILE, run_directory

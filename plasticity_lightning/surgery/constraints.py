@@ -1,6 +1,7 @@
 """Element-wise weight constraints: float32 precision limits, oscillation damping, James-Stein shrinkage.
 
-Pure tensor functions; :mod:`plasticity_lightning.callbacks.constraints` decides when and on which parameters.
+Pure tensor functions; :mod:`plasticity_lightning.callbacks.interventions.constraints` decides when and on
+which parameters.
 
 Two readings of "limit the binary digits of a weight" live here side by side:
 

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from plasticity_lightning.callbacks.intervention import UnitIntervention
+from plasticity_lightning.callbacks.interventions.base import UnitIntervention
 from plasticity_lightning.policies import cbp as policy
 from plasticity_lightning.policies.cbp import UTILITIES, _LayerState  # noqa: F401  (re-exported for old imports)
 from plasticity_lightning.surgery import InputCovariance, UnitPair

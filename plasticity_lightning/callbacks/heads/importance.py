@@ -17,8 +17,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
-from plasticity_lightning.callbacks.intervention import Intervention
-from plasticity_lightning.callbacks.monitor import PlasticityMonitor
+from plasticity_lightning.callbacks.interventions.base import Intervention
+from plasticity_lightning.callbacks.monitors.base import PlasticityMonitor
 from plasticity_lightning.core.batches import token_ids
 from plasticity_lightning.core.errors import (
     PlasticityConfigError,

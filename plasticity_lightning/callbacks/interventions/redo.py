@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 from torch import nn
 from typing_extensions import override
 
-from plasticity_lightning.callbacks.intervention import UnitIntervention
+from plasticity_lightning.callbacks.interventions.base import UnitIntervention
 from plasticity_lightning.core.errors import check_choice, check_positive_int
 from plasticity_lightning.policies import redo as policy
 from plasticity_lightning.probes import ProbeSet

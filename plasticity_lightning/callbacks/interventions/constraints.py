@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from plasticity_lightning.callbacks.intervention import Intervention
+from plasticity_lightning.callbacks.interventions.base import Intervention
 from plasticity_lightning.core.errors import (
     PlasticityConfigError,
     check_choice,

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from plasticity_lightning.callbacks.intervention import Intervention
-from plasticity_lightning.callbacks.monitor import PlasticityMonitor
+from plasticity_lightning.callbacks.interventions.base import Intervention
+from plasticity_lightning.callbacks.monitors.base import PlasticityMonitor
 from plasticity_lightning.core.errors import (
     PlasticityConfigError,
     check_choice,

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from plasticity_lightning.callbacks.base import TaskAwareCallback
+from plasticity_lightning.callbacks.task_aware import TaskAwareCallback
 from plasticity_lightning.core.errors import PlasticityConfigError, check_positive_int
 from plasticity_lightning.core.rundir import TASK_ID_KEY
 from plasticity_lightning.core.tasks import TaskContext, get_task_context

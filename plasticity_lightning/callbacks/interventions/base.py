@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from plasticity_lightning.callbacks.base import TaskAwareCallback
+from plasticity_lightning.callbacks.task_aware import TaskAwareCallback
 from plasticity_lightning.core.errors import PlasticityConfigError
 from plasticity_lightning.policies.base import Policy, UnitPolicy
 from plasticity_lightning.policies.cadence import StepCadence

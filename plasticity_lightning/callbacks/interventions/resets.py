@@ -9,7 +9,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 from typing_extensions import override
 
-from plasticity_lightning.callbacks.intervention import Intervention
+from plasticity_lightning.callbacks.interventions.base import Intervention
 from plasticity_lightning.core.errors import PlasticityConfigError
 from plasticity_lightning.policies import resets as policy
 from plasticity_lightning.policies.resets import fresh_layer  # noqa: F401  (re-exported for old imports)

@@ -19,7 +19,7 @@ import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from typing_extensions import override
 
-from plasticity_lightning.callbacks.heads import (
+from plasticity_lightning.callbacks.heads.importance import (
     GROWTH_CHOICES,
     HEAD_SCORES,
     HeadGrowth,
