@@ -272,6 +272,42 @@ def test_collapse_metric_counts_the_rows_with_nonfinite_logits_over_updates():
     assert math.isnan(result["softmax_collapse"]) and math.isnan(result["zero_terms"])
 
 
+def test_collapse_subtracts_each_rows_own_maximum():
+    # 3 rows × 2 classes and a square 2 × 2 batch: the row maximum, not a column's, is subtracted (a [N] maximum
+    # broadcast over the columns would mix rows: row 0 would lose 5 from its second logit)
+    logits = torch.tensor([[0.0, 5.0], [40.0, 0.0], [1.0, 2.0]], dtype=torch.float64)
+    assert softmax_collapse_fraction(logits) == pytest.approx(1 / 3)
+    square = torch.tensor([[0.0, 5.0], [40.0, 0.0]], dtype=torch.float64)
+    assert softmax_collapse_fraction(square) == 0.5  # exp(−5) survives in float32, exp(−40) does not
+    assert softmax_collapse_fraction(square.flip(0)) == 0.5
+
+
+def test_collapse_states_are_summed_across_processes():
+    # two ranks through torchmetrics' own sync (the gather returns both ranks' states in the order they were added):
+    # rank 0 holds one collapsed row, rank 1 three rows, one with a non-finite logit in the second metric
+    logits = torch.tensor([[0.0, 100.0], [3.0, 4.0], [-50.0, 50.0], [0.0, 1.0]], dtype=torch.float64)
+    targets = torch.tensor([1, 0, 1, 1])
+    for poison, expected in ((False, (2 / 4, 2 / 4)), (True, (NAN, NAN))):
+        other = SoftmaxCollapse()
+        rows = logits[1:].clone()
+        if poison:
+            rows[2, 0] = math.inf
+        other.update(rows, targets[1:])
+        states = iter([other.collapsed, other.zero, other.norm, other.count, other.nonfinite])
+        rank = SoftmaxCollapse(
+            dist_sync_fn=lambda tensor, group=None, states=states: [tensor, next(states)],
+            distributed_available_fn=lambda: True,
+        )
+        rank.update(logits[:1], targets[:1])
+        result = rank.compute()
+        np.testing.assert_equal(result["softmax_collapse"].item(), expected[0])
+        np.testing.assert_equal(result["zero_terms"].item(), expected[1])
+        norm = (100 + 5 + math.sqrt(5000) + (math.inf if poison else 1)) / 4
+        assert result["logit_norm"].item() == pytest.approx(norm)
+        for name in ("collapsed", "zero", "norm", "count", "nonfinite"):
+            assert getattr(rank, name).dtype == torch.float64, name  # counts stay exact past 2^24 rows
+
+
 def test_collapse_inputs_are_checked_with_clear_messages():
     with pytest.raises(PlasticityConfigError, match=r"softmax collapse.precision='float8' is not supported"):
         softmax_collapse_fraction(torch.zeros(2, 2), "float8")
