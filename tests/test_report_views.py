@@ -483,3 +483,29 @@ def test_a_resumed_stream_reports_what_an_unbroken_one_does(continual_run, in_tm
     )
     unbroken, again = write_run_report(continual_run["csv"]), write_run_report(resumed)
     assert again["measures"] == unbroken["measures"] and again["accuracy_measured"] == unbroken["accuracy_measured"]
+
+
+def test_report_reads_config_files_like_fit(tmp_path, capsys):
+    # options from composed --config files give the same comparison as the command line; the command line wins
+    rng = np.random.default_rng(1)
+    for variant in ("bp", "cbp"):
+        for seed in range(2):
+            _write_run(tmp_path / variant / f"version_{seed}", seed, rng.normal(50, 5, 4), rng.uniform(0.5, 0.9, 4))
+    runs = [str(tmp_path / "bp"), str(tmp_path / "cbp")]
+    main(
+        ["report", "--compare", *runs, "--labels", "BP", "CBP", "--summary-tasks", "2", "--output", str(tmp_path / "a")]
+    )
+    (tmp_path / "base.yaml").write_text(f"compare: true\nruns: {json.dumps(runs)}\nlabels: [X, Y]\nsummary_tasks: 1\n")
+    (tmp_path / "over.yaml").write_text(f"labels: [BP, CBP]\noutput: {json.dumps(str(tmp_path / 'b'))}\n")
+    main(["report", "--config", str(tmp_path / "base.yaml"), "--config", str(tmp_path / "over.yaml"),
+          "--summary-tasks", "2"])  # fmt: skip
+    by_cli, by_config = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("a", "b"))
+    assert by_config["table"] == by_cli["table"] and by_config["window"] == 2
+    assert {row["variant"] for row in by_config["table"]} == {"BP", "CBP"}
+    capsys.readouterr()
+    (tmp_path / "typo.yaml").write_text("compare: true\nsumary_tasks: 2\n")
+    with pytest.raises(SystemExit) as exited:
+        main(["report", "--config", str(tmp_path / "typo.yaml"), *runs])
+    error = capsys.readouterr().err
+    assert exited.value.code == 2 and error.count("\n") == 1
+    assert "'sumary_tasks' is not accepted" in error and "summary_tasks" in error.split("accepted:")[1]

@@ -465,7 +465,9 @@ def test_a_lock_held_too_long_gets_one_line(finished, tmp_path, capsys, monkeypa
         holder.close()
     assert len(ResultStore(path, timeout=0.1)) == 24
     code, _, err = _cli(capsys, "status", spec_path, "--lock-timeout", "soon")
-    assert code == 2 and "argument --lock-timeout: 'soon' is invalid; expected a number of seconds >= 0" in err
+    assert code == 2 and "Parser key \"lock_timeout\": Expected a <class 'float'>. Got value: soon" in err
+    code, _, err = _cli(capsys, "status", spec_path, "--lock-timeout", "-1")
+    assert code == 2 and "argument --lock-timeout: '-1.0' is invalid; expected a number of seconds >= 0" in err
     for timeout in (-1, float("nan"), float("inf"), True):
         with pytest.raises(PlasticityConfigError, match=rf"ResultStore.timeout={timeout!r} is invalid"):
             ResultStore(path, timeout=timeout)
@@ -543,10 +545,22 @@ def test_study_cli_in_process(tmp_path, capsys, monkeypatch, keep_torch_threads)
         (["run", spec_path, "--workers", "0"], "argument --workers: '0' is invalid; expected a positive number"),
         (["run", spec_path, "--shard", "2/2"], "argument --shard: '2/2' is invalid; expected i/n with 0 <= i < n"),
         (["bogus"], "argument command: invalid choice: 'bogus'"),
-        ([], "the following arguments are required: command"),
+        ([], 'expected "command" to be one of {run,status,merge,report,export}, but it was not provided'),
+        (["status", spec_path, "--bogus", "1"], "plasticity study status: unrecognized arguments: --bogus 1"),
     ]:
         code, _, err = _cli(capsys, *args)
         assert code == 2 and message in err and err.count("\n") == 1, err
+    # every subcommand reads --config files like fit: the spec and options from YAML, the command line wins
+    Path("status.yaml").write_text(f"spec: {spec_path}\nstore: {store}\nshard: 1/2\n")
+    code, out, _ = _cli(capsys, "status", "--config", "status.yaml", "--shard", "0/1")
+    assert code == 0 and out.startswith("tiny: 4/4 runs stored"), out
+    code, out, _ = _cli(capsys, "status", "--config", "status.yaml")
+    assert code == 0 and (out, code) == _cli(capsys, "status", spec_path, "--store", store, "--shard", "1/2")[1::-1]
+    assert out.startswith("tiny: 0/0 runs stored"), out  # its one group is in shard 0
+    Path("typo.yaml").write_text("spek: x.yaml\n")
+    code, _, err = _cli(capsys, "status", "--config", "typo.yaml")
+    accepted = "accepted: lock_timeout, shard, spec, store"
+    assert code == 2 and f"'status' does not accept option 'spek'; {accepted}" in err, err
 
 
 # -- the store's own parts, in-process and without training (what mutation testing showed unguarded) -------------

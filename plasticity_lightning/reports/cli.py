@@ -7,31 +7,23 @@
 
 Each writes ``report.html`` (interactive, offline), ``summary.json`` and, with ``--png``, one PNG per chart
 (Plotly's exporter, which needs Chrome or Chromium). Unusable inputs print one line and exit with status 2.
+Options can come from ``--config`` YAML files, as for ``plasticity fit`` (keys: ``runs``, ``compare``, ``labels``,
+``metric``, ``output``, ``png``, ``summary_tasks``; the command line wins).
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
-from typing import NoReturn
 
+from plasticity_lightning.core.arguments import CommandParser
 from plasticity_lightning.core.errors import check_positive_int
 from plasticity_lightning.core.rundir import REPORT_DIR, REPORT_HTML
 from plasticity_lightning.reports.compare import format_table, write_comparison
 from plasticity_lightning.reports.run import measure_label, write_run_report
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage block), exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
-        sys.exit(2)
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="plasticity report", description=__doc__.split("\n")[0])
+def _parser() -> CommandParser:
+    parser = CommandParser(prog="plasticity report", description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run directory (CSVLogger or TensorBoard)")
     parser.add_argument(
         "--compare", action="store_true", help="compare variants: each RUN_DIR holds one variant's runs (one per seed)"

@@ -1,12 +1,15 @@
-"""``plasticity study {run,status,report,merge,export}``: grids of small models from a YAML spec into a SQLite store."""
+"""``plasticity study {run,status,report,merge,export}``: grids of small models from a YAML spec into a SQLite store.
+
+Each subcommand also reads its options from ``--config`` YAML files, as ``plasticity fit`` does (keys: the long
+options with ``_``, e.g. ``lock_timeout``, and the positionals, e.g. ``spec``; the command line wins).
+"""
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
-from typing import NoReturn
 
+from plasticity_lightning.core.arguments import CommandParser
 from plasticity_lightning.core.errors import PlasticityConfigError
 from plasticity_lightning.studies.store import ResultStore, merge_stores, open_store, owner_alive
 from plasticity_lightning.studies.study import StudySpec, run_study
@@ -21,31 +24,27 @@ def _store_path(spec: StudySpec, store: str | None, shard: tuple[int, int]) -> P
 
 def _shard(text: str) -> tuple[int, int]:
     try:
-        index, count = (int(part) for part in text.split("/"))
+        index, count = (int(part) for part in str(text).split("/"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid; expected i/n, e.g. 0/4") from None
+        raise PlasticityConfigError(f"argument --shard: {text!r} is invalid; expected i/n, e.g. 0/4") from None
     if not 0 <= index < count:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid; expected i/n with 0 <= i < n, e.g. 0/4")
+        raise PlasticityConfigError(f"argument --shard: {text!r} is invalid; expected i/n with 0 <= i < n, e.g. 0/4")
     return index, count
 
 
-def _workers(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid; expected a positive number of processes, e.g. 2")
+def _check_workers(value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise PlasticityConfigError(
+            f"argument --workers: '{value}' is invalid; expected a positive number of processes, e.g. 2"
+        )
     return value
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
+def _check_seconds(value: float) -> float:
     if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid; expected a number of seconds >= 0, e.g. 60")
+        raise PlasticityConfigError(
+            f"argument --lock-timeout: '{value}' is invalid; expected a number of seconds >= 0, e.g. 60"
+        )
     return value
 
 
@@ -57,22 +56,27 @@ def _in_progress(store: ResultStore, groups: list[list[dict]]) -> str:
     return f"; {busy} runs being trained by another `study run`" if busy else ""
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are configuration errors: ``plasticity`` prints them as one line, exit 2."""
+def _command(name: str, description: str) -> CommandParser:
+    command = CommandParser(prog=f"plasticity study {name}", description=description)
+    command.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait while another process writes the store (default 60)",
+    )
+    return command
 
-    def error(self, message: str) -> NoReturn:
-        raise PlasticityConfigError(f"{self.prog}: {message} (see: {self.prog} --help)")
 
-
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="plasticity study", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="train every run of a spec not yet in the store")
+def _parser() -> CommandParser:
+    # each subcommand reads its own --config files (keys: its options, e.g. spec, store, workers, lock_timeout)
+    parser = CommandParser(prog="plasticity study", description=__doc__)
+    commands = parser.add_subcommands(dest="command", required=True)
+    run = _command("run", "train every run of a spec not yet in the store")
     run.add_argument("spec", help="study spec (YAML)")
     run.add_argument("--store", help="SQLite store (default runs/studies/<name>.sqlite)")
     run.add_argument(
         "--workers",
-        type=_workers,
+        type=int,
         help="worker processes, or Ray tasks at once (default: the CPUs, of the cluster with Ray)",
     )
     run.add_argument(
@@ -84,35 +88,32 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--address", help="Ray cluster address with --backend ray, e.g. auto (default: a local Ray runtime)"
     )
-    run.add_argument("--shard", type=_shard, default=(0, 1), help="run only shard i of n (i/n)")
-    status = commands.add_parser("status", help="runs stored vs runs in the spec")
+    run.add_argument("--shard", default="0/1", help="run only shard i of n (i/n)")
+    status = _command("status", "runs stored vs runs in the spec")
     status.add_argument("spec")
     status.add_argument("--store")
-    status.add_argument("--shard", type=_shard, default=(0, 1))
-    merge = commands.add_parser("merge", help="combine shard stores into one")
+    status.add_argument("--shard", default="0/1")
+    merge = _command("merge", "combine shard stores into one")
     merge.add_argument("target")
     merge.add_argument("sources", nargs="+")
-    report = commands.add_parser("report", help="statistics, markdown/CSV summary and figures of a study")
+    report = _command("report", "statistics, markdown/CSV summary and figures of a study")
     report.add_argument("spec")
     report.add_argument("--store")
     report.add_argument("--out", help="output folder (default runs/studies/<name>_report)")
-    report.add_argument("--shard", type=_shard, default=(0, 1), help=argparse.SUPPRESS)
-    export = commands.add_parser("export", help="write a store as CSV or Parquet (one line per run)")
+    export = _command("export", "write a store as CSV or Parquet (one line per run)")
     export.add_argument("store")
     export.add_argument("path", help="output file: .csv, or .parquet")
-    for command in (run, status, merge, report, export):
-        command.add_argument(
-            "--lock-timeout",
-            type=_seconds,
-            default=60.0,
-            help="seconds to wait while another process writes the store (default 60)",
-        )
+    for name, command in (("run", run), ("status", status), ("merge", merge), ("report", report), ("export", export)):
+        commands.add_subcommand(name, command, help=command.description)
+        command.prog = f"plasticity study {name}"  # jsonargparse inserts "[options]", which errors would repeat
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
-    timeout = args.lock_timeout
+    parsed = _parser().parse_args(argv)
+    args = parsed[parsed.command]
+    args.command = parsed.command
+    timeout = _check_seconds(args.lock_timeout)
     if args.command == "merge":
         store = merge_stores(args.target, args.sources, timeout=timeout)
         print(f"{args.target}: {len(store)} runs")
@@ -123,14 +124,15 @@ def main(argv: list[str] | None = None) -> None:
         print(store.export(args.path))
         return
     spec = StudySpec.from_yaml(args.spec)
-    path = _store_path(spec, args.store, args.shard)
+    shard = _shard(args.get("shard", "0/1"))  # merge/export/report have no shard
+    path = _store_path(spec, args.store, shard)
     # status and report read a store: a mistyped path must not create an empty one. Every command checks the
     # whole store (integrity, schema, every run decodes) before it reads or writes: a damaged store is never
     # reported as complete or trained into.
     store = ResultStore(path, timeout=timeout) if args.command == "run" else open_store(path, timeout=timeout)
     if args.command != "run":  # run_study checks it itself
         store.check(deep=True)
-    index, count = args.shard
+    index, count = shard
     groups = spec.groups()[index::count]
     expected = sum(len(g) for g in groups)
     if args.command == "report":
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.address is not None and args.backend != "ray":
         raise PlasticityConfigError(f"--address {args.address!r} needs --backend ray")
-    workers = args.workers
+    workers = _check_workers(args.workers)
     if workers is None and args.backend == "ray":
         from plasticity_lightning.studies.ray_backend import cluster_cpus
 
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
             spec,
             store,
             workers=workers,
-            shard=args.shard,
+            shard=shard,
             progress=progress,
             backend=args.backend,
             address=args.address,
