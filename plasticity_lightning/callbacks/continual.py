@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -12,22 +13,25 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.seed import isolate_rng
 from typing_extensions import override
 
 from plasticity_lightning.callbacks.interventions.base import Intervention
 from plasticity_lightning.callbacks.monitors.base import PlasticityMonitor
 from plasticity_lightning.callbacks.task_aware import TaskAwareCallback
 from plasticity_lightning.core.errors import PlasticityConfigError, check_choice, check_positive_int
-from plasticity_lightning.core.files import write_csv_atomic
+from plasticity_lightning.core.files import write_csv_atomic, write_text_atomic
 from plasticity_lightning.core.rundir import FINISHED_TASK_KEY, TASK_ACCURACY_FILE, run_directory
 from plasticity_lightning.core.tasks import TaskContext, get_task_context, per_task_accuracy_key, stopped_mid_task
 from plasticity_lightning.metrics.continual import (
     COVERAGE_TEXT,
+    PerTaskAccuracy,
     accuracy_matrix_summary,
     first_and_last,
     matrix_coverage,
     per_task_series,
     summary_window,
+    transfer_summary,
 )
 
 log = logging.getLogger(__name__)
@@ -47,11 +51,21 @@ class TaskAccuracyTable(TaskAwareCallback):
     the new-task accuracy and for every plasticity monitor on the trainer, and the ``plasticity report`` command;
     it writes the matrix as CSV into the run directory (also when fit stops on an exception, e.g. a SIGTERM).
 
+    Transfer (Lopez-Paz & Ranzato 2017): before the first training step of a fresh fit, the callback measures the
+    randomly initialised network on every task the validation data holds (one extra pass over it, the global RNG
+    left as it was, so training is unchanged): the random-init row ``b``. Each finished task then also logs
+    ``continual/bwt`` (backward transfer) and, when validation evaluates future tasks (``eval_on: all``),
+    ``continual/fwt_next`` and ``continual/fwt_all`` (forward transfer to the next task and to every future one);
+    see :func:`~plasticity_lightning.metrics.continual.transfer_summary`. Next to the CSV, a JSON file of the same name
+    (``task_accuracy.json``) holds the summary, the transfer numbers and the random-init row (``null`` where not
+    measured).
+
     Args:
         stage: ``"val"`` reads validation accuracies (``"test"`` reads ``test/acc_task_<k>``).
         filename: CSV file name inside the run directory (written when the trainer has a logger); ``None``
             disables the file.
         max_printed_tasks: print the full matrix only up to this many tasks.
+        random_init_row: measure the random-init row before training (needed for forward transfer).
 
     Example::
 
@@ -59,13 +73,25 @@ class TaskAccuracyTable(TaskAwareCallback):
         >>> trainer = Trainer(callbacks=[TaskAccuracyTable()], logger=False, enable_progress_bar=False)
     """
 
-    def __init__(self, stage: str = "val", filename: str | None = TASK_ACCURACY_FILE, max_printed_tasks: int = 12):
+    def __init__(
+        self,
+        stage: str = "val",
+        filename: str | None = TASK_ACCURACY_FILE,
+        max_printed_tasks: int = 12,
+        random_init_row: bool = True,
+    ):
         super().__init__()
         self.stage = check_choice("TaskAccuracyTable", "stage", stage, ("val", "test"))
         self.filename = filename
         self.max_printed_tasks = check_positive_int("TaskAccuracyTable", "max_printed_tasks", max_printed_tasks)
+        if not isinstance(random_init_row, bool):
+            raise PlasticityConfigError(
+                f"TaskAccuracyTable.random_init_row={random_init_row!r} is invalid; expected true or false"
+            )
+        self.random_init_row = random_init_row
         self.num_tasks: int | None = None
         self.rows: dict[int, list[float]] = {}
+        self.random_init: list[float] | None = None  # accuracy on each task before any training (NaN: not measured)
         self._latest: tuple[int, list[float]] | None = None
         self.partial: tuple[int, list[float]] | None = None  # the unfinished task when fit stopped mid-task
         self._before_validation: dict[str, Any] = {}
@@ -79,6 +105,16 @@ class TaskAccuracyTable(TaskAwareCallback):
         return self._state_key
 
     # ------------------------------------------------------------------ collecting
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # only a fresh fit: a resumed one has the row in its state (or started without it)
+        if not self.random_init_row or self.random_init is not None or trainer.global_step > 0:
+            return
+        context = get_task_context(trainer)
+        if context is None or self.stage != "val":
+            return
+        self.random_init = evaluate_per_task(trainer, pl_module, pl_module, context.num_tasks)
+
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # callback_metrics keeps every key ever logged: remember the objects held now, so that a task this
@@ -158,6 +194,7 @@ class TaskAccuracyTable(TaskAwareCallback):
         if not math.isnan(summary["avg_forgetting"]):
             message += f" | mean forgetting {summary['avg_forgetting']:.4f}"
         rank_zero_info(message)
+        summary.update(self.transfer())
         metrics = {f"continual/{name}": value for name, value in summary.items() if not math.isnan(value)}
         metrics[FINISHED_TASK_KEY] = float(task)
         for logger in trainer.loggers:
@@ -169,6 +206,11 @@ class TaskAccuracyTable(TaskAwareCallback):
         ``avg_seen_acc`` and ``avg_forgetting`` (NaN when validation did not evaluate the cells they need, e.g.
         ``eval_on: current``)."""
         return accuracy_matrix_summary(self.rows)
+
+    def transfer(self) -> dict[str, float]:
+        """:func:`~plasticity_lightning.metrics.continual.transfer_summary` of the finished rows and the random-init
+        row: ``bwt``, ``fwt_next``, ``fwt_all`` (NaN when the cells they need were not measured)."""
+        return transfer_summary(self.rows, self.random_init)
 
     def measured(self) -> str:
         """What the finished rows hold: every seen task, or only each task right after it was learned."""
@@ -209,6 +251,7 @@ class TaskAccuracyTable(TaskAwareCallback):
             console.print("* training stopped before this task's end", highlight=False)
         summary = self.summary()
         if summary:
+            summary.update(self.transfer())
             console.print(
                 "  ".join(f"{name}={value:.4f}" for name, value in summary.items() if not math.isnan(value))
                 + f"  (measured: {self.measured()})",
@@ -255,12 +298,35 @@ class TaskAccuracyTable(TaskAwareCallback):
         lines = [["after_task", "complete", *(f"acc_task_{k}" for k in range(num_tasks))]]
         for t, row, complete in rows:
             lines.append([t, int(complete), *("" if math.isnan(v) else f"{v:.6f}" for v in row)])
-        return write_csv_atomic(directory / self.filename, lines)
+        path = write_csv_atomic(directory / self.filename, lines)
+        write_text_atomic(path.with_suffix(".json"), json.dumps(self._companion(), indent=2) + "\n")
+        return path
+
+    def _companion(self) -> dict[str, Any]:
+        """What ``task_accuracy.json`` holds: the summaries of the finished rows and the random-init row."""
+
+        def finite(value: float) -> float | None:  # JSON has no NaN: null means "not measured"
+            return float(value) if math.isfinite(value) else None
+
+        return {
+            "stage": self.stage,
+            "finished_tasks": sorted(self.rows),
+            "measured": self.measured() if self.rows else COVERAGE_TEXT["none"],
+            "summary": {name: finite(value) for name, value in (self.summary() or {}).items()},
+            "transfer": {name: finite(value) for name, value in self.transfer().items()},
+            "random_init": None if self.random_init is None else [finite(v) for v in self.random_init],
+        }
 
     # ------------------------------------------------------------------ state
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "num_tasks": self.num_tasks, "rows": dict(self.rows), "latest": self._latest}
+        return {
+            **super().state_dict(),
+            "num_tasks": self.num_tasks,
+            "rows": dict(self.rows),
+            "latest": self._latest,
+            "random_init": self.random_init,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -269,6 +335,67 @@ class TaskAccuracyTable(TaskAwareCallback):
         self.rows = {int(k): list(v) for k, v in state_dict.get("rows", {}).items()}
         latest = state_dict.get("latest")
         self._latest = (int(latest[0]), list(latest[1])) if latest is not None else None
+        random_init = state_dict.get("random_init")
+        self.random_init = None if random_init is None else [float(v) for v in random_init]
+
+
+def _batch_parts(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(x, y, task_ids)`` of an evaluation batch, or ``None`` when it carries no task ids."""
+    if isinstance(batch, dict):
+        parts = batch.get("x"), batch.get("y"), batch.get("task_ids")
+    elif isinstance(batch, (list, tuple)) and len(batch) == 3:
+        parts = tuple(batch)
+    else:
+        return None
+    return parts if all(isinstance(p, torch.Tensor) for p in parts) else None
+
+
+@torch.no_grad()
+def evaluate_per_task(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, model: torch.nn.Module, num_tasks: int
+) -> list[float] | None:
+    """Accuracy of ``model`` on each task of the trainer's validation data (NaN where a task has no rows), as the
+    validation loop would see it: the same batches (``limit_val_batches`` included), transformed for the task by
+    the datamodule, with the current task's class mask; reduced across DDP ranks by torchmetrics. ``model`` is
+    ``pl_module`` itself or a network that takes the same inputs. ``None`` when there is no validation data or its
+    batches carry no task ids. The global RNG is left as it was, so training that follows is unchanged.
+    """
+    if trainer.val_dataloaders is None:  # Lightning sets them up before fit starts when validation runs
+        return None
+    was_training = trainer.training
+    if was_training:
+        trainer.validating = True  # the datamodule transforms batches for evaluation, as Lightning's own setup does
+    modes = {module: module.training for module in model.modules()}
+    try:
+        loaders = trainer.val_dataloaders
+        loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders] if loaders is not None else []
+        limits = list(trainer.num_val_batches) if trainer.num_val_batches else []
+        metric = PerTaskAccuracy(num_tasks).to(pl_module.device)
+        model.eval()
+        with isolate_rng():
+            for index, loader in enumerate(loaders):
+                limit = limits[index] if index < len(limits) else float("inf")
+                for batch_idx, batch in enumerate(loader):
+                    if batch_idx >= limit:
+                        break
+                    batch = pl_module._apply_batch_transfer_handler(batch, pl_module.device, dataloader_idx=index)
+                    parts = _batch_parts(batch)
+                    if parts is None:
+                        return None
+                    x, y, task_ids = parts
+                    out = model(x)
+                    context = get_task_context(trainer)
+                    if context is not None and context.class_mask is not None and out.ndim == 2:
+                        out = out.masked_fill(~context.class_mask.to(out.device), float("-inf"))
+                    metric.update(out, y, task_ids)
+        if not metric.update_called:
+            return None
+        return [float(v) for v in metric.compute().reshape(-1)]
+    finally:
+        for module, mode in modes.items():
+            module.train(mode)
+        if was_training:
+            trainer.training = True
 
 
 # the per-layer measures worth a first-against-last line at the end of a fit (the rest are in the report)

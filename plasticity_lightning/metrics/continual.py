@@ -15,6 +15,7 @@ from plasticity_lightning.metrics.continual_summary import (
     per_task_series,
     seen_accuracy,
     summary_window,
+    transfer_summary,
 )
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "per_task_series",
     "seen_accuracy",
     "summary_window",
+    "transfer_summary",
 ]
 
 

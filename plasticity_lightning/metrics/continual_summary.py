@@ -1,6 +1,6 @@
 """Summaries of a continual stream from its per-task numbers: the accuracy matrix (average accuracy, forgetting,
-what was measured), the first tasks against the last, per-task series. Plain Python, no torch: ``plasticity report``
-reads finished runs with these without importing torch or torchmetrics.
+backward and forward transfer, what was measured), the first tasks against the last, per-task series. Plain Python,
+no torch: ``plasticity report`` reads finished runs with these without importing torch or torchmetrics.
 """
 
 from __future__ import annotations
@@ -74,6 +74,58 @@ def accuracy_matrix_summary(rows: Mapping[int, Sequence[float]]) -> dict[str, fl
         "new_task_acc": float(row[last]),
         "avg_seen_acc": sum(seen) / len(seen) if all(math.isfinite(v) for v in seen) else math.nan,
         "avg_forgetting": sum(forgetting) / len(forgetting) if forgetting else math.nan,
+    }
+
+
+def transfer_summary(
+    rows: Mapping[int, Sequence[float]], random_init: Sequence[float] | None = None
+) -> dict[str, float]:
+    """Backward and forward transfer of an accuracy matrix (Lopez-Paz & Ranzato 2017, GEM), NaN where the cells
+    they need were not measured.
+
+    * ``bwt``: mean over earlier tasks ``k`` of ``rows[T][k] − rows[k][k]`` (``T`` the last row): what later
+      training did to a task once learned (negative: forgetting);
+    * ``fwt_next``: mean over rows ``t`` of ``rows[t][t + 1] − b[t + 1]``, with ``b`` the accuracy of the randomly
+      initialised network before any training (``random_init``): how much training up to task ``t`` helps the next
+      task before it is seen (the paper's FWT);
+    * ``fwt_all``: the same over every future task, the mean of ``rows[t][k] − b[k]`` over all ``k > t``.
+
+    Forward transfer needs future tasks evaluated (``eval_on: all``) and ``b``; a pair with a missing cell is left
+    out of its mean.
+
+    Example::
+
+        >>> nan = float("nan")
+        >>> rows = {0: [0.9, 0.3, 0.2], 1: [0.7, 0.8, 0.4], 2: [0.6, 0.7, 0.9]}
+        >>> {k: round(v, 4) for k, v in transfer_summary(rows, [0.1, 0.1, 0.2]).items()}
+        {'bwt': -0.2, 'fwt_next': 0.2, 'fwt_all': 0.1333}
+        >>> transfer_summary({0: [0.9, nan]})
+        {'bwt': nan, 'fwt_next': nan, 'fwt_all': nan}
+    """
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values) if values else math.nan
+
+    def cell(t: int, k: int) -> float:
+        return float(rows[t][k]) if t in rows and k < len(rows[t]) else math.nan
+
+    if not rows:
+        return {"bwt": math.nan, "fwt_next": math.nan, "fwt_all": math.nan}
+    last = max(rows)
+    backward = [cell(last, k) - cell(k, k) for k in range(last)]
+    base = [float(v) for v in random_init] if random_init is not None else []
+    forward_next, forward_all = [], []
+    for t in rows:
+        for k in range(t + 1, min(len(rows[t]), len(base))):
+            gain = cell(t, k) - base[k]
+            forward_all.append(gain)
+            if k == t + 1:
+                forward_next.append(gain)
+    finite = [v for v in backward if math.isfinite(v)]
+    return {
+        "bwt": mean(finite),
+        "fwt_next": mean([v for v in forward_next if math.isfinite(v)]),
+        "fwt_all": mean([v for v in forward_all if math.isfinite(v)]),
     }
 
 
