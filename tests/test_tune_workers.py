@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -184,3 +185,141 @@ def test_a_running_trial_keeps_beating_past_the_grace_period(tmp_path):
     states = {t._trial_id: t.state for t in study.get_trials()}
     assert states[beating] == optuna.trial.TrialState.RUNNING
     assert states[silent] == FAIL  # beat once when claimed, then nothing for longer than the grace period
+
+
+def _signal_in_trials(monkeypatch, signum: int, epoch: int = 1) -> None:
+    """Each trial's fit (not the probe's) sends this process ``signum`` at the end of ``epoch``."""
+    from lightning.pytorch import Callback
+
+    import plasticity_lightning.tune.study as tune_study
+
+    class Signal(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == epoch:
+                os.kill(os.getpid(), signum)
+
+    fit = tune_study._fit
+    monkeypatch.setattr(
+        tune_study,
+        "_fit",
+        lambda config, path, callbacks: fit(
+            config, path, [*callbacks, Signal()] if "trial_" in path.name else callbacks
+        ),
+    )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+def test_a_trial_stopped_by_a_signal_is_queued_again_and_a_rerun_completes_the_study(
+    tmp_path, monkeypatch, capsys, signum
+):
+    """The worker (here the command itself: one worker) stops its fit at the signal, records the trial as failed
+    with the signal as its reason, queues a copy with the same values and exits 128 + signal without claiming the
+    copy; the same command again completes the study with the copy."""
+    monkeypatch.chdir(tmp_path)
+    argv = _argv(tmp_path, 1, 2)
+    _signal_in_trials(monkeypatch, signum)
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 128 + signum
+    assert f"stopped by {signum.name}" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the worker's handlers are gone with it
+    interrupted, copy = _trials(tmp_path)
+    assert interrupted.state == FAIL and interrupted.user_attrs["fail_reason"].startswith(
+        f"interrupted by {signum.name}"
+    )
+    epochs = pd.read_csv(Path(interrupted.user_attrs["run_dir"]) / "metrics.csv")["epoch"].dropna()
+    assert epochs.max() == 1  # stopped where the signal came, not run to its 4th epoch
+    assert copy.state.name == "WAITING" and copy.params == interrupted.params  # queued, not run: the worker stopped
+    assert copy.system_attrs["retry_history"] == [interrupted.number] and "fail_reason" not in copy.user_attrs
+
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    main(argv)  # the same command: the copy runs, nothing else
+    trials = _check_complete(tmp_path, 1)
+    assert len(trials) == 2 and trials[copy.number].params == interrupted.params
+
+
+def test_journal_storage_refuses_heartbeat_options(tmp_path, capsys):
+    from plasticity_lightning.cli import main as plasticity
+
+    journal = tmp_path / "study.journal"
+    for option in (["--heartbeat", "5"], ["--retries", "1"]):
+        with pytest.raises(SystemExit) as refused:
+            plasticity(_argv(tmp_path, 2, 2, "--storage", f"journal:{journal}", *option))
+        assert refused.value.code == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert f"{option[0]} with --storage 'journal:{journal}'" in line and "no heartbeats" in line
+    assert not (tmp_path / "tune" / "trials").exists()  # refused before the probe or any trial
+
+
+def _children(pid: int) -> dict[int, str]:
+    """The processes whose parent is ``pid`` (Linux /proc), with their command lines."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
+
+
+@pytest.mark.slow  # three interpreters start and two trials begin: ~30-60 s on 2 busy cores
+def test_workers_end_with_a_killed_tune_command_and_a_rerun_completes_the_study(tmp_path, monkeypatch):
+    """kill -9 of the ``plasticity tune`` process only (not its group): every process it started is gone within
+    seconds, each worker having recorded its trial as interrupted and queued a copy; the same command again
+    completes the study."""
+    monkeypatch.chdir(tmp_path)
+    argv = _argv(tmp_path, 3, 40, "--workers", "2")
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    command = subprocess.Popen(
+        [sys.executable, "-m", "plasticity_lightning", *argv],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    running: list[optuna.trial.FrozenTrial] = []
+    try:
+        while time.monotonic() < deadline and len(running) < 2:
+            time.sleep(0.5)
+            if (tmp_path / "tune" / "study.sqlite").exists():
+                try:
+                    running = [t for t in _trials(tmp_path) if t.state.name == "RUNNING" and "run_dir" in t.user_attrs]
+                except KeyError:  # the study is not created yet
+                    continue
+        assert len(running) == 2, "the two workers did not both start a trial within 300 s"
+        started = _children(command.pid)
+        workers = [pid for pid, line in started.items() if "spawn_main" in line]
+        assert len(workers) == 2, started
+        os.kill(command.pid, signal.SIGKILL)  # the command alone: its workers are not signalled
+        command.wait()
+        killed = time.monotonic()
+        # each worker's graceful stop takes ~1-2 s of CPU (its fit's shutdown, the storage writes, exit); 30 s
+        # leaves room for a machine so loaded that a niced process gets a tenth of a core (measured: 24 s there)
+        while any(_alive(pid) for pid in started) and time.monotonic() < killed + 30:
+            time.sleep(0.1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(command.pid, signal.SIGKILL)  # whatever is left, should the test fail
+    assert not any(_alive(pid) for pid in started), f"still running 30 s after the kill: {started}"
+    trials = _trials(tmp_path)
+    for trial in running:
+        stopped = trials[trial.number]
+        assert stopped.state == FAIL and stopped.user_attrs["fail_reason"].startswith("interrupted by SIGTERM")
+        (copy,) = [t for t in trials if t.system_attrs.get("retry_history") == [trial.number]]
+        assert copy.state.name == "WAITING" and copy.params == stopped.params
+    main(argv)
+    _check_complete(tmp_path, 3)

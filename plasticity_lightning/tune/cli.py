@@ -50,10 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--study-name", help="study name (default: the search file's name)")
     parser.add_argument("--out", help="tune folder (default runs/tune/<study name>)")
     parser.add_argument(
-        "--heartbeat", type=_positive, default=10, help="seconds between a running trial's heartbeats (default 10)"
+        "--heartbeat", type=_positive, help="seconds between a running trial's heartbeats (default 10; RDB storages)"
     )
     parser.add_argument(
-        "--retries", type=int, default=2, help="times a trial whose worker died is run again (default 2)"
+        "--retries", type=int, help="times a trial whose worker died is run again (default 2; RDB storages)"
     )
     return parser
 
@@ -64,8 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     from plasticity_lightning.tune.search import SearchSpec, check_keys
     from plasticity_lightning.tune.study import (
         FINGERPRINT_ATTR,
+        TrialInterrupted,
         TuneSetup,
         fingerprint,
+        heartbeats,
         load_study,
         open_storage,
         prepare,
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         write_best,
     )
 
-    if args.retries < 0:
+    if args.retries is not None and args.retries < 0:
         raise PlasticityConfigError(f"--retries={args.retries} is invalid; expected an integer >= 0")
     spec = SearchSpec.from_yaml(args.search)
     name = args.study_name or Path(args.search).stem
@@ -86,10 +88,19 @@ def main(argv: list[str] | None = None) -> None:
     folder = Path(args.out) if args.out else Path("runs") / "tune" / name
     folder.mkdir(parents=True, exist_ok=True)
     url = storage_url(folder, args.storage)
-    storage = open_storage(url, args.heartbeat, args.retries)  # a bad URL fails here, before anything runs
+    heartbeat, retries = args.heartbeat or 10, 2 if args.retries is None else args.retries
+    storage = open_storage(url, heartbeat, retries)  # a bad URL fails here, before anything runs
+    if not heartbeats(storage):
+        given = [f"--{name}" for name in ("heartbeat", "retries") if getattr(args, name) is not None]
+        if given:
+            raise PlasticityConfigError(
+                f"{' and '.join(given)} with --storage {url!r}: this storage records no heartbeats (Optuna's journal "
+                "storage has none), so a killed worker's trial is never found or retried; use an RDB storage "
+                "(sqlite:///PATH on one machine, postgresql:// or mysql:// across machines), or drop the option"
+            )
     base = recipe_config(args.config)
     check_keys(base, spec)
-    setup = TuneSetup(base, spec, folder, url, name, args.trials, args.heartbeat, args.retries)
+    setup = TuneSetup(base, spec, folder, url, name, args.trials, heartbeat, retries)
     import optuna
 
     known = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
@@ -98,7 +109,15 @@ def main(argv: list[str] | None = None) -> None:
         probe(base, spec, folder)
     study = prepare(setup)
     print(f"plasticity tune: study {name!r} in {url}: {args.trials} trials, {args.workers} worker(s)", flush=True)
-    run_workers(setup, args.workers)
+    try:
+        run_workers(setup, args.workers)
+    except TrialInterrupted as stop:
+        print(
+            f"plasticity tune: stopped by {stop.name}; interrupted trials are queued again: rerun the same command "
+            "to finish the study",
+            file=sys.stderr,
+        )
+        raise SystemExit(128 + stop.signum) from None
     study = load_study(setup)
     result = summary(study, setup)
     best = write_best(study, setup)

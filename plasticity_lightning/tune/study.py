@@ -13,6 +13,10 @@ How the pieces fit:
   period (three heartbeats) any worker, or the rerun command, marks that trial failed and Optuna's
   ``RetryHeartbeatStaleTrialCallback`` queues a copy of it with the same values (up to ``retries`` times).
   Workers keep waiting while others' trials run, so a retry is always picked up.
+* A worker told to stop (SIGTERM, Ctrl-C, or the death of the ``plasticity tune`` process that started it, even by
+  ``kill -9``: each worker watches its parent) ends its trial's fit at once, records the trial as failed with the
+  signal as its reason, queues a copy with the same values (Optuna's retry callback: the copy counts instead) and
+  exits; rerunning the command completes the study. This works on every storage, the journal file included.
 * Each trial is an ordinary ``plasticity fit`` of the complete recipe with the sampled values in place
   (``logs/trial_NNNN.yaml``, beside the fit's output ``logs/trial_NNNN.log``), run inside the worker (no new
   interpreter per trial) and logging into its own run directory ``<tune folder>/trials/trial_NNNN`` (readable by
@@ -32,6 +36,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -59,6 +64,86 @@ _BASELINE_ATTR = "baseline"
 _FIT_SECONDS_ATTR = "fit_seconds"
 _TRIAL_SECONDS_ATTR = "trial_seconds"
 _LOGGERS = ("lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.loggers.TensorBoardLogger")
+
+
+class TrialInterrupted(KeyboardInterrupt):
+    """A worker was told to stop: SIGTERM, SIGINT, or the death of the ``plasticity tune`` process that started it.
+
+    The trial it was running is recorded as failed with the signal as its reason and queued again with the same
+    values, so rerunning the command completes the study. A ``KeyboardInterrupt`` so that Lightning, interrupted
+    inside a fit, shuts the fit down as it does for Ctrl-C (callbacks' ``on_exception``, loggers finalized).
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = int(signum)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+class _Signals:
+    """SIGTERM and SIGINT while a worker runs: recorded, and raised as :class:`TrialInterrupted` only where the worker
+    can stop cleanly (inside a trial, or while it waits), never while it records a trial in the storage; a signal
+    that arrives there stops the worker at its next check."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._armed = False
+
+    def handler(self, signum: int, frame: Any) -> None:
+        self.received.append(signum)
+        if self._armed and len(self.received) == 1:
+            self._armed = False  # one interruption; the ones after it (Ctrl-C twice, the parent's SIGTERM) only count
+            raise TrialInterrupted(signum)
+
+    def check(self) -> None:
+        if self.received:
+            raise TrialInterrupted(self.received[0])
+
+    @contextlib.contextmanager
+    def armed(self) -> Iterator[None]:
+        self.check()
+        self._armed = True
+        try:
+            yield
+        finally:
+            self._armed = False
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[_Signals]:
+    """Install :class:`_Signals` for SIGTERM and SIGINT (main thread only: elsewhere nothing is received)."""
+    signals = _Signals()
+    if threading.current_thread() is not threading.main_thread():
+        yield signals
+        return
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    for signum in saved:
+        signal.signal(signum, signals.handler)
+    try:
+        yield signals
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+def _interruption(err: BaseException) -> TrialInterrupted | None:
+    """The signal behind ``err``: Lightning turns an interruption inside a fit into ``SystemExit(1)`` (after a
+    ``KeyboardInterrupt``, ours included) or its ``SIGTERMException`` (a SIGTERM that reached the fit before ours)."""
+    from plasticity_lightning.cli import _stopped_by_sigterm
+
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, TrialInterrupted):
+            return cause
+        if _stopped_by_sigterm(cause):
+            return TrialInterrupted(signal.SIGTERM)
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _quiet_optuna() -> None:
@@ -328,7 +413,7 @@ def open_storage(url: str, heartbeat: int = 10, retries: int = 2) -> Any:
         raise PlasticityConfigError(f"--storage {url!r} cannot be opened: {type(err).__name__}: {reason}") from None
 
 
-def _heartbeats(storage: Any) -> bool:
+def heartbeats(storage: Any) -> bool:
     """Whether ``storage`` (an RDB storage, or the cache Optuna wraps it in) records heartbeats."""
     interval = getattr(storage, "get_heartbeat_interval", None)
     return interval is not None and interval() is not None
@@ -337,7 +422,7 @@ def _heartbeats(storage: Any) -> bool:
 @contextlib.contextmanager
 def _heartbeat(storage: Any, trial_id: int) -> Iterator[None]:
     """Record the trial's heartbeat now and every interval while it runs (what ``Study.optimize`` does)."""
-    if not _heartbeats(storage):
+    if not heartbeats(storage):
         yield
         return
     stop = threading.Event()
@@ -453,7 +538,7 @@ def prepare(setup: TuneSetup) -> Any:
             )
         if recorded is None:
             study.set_user_attr(FINGERPRINT_ATTR, mark)
-        if _heartbeats(storage):
+        if heartbeats(storage):
             optuna.storages.fail_stale_trials(study)
         trials = study.get_trials(deepcopy=False)
         missing = setup.trials - len(counted_trials(trials))
@@ -474,7 +559,7 @@ def _claim(study: Any, storage: Any) -> int | None:
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
         try:
             if study._storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.RUNNING):
-                if _heartbeats(storage):
+                if heartbeats(storage):
                     storage.record_heartbeat(trial._trial_id)
                 return trial._trial_id
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -515,51 +600,88 @@ def _tell(study: Any, trial: Any, values: list[float] | None, state: Any) -> Non
             raise
 
 
-def run_trial(study: Any, trial_id: int, setup: TuneSetup, report: Callable[[str], None] = print) -> str:
-    """Run one claimed trial as a ``fit`` and tell the study how it ended; returns the state's name."""
+def _queue_again(study: Any, trial: Any, stop: TrialInterrupted, seconds: tuple[float, float]) -> int | None:
+    """Record an interrupted trial as failed (the signal its reason) and queue a copy with the same values, which
+    counts instead of it (Optuna's retry callback, as for a stale trial; an interruption is not the trial's fault,
+    so it is not limited by ``retries``). Returns the copy's number, None if the trial was failed as stale
+    meanwhile (its heartbeat copy counts)."""
+    import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    frozen = study._storage.get_trial(trial._trial_id)  # before the failure's attributes: the copy starts clean
+    try:
+        trial.set_user_attr(_FAIL_ATTR, f"interrupted by {stop.name}; queued again with the same values")
+        trial.set_user_attr(_FIT_SECONDS_ATTR, round(seconds[0], 3))
+        trial.set_user_attr(_TRIAL_SECONDS_ATTR, round(seconds[1], 3))
+        _tell(study, trial, None, optuna.trial.TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return None
+    RetryHeartbeatStaleTrialCallback(max_retry=None)(study, frozen)
+    return study.get_trials(deepcopy=False)[-1].number
+
+
+def run_trial(
+    study: Any,
+    trial_id: int,
+    setup: TuneSetup,
+    report: Callable[[str], None] = print,
+    signals: _Signals | None = None,
+) -> str:
+    """Run one claimed trial as a ``fit`` and tell the study how it ended; returns the state's name.
+
+    Raises:
+        TrialInterrupted: a signal stopped the trial (recorded as failed and queued again first).
+    """
     import optuna
     from optuna.trial import TrialState
 
     started = time.perf_counter()
     trial = optuna.Trial(study, trial_id)
     directory = trial_directory(setup.folder, trial.number)
-    storage = study._storage
+    log = setup.folder / LOGS_DIR / f"{directory.name}.log" if setup.capture else None
+    signals = signals or _Signals()
     state, values, reason, fit_seconds = TrialState.FAIL, None, None, 0.0
-    with _heartbeat(storage, trial_id):
+    stop: TrialInterrupted | None = None
+    with _heartbeat(study._storage, trial_id):
         try:
-            params = {param.key: _suggest(trial, param) for param in setup.spec.params}
-            trial.set_user_attr(_RUN_DIR_ATTR, str(directory))
-            config = run_config(
-                configured(setup.base, setup.spec, params),
-                directory,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-            )
-            callbacks = []
-            if setup.spec.pruning_monitor is not None:
-                from optuna_integration import PyTorchLightningPruningCallback
+            with signals.armed():  # a signal received while the trial was claimed stops it here
+                params = {param.key: _suggest(trial, param) for param in setup.spec.params}
+                trial.set_user_attr(_RUN_DIR_ATTR, str(directory))
+                config = run_config(
+                    configured(setup.base, setup.spec, params),
+                    directory,
+                    enable_progress_bar=False,
+                    enable_model_summary=False,
+                )
+                callbacks = []
+                if setup.spec.pruning_monitor is not None:
+                    from optuna_integration import PyTorchLightningPruningCallback
 
-                callbacks.append(PyTorchLightningPruningCallback(trial, monitor=setup.spec.pruning_monitor))
-            log = setup.folder / LOGS_DIR / f"{directory.name}.log" if setup.capture else None
-            fit_started = time.perf_counter()
-            try:
-                with _output_to(log):
-                    _fit(config, setup.folder / LOGS_DIR / f"{directory.name}.yaml", callbacks)
-                    for callback in callbacks:
-                        callback.check_pruned()  # DDP: the ranks' decision, kept in the storage
-            finally:
-                fit_seconds = time.perf_counter() - fit_started
-            values = objective_values(directory, setup.spec)
+                    callbacks.append(PyTorchLightningPruningCallback(trial, monitor=setup.spec.pruning_monitor))
+                fit_started = time.perf_counter()
+                try:
+                    with _output_to(log):
+                        _fit(config, setup.folder / LOGS_DIR / f"{directory.name}.yaml", callbacks)
+                        for callback in callbacks:
+                            callback.check_pruned()  # DDP: the ranks' decision, kept in the storage
+                finally:
+                    fit_seconds = time.perf_counter() - fit_started
+                values = objective_values(directory, setup.spec)
             state = TrialState.COMPLETE
         except optuna.TrialPruned:
             state = TrialState.PRUNED
         except SystemExit as exit_:  # the CLI's one-line errors (a value jsonargparse refuses) end in exit 2
-            reason = f"plasticity fit exited with status {exit_.code}" + (f"; see {log}" if setup.capture else "")
+            stop = _interruption(exit_)  # Lightning ends an interrupted fit with sys.exit(1)
+            reason = f"plasticity fit exited with status {exit_.code}" + (f"; see {log}" if log else "")
         except Exception as err:
             reason = _one_line(err)
-        except KeyboardInterrupt:
-            _tell(study, trial, None, TrialState.FAIL)
-            raise
+        except KeyboardInterrupt as err:
+            stop = _interruption(err) or TrialInterrupted(signal.SIGINT)
+        if stop is not None:
+            number = _queue_again(study, trial, stop, (fit_seconds, time.perf_counter() - started))
+            again = f"queued again as trial {number}" if number is not None else "failed as stale meanwhile"
+            report(f"trial {trial.number}: interrupted by {stop.name}; {again} (rerun the command to finish the study)")
+            raise stop
         try:
             if reason is not None:
                 trial.set_user_attr(_FAIL_ATTR, reason)
@@ -578,38 +700,116 @@ def run_trial(study: Any, trial_id: int, setup: TuneSetup, report: Callable[[str
 
 def work(setup: TuneSetup, report: Callable[[str], None] = print) -> int:
     """One worker: claim and run waiting trials until the study holds no waiting or running trial; returns how
-    many it ran. While other workers' trials run it waits: one may die, and its retry must still be run."""
+    many it ran. While other workers' trials run it waits: one may die, and its retry must still be run.
+
+    Raises:
+        TrialInterrupted: SIGTERM or SIGINT stopped the worker (its trial, if any, is queued again).
+    """
     import optuna
 
     storage = open_storage(setup.storage_url, setup.heartbeat, setup.retries)
     study = load_study(setup, storage)
     ran = 0
-    while True:
-        with _queue_lock(setup.storage_url, setup.folder):
-            if _heartbeats(storage):
-                optuna.storages.fail_stale_trials(study)
-            trial_id = _claim(study, storage)
-        if trial_id is not None:
-            run_trial(study, trial_id, setup, report)
-            ran += 1
-            continue
-        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-        if not running or not _heartbeats(storage):
-            return ran
-        time.sleep(min(2.0, setup.heartbeat / 2))
+    with _stop_on_signals() as signals:
+        while True:
+            signals.check()
+            with _queue_lock(setup.storage_url, setup.folder):
+                if heartbeats(storage):
+                    optuna.storages.fail_stale_trials(study)
+                trial_id = _claim(study, storage)
+            if trial_id is not None:
+                run_trial(study, trial_id, setup, report, signals)
+                ran += 1
+                continue
+            running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            if not running or not heartbeats(storage):
+                return ran
+            with signals.armed():
+                time.sleep(min(2.0, setup.heartbeat / 2))
+
+
+def _die_with_parent(grace: float = 30.0) -> None:
+    """End this worker when the process that started it dies, however it died (``kill -9`` included): a thread
+    waits on the pipe the parent holds open (multiprocessing's parent sentinel; the kernel closes it with the
+    parent), then sends this process SIGTERM, which records and requeues its trial; should that hang, the thread
+    ends the process after ``grace`` seconds."""
+    from multiprocessing.connection import wait
+
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.sentinel is None:
+        return
+
+    def watch() -> None:
+        wait([parent.sentinel])
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace)
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, name="tune-parent-watch", daemon=True).start()
+
+
+def preload(setup: TuneSetup) -> None:
+    """Import what a trial runs before a fresh worker claims its first trial: Lightning, the CLI, the recipe's
+    classes and the pruning callback would otherwise load inside that trial (about 20 s of a busy 2-core machine,
+    seen as the first trial of each worker taking that much longer). A plain ``plasticity fit`` process pays the
+    same imports once; a worker pays them once for all its trials."""
+    import importlib
+
+    import plasticity_lightning.cli.fit  # noqa: F401  (Lightning, jsonargparse, the CLI)
+
+    def class_paths(node: Any) -> Iterator[str]:
+        if isinstance(node, dict):
+            if isinstance(node.get("class_path"), str):
+                yield node["class_path"]
+            for value in node.values():
+                yield from class_paths(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from class_paths(value)
+
+    for path in {*class_paths(setup.base), *class_paths(setup.spec.to_dict())}:
+        with contextlib.suppress(Exception):  # a class that does not import fails in its trial, with its reason
+            importlib.import_module(path.rpartition(".")[0])
+    if setup.spec.pruning_monitor is not None:
+        from optuna_integration import PyTorchLightningPruningCallback  # noqa: F401
 
 
 def _worker_main(setup: TuneSetup) -> None:
-    import torch
+    _die_with_parent()
+    try:
+        import torch
 
-    if setup.threads:
-        torch.set_num_threads(setup.threads)
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C reaches every worker: the main process reports it
+        if setup.threads:
+            torch.set_num_threads(setup.threads)
+        preload(setup)
         work(setup, report=lambda line: print(line, flush=True))
+    except TrialInterrupted as stop:
+        sys.exit(128 + stop.signum)
+    except KeyboardInterrupt:  # Ctrl-C while the worker was still starting: no trial of its own to record
+        sys.exit(128 + signal.SIGINT)
+
+
+def _stop_workers(processes: list[Any], grace: float = 60.0) -> None:
+    """SIGTERM to each worker still running (each records and requeues its trial), then SIGKILL to any that has
+    not exited within ``grace`` seconds (its trial is then found stale by its heartbeat)."""
+    started = [process for process in processes if process.pid is not None]  # a signal may come between starts
+    for process in started:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + grace
+    for process in started:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 def run_workers(setup: TuneSetup, workers: int) -> None:
-    """``workers`` worker processes (this process itself when 1) until the study is complete."""
+    """``workers`` worker processes (this process itself when 1) until the study is complete.
+
+    SIGTERM or SIGINT to this process stops every worker (each records and requeues its trial) before it raises
+    :class:`TrialInterrupted`; a worker whose parent dies without that (``kill -9``) stops itself.
+    """
     if workers == 1:
         work(setup)
         return
@@ -619,15 +819,16 @@ def run_workers(setup: TuneSetup, workers: int) -> None:
         context.Process(target=_worker_main, args=(dataclasses.replace(setup, worker=i),), name=f"tune-worker-{i}")
         for i in range(workers)
     ]
-    for process in processes:
-        process.start()
-    try:
-        for process in processes:
-            process.join()
-    except KeyboardInterrupt:
-        for process in processes:
-            process.terminate()
-        raise
+    with _stop_on_signals() as signals:
+        try:
+            with signals.armed():
+                for process in processes:
+                    process.start()
+                for process in processes:
+                    process.join()
+        except TrialInterrupted:
+            _stop_workers(processes)
+            raise
     failed = [p.exitcode for p in processes if p.exitcode not in (0, None)]
     if failed:
         print(f"plasticity tune: {len(failed)} worker(s) ended with status {failed}", file=sys.stderr)
