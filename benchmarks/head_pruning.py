@@ -28,8 +28,8 @@ import torch
 from _common import quiet_trainer
 
 from plasticity_lightning import CausalLM, TextDataModule
-from plasticity_lightning.callbacks.heads.importance import lowest_heads
-from plasticity_lightning.surgery import HeadGates, HeadReviver, head_importance
+from plasticity_lightning.policies.heads import HeadReviver, lowest_heads
+from plasticity_lightning.surgery import HeadGates, head_importance
 
 FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5)
 

@@ -18,9 +18,8 @@ from plasticity_lightning import (
     PlasticityConfigError,
     PlasticityCycle,
 )
-from plasticity_lightning.callbacks.heads.cycle import updated_rating
-from plasticity_lightning.callbacks.heads.importance import heads_to_grow
-from plasticity_lightning.surgery import HeadGates, HeadReviver
+from plasticity_lightning.policies.heads import HeadReviver, heads_to_grow, updated_rating
+from plasticity_lightning.surgery import HeadGates
 
 HEAD_DIM, WIDTH = 8, 32  # tiny_gpt2: 4 heads of 8 in a 32-wide model
 

@@ -174,7 +174,7 @@ def _token_loaders():
 
 
 def test_pruning_choice_never_takes_a_layers_last_head():
-    from plasticity_lightning.callbacks.heads.importance import lowest_heads
+    from plasticity_lightning.policies.heads import lowest_heads
 
     importance = torch.tensor([[0.0, 0.1, 0.2], [0.9, 0.8, 0.7]])
     alive = torch.tensor([[True, True, False], [True, True, True]])
@@ -187,7 +187,7 @@ def test_iterative_pruning_by_importance_and_revert_beyond_tolerance(tmp_path):
     from conftest import make_trainer
 
     from plasticity_lightning import HeadImportance, HeadPruning
-    from plasticity_lightning.callbacks.heads.importance import lowest_heads
+    from plasticity_lightning.policies.heads import lowest_heads
 
     _, train, val = _token_loaders()
     importance = HeadImportance(num_batches=6)
@@ -277,10 +277,10 @@ def test_gate_gradients_are_unscaled_and_overflowing_steps_skipped():
     trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=Scaler()))
     callback.gates.gates.grad = torch.full((3, 4), -2048.0)
     callback.on_after_backward(trainer, module)
-    assert torch.equal(callback._sum, torch.full((3, 4), 2.0))  # |grad| / loss scale
+    assert torch.equal(callback.policy.sum, torch.full((3, 4), 2.0))  # |grad| / loss scale
     callback.gates.gates.grad = torch.full((3, 4), float("inf"))
     callback.on_after_backward(trainer, module)
-    assert torch.equal(callback._sum, torch.full((3, 4), 2.0)) and callback.gates.gates.grad is None
+    assert torch.equal(callback.policy.sum, torch.full((3, 4), 2.0)) and callback.gates.gates.grad is None
 
 
 def test_pruned_heads_persist_after_the_fit_and_fold_into_the_weights(tmp_path):

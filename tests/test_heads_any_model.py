@@ -14,7 +14,8 @@ from plasticity_lightning import PlasticityConfigError
 from plasticity_lightning.callbacks import AttentionEntropyMonitor, HeadGrowth, HeadImportance, HeadPruning
 from plasticity_lightning.data import TextDataModule
 from plasticity_lightning.models.causal_lm import CausalLM
-from plasticity_lightning.surgery import HeadGates, HeadReviver, head_weight_norms, prune_heads_, reinit_heads
+from plasticity_lightning.policies.heads import HeadReviver
+from plasticity_lightning.surgery import HeadGates, head_weight_norms, prune_heads_, reinit_heads
 from plasticity_lightning.surgery.heads import attention_layouts
 
 D = 8  # head width: 32 wide, 4 heads

@@ -12,7 +12,7 @@ from test_head_growth import _cycle, _CycleLM, _fit_cycle
 from test_heads import _LM, _token_loaders
 
 from plasticity_lightning import HeadGrowth, HeadImportance, HeadPruning, PlasticityCycle
-from plasticity_lightning.callbacks.heads.importance import NonFiniteScores, heads_to_grow, lowest_heads
+from plasticity_lightning.policies.heads import NonFiniteScores, heads_to_grow, lowest_heads
 
 
 def _nonfinite_warnings(caught: list[warnings.WarningMessage]) -> list[str]:

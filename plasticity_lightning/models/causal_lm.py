@@ -29,6 +29,7 @@ from plasticity_lightning.core.tasks import (
 )
 from plasticity_lightning.metrics import PerTaskAccuracy
 from plasticity_lightning.models.base import InjectedOptimizer
+from plasticity_lightning.nn.generation import generate_seeded
 
 # Architectures by name, so `pretrained: false` needs no download (GPT2Config defaults: 768 wide, 12 heads, 1024).
 KNOWN_ARCHITECTURES: dict[str, dict[str, int]] = {
@@ -385,29 +386,7 @@ class CausalLM(InjectedOptimizer, pl.LightningModule):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, seed: int = 0, **kwargs: Any) -> torch.Tensor:
         """Seeded sampling (top-k 50 unless given): the same prompt and seed give the same text, and the global RNG
         is left as it was."""
-        kwargs.setdefault("do_sample", True)
-        kwargs.setdefault("top_k", 50)
-        positions = getattr(self.model.config, "n_positions", None)
-        if positions is not None and input_ids.shape[-1] + max_new_tokens > positions:
-            # GPT-2 has no position embedding past n_positions: torch would fail with "index out of range in self"
-            raise PlasticityConfigError(
-                f"max_new_tokens={max_new_tokens} after a {input_ids.shape[-1]}-token prompt exceeds "
-                f"CausalLM.n_positions={positions}; generate fewer tokens or give the model more positions"
-            )
-        was_training = self.model.training
-        self.model.eval()
-        devices = [input_ids.device] if input_ids.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            out = self.model.generate(
-                input_ids,
-                max_new_tokens=max_new_tokens,
-                attention_mask=torch.ones_like(input_ids),
-                pad_token_id=self.model.config.eos_token_id,
-                **kwargs,
-            )
-        self.model.train(was_training)
-        return out
+        return generate_seeded(self.model, input_ids, max_new_tokens, seed, owner="CausalLM", **kwargs)
 
 
 def _block_tasks(batch: Any) -> torch.Tensor | None:

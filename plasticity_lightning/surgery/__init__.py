@@ -12,7 +12,6 @@ if TYPE_CHECKING:
     from plasticity_lightning.surgery.heads import (
         HeadGates,
         HeadLayout,
-        HeadReviver,
         attention_layouts,
         attention_modules,
         head_attention_entropy,
@@ -52,7 +51,6 @@ _EXPORTS = {
     "DEFAULT_RULES": "plasticity_lightning.surgery.rules",
     "HeadGates": "plasticity_lightning.surgery.heads",
     "HeadLayout": "plasticity_lightning.surgery.heads",
-    "HeadReviver": "plasticity_lightning.surgery.heads",
     "InputCovariance": "plasticity_lightning.surgery.sigma",
     "PairingRule": "plasticity_lightning.surgery.rules",
     "UnitPair": "plasticity_lightning.surgery.topology",
@@ -88,7 +86,6 @@ __all__ = [
     "DEFAULT_RULES",
     "HeadGates",
     "HeadLayout",
-    "HeadReviver",
     "InputCovariance",
     "PairingRule",
     "UnitPair",

@@ -1,12 +1,14 @@
 """Attention-head surgery: gates, head re-initialisation, structural removal.
 
-transformers 5.x removed GPT-2's ``head_mask`` and ``prune_heads`` (see ``ecosystem_anchors.md`` §3), so the
-library owns them. A head's output enters the block only through the attention's output projection, whose input is
-the heads' outputs concatenated (``[..., heads·head_dim]``): the heads are units of a producer → consumer pair, read
-where the consumer receives them, as the monitors read a functional activation's units (a consumer-input tap).
-:class:`HeadGates` multiplies each head's slice there with a forward pre-hook. Shapes never change (DDP-safe), and
-it works with every attention implementation (eager, sdpa, flash), because it acts after attention.
-:func:`prune_heads_` removes heads for export; its logits equal the gated model's with those gates at 0.
+transformers 5.x removed GPT-2's ``head_mask`` (huggingface/transformers#41076) and ``prune_heads``
+(huggingface/transformers#41417), so the library owns them. A head's output enters the block only through the
+attention's output projection, whose input is the heads' outputs concatenated (``[..., heads·head_dim]``): the heads
+are units of a producer → consumer pair, read where the consumer receives them, as the monitors read a functional
+activation's units (a consumer-input tap). :class:`HeadGates` multiplies each head's slice there with a forward
+pre-hook. Shapes never change (DDP-safe), and it works with every attention implementation (eager, sdpa, flash),
+because it acts after attention. :func:`prune_heads_` removes heads for export; its logits equal the gated model's
+with those gates at 0. Stateful training-time policies over these (importance windows, the reviver, the cycle) are
+in :mod:`plasticity_lightning.policies.heads`.
 
 The attention modules and where each head lives in their weights (:class:`HeadLayout`) are read from the structure
 of the blocks that the ``attention`` pairing rule names (:mod:`plasticity_lightning.surgery.rules`), or of any
@@ -22,20 +24,13 @@ module with one of these layouts:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
-from plasticity_lightning.core.errors import (
-    PlasticityConfigError,
-    check_fraction,
-    check_positive_float,
-    check_positive_int,
-)
+from plasticity_lightning.core.errors import PlasticityConfigError
 from plasticity_lightning.metrics.entropy import attention_entropy
 from plasticity_lightning.probes.capture import is_transposed_linear
 from plasticity_lightning.surgery.rules import rule_for
@@ -530,204 +525,3 @@ def prune_heads_(model: nn.Module, heads: Mapping[int, Iterable[int]]) -> dict[i
         module.split_size = len(keep) * module.head_dim
         kept_per_layer[layer] = keep
     return kept_per_layer
-
-
-class HeadReviver:
-    """Brings gated-off heads back to life, and steers them while they learn again.
-
-    :meth:`revive` gives each head fresh Q/K/V weights and near-silent output rows (:func:`reinit_heads` with
-    ``output_scale``) and clears their optimizer state. Then, for every optimizer step ``t`` after the revival:
-
-    * the head's gate ramps linearly from ``initial_gate`` to 1 over ``warmup_steps``: during the k-th step after
-      the revival it is ``initial_gate + (1 - initial_gate)·min(1, k/warmup_steps)`` — never 0, so a revived head
-      learns from its first step and is not mistaken for a pruned one;
-    * its slices (Q/K/V weights and biases, output-projection inputs: :class:`HeadLayout`) learn with the
-      learning rate multiplied by
-      ``1 + (lr_multiplier - 1)·max(0, 1 - t/boost_steps)`` — a boost that decays linearly back to 1.
-
-    Why not a param group: an optimizer param group holds whole tensors, but ``c_attn`` fuses every head of a layer
-    into one tensor, so a boosted group would boost the heads that never left too. The boost is applied as an
-    optimizer step hook that scales the step's change of exactly those slices, which *is* a per-slice learning
-    rate for every optimizer whose update is proportional to its learning rate (SGD with or without momentum,
-    Adam, AdamW — including decoupled weight decay — RMSprop, Adagrad without ``lr_decay``). No parameter is added
-    or replaced (DDP-safe), and every rank applies the same factors.
-
-    Args:
-        gates: the model's :class:`HeadGates`.
-        output_scale: ``c_proj`` rows of a revived head ~ N(0, (output_scale·std)²); Sentinel-AI revives at 0.01.
-        std: init scale of the Q/K/V columns (GPT-2's ``initializer_range``).
-        warmup_steps: optimizer steps of the gate ramp (0: the gate is 1 at once).
-        initial_gate: where the gate ramp starts (exclusive).
-        lr_multiplier: learning-rate factor of a revived head right after revival (1: no boost).
-        boost_steps: optimizer steps over which the factor decays back to 1.
-
-    Example::
-
-        >>> from transformers import GPT2Config, GPT2LMHeadModel
-        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=50))
-        >>> gates = HeadGates(model)
-        >>> gates.set(1, 3, 0.0)
-        >>> reviver = HeadReviver(gates, warmup_steps=4)
-        >>> reviver.revive([(1, 3)], step=10)
-        >>> reviver.update(step=12)  # the third step after the revival
-        >>> float(gates.gates[1, 3])
-        0.75
-    """
-
-    def __init__(
-        self,
-        gates: HeadGates,
-        *,
-        output_scale: float = 0.01,
-        std: float = 0.02,
-        warmup_steps: int = 100,
-        initial_gate: float = 0.0,
-        lr_multiplier: float = 5.0,
-        boost_steps: int = 1000,
-        owner: str = "HeadReviver",
-    ) -> None:
-        self.gates = gates
-        settings = self.check_settings(
-            owner=owner,
-            output_scale=output_scale,
-            std=std,
-            warmup_steps=warmup_steps,
-            initial_gate=initial_gate,
-            lr_multiplier=lr_multiplier,
-            boost_steps=boost_steps,
-        )
-        self.output_scale: float = settings["output_scale"]
-        self.std: float = settings["std"]
-        self.warmup_steps: int = settings["warmup_steps"]
-        self.initial_gate: float = settings["initial_gate"]
-        self.lr_multiplier: float = settings["lr_multiplier"]
-        self.boost_steps: int = settings["boost_steps"]
-        #: heads being revived: (layer, head, optimizer step of the revival)
-        self.reviving: list[tuple[int, int, int]] = []
-        self.step = 0
-        self._handles: list[Any] = []
-        self._before: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, float]] = []
-
-    @staticmethod
-    def check_settings(owner: str = "HeadReviver", **settings: Any) -> dict[str, Any]:
-        """Validate reviver settings (a clear error naming ``owner``'s field); returns them."""
-        checks = {
-            "output_scale": lambda v: _finite(
-                owner, "output_scale", check_positive_float(owner, "output_scale", v, allow_zero=True)
-            ),
-            "std": lambda v: check_positive_float(owner, "std", v),
-            "warmup_steps": lambda v: check_positive_int(owner, "warmup_steps", v, allow_zero=True),
-            "initial_gate": lambda v: check_fraction(owner, "initial_gate", v, high_open=False),
-            "lr_multiplier": lambda v: _finite(owner, "lr_multiplier", check_positive_float(owner, "lr_multiplier", v)),
-            "boost_steps": lambda v: check_positive_int(owner, "boost_steps", v, allow_zero=True),
-        }
-        return {name: checks[name](value) for name, value in settings.items()}
-
-    def gate_at(self, age: int) -> float:
-        """The gate during optimizer step ``start + age`` of a head revived at step ``start``."""
-        if self.warmup_steps == 0 or age + 1 >= self.warmup_steps:
-            return 1.0
-        return self.initial_gate + (1.0 - self.initial_gate) * (max(age, 0) + 1) / self.warmup_steps
-
-    def lr_factor_at(self, age: int) -> float:
-        """The learning-rate factor ``age`` optimizer steps after revival."""
-        if self.boost_steps == 0:
-            return 1.0
-        return 1.0 + (self.lr_multiplier - 1.0) * max(0.0, 1.0 - max(age, 0) / self.boost_steps)
-
-    @torch.no_grad()
-    def revive(
-        self,
-        heads: Sequence[tuple[int, int]],
-        step: int,
-        *,
-        generator: torch.Generator | None = None,
-        optimizers: Iterable[torch.optim.Optimizer] = (),
-    ) -> None:
-        """Re-initialise ``heads`` (``(layer, head)`` pairs) and start their gate ramp and boost with optimizer step
-        ``step`` (the next one)."""
-        optimizers = list(optimizers)
-        by_layer: dict[int, list[int]] = {}
-        for layer, head in heads:
-            if not (0 <= int(layer) < self.gates.num_layers and 0 <= int(head) < self.gates.num_heads):
-                raise PlasticityConfigError(
-                    f"HeadReviver.revive: head ({layer}, {head}) is out of range for {self.gates.num_layers} layers "
-                    f"of {self.gates.num_heads} heads"
-                )
-            by_layer.setdefault(int(layer), []).append(int(head))
-        for layer, layer_heads in sorted(by_layer.items()):
-            reinit_heads(
-                self.gates.layouts[layer],
-                layer_heads,
-                std=self.std,
-                output_scale=self.output_scale,
-                generator=generator,
-                optimizers=optimizers,
-            )
-        revived = {(int(layer), int(head)) for layer, head in heads}
-        self.reviving = [r for r in self.reviving if (r[0], r[1]) not in revived]
-        self.reviving += [(layer, head, int(step)) for layer, head in sorted(revived)]
-        for layer, head in revived:
-            self.gates.set(layer, head, self.gate_at(0))
-        self.update(step)
-
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        """Set the ramping gates for optimizer step ``step``; forget heads whose ramp and boost are over, and heads
-        gated off again meanwhile (pruned: the ramp itself never sets 0)."""
-        self.step = int(step)
-        self.reviving = [r for r in self.reviving if float(self.gates.gates[r[0], r[1]]) != 0.0]
-        for layer, head, start in self.reviving:
-            self.gates.set(layer, head, self.gate_at(self.step - start))
-        done = max(self.warmup_steps, self.boost_steps)
-        self.reviving = [r for r in self.reviving if self.step - r[2] < done]
-
-    def attach(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
-        """Apply the learning-rate boost on every step of ``optimizers``."""
-        self.detach()
-        for optimizer in optimizers:
-            self._handles.append(optimizer.register_step_pre_hook(self._remember))
-            self._handles.append(optimizer.register_step_post_hook(self._boost))
-
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def _slices(self) -> list[tuple[torch.Tensor, int, torch.Tensor, float]]:
-        """(parameter, dim, index, factor) of every boosted head slice."""
-        slices = []
-        for layer, head, start in self.reviving:
-            factor = self.lr_factor_at(self.step - start)
-            if factor == 1.0:
-                continue
-            for piece, index in self.gates.layouts[layer].owned([head]):
-                slices.append((piece.param, piece.dim, index, factor))
-        return slices
-
-    @torch.no_grad()
-    def _remember(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self._before = [
-            (param, dim, index.to(param.device), param.index_select(dim, index.to(param.device)), factor)
-            for param, dim, index, factor in self._slices()
-        ]
-
-    @torch.no_grad()
-    def _boost(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        for param, dim, index, before, factor in self._before:
-            after = param.index_select(dim, index)
-            param.index_copy_(dim, index, before + factor * (after - before))
-        self._before = []
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"reviving": list(self.reviving), "step": self.step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.reviving = [tuple(int(v) for v in r) for r in state.get("reviving", [])]
-        self.step = int(state.get("step", 0))
-
-
-def _finite(owner: str, name: str, value: float) -> float:
-    if not math.isfinite(value):
-        raise PlasticityConfigError(f"{owner}.{name}={value!r} is invalid; expected a finite number")
-    return value

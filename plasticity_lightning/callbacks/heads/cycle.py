@@ -1,9 +1,10 @@
-"""The prune → measure → grow → learn cycle of attention heads, judged, kept or reverted, with strategy ratings.
+"""The prune → measure → grow → learn cycle of attention heads, judged, kept or reverted, with strategy ratings: a
+callback over :class:`~plasticity_lightning.policies.heads.CycleController`.
 
-This is the working version of Sentinel-AI's ``AdaptivePlasticitySystem`` (``seed_systems.md`` §5), whose shipped
-code scores heads and perplexity with random placeholders and adds random jitter to its degeneration score. Here
-every number is measured: perplexity on a fixed validation probe, degeneration of seeded generations, head scores
-from gradients, attention entropy or weights.
+This is the working version of Sentinel-AI's ``AdaptivePlasticitySystem`` (Sentinel-AI,
+https://github.com/CambrianTech/sentinel-ai), whose shipped code scores heads and perplexity with random
+placeholders and adds random jitter to its degeneration score. Here every number is measured: perplexity on a fixed
+validation probe, degeneration of seeded generations, head scores from gradients, attention entropy or weights.
 """
 
 from __future__ import annotations
@@ -16,56 +17,43 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
 from typing_extensions import override
 
-from plasticity_lightning.callbacks.heads.importance import (
-    GROWTH_CHOICES,
-    HEAD_SCORES,
-    HeadGrowth,
-    HeadImportance,
-    HeadPruning,
-    NonFiniteScores,
-    RevivingIntervention,
-    check_prompts,
-    choose_heads_to_grow,
-    find_head_importance,
-    head_scores,
-    language_model,
-    lowest_heads,
-    require_validation,
-    resolve_tokenizer,
-    score_generations,
-)
+from plasticity_lightning.callbacks.heads.growth import HeadGrowth, RevivingIntervention
+from plasticity_lightning.callbacks.heads.importance import HeadImportance, find_head_importance, require_validation
+from plasticity_lightning.callbacks.heads.monitors import check_prompts, resolve_tokenizer, score_generations
+from plasticity_lightning.callbacks.heads.pruning import HeadPruning
 from plasticity_lightning.core.batches import token_ids
-from plasticity_lightning.core.errors import (
-    PlasticityConfigError,
-    check_choice,
-    check_fraction,
-    check_positive_float,
-    check_positive_int,
-)
+from plasticity_lightning.core.errors import PlasticityConfigError, check_choice, check_positive_int
 from plasticity_lightning.core.files import write_text_atomic
 from plasticity_lightning.core.rundir import PLASTICITY_CYCLE_FILE, run_directory
 from plasticity_lightning.core.serialization import json_safe
+from plasticity_lightning.policies.heads.cycle import CycleController
+from plasticity_lightning.policies.heads.selection import (
+    NonFiniteScores,
+    choose_heads_to_grow,
+    head_scores,
+    language_model,
+    lowest_heads,
+)
 from plasticity_lightning.probes import ProbeSet
 
-#: Sentinel-AI's starting ratings: random strategies start at half the others'
-INITIAL_RATING = {"random": 0.5}
-RATING_RANGE = (0.1, 10.0)
-
-
-def updated_rating(rating: float, success: bool, improvement: float) -> float:
-    """Sentinel-AI's rating rule: success multiplies by 1 + clip(improvement, 0, 0.5), failure by 0.8; the result is
-    kept in [0.1, 10].
-
-    Example::
-
-        >>> updated_rating(1.0, True, 0.2), updated_rating(1.0, True, 0.9), updated_rating(0.11, False, 0.0)
-        (1.2, 1.5, 0.1)
-    """
-    factor = 1.0 + min(max(improvement, 0.0), 0.5) if success else 0.8
-    return min(max(rating * factor, RATING_RANGE[0]), RATING_RANGE[1])
+#: the settings the controller validates and holds (the callback's other arguments are its own)
+_CONTROLLER_ARGS = (
+    "learn_steps",
+    "max_cycles",
+    "prune_level",
+    "growth_ratio",
+    "pruning_strategies",
+    "growth_strategies",
+    "max_perplexity_increase",
+    "max_degeneration",
+    "memory_capacity",
+    "memory_replay",
+    "adapt",
+    "patience",
+    "min_improvement",
+)
 
 
 class PlasticityCycle(RevivingIntervention):
@@ -80,7 +68,7 @@ class PlasticityCycle(RevivingIntervention):
     3. prunes ``max(1, int(prune_level · live heads))`` heads of lowest score (never a layer's last head) and
        measures the perplexity again;
     4. revives ``max(1, int(growth_ratio · dead heads))`` heads (fresh weights, gate ramp, boosted learning rate:
-       :class:`~plasticity_lightning.surgery.HeadReviver`);
+       :class:`~plasticity_lightning.policies.heads.HeadReviver`);
     5. lets training run ``learn_steps`` optimizer steps, then measures again. The cycle succeeds when the
        perplexity is at most ``(1 + max_perplexity_increase)`` × the cycle's first one and the degeneration
        metric at most ``max_degeneration``; a failed cycle restores the snapshot exactly.
@@ -125,7 +113,9 @@ class PlasticityCycle(RevivingIntervention):
         min_improvement: relative perplexity gain that makes a new best.
         probe_size: validation blocks of the perplexity probe.
         prompts, max_new_tokens, tokenizer: generation for the degeneration check.
-        output_scale, warmup_steps, initial_gate, lr_multiplier, boost_steps: revived heads (``HeadReviver``).
+        output_scale, warmup_steps, initial_gate, lr_multiplier, boost_steps: revived heads (``ReviverSettings``;
+            the defaults are :data:`~plasticity_lightning.policies.heads.CYCLE_REVIVER_SETTINGS`: a shorter ramp
+            and boost, so that both end within a cycle's learning phase).
         json_path: where to write the record (``None``: ``<log_dir>/plasticity_cycle.json``).
         seed: seed of every random choice.
 
@@ -134,6 +124,8 @@ class PlasticityCycle(RevivingIntervention):
         >>> from lightning.pytorch import Trainer
         >>> trainer = Trainer(callbacks=[HeadImportance(num_batches=20), PlasticityCycle(learn_steps=200)])
     """
+
+    policy: CycleController
 
     def __init__(
         self,
@@ -165,6 +157,9 @@ class PlasticityCycle(RevivingIntervention):
         seed: int = 0,
         prefix: str = "cycle",
     ) -> None:
+        arguments = locals()
+        owner = "PlasticityCycle"
+        controller = CycleController(seed=seed, owner=owner, **{name: arguments[name] for name in _CONTROLLER_ARGS})
         super().__init__(
             output_scale=output_scale,
             warmup_steps=warmup_steps,
@@ -173,53 +168,24 @@ class PlasticityCycle(RevivingIntervention):
             boost_steps=boost_steps,
             seed=seed,
             prefix=prefix,
+            policy=controller,
         )
-        owner = "PlasticityCycle"
         self.start_step = check_positive_int(owner, "start_step", start_step, allow_zero=True)
-        self.learn_steps = check_positive_int(owner, "learn_steps", learn_steps)
-        self.max_cycles = check_positive_int(owner, "max_cycles", max_cycles)
-        self.prune_level = check_fraction(owner, "prune_level", prune_level, low_open=True)
-        self.growth_ratio = check_fraction(owner, "growth_ratio", growth_ratio, low_open=True, high_open=False)
-        self.pruning_strategies = _check_strategies(owner, "pruning_strategies", pruning_strategies, HEAD_SCORES)
-        self.growth_strategies = _check_strategies(owner, "growth_strategies", growth_strategies, GROWTH_CHOICES)
-        self.max_perplexity_increase = check_positive_float(
-            owner, "max_perplexity_increase", max_perplexity_increase, allow_zero=True
-        )
-        self.max_degeneration = (
-            None
-            if max_degeneration is None
-            else check_positive_float(owner, "max_degeneration", max_degeneration, allow_zero=True)
-        )
         self.degeneration_metric = check_choice(
             owner, "degeneration_metric", degeneration_metric, ("repeated_3gram_rate", "max_token_repetition")
         )
-        self.memory_capacity = check_positive_int(owner, "memory_capacity", memory_capacity, allow_zero=True)
-        self.memory_replay = check_fraction(owner, "memory_replay", memory_replay, high_open=False)
-        if not isinstance(adapt, bool):
-            raise PlasticityConfigError(f"{owner}.adapt={adapt!r} is invalid; expected true or false")
-        self.adapt = adapt
-        self.patience = None if patience is None else check_positive_int(owner, "patience", patience)
-        self.min_improvement = check_positive_float(owner, "min_improvement", min_improvement, allow_zero=True)
         self.probe = ProbeSet(size=probe_size, source="val", seed=seed, owner=owner)
         self.prompts = check_prompts(owner, prompts)
         self.max_new_tokens = check_positive_int(owner, "max_new_tokens", max_new_tokens)
         self.tokenizer = tokenizer
         self.json_path = json_path
-        self._initial = {"start_step": self.start_step, "learn_steps": self.learn_steps}  # learn_steps adapts
-
-        self.ratings = {
-            **{f"prune/{s}": INITIAL_RATING.get(s, 1.0) for s in self.pruning_strategies},
-            **{f"grow/{s}": INITIAL_RATING.get(s, 1.0) for s in self.growth_strategies},
-        }
-        self.memory: list[dict[str, Any]] = []
-        self.history: list[dict[str, Any]] = []
-        self.best: dict[str, float] | None = None
-        self.stale = 0
-        self.stopped: str | None = None
-        self.current: dict[str, Any] | None = None  # the cycle in its learning phase
-        self.snapshot: dict[str, Any] | None = None
-        self.retry_step = 0  # after a cycle skipped on NaN/inf statistics, the step of the next try
+        self._initial = {"start_step": self.start_step, "learn_steps": controller.learn_steps}  # learn_steps adapts
         self._importance: HeadImportance | None = None
+
+    @property
+    def controller(self) -> CycleController:
+        """The ratings, memory, levels and record of the cycles."""
+        return self.policy
 
     @override
     def settings(self) -> dict[str, Any]:
@@ -235,7 +201,8 @@ class PlasticityCycle(RevivingIntervention):
                 f"PlasticityCycle prunes and grows heads itself; remove {', '.join(rivals)} from the trainer (they "
                 "would change the gates mid-cycle)"
             )
-        wants_gradient = "gradient" in self.pruning_strategies or "gradient" in self.growth_strategies
+        controller = self.controller
+        wants_gradient = "gradient" in controller.pruning_strategies or "gradient" in controller.growth_strategies
         if wants_gradient and self._importance.method != "gradient":
             raise PlasticityConfigError(
                 "PlasticityCycle's 'gradient' strategies need HeadImportance(method='gradient'), got "
@@ -253,10 +220,9 @@ class PlasticityCycle(RevivingIntervention):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
         step = trainer.global_step
-        if self.current is not None and step - self.current["start_step"] >= self.current["learn_steps"]:
+        if self.controller.due(step):
             self.finish_cycle(trainer, pl_module)
-        ready = step >= max(self.start_step, self.retry_step)
-        if self.current is None and self.stopped is None and ready and self._room(trainer):
+        if self.controller.ready(step, self.start_step) and self._room(trainer):
             self.start_cycle(trainer, pl_module)
 
     def _room(self, trainer: pl.Trainer) -> bool:
@@ -265,7 +231,7 @@ class PlasticityCycle(RevivingIntervention):
         return (
             trainer.max_steps is None
             or trainer.max_steps < 0
-            or (trainer.global_step + self.learn_steps <= trainer.max_steps)
+            or (trainer.global_step + self.controller.learn_steps <= trainer.max_steps)
         )
 
     # ------------------------------------------------------------------ measuring
@@ -299,27 +265,28 @@ class PlasticityCycle(RevivingIntervention):
         if not math.isfinite(before["perplexity"]):  # nothing to judge a cycle against
             self._skip_cycle(trainer, "perplexity")
             return
-        self.snapshot = self._take_snapshot(trainer, pl_module)
-        plan = trainer.strategy.broadcast(self._plan(), src=0)
+        controller, gates = self.controller, self._importance.gates
+        controller.take_snapshot(pl_module, self.optimizers(trainer), gates, self.reviver)
+        plan = trainer.strategy.broadcast(controller.plan(), src=0)
         ids = token_ids(self.probe.draw(trainer))
         importance = self._importance.current(trainer) if self._importance.method == "gradient" else None
         try:
             pruned, after_pruning, grown = self._prune_and_grow(trainer, pl_module, plan, ids, importance)
         except NonFiniteScores as skipped:  # the same scores on every rank: all ranks skip
-            self._restore_snapshot(trainer, pl_module)  # the gates a pruning may have set
-            self.snapshot = None
+            controller.restore_snapshot(pl_module, self.optimizers(trainer), gates, self.reviver)  # a pruning's gates
+            controller.snapshot = None
             self._skip_cycle(trainer, skipped.what)
             return
-        self.current = {
-            "cycle": len(self.history),
-            "start_step": trainer.global_step,
-            "learn_steps": self.learn_steps,
-            **plan,
-            "pruned": [list(h) for h in pruned],
-            "grown": [list(h) for h in grown],
-            "before": before,
-            "after_pruning": after_pruning,
-        }
+        controller.begin(
+            trainer.global_step,
+            {
+                **plan,
+                "pruned": [list(h) for h in pruned],
+                "grown": [list(h) for h in grown],
+                "before": before,
+                "after_pruning": after_pruning,
+            },
+        )
         self.log_values(
             trainer,
             {
@@ -372,40 +339,17 @@ class PlasticityCycle(RevivingIntervention):
 
     def _skip_cycle(self, trainer: pl.Trainer, what: str) -> None:
         self.skip_nonfinite(trainer, what)
-        self.retry_step = trainer.global_step + self.learn_steps
+        self.controller.skip(trainer.global_step)
 
     def finish_cycle(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Step 5: measure, judge, keep or revert, rate, remember, adapt."""
-        record, self.current = self.current, None
+        controller = self.controller
         after = self.evaluate(trainer, pl_module)
-        before = record["before"]
-        success = after["perplexity"] <= before["perplexity"] * (1 + self.max_perplexity_increase) and (
-            self.max_degeneration is None or after["degeneration"] <= self.max_degeneration
-        )
+        before = controller.current["before"]
+        success = controller.judge(before, after)
         if not success:
-            self._restore_snapshot(trainer, pl_module)
-        self.snapshot = None
-        improvement = (before["perplexity"] - after["perplexity"]) / before["perplexity"]
-        head_reduction = (before["live_heads"] - after["live_heads"]) / before["live_heads"]
-        for key in (f"prune/{record['prune_strategy']}", f"grow/{record['growth_strategy']}"):
-            if key in self.ratings:
-                self.ratings[key] = updated_rating(self.ratings[key], success, improvement)
-        if success and not record["replay"] and self.memory_capacity:
-            self.memory.append(
-                {
-                    **{k: record[k] for k in ("prune_strategy", "growth_strategy", "prune_level", "growth_ratio")},
-                    "improvement": improvement + 0.5 * head_reduction,
-                    "cycle": record["cycle"],
-                }
-            )
-            self.memory = self.memory[-self.memory_capacity :]
-        if self.adapt:
-            self._adapt(success, improvement)
-        self._track_best(success, after)
-        record.update(after=after, success=success, reverted=not success, end_step=trainer.global_step)
-        self.history.append(record)
-        if self.stopped is None and len(self.history) >= self.max_cycles:
-            self.stopped = "max_cycles"
+            controller.restore_snapshot(pl_module, self.optimizers(trainer), self._importance.gates, self.reviver)
+        controller.conclude(after, success, trainer.global_step)
         self.log_values(
             trainer,
             {
@@ -413,93 +357,16 @@ class PlasticityCycle(RevivingIntervention):
                 "degeneration": after["degeneration"],
                 "success": float(success),
                 "live_heads": after["live_heads"] if success else before["live_heads"],
-                **{f"rating/{k}": v for k, v in self.ratings.items()},
+                **{f"rating/{k}": v for k, v in controller.ratings.items()},
             },
             force=True,
         )
         self.write_json(trainer)
 
-    def _plan(self) -> dict[str, Any]:
-        """Strategies and levels: a replayed memory or rating-weighted draws (seeded: the same on all ranks)."""
-        replay = self.memory and float(torch.rand(1, generator=self.generator)) < self.memory_replay
-        if replay:
-            lowest = min(m["improvement"] for m in self.memory)
-            weights = torch.tensor([max(0.1, m["improvement"] - lowest + 0.1) for m in self.memory])
-            chosen = self.memory[int(torch.multinomial(weights, 1, generator=self.generator))]
-            keys = ("prune_strategy", "growth_strategy", "prune_level", "growth_ratio")
-            return {**{k: chosen[k] for k in keys}, "replay": True}
-        return {
-            "prune_strategy": self._draw("prune", self.pruning_strategies),
-            "growth_strategy": self._draw("grow", self.growth_strategies),
-            "prune_level": self.prune_level,
-            "growth_ratio": self.growth_ratio,
-            "replay": False,
-        }
-
-    def _draw(self, kind: str, strategies: list[str]) -> str:
-        weights = torch.tensor([self.ratings[f"{kind}/{s}"] for s in strategies], dtype=torch.float64)
-        return strategies[int(torch.multinomial(weights, 1, generator=self.generator))]
-
-    def _adapt(self, success: bool, improvement: float) -> None:
-        if success and improvement > 0.05:
-            self.prune_level = min(self.prune_level * 1.2, 0.5)
-            self.learn_steps = max(1, round(self.learn_steps * 0.9))
-        elif success:
-            self.prune_level = min(self.prune_level * 1.1, 0.4)
-        else:
-            self.prune_level = max(self.prune_level * 0.8, 0.05)
-            self.growth_ratio = min(self.growth_ratio * 1.2, 0.9)
-            self.learn_steps = max(1, round(self.learn_steps * 1.2))
-
-    def _track_best(self, success: bool, after: dict[str, float]) -> None:
-        if success:
-            best = self.best
-            better = best is None or after["perplexity"] < best["perplexity"] * (1 - self.min_improvement)
-            leaner = (
-                best is not None
-                and after["live_heads"] < best["live_heads"]
-                and after["perplexity"] <= best["perplexity"] * (1 + self.max_perplexity_increase)
-            )
-            if better or leaner:
-                self.best, self.stale = dict(after), 0
-                return
-        self.stale += 1
-        if self.patience is not None and self.stale >= self.patience:
-            self.stopped = "patience"
-
-    # ------------------------------------------------------------------ snapshot
-    def _take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        return {
-            "model": _to_cpu(pl_module.state_dict()),
-            "optimizers": [_to_cpu(optimizer.state_dict()["state"]) for optimizer in self.optimizers(trainer)],
-            "gates": self._importance.gates.mask.cpu(),
-            "reviver": self.reviver.state_dict(),
-        }
-
-    def _restore_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        snapshot = self.snapshot
-        # copies into the existing parameters, which DDP and the optimizers keep referring to
-        pl_module.load_state_dict(snapshot["model"])
-        for optimizer, state in zip(self.optimizers(trainer), snapshot["optimizers"], strict=True):
-            current = optimizer.state_dict()  # keep the current param groups (a scheduler's learning rates)
-            optimizer.load_state_dict({**current, "state": state})
-        self._importance.gates.load(snapshot["gates"])
-        self.reviver.load_state_dict(snapshot["reviver"])
-
     # ------------------------------------------------------------------ record
     def record(self) -> dict[str, Any]:
         """Cycles, ratings, memory, levels and the stop reason (what :meth:`write_json` writes)."""
-        return {
-            "cycles": self.history,
-            "ratings": self.ratings,
-            "memory": self.memory,
-            "best": self.best,
-            "prune_level": self.prune_level,
-            "growth_ratio": self.growth_ratio,
-            "learn_steps": self.learn_steps,
-            "stopped": self.stopped,
-            "unfinished": self.current,  # a cycle cut short by the end of training (not judged, not reverted)
-        }
+        return self.controller.record()
 
     def write_json(self, trainer: pl.Trainer) -> Path | None:
         """Write :meth:`record` on rank 0; returns the path."""
@@ -510,42 +377,9 @@ class PlasticityCycle(RevivingIntervention):
         # strict JSON: a diverged perplexity (inf/NaN) is written as null
         return write_text_atomic(path, json.dumps(json_safe(self.record()), indent=2, allow_nan=False))
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            **super().state_dict(),
-            **self.record(),
-            "stale": self.stale,
-            "current": self.current,
-            "snapshot": self.snapshot,
-            "retry_step": self.retry_step,
-        }
 
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.history = list(state_dict.get("cycles", []))
-        self.ratings.update(state_dict.get("ratings", {}))
-        self.memory = list(state_dict.get("memory", []))
-        self.best = state_dict.get("best")
-        self.prune_level = state_dict.get("prune_level", self.prune_level)
-        self.growth_ratio = state_dict.get("growth_ratio", self.growth_ratio)
-        self.learn_steps = state_dict.get("learn_steps", self.learn_steps)
-        self.stopped = state_dict.get("stopped")
-        self.stale = int(state_dict.get("stale", 0))
-        self.current = state_dict.get("current", state_dict.get("unfinished"))
-        self.snapshot = state_dict.get("snapshot")
-        self.retry_step = int(state_dict.get("retry_step", 0))
-
-
-def _to_cpu(collection: Any) -> Any:
-    return apply_to_collection(collection, torch.Tensor, lambda t: t.detach().to("cpu", copy=True))
-
-
-def _check_strategies(owner: str, name: str, values: Any, allowed: Sequence[str]) -> list[str]:
-    if isinstance(values, str) or not values or any(v not in allowed for v in values) or len(set(values)) < len(values):
-        raise PlasticityConfigError(
-            f"{owner}.{name}={values!r} is invalid; expected a non-empty list of distinct entries drawn from "
-            f"{', '.join(allowed)}"
-        )
-    return list(values)
+# The controller's settings and record read as the callback's own (cycle.history, cycle.ratings, cycle.prune_level,
+# ...), as before the controller was split out; they are changed through the controller only.
+_STATE = ("ratings", "memory", "history", "best", "stale", "stopped", "current", "snapshot", "retry_step")
+for _name in (*_CONTROLLER_ARGS, *_STATE):
+    setattr(PlasticityCycle, _name, property(lambda self, name=_name: getattr(self.policy, name)))

@@ -1,0 +1,42 @@
+"""Attention-head policies for any training loop: head importance, which heads to prune and to revive, the
+reviver (fresh weights, gate ramp, learning-rate boost) and the prune → measure → grow → learn cycle's controller.
+The tensor surgery they call (gates, re-initialisation, removal) is :mod:`plasticity_lightning.surgery.heads`; the
+Lightning callbacks over them are :mod:`plasticity_lightning.callbacks.heads`."""
+
+from plasticity_lightning.policies.heads.cycle import CycleController, updated_rating
+from plasticity_lightning.policies.heads.importance import IMPORTANCE_METHODS, HeadImportanceScores
+from plasticity_lightning.policies.heads.reviver import CYCLE_REVIVER_SETTINGS, HeadReviver, ReviverSettings
+from plasticity_lightning.policies.heads.selection import (
+    GROWTH_CHOICES,
+    GROWTH_SCORE,
+    HEAD_SCORES,
+    NonFiniteScores,
+    choose_heads_to_grow,
+    entropy_gap,
+    head_scores,
+    heads_to_grow,
+    language_model,
+    lowest_heads,
+    require_finite_scores,
+)
+
+__all__ = [
+    "CYCLE_REVIVER_SETTINGS",
+    "GROWTH_CHOICES",
+    "GROWTH_SCORE",
+    "HEAD_SCORES",
+    "IMPORTANCE_METHODS",
+    "CycleController",
+    "HeadImportanceScores",
+    "HeadReviver",
+    "NonFiniteScores",
+    "ReviverSettings",
+    "choose_heads_to_grow",
+    "entropy_gap",
+    "head_scores",
+    "heads_to_grow",
+    "language_model",
+    "lowest_heads",
+    "require_finite_scores",
+    "updated_rating",
+]

@@ -1,0 +1,126 @@
+"""The attention-head algorithms as plain objects (policies/heads): a hand-written loop, their state, and the reviver
+settings declared once for the callbacks."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+
+import pytest
+import torch
+from test_heads import tiny_gpt2
+
+from plasticity_lightning import HeadGrowth, PlasticityConfigError, PlasticityCycle
+from plasticity_lightning.nn.generation import generate_seeded
+from plasticity_lightning.policies.heads import (
+    CYCLE_REVIVER_SETTINGS,
+    CycleController,
+    HeadImportanceScores,
+    HeadReviver,
+    ReviverSettings,
+    lowest_heads,
+)
+from plasticity_lightning.policies.heads import reviver as reviver_module
+from plasticity_lightning.surgery import HeadGates, head_importance
+
+REVIVER_FIELDS = [f.name for f in dataclasses.fields(ReviverSettings) if f.name not in ("owner", "std")]
+
+
+def defaults(function) -> dict[str, object]:
+    return {name: p.default for name, p in inspect.signature(function).parameters.items()}
+
+
+def test_the_callbacks_reviver_defaults_are_the_declared_ones():
+    # LightningCLI needs each callback's own signature: these tests keep them equal to the one declaration
+    growth, cycle = defaults(HeadGrowth.__init__), defaults(PlasticityCycle.__init__)
+    assert {name: growth[name] for name in REVIVER_FIELDS} == {
+        name: getattr(ReviverSettings(), name) for name in REVIVER_FIELDS
+    }
+    assert {name: cycle[name] for name in REVIVER_FIELDS} == {
+        name: getattr(CYCLE_REVIVER_SETTINGS, name) for name in REVIVER_FIELDS
+    }
+    # the cycle's shorter ramp and boost end within its default learning phase (the reason for its own defaults)
+    assert max(CYCLE_REVIVER_SETTINGS.warmup_steps, CYCLE_REVIVER_SETTINGS.boost_steps) <= cycle["learn_steps"]
+    controller = defaults(CycleController.__init__)
+    shared = controller.keys() & cycle.keys() - {"self", "seed"}
+    assert len(shared) >= 10 and {k: cycle[k] for k in shared} == {k: controller[k] for k in shared}
+
+
+def test_reviver_settings_are_validated_once_at_construction(monkeypatch):
+    calls = []
+    original = ReviverSettings.__post_init__
+    monkeypatch.setattr(ReviverSettings, "__post_init__", lambda self: (calls.append(1), original(self)))
+    growth = HeadGrowth(warmup_steps=7)
+    HeadReviver(HeadGates(tiny_gpt2()), growth.reviver_settings)  # what the callback does at fit start
+    assert len(calls) == 1 and growth.reviver_settings.warmup_steps == 7
+    with pytest.raises(PlasticityConfigError, match=r"HeadGrowth.boost_steps=-1 is invalid"):
+        HeadGrowth(boost_steps=-1)
+    with pytest.raises(PlasticityConfigError, match=r"PlasticityCycle.lr_multiplier=inf is invalid"):
+        PlasticityCycle(lr_multiplier=math.inf)
+    with pytest.raises(PlasticityConfigError, match=r"HeadReviver: unknown setting\(s\) warmup"):
+        HeadReviver(HeadGates(tiny_gpt2()), warmup=3)
+    assert reviver_module.HeadReviver is HeadReviver
+
+
+def test_a_hand_written_loop_scores_prunes_and_revives_heads():
+    model = tiny_gpt2().train()
+    for module in model.modules():  # no dropout: the scores are reproducible
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # weights stay put: one window equals the functional twin
+    batches = [torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    scores = HeadImportanceScores(model, num_batches=3)
+    assert scores.bound_layers == ["transformer.h.0.attn", "transformer.h.1.attn", "transformer.h.2.attn"]
+    windows = []
+    for ids in batches:
+        optimizer.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        scores.accumulate()
+        optimizer.step()
+        windows.append(scores.step(ids))
+    assert windows[:2] == [None, None]
+    scores.gates.remove()  # the functional twin attaches its own gates
+    expected = head_importance(model, batches)
+    torch.testing.assert_close(windows[2], expected)
+    scores.bind(model)  # gates back on (all open)
+    pruned = lowest_heads(windows[2], scores.gates.mask > 0, 2)
+    for layer, head in pruned:
+        scores.gates.set(layer, head, 0.0)
+    reviver = HeadReviver(scores.gates, optimizer=optimizer, warmup_steps=4, seed=3)
+    reviver.revive(pruned[:1], step=3)
+    assert reviver.bound_layers == scores.bound_layers
+    assert float(scores.gates.mask[pruned[0]]) == pytest.approx(0.25) and float(scores.gates.mask[pruned[1]]) == 0.0
+    state = reviver.state_dict()
+    assert state["reviving"] == [(*pruned[0], 3)] and state["step"] == 3
+
+
+def test_head_policies_resume_from_their_state_and_read_old_reviver_checkpoints():
+    gates = HeadGates(tiny_gpt2())
+    reviver = HeadReviver(gates)
+    reviver.load_state_dict({"reviving": [[0, 1, 5]], "step": 7})  # a checkpoint written before the reviver's generator
+    assert reviver.reviving == [(0, 1, 5)] and reviver.step == 7
+    first = CycleController(seed=4, memory_replay=0.5)
+    plan = first.plan()
+    first.begin(10, {**plan, "before": {"perplexity": 20.0, "live_heads": 12}})
+    first.conclude({"perplexity": 15.0, "live_heads": 11, "degeneration": 0.1}, success=True, step=14)
+    second = CycleController(seed=4, memory_replay=0.5)
+    second.load_state_dict(first.state_dict())
+    assert second.record() == first.record() and second.memory[0]["improvement"] == pytest.approx(0.25 + 0.5 / 12)
+    assert [second.plan() for _ in range(5)] == [first.plan() for _ in range(5)]  # the generator resumed too
+    # NaN fails every judgement; a rise within the tolerance passes
+    assert not first.judge({"perplexity": 10.0}, {"perplexity": math.nan, "degeneration": 0.0})
+    assert first.judge({"perplexity": 10.0}, {"perplexity": 11.4, "degeneration": 0.5})
+
+
+def test_seeded_generation_leaves_the_global_rng_and_the_training_mode_alone():
+    model = tiny_gpt2().train()
+    prompt = torch.tensor([[1, 2, 3]])
+    before = torch.get_rng_state()
+    first = generate_seeded(model, prompt, 5, seed=2)
+    assert torch.equal(torch.get_rng_state(), before) and model.training
+    assert torch.equal(generate_seeded(model, prompt, 5, seed=2), first) and first.shape == (1, 8)
+    with pytest.raises(
+        PlasticityConfigError, match=r"max_new_tokens=20 after a 3-token prompt exceeds Mine.n_positions=16"
+    ):
+        generate_seeded(model, prompt, 20, owner="Mine")
