@@ -401,6 +401,22 @@ def test_a_window_makes_the_per_step_decisions_up_to_round_off(settings):
         assert torch.equal(p, q)  # same units, same draws: the same weights
 
 
+@pytest.mark.parametrize("eta", [0.99, 0.5, 1e-3])
+def test_the_window_recursion_equals_the_step_by_step_ema(eta):
+    """The blocked unrolling of f_j = η·f_(j−1) + (1−η)·v_j, against the recursion itself (numpy, float64), for
+    lengths at, below and above block boundaries."""
+    cbp = policies.ContinualBackprop(decay_rate=eta)
+    rng = np.random.default_rng(0)
+    for k in (1, 2, 3, 4, 5, 8, 9, 10, 1001):
+        values, start = rng.normal(size=(k, 3)), rng.normal(size=3)
+        expected, f = np.empty((k, 3)), start.copy()
+        for j in range(k):
+            f = eta * f + (1 - eta) * values[j]
+            expected[j] = f
+        path = cbp._ema_path(torch.from_numpy(start), torch.from_numpy(values))
+        np.testing.assert_allclose(path.numpy(), expected, rtol=1e-12, atol=1e-12, err_msg=f"k={k}")
+
+
 def test_a_window_skips_nonfinite_steps_as_the_per_step_path_does():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

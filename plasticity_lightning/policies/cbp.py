@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
@@ -43,6 +44,7 @@ class _LayerState:
 
     def __init__(self, units: int, device: torch.device, maturity: int) -> None:
         self.ages = torch.zeros(units, dtype=torch.long, device=device)
+        self._units = units  # on the host: counted every step
         self.utility = torch.zeros(units, dtype=torch.float32, device=device)
         self.mean_activation = torch.zeros(units, dtype=torch.float32, device=device)
         self.accumulated = 0.0
@@ -56,7 +58,7 @@ class _LayerState:
 
     @property
     def num_units(self) -> int:
-        return self.ages.numel()
+        return self._units
 
     @property
     def mature_units(self) -> int:
@@ -108,6 +110,7 @@ class _LayerState:
     def load(self, state: dict[str, Any]) -> None:
         device = self.ages.device
         self.ages = state["ages"].to(device)
+        self._units = self.ages.numel()
         self.utility = state["utility"].to(device)
         self.mean_activation = state["mean_activation"].to(device)
         self.accumulated = float(state["accumulated"])
@@ -264,7 +267,6 @@ class ContinualBackprop(UnitPolicy):
                 f"(got init={init!r}, magnitudes_every_n_steps={magnitudes_every_n_steps!r}); use window=1"
             )
         self._pending_steps = 0  # window > 1: steps recorded (inputs in _features, weights in the ring) not yet applied
-        self._decays: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._finite: dict[str, bool] = {}  # per producer: were the last flushed step's statistics finite
         # (outgoing, incoming) weight magnitudes per producer, reused for magnitudes_every_n_steps steps
         self._magnitudes: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
@@ -513,16 +515,32 @@ class ContinualBackprop(UnitPolicy):
         producer = weight(pair.producer_module).abs().float().reshape(k, pair.num_units, -1)
         return outgoing, producer.sum(dim=2) / producer.shape[2]
 
-    def _decay(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """float64 (η^(j+1) for j < k, the k×k matrix (1−η)·η^(j−i) for i ≤ j, and (1−η)·η^(k−1−j)): the EMA
-        recursion unrolled over k steps."""
-        if k not in self._decays:
-            eta = self.decay_rate
-            j = torch.arange(k, dtype=torch.float64)
-            lag = j[:, None] - j[None, :]
-            lower = torch.where(lag >= 0, (1 - eta) * eta ** lag.clamp(min=0), torch.zeros((), dtype=torch.float64))
-            self._decays[k] = (eta ** (j + 1), lower, (1 - eta) * eta ** (k - 1 - j))
-        return self._decays[k]
+    @staticmethod
+    def _unrolled(a: float, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """float64 (a^(j+1) for j < k, the k×k matrix a^(j−i) for i ≤ j, 0 above): x_j = a·x_(j−1) + b_j unrolled,
+        x_j = a^(j+1)·x_(−1) + Σ_(i≤j) a^(j−i)·b_i."""
+        j = torch.arange(k, dtype=torch.float64, device=device)
+        lag = j[:, None] - j[None, :]
+        return a ** (j + 1), torch.where(lag >= 0, a ** lag.clamp(min=0), torch.zeros((), dtype=torch.float64))
+
+    def _ema_path(self, start: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Every f_j = η·f_(j−1) + (1−η)·values_j of ``values`` ``[k, units]`` (f_(−1) = ``start``), float64.
+
+        In blocks of c ≈ √k steps: the recursion unrolled within every block at once (one c×c matrix), then across
+        the blocks' ends (decay η^c, one ⌈k/c⌉-square matrix) — about k·√k work and memory, where one k×k matrix
+        would cost k² (8 MB and a k² power at k = 1000, for every window length met).
+        """
+        k, eta = len(values), self.decay_rate
+        block = math.isqrt(k - 1) + 1  # block² ≥ k
+        blocks = -(-k // block)
+        inner_powers, inner = self._unrolled(eta, block, values.device)
+        outer_powers, outer = self._unrolled(eta**block, blocks, values.device)
+        padded = values.new_zeros(blocks * block, values.shape[1])
+        padded[:k] = values  # zeros after the last step change nothing before it
+        local = inner @ ((1 - eta) * padded.reshape(blocks, block, -1))  # each block from f = 0 before it
+        ends = outer_powers[:, None] * start + outer @ local[:, -1]  # f at the end of every block
+        before = torch.cat([start[None], ends[:-1]])  # f before every block
+        return (local + inner_powers[None, :, None] * before[:, None]).reshape(blocks * block, -1)[:k]
 
     def _window_update(
         self,
@@ -537,7 +555,6 @@ class ContinualBackprop(UnitPolicy):
         k = len(features)
         eta = self.decay_rate
         device = state.utility.device
-        powers, lower, weights = (t.to(device) for t in self._decay(k))
         if isinstance(pair.consumer_module, nn.Conv2d):  # as unit_columns, per step: [k, positions, units, columns]
             columns = features.detach().float().movedim(2, -1).reshape(k, -1, features.shape[2], 1)
         else:
@@ -547,7 +564,7 @@ class ContinualBackprop(UnitPolicy):
             activity = columns.abs().mean(dim=1)
         else:  # f_j = η^(j+1)·f_0 + Σ_(i≤j) (1−η)·η^(j−i)·mean(h_i), then f̂_j = f_j / (1 − η^age_j)
             mean_h = self.reduce(columns.mean(dim=(1, 3))).double()
-            mean_activation = powers[:, None] * state.mean_activation.double() + lower @ mean_h
+            mean_activation = self._ema_path(state.mean_activation.double(), mean_h)
             ages = state.ages.double() + torch.arange(1, k + 1, dtype=torch.float64, device=device)[:, None]
             corrected = (mean_activation / (1 - eta**ages)).float()
             activity = (columns - corrected[:, None, :, None]).abs().mean(dim=1)
@@ -557,6 +574,8 @@ class ContinualBackprop(UnitPolicy):
             instantaneous = instantaneous / incoming.clamp(min=torch.finfo(torch.float32).tiny)
         if not bool(torch.isfinite(instantaneous).all() & torch.isfinite(state.utility).all()):
             return False
+        # u_k = η^k·u_0 + Σ_j (1−η)·η^(k−1−j)·utility_j
+        weights = (1 - eta) * eta ** torch.arange(k - 1, -1, -1, dtype=torch.float64, device=device)
         state.utility.copy_(eta**k * state.utility.double() + weights @ instantaneous.double())
         if mean_activation is not None:
             state.mean_activation.copy_(mean_activation[-1])
