@@ -400,11 +400,13 @@ def test_cbp_cifar_follows_dohares_per_task_protocol():
     schedule = config["data"]["init_args"]["schedule"]["init_args"]
     lr = config["model"]["init_args"]["lr_scheduler"]
     assert lr["class_path"].endswith("PeriodicMultiStepLR")
-    assert lr["init_args"] == {"period": schedule["epochs_per_task"], "milestones": [60, 120, 160], "gamma": 0.2}
+    # the period (200) and the run's length (20 tasks x 200) are linked to the schedule, not repeated: see
+    # test_the_stream_length_and_the_task_period_are_written_once for the values the built trainer gets
+    assert lr["init_args"] == {"milestones": [60, 120, 160], "gamma": 0.2} and schedule["epochs_per_task"] == 200
+    assert "max_epochs" not in config["trainer"] and schedule["classes_per_task"] == 5
     callbacks = [c["class_path"].rsplit(".", 1)[1] for c in config["trainer"]["callbacks"]]
     # the monitors measure, at each task change, the network that early stopping kept
     assert callbacks.index("RestoreBestPerTask") < callbacks.index("RankMonitor")
-    assert config["trainer"]["max_epochs"] == schedule["epochs_per_task"] * 20
 
 
 def _small_mlp_checkpoint(tmp: Path, *extra: str) -> Path:
@@ -540,3 +542,45 @@ def test_report_subcommand_runs_without_lightning(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("\n") == 1 and "plasticity: error:" in result.stderr
+
+
+def _built(args: list[str]) -> PlasticityCLI:
+    return PlasticityCLI(args=[*args, "--trainer.logger=false", "--trainer.enable_progress_bar=false"], run=False)
+
+
+def test_the_stream_length_and_the_task_period_are_written_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cifar = ["--config", str(REPO / "recipes" / "cbp_cifar.yaml"), *OFFLINE]
+    cli = _built(cifar)
+    schedule = cli.datamodule.schedule
+    assert (schedule.epochs_per_task, cli.datamodule.num_classes // schedule.classes_per_task) == (200, 20)
+    assert cli.trainer.max_epochs == 200 * 20  # nothing in the recipe says 4000
+    period = cli.model.lr_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)).period
+    assert period == 200
+    # one override moves everything linked to it; an explicit value is kept
+    cli = _built([*cifar, "--data.init_args.schedule.init_args.epochs_per_task=170"])
+    scheduler = cli.model.lr_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
+    assert (cli.trainer.max_epochs, scheduler.period) == (3400, 170)
+    cli = _built([*cifar, "--trainer.max_epochs=7", "--model.init_args.lr_scheduler.init_args.period=165"])
+    scheduler = cli.model.lr_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
+    assert (cli.trainer.max_epochs, scheduler.period) == (7, 165)
+    # steps per task give max_steps; a stream without a schedule keeps Lightning's own default
+    quick = ["--config", str(REPO / "recipes" / "quickstart.yaml")]
+    recipe = (REPO / "recipes" / "quickstart.yaml").read_text().replace("epochs_per_task: 3", "steps_per_task: 4")
+    (tmp_path / "steps.yaml").write_text(recipe)
+    cli = _built(["--config", str(tmp_path / "steps.yaml")])
+    assert (cli.trainer.max_steps, cli.trainer.max_epochs) == (10 * 4, None)
+    assert _built([*quick, "--data.init_args.schedule=null"]).trainer.max_epochs is None  # Lightning decides
+
+
+def test_a_period_without_a_schedule_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    recipe = ["--config", str(REPO / "recipes" / "quickstart.yaml"), "--data.init_args.schedule=null"]
+    periodic = "plasticity_lightning.optim.PeriodicMultiStepLR"
+    scheduler = [f"--model.init_args.lr_scheduler={periodic}", "--trainer.max_epochs=1"]
+    scheduler += ["--trainer.limit_train_batches=1", "--trainer.limit_val_batches=0"]
+    with pytest.raises(SystemExit) as exited:
+        main(["fit", *recipe, *scheduler, "--trainer.logger=false", "--trainer.enable_progress_bar=false"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and len(error) == 1
+    assert "PeriodicMultiStepLR.period is not set; pass period" in error[0]

@@ -259,6 +259,10 @@ class PlasticityCLI(LightningCLI):
         return path
 
     # ------------------------------------------------------------------ building and running
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        _link_scheduler_period(config)
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
@@ -281,6 +285,7 @@ class PlasticityCLI(LightningCLI):
                 callbacks.append(extra())
         kwargs.setdefault("callbacks", callbacks)
         _check_trainer_numbers(config)
+        kwargs.update(_stream_length(config, self.datamodule))
         try:
             return super().instantiate_trainer(**kwargs)
         except (ValueError, TypeError) as err:  # Lightning's own checks, e.g. an unknown accelerator or strategy
@@ -460,6 +465,45 @@ def _check_trainer_numbers(config: dict[str, Any]) -> None:
         value = config.get(name)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < lowest:
             raise PlasticityConfigError(f"trainer.{name}={value!r} is invalid; expected {allowed}")
+
+
+def _task_schedule(datamodule: Any) -> Any:
+    from plasticity_lightning.data.continual import TaskSchedule
+
+    schedule = getattr(datamodule, "schedule", None)
+    return schedule if isinstance(schedule, TaskSchedule) else None
+
+
+def _stream_length(config: dict[str, Any], datamodule: Any) -> dict[str, int]:
+    """``max_epochs`` (or ``max_steps``) from the task schedule when the recipe sets no training length.
+
+    The stream's length is then written once, in the schedule (``num_tasks`` x ``epochs_per_task``); a recipe that
+    sets ``max_epochs``, ``max_steps`` or ``max_time`` keeps it.
+    """
+    schedule = _task_schedule(datamodule)
+    unset = config.get("max_epochs") is None and config.get("max_steps", -1) == -1 and config.get("max_time") is None
+    if schedule is None or not unset:
+        return {}
+    length = schedule.stream_length(getattr(datamodule, "num_classes", None))
+    if length is not None:
+        ((key, value),) = length.items()
+        rank_zero_info(f"plasticity: trainer.{key}={value} from the task schedule (the stream's length)")
+    return length or {}
+
+
+def _link_scheduler_period(config: Any) -> None:
+    """A ``PeriodicMultiStepLR`` without ``period`` restarts with every task: the schedule's task length."""
+    schedule = config.get("data.init_args.schedule") if config.get("data.init_args") else None
+    task_length = None
+    if schedule is not None and getattr(schedule, "init_args", None) is not None:
+        task_length = schedule.init_args.get("epochs_per_task") or schedule.init_args.get("steps_per_task")
+    for key in ("model.init_args.lr_scheduler", "lr_scheduler"):
+        scheduler = config.get(key) if "." not in key or config.get("model.init_args") else None
+        if scheduler is None or not str(getattr(scheduler, "class_path", "")).endswith("PeriodicMultiStepLR"):
+            continue
+        init_args = scheduler.init_args
+        if init_args.get("period") is None and task_length is not None:
+            init_args.period = task_length
 
 
 def _choose_ddp_devices(config: dict[str, Any]) -> None:

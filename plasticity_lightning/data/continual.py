@@ -102,6 +102,30 @@ class TaskSchedule:
         self.split_sizes = dict(split_sizes)
         _ = self.num_tasks  # fails clearly when it cannot be known
 
+    def stream_length(self, num_classes: int | None) -> dict[str, int] | None:
+        """The trainer limit that ends training with the last task, known before :meth:`bind`.
+
+        ``{"max_epochs": num_tasks * epochs_per_task}`` or ``{"max_steps": num_tasks * steps_per_task}``;
+        ``None`` when the number of tasks depends on the data. ``plasticity fit`` uses it when a recipe leaves
+        ``trainer.max_epochs`` and ``trainer.max_steps`` out, so the stream's length is written once.
+
+        Example::
+
+            >>> PermutedInputs(num_tasks=10, epochs_per_task=3).stream_length(num_classes=10)
+            {'max_epochs': 30}
+            >>> ClassIncremental(classes_per_task=5, epochs_per_task=200).stream_length(num_classes=100)
+            {'max_epochs': 4000}
+        """
+        tasks = self._tasks_before_bind(num_classes)
+        if tasks is None:
+            return None
+        if self.epochs_per_task is not None:
+            return {"max_epochs": tasks * self.epochs_per_task}
+        return {"max_steps": tasks * self.steps_per_task}
+
+    def _tasks_before_bind(self, num_classes: int | None) -> int | None:
+        return self._num_tasks
+
     def position(self, epoch: int, step: int) -> int:
         """Unclamped task index at ``epoch`` / optimizer ``step`` (``num_tasks`` or more once the stream is over)."""
         return epoch // self.epochs_per_task if self.epochs_per_task is not None else step // self.steps_per_task
@@ -321,6 +345,11 @@ class ClassIncremental(TaskSchedule):
         self.order: torch.Tensor | None = None
         self.class_to_task: torch.Tensor | None = None
         self.class_to_local: torch.Tensor | None = None
+
+    def _tasks_before_bind(self, num_classes: int | None) -> int | None:
+        if self._num_tasks is not None or num_classes is None:
+            return self._num_tasks
+        return num_classes // self.classes_per_task or None  # too few classes: bind says so, in one line
 
     def bind(self, *, num_classes, split_sizes, owner):
         if num_classes is None:

@@ -22,7 +22,9 @@ class PeriodicMultiStepLR(LRScheduler):
 
     Args:
         optimizer: the wrapped optimizer.
-        period: epochs (steps, with ``lr_scheduler_interval: step``) after which the schedule restarts.
+        period: epochs (steps, with ``lr_scheduler_interval: step``) after which the schedule restarts. Left out
+            in a ``plasticity fit`` recipe whose datamodule has a task schedule, it is that schedule's
+            ``epochs_per_task`` (or ``steps_per_task``): the task length is written once.
         milestones: increasing offsets within a period, each in ``[1, period)``.
         gamma: factor applied at each milestone.
         last_epoch: index of the last epoch (``-1`` starts the schedule).
@@ -44,12 +46,17 @@ class PeriodicMultiStepLR(LRScheduler):
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
-        period: int,
-        milestones: Sequence[int],
+        period: int | None = None,
+        milestones: Sequence[int] = (),
         gamma: float = 0.1,
         last_epoch: int = -1,
     ) -> None:
         owner = type(self).__name__
+        if period is None:
+            raise PlasticityConfigError(
+                f"{owner}.period is not set; pass period (epochs or steps per restart), or leave it out in a "
+                "`plasticity fit` recipe whose datamodule has a task schedule (it becomes epochs_per_task)"
+            )
         self.period = check_positive_int(owner, "period", period)
         milestones = list(milestones)
         if (
