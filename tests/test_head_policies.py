@@ -70,8 +70,14 @@ def test_a_hand_written_loop_scores_prunes_and_revives_heads():
             module.p = 0.0
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # weights stay put: one window equals the functional twin
     batches = [torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(s)) for s in range(3)]
-    scores = HeadImportanceScores(model, num_batches=3)
+    reports = []
+    scores = HeadImportanceScores(num_batches=3)
+    scores.announce = reports.append
+    scores.bind(model)
     assert scores.bound_layers == ["transformer.h.0.attn", "transformer.h.1.attn", "transformer.h.2.attn"]
+    assert reports == [
+        f"HeadImportanceScores: gates on 3 attention modules of 4 heads ({', '.join(scores.bound_layers)})"
+    ]
     windows = []
     for ids in batches:
         optimizer.zero_grad()
@@ -124,3 +130,25 @@ def test_seeded_generation_leaves_the_global_rng_and_the_training_mode_alone():
         PlasticityConfigError, match=r"max_new_tokens=20 after a 3-token prompt exceeds Mine.n_positions=16"
     ):
         generate_seeded(model, prompt, 20, owner="Mine")
+
+
+def test_state_keys_are_those_of_existing_checkpoints():
+    # a checkpoint keeps each callback's state under its state_key: these are the keys written before the heads and
+    # the state_key were restructured (issue 19), so those checkpoints still load
+    from plasticity_lightning.callbacks import HeadImportance, HeadPruning, ReDo, RestoreBestPerTask
+
+    assert {
+        HeadImportance().state_key,
+        HeadPruning().state_key,
+        HeadGrowth(seed=1, choice="gradient").state_key,
+        PlasticityCycle(learn_steps=30).state_key,
+        ReDo().state_key,
+        RestoreBestPerTask().state_key,
+    } == {
+        "HeadImportance{'prefix': 'heads', 'num_batches': 50, 'method': 'gradient', 'normalize': 'layer'}",
+        "HeadPruning{'prefix': 'heads', 'fraction': 0.1, 'max_fraction': 0.5, 'monitor': 'val/perplexity'}",
+        "HeadGrowth{'prefix': 'heads', 'seed': 1, 'choice': 'gradient', 'fraction': 0.5}",
+        "PlasticityCycle{'prefix': 'cycle', 'seed': 0, 'start_step': 100, 'learn_steps': 30}",
+        "ReDo{'prefix': 'redo', 'seed': 0, 'layers': None, 'pairs': None, 'every_n_steps': 1000, 'tau': 0.025}",
+        "RestoreBestPerTask{'monitor': 'val/acc', 'mode': 'max'}",
+    }

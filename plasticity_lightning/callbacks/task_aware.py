@@ -1,10 +1,12 @@
-"""Base class for callbacks that react to continual-task changes."""
+"""The base of the library's callbacks: continual-task changes, the one place a checkpoint ``state_key`` is built, and
+the one logging helper (:func:`log_scalars`) that monitors and interventions share."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
@@ -20,11 +22,29 @@ class TaskAwareCallback(Callback):
     fire a spurious task change. Runs without tasks never call :meth:`on_task_start`.
 
     Subclasses that override ``on_train_batch_start`` must call ``super().on_train_batch_start(...)``.
+
+    :attr:`state_key`, the key of the callback's state in a checkpoint, is built once from :meth:`state_identity`
+    (Lightning reads it around every hook call, for the profiler's names).
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.current_task: int | None = None
+
+    def state_identity(self) -> dict[str, Any]:
+        """What tells two instances of one class apart in a checkpoint (their settings): the parts of
+        :attr:`state_key`. Changing it orphans the state in existing checkpoints. Empty: the class name alone, as
+        Lightning's default."""
+        return {}
+
+    @property
+    def state_key(self) -> str:
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            identity = self.state_identity()
+            key = self._generate_state_key(**identity) if identity else super().state_key
+            self._state_key = key
+        return key
 
     def on_task_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, context: TaskContext, previous_task: int | None
@@ -46,3 +66,13 @@ class TaskAwareCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.current_task = state_dict.get("current_task")
+
+
+def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], row_extra: dict[str, float] | None = None) -> None:
+    """Send ``metrics`` to every logger at the trainer's global step (``row_extra``, e.g. the task id, only in the
+    logged row) and into ``trainer.callback_metrics``, so they reach checkpoint monitors and early stopping even with
+    ``logger=False``."""
+    row = {**metrics, **row_extra} if row_extra else metrics
+    for logger in trainer.loggers:
+        logger.log_metrics(row, step=trainer.global_step)
+    trainer.callback_metrics.update({name: torch.tensor(value) for name, value in metrics.items()})

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from plasticity_lightning.callbacks.task_aware import TaskAwareCallback
+from plasticity_lightning.callbacks.task_aware import TaskAwareCallback, log_scalars
 from plasticity_lightning.core.errors import PlasticityConfigError
 from plasticity_lightning.policies.base import Policy, UnitPolicy
 from plasticity_lightning.policies.cadence import StepCadence
@@ -65,7 +65,6 @@ class Intervention(TaskAwareCallback):
         self.seed = seed
         self.prefix = prefix
         self.cadence = StepCadence(every_n_steps)
-        self._state_key: str | None = None
 
     @property
     def generator(self) -> torch.Generator:
@@ -81,11 +80,9 @@ class Intervention(TaskAwareCallback):
     def _last_step(self, step: int | None) -> None:
         self.cadence.last_step = step
 
-    @property
-    def state_key(self) -> str:
-        if self._state_key is None:
-            self._state_key = self._generate_state_key(prefix=self.prefix, **self.settings())
-        return self._state_key
+    @override
+    def state_identity(self) -> dict[str, Any]:
+        return {"prefix": self.prefix, **self.settings()}
 
     def settings(self) -> dict[str, Any]:
         """Arguments that distinguish two instances (part of :attr:`state_key`)."""
@@ -148,10 +145,7 @@ class Intervention(TaskAwareCallback):
         """Log ``values`` under ``prefix/`` every ``log_every_n_steps`` optimizer steps (always with ``force``)."""
         if not values or not (force or self.log_due(trainer)):
             return
-        metrics = {f"{self.prefix}/{name}": float(value) for name, value in values.items()}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-        trainer.callback_metrics.update({name: torch.tensor(value) for name, value in metrics.items()})
+        log_scalars(trainer, {f"{self.prefix}/{name}": float(value) for name, value in values.items()})
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -83,6 +83,10 @@ class HeadImportanceScores(Policy):
         self.model = model
         if self.gates is None or not self.gates.attached_to(model):
             self.gates = HeadGates(model, differentiable=self.method == "gradient")
+            self.announce(
+                f"{self.owner}: gates on {self.gates.num_layers} attention modules of {self.gates.num_heads} heads "
+                f"({', '.join(self.bound_layers)})"
+            )
         self.gates.gates.requires_grad_(self.method == "gradient")
         self.sum = torch.zeros_like(self.gates.mask)
         if self._pending_sum is not None:  # a resumed window continues where the checkpoint left it
