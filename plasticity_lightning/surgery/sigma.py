@@ -5,8 +5,8 @@ Given Σ, the (uncentred) covariance of a layer's inputs, a unit with incoming w
 uncorrelated on the data. RR-CBP draws a replaced unit's weights Σ-orthogonal to the kept units' rows, so the new
 unit adds a direction the layer does not yet represent, and scales it to unit Σ-norm (or to an energy target).
 
-Reference: DorDorHome/architectural_and_learning_on_loss_landscape, ``rank_restoring/`` and ``rr_gnt2_fc.py``
-(see ``seed_systems.md`` §6). Deviations, chosen for a library:
+Reference: DorDorHome/architectural_and_learning_on_loss_landscape on GitHub, ``rank_restoring/`` and
+``rr_gnt2_fc.py``. Deviations, chosen for a library:
 
 * Σ is a bias-corrected EMA updated on **every** training step (the reference starts its EMA at 0 without bias
   correction and updates it only on steps where the layer replaces units, so early Σ are shrunk toward 0).

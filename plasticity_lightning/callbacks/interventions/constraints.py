@@ -1,7 +1,7 @@
 """Weight constraints applied between optimizer steps: precision limits, oscillation damping, James-Stein shrinkage.
 
-neural-network-lab-python's constraints as Lightning callbacks (its TensorFlow code and where it falls short are in
-``seed_systems.md`` §4). Each one rewrites chosen parameters in place, under ``no_grad``, every ``every_n_epochs``
+neural-network-lab-python's constraints (jesse318s/neural-network-lab-python on GitHub, TensorFlow/Keras) as
+Lightning callbacks. Each one rewrites chosen parameters in place, under ``no_grad``, every ``every_n_epochs``
 epochs (at the end of the training epoch, as the seed's ``constraint_interval``) and/or every ``every_n_steps``
 optimizer steps. The rewrite is a deterministic function of the parameters and the callback's history, so DDP
 ranks, which hold identical parameters, stay identical without communication; the history is saved in
