@@ -15,6 +15,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
+from plasticity_lightning.core.batches import supervised_batch
 from plasticity_lightning.core.errors import PlasticityConfigError, check_choice, check_positive_int
 from plasticity_lightning.core.files import write_bytes_atomic
 from plasticity_lightning.core.rundir import (
@@ -55,16 +56,10 @@ class EpochTimer(Timer):
         super().on_train_epoch_end(trainer, pl_module)
 
 
-def _inputs_and_targets(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(batch, dict):
-        return batch["x"], batch["y"]
-    return batch[0], batch[1]
-
-
 def _collect(loader: Any, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     inputs, targets, rows = [], [], 0
     for batch in loader:
-        x, y = _inputs_and_targets(batch)
+        x, y, _ = supervised_batch(batch, "SavePredictions")
         inputs.append(x)
         targets.append(y)
         rows += len(y)

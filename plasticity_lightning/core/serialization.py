@@ -8,7 +8,8 @@ from typing import Any
 
 def json_safe(value: Any) -> Any:
     """``value`` with every non-finite float (a diverged run's NaN or inf) replaced by ``None``, recursively through
-    dicts, lists and tuples, so ``json.dumps(..., allow_nan=False)`` accepts it.
+    dicts, lists and tuples, and tensors and arrays as lists, so ``json.dumps(..., allow_nan=False)`` accepts it.
+    The library's one JSON sanitiser.
 
     Example::
 
@@ -17,6 +18,8 @@ def json_safe(value: Any) -> Any:
     """
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # torch tensors, numpy arrays and scalars
+        return json_safe(value.tolist())
     if isinstance(value, dict):
         return {key: json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):

@@ -36,6 +36,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from plasticity_lightning.core.batches import supervised_batch
 from plasticity_lightning.core.errors import PlasticityConfigError, check_choice, check_positive_int
 from plasticity_lightning.core.tasks import (
     ALL_TASKS_ACCURACY,
@@ -332,14 +333,7 @@ class SupervisedModule(InjectedOptimizer, pl.LightningModule):
         return get_task_context(self._trainer) if self._trainer is not None else None
 
     def _unpack(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        if isinstance(batch, dict):
-            return batch["x"], batch["y"], batch.get("task_ids")
-        if isinstance(batch, Sequence) and len(batch) in (2, 3):
-            return batch[0], batch[1], batch[2] if len(batch) == 3 else None
-        raise PlasticityConfigError(
-            f"{type(self).__name__} expects batches (x, y) or (x, y, task_ids); got {type(batch).__name__}"
-            f"{f' of length {len(batch)}' if isinstance(batch, Sequence) else ''}"
-        )
+        return supervised_batch(batch, type(self).__name__)
 
     def _outputs(self, x: torch.Tensor, context: TaskContext | None) -> torch.Tensor:
         out = self(x)

@@ -93,3 +93,43 @@ def activation_gain(name: str) -> float:
     """
     check_choice("", "activation", name, _GAINS)
     return _GAINS[name]
+
+
+# An activation *module* found in a user's model → torch's gain name (``nn.init.calculate_gain``), for the init of
+# units that policies re-initialise. Like Dohare et al.'s code, ReLU-like units (GELU, SiLU/swish, ELU) take ReLU's.
+# (Keyed by class name, not by the names above: the module may come from any library, e.g. HF's GELU variants.)
+MODULE_GAIN_NAMES = {
+    "ReLU": "relu",
+    "GELU": "relu",
+    "SiLU": "relu",
+    "ELU": "relu",
+    "LeakyReLU": "leaky_relu",
+    "Tanh": "tanh",
+    "Sigmoid": "sigmoid",
+    "SELU": "selu",
+    "Identity": "linear",
+}
+_RELU_LIKE_WORDS = ("GELU", "SILU", "SWISH")
+
+
+def gain_name_of(activation: nn.Module | None) -> str:
+    """torch's gain name for an activation module; unknown GELU/SiLU variants (HF's ``NewGELUActivation``,
+    ``SiLUActivation``) are ReLU-like; none or an unknown kind: ``"linear"`` (gain 1).
+
+    Example::
+
+        >>> gain_name_of(nn.GELU()), gain_name_of(nn.Softplus()), gain_name_of(None)
+        ('relu', 'linear', 'linear')
+    """
+    if activation is None:
+        return "linear"
+    kind = type(activation).__name__
+    if kind in MODULE_GAIN_NAMES:
+        return MODULE_GAIN_NAMES[kind]
+    return "relu" if any(word in kind.upper() for word in _RELU_LIKE_WORDS) else "linear"
+
+
+def is_known_activation(activation: nn.Module) -> bool:
+    """Whether :func:`gain_name_of` knows ``activation``'s kind (else its gain 1 is a guess)."""
+    kind = type(activation).__name__
+    return kind in MODULE_GAIN_NAMES or any(word in kind.upper() for word in _RELU_LIKE_WORDS)

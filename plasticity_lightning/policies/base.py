@@ -12,40 +12,12 @@ import torch
 from torch import nn
 
 from plasticity_lightning.core.errors import PlasticityConfigError, check_positive_float
+from plasticity_lightning.nn.activations import gain_name_of, is_known_activation
 from plasticity_lightning.nn.init import resolve_init_scheme
 from plasticity_lightning.surgery import UnitPair, pair_units
 from plasticity_lightning.surgery.topology import unit_weight
 
 log = logging.getLogger(__name__)
-
-# Activation → torch's gain name. Like Dohare et al.'s code, ReLU-like units (GELU, SiLU/swish, ELU) take ReLU's.
-_GAINS = {
-    "ReLU": "relu",
-    "GELU": "relu",
-    "SiLU": "relu",
-    "ELU": "relu",
-    "LeakyReLU": "leaky_relu",
-    "Tanh": "tanh",
-    "Sigmoid": "sigmoid",
-    "SELU": "selu",
-    "Identity": "linear",
-}
-
-
-def _gain_name(activation: nn.Module | None) -> str:
-    """torch's gain name for an activation module; unknown GELU/SiLU variants (HF's ``NewGELUActivation``,
-    ``SiLUActivation``) are ReLU-like."""
-    if activation is None:
-        return "linear"
-    kind = type(activation).__name__
-    if kind in _GAINS:
-        return _GAINS[kind]
-    return "relu" if any(word in kind.upper() for word in ("GELU", "SILU", "SWISH")) else "linear"
-
-
-def _known_activation(activation: nn.Module) -> bool:
-    kind = type(activation).__name__
-    return kind in _GAINS or any(word in kind.upper() for word in ("GELU", "SILU", "SWISH"))
 
 
 def as_optimizers(optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None) -> list[Any]:
@@ -226,7 +198,7 @@ class UnitPolicy(Policy):
             self.init_reasons[pair.producer] = reason
             if reason.startswith("PyTorch's default"):
                 fan_in = unit_weight(pair.producer_module)[0].numel()
-                kaiming = nn.init.calculate_gain(_gain_name(pair.activation)) * (3.0 / fan_in) ** 0.5
+                kaiming = nn.init.calculate_gain(gain_name_of(pair.activation)) * (3.0 / fan_in) ** 0.5
                 defaults.append(f"{pair.producer!r} ±{fan_in**-0.5:.3g} (kaiming: ±{kaiming:.3g})")
             elif "gain 1 (" in reason:
                 gains.append(f"{pair.producer!r} → {pair.consumer!r} ({reason.split('gain 1 (', 1)[1][:-1]})")
@@ -257,13 +229,13 @@ class UnitPolicy(Policy):
         scheme = self.init if self.init not in self.extra_inits else "default"
         if self.gain is not None:
             return scheme, self.gain, f"init={self.init!r}, gain={self.gain:g} as given"
-        name = _gain_name(pair.activation)
+        name = gain_name_of(pair.activation)
         param = pair.activation.negative_slope if isinstance(pair.activation, nn.LeakyReLU) else None
         gain = nn.init.calculate_gain(name, param)
         if pair.activation is None:
             # a functional activation (F.relu in forward) is not a module: the trace cannot name it
             return scheme, gain, f"init={self.init!r} with gain 1 (no activation module seen)"
         kind = type(pair.activation).__name__
-        if not _known_activation(pair.activation):
+        if not is_known_activation(pair.activation):
             return scheme, gain, f"init={self.init!r} with gain 1 (unknown activation {kind})"
         return scheme, gain, f"init={self.init!r} with the {name} gain of {kind}"

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,45 +28,13 @@ import numpy as np
 
 from plasticity_lightning.core.errors import PlasticityConfigError
 from plasticity_lightning.metrics.dynamics import loss_convergence_epoch
+from plasticity_lightning.metrics.statistics import cohens_d, t_interval, wilcoxon_p
 from plasticity_lightning.reports.data import RunData, find_run_dirs, load_run
 from plasticity_lightning.reports.figures import html_table
-from plasticity_lightning.reports.panels import compare_charts, t_interval
+from plasticity_lightning.reports.panels import compare_charts
 from plasticity_lightning.reports.run import continual_summary, measure_label, write_report_files
 
 COMPARED = ("best_loss", "convergence_epoch")
-
-
-def cohens_d(values: Sequence[float], reference: Sequence[float]) -> float:
-    """Cohen's d of ``values`` against ``reference`` with the pooled (equal-weight) standard deviation.
-
-    0 when both samples are constant and equal; ±inf when constant and different; NaN when either sample has fewer
-    than two values (no spread to compare against).
-
-    Example::
-
-        >>> round(cohens_d([2.0, 3.0, 4.0], [1.0, 2.0, 3.0]), 4)
-        1.0
-    """
-    if len(values) < 2 or len(reference) < 2:
-        return math.nan
-    difference = statistics.fmean(values) - statistics.fmean(reference)
-    variances = [statistics.variance(v) for v in (values, reference)]
-    pooled = math.sqrt(sum(variances) / 2)
-    if pooled == 0:
-        return 0.0 if difference == 0 else math.copysign(math.inf, difference)
-    return difference / pooled
-
-
-def wilcoxon_p(values: Sequence[float], reference: Sequence[float]) -> float | None:
-    """Two-sided Wilcoxon signed-rank p-value of paired samples (1.0 when every difference is 0; None below 2 pairs)."""
-    from scipy import stats
-
-    differences = np.asarray(values, dtype=float) - np.asarray(reference, dtype=float)
-    if len(differences) < 2:
-        return None
-    if np.all(differences == 0):
-        return 1.0
-    return float(stats.wilcoxon(differences).pvalue)
 
 
 def run_outcome(run: RunData, metric: str = "val/loss") -> dict[str, Any]:

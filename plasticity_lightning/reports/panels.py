@@ -22,6 +22,7 @@ from plasticity_lightning.core.rundir import (
     NEW_TASK_LOSS_KEY,
 )
 from plasticity_lightning.metrics.continual_summary import matrix_coverage, per_task_series, seen_accuracy
+from plasticity_lightning.metrics.statistics import t_interval
 from plasticity_lightning.reports.data import RunData, finished_task_values
 
 
@@ -601,28 +602,6 @@ def run_charts(
 
 
 # ---------------------------------------------------------------------------------------------------- compare
-def t_interval(values: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Mean, lower and upper bound of the 95% Student-t interval over ``axis`` ignoring NaN, and the count.
-    The bounds are NaN below two values.
-
-    Example::
-
-        >>> mean, low, high, n = t_interval(np.array([[1.0], [2.0], [3.0]]))
-        >>> float(mean[0]), round(float(high[0] - mean[0]), 4), int(n[0])
-        (2.0, 2.4841, 3)
-    """
-    from scipy import stats
-
-    count = np.isfinite(values).sum(axis=axis)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(count > 0, np.nansum(values, axis=axis) / np.maximum(count, 1), np.nan)
-        deviations = np.where(np.isfinite(values), values - np.expand_dims(mean, axis), 0.0)
-        variance = (deviations**2).sum(axis=axis) / np.maximum(count - 1, 1)
-        half = stats.t.ppf(0.975, np.maximum(count - 1, 1)) * np.sqrt(variance / np.maximum(count, 1))
-    half = np.where(count >= 2, half, np.nan)
-    return mean, mean - half, mean + half, count
-
-
 def _aggregate(series: Sequence[Series]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     x = np.unique(np.concatenate([s.x for s in series]))
     stacked = np.full((len(series), len(x)), np.nan)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scipy import stats
+from plasticity_lightning.metrics.statistics import confidence_interval, welch_t_test
 
 Row = dict[str, Any]
 
@@ -29,22 +29,6 @@ class Aggregate:
     std: float
     low: float
     high: float
-
-
-def confidence_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
-    """Student-t interval for the mean (a single value: the value itself).
-
-    Example::
-
-        >>> [round(v, 4) for v in confidence_interval([1.0, 2.0, 3.0])]
-        [-0.4841, 4.4841]
-    """
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, mean
-    quantile = float(stats.t.ppf((1 + confidence) / 2, len(values) - 1))
-    half = quantile * statistics.stdev(values) / math.sqrt(len(values))
-    return mean - half, mean + half
 
 
 def aggregate(
@@ -90,16 +74,16 @@ def pairwise_tests(rows: Iterable[Row], by: str, metric: Callable[[Row], float |
     pairs = list(itertools.combinations(sorted(samples, key=str), 2))
     results = []
     for a, b in pairs:
-        t, p = stats.ttest_ind(samples[a], samples[b], equal_var=False)
-        corrected = min(1.0, float(p) * len(pairs))
+        t, p = welch_t_test(samples[a], samples[b])
+        corrected = min(1.0, p * len(pairs))
         results.append(
             {
                 "a": a,
                 "b": b,
                 "mean_a": statistics.fmean(samples[a]),
                 "mean_b": statistics.fmean(samples[b]),
-                "t": float(t),
-                "p": float(p),
+                "t": t,
+                "p": p,
                 "p_bonferroni": corrected,
                 "significant": corrected < 0.05,
             }

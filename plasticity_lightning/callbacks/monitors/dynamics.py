@@ -15,6 +15,7 @@ from typing_extensions import override
 from plasticity_lightning.core.errors import check_positive_int
 from plasticity_lightning.core.files import write_text_atomic
 from plasticity_lightning.core.rundir import LEARNING_DYNAMICS_FILE, run_directory
+from plasticity_lightning.core.serialization import json_safe
 from plasticity_lightning.metrics.dynamics import DynamicsThresholds, dynamics_summary
 from plasticity_lightning.metrics.weights import gradient_stats, layer_weights, weight_stats
 
@@ -148,7 +149,7 @@ class LearningDynamics(Callback):
         trainer.callback_metrics.update({f"dynamics/{k}": torch.tensor(v) for k, v in scalars.items()})
         # no logger (or fast_dev_run's dummy one) means no run directory to write into
         if self.filename is not None and trainer.is_global_zero and trainer.loggers and not trainer.fast_dev_run:
-            document = _jsonable({"summary": self.summary, "history": history})
+            document = json_safe({"summary": self.summary, "history": history})
             path = write_text_atomic(directory / self.filename, json.dumps(document, indent=2, allow_nan=False))
             rank_zero_info(f"Learning dynamics ({self.summary['pattern']}) written to {path}")
 
@@ -173,16 +174,3 @@ def _flat_scalars(summary: dict[str, Any]) -> dict[str, float]:
         elif isinstance(value, (bool, int, float)) and math.isfinite(float(value)):
             scalars[key] = float(value)
     return scalars
-
-
-def _jsonable(value: Any) -> Any:
-    """Strict JSON: non-finite numbers become null (NaN is not JSON), tensors lists."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return _jsonable(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
