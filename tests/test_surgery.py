@@ -265,6 +265,47 @@ def test_adagrad_accumulators_restart_from_their_initial_value():
     ).all()
 
 
+def test_adagrad_accumulators_restart_from_the_value_torch_started_them_from():
+    # two parameter groups, one naming its own initial value: the touched slices restart from the accumulator torch
+    # itself created (torch starts every group from the constructor's value), and every other entry is kept
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))  # tanh: no dead unit, every sum grows
+    groups = [{"params": model[0].parameters(), "initial_accumulator_value": 0.5}, {"params": model[2].parameters()}]
+    opt = torch.optim.Adagrad(groups, lr=0.1, initial_accumulator_value=0.25)
+    start = {p: opt.state[p]["sum"].clone() for p in model.parameters()}
+    model(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    before = {p: opt.state[p]["sum"].clone() for p in model.parameters()}
+    reinit_units(find_unit_pairs(model)[0], torch.tensor([2]), optimizers=[opt])
+    slices = {model[0].weight: (0, 2), model[0].bias: (0, 2), model[2].weight: (1, 2)}
+    for param, (dim, unit) in slices.items():
+        after = opt.state[param]["sum"]
+        assert (before[param].select(dim, unit) > start[param].select(dim, unit)).all()  # grown, then reset
+        assert torch.equal(after.select(dim, unit), start[param].select(dim, unit))
+        kept = [i for i in range(param.shape[dim]) if i != unit]
+        assert torch.equal(
+            after.index_select(dim, torch.tensor(kept)), before[param].index_select(dim, torch.tensor(kept))
+        )
+
+
+def test_a_sum_state_of_another_optimizer_restarts_from_zero():
+    # only Adagrad's accumulator starts from a group value: any other optimizer's per-element "sum" restarts at 0
+    class SummingSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self.state[p].setdefault("sum", torch.zeros_like(p)).add_(p.grad.abs() + 1.0)
+            return super().step(closure)
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    opt = SummingSGD(model.parameters(), lr=0.1)
+    model(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    reinit_units(find_unit_pairs(model)[0], torch.tensor([1]), optimizers=[opt])
+    assert (opt.state[model[0].weight]["sum"][1] == 0.0).all() and (opt.state[model[2].weight]["sum"][:, 1] == 0).all()
+    assert (opt.state[model[0].weight]["sum"][0] >= 1.0).all()  # untouched rows keep theirs
+
+
 # ---------------------------------------------------------------------------------------------- rules, any model
 
 

@@ -212,15 +212,15 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor,
     state = optimizer.state.get(param)
     if not state:
         return
-    # Adagrad's accumulator starts from its group's initial value, everything else from zero
-    start = {"sum": _initial_accumulator(optimizer, param)}
+    # Adagrad's accumulator starts from its initial value, everything else from zero
+    start = {"sum": _initial_accumulator(optimizer)}
     for key, value in state.items():
         if isinstance(value, torch.Tensor) and value.shape == param.shape:
             value.index_fill_(dim, index.to(value.device), start.get(key, 0.0))
 
 
-def _initial_accumulator(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> float:
+def _initial_accumulator(optimizer: torch.optim.Optimizer) -> float:
     if not isinstance(optimizer, torch.optim.Adagrad):
         return 0.0
-    group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
-    return float(group.get("initial_accumulator_value", 0.0))
+    # torch fills every group's accumulator from the constructor's value; a group's own value is never read
+    return float(optimizer.defaults.get("initial_accumulator_value", 0.0))
