@@ -135,7 +135,13 @@ def test_seeded_generation_leaves_the_global_rng_and_the_training_mode_alone():
 def test_state_keys_are_those_of_existing_checkpoints():
     # a checkpoint keeps each callback's state under its state_key: these are the keys written before the heads and
     # the state_key were restructured (issue 19), so those checkpoints still load
-    from plasticity_lightning.callbacks import HeadImportance, HeadPruning, ReDo, RestoreBestPerTask
+    from plasticity_lightning.callbacks import (
+        AttentionEntropyMonitor,
+        HeadImportance,
+        HeadPruning,
+        ReDo,
+        RestoreBestPerTask,
+    )
 
     assert {
         HeadImportance().state_key,
@@ -144,6 +150,7 @@ def test_state_keys_are_those_of_existing_checkpoints():
         PlasticityCycle(learn_steps=30).state_key,
         ReDo().state_key,
         RestoreBestPerTask().state_key,
+        AttentionEntropyMonitor(every_n_steps=5).state_key,
     } == {
         "HeadImportance{'prefix': 'heads', 'num_batches': 50, 'method': 'gradient', 'normalize': 'layer'}",
         "HeadPruning{'prefix': 'heads', 'fraction': 0.1, 'max_fraction': 0.5, 'monitor': 'val/perplexity'}",
@@ -151,4 +158,6 @@ def test_state_keys_are_those_of_existing_checkpoints():
         "PlasticityCycle{'prefix': 'cycle', 'seed': 0, 'start_step': 100, 'learn_steps': 30}",
         "ReDo{'prefix': 'redo', 'seed': 0, 'layers': None, 'pairs': None, 'every_n_steps': 1000, 'tau': 0.025}",
         "RestoreBestPerTask{'monitor': 'val/acc', 'mode': 'max'}",
+        "AttentionEntropyMonitor{'prefix': 'attention_entropy', 'layers': None, 'every_n_epochs': None, "
+        "'every_n_steps': 5, 'probe_size': 16, 'probe_source': 'val'}",
     }

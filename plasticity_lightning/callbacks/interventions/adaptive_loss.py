@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from plasticity_lightning.callbacks.task_aware import log_scalars
 from plasticity_lightning.core.errors import PlasticityConfigError
 from plasticity_lightning.losses.adaptive import AdaptiveRegressionLoss
 
@@ -75,9 +76,7 @@ class AdaptiveLossWeights(Callback):
             epoch=trainer.current_epoch,
         )
         metrics = {"adaptive_loss/mse_weight": w_mse, "adaptive_loss/mae_weight": w_mae}
-        for logger in trainer.loggers:  # with the epoch, as Lightning's own rows have it
-            logger.log_metrics({**metrics, "epoch": trainer.current_epoch}, step=trainer.global_step)
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        log_scalars(trainer, metrics, row_extra={"epoch": trainer.current_epoch})  # the epoch, as Lightning's rows
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -7,11 +7,11 @@ import math
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from plasticity_lightning.callbacks.task_aware import log_scalars
 from plasticity_lightning.core.errors import check_positive_int
 from plasticity_lightning.core.files import write_text_atomic
 from plasticity_lightning.core.rundir import LEARNING_DYNAMICS_FILE, run_directory
@@ -144,9 +144,7 @@ class LearningDynamics(Callback):
             return
         self.summary = dynamics_summary(history, self.thresholds)
         scalars = _flat_scalars(self.summary)
-        for logger in trainer.loggers:
-            logger.log_metrics({f"dynamics/{k}": v for k, v in scalars.items()}, step=trainer.global_step)
-        trainer.callback_metrics.update({f"dynamics/{k}": torch.tensor(v) for k, v in scalars.items()})
+        log_scalars(trainer, {f"dynamics/{k}": v for k, v in scalars.items()})
         # no logger (or fast_dev_run's dummy one) means no run directory to write into
         if self.filename is not None and trainer.is_global_zero and trainer.loggers and not trainer.fast_dev_run:
             document = json_safe({"summary": self.summary, "history": history})
