@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,17 @@ from typing_extensions import override
 
 from plasticity_lightning.callbacks.interventions.base import Intervention
 from plasticity_lightning.callbacks.monitors.base import PlasticityMonitor
-from plasticity_lightning.callbacks.task_aware import TaskAwareCallback
+from plasticity_lightning.callbacks.task_aware import TaskAwareCallback, log_scalars
+from plasticity_lightning.core.batches import supervised_batch
 from plasticity_lightning.core.errors import PlasticityConfigError, check_choice, check_positive_int
 from plasticity_lightning.core.files import write_csv_atomic, write_text_atomic
-from plasticity_lightning.core.rundir import FINISHED_TASK_KEY, TASK_ACCURACY_FILE, run_directory
+from plasticity_lightning.core.rundir import (
+    FINISHED_TASK_KEY,
+    FROM_SCRATCH_ACCURACY_KEY,
+    PLASTICITY_GAP_KEY,
+    TASK_ACCURACY_FILE,
+    run_directory,
+)
 from plasticity_lightning.core.tasks import TaskContext, get_task_context, per_task_accuracy_key, stopped_mid_task
 from plasticity_lightning.metrics.continual import (
     COVERAGE_TEXT,
@@ -33,6 +41,7 @@ from plasticity_lightning.metrics.continual import (
     summary_window,
     transfer_summary,
 )
+from plasticity_lightning.policies.resets import fresh_copy
 
 log = logging.getLogger(__name__)
 
@@ -339,17 +348,6 @@ class TaskAccuracyTable(TaskAwareCallback):
         self.random_init = None if random_init is None else [float(v) for v in random_init]
 
 
-def _batch_parts(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """``(x, y, task_ids)`` of an evaluation batch, or ``None`` when it carries no task ids."""
-    if isinstance(batch, dict):
-        parts = batch.get("x"), batch.get("y"), batch.get("task_ids")
-    elif isinstance(batch, (list, tuple)) and len(batch) == 3:
-        parts = tuple(batch)
-    else:
-        return None
-    return parts if all(isinstance(p, torch.Tensor) for p in parts) else None
-
-
 @torch.no_grad()
 def evaluate_per_task(
     trainer: pl.Trainer, pl_module: pl.LightningModule, model: torch.nn.Module, num_tasks: int
@@ -379,10 +377,9 @@ def evaluate_per_task(
                     if batch_idx >= limit:
                         break
                     batch = pl_module._apply_batch_transfer_handler(batch, pl_module.device, dataloader_idx=index)
-                    parts = _batch_parts(batch)
-                    if parts is None:
+                    x, y, task_ids = supervised_batch(batch, owner="evaluate_per_task")
+                    if task_ids is None:
                         return None
-                    x, y, task_ids = parts
                     out = model(x)
                     context = get_task_context(trainer)
                     if context is not None and context.class_mask is not None and out.ndim == 2:
@@ -396,6 +393,222 @@ def evaluate_per_task(
             module.train(mode)
         if was_training:
             trainer.training = True
+
+
+def _discard(*args: Any, **kwargs: Any) -> None:
+    """Stands in for the fresh copy's ``log``: its values must not reach the trainer's loggers."""
+
+
+class FromScratchBaseline(TaskAwareCallback):
+    """A network trained from scratch on each new task beside the continual one, and the plasticity gap.
+
+    Dohare et al. (2024) compare a continually trained network with one retrained from scratch: a network that has
+    lost plasticity learns a new task worse than a fresh one. When a selected task starts (every
+    ``every_n_tasks``-th, task 0 included) this callback makes a fresh copy of the LightningModule — every parameter
+    drawn anew from ``seed + task`` as the model initialises itself (:func:`~plasticity_lightning.policies.fresh_copy`)
+    — with a fresh optimizer (and LR schedulers) from the copy's own ``configure_optimizers``, and trains it on the
+    same batches as the continual network, one optimizer step per training batch, through the module's own
+    ``training_step`` (its ``self.log`` calls are discarded). At each validation during the task it measures the copy
+    on the task's validation rows; when the task ends it logs ``continual/from_scratch_acc`` and
+    ``continual/plasticity_gap`` = from-scratch accuracy − the continual network's accuracy on the task
+    (``val/acc_task_<t>`` from the same validation), with ``continual/task``. A positive gap is plasticity lost.
+
+    Cost: about one more training run per selected task (a forward and backward pass of the copy per batch, plus a
+    pass over the validation data per validation); ``every_n_tasks: k`` divides it by k. The copy's steps run with
+    the global RNG isolated (seeded from ``seed`` and the step), so the continual network trains exactly as without
+    the callback. DDP: the copy starts alike on every rank and its gradients are averaged across ranks before each
+    step, so ranks stay identical. Resume: the copy's weights and optimizer state are in the checkpoint.
+
+    Args:
+        every_n_tasks: train a fresh copy on every k-th task (0, k, 2k, ...); at least 1.
+        seed: base seed of the fresh copies' initialisation and of their steps' random draws (dropout).
+        verbose: log a line per finished task.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[FromScratchBaseline(every_n_tasks=2)], logger=False)
+    """
+
+    def __init__(self, every_n_tasks: int = 1, seed: int = 0, verbose: bool = True) -> None:
+        super().__init__()
+        self.every_n_tasks = check_positive_int("FromScratchBaseline", "every_n_tasks", every_n_tasks)
+        self.seed = check_positive_int("FromScratchBaseline", "seed", seed, allow_zero=True)
+        self.verbose = verbose
+        self.records: dict[int, dict[str, float]] = {}  # task -> from_scratch_acc, continual_acc, plasticity_gap
+        self.fresh: pl.LightningModule | None = None
+        self.fresh_task: int | None = None
+        self.fresh_steps = 0
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._schedulers: list[Any] = []
+        self._latest: tuple[int, float, float] | None = None  # task, from-scratch acc, continual acc
+        self._pending: dict[str, Any] | None = None  # the copy's state from a checkpoint, loaded at train start
+        self._before_validation: dict[str, Any] = {}
+
+    @override
+    def state_identity(self) -> dict[str, Any]:
+        return {"every_n_tasks": self.every_n_tasks, "seed": self.seed}
+
+    # ------------------------------------------------------------------ the fresh copy
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
+        from lightning.pytorch.core.optimizer import _configure_optimizers, _configure_schedulers_automatic_opt
+
+        fresh = fresh_copy(pl_module, seed=self.seed + task)
+        fresh.log = fresh.log_dict = _discard  # type: ignore[method-assign]
+        fresh.trainer = trainer  # the task context (class masks) comes through the trainer, as for the original
+        optimizers, schedulers, monitor = _configure_optimizers(fresh.configure_optimizers())
+        if len(optimizers) != 1:
+            raise PlasticityConfigError(
+                f"FromScratchBaseline: {type(pl_module).__name__}.configure_optimizers returns {len(optimizers)} "
+                "optimizers; the from-scratch copy is trained with exactly one"
+            )
+        self._schedulers = [
+            config
+            for config in _configure_schedulers_automatic_opt(schedulers, monitor)
+            if not config.reduce_on_plateau  # needs a monitored value the copy never logs
+        ]
+        self.fresh, self.fresh_task, self.fresh_steps, self._optimizer = fresh, task, 0, optimizers[0]
+
+    def _release(self) -> None:
+        self.fresh, self.fresh_task, self._optimizer, self._schedulers = None, None, None, []
+
+    def _train_step(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> None:
+        fresh, optimizer = self.fresh, self._optimizer
+        with isolate_rng():
+            torch.manual_seed(self.seed * 1_000_003 + trainer.global_step)
+            fresh.train()
+            output = fresh.training_step(batch, batch_idx)
+            loss = output.get("loss") if isinstance(output, Mapping) else output
+            if loss is None:
+                return
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        grads = [p.grad for p in fresh.parameters() if p.grad is not None]
+        if trainer.world_size > 1 and grads:  # every rank steps with the mean gradient: the copies stay identical
+            flat = trainer.strategy.reduce(torch.cat([g.flatten() for g in grads]), reduce_op="mean")
+            for grad, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+                grad.copy_(part.view_as(grad))
+        optimizer.step()
+        self.fresh_steps += 1
+        self._step_schedulers("step", self.fresh_steps)
+
+    def _step_schedulers(self, interval: str, count: int) -> None:
+        for config in self._schedulers:
+            if config.interval == interval and count % config.frequency == 0:
+                config.scheduler.step()
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and not pl_module.automatic_optimization:
+            raise PlasticityConfigError(
+                f"FromScratchBaseline: {type(pl_module).__name__} uses manual optimization; the from-scratch copy is "
+                "trained through training_step's returned loss, which needs automatic optimization"
+            )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending is not None:  # resumed mid-task: rebuild the copy, then load what it had learned
+            pending, self._pending = self._pending, None
+            self._start(trainer, pl_module, pending["task"])
+            self.fresh.load_state_dict(pending["weights"])
+            self._optimizer.load_state_dict(pending["optimizer"])
+            for config, state in zip(self._schedulers, pending["schedulers"], strict=False):
+                config.scheduler.load_state_dict(state)
+            self.fresh_steps = pending["steps"]
+
+    @override
+    def on_task_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, context: TaskContext, previous_task: int | None
+    ) -> None:
+        if previous_task is not None:
+            self._finish(trainer, previous_task)
+        self._release()
+        if context.task_id % self.every_n_tasks == 0:
+            self._start(trainer, pl_module, context.task_id)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.fresh is not None:
+            self._train_step(trainer, batch, batch_idx)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.fresh is not None:
+            self._step_schedulers("epoch", trainer.current_epoch + 1)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._before_validation = dict(trainer.callback_metrics)  # see TaskAccuracyTable: only fresh values count
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or self.fresh is None:
+            return
+        context = get_task_context(trainer)
+        if context is None or context.task_id != self.fresh_task:
+            return
+        task = context.task_id
+        accuracies = evaluate_per_task(trainer, pl_module, self.fresh, context.num_tasks)
+        key = per_task_accuracy_key("val", task)
+        value = trainer.callback_metrics.get(key)
+        continual = float(value) if value is not None and value is not self._before_validation.get(key) else math.nan
+        self._latest = (task, accuracies[task] if accuracies else math.nan, continual)
+        self._before_validation = {}
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._latest is not None and not stopped_mid_task(trainer):
+            self._finish(trainer, self._latest[0])
+        if not stopped_mid_task(trainer):
+            self._release()
+
+    def _finish(self, trainer: pl.Trainer, task: int) -> None:
+        if self._latest is None or self._latest[0] != task or task in self.records:
+            return
+        _, scratch, continual = self._latest
+        gap = scratch - continual
+        self.records[task] = {"from_scratch_acc": scratch, "continual_acc": continual, "plasticity_gap": gap}
+        if self.verbose:
+            rank_zero_info(
+                f"Task {task}: from scratch {scratch:.4f}, continual {continual:.4f}, plasticity gap {gap:+.4f}"
+            )
+        metrics = {
+            name: value
+            for name, value in ((FROM_SCRATCH_ACCURACY_KEY, scratch), (PLASTICITY_GAP_KEY, gap))
+            if math.isfinite(value)
+        }
+        if metrics:
+            log_scalars(trainer, metrics, row_extra={FINISHED_TASK_KEY: float(task)})
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            **super().state_dict(),
+            "records": {task: dict(record) for task, record in self.records.items()},
+            "latest": self._latest,
+            "fresh": None,
+        }
+        if self.fresh is not None:
+            state["fresh"] = {
+                "task": self.fresh_task,
+                "steps": self.fresh_steps,
+                "weights": {name: t.detach().clone() for name, t in self.fresh.state_dict().items()},
+                "optimizer": self._optimizer.state_dict(),
+                "schedulers": [config.scheduler.state_dict() for config in self._schedulers],
+            }
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.records = {int(task): dict(record) for task, record in state_dict.get("records", {}).items()}
+        latest = state_dict.get("latest")
+        self._latest = None if latest is None else (int(latest[0]), float(latest[1]), float(latest[2]))
+        self._pending = state_dict.get("fresh")
 
 
 # the per-layer measures worth a first-against-last line at the end of a fit (the rest are in the report)

@@ -47,6 +47,9 @@ FINISHED_TASK_KEY = "continual/task"  # the task that the continual/* values of 
 NEW_TASK_ACCURACY_KEY = "continual/new_task_acc"
 SEEN_TASKS_ACCURACY_KEY = "continual/avg_seen_acc"
 FORGETTING_KEY = "continual/avg_forgetting"
+# FromScratchBaseline: a fresh network's accuracy on each new task, and it minus the continual network's
+FROM_SCRATCH_ACCURACY_KEY = "continual/from_scratch_acc"
+PLASTICITY_GAP_KEY = "continual/plasticity_gap"
 # a language model's validation loss and perplexity on the task being learned (CausalLM on a TextParts stream)
 NEW_TASK_LOSS_KEY = "val/loss_current_task"
 NEW_TASK_PERPLEXITY_KEY = "val/perplexity_current_task"

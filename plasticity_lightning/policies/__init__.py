@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from plasticity_lightning.policies.cbp import ContinualBackprop
     from plasticity_lightning.policies.measurement import measure
     from plasticity_lightning.policies.redo import ReDo
-    from plasticity_lightning.policies.resets import HeadReset, L2Init, ShrinkAndPerturb, fresh_layer
+    from plasticity_lightning.policies.resets import HeadReset, L2Init, ShrinkAndPerturb, fresh_copy, fresh_layer
 
 _EXPORTS = {
     "ContinualBackprop": "plasticity_lightning.policies.cbp",
@@ -44,6 +44,7 @@ _EXPORTS = {
     "StepCadence": "plasticity_lightning.policies.cadence",
     "UnitPolicy": "plasticity_lightning.policies.base",
     "all_reduce_mean": "plasticity_lightning.policies.base",
+    "fresh_copy": "plasticity_lightning.policies.resets",
     "fresh_layer": "plasticity_lightning.policies.resets",
     "measure": "plasticity_lightning.policies.measurement",
 }
@@ -59,6 +60,7 @@ __all__ = [
     "StepCadence",
     "UnitPolicy",
     "all_reduce_mean",
+    "fresh_copy",
     "fresh_layer",
     "measure",
 ]

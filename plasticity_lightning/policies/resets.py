@@ -59,6 +59,42 @@ def fresh_layer(model: nn.Module, name: str, module: nn.Module, generator: torch
     return fresh
 
 
+def fresh_copy(model: nn.Module, seed: int) -> nn.Module:
+    """A deep copy of ``model`` with every parameter drawn afresh from ``seed``, as a network trained from scratch.
+
+    Weight layers get the model's own init (``layer_init(name)``, else PyTorch's default) through
+    :func:`fresh_layer`; normalisation layers start at weight 1, bias 0 with fresh running statistics; any other
+    module with parameters of its own (embeddings, attention projections) runs its ``reset_parameters`` under a
+    generator seeded from ``seed``. The copy is the same on every DDP rank.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> a, b = fresh_copy(net, seed=1), fresh_copy(net, seed=1)
+        >>> torch.equal(a[0].weight, b[0].weight), torch.equal(a[0].weight, net[0].weight)
+        (True, False)
+    """
+    copy_ = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, module in copy_.named_modules():
+            if isinstance(module, (*_WEIGHT_LAYERS, *_NORM_LAYERS)):
+                fresh = fresh_layer(copy_, name, module, generator)
+                for param, new in zip(module.parameters(recurse=False), fresh.parameters(recurse=False), strict=True):
+                    param.copy_(new.to(param.device))
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.reset_running_stats()
+            elif callable(getattr(module, "reset_parameters", None)) and any(
+                True for _ in module.parameters(recurse=False)
+            ):
+                # the global RNG, on the CPU and the module's accelerator, is left as it was
+                devices = sorted({p.device.index or 0 for p in module.parameters(recurse=False) if p.is_cuda})
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+                    module.reset_parameters()
+    return copy_
+
+
 def _guessed_inits(owner: str, model: nn.Module, names: Iterable[str]) -> str | None:
     """A warning when fresh weights for ``names`` fall back to PyTorch's default init (no ``layer_init``)."""
     if callable(getattr(model, "layer_init", None)):
