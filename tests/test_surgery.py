@@ -1,6 +1,7 @@
 """The surgery engine: topology, unit re-initialisation, optimizer-state resets, Σ-orthogonal rows."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -228,6 +229,33 @@ def test_shared_magnitudes_equal_the_per_pair_ones():
         assert torch.allclose(outgoing, outgoing_magnitude(pair), rtol=1e-5)
         assert torch.allclose(incoming, incoming_magnitude(pair), rtol=1e-5)
     assert unit_magnitudes(pairs)[pairs[0].producer][1] is None
+
+
+def test_magnitudes_take_a_given_absolute_weight():
+    # callers that already hold |w| pass it in: it is read instead of the weight
+    pair = find_unit_pairs(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))[0]
+    doubled_in = 2 * pair.producer_module.weight.detach().abs()
+    doubled_out = 2 * pair.consumer_module.weight.detach().abs()
+    torch.testing.assert_close(incoming_magnitude(pair, doubled_in), 2 * incoming_magnitude(pair), rtol=1e-6, atol=0)
+    torch.testing.assert_close(outgoing_magnitude(pair, doubled_out), 2 * outgoing_magnitude(pair), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("rows", [6, 1100])  # one block, and 512 + 512 + 76 rows
+def test_shared_magnitudes_fill_their_buffer_in_place_and_stay_on_the_weights_device(rows):
+    from plasticity_lightning.surgery import unit_magnitudes
+
+    net = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, rows), nn.ReLU(), nn.Linear(rows, 2))
+    pairs = find_unit_pairs(net)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when an out= tensor of the wrong shape is resized
+        shared = unit_magnitudes(pairs, incoming=True)
+    for pair in pairs:
+        torch.testing.assert_close(shared[pair.producer][0], outgoing_magnitude(pair), rtol=1e-5, atol=0)
+        torch.testing.assert_close(shared[pair.producer][1], incoming_magnitude(pair), rtol=1e-5, atol=0)
+    # on another device the sums stay there (the meta device: shapes without data)
+    meta = unit_magnitudes(find_unit_pairs(net.to("meta")), incoming=True)
+    assert all(t.device.type == "meta" for pair in meta.values() for t in pair)
+    assert [tuple(t.shape) for t in meta["0"]] == [(4, 1), (4,)]
 
 
 class _ConvViewNet(nn.Module):
