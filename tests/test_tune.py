@@ -247,6 +247,13 @@ def test_bad_search_files_exit_2_before_any_trial(tmp_path, capsys, monkeypatch)
     assert optuna.get_all_study_summaries(storage) == []
 
 
+@pytest.mark.parametrize(("option", "value"), [("--trials", "0"), ("--workers", "two"), ("--retries", "-1")])
+def test_bad_options_exit_2_in_one_line(tmp_path, capsys, option, value):
+    """The command's own options go through the one CommandParser: one line naming the option and the value."""
+    line = _error(capsys, ["tune", "--config", "r.yaml", "--search", "s.yaml", "--trials", "2", option, value])
+    assert f'plasticity tune: Parser key "{option[2:]}"' in line and "Not of type" in line and value in line
+
+
 # ---------------------------------------------------------------------------------------------------- studies
 def test_tune_best_yaml_reproduces_the_best_trial(tmp_path, monkeypatch, capsys):
     """Trial 0 is the recipe's own values; best.yaml run by `plasticity fit` gives the best trial's number again."""

@@ -15,45 +15,30 @@ system) lets workers on several machines join one study: run the same command on
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
-from typing import NoReturn
 
+from plasticity_lightning.core.arguments import CommandParser
 from plasticity_lightning.core.errors import PlasticityConfigError
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are configuration errors: ``plasticity`` prints them as one line, exit 2."""
+def _parser() -> CommandParser:
+    from jsonargparse.typing import NonNegativeInt, PositiveInt
 
-    def error(self, message: str) -> NoReturn:
-        raise PlasticityConfigError(f"{self.prog}: {message} (see: {self.prog} --help)")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid; expected a positive integer")
-    return value
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="plasticity tune", description=__doc__.split("\n")[0])
+    # config=False: tune's own --config names the recipe and its fragments, as for fit
+    parser = CommandParser(prog="plasticity tune", description=__doc__.split("\n")[0], config=False)
     parser.add_argument("--config", action="append", required=True, help="recipe and fragments, as for fit")
     parser.add_argument("--search", required=True, help="search file (configs/search/*.yaml)")
-    parser.add_argument("--trials", type=_positive, required=True, help="trials in the study (all workers together)")
-    parser.add_argument("--workers", type=_positive, default=1, help="local worker processes (default 1)")
+    parser.add_argument("--trials", type=PositiveInt, required=True, help="trials in the study (all workers together)")
+    parser.add_argument("--workers", type=PositiveInt, default=1, help="local worker processes (default 1)")
     parser.add_argument("--storage", help="Optuna storage URL (default sqlite:///<out>/study.sqlite)")
     parser.add_argument("--study-name", help="study name (default: the search file's name)")
     parser.add_argument("--out", help="tune folder (default runs/tune/<study name>)")
     parser.add_argument(
-        "--heartbeat", type=_positive, help="seconds between a running trial's heartbeats (default 10; RDB storages)"
+        "--heartbeat", type=PositiveInt, help="seconds between a running trial's heartbeats (default 10; RDB storages)"
     )
     parser.add_argument(
-        "--retries", type=int, help="times a trial whose worker died is run again (default 2; RDB storages)"
+        "--retries", type=NonNegativeInt, help="times a trial whose worker died is run again (default 2; RDB storages)"
     )
     return parser
 
@@ -79,8 +64,6 @@ def main(argv: list[str] | None = None) -> None:
         write_best,
     )
 
-    if args.retries is not None and args.retries < 0:
-        raise PlasticityConfigError(f"--retries={args.retries} is invalid; expected an integer >= 0")
     spec = SearchSpec.from_yaml(args.search)
     name = args.study_name or Path(args.search).stem
     if not name.strip() or "/" in name:
