@@ -120,12 +120,19 @@ def entropy_values(
     if activations:
         for name, output in outputs.items():
             values[f"{name}/activation_entropy"] = float(activation_entropy(output))
-    logits = model_output[0] if isinstance(model_output, (tuple, list)) else model_output
-    # One output column has no distribution to measure (binary logit or regression).
-    if predictions and isinstance(logits, torch.Tensor) and logits.ndim == 2 and logits.shape[1] > 1:
+    logits = prediction_logits(model_output) if predictions else None
+    if logits is not None:
         values["predictions/prediction_entropy"] = float(prediction_entropy(logits))
-        return values, logits
-    return values, None
+    return values, logits
+
+
+def prediction_logits(model_output: Any) -> torch.Tensor | None:
+    """The ``[N, C]`` logits (C > 1) whose prediction entropy is measured, or ``None``: one output column has no
+    distribution to measure (a binary logit or a regression), and sequence outputs are not ``[N, C]``."""
+    logits = model_output[0] if isinstance(model_output, (tuple, list)) else model_output
+    if isinstance(logits, torch.Tensor) and logits.ndim == 2 and logits.shape[1] > 1:
+        return logits
+    return None
 
 
 def weight_values(

@@ -208,6 +208,8 @@ def capture_outputs(
     *,
     forward: Callable[[nn.Module, Any], Any] = default_forward,
     inputs: bool = False,
+    until: Mapping[str, int] | None = None,
+    calls: dict[str, int] | None = None,
 ) -> tuple[dict[str, torch.Tensor], Any]:
     """Outputs of ``layers`` (detached) and of the model on ``batch``, in eval mode under ``no_grad``.
 
@@ -219,6 +221,14 @@ def capture_outputs(
     submodules, e.g. frozen BatchNorm). A layer called more than once per forward pass (a shared module)
     contributes its outputs concatenated along the sample axis.
 
+    ``calls``, when given, is filled with how many times each layer ran. ``until`` (``{name: calls}``, as counted in
+    a full pass) ends the forward pass as soon as
+    every layer has run that many times, when the model's output is not needed (it is then ``None``): a language
+    model's probe pass then skips what follows the last measured layer, such as the vocabulary projection, which
+    can be most of its cost. The captured outputs are the full pass's. A layer that runs more often than ``until``
+    says is cut short, so pass only counts measured on inputs shaped alike, for models without data-dependent
+    control flow.
+
     Example::
 
         >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)).train()
@@ -228,12 +238,18 @@ def capture_outputs(
     """
     captured: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     flags = {module: module.training for module in model.modules()}
+    # layers still to run before the pass may end (only with `until`)
+    pending = None if until is None else {name: until.get(name, 0) for name in layers}
 
     def hook(name: str, read_input: bool) -> Callable[..., None]:
         def record(_module: nn.Module, args: Any, output: Any = None) -> None:
             value = args if read_input else output
             tensor = value[0] if isinstance(value, (tuple, list)) else value
             captured[name].append(tensor.detach())
+            if pending is not None and name in pending and len(captured[name]) >= pending[name]:
+                del pending[name]
+                if not pending:
+                    raise _EnoughCaptured
 
         return record
 
@@ -247,6 +263,8 @@ def capture_outputs(
         model.eval()
         with _without_fastpath():
             out = forward(model, batch)
+    except _EnoughCaptured:
+        out = None
     except NotImplementedError as err:
         if "forward" not in str(err):
             raise
@@ -264,6 +282,8 @@ def capture_outputs(
         for module, flag in flags.items():
             if module.training != flag:
                 module.train(flag)
+    if calls is not None:
+        calls.update({name: len(parts) for name, parts in captured.items()})
     empty = [name for name, parts in captured.items() if not parts]
     if empty:
         raise PlasticityConfigError(
@@ -271,6 +291,10 @@ def capture_outputs(
             "check the names passed as layers=[...]"
         )
     return {name: parts[0] if len(parts) == 1 else torch.cat(parts) for name, parts in captured.items()}, out
+
+
+class _EnoughCaptured(Exception):
+    """Raised from the last hook a probe pass needs, to skip the rest of the model (see ``until``)."""
 
 
 @contextmanager

@@ -2,9 +2,12 @@
 
 :class:`PlasticityMonitor` is the base (cadence, probe batch, logging); the representation monitors read hidden
 layers' features, the weight monitors read parameters and gradients, :class:`LearningDynamics` summarises a run.
+Monitors next to each other in a trainer's callbacks join one :class:`MonitorCollection` (one set of hook calls,
+one probe pass).
 """
 
 from plasticity_lightning.callbacks.monitors.base import PlasticityMonitor
+from plasticity_lightning.callbacks.monitors.collection import MonitorCollection
 from plasticity_lightning.callbacks.monitors.dynamics import LearningDynamics
 from plasticity_lightning.callbacks.monitors.representation import DormantUnitMonitor, EntropyMonitor, RankMonitor
 from plasticity_lightning.callbacks.monitors.weights import GradientFlowMonitor, WeightMonitor
@@ -14,6 +17,7 @@ __all__ = [
     "EntropyMonitor",
     "GradientFlowMonitor",
     "LearningDynamics",
+    "MonitorCollection",
     "PlasticityMonitor",
     "RankMonitor",
     "WeightMonitor",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
@@ -33,8 +33,24 @@ from plasticity_lightning.surgery import hidden_unit_layers
 log = logging.getLogger(__name__)
 
 # Per-trainer cache of probe batches and captured outputs, so that several monitors measuring at the same step
-# share one draw and one forward pass. Keys include the global step, so stale entries are never reused.
+# share one draw and one forward pass (and one finiteness check). Keys include the global step, so stale entries
+# are never reused.
 _SHARED: weakref.WeakKeyDictionary[pl.Trainer, dict[Any, Any]] = weakref.WeakKeyDictionary()
+
+
+# Marks a probe pass that ended after the last measured layer: the model's output was not computed.
+_SKIPPED = object()
+
+
+def _signature(batch: Any) -> Any:
+    """Structure, shapes and dtypes of a batch: what the layer calls of a probe pass may depend on."""
+    if isinstance(batch, torch.Tensor):
+        return tuple(batch.shape), batch.dtype
+    if isinstance(batch, (tuple, list)):
+        return tuple(_signature(x) for x in batch)
+    if isinstance(batch, Mapping):
+        return tuple((key, _signature(value)) for key, value in batch.items())
+    return type(batch).__name__
 
 
 def _shared(trainer: pl.Trainer, step: int) -> dict[Any, Any]:
@@ -137,6 +153,10 @@ class PlasticityMonitor(TaskAwareCallback):
         self._state_key: str | None = None
         self._nonfinite_warned: set[str] = set()
         self._nonfinite: set[str] = set()  # what was non-finite in the measurement under way
+        #: the :class:`MonitorCollection` this monitor joined for the current fit (``None``: on its own)
+        self.collection: Any = None
+        #: per probe shape: (calls of each layer in a full pass, whether the model's output is read) — see capture
+        self.capture_plans: dict[Any, tuple[dict[str, int], bool]] = {}
 
     @property
     def state_key(self) -> str:
@@ -161,6 +181,12 @@ class PlasticityMonitor(TaskAwareCallback):
         }
 
     # ------------------------------------------------------------------ to implement
+    def needs_model_output(self, model_output: Any) -> bool:
+        """Whether :meth:`measure` reads the model's output on the probe, given the output of a full probe pass.
+        When no monitor sharing a probe pass needs it, later passes end after the last measured layer (see
+        :func:`~plasticity_lightning.probes.capture_outputs`'s ``until``). Subclasses that never read it say so."""
+        return True
+
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: dict[str, torch.Tensor], model_output: Any
     ) -> dict[str, float]:
@@ -168,6 +194,13 @@ class PlasticityMonitor(TaskAwareCallback):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # monitors next to each other in the callbacks join one MonitorCollection
+            from plasticity_lightning.callbacks.monitors.collection import MonitorCollection
+
+            MonitorCollection.gather(trainer)
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Layers exist by now: models may build them in configure_model.
@@ -220,13 +253,57 @@ class PlasticityMonitor(TaskAwareCallback):
 
     def capture(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, torch.Tensor], Any]:
         """Outputs of :attr:`layers` and of the model on the probe (shared with monitors measuring this step)."""
-        task = self.current_task
-        batch = self._probe_batch(trainer, task)
+        return self._capture(trainer, pl_module)[:2]
+
+    def _capture(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> tuple[dict[str, torch.Tensor], Any, dict[str, bool]]:
+        """(outputs of :attr:`layers`, model output or ``None`` when nobody sharing the pass reads it, whether each
+        layer's outputs are finite).
+
+        One forward pass serves every monitor of this monitor's :class:`MonitorCollection` that reads the same
+        probe batch through the same ``forward``: it captures the union of their layers. The first pass on a probe
+        of a given shape runs the whole model and counts each layer's calls; when none of those monitors reads the
+        model's output (:meth:`needs_model_output`), later passes end once every layer has run that often."""
+        batch = self._probe_batch(trainer, self.current_task)
+        group = self.collection
+        sharers = [self]
+        if group is not None:  # the members that draw the same probe rows (from the step's cache) at this step
+            sharers += [m for m in group.monitors if m is not self and m.uses_probe and m._shares_probe(self)]
+        layers = dict(self.layers)
+        for monitor in sharers:
+            layers.update({n: m for n, m in monitor.layers.items() if n not in layers})
         cache = _shared(trainer, trainer.global_step)
-        key = ("capture", id(batch), tuple(self.layers), self.forward)
-        if key not in cache:
-            cache[key] = capture_outputs(pl_module, batch, self.layers, forward=self.forward)
-        return cache[key]
+        key = ("capture", id(batch), tuple(layers), self.forward)
+        owner = self if group is None else group
+        plan_key = (tuple(layers), self.forward, _signature(batch))
+        plan = owner.capture_plans.get(plan_key)
+        entry = cache.get(key)
+        # a pass cut short (no model output) serves only monitors whose plan says they do not need the output
+        if entry is None or (entry[1] is _SKIPPED and (plan is None or plan[1])):
+            if plan is None:
+                calls: dict[str, int] = {}
+                outputs, out = capture_outputs(pl_module, batch, layers, forward=self.forward, calls=calls)
+                plan = owner.capture_plans[plan_key] = (calls, any(m.needs_model_output(out) for m in sharers))
+            else:
+                calls, needed = plan
+                outputs, out = capture_outputs(
+                    pl_module, batch, layers, forward=self.forward, until=None if needed else calls
+                )
+                out = _SKIPPED if out is None and not needed else out
+            # one reduction per layer and one device->host transfer for all of them
+            flags = torch.stack([torch.isfinite(v).all() for v in outputs.values()]).tolist() if outputs else []
+            entry = cache[key] = (outputs, out, dict(zip(outputs, flags, strict=True)))
+        outputs, out, finite = entry
+        return {n: outputs[n] for n in self.layers}, None if out is _SKIPPED else out, finite
+
+    def _shares_probe(self, other: PlasticityMonitor) -> bool:
+        mine, theirs = self.probe, other.probe
+        return (
+            self.forward == other.forward
+            and (mine.size, mine.source, mine.seed) == (theirs.size, theirs.source, theirs.seed)
+            and self.refresh_probe_on_task_change == other.refresh_probe_on_task_change
+        )
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str = "manual") -> dict[str, float]:
         """Measure now and log. Returns the logged values (without prefix). Each step is measured at most once."""
@@ -241,12 +318,13 @@ class PlasticityMonitor(TaskAwareCallback):
         self._last_measured = moment
         self._nonfinite = set()
         if self.uses_probe:
-            outputs, model_output = self.capture(trainer, pl_module)
+            outputs, model_output, finite = self._capture(trainer, pl_module)
             # [samples, units, positions...]: units from the layer type (or unit_dim), not time steps
             default = None if self.unit_dim is None else (0, self.unit_dim)
             outputs = {k: units_first(v, *(default or self.unit_axes.get(k, (0, None)))) for k, v in outputs.items()}
-            for name, output in outputs.items():
-                self.check_finite(trainer, name, output)
+            for name in outputs:
+                if not finite[name]:
+                    self.mark_nonfinite(trainer, name)
         else:
             outputs, model_output = {}, None
         values = self.nonfinite_as_nan(self.measure(trainer, pl_module, outputs, model_output))

@@ -20,6 +20,7 @@ from plasticity_lightning.policies.measurement import (
     RANK_MEASURES,
     activity_values,
     entropy_values,
+    prediction_logits,
     rank_values,
 )
 
@@ -76,6 +77,10 @@ class RankMonitor(PlasticityMonitor):
         }
 
     @override
+    def needs_model_output(self, model_output: Any) -> bool:
+        return False
+
+    @override
     def measure(self, trainer, pl_module, outputs, model_output) -> dict[str, float]:
         values, spectra, broken = rank_values(outputs, self.measures, self.delta, self.threshold, self.conv)
         for name in broken:  # pooling can overflow finite outputs: not only the base class's check of the outputs
@@ -129,6 +134,10 @@ class DormantUnitMonitor(PlasticityMonitor):
         }
 
     @override
+    def needs_model_output(self, model_output: Any) -> bool:
+        return False
+
+    @override
     def measure(self, trainer, pl_module, outputs, model_output) -> dict[str, float]:
         values, rows, shares = activity_values(outputs, self.tau, self.dead_threshold, self.max_active, self.active)
         for name, share in shares.items():
@@ -158,6 +167,10 @@ class EntropyMonitor(PlasticityMonitor):
     @override
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "predictions": self.predictions, "activations": self.activations}
+
+    @override
+    def needs_model_output(self, model_output: Any) -> bool:
+        return self.predictions and prediction_logits(model_output) is not None
 
     @override
     def measure(self, trainer, pl_module, outputs, model_output) -> dict[str, float]:

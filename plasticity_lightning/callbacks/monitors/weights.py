@@ -90,6 +90,10 @@ class GradientFlowMonitor(PlasticityMonitor):
     """Per-layer gradient norms every ``every_n_steps`` optimizer steps, with a one-time warning when gradients
     vanish or explode.
 
+    The gradients of the n-th, 2n-th, ... optimizer step are read (:class:`~plasticity_lightning.policies.StepCadence`,
+    the rule every periodic action of the library follows), logged at the step count before that update
+    (``trainer.global_step``: n - 1, 2n - 1, ...).
+
     Reads gradients in ``on_before_optimizer_step`` (after DDP has averaged them and mixed precision has
     unscaled them) for the weights with two or more dimensions. Logs ``plasticity/<layer>/grad_norm`` and
     ``plasticity/grad/{global_norm,mean_abs,max_abs}``, where mean_abs is the mean over layers of mean |g| and
@@ -137,7 +141,8 @@ class GradientFlowMonitor(PlasticityMonitor):
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+        # the gradients of optimizer step global_step + 1: the n-th, 2n-th, ... step's (the interventions' rule)
+        if self.cadence.take(trainer.global_step + 1):
             self.run(trainer, pl_module, reason="step")
 
     @override
