@@ -88,12 +88,49 @@ def build_config(
     except ImportError:  # huggingface_hub before strict dataclasses: configs raise ValueError/TypeError themselves
         StrictDataclassError = ValueError
     try:
-        return AutoConfig.for_model(model_type, **{**(defaults or {}), **settings})
+        config = AutoConfig.for_model(model_type, **{**(defaults or {}), **settings})
     except (TypeError, ValueError, StrictDataclassError) as err:  # types, hidden size vs heads, ...
         reason = str(err).strip().splitlines()[-1].strip()
         raise PlasticityConfigError(
             f"{owner}.config={settings!r} is refused by {config_class.__name__}: {reason}"
         ) from None
+    _check_heads(config, settings, owner)
+    return config
+
+
+def _check_heads(config: Any, settings: dict[str, Any], owner: str) -> None:
+    """Head counts that HF accepts in the config but torch fails on in the first forward pass (a shape mismatch deep
+    in attention): key/value heads that do not divide the query heads (grouped-query attention, e.g. Mistral's
+    default of 8 key/value heads left beside 4 query heads), or a width the heads do not divide."""
+    # the user's spelling of a field (GPT-2 calls num_attention_heads n_head)
+    spelled = getattr(config, "attribute_map", {})  # {"num_attention_heads": "n_head", ...}
+
+    def name(field: str) -> str:
+        own = spelled.get(field, field)
+        return field if field in settings and own not in settings else own
+
+    def origin(field: str) -> str:
+        return "" if name(field) in settings else f" ({type(config).__name__}'s default)"
+
+    heads = getattr(config, "num_attention_heads", None)
+    if not isinstance(heads, int) or heads <= 0:
+        return
+    kv_heads = getattr(config, "num_key_value_heads", None)
+    if isinstance(kv_heads, int) and (kv_heads <= 0 or heads % kv_heads):
+        divisors = [d for d in range(1, heads + 1) if heads % d == 0]
+        raise PlasticityConfigError(
+            f"{owner}.config: {name('num_key_value_heads')}={kv_heads}{origin('num_key_value_heads')} does not divide "
+            f"{name('num_attention_heads')}={heads}; allowed: a divisor of {heads} ({', '.join(map(str, divisors))}; "
+            f"{heads} is plain multi-head attention)"
+        )
+    hidden = getattr(config, "hidden_size", None)
+    explicit_head_dim = "head_dim" in settings and settings["head_dim"] is not None
+    if isinstance(hidden, int) and not explicit_head_dim and hidden % heads:
+        raise PlasticityConfigError(
+            f"{owner}.config: {name('hidden_size')}={hidden}{origin('hidden_size')} is not a multiple of "
+            f"{name('num_attention_heads')}={heads}{origin('num_attention_heads')}; allowed: a width that the heads "
+            "divide (or an explicit head_dim where the architecture has one)"
+        )
 
 
 class PerTaskTokenLoss(Metric):
