@@ -4,13 +4,14 @@ ranking, the host-side ages, the magnitudes over more than 512 consumer rows, th
 argument errors. CBP's own tests for ``benchmarks/mutation.sh`` (the Trainer runs are in test_interventions.py)."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from plasticity_lightning import ContinualBackprop, PlasticityConfigError
+from plasticity_lightning import ContinualBackprop, PlasticityConfigError, policies
 from plasticity_lightning.callbacks.interventions.cbp import _LayerState
 from plasticity_lightning.surgery import outgoing_magnitude, unit_columns, unit_magnitudes, unit_statistics
 
@@ -431,3 +432,87 @@ def test_replaced_units_start_over_and_patch_the_cached_magnitudes():
     cbp.policy._replace(pair, units[:1])  # by hand, not promised mature: the young count follows the ages
     assert state.mature_units == int((state.ages > 0).sum())
     cbp.policy.detach()
+
+
+# ---------------------------------------------------------------------------------------------- the fused |w| kernel
+@pytest.fixture
+def fused_kernel(monkeypatch):
+    """The fused |w| kernel for every weight size, with fresh per-process state (restored afterwards)."""
+    from plasticity_lightning.surgery import units
+
+    monkeypatch.setattr(units, "FUSED_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(units, "_fused", {})
+    monkeypatch.setattr(units, "_compiled", set())
+    monkeypatch.setattr(units, "_failed", set())
+    return units
+
+
+def _expected_sums(weight):
+    matrix = weight.detach().double().reshape(weight.shape[0], -1).abs().numpy()
+    return matrix.sum(axis=1), matrix.sum(axis=0)
+
+
+def test_the_fused_kernel_falls_back_to_eager_with_one_warning(fused_kernel, monkeypatch):
+    def no_compiler(function, **kwargs):
+        def compiled(matrix):
+            raise RuntimeError("InductorError: no C++ compiler found")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(3, 7), nn.ReLU(), nn.Linear(7, 5), nn.ReLU(), nn.Linear(5, 2))
+    cbp = bound(net, utility="adaptable_contribution", init="kaiming")
+    with pytest.warns(RuntimeWarning, match=r"fused \|w\| kernel \(torch\.compile\) failed for a \(5, 7\) "):
+        magnitudes = unit_magnitudes(cbp.pairs, incoming=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the shapes that failed stay eager, silently
+        again = unit_magnitudes(cbp.pairs, incoming=True)
+    for name, consumer, producer in (("0", net[2], net[0]), ("2", net[4], net[2])):
+        rows, _ = _expected_sums(producer.weight)
+        _, columns = _expected_sums(consumer.weight)
+        np.testing.assert_allclose(magnitudes[name][0][:, 0].numpy(), columns / consumer.weight.shape[0], rtol=1e-6)
+        np.testing.assert_allclose(magnitudes[name][1].numpy(), rows / producer.weight.shape[1], rtol=1e-6)
+        assert torch.equal(again[name][0], magnitudes[name][0])
+    assert len(fused_kernel._failed) == 3 and not fused_kernel._compiled  # (7, 3) rows, (5, 7) both, (2, 5) columns
+    cbp.policy.detach()
+
+
+@pytest.mark.slow  # compiles six C++ kernels: seconds with a warm Inductor cache, minutes on a fresh machine
+def test_the_fused_kernel_equals_eager_within_float32_round_off_and_cbp_decides_alike(fused_kernel):
+    torch.manual_seed(5)
+    for weight in (torch.randn(300, 200), torch.randn(16, 8, 3, 3), torch.randn(64, 96).to(torch.bfloat16)):
+        rows, columns = _expected_sums(weight)
+        fused_rows, fused_columns = fused_kernel._abs_row_and_column_sums(weight, rows=True)
+        assert fused_columns.dtype == fused_rows.dtype == torch.float32
+        tolerance = 1e-5 if weight.dtype == torch.float32 else 1e-2  # bf16 inputs: the sums are float32 either way
+        np.testing.assert_allclose(fused_columns.numpy(), columns, rtol=tolerance)
+        np.testing.assert_allclose(fused_rows.numpy(), rows, rtol=tolerance)
+    assert len(fused_kernel._compiled) == 3 and not fused_kernel._failed  # really fused, not the fallback
+
+    def run(fused):
+        fused_kernel.FUSED_MIN_ELEMENTS = 1 if fused else None
+        torch.manual_seed(6)
+        model = nn.Sequential(nn.Linear(6, 40), nn.ReLU(), nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 1))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        cbp = policies.ContinualBackprop(model, optimizer, replacement_rate=0.02, maturity_threshold=5, seed=1)
+        history = []
+        for _ in range(120):
+            x = torch.randn(4, 6)
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(x), x.sum(dim=1, keepdim=True).sin()).backward()
+            optimizer.step()
+            cbp.step()
+            history.append(tuple(state.ages.tolist() for state in cbp.states.values()))
+        return model, cbp, history
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        eager, eager_cbp, eager_history = run(False)
+        fused, fused_cbp, fused_history = run(True)
+    assert any(key[1] == (30, 40) for key in fused_kernel._compiled)  # the policy's own reduction went fused
+    assert fused_history == eager_history and sum(s.replaced for s in fused_cbp.states.values()) > 20
+    for a, b in zip(eager_cbp.states.values(), fused_cbp.states.values(), strict=True):
+        torch.testing.assert_close(b.utility, a.utility, rtol=1e-5, atol=1e-7)
+    for p, q in zip(eager.parameters(), fused.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
