@@ -246,6 +246,7 @@ class L2Init(Policy):
     Example::
 
         >>> net = nn.Linear(2, 1)
+        >>> _ = nn.init.zeros_(net.weight)  # exact arithmetic below, whatever the random init
         >>> l2 = L2Init(net, weight=0.5)
         >>> with torch.no_grad():
         ...     _ = net.weight.add_(1.0)
