@@ -293,6 +293,23 @@ def test_adagrad_accumulators_restart_from_their_initial_value():
     ).all()
 
 
+def test_units_with_two_flattened_columns_each_clear_both_columns():
+    # conv (3 channels of 1 x 2) -> flatten -> linear: unit 1 feeds the consumer's columns 2 and 3, nothing else
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 2), nn.ReLU(), nn.Flatten(), nn.Linear(6, 2))
+    (pair,) = find_unit_pairs(net)
+    assert pair.columns_per_unit == 2
+    consumer = net[3].weight.detach().clone()
+    reinit_units(pair, torch.tensor([1]), generator=torch.Generator().manual_seed(0))
+    after = net[3].weight.detach()
+    assert (after[:, 2:4] == 0).all() and (consumer[:, 2:4] != 0).all()
+    assert torch.equal(after[:, [0, 1, 4, 5]], consumer[:, [0, 1, 4, 5]])
+    # on another device the column indices are built there too (the meta device: shapes without data)
+    net.to("meta")
+    reinit_units(pair, torch.tensor([0, 2]))
+    assert net[3].weight.device.type == "meta"
+
+
 def test_adagrad_accumulators_restart_from_the_value_torch_started_them_from():
     # two parameter groups, one naming its own initial value: the touched slices restart from the accumulator torch
     # itself created (torch starts every group from the constructor's value), and every other entry is kept
