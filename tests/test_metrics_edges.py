@@ -339,6 +339,23 @@ def test_per_task_accuracy_counts_ids_scores_and_empty_tasks():
         per_task_accuracy(torch.zeros(2, 2, 1), target, tasks, 3)
 
 
+def test_per_task_accuracy_states_are_summed_across_processes():
+    # two ranks through torchmetrics' own sync (the gather returns both ranks' states): rank 0 holds two rows of
+    # task 0, rank 1 three rows of tasks 0 and 1; the accuracy counts every row once
+    other = PerTaskAccuracy(num_tasks=3)
+    other.update(torch.tensor([1, 0, 1]), torch.tensor([1, 1, 1]), torch.tensor([0, 1, 1]))
+    states = iter([other.correct, other.total])
+    rank = PerTaskAccuracy(
+        num_tasks=3,
+        dist_sync_fn=lambda tensor, group=None: [tensor, next(states)],
+        distributed_available_fn=lambda: True,
+    )
+    rank.update(torch.tensor([0, 0]), torch.tensor([0, 1]), torch.tensor([0, 0]))
+    result = rank.compute()  # task 0: 1 of 2 here + 1 of 1 there; task 1: 1 of 2; task 2: no rows
+    assert result[0].item() == pytest.approx(2 / 3) and result[1].item() == 0.5 and math.isnan(result[2])
+    assert rank.correct.dtype == rank.total.dtype == torch.long  # counts stay exact past 2^24 rows
+
+
 def test_continual_summaries_by_hand():
     assert [summary_window(n) for n in (1, 9, 10, 19, 20, 150)] == [1, 1, 1, 1, 2, 15]
     assert first_and_last([1.0, 2.0, 3.0], 1) == (1.0, 3.0)
