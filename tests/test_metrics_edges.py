@@ -356,6 +356,11 @@ def test_per_task_accuracy_states_are_summed_across_processes():
     assert rank.correct.dtype == rank.total.dtype == torch.long  # counts stay exact past 2^24 rows
 
 
+def test_a_task_with_one_row_has_an_accuracy():
+    # one row is enough to be measured (only a task with no row is NaN)
+    assert per_task_accuracy(torch.tensor([1, 0]), torch.tensor([1, 1]), torch.tensor([0, 1]), 2).tolist() == [1.0, 0.0]
+
+
 def test_continual_summaries_by_hand():
     assert [summary_window(n) for n in (1, 9, 10, 19, 20, 150)] == [1, 1, 1, 1, 2, 15]
     assert first_and_last([1.0, 2.0, 3.0], 1) == (1.0, 3.0)
