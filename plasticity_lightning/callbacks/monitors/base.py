@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from plasticity_lightning.callbacks.task_aware import TaskAwareCallback
+from plasticity_lightning.callbacks.task_aware import TaskAwareCallback, log_scalars
 from plasticity_lightning.core.errors import PlasticityConfigError, check_positive_int
 from plasticity_lightning.core.rundir import TASK_ID_KEY
 from plasticity_lightning.core.tasks import TaskContext, get_task_context
@@ -150,7 +150,6 @@ class PlasticityMonitor(TaskAwareCallback):
         self.history: list[dict[str, Any]] = []
         self._probe_task: int | None = None
         self._last_measured: tuple[int, int | None] | None = None
-        self._state_key: str | None = None
         self._nonfinite_warned: set[str] = set()
         self._nonfinite: set[str] = set()  # what was non-finite in the measurement under way
         #: the :class:`MonitorCollection` this monitor joined for the current fit (``None``: on its own)
@@ -158,13 +157,10 @@ class PlasticityMonitor(TaskAwareCallback):
         #: per probe shape: (calls of each layer in a full pass, whether the model's output is read) — see capture
         self.capture_plans: dict[Any, tuple[dict[str, int], bool]] = {}
 
-    @property
-    def state_key(self) -> str:
-        # Lightning reads state_key around every hook call (profiler names): build it once. Settings are part of
-        # it, so two monitors of one kind that measure differently keep separate checkpoint state.
-        if self._state_key is None:
-            self._state_key = self._generate_state_key(prefix=self.prefix, layers=self.layer_names, **self.settings())
-        return self._state_key
+    @override
+    def state_identity(self) -> dict[str, Any]:
+        # settings are part of it: two monitors of one kind that measure differently keep separate checkpoint state
+        return {"prefix": self.prefix, "layers": self.layer_names, **self.settings()}
 
     @property
     def log_identity(self) -> tuple[str, tuple[str, ...] | None]:
@@ -350,10 +346,7 @@ class PlasticityMonitor(TaskAwareCallback):
             return
         metrics = {self.key(name): float(value) for name, value in values.items()}
         # the row says which task it measured (a task start shares its step with the previous task's last epoch)
-        row = metrics if self.current_task is None else {**metrics, TASK_ID_KEY: float(self.current_task)}
-        for logger in trainer.loggers:
-            logger.log_metrics(row, step=trainer.global_step)
-        trainer.callback_metrics.update({name: torch.tensor(value) for name, value in metrics.items()})
+        log_scalars(trainer, metrics, None if self.current_task is None else {TASK_ID_KEY: float(self.current_task)})
 
     def log_histogram(self, trainer: pl.Trainer, name: str, values: torch.Tensor) -> None:
         """A histogram to the W&B and TensorBoard loggers (others ignore it)."""
