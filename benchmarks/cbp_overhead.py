@@ -16,9 +16,12 @@ the first step of a block is dropped.
 The block (7 by default) is coprime with the cached variant's refresh period (10), so its refreshes fall on timed
 steps in their true share. Printed: step time / plain-backprop step time for the mean step (the amortised cost,
 refreshes and replacements included), the median step and the 10th-percentile step (the cost when nothing
-interferes: noise only ever adds time). Target: <= 1.10 (the reference implementation costs 1.38-1.78x on CPU).
-Also printed, as the floor of an exact per-step utility: one read-only pass over the consumer weights
-(``torch.mv``), the least any implementation of Dohare's per-step ``mean |w_out|`` must spend.
+interferes: noise only ever adds time). The floor of an exact per-step utility is a variant of its own: backprop
+plus one read-only pass over the consumer weights (``torch.mv``), the least any implementation of Dohare's
+per-step ``mean |w_out|`` must spend; another variant runs the default CBP with eager PyTorch's |w| sums instead of
+the fused kernel (:data:`plasticity_lightning.surgery.units.FUSED_MIN_ELEMENTS`, compiled before timing; the
+compile time is printed). Printed per setting, as ranges over the three statistics: exact CBP / BP, floor / BP,
+exact CBP / floor. Targets (issue 20): exact CBP / floor <= 1.05 on the MLP, CBP / BP <= 1.05 on the ConvNet.
 
 With ``--reference`` (the root of a checkout of https://github.com/shibhansh/loss-of-plasticity, not part of this
 project) every setting adds Dohare et al.'s own implementation as one more variant in the same rotation (``GnT``
