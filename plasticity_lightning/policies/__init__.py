@@ -32,12 +32,20 @@ if TYPE_CHECKING:
     from plasticity_lightning.policies.cbp import ContinualBackprop
     from plasticity_lightning.policies.measurement import measure
     from plasticity_lightning.policies.redo import ReDo
-    from plasticity_lightning.policies.resets import HeadReset, L2Init, ShrinkAndPerturb, fresh_copy, fresh_layer
+    from plasticity_lightning.policies.resets import (
+        HeadReset,
+        L2Init,
+        LayerReset,
+        ShrinkAndPerturb,
+        fresh_copy,
+        fresh_layer,
+    )
 
 _EXPORTS = {
     "ContinualBackprop": "plasticity_lightning.policies.cbp",
     "HeadReset": "plasticity_lightning.policies.resets",
     "L2Init": "plasticity_lightning.policies.resets",
+    "LayerReset": "plasticity_lightning.policies.resets",
     "Policy": "plasticity_lightning.policies.base",
     "ReDo": "plasticity_lightning.policies.redo",
     "ShrinkAndPerturb": "plasticity_lightning.policies.resets",
@@ -54,6 +62,7 @@ __all__ = [
     "ContinualBackprop",
     "HeadReset",
     "L2Init",
+    "LayerReset",
     "Policy",
     "ReDo",
     "ShrinkAndPerturb",

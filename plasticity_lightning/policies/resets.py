@@ -1,4 +1,5 @@
-"""Whole-parameter policies for any training loop: Shrink & Perturb, L2 toward the initial weights, head reset."""
+"""Whole-parameter policies for any training loop: Shrink & Perturb, L2 toward the initial weights, head and layer
+resets."""
 
 from __future__ import annotations
 
@@ -428,3 +429,173 @@ class HeadReset(Policy):
         super().load_state_dict(state_dict)
         self.resets = int(state_dict.get("resets", 0))
         self.task = state_dict.get("task")
+
+
+class LayerReset(Policy):
+    """Reset chosen layers, or the whole network, to fresh initial values (Nikishin et al. 2022, "The Primacy Bias in
+    Deep Reinforcement Learning"), with their optimizer state cleared.
+
+    Every weight and normalisation layer inside each target module is redrawn as the model initialised it
+    (``layer_init(name)``, else PyTorch's default, which warns once) from the policy's generator (seeded alike on
+    every DDP rank); any other module with parameters of its own runs ``reset_parameters`` under that generator.
+    The optimizer state of every reset parameter is dropped (momentum; Adam's moments and step count restart).
+    This generalises :class:`HeadReset` (one layer) to any set of layers. In a hand-written loop, :meth:`step` after
+    ``optimizer.step()`` resets every ``every_n_steps`` steps, :meth:`step_task` at every task change (not before
+    the first), :meth:`apply` now.
+
+    Args:
+        model: the network (``None``: give it to :meth:`attach`).
+        optimizer: its optimizer(s), whose state for the reset parameters is cleared.
+        layers: names of the modules to reset (any module: a block resets everything in it); ``None``: the whole
+            network.
+        every_n_steps: period of :meth:`step` (``None``: only task changes and :meth:`apply`).
+        reset_optimizer: clear the optimizer state of the reset parameters.
+        seed: seed of the fresh values.
+        prefix: name of the values in reports.
+
+    Example::
+
+        >>> torch.manual_seed(0) and None
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> before = net[0].weight.detach().clone()
+        >>> LayerReset(net, layers=["2"]).apply()
+        >>> torch.equal(net[0].weight, before)
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
+        *,
+        layers: Sequence[str] | None = None,
+        every_n_steps: int | None = None,
+        reset_optimizer: bool = True,
+        seed: int = 0,
+        prefix: str = "layer_reset",
+    ) -> None:
+        super().__init__(seed=seed, prefix=prefix)
+        owner = type(self).__name__
+        if layers is not None and (
+            isinstance(layers, str) or not all(isinstance(name, str) for name in layers) or not layers
+        ):
+            raise PlasticityConfigError(
+                f"{owner}.layers={layers!r} is invalid; expected a non-empty list of module names, or null for the "
+                "whole network"
+            )
+        if every_n_steps is not None:
+            check_positive_int(owner, "every_n_steps", every_n_steps)
+        if not isinstance(reset_optimizer, bool):
+            raise PlasticityConfigError(
+                f"{owner}.reset_optimizer={reset_optimizer!r} is invalid; expected true or false"
+            )
+        self.layer_names = None if layers is None else list(layers)
+        self.cadence = StepCadence(every_n_steps)
+        self.reset_optimizer = reset_optimizer
+        self.model: nn.Module | None = None
+        self.resets = 0
+        self.steps = 0
+        self.task: Any = None
+        if model is not None:
+            self.attach(model, optimizer)
+
+    @property
+    def every_n_steps(self) -> int | None:
+        return self.cadence.every_n_steps
+
+    def targets(self, model: nn.Module | None = None) -> dict[str, nn.Module]:
+        """The modules to reset, by name (``{"": model}`` for the whole network)."""
+        model = self.model if model is None else model
+        if model is None:
+            raise PlasticityConfigError("LayerReset: no model; pass it to LayerReset(model, ...)")
+        if self.layer_names is None:
+            return {"": model}
+        modules = dict(model.named_modules())
+        targets = {}
+        for name in self.layer_names:
+            if name not in modules:
+                raise PlasticityConfigError(
+                    f"{self.owner}.layers: {name!r} is not a module of {type(model).__name__}; choose among "
+                    f"{', '.join(n for n in list(modules)[1:13])}"
+                )
+            if not any(True for _ in modules[name].parameters()):
+                raise PlasticityConfigError(
+                    f"{self.owner}.layers: {name!r} ({type(modules[name]).__name__}) has no parameters to reset"
+                )
+            targets[name] = modules[name]
+        return targets
+
+    def attach(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None
+    ) -> None:
+        """Use ``model`` (its targets are checked now); ``optimizer``: the optimizer(s) whose state is cleared."""
+        if optimizer is not None:
+            self.optimizers = as_optimizers(optimizer)
+        self.model = model
+        weights = [
+            f"{prefix}.{name}" if prefix and name else prefix or name
+            for prefix, target in self.targets(model).items()
+            for name, module in target.named_modules()
+            if isinstance(module, _WEIGHT_LAYERS)
+        ]
+        guess = _guessed_inits(self.owner, model, weights)
+        if guess:
+            self.warn_once("init", guess)
+
+    def step(self) -> bool:
+        """One optimizer step has been taken: reset if it is the ``every_n_steps``-th; returns whether it did."""
+        self.steps += 1
+        if not self.cadence.take(self.steps):
+            return False
+        self.apply()
+        return True
+
+    def step_task(self, task: Any) -> bool:
+        """Reset if ``task`` differs from the task of the previous call (never on the first); returns whether it
+        did."""
+        previous, self.task = self.task, task
+        if previous is None or previous == task:
+            return False
+        self.apply()
+        return True
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module | None = None) -> None:
+        """Reset the targets now."""
+        model = self.model if model is None else model
+        touched: list[nn.Parameter] = []
+        for prefix, target in self.targets(model).items():
+            for name, module in target.named_modules():
+                full = f"{prefix}.{name}" if prefix and name else prefix or name
+                own = list(module.parameters(recurse=False))
+                if not own:
+                    continue
+                if isinstance(module, (*_WEIGHT_LAYERS, *_NORM_LAYERS)):
+                    fresh = fresh_layer(model, full, module, self.generator)
+                    for param, new in zip(own, fresh.parameters(recurse=False), strict=True):
+                        param.copy_(new.to(param.device))
+                elif callable(getattr(module, "reset_parameters", None)):
+                    devices = sorted({p.device.index or 0 for p in own if p.is_cuda})
+                    with torch.random.fork_rng(devices=devices):
+                        torch.manual_seed(int(torch.randint(2**62, (1,), generator=self.generator)))
+                        module.reset_parameters()
+                else:
+                    continue
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.reset_running_stats()
+                touched += own
+        if self.reset_optimizer:  # the whole state goes: Adam restarts its moments and its step count
+            for optimizer in self.optimizers:
+                for param in touched:
+                    optimizer.state.pop(param, None)
+        self.resets += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "resets": self.resets, "steps": self.steps, "task": self.task}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.resets = int(state_dict.get("resets", 0))
+        self.steps = int(state_dict.get("steps", 0))
+        self.task = state_dict.get("task")
+        self.cadence.mark(self.steps)

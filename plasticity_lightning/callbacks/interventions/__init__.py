@@ -14,7 +14,7 @@ from plasticity_lightning.callbacks.interventions.constraints import (
     WeightPrecision,
 )
 from plasticity_lightning.callbacks.interventions.redo import ReDo
-from plasticity_lightning.callbacks.interventions.resets import HeadReset, L2Init, ShrinkAndPerturb
+from plasticity_lightning.callbacks.interventions.resets import HeadReset, L2Init, LayerReset, ShrinkAndPerturb
 from plasticity_lightning.callbacks.interventions.stability import SoftmaxCollapseMonitor, SurgeCollapse
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "Intervention",
     "JamesSteinShrinkage",
     "L2Init",
+    "LayerReset",
     "OscillationDampener",
     "ParameterConstraint",
     "ReDo",

@@ -1,5 +1,5 @@
 """Whole-parameter interventions as Lightning callbacks — Shrink & Perturb, L2 toward the initial weights, output-head
-reset: adapters over :mod:`plasticity_lightning.policies.resets`."""
+and layer resets: adapters over :mod:`plasticity_lightning.policies.resets`."""
 
 from __future__ import annotations
 
@@ -207,6 +207,81 @@ class HeadReset(Intervention):
 
     def reset(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Reset the head now."""
+        self.connect(trainer)
+        self.policy.apply(pl_module)
+        self.log_values(trainer, {"resets": self.resets}, force=True)
+
+
+class LayerReset(Intervention):
+    """Reset chosen layers, or the whole network, when a new task starts and/or every n steps (Nikishin et al. 2022).
+
+    The reset is :class:`plasticity_lightning.policies.LayerReset`'s: every weight and normalisation layer inside
+    each named module redrawn as the model initialised it, other parameterised modules through ``reset_parameters``,
+    and the optimizer state of every reset parameter dropped (``reset_optimizer``). ``layers: null`` resets the whole
+    network. The generator is seeded alike on every DDP rank and kept in the checkpoint, so ranks stay identical and
+    a resumed fit draws what an uninterrupted one would. Logged: ``layer_reset/resets``.
+
+    Args:
+        layers: names of the modules to reset (any module; a block resets everything in it); ``None``: the whole
+            network.
+        on_task_change: reset when a new task starts (not before the first).
+        every_n_steps: also reset every n optimizer steps (``None``: never).
+        reset_optimizer: drop the optimizer state of the reset parameters.
+        seed: seed of the fresh values.
+        prefix: first part of logged keys.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[LayerReset(layers=["net.4", "net.6"])])
+    """
+
+    policy: policy.LayerReset
+
+    def __init__(
+        self,
+        layers: Sequence[str] | None = None,
+        on_task_change: bool = True,
+        every_n_steps: int | None = None,
+        reset_optimizer: bool = True,
+        seed: int = 0,
+        prefix: str = "layer_reset",
+    ) -> None:
+        reset = policy.LayerReset(
+            layers=layers, every_n_steps=every_n_steps, reset_optimizer=reset_optimizer, seed=seed, prefix=prefix
+        )
+        if not on_task_change and every_n_steps is None:
+            raise PlasticityConfigError(
+                "LayerReset: on_task_change=False with every_n_steps=None never resets; set one of them"
+            )
+        super().__init__(seed=seed, prefix=prefix, policy=reset, every_n_steps=every_n_steps)
+        self.on_task_change = on_task_change
+
+    layer_names = property(lambda self: self.policy.layer_names)
+    every_n_steps = property(lambda self: self.policy.every_n_steps)
+    reset_optimizer = property(lambda self: self.policy.reset_optimizer)
+    resets = property(lambda self: self.policy.resets)
+
+    @override
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "layers": self.layer_names, "reset_optimizer": self.reset_optimizer}
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.policy.attach(pl_module)
+
+    @override
+    def on_task_start(self, trainer, pl_module, context, previous_task) -> None:
+        if self.on_task_change and previous_task is not None:
+            self.reset(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
+        if self.cadence.take(trainer.global_step):
+            self.reset(trainer, pl_module)
+
+    def reset(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Reset the layers now."""
         self.connect(trainer)
         self.policy.apply(pl_module)
         self.log_values(trainer, {"resets": self.resets}, force=True)
