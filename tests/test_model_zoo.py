@@ -5,7 +5,7 @@ cross-entropy), as a user would. One short fit runs RankMonitor, DormantUnitMoni
 with no arguments that name a layer. Each callback must log finite values; at the last step, where CBP and ReDo
 both replace units, every replaced unit's outgoing weights are zero, its incoming weights re-drawn and nothing
 else changed, so the network computes what it computed before minus the old units' contribution (the gated MLP
-of Llama included). The LSTM language model has no producer → consumer pair: its monitors work, and the
+of Llama included). The LSTM and GRU language models have no producer → consumer pair: its monitors work, and the
 interventions fail with one line that names ``pairs=``.
 """
 
@@ -76,10 +76,29 @@ class LSTMLM(nn.Module):
         return self.head(self.rnn(self.embed(ids))[0])
 
 
+class GRULM(LSTMLM):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(16, 32, batch_first=True)
+
+
 def _hf(kind: str) -> nn.Module:
     import transformers as tf
 
     special = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
+    if kind in ("opt", "gpt_neox"):  # fc1 → fc2 inside the decoder layer; dense_h_to_4h → dense_4h_to_h
+        width = {"ffn_dim": 24, "word_embed_proj_dim": 16} if kind == "opt" else {"intermediate_size": 24}
+        config = tf.AutoConfig.for_model(
+            kind,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            vocab_size=VOCAB,
+            max_position_embeddings=SEQ,
+            **width,
+            **special,
+        )
+        return tf.AutoModelForCausalLM.from_config(config)
     if kind == "gpt2":
         return tf.GPT2LMHeadModel(
             tf.GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=SEQ, vocab_size=VOCAB, **special)
@@ -134,8 +153,11 @@ ZOO = {
     "vit_b_16": (lambda: _torchvision("vit_b_16"), "image"),  # 86M parameters: the slow tier
     "transformer_lm": (TransformerLM, "tokens"),
     "lstm_lm": (LSTMLM, "tokens"),
+    "gru_lm": (GRULM, "tokens"),
     "gpt2": (lambda: _hf("gpt2"), "tokens"),
     "llama": (lambda: _hf("llama"), "tokens"),
+    "opt": (lambda: _hf("opt"), "tokens"),
+    "gpt_neox": (lambda: _hf("gpt_neox"), "tokens"),
     "bert": (lambda: _hf("bert"), "sentence"),
     "timm_vit_tiny": (lambda: _timm("vit_tiny"), "image"),
     "timm_convnext_atto": (lambda: _timm("convnext_atto"), "image32"),  # four stride-2 stages
@@ -216,7 +238,7 @@ def test_monitors_and_interventions_work_with_zero_configuration(name, tmp_path)
     monitors = [RankMonitor(), DormantUnitMonitor()]
     cbp = ContinualBackprop(replacement_rate=0.2, maturity_threshold=0)
     redo = ReDo(every_n_steps=STEPS, tau=0.5, seed=1)  # its own draws: seed 0 would repeat CBP's first ones
-    if name == "lstm_lm":  # nothing to pair: the monitors read the LSTM's hidden states, the interventions refuse
+    if name in ("lstm_lm", "gru_lm"):  # nothing to pair: the monitors read the hidden states, the interventions refuse
         for intervention in (cbp, redo):
             with pytest.raises(PlasticityConfigError, match=rf"^{type(intervention).__name__}: .*pairs="):
                 make_trainer(tmp_path, callbacks=[intervention], max_steps=STEPS).fit(Wrapped(build()), data)
