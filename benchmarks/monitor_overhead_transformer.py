@@ -15,6 +15,9 @@ The MLP quickstart's own ratio (benchmarks/monitor_overhead.py, issue 12's targe
 rotation, so both ratios come from the same minutes of the same machine.
 
     python benchmarks/monitor_overhead_transformer.py [--repeats 4] [--mlp-epochs 30]
+
+``benchmarks/monitor_overhead.py`` runs this workload interleaved with the quickstart and the
+plasticity_loss_digits fit, and prints the three ratios together.
 """
 
 from __future__ import annotations
