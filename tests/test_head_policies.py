@@ -141,6 +141,7 @@ def test_state_keys_are_those_of_existing_checkpoints():
         HeadPruning,
         ReDo,
         RestoreBestPerTask,
+        TaskAccuracyTable,
     )
 
     assert {
@@ -151,6 +152,7 @@ def test_state_keys_are_those_of_existing_checkpoints():
         ReDo().state_key,
         RestoreBestPerTask().state_key,
         AttentionEntropyMonitor(every_n_steps=5).state_key,
+        TaskAccuracyTable().state_key,
     } == {
         "HeadImportance{'prefix': 'heads', 'num_batches': 50, 'method': 'gradient', 'normalize': 'layer'}",
         "HeadPruning{'prefix': 'heads', 'fraction': 0.1, 'max_fraction': 0.5, 'monitor': 'val/perplexity'}",
@@ -160,4 +162,5 @@ def test_state_keys_are_those_of_existing_checkpoints():
         "RestoreBestPerTask{'monitor': 'val/acc', 'mode': 'max'}",
         "AttentionEntropyMonitor{'prefix': 'attention_entropy', 'layers': None, 'every_n_epochs': None, "
         "'every_n_steps': 5, 'probe_size': 16, 'probe_source': 'val'}",
+        "TaskAccuracyTable{'stage': 'val'}",
     }

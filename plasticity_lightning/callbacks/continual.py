@@ -104,14 +104,10 @@ class TaskAccuracyTable(TaskAwareCallback):
         self._latest: tuple[int, list[float]] | None = None
         self.partial: tuple[int, list[float]] | None = None  # the unfinished task when fit stopped mid-task
         self._before_validation: dict[str, Any] = {}
-        self._state_key: str | None = None
 
-    @property
-    def state_key(self) -> str:
-        # Lightning reads state_key around every hook call (profiler names): build it once.
-        if self._state_key is None:
-            self._state_key = self._generate_state_key(stage=self.stage)
-        return self._state_key
+    @override
+    def state_identity(self) -> dict[str, Any]:
+        return {"stage": self.stage}
 
     # ------------------------------------------------------------------ collecting
     @override
@@ -662,13 +658,10 @@ class RestoreBestPerTask(TaskAwareCallback):
         self.best_epoch: int | None = None
         self.snapshot: dict[str, torch.Tensor] | None = None
         self.restored: list[dict[str, Any]] = []  # one entry per restore: task, epoch, value
-        self._state_key: str | None = None
 
-    @property
-    def state_key(self) -> str:
-        if self._state_key is None:
-            self._state_key = self._generate_state_key(monitor=self.monitor, mode=self.mode)
-        return self._state_key
+    @override
+    def state_identity(self) -> dict[str, Any]:
+        return {"monitor": self.monitor, "mode": self.mode}
 
     def _improves(self, value: float) -> bool:
         if math.isnan(value):
