@@ -12,8 +12,12 @@ drift out of the comparison. Printed, as medians over the rounds:
   writing its config, heartbeats, reading the objective back, telling the study);
 * each command's own start and finish beyond its trial (the recipe's complete config, opening the study, the
   queue, best.yaml and the report; the first command also runs the probe), paid once per command, not per trial;
-* a worker process's start (``--workers K`` > 1: a fresh interpreter imports torch and Lightning once, then runs
-  its trials), timed by starting one that opens the study and stops.
+* the loop overhead of each fresh worker's first trial (a ``--workers 2`` command adds two trials: the first of
+  each new process), which paid ~20 s of imports before workers imported what a trial runs before claiming it;
+* a worker process's start (``--workers K`` > 1: a fresh interpreter imports torch, Lightning and the recipe's
+  classes once, before its first trial, then runs its trials), timed by starting one that does that, opens the
+  study and stops; beside it, the same imports in a fresh ``plasticity fit`` process (what every plain fit
+  command pays), so the difference is what a worker adds.
 """
 
 from __future__ import annotations
@@ -31,11 +35,26 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _start_worker(setup: object, started: float, queue: multiprocessing.Queue) -> None:
-    from plasticity_lightning.tune.study import load_study
+def _start(setup: object, started: float, queue: multiprocessing.Queue, study: bool) -> None:
+    """A fresh process's start: the imports a trial needs (``preload``), then, for a worker, opening the study."""
+    import torch  # noqa: F401
 
-    load_study(setup)  # what a worker does before it claims its first trial
+    from plasticity_lightning.tune.study import load_study, preload
+
+    preload(setup)
+    if study:
+        load_study(setup)
     queue.put(time.time() - started)
+
+
+def _fresh_start(setup: object, study: bool) -> float:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_start, args=(setup, time.time(), queue, study))
+    process.start()
+    seconds = queue.get()
+    process.join()
+    return seconds
 
 
 def main() -> None:
@@ -48,7 +67,7 @@ def main() -> None:
 
     from plasticity_lightning.cli import main as plasticity
     from plasticity_lightning.tune.search import SearchSpec
-    from plasticity_lightning.tune.study import TuneSetup
+    from plasticity_lightning.tune.study import TuneSetup, recipe_config
 
     work = Path(tempfile.mkdtemp(prefix="tune-overhead-"))
     os.chdir(work)
@@ -104,12 +123,19 @@ def main() -> None:
         command.append(wall - trial.user_attrs["trial_seconds"])
         print(f"round {r}: fit {plain[-1]:.2f} s | trial {trial.user_attrs['trial_seconds']:.2f} s", flush=True)
 
-    setup = TuneSetup({}, SearchSpec.from_dict(search), work / "tune", storage, "search", 1)
-    queue: multiprocessing.Queue = multiprocessing.get_context("spawn").Queue()
-    process = multiprocessing.get_context("spawn").Process(target=_start_worker, args=(setup, time.time(), queue))
-    process.start()
-    worker_start = queue.get()
-    process.join()
+    # each new worker's first trial: two more trials with --workers 2 (two fresh processes, one trial each)
+    tune = ["tune", *configs, "--search", str(work / "search.yaml"), "--out", "tune"]
+    silently([*tune, "--trials", str(args.rounds + 2), "--workers", "2"])
+    firsts = optuna.load_study(study_name="search", storage=storage).trials[-2:]
+    first_loop = [t.user_attrs["trial_seconds"] - t.user_attrs["fit_seconds"] for t in firsts]
+    first_fit = [t.user_attrs["fit_seconds"] for t in firsts]
+
+    # a worker's start against a plain fit process's own start (the same imports), interleaved
+    setup = TuneSetup(recipe_config(configs[1::2]), SearchSpec.from_dict(search), work / "tune", storage, "search", 1)
+    worker_start, fit_start = [], []
+    for _ in range(2):
+        worker_start.append(_fresh_start(setup, study=True))
+        fit_start.append(_fresh_start(setup, study=False))
 
     fit = statistics.median(plain)
     print(f"\n{args.rounds} interleaved rounds, one trial each ({args.batches} batches x 6 epochs), medians")
@@ -120,7 +146,13 @@ def main() -> None:
     print(
         f"{'command start + finish, resumed':<62}{statistics.median(command[1:] or command):>8.2f} s  once per command"
     )
-    print(f"{'worker process start (--workers K > 1)':<62}{worker_start:>8.2f} s  once per worker")
+    print(
+        f"{'first trial of a fresh worker: loop overhead (2 workers)':<62}"
+        + " ".join(f"{v:.3f}" for v in first_loop)
+        + f" s  (its fit: {' '.join(f'{v:.2f}' for v in first_fit)} s)"
+    )
+    print(f"{'worker process start (--workers K > 1): imports + study':<62}{min(worker_start):>8.2f} s  per worker")
+    print(f"{'a plain plasticity fit process start: the same imports':<62}{min(fit_start):>8.2f} s  per fit")
 
 
 if __name__ == "__main__":
