@@ -64,3 +64,25 @@ def test_heads_snippet_runs_shortened(in_tmp):
     namespace = runpy.run_path(str(script), run_name="__main__")
     cycle = namespace["trainer"].callbacks[1]
     assert len(cycle.history) == 2 and (in_tmp / "plasticity_cycle.json").exists()
+
+
+def test_heads_plain_loop_snippet_runs(in_tmp):
+    match = re.search(r"<!-- snippet: heads-plain-loop.*?-->\n```python\n(.*?)```", README, re.S)
+    assert match, "README lost its plain-loop heads snippet"
+    code = match.group(1).replace("num_batches=50", "num_batches=2")
+    code = code.replace("# revive later: reviver.revive(", "revived = reviver.revive(")
+    setup = (
+        "import torch\n"
+        "from transformers import GPT2Config, GPT2LMHeadModel\n"
+        "torch.manual_seed(0)\n"
+        "model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=50, n_positions=16))\n"
+        "optimizer = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+        "batches = [torch.randint(0, 50, (4, 16)) for _ in range(6)]\n"
+    )
+    script = in_tmp / "heads_loop.py"
+    script.write_text(setup + code)
+    namespace = runpy.run_path(str(script), run_name="__main__")
+    mask = namespace["scores"].gates.mask
+    # three windows pruned two heads each, never a layer's last head; then one dead head came back, near-silent
+    assert mask.shape == (2, 4) and ((mask > 0).sum(dim=1) >= 1).all()
+    assert int((mask == 0).sum()) == 5 and 0 < float(mask[mask < 1].max()) < 0.1
