@@ -95,6 +95,14 @@ def activation_gain(name: str) -> float:
     return _GAINS[name]
 
 
+#: Every module class whose output is a layer's hidden units when a model names none: the registry's activations plus
+#: the common torch ones it does not build by name. Monitors (probes) and unit surgery both find units through it.
+ACTIVATION_MODULE_TYPES: tuple[type[nn.Module], ...] = tuple(
+    {type(factory()) for factory in ACTIVATIONS.values()} - {nn.Identity}
+    | {nn.ReLU6, nn.PReLU, nn.Mish, nn.Hardswish, nn.Hardtanh, nn.Softsign, nn.CELU, nn.RReLU}
+)
+
+
 # An activation *module* found in a user's model → torch's gain name (``nn.init.calculate_gain``), for the init of
 # units that policies re-initialise. Like Dohare et al.'s code, ReLU-like units (GELU, SiLU/swish, ELU) take ReLU's.
 # (Keyed by class name, not by the names above: the module may come from any library, e.g. HF's GELU variants.)

@@ -10,14 +10,7 @@ import torch
 from torch import nn
 
 from plasticity_lightning.core.errors import PlasticityConfigError
-from plasticity_lightning.nn.activations import ACTIVATIONS
-
-# Module types whose outputs are hidden units when a model names none: the library's activations plus
-# the common torch ones it does not build by name.
-_ACTIVATION_TYPES: tuple[type[nn.Module], ...] = tuple(
-    {type(factory()) for factory in ACTIVATIONS.values()} - {nn.Identity}
-    | {nn.ReLU6, nn.PReLU, nn.Mish, nn.Hardswish, nn.Hardtanh, nn.Softsign, nn.CELU, nn.RReLU}
-)
+from plasticity_lightning.nn.activations import ACTIVATION_MODULE_TYPES
 
 #: suffix of a layer name that reads the module's *input* (``"mlp.down_proj:input"``): the units a consumer receives,
 #: whatever functional or unknown activation produced them
@@ -175,7 +168,7 @@ def resolve_layers(
     if discover is not None:
         found = discover(model)
     else:
-        found = {name: module for name, module in named.items() if name and isinstance(module, _ACTIVATION_TYPES)}
+        found = {name: module for name, module in named.items() if name and isinstance(module, ACTIVATION_MODULE_TYPES)}
     if not found:
         raise PlasticityConfigError(
             f"Cannot find hidden layers in {type(model).__name__}: it has no hidden_layers() method, no activation "

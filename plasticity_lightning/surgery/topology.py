@@ -49,7 +49,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from plasticity_lightning.core.errors import PlasticityConfigError
-from plasticity_lightning.probes.capture import _ACTIVATION_TYPES, INPUT_SUFFIX, is_transposed_linear
+from plasticity_lightning.nn.activations import ACTIVATION_MODULE_TYPES
+from plasticity_lightning.probes.capture import INPUT_SUFFIX, is_transposed_linear
 from plasticity_lightning.surgery.rules import PairingRule, rule_for
 
 WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)  # and HF's Conv1D, recognised by is_transposed_linear
@@ -323,9 +324,8 @@ def hidden_unit_layers(model: nn.Module) -> dict[str, nn.Module]:
         ['0.linear2:input']
     """
     named = dict(model.named_modules())
-    found = {
-        name: module for name, module in named.items() if name and isinstance(module, (*_ACTIVATION_TYPES, nn.RNNBase))
-    }
+    unit_types = (*ACTIVATION_MODULE_TYPES, nn.RNNBase)
+    found = {name: module for name, module in named.items() if name and isinstance(module, unit_types)}
     for pair in discover_unit_pairs(model).pairs:
         if pair.gated:  # the activation shows the gate, not the unit act(gate) * up
             found.pop(pair.activation_name or "", None)
