@@ -2,6 +2,7 @@
 
 import copy
 import csv
+import functools
 import math
 import textwrap
 
@@ -13,9 +14,11 @@ from conftest import make_trainer, run_ddp_script
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from plasticity_lightning import MLP, DigitsDataModule, PermutedInputs, PlasticityConfigError
+from plasticity_lightning import MLP, DigitsDataModule, PermutedInputs, PlasticityConfigError, TaskAccuracyTable
 from plasticity_lightning.callbacks.continual import FromScratchBaseline
 from plasticity_lightning.policies.resets import fresh_copy
+from plasticity_lightning.reports.data import load_run
+from plasticity_lightning.reports.panels import run_charts
 
 
 def test_fresh_copy_redraws_every_parameter_from_its_seed_at_the_models_scale():
@@ -38,6 +41,28 @@ def test_fresh_copy_redraws_every_parameter_from_its_seed_at_the_models_scale():
     assert a[1].weight.std().item() == pytest.approx(1 / math.sqrt(3 * 64), rel=0.05)
     assert a[0].weight.std().item() == pytest.approx(1.0, rel=0.05)
     assert float(net[2].running_mean[0]) == 5.0  # the original is untouched
+
+
+def test_fresh_copy_leaves_the_originals_hooks_behind_and_shares_what_cannot_be_copied():
+    import threading
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    lock = threading.Lock()  # stands for what a hook may hold that cannot be copied (a trainer, a dataloader)
+    calls = []
+    handle = net[0].register_forward_hook(lambda module, args, out: calls.append(lock))
+    # an attribute that cannot be copied (as LightningCLI's optimizer factory, a partial) is shared
+    net.factory = functools.partial(dict, key=lock)
+    with pytest.raises(TypeError):
+        copy.deepcopy(net.factory)
+    fresh = fresh_copy(net, seed=0)
+    assert fresh.factory is net.factory
+    fresh(torch.zeros(1, 3))
+    assert calls == [] and not fresh[0]._forward_hooks
+    net(torch.zeros(1, 3))
+    assert calls == [lock]  # the original keeps its hook, and its handle still removes it
+    handle.remove()
+    net(torch.zeros(1, 3))
+    assert calls == [lock]
 
 
 class _Record(pl.Callback):
@@ -82,7 +107,7 @@ def _fit(tmp_path, callbacks, max_epochs=2, model=None, **kwargs):
 def test_the_copy_is_plain_sgd_from_a_fresh_init_on_the_same_batches_and_the_gap_is_logged(tmp_path):
     baseline = FromScratchBaseline(seed=7)
     record = _Record(baseline)
-    _fit(tmp_path, [baseline, record], logger=CSVLogger(tmp_path, name="run"))
+    _fit(tmp_path, [baseline, record, TaskAccuracyTable()], logger=CSVLogger(tmp_path, name="run"))
     # independently: a fresh init of the network as task 1 started, then hand-written SGD on the batches of task 1
     by_hand = fresh_copy(record.start, seed=7 + 1)
     optimizer = torch.optim.SGD(by_hand.parameters(), lr=0.1)
@@ -103,6 +128,13 @@ def test_the_copy_is_plain_sgd_from_a_fresh_init_on_the_same_batches_and_the_gap
         logged = [row for row in csv.DictReader(f) if row.get("continual/plasticity_gap")]
     assert [float(row["continual/task"]) for row in logged] == [0.0, 1.0]
     assert float(logged[1]["continual/plasticity_gap"]) == pytest.approx(entry["plasticity_gap"])
+    # the report draws the gap, and the from-scratch accuracy beside the new-task accuracy
+    charts = {c.id: c for c in run_charts(load_run(tmp_path / "run" / "version_0"))[0]}
+    (gap,) = charts["accuracy/plasticity_gap"].series
+    assert gap.x.tolist() == [0.0, 1.0]
+    assert gap.y.tolist() == pytest.approx([baseline.records[t]["plasticity_gap"] for t in (0, 1)])
+    scratch = [s for s in charts["accuracy/new_task"].series if s.name == "trained from scratch"]
+    assert scratch[0].y.tolist() == pytest.approx([baseline.records[t]["from_scratch_acc"] for t in (0, 1)])
 
 
 def test_the_continual_network_trains_as_without_the_baseline(tmp_path):

@@ -12,6 +12,8 @@ from lightning.pytorch.loggers import CSVLogger
 
 from plasticity_lightning import MLP, DigitsDataModule, PermutedInputs, PlasticityConfigError, TaskAccuracyTable
 from plasticity_lightning.metrics.continual import transfer_summary
+from plasticity_lightning.reports.data import load_run
+from plasticity_lightning.reports.panels import run_charts
 
 NAN = math.nan
 
@@ -87,6 +89,13 @@ def test_random_init_row_is_validation_before_training_and_transfer_is_logged(tm
     assert companion["finished_tasks"] == [0, 1, 2]
     logged = (tmp_path / "run" / "version_0" / "metrics.csv").read_text()
     assert "continual/bwt" in logged and "continual/fwt_next" in logged and "continual/fwt_all" in logged
+    # the report draws transfer after each task; its last point is the final summary
+    charts = {c.id: c for c in run_charts(load_run(tmp_path / "run" / "version_0"))[0]}
+    drawn = {s.name: s for s in charts["accuracy/transfer"].series}
+    assert drawn["backward transfer"].y[-1] == pytest.approx(bwt)
+    assert drawn["forward transfer (next task)"].y[-1] == pytest.approx(fwt_next)
+    assert drawn["forward transfer (all)"].y[-1] == pytest.approx(fwt_all)
+    assert drawn["backward transfer"].x.tolist() == [1.0, 2.0]  # no earlier task to forget after task 0
 
 
 def test_measuring_the_random_init_row_leaves_training_unchanged(tmp_path):

@@ -50,6 +50,8 @@ FORGETTING_KEY = "continual/avg_forgetting"
 # FromScratchBaseline: a fresh network's accuracy on each new task, and it minus the continual network's
 FROM_SCRATCH_ACCURACY_KEY = "continual/from_scratch_acc"
 PLASTICITY_GAP_KEY = "continual/plasticity_gap"
+# TaskAccuracyTable: backward transfer, forward transfer to the next task and to every future task
+TRANSFER_KEYS = {"bwt": "continual/bwt", "fwt_next": "continual/fwt_next", "fwt_all": "continual/fwt_all"}
 # a language model's validation loss and perplexity on the task being learned (CausalLM on a TextParts stream)
 NEW_TASK_LOSS_KEY = "val/loss_current_task"
 NEW_TASK_PERPLEXITY_KEY = "val/perplexity_current_task"

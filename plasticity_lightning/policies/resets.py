@@ -60,13 +60,30 @@ def fresh_layer(model: nn.Module, name: str, module: nn.Module, generator: torch
     return fresh
 
 
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
 def fresh_copy(model: nn.Module, seed: int) -> nn.Module:
     """A deep copy of ``model`` with every parameter drawn afresh from ``seed``, as a network trained from scratch.
 
     Weight layers get the model's own init (``layer_init(name)``, else PyTorch's default) through
     :func:`fresh_layer`; normalisation layers start at weight 1, bias 0 with fresh running statistics; any other
     module with parameters of its own (embeddings, attention projections) runs its ``reset_parameters`` under a
-    generator seeded from ``seed``. The copy is the same on every DDP rank.
+    generator seeded from ``seed``. The copy is the same on every DDP rank. Hooks on the model's modules (a
+    monitor's feature capture, an intervention's) are not copied: they belong to the original, and what they hold (a
+    callback, its trainer, a dataloader) need not be copyable.
 
     Example::
 
@@ -75,7 +92,27 @@ def fresh_copy(model: nn.Module, seed: int) -> nn.Module:
         >>> torch.equal(a[0].weight, b[0].weight), torch.equal(a[0].weight, net[0].weight)
         (True, False)
     """
-    copy_ = copy.deepcopy(model)
+    saved = []
+    for module in model.modules():  # hide the hooks during the copy; the same dicts come back (handles stay valid)
+        for attr in _HOOK_DICTS:
+            hooks = module.__dict__.get(attr)
+            if hooks:
+                saved.append((module, attr, hooks))
+                module.__dict__[attr] = type(hooks)()
+    # what cannot be copied (e.g. LightningCLI's optimizer factory, which reaches the trainer) is shared, not copied
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for attr, value in module.__dict__.items():
+            if attr not in ("_parameters", "_buffers", "_modules", "_trainer") and not isinstance(value, nn.Module):
+                try:
+                    copy.deepcopy(value)
+                except Exception:
+                    memo[id(value)] = value
+    try:
+        copy_ = copy.deepcopy(model, memo)
+    finally:
+        for module, attr, hooks in saved:
+            module.__dict__[attr] = hooks
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, module in copy_.named_modules():

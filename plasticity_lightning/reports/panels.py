@@ -18,8 +18,11 @@ import numpy as np
 
 from plasticity_lightning.core.rundir import (
     EPOCH_SECONDS_KEY,
+    FROM_SCRATCH_ACCURACY_KEY,
     NEW_TASK_ACCURACY_KEY,
     NEW_TASK_LOSS_KEY,
+    PLASTICITY_GAP_KEY,
+    TRANSFER_KEYS,
 )
 from plasticity_lightning.metrics.continual_summary import matrix_coverage, per_task_series, seen_accuracy
 from plasticity_lightning.metrics.statistics import t_interval
@@ -209,7 +212,54 @@ def accuracy_charts(run: RunData, axis: _Axis) -> tuple[list[Chart], dict[str, s
                 )
             )
         skipped["accuracy/matrix"] = "no per-task accuracy was logged (add TaskAccuracyTable, or log val/acc_task_<k>)"
+    charts += _gap_and_transfer_charts(run, charts)
     return charts, skipped
+
+
+def _task_series(name: str, values: dict[int, float]) -> Series:
+    tasks = sorted(values)
+    return Series(name, np.array(tasks, dtype=float), np.array([values[t] for t in tasks]))
+
+
+def _gap_and_transfer_charts(run: RunData, accuracy: list[Chart]) -> list[Chart]:
+    """The from-scratch baseline (beside the new-task accuracy, and the gap) and transfer, when they were logged."""
+    charts = []
+    scratch = finished_task_values(run, FROM_SCRATCH_ACCURACY_KEY)
+    if scratch:
+        for chart in accuracy:
+            if chart.id == "accuracy/new_task":
+                chart.series.append(replace(_task_series("trained from scratch", scratch), mode="markers"))
+    gap = finished_task_values(run, PLASTICITY_GAP_KEY)
+    if gap:
+        charts.append(
+            _xy_chart(
+                "accuracy/plasticity_gap",
+                "Accuracy",
+                "Plasticity gap: accuracy on each new task of a network trained from scratch minus the continual one's",
+                "task",
+                "accuracy difference",
+                [_task_series("plasticity gap", gap)],
+            )
+        )
+    labels = {
+        "bwt": "backward transfer",
+        "fwt_next": "forward transfer (next task)",
+        "fwt_all": "forward transfer (all)",
+    }
+    transfer = [_task_series(labels[name], finished_task_values(run, key)) for name, key in TRANSFER_KEYS.items()]
+    transfer = [series for series in transfer if len(series.x)]
+    if transfer:
+        charts.append(
+            _xy_chart(
+                "accuracy/transfer",
+                "Accuracy",
+                "Transfer after each task (Lopez-Paz & Ranzato 2017)",
+                "after task",
+                "accuracy difference",
+                transfer,
+            )
+        )
+    return charts
 
 
 def training_charts(run: RunData, axis: _Axis) -> list[Chart]:
