@@ -39,3 +39,14 @@ def test_the_slowly_changing_datamodule_passes_the_problems_arguments_with_its_d
     module = parameters(SlowlyChangingRegressionDataModule.__init__)
     assert set(problem) <= set(module), sorted(set(problem) - set(module))
     assert {key: module[key] for key in problem} == problem
+
+
+def test_head_pruning_passes_its_pruner_the_same_arguments_with_the_same_defaults() -> None:
+    from plasticity_lightning.policies.heads import IterativeHeadPruner
+
+    adapter = parameters(callbacks.HeadPruning.__init__)
+    algorithm = parameters(IterativeHeadPruner.__init__)
+    algorithm.pop("owner")
+    assert set(algorithm) <= set(adapter) and {key: adapter[key] for key in algorithm} == algorithm
+    pruning = callbacks.HeadPruning(fraction=0.2, max_fraction=0.6, tolerance=0.0)
+    assert (pruning.pruner.fraction, pruning.pruner.max_fraction, pruning.pruner.tolerance) == (0.2, 0.6, 0.0)

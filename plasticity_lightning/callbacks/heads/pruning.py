@@ -1,5 +1,5 @@
-"""Iterative head pruning by importance (Michel et al. 2019): a callback over the selection rule of
-:func:`~plasticity_lightning.policies.heads.lowest_heads`, with the perplexity tolerance and the undo."""
+"""Iterative head pruning by importance (Michel et al. 2019): the Lightning adapter over
+:class:`~plasticity_lightning.policies.heads.IterativeHeadPruner` (cadence, DDP averaging, logging, checkpoints)."""
 
 from __future__ import annotations
 
@@ -17,13 +17,9 @@ from plasticity_lightning.callbacks.heads.importance import (
     fitting,
 )
 from plasticity_lightning.callbacks.interventions.base import Intervention
-from plasticity_lightning.core.errors import (
-    PlasticityConfigError,
-    check_fraction,
-    check_positive_float,
-    check_positive_int,
-)
-from plasticity_lightning.policies.heads.selection import NonFiniteScores, lowest_heads
+from plasticity_lightning.core.errors import PlasticityConfigError, check_positive_int
+from plasticity_lightning.policies.heads.pruning import IterativeHeadPruner
+from plasticity_lightning.policies.heads.selection import NonFiniteScores
 
 
 class HeadPruning(SkipsNonFinite, Intervention):
@@ -57,18 +53,15 @@ class HeadPruning(SkipsNonFinite, Intervention):
         prefix: str = "heads",
     ) -> None:
         super().__init__(prefix=prefix)
-        self.fraction = check_fraction("HeadPruning", "fraction", fraction, low_open=True)
-        self.max_fraction = check_fraction("HeadPruning", "max_fraction", max_fraction, low_open=True)
-        self.tolerance = check_positive_float("HeadPruning", "tolerance", tolerance, allow_zero=True)
+        self.pruner = IterativeHeadPruner(fraction, max_fraction, tolerance, owner="HeadPruning")
+        pruner = self.pruner
+        self.fraction, self.max_fraction, self.tolerance = pruner.fraction, pruner.max_fraction, pruner.tolerance
         self.every_n_validations = check_positive_int("HeadPruning", "every_n_validations", every_n_validations)
         if not isinstance(monitor, str) or not monitor:
             raise PlasticityConfigError(f"HeadPruning.monitor={monitor!r} is invalid; expected a logged metric name")
         self.monitor = monitor
         self.mask: torch.Tensor | None = None
-        self.last_pruned: list[tuple[int, int]] = []
         self.validations = 0
-        self.baseline: float | None = None
-        self.stopped = False
         self.history: list[dict[str, Any]] = []
         self._importance: HeadImportance | None = None
 
@@ -100,33 +93,28 @@ class HeadPruning(SkipsNonFinite, Intervention):
             self.skip_nonfinite(trainer, self.monitor)
             return
         gates = self._importance.gates
-        if self.baseline is None:
-            self.baseline = perplexity
-        elif perplexity > self.baseline * (1 + self.tolerance):
-            for layer, head in self.last_pruned:  # undo exactly the step that cost too much, and stop
-                gates.set(layer, head, 1.0)
-            self.mask, self.stopped = gates.mask, True
-            self._record(trainer, perplexity, [], reverted=True)
-            return
-        alive = gates.mask > 0
-        total = alive.numel()
-        budget = int(self.max_fraction * total) - int((~alive).sum())
-        count = min(max(1, round(self.fraction * total)), budget)
-        importance = self._importance.current(trainer)
         try:
-            heads = lowest_heads(importance, alive, count) if count > 0 else []
+            step = self.pruner.step(gates, perplexity, lambda: self._importance.current(trainer))
         except NonFiniteScores as skipped:
             self.skip_nonfinite(trainer, skipped.what)
             return
-        if not heads:
-            self.stopped = True
-            self._record(trainer, perplexity, [], reverted=False)
-            return
-        self.last_pruned = [(int(layer), int(head)) for layer, head in heads]
-        for layer, head in heads:
-            gates.set(layer, head, 0.0)
-        self.mask = gates.mask
-        self._record(trainer, perplexity, heads, reverted=False, importance=importance.tolist())
+        if step.heads or step.reverted:
+            self.mask = gates.mask
+        importance = step.importance.tolist() if step.importance is not None else None
+        self._record(trainer, perplexity, step.heads, reverted=step.reverted, importance=importance)
+
+    # the pruner's state, read and written under the names this callback's checkpoints have always used
+    @property
+    def baseline(self) -> float | None:
+        return self.pruner.baseline
+
+    @property
+    def stopped(self) -> bool:
+        return self.pruner.stopped
+
+    @property
+    def last_pruned(self) -> list[tuple[int, int]]:
+        return self.pruner.last_pruned
 
     def _record(
         self, trainer: pl.Trainer, perplexity: float, heads: list, reverted: bool, importance: list | None = None
@@ -148,10 +136,8 @@ class HeadPruning(SkipsNonFinite, Intervention):
         return {
             **super().state_dict(),
             "mask": self.mask,
-            "last_pruned": list(self.last_pruned),
+            **self.pruner.state_dict(),
             "validations": self.validations,
-            "baseline": self.baseline,
-            "stopped": self.stopped,
             "history": list(self.history),
             "skipped_nonfinite": self.skipped_nonfinite,
         }
@@ -161,8 +147,6 @@ class HeadPruning(SkipsNonFinite, Intervention):
         super().load_state_dict(state_dict)
         self.skipped_nonfinite = int(state_dict.get("skipped_nonfinite", 0))
         self.mask = state_dict.get("mask")
-        self.last_pruned = [tuple(h) for h in state_dict.get("last_pruned", [])]
+        self.pruner.load_state_dict(state_dict)
         self.validations = int(state_dict.get("validations", 0))
-        self.baseline = state_dict.get("baseline")
-        self.stopped = bool(state_dict.get("stopped", False))
         self.history = list(state_dict.get("history", []))

@@ -5,6 +5,7 @@ Lightning callbacks over them are :mod:`plasticity_lightning.callbacks.heads`.""
 
 from plasticity_lightning.policies.heads.cycle import CycleController, updated_rating
 from plasticity_lightning.policies.heads.importance import IMPORTANCE_METHODS, HeadImportanceScores
+from plasticity_lightning.policies.heads.pruning import IterativeHeadPruner, PruningStep
 from plasticity_lightning.policies.heads.reviver import CYCLE_REVIVER_SETTINGS, HeadReviver, ReviverSettings
 from plasticity_lightning.policies.heads.selection import (
     GROWTH_CHOICES,
@@ -29,7 +30,9 @@ __all__ = [
     "CycleController",
     "HeadImportanceScores",
     "HeadReviver",
+    "IterativeHeadPruner",
     "NonFiniteScores",
+    "PruningStep",
     "ReviverSettings",
     "choose_heads_to_grow",
     "entropy_gap",
