@@ -1,8 +1,9 @@
 """Reproduction: does each intervention keep the plasticity that plain backprop loses?
 
-Runs the five variants of the plasticity-loss recipe through the real entry point (`plasticity fit`), each over
+Runs the variants of the plasticity-loss recipe through the real entry point (`plasticity fit`), each over
 several seeds — plain backprop (`recipes/plasticity_loss_digits.yaml`) and the same run with Continual Backprop,
-ReDo, Shrink & Perturb or L2 Init (`recipes/plasticity_loss_digits_{cbp,redo,shrink_perturb,l2_init}.yaml`) — then
+ReDo, Shrink & Perturb, L2 Init or layer resets (`recipes/plasticity_loss_digits_{cbp,redo,shrink_perturb,l2_init,
+reset}.yaml`); `--from-scratch` adds the from-scratch baseline (`continual/plasticity_gap`) to every run — then
 compares them with one `plasticity report --compare` command: the per-task curves of every variant (mean and 95%
 band over its seeds) in `<output>/comparison/report.html`, and the table of the first tasks against the last for
 new-task accuracy, effective rank and dormant units, with paired tests against BP. Expected direction (Dohare et
@@ -29,16 +30,28 @@ VARIANTS = {
     "redo": ("ReDo", "plasticity_loss_digits_redo.yaml"),
     "shrink_perturb": ("S&P", "plasticity_loss_digits_shrink_perturb.yaml"),
     "l2_init": ("L2Init", "plasticity_loss_digits_l2_init.yaml"),
+    "reset": ("Reset", "plasticity_loss_digits_reset.yaml"),
 }
 
 
-def fit(variant: str, seed: int, tasks: int, out: Path, in_process: bool = False, batches: int | None = None) -> float:
-    """One run of ``variant`` through ``plasticity fit`` (a new process, or this one); returns its wall time."""
+def fit(
+    variant: str,
+    seed: int,
+    tasks: int,
+    out: Path,
+    in_process: bool = False,
+    batches: int | None = None,
+    from_scratch: bool = False,
+) -> float:
+    """One run of ``variant`` through ``plasticity fit`` (a new process, or this one); returns its wall time.
+    ``from_scratch``: with ``configs/callbacks/from_scratch.yaml`` (the plasticity gap on every task)."""
     cut = [f"--trainer.limit_train_batches={batches}", "--trainer.limit_val_batches=2"] if batches else []
+    baseline = ["--config", str(ROOT / "configs" / "callbacks" / "from_scratch.yaml")] if from_scratch else []
     args = [
         "fit",
         "--config",
         str(ROOT / "recipes" / VARIANTS[variant][1]),
+        *baseline,
         f"--seed_everything={seed}",
         f"--trainer.max_epochs={2 * tasks}",
         f"--data.init_args.schedule.init_args.num_tasks={tasks}",
@@ -78,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--png", action="store_true", help="also write the comparison's PNGs")
     parser.add_argument("--in-process", action="store_true", help="fit in this process (tests; no new imports)")
     parser.add_argument("--batches", type=int, help="training batches per epoch (tests: a short stream; default all)")
+    parser.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="also train a network from scratch on every task: the plasticity gap",
+    )
     args = parser.parse_args(argv)
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -87,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             if (out / variant / f"version_{seed}" / "metrics.csv").is_file():
                 print(f"{variant} seed {seed}: kept from an earlier run")
                 continue
-            seconds = fit(variant, seed, args.tasks, out, args.in_process, args.batches)
+            seconds = fit(variant, seed, args.tasks, out, args.in_process, args.batches, args.from_scratch)
             print(f"{variant} seed {seed}: {seconds:.0f} s", flush=True)
     command = [
         "report",

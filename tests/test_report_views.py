@@ -294,12 +294,12 @@ def _browser() -> str | None:
     return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 
 
-VARIANTS = ("BP", "CBP", "ReDo", "S&P", "L2Init")
+VARIANTS = ("BP", "CBP", "ReDo", "S&P", "L2Init", "Reset")
 
 
 @pytest.fixture(scope="module")
 def reproduction(tmp_path_factory) -> Path:
-    """The plasticity-loss reproduction cut short (2 tasks, 4 batches an epoch): 5 variants × 2 seeds fitted in this
+    """The plasticity-loss reproduction cut short (2 tasks, 4 batches an epoch): 6 variants × 2 seeds fitted in this
     process through `plasticity fit`, then one `plasticity report --compare` (what benchmarks/plasticity_loss.py
     runs)."""
     import importlib.util
