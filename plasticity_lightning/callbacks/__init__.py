@@ -14,7 +14,7 @@ Base classes: :class:`PlasticityMonitor` (cadence, probe, logging), :class:`Task
 :class:`Intervention` / :class:`UnitIntervention` (rank-agreeing RNG, strategy checks, unit pairs).
 """
 
-from plasticity_lightning.callbacks.continual import RestoreBestPerTask, TaskAccuracyTable
+from plasticity_lightning.callbacks.continual import FromScratchBaseline, RestoreBestPerTask, TaskAccuracyTable
 from plasticity_lightning.callbacks.heads import (
     AttentionEntropyMonitor,
     DegenerationMonitor,
@@ -61,6 +61,7 @@ __all__ = [
     "DormantUnitMonitor",
     "EntropyMonitor",
     "EpochTimer",
+    "FromScratchBaseline",
     "GradientFlowMonitor",
     "HeadGrowth",
     "HeadImportance",
