@@ -96,6 +96,12 @@ class Policy:
         """``tensor`` averaged across processes through :attr:`reduce_mean` (itself on one process)."""
         return tensor if self.reduce_mean is None else self.reduce_mean(tensor)
 
+    def task_changed(self, task: Any) -> bool:
+        """Record ``task``; whether it differs from the previous call's (never on the first call): the one task-change
+        rule of the task-triggered policies."""
+        previous, self.task = getattr(self, "task", None), task
+        return previous is not None and previous != task
+
     def warn_once(self, key: str, message: str) -> None:
         """Send ``message`` to :attr:`warn` the first time ``key`` is seen."""
         if key not in self._warned:

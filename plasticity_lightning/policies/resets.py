@@ -436,8 +436,7 @@ class HeadReset(Policy):
     def step(self, task: Any) -> bool:
         """Reset if ``task`` differs from the task of the previous call (never on the first); returns whether it
         did."""
-        previous, self.task = self.task, task
-        if previous is None or previous == task:
+        if not self.task_changed(task):
             return False
         self.apply()
         return True
@@ -590,8 +589,7 @@ class LayerReset(Policy):
     def step_task(self, task: Any) -> bool:
         """Reset if ``task`` differs from the task of the previous call (never on the first); returns whether it
         did."""
-        previous, self.task = self.task, task
-        if previous is None or previous == task:
+        if not self.task_changed(task):
             return False
         self.apply()
         return True
