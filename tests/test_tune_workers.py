@@ -218,11 +218,13 @@ def test_a_trial_stopped_by_a_signal_is_queued_again_and_a_rerun_completes_the_s
     monkeypatch.chdir(tmp_path)
     argv = _argv(tmp_path, 1, 2)
     _signal_in_trials(monkeypatch, signum)
+    # whatever handler the process had before (an earlier test's `ray.init` leaves its own), it has it again after
+    before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as stopped:
         main(argv)
     assert stopped.value.code == 128 + signum
     assert f"stopped by {signum.name}" in capsys.readouterr().err
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the worker's handlers are gone with it
+    assert signal.getsignal(signal.SIGTERM) is before  # the worker's handlers are gone with it
     interrupted, copy = _trials(tmp_path)
     assert interrupted.state == FAIL and interrupted.user_attrs["fail_reason"].startswith(
         f"interrupted by {signum.name}"
