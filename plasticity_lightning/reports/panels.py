@@ -235,7 +235,7 @@ def _gap_and_transfer_charts(run: RunData, accuracy: list[Chart]) -> list[Chart]
             _xy_chart(
                 "accuracy/plasticity_gap",
                 "Accuracy",
-                "Plasticity gap: accuracy on each new task of a network trained from scratch minus the continual one's",
+                "Plasticity gap: from-scratch minus continual accuracy on each new task",
                 "task",
                 "accuracy difference",
                 [_task_series("plasticity gap", gap)],
