@@ -66,6 +66,13 @@ class Intervention(TaskAwareCallback):
         self.prefix = prefix
         self.cadence = StepCadence(every_n_steps)
 
+    def require_a_trigger(self, on_task_change: bool, every_n_steps: int | None) -> None:
+        """Refuse a task-or-step intervention configured to never act (the one check its adapters share)."""
+        if not on_task_change and every_n_steps is None:
+            raise PlasticityConfigError(
+                f"{type(self).__name__}: on_task_change=False with every_n_steps=None never applies; set one of them"
+            )
+
     @property
     def generator(self) -> torch.Generator:
         """The policy's CPU generator."""

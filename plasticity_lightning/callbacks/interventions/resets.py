@@ -10,7 +10,6 @@ import lightning.pytorch as pl
 from typing_extensions import override
 
 from plasticity_lightning.callbacks.interventions.base import Intervention
-from plasticity_lightning.core.errors import PlasticityConfigError
 from plasticity_lightning.policies import resets as policy
 from plasticity_lightning.policies.resets import fresh_layer  # noqa: F401  (re-exported for old imports)
 
@@ -63,11 +62,8 @@ class ShrinkAndPerturb(Intervention):
             seed=seed,
             prefix=prefix,
         )
-        if not on_task_change and every_n_steps is None:
-            raise PlasticityConfigError(
-                "ShrinkAndPerturb: on_task_change=False with every_n_steps=None never applies; set one of them"
-            )
         super().__init__(seed=seed, prefix=prefix, policy=snp, every_n_steps=every_n_steps)
+        self.require_a_trigger(on_task_change, every_n_steps)
         self.on_task_change = on_task_change
 
     shrink = property(lambda self: self.policy.shrink)
@@ -250,11 +246,8 @@ class LayerReset(Intervention):
         reset = policy.LayerReset(
             layers=layers, every_n_steps=every_n_steps, reset_optimizer=reset_optimizer, seed=seed, prefix=prefix
         )
-        if not on_task_change and every_n_steps is None:
-            raise PlasticityConfigError(
-                "LayerReset: on_task_change=False with every_n_steps=None never resets; set one of them"
-            )
         super().__init__(seed=seed, prefix=prefix, policy=reset, every_n_steps=every_n_steps)
+        self.require_a_trigger(on_task_change, every_n_steps)
         self.on_task_change = on_task_change
 
     layer_names = property(lambda self: self.policy.layer_names)
