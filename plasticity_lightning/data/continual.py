@@ -26,7 +26,7 @@ the task id of every row, from which models report per-task accuracy.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -217,7 +217,7 @@ class PermutedInputs(TaskSchedule):
         True
     """
 
-    def __init__(self, first_task_identity: bool = False, **kwargs) -> None:
+    def __init__(self, first_task_identity: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.first_task_identity = first_task_identity
         self._cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
@@ -258,7 +258,7 @@ class LabelShuffle(TaskSchedule):
         self,
         mode: Literal["permute_classes", "random_labels"] = "permute_classes",
         first_task_identity: bool = False,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.mode = check_choice(type(self).__name__, "mode", mode, ("permute_classes", "random_labels"))
@@ -325,7 +325,7 @@ class ClassIncremental(TaskSchedule):
         cumulative: bool = True,
         relabel: bool = False,
         class_order: Literal["random", "sorted"] = "random",
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         owner = type(self).__name__

@@ -167,12 +167,20 @@ class SlowlyChangingRegressionDataModule(PlasticityDataModule):
 
     Args:
         steps: length of the stream (the paper: 1,000,000).
-        num_inputs, num_flipping, num_target_features, beta, flip_every, flip, threshold: see
-            :class:`SlowlyChangingRegression`.
+        num_inputs: see :class:`SlowlyChangingRegression`.
+        num_flipping: see :class:`SlowlyChangingRegression`.
+        num_target_features: see :class:`SlowlyChangingRegression`.
+        beta: see :class:`SlowlyChangingRegression`.
+        flip_every: see :class:`SlowlyChangingRegression`.
+        flip: see :class:`SlowlyChangingRegression`.
+        threshold: see :class:`SlowlyChangingRegression`.
         eval_size: rows of the validation and test sets.
         batch_size: training batch size (the paper: 1).
-        eval_batch_size, num_workers, pin_memory, seed: see :class:`~plasticity_lightning.data.PlasticityDataModule`
-            (``seed`` also draws the target network and the stream).
+        eval_batch_size: see :class:`~plasticity_lightning.data.PlasticityDataModule`.
+        num_workers: see :class:`~plasticity_lightning.data.PlasticityDataModule`.
+        pin_memory: see :class:`~plasticity_lightning.data.PlasticityDataModule`.
+        seed: see :class:`~plasticity_lightning.data.PlasticityDataModule`
+            (it also draws the target network and the stream).
 
     Example::
 

@@ -185,11 +185,15 @@ class TextDataModule(PlasticityDataModule):
     ``TaskAccuracyTable`` and exact resume work as for the image streams.
 
     Args:
-        dataset_name, dataset_config, text_files, corpus: the source.
+        dataset_name: the source: a Hugging Face dataset name (e.g. ``wikitext``).
+        dataset_config: the source: that dataset's configuration name.
+        text_files: the source: local text files.
+        corpus: the source: a packaged corpus (``shakespeare``).
         tokenizer: name or directory of a tokenizer (``gpt2`` falls back offline, see :func:`load_tokenizer`).
         block_size: tokens per training sequence.
         batch_size: sequences per batch.
-        val_fraction, test_fraction: shares of the blocks held out (of each part's blocks, with a schedule).
+        val_fraction: share of the blocks held out for validation (of each part's blocks, with a schedule).
+        test_fraction: share of the blocks held out for testing (of each part's blocks, with a schedule).
         vocab_size: size of a tokenizer trained on the text when no other is reachable.
         max_tokens: keep only the first ``max_tokens`` tokens (quick runs), before any cut into parts.
         data_dir: where tokenizers and tokenized text are cached.

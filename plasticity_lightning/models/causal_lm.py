@@ -195,13 +195,18 @@ class CausalLM(InjectedOptimizer, pl.LightningModule):
     Args:
         model_name_or_path: ``distilgpt2``, ``gpt2``, ``gpt2-medium`` or a directory.
         pretrained: load weights, or build the architecture fresh.
-        n_layer, n_head, n_embd, n_positions: GPT-2 sizes (``pretrained: false``).
+        n_layer: GPT-2 layers (``pretrained: false``).
+        n_head: GPT-2 attention heads per layer (``pretrained: false``).
+        n_embd: GPT-2 width (``pretrained: false``).
+        n_positions: GPT-2 context length (``pretrained: false``).
         vocab_size: vocabulary size (default: the datamodule tokenizer's).
         architecture: a transformers causal-LM ``model_type`` built from ``config`` (``pretrained: false``).
         config: fields of that architecture's config class (may hold ``model_type`` instead of ``architecture``).
         attn_implementation: ``"sdpa"`` or ``"eager"`` (eager returns attention probabilities).
-        optimizer, lr_scheduler, lr_scheduler_interval, lr_scheduler_monitor: as in
-            :class:`~plasticity_lightning.models.SupervisedModule`.
+        optimizer: as in :class:`~plasticity_lightning.models.SupervisedModule`.
+        lr_scheduler: as in :class:`~plasticity_lightning.models.SupervisedModule`.
+        lr_scheduler_interval: as in :class:`~plasticity_lightning.models.SupervisedModule`.
+        lr_scheduler_monitor: as in :class:`~plasticity_lightning.models.SupervisedModule`.
 
     Example::
 

@@ -149,7 +149,8 @@ class UnitPolicy(Policy):
         init: ``"auto"`` (the model's ``layer_init(name)``, else PyTorch's default) or a scheme name (kaiming,
             kaiming_normal, xavier, xavier_normal, lecun, lecun_uniform, default) with the activation's gain.
         gain: gain of a named ``init`` for every pair, instead of the activation's.
-        seed, prefix: see :class:`Policy`.
+        seed: see :class:`Policy`.
+        prefix: see :class:`Policy`.
     """
 
     #: init names a subclass accepts besides the schemes (e.g. CBP's "sigma_orthogonal")

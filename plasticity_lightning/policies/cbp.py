@@ -201,7 +201,8 @@ class ContinualBackprop(UnitPolicy):
             float64) when a unit is due for replacement or the window is full. Utilities then differ from
             ``window=1`` by float round-off only. Memory: ``window`` copies of the bound weights and inputs. Not
             with RR-CBP or ``magnitudes_every_n_steps > 1``.
-        layers, pairs: see :class:`~plasticity_lightning.policies.base.UnitPolicy`.
+        layers: see :class:`~plasticity_lightning.policies.base.UnitPolicy`.
+        pairs: see :class:`~plasticity_lightning.policies.base.UnitPolicy`.
         seed: seed of the random draws.
         prefix: name of the values in reports.
 

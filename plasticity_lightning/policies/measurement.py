@@ -202,8 +202,14 @@ def measure(
         forward: ``forward(model, batch)`` for models whose input is not the batch's first element.
         unit_dim: the axis of every layer's output that holds units (``None``: from each layer's type).
         initial: initial weights per weight-layer name, for ``distance_from_init``.
-        rank_measures, delta, threshold, conv: :class:`~plasticity_lightning.callbacks.RankMonitor`'s settings.
-        tau, dead_threshold, max_active, active: :class:`~plasticity_lightning.callbacks.DormantUnitMonitor`'s.
+        rank_measures: :class:`~plasticity_lightning.callbacks.RankMonitor`'s settings.
+        delta: :class:`~plasticity_lightning.callbacks.RankMonitor`'s settings.
+        threshold: :class:`~plasticity_lightning.callbacks.RankMonitor`'s settings.
+        conv: :class:`~plasticity_lightning.callbacks.RankMonitor`'s settings.
+        tau: :class:`~plasticity_lightning.callbacks.DormantUnitMonitor`'s.
+        dead_threshold: :class:`~plasticity_lightning.callbacks.DormantUnitMonitor`'s.
+        max_active: :class:`~plasticity_lightning.callbacks.DormantUnitMonitor`'s.
+        active: :class:`~plasticity_lightning.callbacks.DormantUnitMonitor`'s.
 
     Example::
 

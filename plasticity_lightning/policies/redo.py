@@ -46,7 +46,10 @@ class ReDo(UnitPolicy):
         tau: dormancy threshold (0.025 by default in the paper, 0.1 for Atari-100K; 0 recycles silent units only).
         probe: the probe batch, or a function returning one, used when :meth:`step` or :meth:`recycle` gets none.
         forward: ``forward(model, batch)`` for models whose input is not the batch's first element.
-        layers, pairs, init, gain: see :class:`~plasticity_lightning.policies.base.UnitPolicy`.
+        layers: see :class:`~plasticity_lightning.policies.base.UnitPolicy`.
+        pairs: see :class:`~plasticity_lightning.policies.base.UnitPolicy`.
+        init: see :class:`~plasticity_lightning.policies.base.UnitPolicy`.
+        gain: see :class:`~plasticity_lightning.policies.base.UnitPolicy`.
         seed: seed of the new weights.
         prefix: name of the values in reports.
 

@@ -40,7 +40,9 @@ class StackedMLP(nn.Module):
     Args:
         seeds: one init seed per run (R = ``len(seeds)``); run r draws from ``torch.Generator().manual_seed(seeds[r])``
             layer by layer, so a run's weights do not depend on the other runs in its stack.
-        in_features, hidden_sizes, out_features: the architecture.
+        in_features: input width.
+        hidden_sizes: width of each hidden layer.
+        out_features: output width.
         activation: an activation name (:func:`~plasticity_lightning.nn.build_activation`).
         skip: add skip connections where widths match.
 

@@ -106,8 +106,11 @@ class HeadGrowth(RevivingIntervention):
         fraction: share of the dead heads revived per growth step.
         choice: one of ``balanced``, ``entropy_gap``, ``gradient``, ``random``.
         every_n_validations: growth cadence in validation runs (``None``: only when :meth:`grow` is called).
-        output_scale, warmup_steps, initial_gate, lr_multiplier, boost_steps: as in ``ReviverSettings``, with its
-            defaults.
+        output_scale: as in ``ReviverSettings``, with its defaults.
+        warmup_steps: as in ``ReviverSettings``, with its defaults.
+        initial_gate: as in ``ReviverSettings``, with its defaults.
+        lr_multiplier: as in ``ReviverSettings``, with its defaults.
+        boost_steps: as in ``ReviverSettings``, with its defaults.
         probe_size: validation blocks on which the entropy gap is measured.
         seed: seed of the random choices and the fresh weights.
 

@@ -36,9 +36,22 @@ class ContinualBackprop(UnitIntervention):
       ``cbp/skipped_nonfinite``. Under ``bf16-mixed`` the statistics are computed in float32.
 
     Args:
-        replacement_rate, maturity_threshold, decay_rate, utility, accumulate, count, init, gain, sigma_decay,
-            sigma_ridge, energy_budget, magnitudes_every_n_steps, window, layers, pairs, seed: see
-            :class:`plasticity_lightning.policies.ContinualBackprop`.
+        replacement_rate: see :class:`plasticity_lightning.policies.ContinualBackprop`.
+        maturity_threshold: see :class:`plasticity_lightning.policies.ContinualBackprop`.
+        decay_rate: see :class:`plasticity_lightning.policies.ContinualBackprop`.
+        utility: see :class:`plasticity_lightning.policies.ContinualBackprop`.
+        accumulate: see :class:`plasticity_lightning.policies.ContinualBackprop`.
+        count: see :class:`plasticity_lightning.policies.ContinualBackprop`.
+        init: see :class:`plasticity_lightning.policies.ContinualBackprop`.
+        gain: see :class:`plasticity_lightning.policies.ContinualBackprop`.
+        sigma_decay: see :class:`plasticity_lightning.policies.ContinualBackprop`.
+        sigma_ridge: see :class:`plasticity_lightning.policies.ContinualBackprop`.
+        energy_budget: see :class:`plasticity_lightning.policies.ContinualBackprop`.
+        magnitudes_every_n_steps: see :class:`plasticity_lightning.policies.ContinualBackprop`.
+        window: see :class:`plasticity_lightning.policies.ContinualBackprop`.
+        layers: see :class:`plasticity_lightning.policies.ContinualBackprop`.
+        pairs: see :class:`plasticity_lightning.policies.ContinualBackprop`.
+        seed: see :class:`plasticity_lightning.policies.ContinualBackprop`.
         prefix: first part of logged keys.
 
     Example::

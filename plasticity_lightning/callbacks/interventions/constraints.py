@@ -232,8 +232,10 @@ class WeightPrecision(ParameterConstraint):
         bits: precision limit (see ``mode``), or ``None`` for the change limit alone.
         mode: ``"mantissa"`` or ``"ieee_bits"``.
         max_additional_bits: change limit per application, or ``None``.
-        every_n_epochs, every_n_steps, parameters, prefix: see :class:`ParameterConstraint` (default: every
-            parameter, as the seed does).
+        every_n_epochs: see :class:`ParameterConstraint`.
+        every_n_steps: see :class:`ParameterConstraint`.
+        parameters: see :class:`ParameterConstraint` (default: every parameter, as the seed does).
+        prefix: see :class:`ParameterConstraint`.
 
     Example::
 
@@ -312,7 +314,10 @@ class OscillationDampener(ParameterConstraint):
     Args:
         mode: ``"lowest_bit"``, ``"adaptive"`` or ``"shrink"``.
         strength: share of the distance to the local mean removed by ``"shrink"`` (0 < strength ≤ 1).
-        every_n_epochs, every_n_steps, parameters, prefix: see :class:`ParameterConstraint`.
+        every_n_epochs: see :class:`ParameterConstraint`.
+        every_n_steps: see :class:`ParameterConstraint`.
+        parameters: see :class:`ParameterConstraint`.
+        prefix: see :class:`ParameterConstraint`.
 
     Example::
 
@@ -392,8 +397,11 @@ class JamesSteinShrinkage(ParameterConstraint):
     Args:
         variance: σ², the noise variance the estimator assumes.
         max_shrinkage: upper clip of λ (0 < max_shrinkage < 1).
-        every_n_epochs, every_n_steps, parameters, prefix: see :class:`ParameterConstraint`. The seed's cadence is
+        every_n_epochs: see :class:`ParameterConstraint`. The seed's cadence is
             ``every_n_epochs=None, every_n_steps=1``.
+        every_n_steps: see :class:`ParameterConstraint`.
+        parameters: see :class:`ParameterConstraint`.
+        prefix: see :class:`ParameterConstraint`.
 
     Example::
 

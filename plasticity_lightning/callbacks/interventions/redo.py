@@ -34,7 +34,11 @@ class ReDo(UnitIntervention):
         probe_size: rows of the probe batch (the reference: 256).
         probe_source: draw the probe from the ``"train"`` or ``"val"`` dataset.
         forward: ``forward(model, batch)`` for models whose input is not the batch's first element.
-        layers, pairs, init, gain, seed: see :class:`~plasticity_lightning.policies.base.UnitPolicy`.
+        layers: see :class:`~plasticity_lightning.policies.base.UnitPolicy`.
+        pairs: see :class:`~plasticity_lightning.policies.base.UnitPolicy`.
+        init: see :class:`~plasticity_lightning.policies.base.UnitPolicy`.
+        gain: see :class:`~plasticity_lightning.policies.base.UnitPolicy`.
+        seed: see :class:`~plasticity_lightning.policies.base.UnitPolicy`.
         prefix: first part of logged keys.
 
     Example::

@@ -199,10 +199,15 @@ class SurgeCollapse(Intervention):
     Args:
         mode: ``"scheduled"`` or ``"entropy_gated"``.
         layers: module names whose parameters are affected (``None``: every parameter of the model).
-        collapse_every_n_steps, surge_every_n_steps, sparsity, recovery: the scheduled variant (reference: 100,
-            200, 0.5, 0.1).
-        every_n_epochs, entropy_threshold, gradient_threshold, noise, probe_size: the gated variant (reference:
-            1, 1.5, 1e-3, 1e-3).
+        collapse_every_n_steps: scheduled variant: steps between collapses (reference: 100).
+        surge_every_n_steps: scheduled variant: steps between surges (reference: 200).
+        sparsity: scheduled variant: share of each tensor's weights collapsed (reference: 0.5).
+        recovery: scheduled variant: standard deviation of the surge's refill (reference: 0.1).
+        every_n_epochs: gated variant: epochs between checks (reference: 1).
+        entropy_threshold: gated variant: the gate opens when the mean activation entropy is below it (reference: 1.5).
+        gradient_threshold: gated variant: a tensor whose gradient norm is below it is reset (reference: 1e-3).
+        noise: gated variant: standard deviation of a reset tensor's new values (reference: 1e-3).
+        probe_size: gated variant: rows of the probe on which entropy is measured.
         seed: seed of the noise.
 
     Example::
