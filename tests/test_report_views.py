@@ -188,6 +188,13 @@ def test_compare_draws_mean_and_t_band_per_variant_with_paired_tests(tmp_path):
         low, high = stats.t.interval(0.95, n - 1, loc=values.mean(0), scale=stats.sem(values, axis=0))
         np.testing.assert_allclose(line["y"], values.mean(0), rtol=1e-6)
         np.testing.assert_allclose(band["y"], np.concatenate([high, low[::-1]]), rtol=1e-6)
+    # an accuracy band is cut to [0, 1]: CBP's two seeds give a t-interval (t = 12.7) that passes 1.0
+    traces = figures["chart-accuracy-new-task"]["data"]
+    band = next(t for t in traces if t["name"] == "CBP (n=2) 95% band")
+    values = accuracy["cbp"]
+    low, high = stats.t.interval(0.95, 1, loc=values.mean(0), scale=stats.sem(values, axis=0))
+    assert (high > 1).any()
+    np.testing.assert_allclose(band["y"], np.clip(np.concatenate([high, low[::-1]]), 0, 1), rtol=1e-6)
     # the last window (6 // 10 → 1 task) of new-task accuracy, tested against BP, paired by seed
     rows = {(r["measure"], r["variant"]): r for r in comparison["table"]}
     cbp = rows[("continual/new_task_acc", "CBP")]

@@ -59,6 +59,9 @@ class Chart:
     y_ticks: list[Any] | None = None
     log_y: bool = False
     note: str = ""
+    # The values the measure can take (accuracy and shares in [0, 1], ranks and norms ≥ 0): a comparison's 95% band
+    # is cut to it, since a t-interval over two or three seeds can reach past 1.0 on an accuracy axis.
+    value_range: tuple[float, float] | None = None
 
     @property
     def points(self) -> int:
@@ -138,8 +141,31 @@ def _trim(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x[: finite[-1] + 1], y[: finite[-1] + 1]
 
 
-def _xy_chart(chart_id: str, section: str, title: str, x_label: str, y_label: str, series: list[Series]) -> Chart:
-    return Chart(chart_id, section, title, x_label, y_label, [s for s in series if np.isfinite(s.y).any()])
+def _xy_chart(
+    chart_id: str,
+    section: str,
+    title: str,
+    x_label: str,
+    y_label: str,
+    series: list[Series],
+    value_range: tuple[float, float] | None = None,
+) -> Chart:
+    drawn = [s for s in series if np.isfinite(s.y).any()]
+    return Chart(chart_id, section, title, x_label, y_label, drawn, value_range=value_range)
+
+
+SHARE = (0.0, 1.0)
+DIFFERENCE_OF_SHARES = (-1.0, 1.0)
+NON_NEGATIVE = (0.0, math.inf)
+
+
+def measure_range(measure: str) -> tuple[float, float] | None:
+    """The values a monitor measure can take: shares in [0, 1], ranks, norms and entropies ≥ 0; None if unknown."""
+    if measure.endswith(("_fraction", "_share")):
+        return SHARE
+    if measure in MEASURES:
+        return NON_NEGATIVE
+    return None
 
 
 def _layer_name(prefix: str, layer: str, prefixes: set[str]) -> str:
@@ -179,6 +205,7 @@ def accuracy_charts(run: RunData, axis: _Axis) -> tuple[list[Chart], dict[str, s
                 "task",
                 "accuracy",
                 series,
+                SHARE,
             )
         )
         width = len(next(iter(matrix.values())))
@@ -209,6 +236,7 @@ def accuracy_charts(run: RunData, axis: _Axis) -> tuple[list[Chart], dict[str, s
                     "task",
                     "accuracy",
                     [Series("new-task accuracy", tasks, diagonal)],
+                    SHARE,
                 )
             )
         skipped["accuracy/matrix"] = "no per-task accuracy was logged (add TaskAccuracyTable, or log val/acc_task_<k>)"
@@ -239,6 +267,7 @@ def _gap_and_transfer_charts(run: RunData, accuracy: list[Chart]) -> list[Chart]
                 "task",
                 "accuracy difference",
                 [_task_series("plasticity gap", gap)],
+                DIFFERENCE_OF_SHARES,
             )
         )
     labels = {
@@ -257,6 +286,7 @@ def _gap_and_transfer_charts(run: RunData, accuracy: list[Chart]) -> list[Chart]
                 "after task",
                 "accuracy difference",
                 transfer,
+                DIFFERENCE_OF_SHARES,
             )
         )
     return charts
@@ -293,6 +323,7 @@ def training_charts(run: RunData, axis: _Axis) -> list[Chart]:
                 Series("train", *axis.last_in_task(train_quality)),
                 Series("validation", *axis.last_in_task(f"val/{quality}")),
             ],
+            SHARE if quality == "acc" else None,  # R² has no lower bound
         ),
     ]
     if axis.continual:
@@ -343,7 +374,8 @@ def measure_charts(run: RunData, axis: _Axis) -> list[Chart]:
         for key, layer in sorted(found[measure].items(), key=lambda item: (item[1] == "all", item[1])):
             prefix = key.split("/", 1)[0]
             series.append(Series(_layer_name(prefix, layer, prefixes[measure]), *axis.measurements(key)))
-        chart = _xy_chart(f"measure/{measure}", section, title, x_label, title.split(" (")[0], series)
+        label = title.split(" (")[0]
+        chart = _xy_chart(f"measure/{measure}", section, title, x_label, label, series, measure_range(measure))
         charts.append(chart)
     return charts
 
@@ -652,12 +684,16 @@ def run_charts(
 
 
 # ---------------------------------------------------------------------------------------------------- compare
-def _aggregate(series: Sequence[Series]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+def _aggregate(
+    series: Sequence[Series], value_range: tuple[float, float] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     x = np.unique(np.concatenate([s.x for s in series]))
     stacked = np.full((len(series), len(x)), np.nan)
     for row, s in enumerate(series):
         stacked[row, np.searchsorted(x, s.x)] = s.y
     mean, low, high, _ = t_interval(stacked)
+    if value_range is not None:
+        low, high = np.clip(low, *value_range), np.clip(high, *value_range)
     return x, mean, low, high, len(series)
 
 
@@ -708,7 +744,7 @@ def compare_charts(variants: dict[str, list[RunData]]) -> tuple[list[Chart], dic
             runs = per_variant[name][chart_id]
             for label in dict.fromkeys(s.name for c in runs for s in c.series):
                 parts = [s for c in runs for s in c.series if s.name == label]
-                x, mean, low, high, seeds = _aggregate(parts)
+                x, mean, low, high, seeds = _aggregate(parts, template.value_range)
                 series.append(Series(label, x, mean, low, high, seeds=seeds, mode=parts[0].mode, group=name))
         charts.append(replace(template, series=series))
     return charts, skipped
