@@ -1,13 +1,16 @@
 """Lightning callbacks: policies for *when* to measure or act on plasticity, usable with any LightningModule.
 
 Monitors (measure): :class:`RankMonitor`, :class:`DormantUnitMonitor`, :class:`EntropyMonitor`,
-:class:`WeightMonitor`, :class:`GradientFlowMonitor`, :class:`LearningDynamics`, :class:`TaskAccuracyTable`;
+:class:`WeightMonitor`, :class:`GradientFlowMonitor`, :class:`FeatureMonitor`, :class:`WeightChangeMonitor`,
+:class:`GradientDormancyMonitor` (GraMa), :class:`LearningDynamics`, :class:`TaskAccuracyTable`;
 for language models :class:`AttentionEntropyMonitor`, :class:`DegenerationMonitor`, :class:`HeadImportance`.
 Interventions (act): :class:`ContinualBackprop` (and RR-CBP), :class:`ReDo`, :class:`ShrinkAndPerturb`,
-:class:`L2Init`, :class:`HeadReset`, :class:`RestoreBestPerTask` (Dohare's per-task early stopping); on attention
+:class:`L2Init`, :class:`HeadReset`, :class:`LayerReset`, :class:`PlasticityInjection`,
+:class:`RestoreBestPerTask` (Dohare's per-task early stopping); on attention
 heads :class:`HeadPruning`, :class:`HeadGrowth`, :class:`PlasticityCycle`; numerical stability
 :class:`SoftmaxCollapseMonitor`, :class:`SurgeCollapse`; weight constraints :class:`WeightPrecision`,
-:class:`OscillationDampener`, :class:`JamesSteinShrinkage` and the adaptive regression loss's
+:class:`OscillationDampener`, :class:`JamesSteinShrinkage`, :class:`NormalizeAndProject`,
+:class:`ParsevalRegularization` and the adaptive regression loss's
 :class:`AdaptiveLossWeights`. Reporting: :class:`EpochTimer`, :class:`SavePredictions`.
 Folders: ``monitors/``, ``interventions/``, ``heads/``; modules ``continual``, ``reporting``, ``task_aware``.
 Base classes: :class:`PlasticityMonitor` (cadence, probe, logging), :class:`TaskAwareCallback` (task changes),
@@ -31,8 +34,11 @@ from plasticity_lightning.callbacks.interventions import (
     JamesSteinShrinkage,
     L2Init,
     LayerReset,
+    NormalizeAndProject,
     OscillationDampener,
     ParameterConstraint,
+    ParsevalRegularization,
+    PlasticityInjection,
     ReDo,
     ShrinkAndPerturb,
     SoftmaxCollapseMonitor,
@@ -43,11 +49,14 @@ from plasticity_lightning.callbacks.interventions import (
 from plasticity_lightning.callbacks.monitors import (
     DormantUnitMonitor,
     EntropyMonitor,
+    FeatureMonitor,
+    GradientDormancyMonitor,
     GradientFlowMonitor,
     LearningDynamics,
     MonitorCollection,
     PlasticityMonitor,
     RankMonitor,
+    WeightChangeMonitor,
     WeightMonitor,
 )
 from plasticity_lightning.callbacks.reporting import EpochTimer, SavePredictions, SaveRunConfig
@@ -61,7 +70,9 @@ __all__ = [
     "DormantUnitMonitor",
     "EntropyMonitor",
     "EpochTimer",
+    "FeatureMonitor",
     "FromScratchBaseline",
+    "GradientDormancyMonitor",
     "GradientFlowMonitor",
     "HeadGrowth",
     "HeadImportance",
@@ -73,9 +84,12 @@ __all__ = [
     "LayerReset",
     "LearningDynamics",
     "MonitorCollection",
+    "NormalizeAndProject",
     "OscillationDampener",
     "ParameterConstraint",
+    "ParsevalRegularization",
     "PlasticityCycle",
+    "PlasticityInjection",
     "PlasticityMonitor",
     "RankMonitor",
     "ReDo",
@@ -88,6 +102,7 @@ __all__ = [
     "TaskAccuracyTable",
     "TaskAwareCallback",
     "UnitIntervention",
+    "WeightChangeMonitor",
     "WeightMonitor",
     "WeightPrecision",
 ]

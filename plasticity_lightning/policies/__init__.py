@@ -12,7 +12,8 @@ after ``optimizer.step()``::
 
 * unit replacement: :class:`ContinualBackprop` (and RR-CBP with ``init="sigma_orthogonal"``), :class:`ReDo`;
 * whole parameters: :class:`ShrinkAndPerturb`, :class:`L2Init` (call it before ``optimizer.step()``),
-  :class:`HeadReset`;
+  :class:`HeadReset`, :class:`LayerReset`, :class:`PlasticityInjection`, :class:`ParsevalRegularization` (call it
+  before ``optimizer.step()``; :func:`parseval_penalty` to put it in a loss);
 * measuring: :func:`measure` — model + probe batch → every monitor's measures in one dict;
 * when: :class:`StepCadence`, the step rule the Lightning callbacks share (never at step 0, once per step).
 
@@ -30,7 +31,9 @@ if TYPE_CHECKING:
     from plasticity_lightning.policies.base import Policy, UnitPolicy, all_reduce_mean
     from plasticity_lightning.policies.cadence import StepCadence
     from plasticity_lightning.policies.cbp import ContinualBackprop
+    from plasticity_lightning.policies.injection import PlasticityInjection
     from plasticity_lightning.policies.measurement import measure
+    from plasticity_lightning.policies.parseval import ParsevalRegularization, parseval_penalty
     from plasticity_lightning.policies.redo import ReDo
     from plasticity_lightning.policies.resets import (
         HeadReset,
@@ -46,6 +49,8 @@ _EXPORTS = {
     "HeadReset": "plasticity_lightning.policies.resets",
     "L2Init": "plasticity_lightning.policies.resets",
     "LayerReset": "plasticity_lightning.policies.resets",
+    "PlasticityInjection": "plasticity_lightning.policies.injection",
+    "ParsevalRegularization": "plasticity_lightning.policies.parseval",
     "Policy": "plasticity_lightning.policies.base",
     "ReDo": "plasticity_lightning.policies.redo",
     "ShrinkAndPerturb": "plasticity_lightning.policies.resets",
@@ -55,6 +60,7 @@ _EXPORTS = {
     "fresh_copy": "plasticity_lightning.policies.resets",
     "fresh_layer": "plasticity_lightning.policies.resets",
     "measure": "plasticity_lightning.policies.measurement",
+    "parseval_penalty": "plasticity_lightning.policies.parseval",
 }
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
@@ -63,6 +69,8 @@ __all__ = [
     "HeadReset",
     "L2Init",
     "LayerReset",
+    "ParsevalRegularization",
+    "PlasticityInjection",
     "Policy",
     "ReDo",
     "ShrinkAndPerturb",
@@ -72,4 +80,5 @@ __all__ = [
     "fresh_copy",
     "fresh_layer",
     "measure",
+    "parseval_penalty",
 ]

@@ -13,6 +13,9 @@ from plasticity_lightning.callbacks.interventions.constraints import (
     ParameterConstraint,
     WeightPrecision,
 )
+from plasticity_lightning.callbacks.interventions.injection import PlasticityInjection
+from plasticity_lightning.callbacks.interventions.normalize_project import NormalizeAndProject
+from plasticity_lightning.callbacks.interventions.parseval import ParsevalRegularization
 from plasticity_lightning.callbacks.interventions.redo import ReDo
 from plasticity_lightning.callbacks.interventions.resets import HeadReset, L2Init, LayerReset, ShrinkAndPerturb
 from plasticity_lightning.callbacks.interventions.stability import SoftmaxCollapseMonitor, SurgeCollapse
@@ -25,8 +28,11 @@ __all__ = [
     "JamesSteinShrinkage",
     "L2Init",
     "LayerReset",
+    "NormalizeAndProject",
     "OscillationDampener",
     "ParameterConstraint",
+    "ParsevalRegularization",
+    "PlasticityInjection",
     "ReDo",
     "ShrinkAndPerturb",
     "SoftmaxCollapseMonitor",

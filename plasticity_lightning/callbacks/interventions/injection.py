@@ -1,0 +1,90 @@
+"""Plasticity injection (Nikishin et al. 2023) as a Lightning callback, an adapter over
+:class:`plasticity_lightning.policies.PlasticityInjection`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from typing_extensions import override
+
+from plasticity_lightning.callbacks.interventions.base import Intervention
+from plasticity_lightning.policies import injection as policy
+
+
+class PlasticityInjection(Intervention):
+    """Inject plasticity into the head when a new task starts and/or every n steps (Nikishin et al. 2023).
+
+    At each injection the head's function so far is frozen and a fresh head minus a frozen copy of it is added, so the
+    outputs just before and just after are equal while the trainable head starts again from a fresh init (its
+    optimizer state dropped). The algorithm is :class:`plasticity_lightning.policies.PlasticityInjection`'s: the
+    trainable parameters stay the same tensors (no parameter is added or frozen mid-fit, so DDP is unaffected), the
+    frozen copies are added by a forward hook on the head and kept in this callback's checkpoint state (a resumed fit
+    computes the same function), and the fresh heads come from a generator seeded alike on every rank. Each injection
+    costs two more forward passes of the head per forward pass. Logged: ``injection/injections``.
+
+    Args:
+        layer: module name of the head (any module with parameters); ``None``: the model's ``output_layer()``.
+        on_task_change: inject when a new task starts (not before the first).
+        every_n_steps: also inject every n optimizer steps (``None``: never).
+        seed: seed of the fresh heads.
+        prefix: first part of logged keys.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[PlasticityInjection(layer="head")])
+    """
+
+    policy: policy.PlasticityInjection
+
+    def __init__(
+        self,
+        layer: str | None = None,
+        on_task_change: bool = True,
+        every_n_steps: int | None = None,
+        seed: int = 0,
+        prefix: str = "injection",
+    ) -> None:
+        injection = policy.PlasticityInjection(layer=layer, every_n_steps=every_n_steps, seed=seed, prefix=prefix)
+        super().__init__(seed=seed, prefix=prefix, policy=injection, every_n_steps=every_n_steps)
+        self.require_a_trigger(on_task_change, every_n_steps)
+        self.on_task_change = on_task_change
+
+    layer = property(lambda self: self.policy.layer)
+    every_n_steps = property(lambda self: self.policy.every_n_steps)
+    injections = property(lambda self: self.policy.injections)
+
+    @override
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "layer": self.layer}
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.connect(trainer)
+        self.policy.attach(pl_module)
+
+    @override
+    def on_task_start(self, trainer, pl_module, context, previous_task) -> None:
+        if self.on_task_change and previous_task is not None:
+            self.inject(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
+        if self.cadence.take(trainer.global_step):
+            self.inject(trainer, pl_module)
+
+    def inject(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Inject now."""
+        self.connect(trainer)
+        self.policy.apply(pl_module)
+        self.log_values(trainer, {"injections": self.injections}, force=True)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "last_step": self._last_step}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._last_step = state_dict.get("last_step")
