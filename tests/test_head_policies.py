@@ -3,6 +3,7 @@ settings declared once for the callbacks."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import math
@@ -18,11 +19,13 @@ from plasticity_lightning.policies.heads import (
     CycleController,
     HeadImportanceScores,
     HeadReviver,
+    NonFiniteScores,
     ReviverSettings,
     lowest_heads,
 )
 from plasticity_lightning.policies.heads import reviver as reviver_module
 from plasticity_lightning.surgery import HeadGates, head_importance
+from plasticity_lightning.surgery.heads import head_weight_norms
 
 REVIVER_FIELDS = [f.name for f in dataclasses.fields(ReviverSettings) if f.name not in ("owner", "std")]
 
@@ -117,6 +120,64 @@ def test_head_policies_resume_from_their_state_and_read_old_reviver_checkpoints(
     # NaN fails every judgement; a rise within the tolerance passes
     assert not first.judge({"perplexity": 10.0}, {"perplexity": math.nan, "degeneration": 0.0})
     assert first.judge({"perplexity": 10.0}, {"perplexity": 11.4, "degeneration": 0.5})
+
+
+def test_a_hand_written_loop_runs_judges_and_reverts_whole_cycles():
+    """The controller drives a cycle without a trainer: prune the lowest-magnitude heads, revive, learn, judge."""
+    torch.manual_seed(0)
+    model = tiny_gpt2().train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    gates = HeadGates(model)
+    reviver = HeadReviver(gates, CYCLE_REVIVER_SETTINGS, optimizer=optimizer)
+    probe = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(5))
+    degeneration = [0.3]
+
+    def measure():
+        with torch.no_grad():
+            loss = float(model(probe, labels=probe).loss)
+        return {
+            "perplexity": math.exp(loss),
+            "degeneration": degeneration[0],
+            "live_heads": int((gates.mask > 0).sum()),
+        }
+
+    def train(steps):
+        for step in range(steps):
+            reviver.update(step)
+            optimizer.zero_grad()
+            model(probe, labels=probe).loss.backward()
+            optimizer.step()
+
+    train(2)  # Adam has state to snapshot
+    settings = {"learn_steps": 3, "max_degeneration": 0.5, "memory_replay": 0.0, "adapt": False}
+    controller = CycleController(pruning_strategies=["magnitude"], growth_strategies=["random"], **settings)
+    weights, moments = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()["state"])
+    norms = torch.stack([head_weight_norms(module) for _, module in gates.layers])
+    assert controller.ready(2, start_step=2) and not controller.ready(1, start_step=2)
+    record = controller.start(2, model, gates, reviver, measure, optimizers=[optimizer])
+    # 12 live heads: int(0.2 * 12) = 2 pruned, the two of lowest weight norm (one layer keeps >= 1 head)
+    expected = sorted(lowest_heads(norms, torch.ones(3, 4, dtype=torch.bool), 2, "magnitude"))
+    assert sorted(map(tuple, record["pruned"])) == expected and record["after_pruning"]["live_heads"] == 10
+    (grown,) = record["grown"]  # int(0.5 * 2 dead) = 1 revived, at its ramp's first gate
+    assert grown in record["pruned"] and float(gates.gates[tuple(grown)]) == pytest.approx(1 / 20)
+    assert controller.current is record and not controller.due(4) and controller.due(5)
+    train(3)
+    degeneration[0] = 0.9  # above max_degeneration: the cycle fails and is reverted
+    done = controller.finish(5, model, gates, reviver, measure, optimizers=[optimizer])
+    assert not done["success"] and done["reverted"] and controller.current is None and controller.snapshot is None
+    assert all(torch.equal(value, weights[name]) for name, value in model.state_dict().items())
+    restored = optimizer.state_dict()["state"]
+    assert all(torch.equal(restored[i]["exp_avg"], moments[i]["exp_avg"]) for i in moments)
+    assert bool((gates.mask == 1).all()) and reviver.reviving == []
+    assert controller.ratings["prune/magnitude"] == pytest.approx(0.8) and controller.memory == []
+    # a NaN first perplexity: nothing is pruned, NonFiniteScores is raised and the next try is learn_steps later
+    degeneration[0] = 0.1
+    with torch.no_grad():
+        model.transformer.ln_f.weight[0] = math.nan
+    with pytest.raises(NonFiniteScores, match="perplexity"):
+        controller.start(6, model, gates, reviver, measure)
+    assert controller.current is None and controller.retry_step == 9 and bool((gates.mask == 1).all())
+    assert not controller.ready(8, start_step=2) and controller.ready(9, start_step=2)
 
 
 def test_seeded_generation_leaves_the_global_rng_and_the_training_mode_alone():

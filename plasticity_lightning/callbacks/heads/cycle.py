@@ -1,11 +1,5 @@
-"""The prune → measure → grow → learn cycle of attention heads, judged, kept or reverted, with strategy ratings: a
-callback over :class:`~plasticity_lightning.policies.heads.CycleController`.
-
-This is the working version of Sentinel-AI's ``AdaptivePlasticitySystem`` (Sentinel-AI,
-https://github.com/CambrianTech/sentinel-ai), whose shipped code scores heads and perplexity with random
-placeholders and adds random jitter to its degeneration score. Here every number is measured: perplexity on a fixed
-validation probe, degeneration of seeded generations, head scores from gradients, attention entropy or weights.
-"""
+"""The prune → measure → grow → learn cycle of attention heads in a Lightning fit: a callback over
+:class:`~plasticity_lightning.policies.heads.CycleController`, which holds the cycle itself."""
 
 from __future__ import annotations
 
@@ -29,13 +23,7 @@ from plasticity_lightning.core.files import write_text_atomic
 from plasticity_lightning.core.rundir import PLASTICITY_CYCLE_FILE, run_directory
 from plasticity_lightning.core.serialization import json_safe
 from plasticity_lightning.policies.heads.cycle import CycleController
-from plasticity_lightning.policies.heads.selection import (
-    NonFiniteScores,
-    choose_heads_to_grow,
-    head_scores,
-    language_model,
-    lowest_heads,
-)
+from plasticity_lightning.policies.heads.selection import NonFiniteScores, language_model
 from plasticity_lightning.probes import ProbeSet
 
 #: the settings the controller validates and holds (the callback's other arguments are its own)
@@ -57,39 +45,19 @@ _CONTROLLER_ARGS = (
 
 
 class PlasticityCycle(RevivingIntervention):
-    """Cycles of prune → measure → grow → learn on attention heads, each judged and kept or reverted.
+    """Cycles of prune → measure → grow → learn on attention heads, each judged and kept or reverted: the Lightning
+    adapter of :class:`~plasticity_lightning.policies.heads.CycleController`, which holds the cycle, its judgement,
+    the ratings, memory and adaptation (read there how a cycle runs).
 
-    From optimizer step ``start_step`` on, each cycle:
-
-    1. measures the perplexity on a fixed validation probe and the degeneration of seeded generations, and
-       snapshots parameters, optimizer states, gates and growth state;
-    2. chooses a pruning and a growth strategy — with probability ``memory_replay`` a remembered successful
-       transformation (weighted by its improvement), else each sampled in proportion to its rating;
-    3. prunes ``max(1, int(prune_level · live heads))`` heads of lowest score (never a layer's last head) and
-       measures the perplexity again;
-    4. revives ``max(1, int(growth_ratio · dead heads))`` heads (fresh weights, gate ramp, boosted learning rate:
-       :class:`~plasticity_lightning.policies.heads.HeadReviver`);
-    5. lets training run ``learn_steps`` optimizer steps, then measures again. The cycle succeeds when the
-       perplexity is at most ``(1 + max_perplexity_increase)`` × the cycle's first one and the degeneration
-       metric at most ``max_degeneration``; a failed cycle restores the snapshot exactly.
-
-    Ratings follow :func:`updated_rating`. A successful cycle that was not a replay is remembered (the last
-    ``memory_capacity``) with improvement = relative perplexity drop + 0.5 × relative drop in live heads. With
-    ``adapt``, Sentinel-AI's schedule adapts the levels: after a success the prune level grows (×1.2 up to 0.5 when
-    perplexity improved by over 5%, else ×1.1 up to 0.4; learning ×0.9 steps after a big gain); after a failure it
-    shrinks (×0.8, at least 0.05) while the growth ratio (×1.2, at most 0.9) and learning steps (×1.2) grow. After
-    ``patience`` cycles without a new best (perplexity better by ``min_improvement``, or fewer live heads at a
-    perplexity within tolerance), or ``max_cycles`` cycles, cycling stops and training goes on.
-
-    Every rank measures the same probe with the same weights, and rank 0's measurements and choices are broadcast,
-    so all ranks prune, grow and revert alike. Everything — snapshot included (about three model copies with Adam)
-    — is in ``state_dict``, so a run resumed mid-cycle finishes it as the uninterrupted run would. The record of
-    cycles, ratings and memory is written to ``<log_dir>/plasticity_cycle.json`` after each cycle.
-
-    A cycle is not started on NaN/inf statistics: when the first perplexity or the head scores a strategy ranks by
-    are not finite, nothing is pruned or grown (a pruning already made is undone), the skip is counted in
-    ``cycle/skipped_nonfinite`` (the first one warns) and the next try comes ``learn_steps`` steps later. A cycle
-    whose final perplexity is NaN/inf fails its judgement and is reverted.
+    This callback decides *when*: the first cycle starts at optimizer step ``start_step`` (and only if a whole
+    cycle fits before ``max_steps``), and a cycle ends after its ``learn_steps``. It measures on the trainer: the
+    perplexity on a fixed validation probe (``probe_size`` blocks), the degeneration of seeded generations of
+    ``prompts`` (``degeneration_metric``), the live heads. Under DDP every rank measures the same probe with the
+    same weights and rank 0's measurements and choices are broadcast, so all ranks prune, grow and revert alike.
+    Everything, the snapshot included, is in ``state_dict``, so a run resumed mid-cycle finishes it as the
+    uninterrupted run would. The record of cycles, ratings and memory is written to
+    ``<log_dir>/plasticity_cycle.json`` after each cycle. A cycle skipped on NaN/inf statistics is counted in
+    ``cycle/skipped_nonfinite`` (the first one warns).
 
     Needs a :class:`HeadImportance` before it (its gates; its gradient importance for ``"gradient"`` pruning or
     growth), and no :class:`HeadPruning` or :class:`HeadGrowth` on the same trainer (they would change the gates
@@ -97,20 +65,10 @@ class PlasticityCycle(RevivingIntervention):
 
     Args:
         start_step: optimizer step of the first cycle.
-        learn_steps: optimizer steps of the learning phase.
-        max_cycles: cycles at most.
-        prune_level: starting share of live heads pruned per cycle.
-        growth_ratio: starting share of dead heads revived per cycle.
-        pruning_strategies: head scores to choose among (``gradient``, ``entropy``, ``magnitude``, ``random``).
-        growth_strategies: growth choices (``balanced``, ``entropy_gap``, ``gradient``, ``random``).
-        max_perplexity_increase: allowed relative perplexity rise over a cycle.
-        max_degeneration: upper bound of ``degeneration_metric`` (``None``: not judged).
+        learn_steps, max_cycles, prune_level, growth_ratio, pruning_strategies, growth_strategies,
+            max_perplexity_increase, max_degeneration, memory_capacity, memory_replay, adapt, patience,
+            min_improvement: the controller's (:class:`~plasticity_lightning.policies.heads.CycleController`).
         degeneration_metric: ``repeated_3gram_rate`` or ``max_token_repetition`` (lower is better).
-        memory_capacity: successful transformations remembered.
-        memory_replay: probability of replaying one.
-        adapt: adapt prune level, growth ratio and learning steps between cycles.
-        patience: cycles without a new best before cycling stops (``None``: never).
-        min_improvement: relative perplexity gain that makes a new best.
         probe_size: validation blocks of the perplexity probe.
         prompts, max_new_tokens, tokenizer: generation for the degeneration check.
         output_scale, warmup_steps, initial_gate, lr_multiplier, boost_steps: revived heads (``ReviverSettings``;
@@ -211,6 +169,8 @@ class PlasticityCycle(RevivingIntervention):
         resolve_tokenizer(trainer, self.tokenizer, "PlasticityCycle")
         require_validation(trainer, pl_module, "PlasticityCycle")
         self.start_reviver(trainer, self._importance.gates)
+        controller.optimizers = self.optimizers(trainer)
+        controller.broadcast = lambda value: trainer.strategy.broadcast(value, src=0)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -234,7 +194,51 @@ class PlasticityCycle(RevivingIntervention):
             or (trainer.global_step + self.controller.learn_steps <= trainer.max_steps)
         )
 
-    # ------------------------------------------------------------------ measuring
+    def start_cycle(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start a cycle now (:meth:`CycleController.start`), or count and warn a skip on NaN/inf statistics."""
+        gradient = self._importance.method == "gradient"
+        try:
+            record = self.controller.start(
+                trainer.global_step,
+                pl_module,
+                self._importance.gates,
+                self.reviver,
+                lambda: self.evaluate(trainer, pl_module),
+                input_ids=token_ids(self.probe.draw(trainer)),
+                importance=self._importance.current(trainer) if gradient else None,
+            )
+        except NonFiniteScores as skipped:  # the same statistics on every rank: all ranks skip
+            self.skip_nonfinite(trainer, skipped.what)
+            return
+        before, after = record["before"], record["after_pruning"]
+        values = {"perplexity_before": before["perplexity"], "perplexity_after_pruning": after["perplexity"]}
+        self.log_values(
+            trainer, {**values, "pruned_heads": len(record["pruned"]), "grown_heads": len(record["grown"])}, force=True
+        )
+
+    def finish_cycle(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """End the cycle in its learning phase now (:meth:`CycleController.finish`), log it and write the record."""
+        record = self.controller.finish(
+            trainer.global_step,
+            pl_module,
+            self._importance.gates,
+            self.reviver,
+            lambda: self.evaluate(trainer, pl_module),
+        )
+        after, success = record["after"], record["success"]
+        self.log_values(
+            trainer,
+            {
+                "perplexity_after": after["perplexity"],
+                "degeneration": after["degeneration"],
+                "success": float(success),
+                "live_heads": after["live_heads"] if success else record["before"]["live_heads"],
+                **{f"rating/{k}": v for k, v in self.controller.ratings.items()},
+            },
+            force=True,
+        )
+        self.write_json(trainer)
+
     @torch.no_grad()
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """Perplexity on the validation probe, degeneration of the seeded generations, live heads — rank 0's."""
@@ -257,111 +261,6 @@ class PlasticityCycle(RevivingIntervention):
             "live_heads": int((self._importance.gates.mask > 0).sum()),
         }
         return trainer.strategy.broadcast(values, src=0)
-
-    # ------------------------------------------------------------------ the cycle
-    def start_cycle(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Steps 1–4: measure, snapshot, choose, prune, measure, grow."""
-        before = self.evaluate(trainer, pl_module)
-        if not math.isfinite(before["perplexity"]):  # nothing to judge a cycle against
-            self._skip_cycle(trainer, "perplexity")
-            return
-        controller, gates = self.controller, self._importance.gates
-        controller.take_snapshot(pl_module, self.optimizers(trainer), gates, self.reviver)
-        plan = trainer.strategy.broadcast(controller.plan(), src=0)
-        ids = token_ids(self.probe.draw(trainer))
-        importance = self._importance.current(trainer) if self._importance.method == "gradient" else None
-        try:
-            pruned, after_pruning, grown = self._prune_and_grow(trainer, pl_module, plan, ids, importance)
-        except NonFiniteScores as skipped:  # the same scores on every rank: all ranks skip
-            controller.restore_snapshot(pl_module, self.optimizers(trainer), gates, self.reviver)  # a pruning's gates
-            controller.snapshot = None
-            self._skip_cycle(trainer, skipped.what)
-            return
-        controller.begin(
-            trainer.global_step,
-            {
-                **plan,
-                "pruned": [list(h) for h in pruned],
-                "grown": [list(h) for h in grown],
-                "before": before,
-                "after_pruning": after_pruning,
-            },
-        )
-        self.log_values(
-            trainer,
-            {
-                "perplexity_before": before["perplexity"],
-                "perplexity_after_pruning": after_pruning["perplexity"],
-                "pruned_heads": len(pruned),
-                "grown_heads": len(grown),
-            },
-            force=True,
-        )
-
-    def _prune_and_grow(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        plan: dict[str, Any],
-        ids: torch.Tensor,
-        importance: torch.Tensor | None,
-    ) -> tuple[list[tuple[int, int]], dict[str, float], list[tuple[int, int]]]:
-        """Steps 3–4: prune the lowest-scored heads, measure, revive heads (:class:`NonFiniteScores` on NaN/inf
-        scores, before the revival)."""
-        gates = self._importance.gates
-        alive = gates.mask.cpu() > 0
-        count = max(1, int(plan["prune_level"] * int(alive.sum())))
-        scores = head_scores(
-            plan["prune_strategy"], pl_module, gates, importance=importance, input_ids=ids, generator=self.generator
-        )
-        pruned = trainer.strategy.broadcast(lowest_heads(scores, alive, count, plan["prune_strategy"]), src=0)
-        for layer, head in pruned:
-            gates.set(layer, head, 0.0)
-        after_pruning = self.evaluate(trainer, pl_module)
-
-        dead = int((gates.mask == 0).sum())
-        grow_count = max(1, int(plan["growth_ratio"] * dead)) if dead else 0
-        grown = choose_heads_to_grow(
-            plan["growth_strategy"],
-            pl_module,
-            gates,
-            grow_count,
-            importance=importance,
-            input_ids=ids,
-            generator=self.generator,
-        )
-        grown = trainer.strategy.broadcast(grown, src=0)
-        if grown:
-            self.reviver.revive(
-                grown, trainer.global_step, generator=self.generator, optimizers=self.optimizers(trainer)
-            )
-        return pruned, after_pruning, grown
-
-    def _skip_cycle(self, trainer: pl.Trainer, what: str) -> None:
-        self.skip_nonfinite(trainer, what)
-        self.controller.skip(trainer.global_step)
-
-    def finish_cycle(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Step 5: measure, judge, keep or revert, rate, remember, adapt."""
-        controller = self.controller
-        after = self.evaluate(trainer, pl_module)
-        before = controller.current["before"]
-        success = controller.judge(before, after)
-        if not success:
-            controller.restore_snapshot(pl_module, self.optimizers(trainer), self._importance.gates, self.reviver)
-        controller.conclude(after, success, trainer.global_step)
-        self.log_values(
-            trainer,
-            {
-                "perplexity_after": after["perplexity"],
-                "degeneration": after["degeneration"],
-                "success": float(success),
-                "live_heads": after["live_heads"] if success else before["live_heads"],
-                **{f"rating/{k}": v for k, v in controller.ratings.items()},
-            },
-            force=True,
-        )
-        self.write_json(trainer)
 
     # ------------------------------------------------------------------ record
     def record(self) -> dict[str, Any]:

@@ -1,12 +1,19 @@
-"""The controller of the prune → measure → grow → learn cycle of attention heads (Sentinel-AI's
-``AdaptivePlasticitySystem``, with every number measured): strategy ratings, a memory of successful
-transformations, adaptation of the levels, the judgement of a cycle, the stop rule and the snapshot a failed cycle
-is reverted to. A plain object with its own generator; :class:`~plasticity_lightning.callbacks.PlasticityCycle`
-drives it from a Lightning fit, a hand-written loop can drive it the same way."""
+"""The prune → measure → grow → learn cycle of attention heads (Sentinel-AI's ``AdaptivePlasticitySystem``, with
+every number measured), as a plain object: the cycle itself (measure, snapshot, choose, prune, measure, grow; then
+judge, keep or revert), strategy ratings, a memory of successful transformations, adaptation of the levels, the stop
+rule and the snapshot a failed cycle is reverted to. :class:`~plasticity_lightning.callbacks.PlasticityCycle` drives
+it from a Lightning fit; a hand-written loop drives it the same way (:class:`CycleController`).
+
+This is the working version of Sentinel-AI's ``AdaptivePlasticitySystem`` (Sentinel-AI,
+https://github.com/CambrianTech/sentinel-ai), whose shipped code scores heads and perplexity with random
+placeholders and adds random jitter to its degeneration score. Here every number is measured: perplexity on a fixed
+probe, degeneration of seeded generations, head scores from gradients, attention entropy or weights.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -20,7 +27,16 @@ from plasticity_lightning.core.errors import (
     check_positive_int,
 )
 from plasticity_lightning.policies.base import Policy
-from plasticity_lightning.policies.heads.selection import GROWTH_CHOICES, HEAD_SCORES
+from plasticity_lightning.policies.heads.reviver import HeadReviver
+from plasticity_lightning.policies.heads.selection import (
+    GROWTH_CHOICES,
+    HEAD_SCORES,
+    NonFiniteScores,
+    choose_heads_to_grow,
+    head_scores,
+    lowest_heads,
+)
+from plasticity_lightning.surgery.heads import HeadGates
 
 #: Sentinel-AI's starting ratings: random strategies start at half the others'
 INITIAL_RATING = {"random": 0.5}
@@ -41,22 +57,61 @@ def updated_rating(rating: float, success: bool, improvement: float) -> float:
 
 
 class CycleController(Policy):
-    """What a cycle decides, and what it remembers between cycles.
+    """Cycles of prune → measure → grow → learn on attention heads, each judged and kept or reverted.
 
-    :meth:`plan` chooses a pruning and a growth strategy and their levels — with probability ``memory_replay`` a
-    remembered successful transformation (weighted by its improvement), else each strategy drawn in proportion to
-    its rating. :meth:`judge` says whether a cycle succeeded: its perplexity at most ``(1 + max_perplexity_increase)``
-    × its first one, and its degeneration at most ``max_degeneration``. :meth:`conclude` updates the ratings
-    (:func:`updated_rating`), remembers a successful cycle that was not a replay (the last ``memory_capacity``) with
-    improvement = relative perplexity drop + 0.5 × relative drop in live heads, adapts the levels (``adapt``) and
-    stops after ``patience`` cycles without a new best or after ``max_cycles``. :meth:`take_snapshot` and
-    :meth:`restore_snapshot` copy and restore parameters, optimizer states, gates and reviver state for a failed
-    cycle. All of it is in :meth:`state_dict`.
+    :meth:`start` begins a cycle at an optimizer step:
+
+    1. it measures (``measure()``: the perplexity on a fixed probe, the degeneration of seeded generations, the live
+       heads) and snapshots parameters, optimizer states, gates and reviver state (:meth:`take_snapshot`);
+    2. it chooses a pruning and a growth strategy (:meth:`plan`) — with probability ``memory_replay`` a remembered
+       successful transformation (weighted by its improvement), else each drawn in proportion to its rating;
+    3. it prunes ``max(1, int(prune_level · live heads))`` heads of lowest score (never a layer's last head) and
+       measures again;
+    4. it revives ``max(1, int(growth_ratio · dead heads))`` heads (fresh weights, gate ramp, boosted learning rate:
+       :class:`~plasticity_lightning.policies.heads.HeadReviver`).
+
+    Training then runs ``learn_steps`` optimizer steps (:meth:`due` says when they are over), and :meth:`finish`
+    measures again and judges (:meth:`judge`): the cycle succeeds when the perplexity is at most
+    ``(1 + max_perplexity_increase)`` × the cycle's first one and the degeneration at most ``max_degeneration``; a
+    failed cycle restores the snapshot exactly. :meth:`conclude` updates the ratings (:func:`updated_rating`),
+    remembers a successful cycle that was not a replay (the last ``memory_capacity``) with improvement = relative
+    perplexity drop + 0.5 × relative drop in live heads, and with ``adapt`` adapts the levels as Sentinel-AI does:
+    after a success the prune level grows (×1.2 up to 0.5 when perplexity improved by over 5%, else ×1.1 up to 0.4;
+    learning ×0.9 steps after a big gain); after a failure it shrinks (×0.8, at least 0.05) while the growth ratio
+    (×1.2, at most 0.9) and learning steps (×1.2) grow. After ``patience`` cycles without a new best (perplexity
+    better by ``min_improvement``, or fewer live heads at a perplexity within tolerance), or ``max_cycles`` cycles,
+    cycling stops (:attr:`stopped`; :meth:`ready` is then false).
+
+    A cycle is not started on NaN/inf statistics: when the first perplexity or the head scores a strategy ranks by
+    are not finite, :meth:`start` prunes and grows nothing (a pruning already made is undone), schedules the next try
+    ``learn_steps`` steps later and raises :class:`~plasticity_lightning.policies.heads.NonFiniteScores`. A cycle
+    whose final perplexity is NaN/inf fails its judgement and is reverted.
+
+    Every random choice comes from the controller's generator; under DDP :attr:`broadcast` sends rank 0's plan and
+    heads to every rank (``measure`` must return the same values on every rank), so all ranks prune, grow and revert
+    alike. Everything — the snapshot included (about three model copies with Adam) — is in :meth:`state_dict`.
+
+    In a plain loop (``measure`` a function of yours returning ``perplexity``, ``degeneration`` and ``live_heads``)::
+
+        if controller.due(step):
+            controller.finish(step, model, gates, reviver, measure)
+        if controller.ready(step, start_step=100):
+            controller.start(step, model, gates, reviver, measure, input_ids=probe_ids, importance=scores.current())
 
     Args:
-        learn_steps, max_cycles, prune_level, growth_ratio, pruning_strategies, growth_strategies,
-            max_perplexity_increase, max_degeneration, memory_capacity, memory_replay, adapt, patience,
-            min_improvement: see :class:`~plasticity_lightning.callbacks.PlasticityCycle`.
+        learn_steps: optimizer steps of the learning phase.
+        max_cycles: cycles at most.
+        prune_level: starting share of live heads pruned per cycle.
+        growth_ratio: starting share of dead heads revived per cycle.
+        pruning_strategies: head scores to choose among (``gradient``, ``entropy``, ``magnitude``, ``random``).
+        growth_strategies: growth choices (``balanced``, ``entropy_gap``, ``gradient``, ``random``).
+        max_perplexity_increase: allowed relative perplexity rise over a cycle.
+        max_degeneration: upper bound of the degeneration measure (``None``: not judged).
+        memory_capacity: successful transformations remembered.
+        memory_replay: probability of replaying one.
+        adapt: adapt prune level, growth ratio and learning steps between cycles.
+        patience: cycles without a new best before cycling stops (``None``: never).
+        min_improvement: relative perplexity gain that makes a new best.
         seed: seed of every random choice.
         owner: the name in error messages.
     """
@@ -115,6 +170,129 @@ class CycleController(Policy):
         self.current: dict[str, Any] | None = None  # the cycle in its learning phase
         self.snapshot: dict[str, Any] | None = None
         self.retry_step = 0  # after a cycle skipped on NaN/inf statistics, the step of the next try
+        #: sends rank 0's value to every process (identity on one; the callback puts its strategy's broadcast)
+        self.broadcast: Callable[[Any], Any] = lambda value: value
+
+    # ------------------------------------------------------------------ the cycle
+    def start(
+        self,
+        step: int,
+        model: nn.Module,
+        gates: HeadGates,
+        reviver: HeadReviver,
+        measure: Callable[[], dict[str, float]],
+        *,
+        input_ids: torch.Tensor | None = None,
+        importance: torch.Tensor | None = None,
+        optimizers: Iterable[torch.optim.Optimizer] | None = None,
+    ) -> dict[str, Any]:
+        """Steps 1–4 at optimizer step ``step``: measure, snapshot, choose, prune, measure, revive; the cycle then
+        learns until :meth:`due`. Returns its record (:attr:`current`).
+
+        Args:
+            step: the optimizer step the cycle starts at.
+            model: the model (a HF transformers model, or a module holding one at ``.model``).
+            gates: the model's head gates.
+            reviver: the reviver of grown heads (its ramps and boost; in the snapshot).
+            measure: returns ``{"perplexity", "degeneration", "live_heads"}`` now.
+            input_ids: token ids for the entropy scores (``entropy`` pruning, ``entropy_gap`` growth).
+            importance: ``[layers, heads]`` gradient importance (``gradient`` pruning and growth).
+            optimizers: whose state is snapshotted and cleared for revived heads (default: :attr:`optimizers`).
+
+        Raises:
+            NonFiniteScores: the first perplexity or the scores a strategy ranks by are NaN/inf; nothing is left
+                pruned or grown, and the next try comes ``learn_steps`` steps later.
+        """
+        optimizers = self.optimizers if optimizers is None else list(optimizers)
+        before = measure()
+        if not math.isfinite(before["perplexity"]):  # nothing to judge a cycle against
+            self.skip(step)
+            raise NonFiniteScores("perplexity")
+        self.take_snapshot(model, optimizers, gates, reviver)
+        plan = self.broadcast(self.plan())
+        try:
+            pruned = self._prune(plan, model, gates, input_ids, importance)
+            after_pruning = measure()
+            grown = self._grow(plan, model, gates, input_ids, importance)
+        except NonFiniteScores:  # the same scores on every rank: all ranks skip
+            self.restore_snapshot(model, optimizers, gates, reviver)  # a pruning's gates
+            self.snapshot = None
+            self.skip(step)
+            raise
+        if grown:
+            reviver.revive(grown, step, generator=self.generator, optimizers=optimizers)
+        self.begin(
+            step,
+            {
+                **plan,
+                "pruned": [list(h) for h in pruned],
+                "grown": [list(h) for h in grown],
+                "before": before,
+                "after_pruning": after_pruning,
+            },
+        )
+        return self.current
+
+    def _prune(
+        self,
+        plan: dict[str, Any],
+        model: nn.Module,
+        gates: HeadGates,
+        input_ids: torch.Tensor | None,
+        importance: torch.Tensor | None,
+    ) -> list[tuple[int, int]]:
+        """Step 3: gate off the lowest-scored heads by the plan's strategy (:class:`NonFiniteScores` on NaN/inf)."""
+        alive = gates.mask.cpu() > 0
+        count = max(1, int(plan["prune_level"] * int(alive.sum())))
+        strategy = plan["prune_strategy"]
+        scores = head_scores(
+            strategy, model, gates, importance=importance, input_ids=input_ids, generator=self.generator
+        )
+        pruned = self.broadcast(lowest_heads(scores, alive, count, strategy))
+        for layer, head in pruned:
+            gates.set(layer, head, 0.0)
+        return pruned
+
+    def _grow(
+        self,
+        plan: dict[str, Any],
+        model: nn.Module,
+        gates: HeadGates,
+        input_ids: torch.Tensor | None,
+        importance: torch.Tensor | None,
+    ) -> list[tuple[int, int]]:
+        """Step 4's choice: the dead heads the plan's growth strategy revives (:class:`NonFiniteScores` on NaN/inf)."""
+        dead = int((gates.mask == 0).sum())
+        count = max(1, int(plan["growth_ratio"] * dead)) if dead else 0
+        grown = choose_heads_to_grow(
+            plan["growth_strategy"],
+            model,
+            gates,
+            count,
+            importance=importance,
+            input_ids=input_ids,
+            generator=self.generator,
+        )
+        return self.broadcast(grown)
+
+    def finish(
+        self,
+        step: int,
+        model: nn.Module,
+        gates: HeadGates,
+        reviver: HeadReviver,
+        measure: Callable[[], dict[str, float]],
+        *,
+        optimizers: Iterable[torch.optim.Optimizer] | None = None,
+    ) -> dict[str, Any]:
+        """Step 5 at optimizer step ``step``: measure, judge, keep or revert (to the snapshot), rate, remember, adapt.
+        Returns the cycle's record (``after``, ``success``, ``reverted`` added). Arguments as in :meth:`start`."""
+        optimizers = self.optimizers if optimizers is None else list(optimizers)
+        after = measure()
+        success = self.judge(self.current["before"], after)
+        if not success:
+            self.restore_snapshot(model, optimizers, gates, reviver)
+        return self.conclude(after, success, step)
 
     # ------------------------------------------------------------------ deciding
     def plan(self) -> dict[str, Any]:
