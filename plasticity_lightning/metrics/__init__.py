@@ -6,6 +6,7 @@ accumulate over batches (DDP-synchronised for free).
 * unit activity: ReDo τ-dormant, dead and low-activity units (:mod:`~plasticity_lightning.metrics.activity`);
 * entropies of predictions, activations and attention (:mod:`~plasticity_lightning.metrics.entropy`);
 * weight statistics (:mod:`~plasticity_lightning.metrics.weights`);
+* feature norm and variance, weight change per update and GraMa (:mod:`~plasticity_lightning.metrics.features`);
 * learning-dynamics summaries of a training history (:mod:`~plasticity_lightning.metrics.dynamics`);
 * per-task accuracy of continual streams (:mod:`~plasticity_lightning.metrics.continual`);
 * Softmax Collapse and naive-loss-minimisation alignment (:mod:`~plasticity_lightning.metrics.collapse`).
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from plasticity_lightning.metrics.activity import (
         ActivityStatistics,
         UnitActivity,
+        active_fraction,
         active_share,
         activity_statistics,
         dead_unit_fraction,
@@ -61,6 +63,16 @@ if TYPE_CHECKING:
         attention_entropy,
         prediction_entropy,
     )
+    from plasticity_lightning.metrics.features import (
+        FeatureStatistics,
+        GradientDormancy,
+        WeightChange,
+        feature_norm,
+        feature_variance,
+        grama_dormant_fraction,
+        grama_scores,
+        weight_change,
+    )
     from plasticity_lightning.metrics.rank import (
         ApproximateRank,
         EffectiveRank,
@@ -100,6 +112,8 @@ _EXPORTS = {
     "DynamicsThresholds": "plasticity_lightning.metrics.dynamics",
     "EffectiveRank": "plasticity_lightning.metrics.rank",
     "FeatureSpectrum": "plasticity_lightning.metrics.rank",
+    "FeatureStatistics": "plasticity_lightning.metrics.features",
+    "GradientDormancy": "plasticity_lightning.metrics.features",
     "NonFiniteFeaturesError": "plasticity_lightning.metrics.rank",
     "PerTaskAccuracy": "plasticity_lightning.metrics.continual",
     "PredictionEntropy": "plasticity_lightning.metrics.entropy",
@@ -107,7 +121,9 @@ _EXPORTS = {
     "SoftmaxCollapse": "plasticity_lightning.metrics.collapse",
     "StableRank": "plasticity_lightning.metrics.rank",
     "UnitActivity": "plasticity_lightning.metrics.activity",
+    "WeightChange": "plasticity_lightning.metrics.features",
     "activation_entropy": "plasticity_lightning.metrics.entropy",
+    "active_fraction": "plasticity_lightning.metrics.activity",
     "active_share": "plasticity_lightning.metrics.activity",
     "activity_statistics": "plasticity_lightning.metrics.activity",
     "approximate_rank": "plasticity_lightning.metrics.rank",
@@ -122,9 +138,13 @@ _EXPORTS = {
     "dynamics_summary": "plasticity_lightning.metrics.dynamics",
     "effective_rank": "plasticity_lightning.metrics.rank",
     "feature_matrix": "plasticity_lightning.metrics.rank",
+    "feature_norm": "plasticity_lightning.metrics.features",
+    "feature_variance": "plasticity_lightning.metrics.features",
     "generalization_gap": "plasticity_lightning.metrics.dynamics",
     "gradient_health": "plasticity_lightning.metrics.dynamics",
     "gradient_stats": "plasticity_lightning.metrics.weights",
+    "grama_dormant_fraction": "plasticity_lightning.metrics.features",
+    "grama_scores": "plasticity_lightning.metrics.features",
     "layer_weights": "plasticity_lightning.metrics.weights",
     "learning_curve": "plasticity_lightning.metrics.dynamics",
     "logit_norm": "plasticity_lightning.metrics.collapse",
@@ -149,6 +169,7 @@ _EXPORTS = {
     "srank": "plasticity_lightning.metrics.rank",
     "stable_rank": "plasticity_lightning.metrics.rank",
     "unit_view": "plasticity_lightning.metrics.activity",
+    "weight_change": "plasticity_lightning.metrics.features",
     "weight_evolution": "plasticity_lightning.metrics.dynamics",
     "weight_norm": "plasticity_lightning.metrics.weights",
     "weight_stats": "plasticity_lightning.metrics.weights",
@@ -164,6 +185,8 @@ __all__ = [
     "DynamicsThresholds",
     "EffectiveRank",
     "FeatureSpectrum",
+    "FeatureStatistics",
+    "GradientDormancy",
     "NonFiniteFeaturesError",
     "PerTaskAccuracy",
     "PredictionEntropy",
@@ -171,7 +194,9 @@ __all__ = [
     "SoftmaxCollapse",
     "StableRank",
     "UnitActivity",
+    "WeightChange",
     "activation_entropy",
+    "active_fraction",
     "active_share",
     "activity_statistics",
     "approximate_rank",
@@ -186,9 +211,13 @@ __all__ = [
     "dynamics_summary",
     "effective_rank",
     "feature_matrix",
+    "feature_norm",
+    "feature_variance",
     "generalization_gap",
     "gradient_health",
     "gradient_stats",
+    "grama_dormant_fraction",
+    "grama_scores",
     "layer_weights",
     "learning_curve",
     "logit_norm",
@@ -213,6 +242,7 @@ __all__ = [
     "srank",
     "stable_rank",
     "unit_view",
+    "weight_change",
     "weight_evolution",
     "weight_norm",
     "weight_stats",

@@ -14,6 +14,9 @@ function                       a unit counts when
                                (0.01): Dohare et al.'s CIFAR "dormant" units
 =============================  =========================================================================
 
+What counts as *active* (``active``): h ≠ 0, h > 0, or — for tanh and sigmoid layers — an output that is not
+saturated (:func:`active_share`); :func:`active_fraction` is Plasticine's share of active entries.
+
 The ``*_fraction`` functions return the share of units counted. :class:`UnitActivity` accumulates the
 per-unit sums over batches (and processes) and returns all three fractions.
 
@@ -143,12 +146,21 @@ def dead_unit_fraction(outputs: torch.Tensor, threshold: float = 0.0) -> torch.T
     return _share(mask, _finite_units(mean_abs_activation(outputs)).all())
 
 
-Activity = Literal["nonzero", "positive"]
-ACTIVITY_CHOICES = ("nonzero", "positive")
+Activity = Literal["nonzero", "positive", "tanh", "sigmoid"]
+ACTIVITY_CHOICES = ("nonzero", "positive", "tanh", "sigmoid")
+#: how close to its bound a tanh or sigmoid output counts as saturated (Plasticine's and Neural Elements' 0.01)
+SATURATION_MARGIN = 0.01
 
 
 def _is_active(view: torch.Tensor, active: Activity) -> torch.Tensor:
-    return view != 0 if active == "nonzero" else view > 0
+    if active == "nonzero":
+        return view != 0
+    if active == "positive":
+        return view > 0
+    if active == "tanh":  # saturated at ±1: |h| > 0.99 is inactive
+        return view.abs() <= 1 - SATURATION_MARGIN
+    # sigmoid, saturated at 0 or 1: h < 0.01 or h > 0.99 is inactive
+    return (view >= SATURATION_MARGIN) & (view <= 1 - SATURATION_MARGIN)
 
 
 def active_share(outputs: torch.Tensor, active: Activity = "nonzero") -> torch.Tensor:
@@ -156,7 +168,10 @@ def active_share(outputs: torch.Tensor, active: Activity = "nonzero") -> torch.T
 
     ``active="nonzero"`` counts h ≠ 0 (Dohare et al.'s CIFAR code: the fraction of non-zero activations);
     ``"positive"`` counts h > 0 (their RL code). The two agree after ReLU; they differ for activations with
-    negative outputs (leaky ReLU, ELU, tanh).
+    negative outputs (leaky ReLU, ELU, tanh). ``"tanh"`` and ``"sigmoid"`` count a *saturated* output as inactive
+    (Plasticine's active-unit rule): tanh is active where |h| ≤ 0.99, sigmoid where 0.01 ≤ h ≤ 0.99
+    (:data:`SATURATION_MARGIN`). A saturated unit passes almost no gradient, so it has stopped learning although
+    it is not zero.
     """
     check_choice("active_share", "active", active, ACTIVITY_CHOICES)
     return _is_active(unit_view(outputs).detach(), active).to(torch.float64).mean(dim=0)
@@ -171,6 +186,19 @@ def low_activity_mask(outputs: torch.Tensor, max_active: float = 0.01, active: A
     check_fraction("low_activity_mask", "max_active", max_active, high_open=False)
     finite = _finite_units(mean_abs_activation(outputs))
     return _low_activity(active_share(outputs, active), max_active) & finite
+
+
+def active_fraction(outputs: torch.Tensor, active: Activity = "nonzero") -> torch.Tensor:
+    """Share of (position, unit) entries that are active: Plasticine's *fraction of active units* (FAU); NaN when
+    any activation is non-finite. With ``active="tanh"`` or ``"sigmoid"`` saturated outputs count as inactive.
+
+    Example::
+
+        >>> active_fraction(torch.tensor([[0.5, 0.995], [-1.0, 0.0]]), active="tanh")
+        tensor(0.5000, dtype=torch.float64)
+    """
+    share = active_share(outputs, active).mean()
+    return torch.where(_finite_units(mean_abs_activation(outputs)).all(), share, torch.nan)
 
 
 def low_activity_fraction(
@@ -261,7 +289,8 @@ class UnitActivity(Metric):
         tau: ReDo threshold.
         dead_threshold: |h| at or below which a unit counts as never active.
         max_active: Dohare's activity share below which a unit counts as dormant.
-        active: what counts as active, ``"nonzero"`` (h ≠ 0) or ``"positive"`` (h > 0); see :func:`active_share`.
+        active: what counts as active, ``"nonzero"`` (h ≠ 0), ``"positive"`` (h > 0), ``"tanh"`` or ``"sigmoid"``
+            (not saturated); see :func:`active_share`.
 
     Example::
 

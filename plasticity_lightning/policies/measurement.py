@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from plasticity_lightning.core.errors import PlasticityConfigError, check_choice
-from plasticity_lightning.metrics.activity import activity_statistics
+from plasticity_lightning.metrics.activity import Activity, activity_statistics
 from plasticity_lightning.metrics.entropy import activation_entropy, prediction_entropy
 from plasticity_lightning.metrics.rank import (
     NonFiniteFeaturesError,
@@ -83,7 +83,7 @@ def activity_values(
     tau: float = 0.025,
     dead_threshold: float = 0.0,
     max_active: float = 0.01,
-    active: Literal["nonzero", "positive"] = "nonzero",
+    active: Activity = "nonzero",
 ) -> tuple[dict[str, float], list[list[Any]], dict[str, torch.Tensor]]:
     """Dormant and dead unit shares per layer and over all units pooled (``all/``): (values, one table row per layer
     ``[layer, units, redo_dormant, dead, low_activity]``, per-unit active share per layer)."""
@@ -181,7 +181,7 @@ def measure(
     tau: float = 0.025,
     dead_threshold: float = 0.0,
     max_active: float = 0.01,
-    active: Literal["nonzero", "positive"] = "nonzero",
+    active: Activity = "nonzero",
 ) -> dict[str, float]:
     """Every monitor's measures of ``model`` on ``batch``, in one dict keyed as the monitors log them (without the
     ``plasticity/`` prefix).

@@ -9,16 +9,24 @@ one probe pass).
 from plasticity_lightning.callbacks.monitors.base import PlasticityMonitor
 from plasticity_lightning.callbacks.monitors.collection import MonitorCollection
 from plasticity_lightning.callbacks.monitors.dynamics import LearningDynamics
+from plasticity_lightning.callbacks.monitors.features import (
+    FeatureMonitor,
+    GradientDormancyMonitor,
+    WeightChangeMonitor,
+)
 from plasticity_lightning.callbacks.monitors.representation import DormantUnitMonitor, EntropyMonitor, RankMonitor
 from plasticity_lightning.callbacks.monitors.weights import GradientFlowMonitor, WeightMonitor
 
 __all__ = [
     "DormantUnitMonitor",
     "EntropyMonitor",
+    "FeatureMonitor",
+    "GradientDormancyMonitor",
     "GradientFlowMonitor",
     "LearningDynamics",
     "MonitorCollection",
     "PlasticityMonitor",
     "RankMonitor",
+    "WeightChangeMonitor",
     "WeightMonitor",
 ]

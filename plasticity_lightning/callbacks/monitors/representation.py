@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from plasticity_lightning.callbacks.monitors.base import PlasticityMonitor
 from plasticity_lightning.core.errors import PlasticityConfigError, check_choice, check_fraction, check_positive_float
-from plasticity_lightning.metrics.activity import ACTIVITY_CHOICES
+from plasticity_lightning.metrics.activity import ACTIVITY_CHOICES, Activity
 from plasticity_lightning.policies.measurement import (
     RANK_MEASURES,
     activity_values,
@@ -102,8 +102,9 @@ class DormantUnitMonitor(PlasticityMonitor):
         tau: ReDo's threshold (0.025 in the paper's default runs, 0.1 for Atari-100K; 0 counts silent units).
         dead_threshold: |h| at or below which a unit counts as never active.
         max_active: activity share below which a unit counts as dormant (Dohare: 0.01).
-        active: what counts as active for ``low_activity_fraction``: ``"nonzero"`` (h ≠ 0, Dohare's CIFAR code)
-            or ``"positive"`` (h > 0, their RL code).
+        active: what counts as active for ``low_activity_fraction``: ``"nonzero"`` (h ≠ 0, Dohare's CIFAR code),
+            ``"positive"`` (h > 0, their RL code), or ``"tanh"``/``"sigmoid"`` (not saturated: saturated units count
+            as inactive; :class:`FeatureMonitor` picks the rule per layer).
         **kwargs: :class:`PlasticityMonitor` arguments.
     """
 
@@ -112,7 +113,7 @@ class DormantUnitMonitor(PlasticityMonitor):
         tau: float = 0.025,
         dead_threshold: float = 0.0,
         max_active: float = 0.01,
-        active: Literal["nonzero", "positive"] = "nonzero",
+        active: Activity = "nonzero",
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
