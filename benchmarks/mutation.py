@@ -62,10 +62,14 @@ MODULE_TESTS: dict[str, list[str]] = {
     ],
     "plasticity_lightning/metrics/continual_summary.py": ["tests/test_metrics_edges.py"],
     "plasticity_lightning/metrics/text.py": ["tests/test_metrics_edges.py"],
-    "plasticity_lightning/probes/capture.py": ["tests/test_probes.py"],
-    "plasticity_lightning/probes/probe_set.py": ["tests/test_probes.py"],
+    "plasticity_lightning/probes/capture.py": ["tests/test_probes.py", "tests/test_mut_probes.py"],
+    "plasticity_lightning/probes/probe_set.py": ["tests/test_probes.py", "tests/test_mut_probes.py"],
     "plasticity_lightning/surgery/units.py": ["tests/test_surgery.py", "tests/test_cbp_units.py"],
-    "plasticity_lightning/surgery/topology.py": ["tests/test_surgery.py"],
+    "plasticity_lightning/surgery/topology.py": [
+        "tests/test_surgery.py",
+        "tests/test_cbp_units.py",
+        "tests/test_mut_topology.py",
+    ],
     "plasticity_lightning/studies/store.py": ["tests/test_study_store.py"],
     # the report tests that train runs and open a browser are too slow to repeat per mutant: the data path's own
     # unit tests on hand-written run folders, and the bad inputs through the command
