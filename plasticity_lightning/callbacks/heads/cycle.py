@@ -65,17 +65,35 @@ class PlasticityCycle(RevivingIntervention):
 
     Args:
         start_step: optimizer step of the first cycle.
-        learn_steps, max_cycles, prune_level, growth_ratio, pruning_strategies, growth_strategies,
-            max_perplexity_increase, max_degeneration, memory_capacity, memory_replay, adapt, patience,
-            min_improvement: the controller's (:class:`~plasticity_lightning.policies.heads.CycleController`).
+        learn_steps: optimizer steps of the learning phase (the controller's, as are the arguments down to
+            ``min_improvement``: :class:`~plasticity_lightning.policies.heads.CycleController`).
+        max_cycles: cycles at most.
+        prune_level: starting share of live heads pruned per cycle.
+        growth_ratio: starting share of dead heads revived per cycle.
+        pruning_strategies: head scores to choose among (``gradient``, ``entropy``, ``magnitude``, ``random``).
+        growth_strategies: growth choices (``balanced``, ``entropy_gap``, ``gradient``, ``random``).
+        max_perplexity_increase: allowed relative perplexity rise over a cycle.
+        max_degeneration: upper bound of ``degeneration_metric`` (``None``: not judged).
         degeneration_metric: ``repeated_3gram_rate`` or ``max_token_repetition`` (lower is better).
+        memory_capacity: successful transformations remembered.
+        memory_replay: probability of replaying one.
+        adapt: adapt prune level, growth ratio and learning steps between cycles.
+        patience: cycles without a new best before cycling stops (``None``: never).
+        min_improvement: relative perplexity gain that makes a new best.
         probe_size: validation blocks of the perplexity probe.
-        prompts, max_new_tokens, tokenizer: generation for the degeneration check.
-        output_scale, warmup_steps, initial_gate, lr_multiplier, boost_steps: revived heads (``ReviverSettings``;
-            the defaults are :data:`~plasticity_lightning.policies.heads.CYCLE_REVIVER_SETTINGS`: a shorter ramp
-            and boost, so that both end within a cycle's learning phase).
+        prompts: prompts whose seeded continuations are scored for degeneration.
+        max_new_tokens: tokens generated per prompt.
+        tokenizer: encodes the prompts (``None``: the datamodule's).
+        output_scale: revived heads' output rows ~ N(0, (output_scale·std)²) (``ReviverSettings``, as are the
+            four below; the defaults are :data:`~plasticity_lightning.policies.heads.CYCLE_REVIVER_SETTINGS`: a
+            shorter ramp and boost than growth's, so that both end within a cycle's learning phase).
+        warmup_steps: optimizer steps of a revived head's gate ramp.
+        initial_gate: where the gate ramp starts.
+        lr_multiplier: learning-rate factor of a revived head right after revival.
+        boost_steps: optimizer steps over which the factor decays back to 1.
         json_path: where to write the record (``None``: ``<log_dir>/plasticity_cycle.json``).
         seed: seed of every random choice.
+        prefix: first part of every logged key.
 
     Example::
 

@@ -211,9 +211,7 @@ class CycleController(Policy):
         self.take_snapshot(model, optimizers, gates, reviver)
         plan = self.broadcast(self.plan())
         try:
-            pruned = self._prune(plan, model, gates, input_ids, importance)
-            after_pruning = measure()
-            grown = self._grow(plan, model, gates, input_ids, importance)
+            pruned, after_pruning, grown = self._prune_and_grow(plan, model, gates, measure, input_ids, importance)
         except NonFiniteScores:  # the same scores on every rank: all ranks skip
             self.restore_snapshot(model, optimizers, gates, reviver)  # a pruning's gates
             self.snapshot = None
@@ -233,47 +231,29 @@ class CycleController(Policy):
         )
         return self.current
 
-    def _prune(
+    def _prune_and_grow(
         self,
         plan: dict[str, Any],
         model: nn.Module,
         gates: HeadGates,
+        measure: Callable[[], dict[str, float]],
         input_ids: torch.Tensor | None,
         importance: torch.Tensor | None,
-    ) -> list[tuple[int, int]]:
-        """Step 3: gate off the lowest-scored heads by the plan's strategy (:class:`NonFiniteScores` on NaN/inf)."""
+    ) -> tuple[list[tuple[int, int]], dict[str, float], list[tuple[int, int]]]:
+        """Steps 3–4: gate off the lowest-scored heads, measure, choose the dead heads to revive (by the plan's
+        strategies; :class:`NonFiniteScores` on NaN/inf scores, before anything is revived)."""
         alive = gates.mask.cpu() > 0
         count = max(1, int(plan["prune_level"] * int(alive.sum())))
-        strategy = plan["prune_strategy"]
-        scores = head_scores(
-            strategy, model, gates, importance=importance, input_ids=input_ids, generator=self.generator
-        )
-        pruned = self.broadcast(lowest_heads(scores, alive, count, strategy))
+        scoring = {"importance": importance, "input_ids": input_ids, "generator": self.generator}
+        scores = head_scores(plan["prune_strategy"], model, gates, **scoring)
+        pruned = self.broadcast(lowest_heads(scores, alive, count, plan["prune_strategy"]))
         for layer, head in pruned:
             gates.set(layer, head, 0.0)
-        return pruned
-
-    def _grow(
-        self,
-        plan: dict[str, Any],
-        model: nn.Module,
-        gates: HeadGates,
-        input_ids: torch.Tensor | None,
-        importance: torch.Tensor | None,
-    ) -> list[tuple[int, int]]:
-        """Step 4's choice: the dead heads the plan's growth strategy revives (:class:`NonFiniteScores` on NaN/inf)."""
+        after_pruning = measure()
         dead = int((gates.mask == 0).sum())
-        count = max(1, int(plan["growth_ratio"] * dead)) if dead else 0
-        grown = choose_heads_to_grow(
-            plan["growth_strategy"],
-            model,
-            gates,
-            count,
-            importance=importance,
-            input_ids=input_ids,
-            generator=self.generator,
-        )
-        return self.broadcast(grown)
+        grow_count = max(1, int(plan["growth_ratio"] * dead)) if dead else 0
+        grown = choose_heads_to_grow(plan["growth_strategy"], model, gates, grow_count, **scoring)
+        return pruned, after_pruning, self.broadcast(grown)
 
     def finish(
         self,
