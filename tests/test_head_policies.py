@@ -19,6 +19,7 @@ from plasticity_lightning.policies.heads import (
     CycleController,
     HeadImportanceScores,
     HeadReviver,
+    IterativeHeadPruner,
     NonFiniteScores,
     ReviverSettings,
     lowest_heads,
@@ -120,6 +121,39 @@ def test_head_policies_resume_from_their_state_and_read_old_reviver_checkpoints(
     # NaN fails every judgement; a rise within the tolerance passes
     assert not first.judge({"perplexity": 10.0}, {"perplexity": math.nan, "degeneration": 0.0})
     assert first.judge({"perplexity": 10.0}, {"perplexity": 11.4, "degeneration": 0.5})
+
+
+def test_importance_and_pruner_resume_mid_window_from_their_state():
+    """An interrupted plain loop: the importance window and the pruner's baseline continue from state_dict."""
+    batches = [torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(s)) for s in range(4)]
+
+    def window(scores, model, chunk):
+        out = None
+        for ids in chunk:
+            model.zero_grad()
+            model(ids, labels=ids).loss.backward()
+            scores.accumulate()
+            out = scores.step(ids)
+        return out
+
+    whole = tiny_gpt2()
+    expected = window(HeadImportanceScores(whole, num_batches=4), whole, batches)
+    first = tiny_gpt2()
+    scores = HeadImportanceScores(first, num_batches=4)
+    assert window(scores, first, batches[:2]) is None
+    pruner = IterativeHeadPruner(fraction=0.1, tolerance=0.1)
+    assert pruner.step(scores.gates, 10.0, lambda: torch.rand(3, 4, generator=torch.Generator().manual_seed(0))).heads
+    saved = copy.deepcopy((scores.state_dict(), pruner.state_dict()))
+    second = tiny_gpt2()
+    resumed = HeadImportanceScores(num_batches=4)
+    resumed.load_state_dict(saved[0])
+    resumed.bind(second)  # the loaded window and gates go onto the model
+    assert torch.equal(resumed.gates.mask, scores.gates.mask) and float(resumed.gates.mask.sum()) == 11
+    resumed.gates.load(torch.ones(3, 4))  # all heads open, as in the uninterrupted window
+    torch.testing.assert_close(window(resumed, second, batches[2:]), expected)
+    again = IterativeHeadPruner(fraction=0.1, tolerance=0.1)
+    again.load_state_dict(saved[1])
+    assert again.baseline == 10.0 and again.step(resumed.gates, 11.5, lambda: torch.ones(3, 4)).reverted
 
 
 def test_a_hand_written_loop_runs_judges_and_reverts_whole_cycles():
