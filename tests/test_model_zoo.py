@@ -1,12 +1,11 @@
-"""Any model, zero configuration: the monitors and interventions on models nobody here wrote.
-
-Each model is built from its config (no download) and wrapped in the thinnest LightningModule (its own forward,
-cross-entropy), as a user would. One short fit runs RankMonitor, DormantUnitMonitor, ContinualBackprop and ReDo
-with no arguments that name a layer. Each callback must log finite values; at the last step, where CBP and ReDo
-both replace units, every replaced unit's outgoing weights are zero, its incoming weights re-drawn and nothing
-else changed, so the network computes what it computed before minus the old units' contribution (the gated MLP
-of Llama included). The LSTM and GRU language models have no producer → consumer pair: its monitors work, and the
-interventions fail with one line that names ``pairs=``.
+"""Any model, zero configuration: the monitors and interventions on models nobody here wrote. Each model is built from
+its config (no download) and wrapped in the thinnest LightningModule (its own forward, cross-entropy), as a user
+would. One short fit runs RankMonitor, DormantUnitMonitor, ContinualBackprop and ReDo with no arguments that name a
+layer. Each callback must log finite values; at the last step, where CBP and ReDo both replace units, every replaced
+unit's outgoing weights are zero, its incoming weights re-drawn and nothing else changed, so the network computes
+what it computed before minus the old units' contribution (the gated MLP of Llama included, and Phi3's fused
+``gate_up_proj``, where a unit owns one row in each half). The LSTM and GRU language models have no producer →
+consumer pair: its monitors work, and the interventions fail with one line that names ``pairs=``.
 """
 
 from __future__ import annotations
@@ -103,6 +102,18 @@ def _hf(kind: str) -> nn.Module:
         return tf.GPT2LMHeadModel(
             tf.GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=SEQ, vocab_size=VOCAB, **special)
         )
+    if kind == "phi3":  # gate and up in one weight: gate, up = gate_up_proj(x).chunk(2, dim=-1)
+        config = tf.Phi3Config(
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=VOCAB,
+            max_position_embeddings=SEQ,
+            **special,
+        )
+        return tf.Phi3ForCausalLM(config)
     if kind == "llama":
         config = tf.LlamaConfig(
             hidden_size=16,
@@ -156,6 +167,7 @@ ZOO = {
     "gru_lm": (GRULM, "tokens"),
     "gpt2": (lambda: _hf("gpt2"), "tokens"),
     "llama": (lambda: _hf("llama"), "tokens"),
+    "phi3": (lambda: _hf("phi3"), "tokens"),
     "opt": (lambda: _hf("opt"), "tokens"),
     "gpt_neox": (lambda: _hf("gpt_neox"), "tokens"),
     "bert": (lambda: _hf("bert"), "sentence"),
@@ -205,6 +217,19 @@ def _replaced_units(pairs, after: nn.Module) -> dict[str, torch.Tensor]:
     return replaced
 
 
+def _producer_rows(model: nn.Module, pair) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    """(name, incoming weights ``[units, ...]``, bias) of every producer of the pair's units in ``model``, read from
+    the model's own layers: a fused producer's ``pair.fused`` row blocks (``chunk`` along its output) one by one."""
+    rows = []
+    for name in (pair.producer, *pair.partners):
+        layer = model.get_submodule(name)
+        blocks = pair.fused if name == pair.producer else 1
+        weights = unit_weight(layer).detach().chunk(blocks, dim=0)
+        biases = layer.bias.detach().chunk(blocks) if layer.bias is not None else [None] * blocks
+        rows += [(f"{name}[{k}]", w, b) for k, (w, b) in enumerate(zip(weights, biases, strict=True))]
+    return rows
+
+
 def _check_surgery(pairs, before: nn.Module, after: nn.Module, x: torch.Tensor) -> int:
     """Replaced units: outgoing weights zero, incoming re-drawn, bias zero, nothing else touched; returns how many.
     Then ``before`` without the replaced units' outgoing weights must compute what ``after`` computes."""
@@ -213,11 +238,12 @@ def _check_surgery(pairs, before: nn.Module, after: nn.Module, x: torch.Tensor) 
         units = replaced[pair.producer]
         keep = torch.ones(pair.num_units, dtype=torch.bool)
         keep[units] = False
-        for name in (pair.producer, *pair.partners):
-            old, new = unit_weight(before.get_submodule(name)).detach(), unit_weight(after.get_submodule(name)).detach()
+        olds, news = _producer_rows(before, pair), _producer_rows(after, pair)
+        assert len(news) == 1 + len(pair.partners) + pair.fused - 1
+        for (name, old, _), (_, new, bias) in zip(olds, news, strict=True):
+            assert old.shape[0] == pair.num_units, name
             assert torch.equal(old[keep], new[keep]), f"{name}: a unit that was not replaced changed"
             assert (old[units] != new[units]).flatten(1).any(dim=1).all(), f"{name}: a replaced unit kept its weights"
-            bias = after.get_submodule(name).bias
             assert bias is None or (bias[units] == 0).all()
         old_consumer = unit_weight(before.get_submodule(pair.consumer))
         with torch.no_grad():  # the old units' contribution, removed
@@ -349,3 +375,66 @@ def test_entropy_gated_surge_collapse_reads_the_units_the_monitors_find(name, tm
     assert gated.counts["resets"] == 0 and gated.skipped_nonfinite == 0
     logged = trainer.callback_metrics["surge_collapse/entropy"].item()
     assert logged == pytest.approx(np.mean(expected), rel=1e-5)
+
+
+def test_a_fused_gate_up_unit_owns_one_row_in_each_half_and_its_replacement_keeps_the_output(monkeypatch):
+    """Phi3 computes gate and up with one weight (``chunk(2, dim=-1)``): unit i is rows i and U + i of
+    ``gate_up_proj`` and column i of ``down_proj``. Replacing it re-draws both rows (independently), zeroes the
+    column and the optimizer state of exactly those slices, and leaves the output as it was without the old units."""
+    from plasticity_lightning.surgery import find_unit_pairs, reinit_units
+    from plasticity_lightning.surgery import rules as rules_module
+
+    torch.manual_seed(0)
+    model = _hf("phi3").eval()
+    pairs = find_unit_pairs(model)
+    mlps = [f"model.layers.{i}.mlp" for i in (0, 1)]
+    assert [(p.producer, p.consumer, p.fused, p.rule) for p in pairs] == [
+        (f"{m}.gate_up_proj", f"{m}.down_proj", 2, "hf_fused_gated_mlp") for m in mlps
+    ]
+    pair = pairs[0]
+    gate_up, down = model.model.layers[0].mlp.gate_up_proj, model.model.layers[0].mlp.down_proj
+    assert pair.num_units == 24 and pair.gated and "(2 fused row blocks)" in pair.describe()
+    ids = torch.randint(1, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    units = torch.tensor([0, 7, 23])
+    with torch.no_grad():  # the old units' contribution, removed by hand
+        down.weight[:, units] = 0.0
+        expected = model(ids).logits
+    old = gate_up.weight.detach().clone()
+    reinit_units(pair, units, generator=torch.Generator().manual_seed(3), optimizers=[opt])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, expected, atol=1e-6)
+    rows = torch.cat([units, units + 24])  # gate rows, then up rows
+    others = torch.ones(48, dtype=torch.bool)
+    others[rows] = False
+    new = gate_up.weight.detach()
+    assert (new[rows] != old[rows]).all(dim=1).all() and torch.equal(new[others], old[others])
+    assert not torch.equal(new[units], new[units + 24])  # two independent draws
+    assert (new[rows].abs() <= 1 / 16**0.5).all()  # the layer's own default init, fan-in 16
+    state = opt.state[gate_up.weight]
+    assert (state["exp_avg"][rows] == 0).all() and (state["exp_avg"][others] != 0).any(dim=1).all()
+    columns = torch.ones(24, dtype=torch.bool)
+    columns[units] = False
+    assert (opt.state[down.weight]["exp_avg_sq"][:, units] == 0).all()
+    assert (opt.state[down.weight]["exp_avg_sq"][:, columns] != 0).any(dim=0).all()
+    # explicit pairs that agree with the rule take its fused layout
+    (named,) = find_unit_pairs(model, pairs=[[pair.producer, pair.consumer]])
+    assert named.fused == 2 and named.num_units == 24
+    # RR-CBP draws Σ-orthogonal rows for one producer: a fused unit is refused as a gated one
+    from plasticity_lightning.policies import ContinualBackprop as CBPPolicy
+
+    with pytest.raises(
+        PlasticityConfigError, match=r"single-producer pairs only; 'model\.layers\.0\.mlp\.gate_up_proj \(2"
+    ):
+        CBPPolicy(model, init="sigma_orthogonal")
+    # without the rule nothing pairs: one line naming the block, its layers and both fixes
+    monkeypatch.setattr(rules_module, "_RULES", [r for r in rules_module._RULES if r.name != "hf_fused_gated_mlp"])
+    with pytest.raises(PlasticityConfigError) as error:
+        find_unit_pairs(model, owner="ContinualBackprop")
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("ContinualBackprop: ")
+    assert "Phi3MLP at model.layers.0.mlp and 1 more (gate_up_proj, down_proj)" in message
+    assert "pairs=[['model.layers.0.mlp.gate_up_proj', 'model.layers.0.mlp.down_proj']]" in message
+    assert "register a PairingRule for Phi3MLP" in message

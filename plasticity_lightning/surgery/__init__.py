@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     )
     from plasticity_lightning.surgery.sigma import InputCovariance, activation_energy_share, sigma_orthogonal_rows
     from plasticity_lightning.surgery.topology import (
+        FusedRows,
         UnitPair,
         UnitPairing,
         discover_unit_pairs,
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     "DEFAULT_RULES": "plasticity_lightning.surgery.rules",
+    "FusedRows": "plasticity_lightning.surgery.topology",
     "HeadGates": "plasticity_lightning.surgery.heads",
     "HeadLayout": "plasticity_lightning.surgery.heads",
     "InputCovariance": "plasticity_lightning.surgery.sigma",
@@ -84,6 +86,7 @@ __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 __all__ = [
     "DEFAULT_RULES",
+    "FusedRows",
     "HeadGates",
     "HeadLayout",
     "InputCovariance",

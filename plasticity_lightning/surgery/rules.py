@@ -15,6 +15,7 @@ rule                        blocks                                        produc
 ``torch_transformer``       ``nn.TransformerEncoderLayer`` / ``Decoder``  ``linear1 → linear2``
 ``hf_gpt2_mlp``             HF ``*MLP`` (GPT-2, GPT-Neo, ImageGPT)        ``c_fc → c_proj`` (``Conv1D``: transposed)
 ``hf_gated_mlp``            HF ``*MLP`` (Llama, Mistral, Qwen2, Gemma)    ``gate_proj`` and ``up_proj → down_proj``
+``hf_fused_gated_mlp``      HF ``*MLP`` (Phi3, GLM, GLM-4)                ``gate_up_proj`` (both halves) ``→ down_proj``
 ``hf_neox_mlp``             HF ``*MLP`` (GPT-NeoX, Falcon)                ``dense_h_to_4h → dense_4h_to_h``
 ``hf_fc_mlp``               HF ``*MLP``/``*Layer`` (OPT, BART, CLIP, Phi)  ``fc1 → fc2``
 ``hf_intermediate``         HF ``*Layer`` (BERT, RoBERTa, ViT)            ``intermediate.dense → output.dense``
@@ -26,7 +27,9 @@ rule                        blocks                                        produc
 ==========================  ===========================================  ===========================================
 
 A *gated* block (``partners``) computes ``down(act(gate(x)) * up(x))``: a unit is one intermediate index, and
-replacing it re-initialises that row of every producer (gate and up) and zeroes the consumer's column.
+replacing it re-initialises that row of every producer (gate and up) and zeroes the consumer's column. A *fused*
+block (``fused=2``) computes gate and up with one weight, ``gate, up = gate_up(x).chunk(2, dim=-1)``: unit ``i`` owns
+rows ``i`` and ``U + i`` of it (``U`` units), and both are re-initialised with it.
 
 Register a rule for your own block in a few lines::
 
@@ -66,6 +69,9 @@ class PairingRule:
         norms: per-unit normalisation children between producer and consumer (absent or ``Identity`` ones are
             ignored).
         activation: child holding the activation between them, if any (its kind sets init gains).
+        fused: projections the producer computes in one weight, split along its output with ``.chunk(fused,
+            dim=-1)`` before they are combined per index (Phi3's ``gate_up_proj``: 2). A unit is one index of every
+            chunk: it owns rows ``i``, ``U + i``, … of the producer (a ``Linear``), all re-initialised with it.
 
     Example::
 
@@ -81,6 +87,7 @@ class PairingRule:
     partners: tuple[str, ...] = ()
     norms: tuple[str, ...] = ()
     activation: str | None = None
+    fused: int = 1
 
     def __post_init__(self) -> None:
         owner = f"PairingRule({self.name!r})"
@@ -104,11 +111,15 @@ class PairingRule:
             if isinstance(value, str) or not all(isinstance(v, str) for v in value):
                 raise PlasticityConfigError(f"{owner}.{field}={value!r} is invalid; expected a tuple of child names")
             object.__setattr__(self, field, tuple(value))
+        if isinstance(self.fused, bool) or not isinstance(self.fused, int) or self.fused < 1:
+            raise PlasticityConfigError(
+                f"{owner}.fused={self.fused!r} is invalid; expected a positive int (2 for a fused gate/up projection)"
+            )
 
     @property
     def gated(self) -> bool:
         """Whether the units are a product of several producers (their activation is not the unit's value)."""
-        return bool(self.partners)
+        return bool(self.partners) or self.fused > 1
 
     def matches(self, module: nn.Module) -> bool:
         """Whether ``module``'s class is one of :attr:`blocks` (exact type: subclasses may compute otherwise)."""
@@ -155,6 +166,15 @@ DEFAULT_RULES: tuple[PairingRule, ...] = (
         partners=("up_proj",),
         consumer="down_proj",
         activation="act_fn",
+    ),
+    # Phi3, GLM, GLM-4, Dia: `gate, up = gate_up_proj(x).chunk(2, dim=-1)`, then `down_proj(up * act(gate))`
+    PairingRule(
+        "hf_fused_gated_mlp",
+        blocks=_HF_MLP,
+        producer="gate_up_proj",
+        consumer="down_proj",
+        fused=2,
+        activation="activation_fn",
     ),
     PairingRule("hf_neox_mlp", blocks=_HF_MLP, producer="dense_h_to_4h", consumer="dense_4h_to_h", activation="act"),
     PairingRule(

@@ -14,7 +14,9 @@ per-unit operations:
   which mixes it with the block input, so it is *not* a pair (as in ReDo, which recycles only such inner layers);
   nor is anything whose output is used twice;
 * gated MLPs, ``down(act(gate(x)) * up(x))``: a unit is one intermediate index, produced by ``gate`` and by its
-  *partner* ``up``; replacing it re-initialises that row of both and zeroes the consumer's column.
+  *partner* ``up``; replacing it re-initialises that row of both and zeroes the consumer's column. Where one weight
+  computes both (Phi3's ``gate_up_proj``, split with ``chunk(2, dim=-1)``), the unit owns one row in each half
+  (:class:`FusedRows`), and both are re-initialised.
 
 How the pairs are found (:func:`find_unit_pairs`):
 
@@ -28,12 +30,12 @@ How the pairs are found (:func:`find_unit_pairs`):
    trace can read is skipped; one warning names every such block. Pairs sharing a parameter with another module
    (tied weights) are skipped too: replacing a unit would rewrite the other module's weights.
 
-Only when nothing at all can be paired is it an error, which says to name the pairs yourself:
-``pairs=[["encoder.0", "encoder.2"], ["encoder.2", "head"]]``, optionally with the normalisation layers in between
-as a third entry. Explicit pairs are checked against what the model shows: a producer that shares parameters, that
-a rule or trace pairs with another layer, that does not feed the named consumer, that also feeds something else, or
-whose units are summed with other values on the way (a residual connection) is refused with an error naming the
-modules.
+Only when nothing at all can be paired is it an error, which names the blocks whose weight layers nothing paired and
+says to name the pairs yourself, with those blocks' layers (``pairs=[["block.fc_in", "block.fc_out"]]``, optionally
+with the normalisation layers in between as a third entry), or to register a rule for the block's class. Explicit
+pairs are checked against what the model shows: a producer that shares parameters, that a rule or trace pairs with
+another layer, that does not feed the named consumer, that also feeds something else, or whose units are summed with
+other values on the way (a residual connection) is refused with an error naming the modules.
 """
 
 from __future__ import annotations
@@ -127,6 +129,46 @@ def weight_unit_axis(module: nn.Module, *, incoming: bool = True) -> int:
     return (1 if transposed else 0) if incoming else (0 if transposed else 1)
 
 
+class FusedRows:
+    """Rows ``[start, stop)`` of a fused producer's ``Linear``, seen as a producer of their own.
+
+    A fused gated MLP (Phi3's ``gate_up_proj``) computes the gate and the up projection with one weight and splits
+    its output with ``chunk``; each half is a producer of the same units. ``weight`` and ``bias`` are views of the
+    layer's parameters (read anew on each access, so they follow ``.to()`` and in-place updates; writes reach the
+    parameters); :attr:`module` and :attr:`start` locate them for optimizer state.
+
+    Example::
+
+        >>> layer = nn.Linear(3, 8)
+        >>> up = FusedRows(layer, 4, 8)
+        >>> up.weight.shape, up.weight.data_ptr() == layer.weight[4].data_ptr()
+        (torch.Size([4, 3]), True)
+    """
+
+    def __init__(self, module: nn.Linear, start: int, stop: int) -> None:
+        self.module, self.start, self.stop = module, start, stop
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight[self.start : self.stop]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return None if self.module.bias is None else self.module.bias[self.start : self.stop]
+
+    @property
+    def in_features(self) -> int:
+        return self.module.in_features
+
+    def __repr__(self) -> str:
+        return f"FusedRows({self.module!r}, rows {self.start}:{self.stop})"
+
+
+def parameter_slices(module: nn.Module | FusedRows) -> tuple[nn.Module, int]:
+    """(the layer that holds ``module``'s parameters, the offset of its rows in them): ``(module, 0)`` for a layer."""
+    return (module.module, module.start) if isinstance(module, FusedRows) else (module, 0)
+
+
 @dataclass
 class UnitPair:
     """A producer whose output units feed one consumer, with the modules in between.
@@ -139,6 +181,8 @@ class UnitPair:
         columns_per_unit: consumer input columns per unit (H·W of the map for conv → flatten → linear, else 1).
         partners: further producers of the same units (a gated MLP's ``up_proj`` beside its ``gate_proj``), whose
             rows are re-initialised with the producer's.
+        fused: row blocks of the producer per unit (Phi3's ``gate_up_proj``: 2). Bound, ``producer_module`` is the
+            first block and the others lead ``partner_modules`` (:class:`FusedRows`).
         rule: the pairing rule that read the pair (``None``: traced or given).
         activation_name: the activation module's name, if known.
     """
@@ -155,6 +199,7 @@ class UnitPair:
     partner_modules: tuple[nn.Module, ...] = field(default=(), compare=False, repr=False)
     rule: str | None = field(default=None, compare=False)
     activation_name: str | None = field(default=None, compare=False, repr=False)
+    fused: int = 1
 
     @property
     def num_units(self) -> int:
@@ -163,12 +208,13 @@ class UnitPair:
     @property
     def gated(self) -> bool:
         """Whether the units are a product of several producers (the activation's output is not the unit)."""
-        return bool(self.partners)
+        return bool(self.partners) or self.fused > 1
 
     def describe(self) -> str:
         """``"producer (+ partners) → consumer"``, as logged."""
         partners = "".join(f" + {name}" for name in self.partners)
-        return f"{self.producer}{partners} → {self.consumer}"
+        fused = f" ({self.fused} fused row blocks)" if self.fused > 1 else ""
+        return f"{self.producer}{fused}{partners} → {self.consumer}"
 
 
 @dataclass
@@ -254,17 +300,27 @@ def pair_units(
             )
         found.pairs = [pair for pair in found.pairs if pair.producer in layers]
     if not found.pairs:
-        example = f"{owner}(pairs=[['encoder.0', 'encoder.2'], ['encoder.2', 'head']])"
+        blocks = _unpaired_blocks(modules, found)
+        example = [["encoder.0", "encoder.2"], ["encoder.2", "head"]]
+        rule = ""
+        if blocks:  # name the blocks, and the fixes in their own names
+            block, layers = next(iter(blocks.items()))
+            example = [layers[:2]]
+            rule = f" for {type(modules[block]).__name__}"
         skipped = f" (skipped: {'; '.join(f'{k}: {v}' for k, v in found.skipped.items())})" if found.skipped else ""
+        unpaired = f"; nothing paired the weight layers of {_describe_blocks(modules, blocks)}" if blocks else ""
+        fix = (
+            f"pass the pairs explicitly, e.g. {owner}(pairs={example!r}) (each producer's output units are its "
+            f"consumer's inputs), or register a PairingRule{rule} (plasticity_lightning.surgery.rules)"
+        )
         if found.trace_error is not None:
             raise PlasticityConfigError(
                 f"{owner}: cannot trace {type(model).__name__} to find which layers feed which "
-                f"({found.trace_error}) and no pairing rule reads its blocks{skipped}; pass the pairs explicitly, "
-                f"e.g. {example}, or register a PairingRule for your block"
+                f"({found.trace_error}) and no pairing rule reads its blocks{skipped}{unpaired}; {fix}"
             )
         raise PlasticityConfigError(
             f"{owner}: {type(model).__name__} has no Linear/Conv1D/Conv2d layer whose units feed exactly one other "
-            f"such layer through per-unit operations{skipped}; pass the pairs explicitly, e.g. {example}"
+            f"such layer through per-unit operations{skipped}{unpaired}; {fix}"
         )
     if warn and pairs is None and found.skipped:
         # imported here: surgery (and the policies above it) must not import Lightning
@@ -272,6 +328,35 @@ def pair_units(
 
         rank_zero_warn(found.skipped_warning(owner))
     return found
+
+
+def _unpaired_blocks(modules: dict[str, nn.Module], found: UnitPairing) -> dict[str, list[str]]:
+    """Block → the names of its own weight layers (children) that no pair uses, for blocks with two or more of them
+    (where a pair could have been) outside the blocks a rule reads (attention: no unit pairs by design)."""
+    used = {name for pair in found.pairs for name in (pair.producer, pair.consumer, *pair.partners)}
+    ruled = [name for name in found.rule_blocks if name not in found.skipped]
+    blocks: dict[str, list[str]] = {}
+    for name, module in modules.items():
+        if any(name == block or name.startswith(f"{block}.") or not block for block in ruled):
+            continue
+        layers = [_join(name, child) for child, sub in module.named_children() if is_weight_layer(sub)]
+        layers = [layer for layer in layers if layer not in used]
+        if len(layers) >= 2:
+            blocks[name] = layers
+    return blocks
+
+
+def _describe_blocks(modules: dict[str, nn.Module], blocks: dict[str, list[str]]) -> str:
+    """``"Phi3MLP at model.layers.0.mlp and 1 more (gate_up_proj, down_proj)"``, one entry per block class."""
+    by_class: dict[str, list[str]] = {}
+    for name in blocks:
+        by_class.setdefault(type(modules[name]).__name__, []).append(name)
+    parts = []
+    for kind, names in by_class.items():
+        more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+        children = ", ".join(layer.rsplit(".", 1)[-1] for layer in blocks[names[0]])
+        parts.append(f"{kind} at {names[0] or '(the model)'}{more} ({children})")
+    return "; ".join(parts)
 
 
 def discover_unit_pairs(model: nn.Module) -> UnitPairing:
@@ -370,6 +455,7 @@ def _rule_pairs(
             partners=tuple(_join(block, name) for name in rule.partners),
             rule=rule.name,
             activation_name=activation_name if activation is not None else None,
+            fused=rule.fused,
         )
     ]
 
@@ -496,8 +582,10 @@ def _explicit_pairing(
         if pair.producer in seen:
             raise PlasticityConfigError(f"{owner}.pairs: producer {pair.producer!r} is named twice")
         seen.add(pair.producer)
-        _bind(pair, modules, owner)
         known = by_producer.get(pair.producer) or as_partner.get(pair.producer)
+        if known is not None and pair.producer == known.producer:
+            pair.fused = known.fused  # a fused producer's rows are its units' only in the rule's layout
+        _bind(pair, modules, owner)
         if known is not None and known.consumer != pair.consumer:
             raise PlasticityConfigError(
                 f"{owner}.pairs: [{pair.producer!r}, {pair.consumer!r}] contradicts the model, where "
@@ -545,6 +633,17 @@ def _bind(pair: UnitPair, modules: dict[str, nn.Module], owner: str) -> None:
             )
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             raise PlasticityConfigError(f"{owner}: {role} {name!r} is a grouped convolution (groups={module.groups})")
+    blocks: tuple[FusedRows, ...] = ()
+    if pair.fused > 1:
+        rows = producer.weight.shape[0] if isinstance(producer, nn.Linear) else 0
+        if rows == 0 or rows % pair.fused:
+            raise PlasticityConfigError(
+                f"{owner}: fused producer {pair.producer!r} must be a Linear whose {rows or 'output'} rows split into "
+                f"{pair.fused} equal blocks, got {type(producer).__name__}"
+            )
+        size = rows // pair.fused
+        blocks = tuple(FusedRows(producer, k * size, (k + 1) * size) for k in range(pair.fused))
+        producer = blocks[0]
     units = unit_weight(producer).shape[0]
     columns = unit_weight(consumer).shape[1]
     # Only a convolution's channel owns several consumer columns (its flattened H×W map)
@@ -574,7 +673,7 @@ def _bind(pair: UnitPair, modules: dict[str, nn.Module], owner: str) -> None:
             )
         norm_modules.append(norm)
     pair.producer_module, pair.consumer_module, pair.norm_modules = producer, consumer, tuple(norm_modules)
-    pair.partner_modules = partners
+    pair.partner_modules = (*blocks[1:], *partners)
 
 
 def _parameter_owners(model: nn.Module) -> dict[int, dict[int, str]]:
@@ -688,6 +787,7 @@ class _Tracer(torch.fx.Tracer):
             id(m) in self.leaves
             or is_weight_layer(m)
             or isinstance(m, (*NORM_LAYERS, *_PER_UNIT_MODULES))
+            or _is_registered_activation(m)  # a leaf, so `_follow` sees the activation module, not its arithmetic
             or super().is_leaf_module(m, module_qualified_name)
         )
 
