@@ -43,6 +43,17 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return reduced / dist.get_world_size()
 
 
+def owning_modules(parameter_names: Iterable[str]) -> list[str]:
+    """The modules that hold the named parameters, in order, each once (``""``: the model itself).
+
+    Example::
+
+        >>> owning_modules(["0.weight", "0.bias", "2.weight", "scale"])
+        ['0', '2', '']
+    """
+    return list(dict.fromkeys(name.rpartition(".")[0] for name in parameter_names))
+
+
 class Policy:
     """Base of the trainer-free algorithms.
 
@@ -77,6 +88,21 @@ class Policy:
         self.announce: Callable[[str], None] = log.info
         self.warn: Callable[[str], None] = lambda message: warnings.warn(message, UserWarning, stacklevel=3)
         self._warned: set[str] = set()
+        self._bound_layers: list[str] = []
+
+    @property
+    def bound_layers(self) -> list[str]:
+        """The modules the policy acts on, as :meth:`report_binding` reported them (empty until it is attached)."""
+        return list(self._bound_layers)
+
+    def report_binding(self, names: Iterable[str]) -> None:
+        """Record the modules the policy acts on (:attr:`bound_layers`; ``""``, the model itself, is ``<model>``) and
+        report them once through :attr:`announce`: ``"<owner>: bound to N module(s): a, b, ..."``."""
+        self._bound_layers = [name or "<model>" for name in names]
+        shown = self._bound_layers[:12] + (
+            [f"… {len(self._bound_layers) - 12} more"] if len(self._bound_layers) > 12 else []
+        )
+        self.announce(f"{self.owner}: bound to {len(self._bound_layers)} module(s): {', '.join(shown)}")
 
     def generator_on(self, device: torch.device | str) -> torch.Generator:
         """The random source for draws made on ``device``: the CPU generator itself on the CPU; on an accelerator a
