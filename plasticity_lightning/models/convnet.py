@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from plasticity_lightning.core.errors import PlasticityConfigError
+from plasticity_lightning.core.errors import PlasticityConfigError, check_choice
 from plasticity_lightning.models.base import SupervisedModule
-from plasticity_lightning.nn import activation_gain, build_activation, init_layer_, resolve_init_scheme
+from plasticity_lightning.nn import activation_gain, build_activation, init_layer_, resolve_init_scheme, width_factor
 
 # (out_channels, kernel) of the three conv layers and widths of the two hidden fc layers, as in
 # loss-of-plasticity `lop/nets/conv_net.py`.
@@ -40,6 +40,9 @@ class ConvNet(SupervisedModule):
         input_size: input height/width (square); ``None`` = read from the datamodule. Must be >= 30.
         activation: activation after every conv and hidden fc layer (see :class:`MLP` for names).
         init: weight init scheme (see :class:`MLP`); ``default`` (PyTorch's) matches the reference network.
+        norm: ``"layer"``: normalise each layer's output over its units before the activation — ``GroupNorm(1, C)``
+            (a LayerNorm over channels × height × width with a per-channel scale and shift) after each conv,
+            ``LayerNorm`` after each hidden fc layer (Lyle et al. 2024); ``None``: none, as in the reference.
         **kwargs: :class:`~plasticity_lightning.models.SupervisedModule` arguments.
 
     Example::
@@ -59,10 +62,12 @@ class ConvNet(SupervisedModule):
         input_size: int | None = None,
         activation: str = "relu",
         init: str = "default",
+        norm: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         owner = type(self).__name__
+        self.norm = None if norm is None else check_choice(owner, "norm", norm, ("layer",))
         self._check_sizes(num_classes=num_classes, in_channels=in_channels, input_size=input_size)
         if input_size is not None:
             self._check_input_size(input_size)
@@ -96,21 +101,26 @@ class ConvNet(SupervisedModule):
 
     def build(self) -> None:
         gain = activation_gain(self.activation)
+        factor = width_factor(self.activation)
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         channels = self.hparams["in_channels"]
         for i, (out_channels, kernel) in enumerate(_CONV_LAYERS, start=1):
             layers[f"conv{i}"] = init_layer_(nn.Conv2d(channels, out_channels, kernel), self.init, gain=gain)
-            layers[f"act{i}"] = build_activation(self.activation)
+            if self.norm == "layer":
+                layers[f"norm{i}"] = nn.GroupNorm(1, out_channels)
+            layers[f"act{i}"] = build_activation(self.activation, unit_dim=1)
             layers[f"pool{i}"] = nn.MaxPool2d(2, 2)
-            channels = out_channels
+            channels = out_channels * factor  # CReLU: two channels per unit
         self.features = nn.Sequential(layers)
         spatial = _spatial_after_features(self.hparams["input_size"])
         width = channels * spatial * spatial
         fc: OrderedDict[str, nn.Module] = OrderedDict({"flatten": nn.Flatten(start_dim=1)})
         for i, out_features in enumerate(_FC_WIDTHS, start=1):
             fc[f"fc{i}"] = init_layer_(nn.Linear(width, out_features), self.init, gain=gain)
+            if self.norm == "layer":
+                fc[f"norm{i}"] = nn.LayerNorm(out_features)
             fc[f"act{i}"] = build_activation(self.activation)
-            width = out_features
+            width = out_features * factor
         self.classifier = nn.Sequential(fc)
         self.head = init_layer_(nn.Linear(width, self.num_outputs), self.init, gain=1.0)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -10,29 +9,42 @@ from typing import Any
 import torch
 from torch import nn
 
-from plasticity_lightning.core.errors import check_fraction, check_positive_ints
+from plasticity_lightning.core.errors import check_choice, check_fraction, check_positive_ints
 from plasticity_lightning.models.base import SupervisedModule
-from plasticity_lightning.nn import activation_gain, build_activation, init_layer_, resolve_init_scheme
+from plasticity_lightning.nn import activation_gain, build_activation, init_layer_, resolve_init_scheme, width_factor
+
+NORMS = ("layer",)
 
 
 class DenseBlock(nn.Module):
-    """``dropout(act(linear(x)))``, plus ``x`` when ``skip`` is on and the widths match (Neural Elements' rule).
+    """``dropout(act(norm(linear(x))))``, plus ``x`` when ``skip`` is on and the widths match (Neural Elements' rule).
 
     The skip is added after the activation, so ``act``'s output is the block's units and the block's
-    output is ``units + x``. Without dropout the block holds no dropout module.
+    output is ``units + x``. Without dropout the block holds no dropout module; without ``norm`` no norm module
+    (``norm="layer"``: a ``LayerNorm`` over the block's units, before the activation, as in Lyle et al. 2024).
     """
 
     def __init__(
-        self, in_features: int, out_features: int, activation: str, *, bias: bool, skip: bool, dropout: float = 0.0
+        self,
+        in_features: int,
+        out_features: int,
+        activation: str,
+        *,
+        bias: bool,
+        skip: bool,
+        dropout: float = 0.0,
+        norm: str | None = None,
     ) -> None:
         super().__init__()
         self.linear = nn.Linear(in_features, out_features, bias=bias)
+        self.norm = nn.LayerNorm(out_features) if norm == "layer" else None
         self.act = build_activation(activation)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
-        self.skip = skip and in_features == out_features
+        self.skip = skip and in_features == out_features * width_factor(activation)  # CReLU: 2 outputs per unit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        units = self.act(self.linear(x))
+        h = self.linear(x)
+        units = self.act(h if self.norm is None else self.norm(h))
         if self.dropout is not None:
             units = self.dropout(units)
         return units + x if self.skip else units
@@ -48,7 +60,9 @@ class MLP(SupervisedModule):
         input_dim: number of input features after flattening; ``None`` = read from the datamodule's ``input_shape``.
         num_outputs: classes (classification) or targets (regression); ``None`` = read from the datamodule.
         hidden_sizes: width of each hidden layer, input side first. Every entry must be a positive integer.
-        activation: one of relu, leaky_relu, tanh, sigmoid, gelu, silu, swish, sine, elu, selu, softplus, linear.
+        activation: one of relu, leaky_relu, tanh, sigmoid, gelu, silu, swish, sine, elu, selu, softplus, linear,
+            crelu (two outputs per unit, relu(x) and relu(−x): each next layer reads twice its units, Abbas et al.
+            2023).
         skip_connections: add each hidden layer's input to its output where the two widths are equal.
         init: weight init of every layer: kaiming (= kaiming_uniform), kaiming_normal, xavier (= xavier_uniform),
             xavier_normal, lecun (= lecun_normal), lecun_uniform or default (PyTorch's). Named schemes zero the
@@ -56,6 +70,9 @@ class MLP(SupervisedModule):
         bias: give linear layers a bias.
         flatten: flatten inputs of any shape (e.g. images) to ``[batch, input_dim]``.
         dropout: dropout probability after each hidden activation (0 = none).
+        norm: ``"layer"``: a LayerNorm between each hidden linear layer and its activation (Lyle et al. 2024's
+            normalised networks; pair it with :class:`~plasticity_lightning.callbacks.NormalizeAndProject`);
+            ``None``: none.
         **kwargs: :class:`~plasticity_lightning.models.SupervisedModule` arguments (task, loss, optimizer, ...).
 
     Example::
@@ -80,11 +97,13 @@ class MLP(SupervisedModule):
         bias: bool = True,
         flatten: bool = True,
         dropout: float = 0.0,
+        norm: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         owner = type(self).__name__
         self.dropout = check_fraction(owner, "dropout", dropout, high_open=True)
+        self.norm = None if norm is None else check_choice(owner, "norm", norm, NORMS)
         self._check_sizes(input_dim=input_dim, num_outputs=num_outputs)
         self.hidden_sizes = check_positive_ints(owner, "hidden_sizes", hidden_sizes)
         build_activation(activation, owner=owner)  # validates the name early
@@ -110,15 +129,24 @@ class MLP(SupervisedModule):
         return {"input_dim": math.prod(datamodule.input_shape), "num_outputs": outputs}
 
     def build(self) -> None:
-        widths = [self.input_dim, *self.hidden_sizes]
+        # each layer reads what the previous activation gives: width_factor (CReLU: 2) outputs per unit
+        inputs = [self.input_dim, *(width * width_factor(self.activation) for width in self.hidden_sizes)]
         gain = activation_gain(self.activation)
         self.hidden = nn.ModuleList(
-            DenseBlock(w_in, w_out, self.activation, bias=self.bias, skip=self.skip_connections, dropout=self.dropout)
-            for w_in, w_out in itertools.pairwise(widths)
+            DenseBlock(
+                w_in,
+                w_out,
+                self.activation,
+                bias=self.bias,
+                skip=self.skip_connections,
+                dropout=self.dropout,
+                norm=self.norm,
+            )
+            for w_in, w_out in zip(inputs[:-1], self.hidden_sizes, strict=True)
         )
         for block in self.hidden:
             init_layer_(block.linear, self.init, gain=gain)
-        self.head = init_layer_(nn.Linear(widths[-1], self.num_outputs, bias=self.bias), self.init, gain=1.0)
+        self.head = init_layer_(nn.Linear(inputs[-1], self.num_outputs, bias=self.bias), self.init, gain=1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._require_built()

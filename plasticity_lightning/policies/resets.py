@@ -17,7 +17,7 @@ from plasticity_lightning.core.errors import (
     check_positive_int,
 )
 from plasticity_lightning.nn.init import init_layer_
-from plasticity_lightning.policies.base import Policy, as_optimizers
+from plasticity_lightning.policies.base import Policy, as_optimizers, owning_modules
 from plasticity_lightning.policies.cadence import StepCadence
 from plasticity_lightning.surgery import reset_optimizer_state
 
@@ -148,14 +148,17 @@ def _guessed_inits(owner: str, model: nn.Module, names: Iterable[str]) -> str | 
 
 
 class ShrinkAndPerturb(Policy):
-    """Shrink & Perturb (Ash & Adams 2020): θ ← λ·θ + p·θ_fresh.
+    """Shrink & Perturb (Ash & Adams 2020): θ ← λ·θ + p·θ_fresh (or + p·θ₀, toward the initial weights).
 
     ``noise="fresh_init"`` (the paper): θ_fresh is a newly initialised copy of each weight and normalisation layer
     (its own init scheme — the model's ``layer_init(name)``, else PyTorch's default, which warns once — so every
     layer keeps its scale); defaults λ = 0.4, p = 0.1. ``noise="gaussian"``: θ ← λ·θ + N(0, p²) on every trainable
     parameter — Dohare et al.'s continual variant (``shrink=1``, ``perturb=σ``, every step, with the optimizer's
     weight decay doing the shrinking). Fresh values come from the policy's generator, seeded alike on every DDP
-    rank, so ranks stay identical. Optimizer state is kept (as in the paper).
+    rank, so ranks stay identical. ``noise="initial"``: θ ← λ·θ + p·θ₀ on every trainable parameter, θ₀ the
+    parameters when the policy was attached (kept in :meth:`state_dict`) — Plasticine's variant, which pulls toward
+    the initial weights instead of adding fresh ones (``shrink=0.999999, perturb=1e-6`` every step: p = 1 − λ; no
+    random draw, so ranks agree trivially). Optimizer state is kept (as in the paper).
 
     In a hand-written loop, :meth:`apply` acts now (e.g. when new data arrives) and :meth:`step`, called after
     ``optimizer.step()``, acts every ``every_n_steps`` steps.
@@ -163,11 +166,11 @@ class ShrinkAndPerturb(Policy):
     Args:
         model: the network (``None``: give it to :meth:`attach`).
         shrink: λ.
-        perturb: p (the fresh-init mix) or σ (the Gaussian noise std).
-        noise: ``"fresh_init"`` or ``"gaussian"``.
+        perturb: p (the fresh-init or initial-weight mix) or σ (the Gaussian noise std).
+        noise: ``"fresh_init"``, ``"gaussian"`` or ``"initial"``.
         every_n_steps: period of :meth:`step` (``None``: only :meth:`apply`).
         layers: module names to change (``None``: every Linear/Conv/norm layer, or every parameter with
-            ``noise="gaussian"``).
+            ``noise="gaussian"`` or ``"initial"``).
         seed: seed of the fresh values.
         prefix: name of the values in reports.
 
@@ -186,7 +189,7 @@ class ShrinkAndPerturb(Policy):
         *,
         shrink: float = 0.4,
         perturb: float = 0.1,
-        noise: Literal["fresh_init", "gaussian"] = "fresh_init",
+        noise: Literal["fresh_init", "gaussian", "initial"] = "fresh_init",
         every_n_steps: int | None = None,
         layers: Sequence[str] | None = None,
         seed: int = 0,
@@ -196,7 +199,7 @@ class ShrinkAndPerturb(Policy):
         owner = type(self).__name__
         self.shrink = check_positive_float(owner, "shrink", shrink, allow_zero=True)
         self.perturb = check_positive_float(owner, "perturb", perturb, allow_zero=True)
-        self.noise = check_choice(owner, "noise", noise, ("fresh_init", "gaussian"))
+        self.noise = check_choice(owner, "noise", noise, ("fresh_init", "gaussian", "initial"))
         if every_n_steps is not None:
             check_positive_int(owner, "every_n_steps", every_n_steps)
         self.cadence = StepCadence(every_n_steps)
@@ -204,6 +207,8 @@ class ShrinkAndPerturb(Policy):
         self.model: nn.Module | None = None
         self.applied = 0
         self.steps = 0
+        #: θ₀ per parameter name (``noise="initial"``)
+        self.initial: dict[str, torch.Tensor] = {}
         if model is not None:
             self.attach(model)
 
@@ -220,6 +225,15 @@ class ShrinkAndPerturb(Policy):
             guess = _guessed_inits(self.owner, model, [n for n, m in modules.items() if isinstance(m, _WEIGHT_LAYERS)])
             if guess:
                 self.warn_once("init", guess)
+            self.report_binding(modules)
+        else:
+            self.report_binding(owning_modules(self._named_params(model)))
+        if self.noise == "initial":
+            params = self._named_params(model)
+            if not self.initial:  # a resumed run keeps the point it started from
+                self.initial = {name: p.detach().clone() for name, p in params.items()}
+            else:
+                self.initial = {name: value.to(params[name].device) for name, value in self.initial.items()}
 
     def step(self) -> bool:
         """One optimizer step has been taken: apply if it is the ``every_n_steps``-th; returns whether it did."""
@@ -240,6 +254,11 @@ class ShrinkAndPerturb(Policy):
                 generator = self.generator_on(param.device)  # drawn where the parameter lives
                 noise = torch.randn(param.shape, generator=generator, dtype=param.dtype, device=param.device)
                 param.mul_(self.shrink).add_(noise, alpha=self.perturb)
+        elif self.noise == "initial":
+            if not self.initial:
+                self.attach(model)
+            for name, param in self._named_params(model).items():
+                param.mul_(self.shrink).add_(self.initial[name], alpha=self.perturb)
         else:
             kinds = (*_WEIGHT_LAYERS, *_NORM_LAYERS)
             for name, module in _selected_modules(self.owner, model, self.layer_names, kinds).items():
@@ -257,14 +276,27 @@ class ShrinkAndPerturb(Policy):
             raise PlasticityConfigError(f"{self.owner}.layers: the model has no module named {unknown[0]!r}")
         return [p for name in self.layer_names for p in modules[name].parameters() if p.requires_grad]
 
+    def _named_params(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The parameters ``noise="initial"`` pulls, by name (the same selection as ``"gaussian"``)."""
+        kept = {id(p) for p in self._gaussian_params(model)}
+        return {name: p for name, p in model.named_parameters() if id(p) in kept}
+
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "applied": self.applied, "steps": self.steps}
+        state = {**super().state_dict(), "applied": self.applied, "steps": self.steps}
+        if self.initial:
+            state["initial"] = {name: value.cpu() for name, value in self.initial.items()}
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.applied = int(state_dict.get("applied", 0))
         self.steps = int(state_dict.get("steps", 0))
         self.cadence.mark(self.steps)
+        if "initial" in state_dict:
+            devices = {name: p.device for name, p in self.model.named_parameters()} if self.model is not None else {}
+            self.initial = {
+                name: value.to(devices.get(name, value.device)) for name, value in state_dict["initial"].items()
+            }
 
 
 class L2Init(Policy):
@@ -325,6 +357,7 @@ class L2Init(Policy):
     def attach(self, model: nn.Module) -> None:
         """Regularise ``model``'s parameters toward their values now (or toward a loaded θ₀)."""
         params = self._bound = self._params(model)
+        self.report_binding(owning_modules(params))
         if not self.initial:  # a resumed run keeps the point it started from
             self.initial = {name: p.detach().clone() for name, p in params.items()}
         else:
@@ -428,6 +461,7 @@ class HeadReset(Policy):
             self.optimizers = as_optimizers(optimizer)
         self.model = model
         name, _ = self.head(model)
+        self.report_binding([name])
         if self.mode == "init":
             guess = _guessed_inits(self.owner, model, [name])
             if guess:
@@ -568,6 +602,7 @@ class LayerReset(Policy):
         if optimizer is not None:
             self.optimizers = as_optimizers(optimizer)
         self.model = model
+        self.report_binding(self.targets(model))
         weights = [
             f"{prefix}.{name}" if prefix and name else prefix or name
             for prefix, target in self.targets(model).items()

@@ -19,18 +19,19 @@ class ShrinkAndPerturb(Intervention):
 
     The update is :class:`plasticity_lightning.policies.ShrinkAndPerturb`'s (``noise="fresh_init"``: the paper,
     λ = 0.4, p = 0.1; ``noise="gaussian"``: Dohare et al.'s continual variant θ ← λ·θ + N(0, p²) on every trainable
-    parameter). This callback applies it when a new task starts (``on_task_change``, not before the first) and/or
+    parameter; ``noise="initial"``: Plasticine's θ ← λ·θ + p·θ₀ toward the weights the fit started from, kept in
+    the checkpoint). This callback applies it when a new task starts (``on_task_change``, not before the first) and/or
     every ``every_n_steps`` optimizer steps (never at step 0, once per step), keeps the generator in the checkpoint
     (ranks stay identical: it is seeded alike on every rank) and logs ``shrink_perturb/applied``.
 
     Args:
         shrink: λ.
-        perturb: p (the fresh-init mix) or σ (the Gaussian noise std).
-        noise: ``"fresh_init"`` or ``"gaussian"``.
+        perturb: p (the fresh-init or initial-weight mix) or σ (the Gaussian noise std).
+        noise: ``"fresh_init"``, ``"gaussian"`` or ``"initial"``.
         on_task_change: apply when a new task starts (not before the first).
         every_n_steps: also apply every n optimizer steps (``None``: never).
         layers: module names to change (``None``: every Linear/Conv/norm layer, or every parameter with
-            ``noise="gaussian"``).
+            ``noise="gaussian"`` or ``"initial"``).
         seed: seed of the fresh values.
         prefix: first part of logged keys.
 
@@ -46,7 +47,7 @@ class ShrinkAndPerturb(Intervention):
         self,
         shrink: float = 0.4,
         perturb: float = 0.1,
-        noise: Literal["fresh_init", "gaussian"] = "fresh_init",
+        noise: Literal["fresh_init", "gaussian", "initial"] = "fresh_init",
         on_task_change: bool = True,
         every_n_steps: int | None = None,
         layers: Sequence[str] | None = None,
