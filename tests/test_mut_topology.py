@@ -679,3 +679,77 @@ def test_an_explicit_pair_through_a_parameter_or_past_a_shape_read_is_accepted(m
     model = _Around(mode)
     (pair,) = find_unit_pairs(model, pairs=[["block.a", "block.b"]])
     assert (pair.producer_module, pair.consumer_module) == (model.block.a, model.block.b)
+
+
+class _Softmaxed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(4, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return torch.softmax(self.down(torch.softmax(self.up(x), dim=-1)), dim=-1)
+
+
+class _Normalized(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return F.normalize(self.b(F.normalize(self.a(x))))
+
+
+class _Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(_Softmaxed(), _Softmaxed(), _Softmaxed(), _Normalized())
+
+    def forward(self, x):
+        return self.enc(x)
+
+
+def test_nothing_to_pair_names_the_unpaired_blocks_by_class_and_the_fixes_in_the_models_names():
+    with pytest.raises(
+        PlasticityConfigError,
+        match=full(
+            "X: _Encoder has no Linear/Conv1D/Conv2d layer whose units feed exactly one other such layer through "
+            "per-unit operations; nothing paired the weight layers of _Softmaxed at enc.0 and 2 more (up, down); "
+            "_Normalized at enc.3 (a, b); pass the pairs explicitly, e.g. X(pairs=[['enc.0.up', 'enc.0.down']]) "
+            "(each producer's output units are its consumer's inputs), or register a PairingRule for _Softmaxed "
+            "(plasticity_lightning.surgery.rules)"
+        ),
+    ):
+        find_unit_pairs(_Encoder(), owner="X")
+    with pytest.raises(
+        PlasticityConfigError,
+        match=r"; nothing paired the weight layers of Sequential at \(the model\) \(0, 2\); pass the pairs explicitly, "
+        r"e\.g\. X\(pairs=\[\['0', '2'\]\]\)",
+    ):
+        find_unit_pairs(nn.Sequential(nn.Linear(3, 4), nn.Softmax(dim=-1), nn.Linear(4, 2)), owner="X")
+
+
+class _Ordered(nn.Module):
+    """Registration order that is not alphabetical: ``second`` (a functional ReLU inside), then ``act``."""
+
+    def __init__(self):
+        super().__init__()
+        self.second = _FunctionalRelu()
+        self.act = nn.Tanh()
+
+    def forward(self, x):
+        return self.act(self.second(x))
+
+
+def test_hidden_unit_layers_follow_registration_order_and_a_gated_pair_without_activation():
+    model = _Ordered()
+    assert list(hidden_unit_layers(model)) == ["second.fc2:input", "act"]
+    register_pairing_rule(
+        PairingRule("test_gated_bare", blocks=(_Block,), producer="gate", partners=("up",), consumer="down")
+    )
+    try:
+        block = nn.Sequential(_Block(nn.Identity()))
+        found = hidden_unit_layers(block)
+    finally:
+        unregister_pairing_rule("test_gated_bare")
+    # the SiLU is a known activation module; a gated pair names no activation: the consumer's input is the unit
+    assert found == {"0.act": block[0].act, "0.down:input": block[0].down}
