@@ -84,6 +84,13 @@ SAME_STREAM = {
             seed=5,
         ),
     ),
+    # the callback's probe is the whole 96-row training set (probe_size 96, rows kept in order): the plain loop's x
+    "redo": (
+        lambda: callbacks.ReDo(every_n_steps=3, tau=0.6, probe_size=96, init="kaiming", seed=2),
+        lambda model, opt: policies.ReDo(
+            model, opt, every_n_steps=3, tau=0.6, init="kaiming", seed=2, probe=stream()[0]
+        ),
+    ),
     "shrink_perturb": (
         lambda: callbacks.ShrinkAndPerturb(
             shrink=0.9, perturb=0.01, noise="gaussian", on_task_change=False, every_n_steps=2, seed=1
@@ -113,6 +120,8 @@ def test_the_callback_and_the_bare_policy_give_bit_identical_weights(tmp_path, k
         replaced = [state.replaced for state in callback.states.values()]  # "net.0" there, "0" here
         assert replaced == [state.replaced for state in policy.states.values()]
         assert sum(replaced) > 0
+    elif kind == "redo":  # dormant units were recycled at steps 3, 6, 9 and 12, identically
+        assert list(callback.replaced.values()) == list(policy.replaced.values()) and sum(policy.replaced.values()) > 0
     else:
         assert callback.applied == policy.applied == len(x) // 8 // 2
 
@@ -474,3 +483,132 @@ def test_the_window_refuses_what_it_cannot_do():
         callbacks.ContinualBackprop(window=8, magnitudes_every_n_steps=2)
     assert callbacks.ContinualBackprop(window=1).state_key == callbacks.ContinualBackprop().state_key
     assert callbacks.ContinualBackprop(window=4).state_key != callbacks.ContinualBackprop().state_key
+
+
+# ---------------------------------------------------------------------------------------------- every policy, alike
+class UserNet(nn.Module):
+    """A user's own module: named attributes, not a Sequential; no layer_init."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder, self.act, self.hidden, self.act2 = nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.Tanh()
+        self.out = nn.Linear(12, 1)
+
+    def forward(self, x):
+        return self.out(self.act2(self.hidden(self.act(self.encoder(x)))))
+
+
+PROBE = torch.randn(32, 6, generator=torch.Generator().manual_seed(11))
+#: (optimizer, the policy on (model, optimizer), its call in the loop at step i (after optimizer.step()), the layers
+#: it reports) — each policy with another optimizer, each acting several times within 40 steps
+EVERY_POLICY = {
+    "cbp": (
+        torch.optim.Adam,
+        lambda m, o: policies.ContinualBackprop(m, o, replacement_rate=0.1, maturity_threshold=2, init="kaiming"),
+        lambda p, i: p.step(),
+        ["encoder → hidden", "hidden → out"],
+    ),
+    "redo": (
+        torch.optim.RMSprop,
+        lambda m, o: policies.ReDo(m, o, every_n_steps=5, tau=0.5, init="kaiming", seed=2),
+        lambda p, i: p.step(PROBE),
+        ["encoder → hidden", "hidden → out"],
+    ),
+    "shrink_perturb": (
+        torch.optim.SGD,
+        lambda m, o: policies.ShrinkAndPerturb(m, shrink=0.8, perturb=0.1, every_n_steps=6, seed=4),
+        lambda p, i: p.step(),
+        ["encoder", "hidden", "out"],
+    ),
+    "shrink_perturb_gaussian": (
+        torch.optim.AdamW,
+        lambda m, o: policies.ShrinkAndPerturb(m, shrink=1.0, perturb=0.01, noise="gaussian", every_n_steps=1),
+        lambda p, i: p.step(),
+        ["encoder", "hidden", "out"],
+    ),
+    "l2_init": (  # called between backward() and optimizer.step() (every_policy_loop knows)
+        torch.optim.SGD,
+        lambda m, o: policies.L2Init(m, weight=0.05, layers=["encoder", "out"]),
+        lambda p, i: p.step(),
+        ["encoder", "out"],
+    ),
+    "head_reset": (
+        torch.optim.Adagrad,
+        lambda m, o: policies.HeadReset(m, o, layer="out", seed=5),
+        lambda p, i: p.step(i // 7),
+        ["out"],
+    ),
+    "layer_reset": (
+        torch.optim.Adam,
+        lambda m, o: policies.LayerReset(m, o, layers=["hidden"], every_n_steps=9, seed=6),
+        lambda p, i: p.step(),
+        ["hidden"],
+    ),
+}
+
+
+def every_policy_loop(kind, model, optimizer, policy, steps):
+    x, y = stream(n=160, seed=3)
+    call = EVERY_POLICY[kind][2]
+    for i in steps:
+        batch = slice(4 * i, 4 * i + 4)
+        optimizer.zero_grad()
+        F.mse_loss(model(x[batch]), y[batch]).backward()
+        if kind == "l2_init":
+            call(policy, i)
+        optimizer.step()
+        if kind != "l2_init":
+            call(policy, i)
+
+
+def _user_net(seed):
+    torch.manual_seed(seed)
+    return UserNet()
+
+
+@pytest.mark.parametrize("kind", sorted(EVERY_POLICY))
+def test_every_policy_runs_on_a_users_module_with_its_own_generator_and_resumes_bit_exactly(kind, caplog):
+    """Issue 19's contract for each trainer-free object: any nn.Module and optimizer, its own random source (the
+    global RNG is never drawn from), the bound layers reported once, and state_dict/load_state_dict that resume an
+    interrupted plain loop to the same weights as the uninterrupted one."""
+    make_optimizer, make_policy, _, layers = EVERY_POLICY[kind]
+    settings = {"lr": 0.01, "momentum": 0.9} if make_optimizer is torch.optim.SGD else {"lr": 0.01}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PyTorch's default init guessed for S&P and the resets: tested elsewhere
+        whole = _user_net(0)
+        initial = copy.deepcopy(whole.state_dict())
+        optimizer = make_optimizer(whole.parameters(), **settings)
+        with caplog.at_level("INFO", logger="plasticity_lightning.policies.base"):
+            policy = make_policy(whole, optimizer)
+        reports = [r.getMessage() for r in caplog.records if r.name == "plasticity_lightning.policies.base"]
+        assert policy.bound_layers == layers and len(reports) == 1 and reports[0].startswith(type(policy).__name__)
+        assert all(name in reports[0] for name in layers)
+        torch.manual_seed(123)
+        global_rng = torch.get_rng_state()
+        every_policy_loop(kind, whole, optimizer, policy, range(40))
+        assert torch.equal(torch.get_rng_state(), global_rng), "the policy drew from the global RNG"
+
+        first = _user_net(0)
+        optimizer = make_optimizer(first.parameters(), **settings)
+        policy = make_policy(first, optimizer)
+        every_policy_loop(kind, first, optimizer, policy, range(20))
+        saved = copy.deepcopy((first.state_dict(), optimizer.state_dict(), policy.state_dict()))
+        second = _user_net(9)  # other weights: everything comes from the saved state
+        second.load_state_dict(saved[0])
+        optimizer = make_optimizer(second.parameters(), **settings)
+        optimizer.load_state_dict(saved[1])
+        resumed = make_policy(second, optimizer)
+        resumed.load_state_dict(saved[2])
+        every_policy_loop(kind, second, optimizer, resumed, range(20, 40))
+    for (name, a), b in zip(whole.named_parameters(), second.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    # and the policy acted: the weights are not those plain training alone would give
+    plain = UserNet()
+    plain.load_state_dict(initial)
+    optimizer = make_optimizer(plain.parameters(), **settings)
+    x, y = stream(n=160, seed=3)
+    for i in range(40):
+        optimizer.zero_grad()
+        F.mse_loss(plain(x[4 * i : 4 * i + 4]), y[4 * i : 4 * i + 4]).backward()
+        optimizer.step()
+    assert any(not torch.equal(a, b) for a, b in zip(whole.parameters(), plain.parameters(), strict=True))
