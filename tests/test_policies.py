@@ -548,8 +548,9 @@ EVERY_POLICY = {
 
 
 def every_policy_loop(kind, model, optimizer, policy, steps):
+    """``steps`` steps of a plain loop on one stream, with ``policy`` called where its kind is (``None``: none)."""
     x, y = stream(n=160, seed=3)
-    call = EVERY_POLICY[kind][2]
+    call = EVERY_POLICY[kind][2] if policy is not None else lambda p, i: None
     for i in steps:
         batch = slice(4 * i, 4 * i + 4)
         optimizer.zero_grad()
@@ -573,8 +574,8 @@ def test_every_policy_runs_on_a_users_module_with_its_own_generator_and_resumes_
     interrupted plain loop to the same weights as the uninterrupted one."""
     make_optimizer, make_policy, _, layers = EVERY_POLICY[kind]
     settings = {"lr": 0.01, "momentum": 0.9} if make_optimizer is torch.optim.SGD else {"lr": 0.01}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PyTorch's default init guessed for S&P and the resets: tested elsewhere
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
         whole = _user_net(0)
         initial = copy.deepcopy(whole.state_dict())
         optimizer = make_optimizer(whole.parameters(), **settings)
@@ -587,7 +588,16 @@ def test_every_policy_runs_on_a_users_module_with_its_own_generator_and_resumes_
         global_rng = torch.get_rng_state()
         every_policy_loop(kind, whole, optimizer, policy, range(40))
         assert torch.equal(torch.get_rng_state(), global_rng), "the policy drew from the global RNG"
-
+    # fresh weights on a module without layer_init: PyTorch's default init, said once, with what settles it (the
+    # unit policies were given init="kaiming": nothing guessed)
+    guessed = [str(w.message) for w in warned if "layer_init" in str(w.message)]
+    if kind in ("shrink_perturb", "head_reset", "layer_reset"):
+        assert len(guessed) == 1 and "UserNet has no layer_init(name)" in guessed[0]
+        assert guessed[0].endswith("give the model a layer_init(name) -> (scheme, gain) method to choose")
+    else:
+        assert guessed == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         first = _user_net(0)
         optimizer = make_optimizer(first.parameters(), **settings)
         policy = make_policy(first, optimizer)
@@ -606,9 +616,5 @@ def test_every_policy_runs_on_a_users_module_with_its_own_generator_and_resumes_
     plain = UserNet()
     plain.load_state_dict(initial)
     optimizer = make_optimizer(plain.parameters(), **settings)
-    x, y = stream(n=160, seed=3)
-    for i in range(40):
-        optimizer.zero_grad()
-        F.mse_loss(plain(x[4 * i : 4 * i + 4]), y[4 * i : 4 * i + 4]).backward()
-        optimizer.step()
+    every_policy_loop(kind, plain, optimizer, None, range(40))
     assert any(not torch.equal(a, b) for a, b in zip(whole.parameters(), plain.parameters(), strict=True))
