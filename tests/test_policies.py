@@ -508,6 +508,14 @@ EVERY_POLICY = {
         lambda p, i: p.step(),
         ["encoder → hidden", "hidden → out"],
     ),
+    "rr_cbp": (  # Rank-Restoring CBP: σ-orthogonal rows (the covariances are in its state)
+        torch.optim.SGD,
+        lambda m, o: policies.ContinualBackprop(
+            m, o, replacement_rate=0.1, maturity_threshold=2, init="sigma_orthogonal", seed=8
+        ),
+        lambda p, i: p.step(),
+        ["encoder → hidden", "hidden → out"],
+    ),
     "redo": (
         torch.optim.RMSprop,
         lambda m, o: policies.ReDo(m, o, every_n_steps=5, tau=0.5, init="kaiming", seed=2),
