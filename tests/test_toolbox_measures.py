@@ -175,7 +175,8 @@ def test_monitors_log_what_an_independent_computation_gives(tmp_path):
     x, y = _data()
     model = _OneBatch()
     features = FeatureMonitor(probe_size=32, every_n_steps=2, on_task_change=False, at_train_end=False)
-    grama = GradientDormancyMonitor(tau=0.025, every_n_steps=2)
+    # at_train_end/on_task_change as LightningCLI passes them: a step-only monitor still measures at its steps only
+    grama = GradientDormancyMonitor(tau=0.025, every_n_steps=2, at_train_end=True, on_task_change=True)
     grama_out = GradientDormancyMonitor(tau=0.025, at="output", every_n_steps=2, prefix="out")
     trainer = make_trainer(tmp_path, callbacks=[features, grama, grama_out], max_steps=4)
     trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=32))
@@ -203,7 +204,7 @@ def test_weight_change_monitor_equals_lr_times_the_gradient_norm(tmp_path):
     pl.seed_everything(0)
     model = MLP(input_dim=4, num_outputs=2, hidden_sizes=[8], optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
     x, y = _data()
-    change = WeightChangeMonitor(every_n_steps=3)
+    change = WeightChangeMonitor(every_n_steps=3, at_train_end=True)
     flow = GradientFlowMonitor(every_n_steps=3, prefix="flow")
     trainer = make_trainer(tmp_path, callbacks=[change, flow], max_steps=6)
     trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=8))

@@ -126,15 +126,14 @@ class WeightChangeMonitor(PlasticityMonitor):
 
     Args:
         every_n_steps: measure every n optimizer steps (the copy costs one set of the selected weights, then).
-        **kwargs: :class:`PlasticityMonitor` arguments (``layers`` selects weight layers by module name).
+        **kwargs: :class:`PlasticityMonitor` arguments (``layers`` selects weight layers by module name; it
+            measures at its steps only, never at task starts, epoch ends or the end of training).
     """
 
     uses_probe = False
 
     def __init__(self, every_n_steps: int = 50, **kwargs: Any) -> None:
         _require_step_cadence("WeightChangeMonitor", every_n_steps, "updates")
-        kwargs.setdefault("on_task_change", False)
-        kwargs.setdefault("at_train_end", False)
         super().__init__(every_n_steps=every_n_steps, **kwargs)
         self._before: dict[str, torch.Tensor] = {}
 
@@ -144,7 +143,15 @@ class WeightChangeMonitor(PlasticityMonitor):
 
     @override
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        pass  # an update is measured at its step, not at epoch ends
+        pass  # an update is measured at its step, not at epoch ends, task starts or the end of training
+
+    @override
+    def on_task_start(self, trainer, pl_module, context, previous_task) -> None:
+        pass
+
+    @override
+    def on_train_end(self, trainer, pl_module) -> None:
+        pass
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
@@ -185,22 +192,21 @@ class GradientDormancyMonitor(PlasticityMonitor):
         tau: GraMa's threshold (ReDo's 0.025 by default; 0 counts units no gradient reaches).
         at: ``"input"`` or ``"output"`` of each monitored layer (a ``"name:input"`` layer reads that input).
         every_n_steps: measure every n optimizer steps.
-        **kwargs: :class:`PlasticityMonitor` arguments (``layers``: names as for the other monitors).
+        **kwargs: :class:`PlasticityMonitor` arguments (``layers``: names as for the other monitors; it measures at
+            its steps only, never at task starts, epoch ends or the end of training).
     """
+
+    uses_probe = False  # it reads the training batches' gradients, not a probe
 
     def __init__(
         self, tau: float = 0.025, at: Literal["input", "output"] = "input", every_n_steps: int = 50, **kwargs: Any
     ) -> None:
         _require_step_cadence("GradientDormancyMonitor", every_n_steps, "gradients")
-        kwargs.setdefault("on_task_change", False)
-        kwargs.setdefault("at_train_end", False)
         super().__init__(every_n_steps=every_n_steps, **kwargs)
         self.tau = check_positive_float("GradientDormancyMonitor", "tau", tau, allow_zero=True)
         self.at = check_choice("GradientDormancyMonitor", "at", at, ("input", "output"))
         self.metrics: dict[str, GradientDormancy] = {}
         self._handles: list[Any] = []
-
-    uses_probe = False  # it reads the training batches' gradients, not a probe
 
     @override
     def settings(self) -> dict[str, Any]:
@@ -214,7 +220,15 @@ class GradientDormancyMonitor(PlasticityMonitor):
 
     @override
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        pass  # gradients are read at the measured steps only
+
+    @override
+    def on_task_start(self, trainer, pl_module, context, previous_task) -> None:
         pass
+
+    @override
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._remove_taps()
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
@@ -254,6 +268,8 @@ class GradientDormancyMonitor(PlasticityMonitor):
         values: dict[str, float] = {}
         units = dormant = 0.0
         for name, metric in self.metrics.items():
+            if metric.positions == 0:  # no gradient reached it at this step (every rank skips it alike)
+                continue
             result = metric.compute()  # reduced across DDP ranks
             metric.reset()
             fraction = float(result["dormant_fraction"])
