@@ -6,6 +6,8 @@ The loop is plain PyTorch; the library adds three lines — build the policy, ca
     python examples/online_regression.py [--steps 200000] [--no-cbp]
 """
 
+# docs-gallery: --steps 3000 --report-every 1500
+
 from __future__ import annotations
 
 import argparse

@@ -9,6 +9,8 @@ buffer only when recycling is due, and optionally CBP::
     python examples/rl_replay.py [--steps 30000] [--cbp]
 """
 
+# docs-gallery: --steps 500 --redo-every 100 --report-every 250 --cbp
+
 from __future__ import annotations
 
 import argparse
