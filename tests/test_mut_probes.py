@@ -90,6 +90,7 @@ def _fake(train=None, val=None, calls=None):
 
 
 def test_the_probe_reads_a_dataloader_itself_or_the_first_of_a_list_and_refuses_others():
+    assert ProbeSet().batch is None  # nothing drawn yet
     loader = DataLoader(TensorDataset(torch.zeros(4, 1)), batch_size=2)
     other = DataLoader(TensorDataset(torch.ones(4, 1)), batch_size=2)
     assert ProbeSet()._loader(_fake(train=loader, val=other)) is loader
@@ -117,3 +118,22 @@ def test_drawn_rows_go_through_the_loaders_collate_then_the_device_then_the_prec
     assert probe.batch == ("converted", ("device", ("collated", 4, first))) and calls == ["device", "convert"]
     probe.draw(trainer)  # rows kept, hooks run again (a new task may transform them differently)
     assert calls == ["device", "convert"] * 2
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """Each row: its index and a random draw from the global torch RNG (an augmentation)."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        return torch.tensor([float(i), torch.rand(()).item()])
+
+
+def test_augmentations_see_the_global_rng_exactly_as_seeding_it_with_the_probe_seed_leaves_it():
+    probe = ProbeSet(size=3, seed=4)
+    rows = probe.draw(_fake(train=DataLoader(_Augmented())))[1][1]
+    torch.manual_seed(4)
+    order = torch.randperm(6, generator=torch.Generator().manual_seed(4))[:3].sort().values
+    expected = torch.rand(3)  # nothing else draws from it first (the reader has its own generator)
+    assert torch.equal(rows[:, 0], order.float()) and torch.equal(rows[:, 1], expected)
