@@ -41,6 +41,7 @@ def _parser() -> CommandParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``plasticity report``: a run's report, or a comparison of variants with ``--compare``."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.summary_tasks is not None:

@@ -183,6 +183,7 @@ def new_task_accuracy(run: RunData) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------------- charts
 def accuracy_charts(run: RunData, axis: _Axis) -> tuple[list[Chart], dict[str, str]]:
+    """A continual run's accuracy panels and the reasons for each panel left out."""
     skipped: dict[str, str] = {}
     if not axis.continual:
         return [], {}

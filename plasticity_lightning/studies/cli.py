@@ -49,7 +49,7 @@ def _check_seconds(value: float) -> float:
 
 
 def _in_progress(store: ResultStore, groups: list[list[dict]]) -> str:
-    """ ", N runs being trained by another `study run`" when live claims hold groups of ``groups``."""
+    """The suffix ``"; N runs being trained by another `study run`"`` when live claims hold groups of ``groups``."""
     held = {group for group, owner, heartbeat in store.claims() if owner_alive(owner, heartbeat)}
     stored = store.keys()
     busy = sum(len(g) for g in groups if g[0]["key"] in held and not all(r["key"] in stored for r in g))
@@ -110,6 +110,7 @@ def _parser() -> CommandParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``plasticity study``: run, status, report, merge or export (``argv``: the arguments after ``study``)."""
     parsed = _parser().parse_args(argv)
     args = parsed[parsed.command]
     args.command = parsed.command

@@ -55,6 +55,7 @@ def _order(key: tuple) -> tuple:
 
 
 def field(row: Row, name: str) -> Any:
+    """A stored run's config value ``name`` (``depth``: the number of hidden layers)."""
     config = row["config"]
     if name == "depth":
         return len(config["hidden_sizes"])
@@ -92,10 +93,12 @@ def pairwise_tests(rows: Iterable[Row], by: str, metric: Callable[[Row], float |
 
 
 def final_accuracy(row: Row) -> float | None:
+    """A stored run's final held-out accuracy, or None."""
     return row.get("final_accuracy")
 
 
 def gradient_ratio(row: Row) -> float | None:
+    """A stored run's gradient ratio from its learning-dynamics summary, or None."""
     health = (row.get("dynamics") or {}).get("gradient_health") or {}
     return health.get("gradient_ratio")
 

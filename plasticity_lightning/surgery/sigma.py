@@ -98,6 +98,7 @@ def sigma_orthogonal_rows(
         energy_share: ``None``: unit Σ-norm (‖w‖_Σ = 1). Otherwise the activation's χ₀, and rows are scaled by the
             energy budget: target q = (tr Σ / d) / χ₀ per unit; while the layer's total Σ-energy stays below
             units·q, each new row gets min(q, reserve / rows left), past it min(q, 10⁻²·λ_min(Σ)).
+        max_trials: random draws tried per row before taking the direction the kept rows cover least.
 
     Returns:
         ``[count, d]`` float64 rows.

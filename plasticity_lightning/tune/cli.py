@@ -1,8 +1,8 @@
-"""``plasticity tune``: an Optuna study over any recipe; every trial an ordinary ``plasticity fit`` run.
+r"""``plasticity tune``: an Optuna study over any recipe; every trial an ordinary ``plasticity fit`` run.
 
 .. code-block:: bash
 
-    plasticity tune --config recipes/plasticity_loss_digits.yaml --config configs/callbacks/cbp.yaml \\
+    plasticity tune --config recipes/plasticity_loss_digits.yaml --config configs/callbacks/cbp.yaml \
         --search configs/search/cbp_digits.yaml --trials 20 --workers 2
 
 Writes into ``runs/tune/<study>/`` (``--out``): ``study.sqlite`` (the default storage), ``trials/trial_NNNN/`` (one
@@ -44,6 +44,7 @@ def _parser() -> CommandParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``plasticity tune`` (``argv``: the arguments after ``tune``)."""
     args = _parser().parse_args(argv)
     from plasticity_lightning.tune.report import write_tune_report
     from plasticity_lightning.tune.search import SearchSpec, check_keys

@@ -375,6 +375,7 @@ class TuneSetup:
 
 
 def storage_url(folder: Path, storage: str | None) -> str:
+    """The Optuna storage URL: ``storage`` if given, else the study's SQLite file in ``folder``."""
     return storage or f"sqlite:///{(folder / STUDY_FILE).resolve()}"
 
 
@@ -474,6 +475,7 @@ def fingerprint(base: dict[str, Any], spec: SearchSpec) -> str:
 
 
 def load_study(setup: TuneSetup, storage: Any | None = None) -> Any:
+    """The Optuna study of ``setup`` from its storage (or ``storage``, already open)."""
     import optuna
 
     _quiet_optuna()
@@ -576,6 +578,7 @@ def _suggest(trial: Any, param: Param) -> Any:
 
 
 def trial_directory(folder: Path, number: int) -> Path:
+    """Where trial ``number`` runs: ``<folder>/trials/trial_NNNN``."""
     return folder / TRIALS_DIR / f"trial_{number:04d}"
 
 
