@@ -34,6 +34,12 @@ class EpochTimer(Timer):
     both from the Timer's own clock. ``duration`` still
     stops the run when given, exactly as ``Timer`` does.
 
+    Args:
+        duration: stop training after this long (``"DD:HH:MM:SS"``, a ``timedelta`` or a dict of its fields), as
+            ``Timer``'s; ``None``: never.
+        interval: when ``duration`` is checked: ``"step"`` or ``"epoch"``.
+        verbose: say when the time limit stops training.
+
     Example::
 
         >>> from lightning.pytorch import Trainer

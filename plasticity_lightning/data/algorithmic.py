@@ -162,6 +162,13 @@ class SparseParityDataModule(_FullBatchDataModule):
 class BinaryGaussianDataModule(PlasticityDataModule):
     """SurgeCollapseNet's synthetic task: x ~ N(0, I_dim), y = 1[Σx > 0]; ``n_train``/``n_val``/``n_test`` rows.
 
+    Args:
+        dim: input width (SurgeCollapseNet: 128).
+        n_train: training rows.
+        n_val: validation rows.
+        n_test: test rows.
+        **kwargs: :class:`PlasticityDataModule` arguments (batch_size, seed, ...).
+
     Example::
 
         >>> dm = BinaryGaussianDataModule(dim=8, n_train=40, n_val=10, n_test=10)

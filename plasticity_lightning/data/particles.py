@@ -214,6 +214,7 @@ class ParticleDataModule(PlasticityDataModule):
         standardize: standardise features and targets (train statistics).
         **kwargs: :class:`PlasticityDataModule` arguments (batch_size, seed, ...). ``seed`` seeds the simulation
             and the split.
+        batch_size: rows per training batch.
 
     Example::
 

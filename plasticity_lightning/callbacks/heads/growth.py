@@ -113,6 +113,7 @@ class HeadGrowth(RevivingIntervention):
         boost_steps: as in ``ReviverSettings``, with its defaults.
         probe_size: validation blocks on which the entropy gap is measured.
         seed: seed of the random choices and the fresh weights.
+        prefix: first part of every logged key.
 
     Example::
 

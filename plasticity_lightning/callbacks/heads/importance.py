@@ -83,6 +83,7 @@ class HeadImportance(Intervention):
         num_batches: training batches per importance window.
         method: ``"gradient"``, ``"entropy"`` or ``"weight_magnitude"``.
         normalize: ``"layer"`` or ``None``.
+        prefix: first part of every logged key.
 
     Example::
 

@@ -41,6 +41,7 @@ class HeadPruning(SkipsNonFinite, Intervention):
         tolerance: allowed relative rise of the monitored perplexity over the first value.
         every_n_validations: pruning cadence in validation runs.
         monitor: the perplexity key in ``trainer.callback_metrics``.
+        prefix: first part of every logged key.
     """
 
     def __init__(

@@ -55,6 +55,7 @@ class SoftmaxCollapseMonitor(PlasticityMonitor):
         gradient_alignment: also compute the loss gradient on the probe for ``nlm_alignment``.
         probe_size: training rows measured (default: up to 100,000 — the full set of the grokking tasks).
         **kwargs: :class:`PlasticityMonitor` cadence arguments.
+        prefix: first part of every logged key.
 
     Example::
 
@@ -209,6 +210,7 @@ class SurgeCollapse(Intervention):
         noise: gated variant: standard deviation of a reset tensor's new values (reference: 1e-3).
         probe_size: gated variant: rows of the probe on which entropy is measured.
         seed: seed of the noise.
+        prefix: first part of every logged key.
 
     Example::
 
