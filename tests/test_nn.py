@@ -5,7 +5,15 @@ import torch
 from torch import nn
 
 from plasticity_lightning import PlasticityConfigError
-from plasticity_lightning.nn import ACTIVATIONS, Sine, activation_gain, build_activation, init_layer_, sample_init_
+from plasticity_lightning.nn import (
+    ACTIVATIONS,
+    Sine,
+    activation_gain,
+    build_activation,
+    init_layer_,
+    sample_init_,
+    width_factor,
+)
 from plasticity_lightning.nn.init import INIT_SCHEMES, resolve_init_scheme
 
 
@@ -14,7 +22,7 @@ def test_every_activation_runs_forward_and_backward(name):
     x = torch.linspace(-3, 3, 61, requires_grad=True)
     y = build_activation(name)(x)
     y.sum().backward()
-    assert y.shape == x.shape
+    assert y.shape == (x.shape[0] * width_factor(name),)  # CReLU: two outputs per unit
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
 
 

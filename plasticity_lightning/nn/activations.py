@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from plasticity_lightning.core.errors import check_choice
 
@@ -19,6 +20,9 @@ LEAKY_RELU_SLOPE = 0.01
 
 class Sine(nn.Module):
     """``sin(w0 * x)``. With the default ``w0 = 1`` this is Neural Elements' plain ``sin(x)`` activation.
+
+    Args:
+        w0: frequency of the sine (SIREN uses 30 for its first layer).
 
     Example::
 
@@ -37,6 +41,39 @@ class Sine(nn.Module):
         return f"w0={self.w0}"
 
 
+class CReLU(nn.Module):
+    """Concatenated ReLU (Shang et al. 2016), which Abbas et al. (2023) found to keep plasticity: every unit x gives
+    two outputs, ``relu(x)`` and ``relu(−x)``, so no unit is ever silent on all inputs and the width along ``dim``
+    doubles (:attr:`width_factor`; the next layer reads twice as many inputs).
+
+    The two outputs of a unit are *adjacent* — ``[relu(x₀), relu(−x₀), relu(x₁), relu(−x₁), …]`` — rather than two
+    concatenated halves: a fixed permutation of the next layer's inputs, so the same function class and, under an
+    i.i.d. init, the same initial network. Each unit then owns consecutive inputs of the next layer, which is how
+    unit surgery (CBP, ReDo) pairs it: one unit, two consumer columns (a conv channel: two input channels).
+
+    Args:
+        dim: the axis of the units: -1 after a ``Linear``, 1 after a ``Conv2d`` (channels).
+
+    Example::
+
+        >>> CReLU()(torch.tensor([[1.0, -2.0]]))
+        tensor([[1., 0., 0., 2.]])
+    """
+
+    width_factor = 2
+
+    def __init__(self, dim: int = -1) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dim = self.dim % x.dim()
+        return torch.stack((F.relu(x), F.relu(-x)), dim=dim + 1).flatten(dim, dim + 1)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
     "leaky_relu": lambda: nn.LeakyReLU(LEAKY_RELU_SLOPE),
@@ -50,6 +87,7 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "selu": nn.SELU,
     "softplus": nn.Softplus,
     "linear": nn.Identity,
+    "crelu": CReLU,
 }
 
 # Gains for Kaiming/Xavier-style scaling. torch's ``calculate_gain`` covers relu, leaky_relu, tanh, sigmoid,
@@ -68,19 +106,37 @@ _GAINS: dict[str, float] = {
     "selu": 1.0,
     "softplus": math.sqrt(2.0),
     "linear": 1.0,
+    "crelu": math.sqrt(2.0),  # each of a unit's two outputs is a ReLU of it: ReLU's second moment per input
 }
 
 
-def build_activation(name: str, *, owner: str = "", field: str = "activation") -> nn.Module:
-    """Build a fresh activation module from its name (see :data:`ACTIVATIONS`).
+def build_activation(name: str, *, owner: str = "", field: str = "activation", unit_dim: int = -1) -> nn.Module:
+    """Build a fresh activation module from its name (see :data:`ACTIVATIONS`); ``unit_dim``: the axis of the units
+    for an activation that changes the width (:class:`CReLU`; 1 after a ``Conv2d``).
 
     Example::
 
-        >>> build_activation("swish")
-        SiLU()
+        >>> build_activation("swish"), build_activation("crelu", unit_dim=1)
+        (SiLU(), CReLU(dim=1))
     """
     check_choice(owner, field, name, ACTIVATIONS)
-    return ACTIVATIONS[name]()
+    module = ACTIVATIONS[name]()
+    if isinstance(module, CReLU):
+        module.dim = unit_dim
+    return module
+
+
+def width_factor(name: str) -> int:
+    """How many outputs the activation ``name`` gives per unit (:class:`CReLU`: 2; the others 1): the next layer
+    reads ``width_factor × units`` inputs.
+
+    Example::
+
+        >>> width_factor("crelu"), width_factor("relu")
+        (2, 1)
+    """
+    check_choice("", "activation", name, ACTIVATIONS)
+    return int(getattr(ACTIVATIONS[name](), "width_factor", 1))
 
 
 def activation_gain(name: str) -> float:
@@ -116,6 +172,7 @@ MODULE_GAIN_NAMES = {
     "Sigmoid": "sigmoid",
     "SELU": "selu",
     "Identity": "linear",
+    "CReLU": "relu",
 }
 _RELU_LIKE_WORDS = ("GELU", "SILU", "SWISH")
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from plasticity_lightning.core.errors import PlasticityConfigError, check_positive_float, check_positive_int
-from plasticity_lightning.nn.activations import LEAKY_RELU_SLOPE, build_activation
+from plasticity_lightning.nn.activations import LEAKY_RELU_SLOPE, build_activation, width_factor
 
 #: activations whose Neural Elements init uses He's √(2/fan_in); all others use √(2/(fan_in + fan_out))
 HE_INIT = ("relu", "leaky_relu")
@@ -66,6 +66,11 @@ class StackedMLP(nn.Module):
         super().__init__()
         if not seeds:
             raise PlasticityConfigError("StackedMLP.seeds=[] is invalid; expected one seed per run")
+        if width_factor(activation) != 1:
+            raise PlasticityConfigError(
+                f"StackedMLP.activation={activation!r} gives {width_factor(activation)} outputs per unit, but the "
+                "stacked networks keep each layer's width (Neural Elements' architecture); use MLP for CReLU networks"
+            )
         self.activation_name = activation
         # Neural Elements' GELU is the tanh approximation
         self.act = (

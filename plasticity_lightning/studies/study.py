@@ -33,7 +33,7 @@ from plasticity_lightning.core.errors import (
 from plasticity_lightning.core.serialization import json_safe
 from plasticity_lightning.data.toy import TOY_DATASETS, make_toy
 from plasticity_lightning.metrics.dynamics import dynamics_summary
-from plasticity_lightning.nn.activations import ACTIVATIONS
+from plasticity_lightning.nn.activations import ACTIVATIONS, width_factor
 from plasticity_lightning.studies.stacked import StackedMLP, train_stacked
 from plasticity_lightning.studies.store import ResultStore
 
@@ -89,7 +89,8 @@ class StudySpec:
             )
         owner = f"StudySpec({self.name!r})"
         for name in self.activations:
-            check_choice(owner, "activations", name, tuple(ACTIVATIONS))
+            # the stacked networks keep every layer's width: not CReLU, which doubles it
+            check_choice(owner, "activations", name, tuple(a for a in ACTIVATIONS if width_factor(a) == 1))
         for name in self.datasets:
             check_choice(owner, "datasets", name, tuple(TOY_DATASETS))
         if not self.hidden_sizes or any(not isinstance(h, (list, tuple)) for h in self.hidden_sizes):

@@ -183,6 +183,8 @@ class UnitPair:
             rows are re-initialised with the producer's.
         fused: row blocks of the producer per unit (Phi3's ``gate_up_proj``: 2). Bound, ``producer_module`` is the
             first block and the others lead ``partner_modules`` (:class:`FusedRows`).
+        widening: outputs per unit of the activation between them (:class:`~plasticity_lightning.nn.CReLU`: 2, each
+            unit's two outputs adjacent, so the unit owns ``widening`` consecutive consumer inputs; else 1).
         rule: the pairing rule that read the pair (``None``: traced or given).
         activation_name: the activation module's name, if known.
     """
@@ -200,6 +202,7 @@ class UnitPair:
     rule: str | None = field(default=None, compare=False)
     activation_name: str | None = field(default=None, compare=False, repr=False)
     fused: int = 1
+    widening: int = 1
 
     @property
     def num_units(self) -> int:
@@ -380,7 +383,8 @@ def discover_unit_pairs(model: nn.Module) -> UnitPairing:
         try:
             _bind(pair, modules, "find_unit_pairs")
         except PlasticityConfigError as err:
-            if pair.rule is not None:  # a rule's block whose layers do not fit (e.g. a fused gate)
+            if pair.rule is not None or pair.widening > 1:  # a rule's block that does not fit, a CReLU pair
+                # that cannot be read: named in the warning
                 result.skipped[pair.producer] = str(err).split(": ", 1)[-1]
             continue  # a traced path that is not per-unit after all (e.g. a reshape that regroups units)
         try:
@@ -585,6 +589,7 @@ def _explicit_pairing(
         known = by_producer.get(pair.producer) or as_partner.get(pair.producer)
         if known is not None and pair.producer == known.producer:
             pair.fused = known.fused  # a fused producer's rows are its units' only in the rule's layout
+            pair.widening = known.widening  # a CReLU between: each unit owns several consumer inputs
         _bind(pair, modules, owner)
         if known is not None and known.consumer != pair.consumer:
             raise PlasticityConfigError(
@@ -646,9 +651,26 @@ def _bind(pair: UnitPair, modules: dict[str, nn.Module], owner: str) -> None:
         producer = blocks[0]
     units = unit_weight(producer).shape[0]
     columns = unit_weight(consumer).shape[1]
-    # Only a convolution's channel owns several consumer columns (its flattened H×W map)
-    if isinstance(producer, nn.Conv2d) and not isinstance(consumer, nn.Conv2d) and columns % units == 0:
+    widening = pair.widening
+    # A convolution's channel owns several consumer columns (its flattened H×W map); a CReLU's unit owns its
+    # `widening` adjacent outputs
+    if isinstance(producer, nn.Conv2d) and not isinstance(consumer, nn.Conv2d) and columns % (units * widening) == 0:
         pair.columns_per_unit = columns // units
+    elif widening > 1 and (isinstance(consumer, nn.Conv2d) or columns != units * widening):
+        where = (
+            "it is a Conv2d: unit surgery pairs CReLU units only before a Linear (Linear → CReLU → Linear, or "
+            "Conv2d → CReLU → flatten → Linear)"
+            if isinstance(consumer, nn.Conv2d)
+            else f"it reads {columns}: which of its inputs each unit feeds cannot be inferred (put CReLU on the unit "
+            "axis: dim=-1 after a Linear, dim=1 after a Conv2d)"
+        )
+        raise PlasticityConfigError(
+            f"{owner}: a CReLU between {pair.producer!r} and {pair.consumer!r} gives each of the {units} units "
+            f"{widening} outputs, so {pair.consumer!r} should read {units * widening} inputs, {widening} per unit; "
+            f"{where}"
+        )
+    elif widening > 1:
+        pair.columns_per_unit = widening
     elif columns != units:
         raise PlasticityConfigError(
             f"{owner}: {pair.producer!r} has {units} output units but {pair.consumer!r} reads {columns} inputs; "
@@ -794,7 +816,7 @@ class _Tracer(torch.fx.Tracer):
 
 def _follow(start: torch.fx.Node, modules: dict[str, nn.Module], prefix: str = "") -> UnitPair | None:
     """Walk from a producer through per-unit operations to the one consumer, or give up."""
-    node, norms, activation, activation_name = start, [], None, None
+    node, norms, activation, activation_name, widening = start, [], None, None, 1
     while True:
         # Reading a tensor's size (e.g. `x.view(x.size(0), -1)`) is not a use of its values
         users = [u for u in node.users if not _reads_only_shape(u)]
@@ -806,13 +828,19 @@ def _follow(start: torch.fx.Node, modules: dict[str, nn.Module], prefix: str = "
             module = modules[name]
             if is_weight_layer(module):
                 return UnitPair(
-                    _join(prefix, start.target), name, tuple(norms), activation, activation_name=activation_name
+                    _join(prefix, start.target),
+                    name,
+                    tuple(norms),
+                    activation,
+                    activation_name=activation_name,
+                    widening=widening,
                 )
             if isinstance(module, NORM_LAYERS):
                 norms.append(name)
             elif isinstance(module, _PER_UNIT_MODULES) or _is_registered_activation(module):
                 if activation is None and not isinstance(module, (nn.Identity, nn.Flatten)) and _is_activation(module):
                     activation, activation_name = module, name
+                widening *= int(getattr(module, "width_factor", 1))  # CReLU: two outputs per unit
             else:
                 return None
         elif node.op == "call_function":
@@ -832,9 +860,9 @@ def _reads_only_shape(node: torch.fx.Node) -> bool:
 
 
 def _is_registered_activation(module: nn.Module) -> bool:
-    from plasticity_lightning.nn.activations import Sine
+    from plasticity_lightning.nn.activations import CReLU, Sine
 
-    return isinstance(module, Sine)
+    return isinstance(module, (Sine, CReLU))
 
 
 def _is_activation(module: nn.Module) -> bool:
