@@ -7,9 +7,11 @@ variants rotate in one process, so machine noise hits them alike; medians (and e
 noise only ever adds time) are compared with the fit without callbacks:
 
 * no callbacks; six callbacks that do nothing (what Lightning charges per callback, whatever it does);
-* the six monitors at their default cadence (as each task starts, and at the end; a probe of up to 1024 blocks,
-  here every training block of the task: 280 blocks × 64 positions);
-* the same with a 64-block probe (4096 positions, the rows an MLP probe of 4096 samples has).
+* the six monitors at their default cadence (as each task starts, and at the end) and default probe: for token
+  sequences, ⌈4096 / T⌉ blocks (here 64 blocks × 64 positions = 4096 positions);
+* the same with ``probe_size=1024`` (the default before: up to 1024 blocks, here every training block of the task,
+  280 blocks × 64 positions);
+* the same with a 16-block probe (1024 positions, as many as the MLP quickstart's 1024-row probe).
 
 The MLP quickstart's own ratio (benchmarks/monitor_overhead.py, issue 12's target: <= 1.05) is measured in the same
 rotation, so both ratios come from the same minutes of the same machine.
@@ -40,10 +42,11 @@ from plasticity_lightning.models import CausalLM
 VARIANTS = {
     "no callbacks": list,
     "six callbacks that do nothing": lambda: [Nothing() for _ in range(6)],
-    "all six monitors (default: probe up to 1024 blocks)": all_monitors,
-    "all six monitors (probe 64 blocks)": lambda: all_monitors(probe_size=64),
+    "all six monitors (default: 4096 positions, 64 blocks)": lambda: all_monitors(probe_size=None),
+    "all six monitors (probe_size=1024: every block)": lambda: all_monitors(probe_size=1024),
+    "all six monitors (probe 16 blocks)": lambda: all_monitors(probe_size=16),
 }
-DEFAULT = "all six monitors (default: probe up to 1024 blocks)"
+DEFAULT = "all six monitors (default: 4096 positions, 64 blocks)"
 DEFAULT_MLP = "all six monitors (probe 1024 rows, default)"  # monitor_overhead.py's name of the same variant
 LLAMA = {
     "hidden_size": 64,
@@ -53,6 +56,9 @@ LLAMA = {
     "num_key_value_heads": 4,
     "max_position_embeddings": 64,
 }
+
+
+PROBE_ROWS: dict[str, set[int | None]] = {}  # variant → rows its monitors' probes took
 
 
 def text_stream(tasks: int, tokens: int, data_dir: str) -> TextDataModule:
@@ -73,10 +79,14 @@ def transformer_fit_seconds(variant: str, data: TextDataModule, tasks: int) -> t
     """(wall, process CPU) seconds of one continual fit of the tiny Llama with the ``variant`` callbacks."""
     pl.seed_everything(0, verbose=False)
     model = CausalLM(pretrained=False, architecture="llama", config=LLAMA)
-    trainer = quiet_trainer(max_epochs=tasks, callbacks=VARIANTS[variant](), num_sanity_val_steps=0)
+    callbacks = VARIANTS[variant]()
+    trainer = quiet_trainer(max_epochs=tasks, callbacks=callbacks, num_sanity_val_steps=0)
     wall, cpu = time.perf_counter(), time.process_time()
     trainer.fit(model, data)
-    return time.perf_counter() - wall, time.process_time() - cpu
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    rows = {callback.probe.rows for callback in callbacks if getattr(callback, "uses_probe", False)}
+    PROBE_ROWS.setdefault(variant, rows)
+    return wall, cpu
 
 
 def main() -> None:
@@ -122,6 +132,9 @@ def main() -> None:
         wall, cpu, fastest = ratios(runs, name, "no callbacks")
         median = statistics.median(r[0] for r in results)
         print(f"  {name:<52} median {median:6.2f} s  wall {wall:.3f}  CPU {cpu:.3f}  fastest {fastest:.3f}")
+        per_repeat = [r[0] / b[0] for r, b in zip(results, runs["no callbacks"], strict=True)]
+        rows = sorted(PROBE_ROWS.get(name, set()) - {None})
+        print(f"  {'':<52} per repeat {min(per_repeat):.3f}-{max(per_repeat):.3f}  probe rows {rows or '-'}")
     if args.mlp_epochs:
         wall, cpu, fastest = ratios(mlp, "monitors", "no callbacks")
         median = statistics.median(r[0] for r in mlp["monitors"])

@@ -319,3 +319,42 @@ def test_drawing_the_probe_leaves_the_global_rngs_alone_and_reads_rows_once():
     data.n = 12  # the dataset changed (a new task): read again
     probe.draw(trainer)
     assert data.reads == reads + 4
+
+
+@pytest.mark.parametrize(
+    ("make_x", "rows"),
+    [
+        (lambda n: torch.randint(0, 50, (n, 64)), 64),  # token blocks of 64: 4096 positions
+        (lambda n: torch.randint(0, 50, (n, 1000)), 5),  # ⌈4096 / 1000⌉
+        (lambda n: torch.randint(0, 50, (n, 2)), 1024),  # (a, b) pairs: capped at 1024 rows
+        (lambda n: torch.randn(n, 64), 1024),  # float features: rows
+        (lambda n: torch.randn(n, 3, 4, 4), 1024),  # images
+    ],
+)
+def test_a_probe_of_unspecified_size_counts_token_positions_and_otherwise_rows(make_x, rows):
+    """``size=None`` (the monitors' default): 1024 rows, or ⌈4096 / T⌉ sequences of T tokens; the rows are the same
+    seeded subset an explicit size draws, and reading the first row to look at it consumes no global RNG."""
+    x = make_x(1500)
+    data = TensorDataset(x, torch.arange(1500))
+    loader = DataLoader(data, batch_size=8, shuffle=True)
+    trainer = _trainer_with(loader)
+    auto = ProbeSet(size=None, seed=2)
+    auto._loader = lambda _trainer: loader
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    got = auto.draw(trainer)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert auto.rows == rows and len(got[1]) == rows
+    explicit = ProbeSet(size=rows, seed=2)
+    explicit._loader = auto._loader
+    assert torch.equal(explicit.draw(trainer)[1], got[1]) and explicit.rows == rows
+
+
+def test_token_length_reads_the_model_input_of_tuples_mappings_and_tensors():
+    from plasticity_lightning.probes.probe_set import token_length
+
+    ids = torch.zeros(4, 7, dtype=torch.long)
+    assert token_length(ids) == token_length((ids, ids)) == token_length({"input_ids": ids}) == 7
+    assert token_length([ids.int()]) == 7
+    assert token_length(ids.bool()) is None and token_length(ids.float()) is None
+    assert token_length(torch.zeros(4, 7, 3, dtype=torch.long)) is None and token_length({"x": ids}) is None

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -16,9 +17,45 @@ from plasticity_lightning.core.errors import PlasticityConfigError, check_choice
 if TYPE_CHECKING:  # the trainer is only read: probes (and the policies above them) must not import Lightning
     import lightning.pytorch as pl
 
+#: Rows of a probe of unspecified size (``size=None``) whose inputs are not token sequences.
+DEFAULT_ROWS = 1024
+#: Token positions of a probe of unspecified size whose inputs are token sequences: ``⌈DEFAULT_POSITIONS / T⌉``
+#: sequences of ``T`` tokens (at most :data:`DEFAULT_ROWS`).
+DEFAULT_POSITIONS = 4096
+
+
+def token_length(batch: Any) -> int | None:
+    """``T`` when a collated batch's model input is a batch of token sequences, else ``None``.
+
+    The model input is the batch itself (a tensor), its first element (a tuple or list, as ``(x, y)``) or its
+    ``"input_ids"`` (a mapping, as HF tokenizers give). It holds token sequences when it is a 2-D integer tensor
+    ``[N, T]``; images, feature vectors and ``[N, T, D]`` float sequences are not.
+
+    Example::
+
+        >>> token_length((torch.zeros(8, 64, dtype=torch.long), torch.zeros(8, 64, dtype=torch.long)))
+        64
+        >>> token_length((torch.zeros(8, 64), torch.zeros(8))) is None
+        True
+    """
+    if isinstance(batch, (tuple, list)) and batch:
+        batch = batch[0]
+    elif isinstance(batch, Mapping):
+        batch = batch.get("input_ids")
+    integer = isinstance(batch, torch.Tensor) and not (batch.is_floating_point() or batch.is_complex())
+    if integer and batch.ndim == 2 and batch.dtype != torch.bool:
+        return int(batch.shape[1])
+    return None
+
 
 class ProbeSet:
     """A fixed batch of ``size`` rows on which monitors measure the model.
+
+    Of unspecified size (``size=None``, the monitors' default) it holds :data:`DEFAULT_ROWS` (1024) rows, or, when
+    the inputs are token sequences (:func:`token_length`: ``[N, T]`` integer inputs), enough sequences for
+    :data:`DEFAULT_POSITIONS` (4096) token positions, ``⌈4096 / T⌉`` (64 blocks of 64 tokens, 4 of 1024): on a
+    sequence model every position is a sample of the units, and a probe of 1024 whole sequences would cost as much
+    as tens of training batches at every measurement. :attr:`rows` tells how many rows the last draw took.
 
     :meth:`draw` takes the rows from the *dataset* behind the trainer's train (or first validation) dataloader:
     a seeded random subset, read without shuffling and with the global torch/NumPy/Python RNGs seeded and restored
@@ -30,7 +67,8 @@ class ProbeSet:
     current task sees them. Drawing again after a task change gives the new task's probe.
 
     Args:
-        size: rows in the probe (fewer if the dataset is smaller).
+        size: rows in the probe (fewer if the dataset is smaller); ``None``: 1024 rows or 4096 token positions
+            (see above).
         source: ``"train"`` or ``"val"`` dataloader.
         seed: seed of the row subset.
 
@@ -42,11 +80,17 @@ class ProbeSet:
     """
 
     def __init__(
-        self, size: int = 1024, source: Literal["train", "val"] = "train", seed: int = 0, owner: str | None = None
+        self,
+        size: int | None = DEFAULT_ROWS,
+        source: Literal["train", "val"] = "train",
+        seed: int = 0,
+        owner: str | None = None,
     ) -> None:
         # errors name the caller's own argument (e.g. "ReDo.probe_size=0") when a callback owns the probe
         name, field = (owner, "probe_") if owner else ("ProbeSet", "")
-        self.size = check_positive_int(name, f"{field}size", size)
+        self.size = None if size is None else check_positive_int(name, f"{field}size", size)
+        #: rows the last :meth:`draw` took (``None`` before the first)
+        self.rows: int | None = None
         self.source = check_choice(name, f"{field}source", source, ("train", "val"))
         self.seed = seed
         self.batch: Any = None
@@ -77,8 +121,8 @@ class ProbeSet:
         if self._raw is None or self._raw[:2] != (id(dataset), len(dataset)):
             # Reading rows is the slow part; a task change that keeps the dataset (permuted inputs, new labels)
             # only needs the transfer hooks to run again.
-            count = min(self.size, len(dataset))
             order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))
+            count = min(self._size(dataset, loader, int(order[0])), len(dataset))
             rows = Subset(dataset, order[:count].sort().values.tolist())
             # A DataLoader draws a base seed from its generator when iterated: give it its own, or reading the
             # probe would advance the global RNG and change the training run being measured.
@@ -92,10 +136,21 @@ class ProbeSet:
             with _isolated_rng(self.seed):
                 raw = next(iter(reader))
             self._raw = (id(dataset), len(dataset), raw)
+            self.rows = count
         batch = trainer.strategy.batch_to_device(self._raw[2])
         # As the training loop does before `training_step`: `*-true` precisions expect inputs in their dtype.
         self.batch = trainer.precision_plugin.convert_input(batch)
         return self.batch
+
+    def _size(self, dataset: Any, loader: DataLoader, first: int) -> int:
+        """The rows to draw: :attr:`size`, or for ``size=None`` what the first probe row's inputs call for."""
+        if self.size is not None:
+            return self.size
+        with _isolated_rng(self.seed):  # as the probe itself is read: no global RNG consumed
+            length = token_length(loader.collate_fn([dataset[first]]))
+        if length is None:
+            return DEFAULT_ROWS
+        return max(1, min(DEFAULT_ROWS, math.ceil(DEFAULT_POSITIONS / max(length, 1))))
 
 
 @contextmanager

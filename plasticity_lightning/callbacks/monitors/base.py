@@ -91,7 +91,9 @@ class PlasticityMonitor(TaskAwareCallback):
         every_n_steps: measure after every n-th optimizer step (``None``: never).
         on_task_change: measure when a new task starts (continual streams only).
         at_train_end: measure when training ends (the state the last task or epoch left).
-        probe_size: rows of the probe batch.
+        probe_size: rows of the probe batch; ``None`` (default): 1024 rows, or for token-sequence inputs
+            (``[N, T]`` integer tensors) ``⌈4096 / T⌉`` sequences — 4096 token positions (see
+            :class:`~plasticity_lightning.probes.ProbeSet`). An explicit number is always rows.
         probe_source: draw the probe from the ``"train"`` or ``"val"`` dataloader's dataset.
         refresh_probe_on_task_change: redraw the probe when the task changes (so it shows the new task).
         log_media: log histograms/tables to W&B and TensorBoard loggers.
@@ -112,7 +114,7 @@ class PlasticityMonitor(TaskAwareCallback):
         every_n_steps: int | None = None,
         on_task_change: bool = True,
         at_train_end: bool = True,
-        probe_size: int = 1024,
+        probe_size: int | None = None,
         probe_source: Literal["train", "val"] = "train",
         refresh_probe_on_task_change: bool = True,
         log_media: bool = True,
