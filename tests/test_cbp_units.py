@@ -3,6 +3,7 @@ linear, conv → conv), the bias correction, the replacement count of every coun
 ranking, the host-side ages, the magnitudes over more than 512 consumer rows, the checkpoint state and the
 argument errors. CBP's own tests for ``benchmarks/mutation.sh`` (the Trainer runs are in test_interventions.py)."""
 
+import copy
 import math
 import warnings
 
@@ -481,7 +482,8 @@ def test_the_fused_kernel_falls_back_to_eager_with_one_warning(fused_kernel, mon
 @pytest.mark.slow  # compiles six C++ kernels: seconds with a warm Inductor cache, minutes on a fresh machine
 def test_the_fused_kernel_equals_eager_within_float32_round_off_and_cbp_decides_alike(fused_kernel):
     torch.manual_seed(5)
-    for weight in (torch.randn(300, 200), torch.randn(16, 8, 3, 3), torch.randn(64, 96).to(torch.bfloat16)):
+    # 301 rows: a row left over after the row blocks
+    for weight in (torch.randn(301, 200), torch.randn(16, 8, 3, 3), torch.randn(64, 96).to(torch.bfloat16)):
         rows, columns = _expected_sums(weight)
         fused_rows, fused_columns = fused_kernel._abs_row_and_column_sums(weight, rows=True)
         assert fused_columns.dtype == fused_rows.dtype == torch.float32
@@ -490,29 +492,120 @@ def test_the_fused_kernel_equals_eager_within_float32_round_off_and_cbp_decides_
         np.testing.assert_allclose(fused_rows.numpy(), rows, rtol=tolerance)
     assert len(fused_kernel._compiled) == 3 and not fused_kernel._failed  # really fused, not the fallback
 
-    def run(fused):
-        fused_kernel.FUSED_MIN_ELEMENTS = 1 if fused else None
-        torch.manual_seed(6)
-        model = nn.Sequential(nn.Linear(6, 40), nn.ReLU(), nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 1))
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-        cbp = policies.ContinualBackprop(model, optimizer, replacement_rate=0.02, maturity_threshold=5, seed=1)
+    for net, utility in [("mlp", "contribution"), ("conv", "zero_contribution"), ("conv", "adaptable_contribution")]:
+        eager = _cbp_run(fused_kernel, False, net, utility)
+        fused = _cbp_run(fused_kernel, True, net, utility)
+        _assert_alike(eager, fused)
+    assert sum(key[0] == "cbp" for key in fused_kernel._compiled) == 3 and not fused_kernel._failed  # one step each
+
+
+@pytest.mark.slow  # compiles the fused step (seconds with a warm Inductor cache)
+def test_a_run_on_the_compiled_step_resumes_bit_exactly(fused_kernel):
+    fused_kernel.FUSED_MIN_ELEMENTS = 1
+
+    def run(steps, state=None):
+        torch.manual_seed(7)
+        model, _ = _cbp_net("mlp")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            cbp = policies.ContinualBackprop(model, optimizer, replacement_rate=0.05, maturity_threshold=5, seed=2)
+        if state is not None:
+            model.load_state_dict(state[0])
+            optimizer.load_state_dict(state[1])
+            cbp.load_state_dict(state[2])
         history = []
-        for _ in range(120):
-            x = torch.randn(4, 6)
+        for step in steps:
+            x = torch.randn(4, 6, generator=torch.Generator().manual_seed(step))
             optimizer.zero_grad()
             torch.nn.functional.mse_loss(model(x), x.sum(dim=1, keepdim=True).sin()).backward()
             optimizer.step()
             cbp.step()
-            history.append(tuple(state.ages.tolist() for state in cbp.states.values()))
-        return model, cbp, history
+            history.append([state.utility.clone() for state in cbp.states.values()])
+        return history, (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()), cbp.state_dict())
 
+    through, _ = run(range(60))
+    _, saved = run(range(30))
+    resumed, _ = run(range(30, 60), saved)
+    assert sum(key[0] == "cbp" for key in fused_kernel._compiled) == 1 and not fused_kernel._failed
+    assert not torch.equal(resumed[0][0], resumed[-1][0])  # it does move
+    for a, b in zip(through[30:], resumed, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def _cbp_net(kind):
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(6, 40), nn.ReLU(), nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 1)), (6,)
+    # conv → conv, conv → flatten → linear (16 columns per unit), linear → linear
+    layers = [nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1), nn.ReLU(), nn.Flatten()]
+    return nn.Sequential(*layers, nn.Linear(48, 5), nn.ReLU(), nn.Linear(5, 1)), (2, 4, 4)
+
+
+def _cbp_run(units, fused, net, utility, steps=60):
+    """A policy's trajectory on a small net: the fused CBP step everywhere (``fused``) or eager everywhere; one
+    pair's recorded features are NaN at step 30 (that layer's step is skipped)."""
+    units.FUSED_MIN_ELEMENTS = 1 if fused else None
+    torch.manual_seed(6)
+    model, shape = _cbp_net(net)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        eager, eager_cbp, eager_history = run(False)
-        fused, fused_cbp, fused_history = run(True)
-    assert any(key[1] == (30, 40) for key in fused_kernel._compiled)  # the policy's own reduction went fused
+        cbp = policies.ContinualBackprop(
+            model, optimizer, replacement_rate=0.05, maturity_threshold=5, utility=utility, seed=1
+        )
+        history = []
+        for step in range(steps):
+            x = torch.randn(4, *shape)
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(x), x.flatten(1).sum(dim=1, keepdim=True).sin()).backward()
+            optimizer.step()
+            if step == 30:
+                recorded = cbp._features[cbp.pairs[1].producer]
+                recorded[0] = torch.full_like(recorded[0], math.nan)
+            cbp.step()
+            history.append(tuple(state.ages.tolist() for state in cbp.states.values()))
+    return model, cbp, history
+
+
+def _assert_alike(eager, fused):
+    """The same decisions (every unit's age at every step), utilities and weights within float32 round-off."""
+    (eager_model, eager_cbp, eager_history), (fused_model, fused_cbp, fused_history) = eager, fused
     assert fused_history == eager_history and sum(s.replaced for s in fused_cbp.states.values()) > 20
+    assert [int(s.skipped) for s in fused_cbp.states.values()] == [int(s.skipped) for s in eager_cbp.states.values()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert fused_cbp.skipped_nonfinite() == 1
     for a, b in zip(eager_cbp.states.values(), fused_cbp.states.values(), strict=True):
         torch.testing.assert_close(b.utility, a.utility, rtol=1e-5, atol=1e-7)
-    for p, q in zip(eager.parameters(), fused.parameters(), strict=True):
+        torch.testing.assert_close(b.mean_activation, a.mean_activation, rtol=1e-5, atol=1e-7)
+    for p, q in zip(eager_model.parameters(), fused_model.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("net", "utility"), [("mlp", "adaptable_contribution"), ("conv", "zero_contribution")])
+def test_the_fused_step_computes_what_the_eager_path_does(fused_kernel, monkeypatch, net, utility):
+    # the function that torch.compile turns into one program, run as plain PyTorch (the compiled run is the slow
+    # test above): the same decisions, NaN skips and statistics as the per-pair eager path
+    monkeypatch.setattr(torch, "compile", lambda function, **kwargs: function)
+    eager = _cbp_run(fused_kernel, False, net, utility)
+    fused = _cbp_run(fused_kernel, True, net, utility)
+    _assert_alike(eager, fused)
+    assert any(key[0] == "cbp" for key in fused_kernel._compiled)  # the fused step ran
+
+
+def test_the_fused_step_falls_back_to_eager_with_one_warning(fused_kernel, monkeypatch):
+    def no_compiler(function, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("InductorError: no C++ compiler found")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    eager = _cbp_run(fused_kernel, False, "mlp", "zero_contribution", steps=35)
+    with pytest.warns(RuntimeWarning, match=r"the fused CBP step \(torch\.compile\) failed for 0, 2") as caught:
+        fallback = _cbp_run(fused_kernel, True, "mlp", "zero_contribution", steps=35)
+    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
+    assert fallback[2] == eager[2]  # eager after the failure: the same trajectory, bit for bit
+    for a, b in zip(eager[1].states.values(), fallback[1].states.values(), strict=True):
+        assert torch.equal(a.utility, b.utility)
+    assert not fused_kernel._compiled and any(key[0] == "cbp" for key in fused_kernel._failed)

@@ -27,11 +27,84 @@ from plasticity_lightning.surgery import (
     outgoing_magnitude,
     reinit_units,
     sigma_orthogonal_rows,
-    unit_columns,
     unit_magnitudes,
 )
+from plasticity_lightning.surgery import units as unit_surgery
+from plasticity_lightning.surgery.topology import unit_weight
+from plasticity_lightning.surgery.units import _abs_sums, column_means
 
 UTILITIES = ("contribution", "zero_contribution", "adaptable_contribution")
+
+
+def utility_step(
+    activity: torch.Tensor,
+    outgoing: torch.Tensor,
+    incoming: torch.Tensor | None,
+    utility: torch.Tensor,
+    mean_activation: torch.Tensor,
+    new_mean_activation: torch.Tensor | None,
+    skipped: torch.Tensor,
+    decay_rate: float,
+) -> torch.Tensor:
+    """One step of a pair's utility EMA, in place; returns whether the step's statistics were finite (0-d tensor).
+
+    ``activity`` (mean |h| or |h − f̂| per unit and column) times the mean |w_out| of each column, averaged over the
+    unit's columns (conv → flatten → linear: each H×W position has its own outgoing weights, as in Dohare's
+    ``ConvGnT``; one column per unit otherwise), over the mean |w_in| for the adaptable utility (``incoming``), is
+    the instantaneous utility; u ← η·u + (1 − η)·utility, and f ← ``new_mean_activation`` where given. NaN/inf
+    statistics (or a utility loaded so) skip the step — both EMAs keep their values, ``skipped`` counts it — as a
+    NaN would stay in the EMAs for good. Decided on the device, from statistics reduced across ranks, so every rank
+    skips alike without a read-back. Pure tensor code: :class:`ContinualBackprop` runs it eagerly, or compiled for
+    all pairs at once (large layers).
+    """
+    instantaneous = activity * outgoing
+    instantaneous = instantaneous[:, 0] if instantaneous.shape[1] == 1 else instantaneous.mean(dim=1)
+    if incoming is not None:
+        instantaneous = instantaneous / incoming.clamp(min=torch.finfo(torch.float32).tiny)
+    finite = torch.isfinite(instantaneous).all() & torch.isfinite(utility).all()
+    utility.copy_(torch.where(finite, utility.lerp(instantaneous, 1 - decay_rate), utility))
+    if new_mean_activation is not None:
+        mean_activation.copy_(torch.where(finite, new_mean_activation, mean_activation))
+    skipped += ~finite
+    return finite
+
+
+def _fused_pairs_update(
+    consumers: list[torch.Tensor],
+    producers: list[torch.Tensor | None],
+    activities: list[torch.Tensor],
+    utilities: list[torch.Tensor],
+    mean_activations: list[torch.Tensor],
+    new_mean_activations: list[torch.Tensor | None],
+    skipped: list[torch.Tensor],
+    decay_rate: float,
+) -> list[torch.Tensor]:
+    """:func:`utility_step` for several pairs, with each pair's weight magnitudes taken here from its consumer
+    weight (and producer weight, for the adaptable utility) as :func:`~plasticity_lightning.surgery.unit_magnitudes`
+    takes them: what ``torch.compile`` turns into one program (see ``ContinualBackprop._fused_update``)."""
+    finite = []
+    for i, consumer in enumerate(consumers):
+        matrix = consumer.reshape(consumer.shape[0], -1)
+        num_units, columns_per_unit = activities[i].shape
+        outgoing = column_means(_abs_sums(matrix, rows=False)[0], matrix.shape[0], num_units, columns_per_unit)
+        incoming = None
+        producer = producers[i]
+        if producer is not None:
+            rows = producer.reshape(producer.shape[0], -1)
+            incoming = _abs_sums(rows, rows=True)[0] / rows.shape[1]
+        finite.append(
+            utility_step(
+                activities[i],
+                outgoing,
+                incoming,
+                utilities[i],
+                mean_activations[i],
+                new_mean_activations[i],
+                skipped[i],
+                decay_rate,
+            )
+        )
+    return finite
 
 
 class _LayerState:
@@ -169,6 +242,12 @@ class ContinualBackprop(UnitPolicy):
     Resume: ages, utilities, f, accumulators, counts, Σ, the magnitude cache and the generator are in
     :meth:`state_dict`. Several forward passes between two steps (gradient accumulation) count as one batch.
 
+    Speed: on large layers (a bound weight of at least
+    :data:`~plasticity_lightning.surgery.units.FUSED_MIN_ELEMENTS` elements) the statistics of all pairs, their
+    |w| sums included, run as one compiled program (``torch.compile``; compiled at the first step, its time in
+    ``surgery.units.fused_compile_seconds``; eager PyTorch, after one warning, where it cannot compile). The results
+    agree with the eager path's within float32 round-off.
+
     Deviations from the reference code (``lop/algos/gnt.py``, ``convGnT.py``, ``res_gnt.py``): the next-layer bias
     correction, a no-op there, is not performed; Conv layers use their own init (the reference always draws
     U(±1/√fan_in)); optimizer state is reset for every touched slice and every optimizer (the reference forgets
@@ -272,6 +351,8 @@ class ContinualBackprop(UnitPolicy):
         # (outgoing, incoming) weight magnitudes per producer, reused for magnitudes_every_n_steps steps
         self._magnitudes: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
         self._magnitude_age = 0
+        # per set of pairs stepped together: what one compilation of the fused step covers (None: eager)
+        self._fused_keys: dict[tuple[str, ...], tuple[object, ...] | None] = {}
         self.states: dict[str, _LayerState] = {}
         self.covariances: dict[str, InputCovariance] = {}
         self._features: dict[str, list[torch.Tensor]] = {}
@@ -313,20 +394,21 @@ class ContinualBackprop(UnitPolicy):
             self.optimizers = as_optimizers(optimizer)
         self.bind(model)
         self._magnitudes, self._magnitude_age = None, 0  # a loaded state restores them in _load_pending
+        self._fused_keys = {}
         self.steps = 0
         if self.sigma_orthogonal:
+            gated = [pair.describe() for pair in self.pairs if pair.gated]
+            if gated:  # Σ-orthogonal rows are drawn for one producer; a gated unit has several (or fused halves)
+                raise PlasticityConfigError(
+                    f"ContinualBackprop(init='sigma_orthogonal') supports single-producer pairs only; {gated[0]!r} "
+                    "is a gated MLP unit (restrict layers=[...] or use another init)"
+                )
             convs = [pair.producer for pair in self.pairs if not isinstance(pair.producer_module, nn.Linear)]
             if convs:
                 raise PlasticityConfigError(
                     f"ContinualBackprop(init='sigma_orthogonal') supports Linear producers only; {convs[0]!r} is a "
                     f"{type(dict(model.named_modules())[convs[0]]).__name__} (restrict layers=[...] or use "
                     "another init)"
-                )
-            gated = [pair.describe() for pair in self.pairs if pair.partners]
-            if gated:  # Σ-orthogonal rows are drawn for one producer; a gated unit has several
-                raise PlasticityConfigError(
-                    f"ContinualBackprop(init='sigma_orthogonal') supports single-producer pairs only; {gated[0]!r} "
-                    "is a gated MLP unit (restrict layers=[...] or use another init)"
                 )
         self.states = {}
         self.covariances = {}
@@ -394,19 +476,84 @@ class ContinualBackprop(UnitPolicy):
         return self._step_now(step)
 
     def _step_now(self, step: int) -> dict[str, int]:
-        """:meth:`step` with every statistic updated now (``window=1``)."""
+        """:meth:`step` with every statistic updated now (``window=1``).
+
+        Every pair that received inputs ages and takes this step's activity from them; then all of their utilities
+        are updated — in one compiled program on large layers (:meth:`_fused_update`), pair by pair otherwise, from
+        the magnitudes of the weights as the optimizer step left them — and only then are units chosen and replaced,
+        pair by pair (a replacement changes its neighbours' weights, not this step's statistics).
+        """
+        active = [pair for pair in self.pairs if self._features[pair.producer]]
+        states = [self.states[pair.producer] for pair in active]
+        for state in states:
+            state.age()
+        activities = [
+            self._activity(pair, state, self._features[pair.producer])
+            for pair, state in zip(active, states, strict=True)
+        ]
+        finite = self._fused_update(active, states, activities)
+        if finite is None:
+            magnitudes = self._current_magnitudes()
+            finite = [
+                self._apply(state, activity, mean_activation, magnitudes[pair.producer])
+                for pair, state, (activity, mean_activation) in zip(active, states, activities, strict=True)
+            ]
         replaced: dict[str, int] = {}
-        magnitudes = self._current_magnitudes()
-        for pair in self.pairs:
-            features = self._features[pair.producer]
+        for pair, state, ok in zip(active, states, finite, strict=True):
             inputs = self._inputs.get(pair.producer, [])
-            if not features:
-                continue
-            self.step_pair(pair, features, inputs, magnitudes[pair.producer], step=step)
-            features.clear()
+            self._finish(pair, state, ok, inputs, step)
+            self._features[pair.producer].clear()
             inputs.clear()
-            replaced[pair.producer] = self.states[pair.producer].replaced
+            replaced[pair.producer] = state.replaced
         return replaced
+
+    def _fused_update(
+        self,
+        pairs: list[UnitPair],
+        states: list[_LayerState],
+        activities: list[tuple[torch.Tensor, torch.Tensor | None]],
+    ) -> list[torch.Tensor] | None:
+        """:meth:`_apply` for every pair in one compiled program (``torch.compile``: the |w| sums, utilities and
+        EMAs of all pairs, a few kernels in place of tens of small operations), or ``None`` (nothing done) where it
+        does not apply: weights below :data:`~plasticity_lightning.surgery.units.FUSED_MIN_ELEMENTS`, reused
+        magnitudes (``magnitudes_every_n_steps > 1``), inside a compiled region, or no compiler. The same
+        arithmetic as the eager path, so results agree within float32 round-off."""
+        if not pairs or unit_surgery.FUSED_MIN_ELEMENTS is None or self.magnitudes_every_n_steps != 1:
+            return None
+        names = tuple(pair.producer for pair in pairs)
+        if names not in self._fused_keys:  # once per set of pairs: their shapes are fixed while bound
+            self._fused_keys[names] = self._fused_key(pairs)
+        key = self._fused_keys[names]
+        if key is None or torch.compiler.is_compiling():
+            return None
+        adaptable = self.utility == "adaptable_contribution"
+        finite = unit_surgery.run_compiled(
+            _fused_pairs_update,
+            key,
+            [unit_weight(pair.consumer_module).detach() for pair in pairs],
+            [unit_weight(pair.producer_module).detach() if adaptable else None for pair in pairs],
+            [activity for activity, _ in activities],
+            [state.utility for state in states],
+            [state.mean_activation for state in states],
+            [mean_activation for _, mean_activation in activities],
+            [state.skipped for state in states],
+            self.decay_rate,
+            describe=f"the fused CBP step (torch.compile) failed for {', '.join(names)}; their statistics use eager "
+            "PyTorch",
+        )
+        if finite is not None:  # as the eager path leaves them: fresh this step (no cache is reused at n = 1)
+            self._magnitudes, self._magnitude_age = None, 1
+        return finite
+
+    def _fused_key(self, pairs: list[UnitPair]) -> tuple[object, ...] | None:
+        """What one compilation of :meth:`_fused_update` covers, or ``None`` if its layers are too small for it."""
+        weights = [unit_weight(pair.consumer_module) for pair in pairs]
+        if self.utility == "adaptable_contribution":
+            weights += [unit_weight(pair.producer_module) for pair in pairs]
+        if max(weight.numel() for weight in weights) < unit_surgery.FUSED_MIN_ELEMENTS:
+            return None
+        layout = tuple((pair.num_units, pair.columns_per_unit) for pair in pairs)
+        return ("cbp", self.utility, layout, *((tuple(w.shape), w.stride(), w.dtype, w.device) for w in weights))
 
     # ------------------------------------------------------------------ the window (window > 1)
     def _setup_window(self) -> None:
@@ -615,6 +762,17 @@ class ContinualBackprop(UnitPolicy):
         state = self.states[pair.producer]
         state.age()
         finite = self._update(pair, state, features, magnitudes)
+        return self._finish(pair, state, finite, inputs, step)
+
+    def _finish(
+        self,
+        pair: UnitPair,
+        state: _LayerState,
+        finite: torch.Tensor,
+        inputs: list[torch.Tensor] | None,
+        step: int | None,
+    ) -> torch.Tensor:
+        """After the pair's statistics were updated: RR-CBP's covariance, then the choice and the replacement."""
         if self.sigma_orthogonal and inputs:
             batch = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs]).to(torch.float64)
             self.covariances[pair.producer].update_moment(self.reduce(batch.T @ batch / len(batch)))
@@ -635,45 +793,56 @@ class ContinualBackprop(UnitPolicy):
         magnitudes: tuple[torch.Tensor, torch.Tensor | None] | None,
     ) -> torch.Tensor:
         """The EMAs of one step (the units have aged); returns whether its statistics were finite (0-d tensor)."""
-        instantaneous, mean_activation = self._instantaneous_utility(pair, state, features, magnitudes)
-        # NaN/inf features or weights (or a utility loaded so): skip the layer's step, as a NaN would stay in the
-        # EMAs for good. Decided on the device, from statistics reduced across ranks, so every rank skips alike
-        # without a read-back.
-        finite = torch.isfinite(instantaneous).all() & torch.isfinite(state.utility).all()
-        state.utility.copy_(torch.where(finite, state.utility.lerp(instantaneous, 1 - self.decay_rate), state.utility))
-        if mean_activation is not state.mean_activation:
-            state.mean_activation.copy_(torch.where(finite, mean_activation, state.mean_activation))
-        state.skipped += ~finite
-        return finite
+        activity, mean_activation = self._activity(pair, state, features)
+        if magnitudes is None or (magnitudes[1] is None and self.utility == "adaptable_contribution"):
+            outgoing = outgoing_magnitude(pair) if magnitudes is None else magnitudes[0]
+            incoming = incoming_magnitude(pair) if self.utility == "adaptable_contribution" else None
+            magnitudes = (outgoing, incoming)
+        return self._apply(state, activity, mean_activation, magnitudes)
 
-    def _instantaneous_utility(
+    def _apply(
         self,
-        pair: UnitPair,
         state: _LayerState,
-        features: list[torch.Tensor],
-        magnitudes: tuple[torch.Tensor, torch.Tensor | None] | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """This step's utility of each unit of ``pair`` (after the units aged), and the updated mean-activation
-        EMA f that it used (``state.mean_activation`` itself for ``"contribution"``, which does not track f)."""
+        activity: torch.Tensor,
+        mean_activation: torch.Tensor | None,
+        magnitudes: tuple[torch.Tensor, torch.Tensor | None],
+    ) -> torch.Tensor:
+        """:func:`utility_step` on ``state`` with this step's activity and the pair's weight magnitudes."""
+        outgoing, incoming = magnitudes
+        return utility_step(
+            activity,
+            outgoing,
+            incoming,
+            state.utility,
+            state.mean_activation,
+            mean_activation,
+            state.skipped,
+            self.decay_rate,
+        )
+
+    def _activity(
+        self, pair: UnitPair, state: _LayerState, features: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This step's mean |h| (``"contribution"``) or mean |h − f̂| per (unit, column) ``[units, columns]``,
+        averaged across ranks, and the updated mean-activation EMA f that it used (``None`` for
+        ``"contribution"``, which does not track f). The units have aged."""
         # every micro-batch of the step (gradient accumulation) counts, as one batch
-        columns = unit_columns(features[0] if len(features) == 1 else torch.cat(features), pair)
+        x = (features[0] if len(features) == 1 else torch.cat(features)).detach().float()
+        conv = isinstance(pair.consumer_module, nn.Conv2d)
+        if conv:  # [N, units, H, W]: batch × places are positions (unit_columns' view, without moving the axis)
+            positions, per_unit = (0, 2, 3), (1, -1, 1, 1)
+        else:  # [positions, units, columns] (see unit_columns)
+            x = x.reshape(-1, pair.num_units, pair.columns_per_unit)
+            positions, per_unit = (0,), (1, -1, 1)
+        mean_activation = None
         if self.utility == "contribution":
-            activity = columns.abs().mean(dim=0)
-            mean_activation = state.mean_activation
+            activity = x.abs().mean(dim=positions)
         else:  # f (the mean activation) is tracked by the utilities that use it
-            mean_h = self.reduce(columns.mean(dim=(0, 2)))
+            mean_h = self.reduce(x.mean(dim=(0, 2, 3) if conv else (0, 2)))
             mean_activation = state.mean_activation.lerp(mean_h, 1 - self.decay_rate)
-            activity = (columns - (mean_activation / self._correction(state))[:, None]).abs().mean(dim=0)
-        activity = self.reduce(activity)
-        outgoing, incoming = magnitudes if magnitudes is not None else (outgoing_magnitude(pair), None)
-        # per column, then averaged over the unit's columns (conv → flatten → linear: each H×W position has its own
-        # outgoing weights, as in Dohare's ConvGnT); one column per unit otherwise
-        instantaneous = activity.mul_(outgoing)
-        instantaneous = instantaneous[:, 0] if pair.columns_per_unit == 1 else instantaneous.mean(dim=1)
-        if self.utility == "adaptable_contribution":
-            incoming = incoming if incoming is not None else incoming_magnitude(pair)
-            instantaneous = instantaneous / incoming.clamp(min=torch.finfo(torch.float32).tiny)
-        return instantaneous, mean_activation
+            corrected = mean_activation / self._correction(state)
+            activity = (x - corrected.view(per_unit)).abs().mean(dim=positions)
+        return self.reduce(activity[:, None] if conv else activity), mean_activation
 
     def _correction(self, state: _LayerState) -> torch.Tensor:
         """Bias correction 1 − η^age of each unit's EMAs."""
