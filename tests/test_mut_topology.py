@@ -632,6 +632,11 @@ class _Paths(nn.Module):
             return self.b(g + self.d(x))
         if self.mode == "parameter":
             return self.b(torch.relu(h) + self.bias)
+        if self.mode == "summed":
+            return self.b(torch.relu(h) + self.c(x))
+        if self.mode == "gated":
+            h.size(0)  # a shape read, the first use of h in the graph
+            return self.b(torch.relu(h) * self.c(x))
         if self.mode == "dead":
             _ = h * 2
             return self.b(torch.relu(x))
@@ -663,6 +668,11 @@ class _Around(nn.Module):
             "'block.a''s units are combined with other values at 'add' (add, e.g. a residual sum) before 'block.b'",
         ),
         ("dead", ["a", "b"], "'block.a' does not feed 'block.b'"),
+        (
+            "summed",
+            ["a", "b"],
+            "'block.a''s units are combined with other values at 'add' (add, e.g. a residual sum) before 'block.b'",
+        ),
     ],
 )
 def test_an_explicit_pair_is_checked_along_every_path_of_its_blocks_graph(mode, pair, problem):
@@ -674,7 +684,7 @@ def test_an_explicit_pair_is_checked_along_every_path_of_its_blocks_graph(mode, 
         find_unit_pairs(_Around(mode), pairs=[entry], owner="X")
 
 
-@pytest.mark.parametrize("mode", ["parameter", "size first"])
+@pytest.mark.parametrize("mode", ["parameter", "size first", "gated"])
 def test_an_explicit_pair_through_a_parameter_or_past_a_shape_read_is_accepted(mode):
     model = _Around(mode)
     (pair,) = find_unit_pairs(model, pairs=[["block.a", "block.b"]])
@@ -753,3 +763,32 @@ def test_hidden_unit_layers_follow_registration_order_and_a_gated_pair_without_a
         unregister_pairing_rule("test_gated_bare")
     # the SiLU is a known activation module; a gated pair names no activation: the consumer's input is the unit
     assert found == {"0.act": block[0].act, "0.down:input": block[0].down}
+
+
+class _Wrapped(nn.Module):
+    """A block a rule says has no unit pairs, holding two weight layers and a sub-block of two."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.inner = _Softmaxed()
+
+    def forward(self, x):
+        return self.inner(torch.softmax(self.b(torch.softmax(self.a(x), dim=-1)), dim=-1))
+
+
+def test_blocks_a_rule_reads_are_never_named_as_unpaired():
+    register_pairing_rule(PairingRule("test_nopairs", blocks=(_Wrapped,)))
+    try:
+        with pytest.raises(
+            PlasticityConfigError,
+            match=full(
+                "X: Sequential has no Linear/Conv1D/Conv2d layer whose units feed exactly one other such layer "
+                "through per-unit operations; nothing paired the weight layers of _Softmaxed at 1 (up, down); pass "
+                "the pairs explicitly, e.g. X(pairs=[['1.up', '1.down']]) (each producer's output units are its "
+                "consumer's inputs), or register a PairingRule for _Softmaxed (plasticity_lightning.surgery.rules)"
+            ),
+        ):
+            find_unit_pairs(nn.Sequential(_Wrapped(), _Softmaxed()), owner="X")
+    finally:
+        unregister_pairing_rule("test_nopairs")
