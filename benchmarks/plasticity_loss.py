@@ -2,8 +2,9 @@
 
 Runs the variants of the plasticity-loss recipe through the real entry point (`plasticity fit`), each over
 several seeds — plain backprop (`recipes/plasticity_loss_digits.yaml`) and the same run with Continual Backprop,
-ReDo, Shrink & Perturb, L2 Init, layer resets, layer normalisation, Normalize-and-Project or Parseval regularisation
-(`recipes/plasticity_loss_digits_{cbp,redo,shrink_perturb,l2_init,reset,layernorm,nap,parseval}.yaml`);
+ReDo, Shrink & Perturb, L2 Init, layer resets, layer normalisation, Normalize-and-Project, Parseval regularisation,
+plasticity injection or CReLU
+(`recipes/plasticity_loss_digits_{cbp,redo,shrink_perturb,l2_init,reset,layernorm,nap,parseval,injection,crelu}.yaml`);
 `--from-scratch` adds the from-scratch baseline (`continual/plasticity_gap`) to every run — then
 compares them with one `plasticity report --compare` command: the per-task curves of every variant (mean and 95%
 band over its seeds) in `<output>/comparison/report.html`, and the table of the first tasks against the last for
@@ -35,6 +36,8 @@ VARIANTS = {
     "layernorm": ("LayerNorm", "plasticity_loss_digits_layernorm.yaml"),
     "nap": ("NaP", "plasticity_loss_digits_nap.yaml"),
     "parseval": ("Parseval", "plasticity_loss_digits_parseval.yaml"),
+    "injection": ("Injection", "plasticity_loss_digits_injection.yaml"),
+    "crelu": ("CReLU", "plasticity_loss_digits_crelu.yaml"),
 }
 
 

@@ -7,7 +7,13 @@ from plasticity_lightning.data.algorithmic import (
     SparseParityDataModule,
 )
 from plasticity_lightning.data.base import IndexedTensorDataset, PlasticityDataModule
-from plasticity_lightning.data.continual import ClassIncremental, LabelShuffle, PermutedInputs, TaskSchedule
+from plasticity_lightning.data.continual import (
+    ClassIncremental,
+    GrowingData,
+    LabelShuffle,
+    PermutedInputs,
+    TaskSchedule,
+)
 from plasticity_lightning.data.particles import ParticleDataModule, cyclotron_motion, generate_particles
 from plasticity_lightning.data.slowly_changing import SlowlyChangingRegression, SlowlyChangingRegressionDataModule
 from plasticity_lightning.data.text import TextDataModule, TextParts, load_tokenizer, token_ids
@@ -38,6 +44,7 @@ __all__ = [
     "ClassIncremental",
     "DigitsDataModule",
     "FashionMNISTDataModule",
+    "GrowingData",
     "ImageDataModule",
     "IndexedTensorDataset",
     "LabelShuffle",

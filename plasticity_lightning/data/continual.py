@@ -412,3 +412,87 @@ class ClassIncremental(TaskSchedule):
         if self.relabel:
             y = self.class_to_local.to(y.device)[y]
         return x, y, row_tasks
+
+
+class GrowingData(TaskSchedule):
+    """Warm-starting on growing data (Ash & Adams 2020): the training set arrives in ``num_tasks`` chunks, and each
+    chunk is a task.
+
+    The training rows are split into ``num_tasks`` chunks of (nearly) equal size by a seeded random assignment. With
+    ``cumulative=True`` (the paper's setting) task t trains on chunks 0..t, i.e. on all the data so far, so a network
+    trained from scratch on task t — :class:`~plasticity_lightning.callbacks.FromScratchBaseline`, whose copy trains
+    on the same batches — is the paper's baseline, and ``continual/plasticity_gap`` is the *warm-start gap*: how much
+    worse the warm-started network generalises than a fresh one trained on the same data. With ``cumulative=False``
+    task t trains on chunk t only. The data's distribution never changes, so every task is evaluated on the whole
+    held-out split (``eval_on`` is ``"current"``: one copy of it, reported as the current task). Only
+    ``epochs_per_task`` is allowed (the training set changes between tasks).
+
+    Args:
+        num_tasks: number of chunks (tasks).
+        epochs_per_task: epochs on each task.
+        cumulative: train on every chunk so far (``True``) or on the current chunk only.
+        seed: seed of the assignment of rows to chunks.
+        eval_on: ``"current"`` (the only choice: the held-out split is the same for every task).
+
+    Example::
+
+        >>> schedule = GrowingData(num_tasks=4, epochs_per_task=1)
+        >>> schedule.bind(num_classes=2, split_sizes={"train": 10}, owner="demo")
+        >>> [len(schedule.subset_indices(torch.zeros(10), schedule.train_tasks(t), "train")) for t in range(4)]
+        [3, 5, 8, 10]
+    """
+
+    changes_samples = True
+
+    def __init__(
+        self,
+        num_tasks: int | None = None,
+        epochs_per_task: int | None = None,
+        cumulative: bool = True,
+        seed: int = 0,
+        eval_on: EvalOn = "current",
+    ) -> None:
+        owner = type(self).__name__
+        if epochs_per_task is None:  # a growing training set can change only between epochs
+            raise PlasticityConfigError(
+                f"{owner}.epochs_per_task=None is invalid: a growing training set changes which samples are drawn, "
+                "which Lightning can only do between epochs; set epochs_per_task"
+            )
+        super().__init__(num_tasks=num_tasks, epochs_per_task=epochs_per_task, seed=seed, eval_on=eval_on)
+        if self.eval_on != "current":
+            raise PlasticityConfigError(
+                f"{owner}.eval_on={self.eval_on!r} is not supported: every task is evaluated on the whole held-out "
+                "split (the data grows, its distribution does not change); use 'current'"
+            )
+        if not isinstance(cumulative, bool):
+            raise PlasticityConfigError(f"{owner}.cumulative={cumulative!r} is invalid; expected true or false")
+        self.cumulative = cumulative
+        self.chunk_of: torch.Tensor | None = None
+
+    def bind(self, *, num_classes, split_sizes, owner):
+        super().bind(num_classes=num_classes, split_sizes=split_sizes, owner=owner)
+        size = int(split_sizes.get("train", 0))
+        if size < self.num_tasks:
+            raise PlasticityConfigError(
+                f"GrowingData.num_tasks={self.num_tasks} exceeds the {size} training rows of {owner}; every chunk "
+                "needs at least one row"
+            )
+        order = torch.randperm(size, generator=_generator(self.seed, 1))
+        self.chunk_of = torch.empty(size, dtype=torch.long)
+        self.chunk_of[order] = torch.arange(size) * self.num_tasks // size
+
+    def train_tasks(self, task: int) -> list[int]:
+        """Chunks the training set holds while on ``task``."""
+        return list(range(task + 1)) if self.cumulative else [task]
+
+    def subset_indices(self, targets, tasks, split):
+        if split != "train":
+            return None  # held-out data: all of it, for every task
+        keep = torch.isin(self.chunk_of, torch.as_tensor(list(tasks), dtype=torch.long))
+        return keep.nonzero().flatten()
+
+    def eval_tasks(self, current_task: int, split: Split) -> list[int]:
+        return [current_task]
+
+    def transform(self, x, y, idx, task, split):
+        return x, y
