@@ -2,7 +2,11 @@
 drawn as the mean of its seeds with a 95% band, and a table of per-variant numbers with paired statistics.
 
 Continual runs are compared on their per-task summary (the first tasks against the last for every measure; the
-last-tasks value is tested); other runs on the best ``--metric`` (a loss) and its convergence epoch.
+last-tasks value is tested); other runs on the best ``--metric`` (a loss) and its convergence epoch. When every run
+logged them, a second continual table gives per variant the plasticity gap (from-scratch accuracy minus new-task
+accuracy, :class:`~plasticity_lightning.callbacks.FromScratchBaseline`; mean of the first and of the last tasks) and
+backward and forward transfer (``continual/bwt``, ``fwt_next``, ``fwt_all`` after the last finished task: over the
+whole stream), each as the mean over seeds with its 95% interval.
 
 Each variant is a directory; every run below it (a ``version_*`` folder with a ``metrics.csv`` or TensorBoard
 events) is one seed, and variants may have different numbers of seeds. Runs of two variants are paired
@@ -27,14 +31,39 @@ from typing import Any
 import numpy as np
 
 from plasticity_lightning.core.errors import PlasticityConfigError
+from plasticity_lightning.core.rundir import PLASTICITY_GAP_KEY, TRANSFER_KEYS
+from plasticity_lightning.metrics.continual_summary import first_and_last
 from plasticity_lightning.metrics.dynamics import loss_convergence_epoch
 from plasticity_lightning.metrics.statistics import cohens_d, t_interval, wilcoxon_p
-from plasticity_lightning.reports.data import RunData, find_run_dirs, load_run
+from plasticity_lightning.reports.data import RunData, find_run_dirs, finished_task_values, load_run
 from plasticity_lightning.reports.figures import html_table
 from plasticity_lightning.reports.panels import compare_charts
 from plasticity_lightning.reports.run import continual_summary, measure_label, write_report_files
 
 COMPARED = ("best_loss", "convergence_epoch")
+#: the gap-and-transfer table's columns, in order, with their labels ({w}: the summary window)
+GAP_AND_TRANSFER = {
+    "plasticity_gap_first": "plasticity gap (first {w})",
+    "plasticity_gap_last": "plasticity gap (last {w})",
+    "bwt": "BWT",
+    "fwt_next": "FWT (next task)",
+    "fwt_all": "FWT (all future)",
+}
+
+
+def gap_and_transfer(run: RunData, window: int) -> dict[str, float]:
+    """What a continual run logged of the plasticity gap (mean of its first and last ``window`` tasks) and of
+    transfer (the values after the last finished task); keys it never logged are left out."""
+    values: dict[str, float] = {}
+    gap = finished_task_values(run, PLASTICITY_GAP_KEY)
+    if gap:
+        first, last = first_and_last([gap[t] for t in sorted(gap)], window)
+        values["plasticity_gap_first"], values["plasticity_gap_last"] = first, last
+    for name, key in TRANSFER_KEYS.items():
+        per_task = finished_task_values(run, key)
+        if per_task:
+            values[name] = per_task[max(per_task)]
+    return values
 
 
 def run_outcome(run: RunData, metric: str = "val/loss") -> dict[str, Any]:
@@ -154,9 +183,71 @@ def _compare_continual(runs: dict[str, list[RunData]], window: int | None) -> di
         "reference": reference,
         "measures": shared,
         "table": table,
+        "gap_and_transfer": _gap_and_transfer_table(runs, window),
         "runs": {name: [{"run_dir": str(r.directory), "seed": r.seed} for r in group] for name, group in runs.items()},
         "summaries": summaries,
     }
+
+
+def _gap_and_transfer_table(runs: dict[str, list[RunData]], window: int) -> dict[str, Any]:
+    """Per variant, the mean and 95% interval over seeds of each gap-and-transfer column every run logged (a column
+    that is NaN in every run, such as forward transfer without ``eval_on: all``, is left out)."""
+    values = {name: [gap_and_transfer(run, window) for run in group] for name, group in runs.items()}
+    every = [v for group in values.values() for v in group]
+    columns = [c for c in GAP_AND_TRANSFER if all(c in v for v in every) and any(math.isfinite(v[c]) for v in every)]
+    table = []
+    for name, group in values.items():
+        row: dict[str, Any] = {"variant": name, "runs": len(group)}
+        for column in columns:
+            mean, low, high, _ = t_interval(np.array([[v[column]] for v in group], dtype=float))  # NaN: not logged
+            row[f"{column}_mean"], row[f"{column}_low"], row[f"{column}_high"] = (
+                float(mean[0]),
+                float(low[0]),
+                float(high[0]),
+            )
+        table.append(row)
+    return {"columns": columns, "table": table if columns else []}
+
+
+def _interval(row: dict[str, Any], column: str) -> str:
+    low, high = row[f"{column}_low"], row[f"{column}_high"]
+    return f"{_number(row[f'{column}_mean'])} [{_number(low, 3)}, {_number(high, 3)}]"
+
+
+def format_gap_and_transfer(comparison: dict[str, Any]) -> str:
+    """Markdown table of a continual comparison's plasticity gap and transfer ("" when no run logged them)."""
+    part = comparison.get("gap_and_transfer") or {}
+    columns = part.get("columns") or []
+    if not columns:
+        return ""
+    labels = [GAP_AND_TRANSFER[c].format(w=comparison["window"]) for c in columns]
+    lines = [
+        "Plasticity gap (from-scratch minus new-task accuracy) and transfer after the last task, mean [95% interval] "
+        "over seeds.",
+        "",
+        "| variant | runs | " + " | ".join(labels) + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
+    for row in part["table"]:
+        cells = " | ".join(_interval(row, c) for c in columns)
+        lines.append(f"| {row['variant']} | {row['runs']} | {cells} |")
+    return "\n".join(lines)
+
+
+def _html_gap_and_transfer(comparison: dict[str, Any]) -> str:
+    part = comparison["gap_and_transfer"]
+    columns = part["columns"]
+    labels = [GAP_AND_TRANSFER[c].format(w=comparison["window"]) for c in columns]
+    header = ["variant", "runs"]
+    for label in labels:
+        header += [label, "95% interval"]
+    rows = []
+    for r in part["table"]:
+        cells: list[Any] = [r["variant"], r["runs"]]
+        for c in columns:
+            cells += [r[f"{c}_mean"], f"{_number(r[f'{c}_low'], 3)} – {_number(r[f'{c}_high'], 3)}"]
+        rows.append(cells)
+    return html_table(header, rows, "summary-table")
 
 
 def _number(value: Any, digits: int = 4) -> str:
@@ -166,7 +257,8 @@ def _number(value: Any, digits: int = 4) -> str:
 
 
 def format_table(comparison: dict[str, Any]) -> str:
-    """Markdown table of a comparison (:func:`compare_runs` or a continual comparison)."""
+    """Markdown table of a comparison (:func:`compare_runs` or a continual comparison; a continual one is followed by
+    its plasticity-gap and transfer table when the runs logged them)."""
     if comparison.get("kind") == "continual":
         window = comparison["window"]
         lines = [
@@ -183,7 +275,8 @@ def format_table(comparison: dict[str, Any]) -> str:
                 f"| {measure_label(row['measure'])} | {row['variant']} | {row['runs']} | {first} | {last} "
                 f"| {_number(row.get('last_wilcoxon_p'), 3)} | {_number(row.get('last_cohens_d'), 3)} |"
             )
-        return "\n".join(lines)
+        gap_and_transfer = format_gap_and_transfer(comparison)
+        return "\n".join(lines) + (f"\n\n{gap_and_transfer}" if gap_and_transfer else "")
     lines = [
         f"Best {comparison['metric']} and convergence epoch (90% of the improvement) per variant; tests against "
         f"{comparison['reference']!r}.",
@@ -295,6 +388,15 @@ def write_comparison(
             f'<p class="muted">{table.splitlines()[0]}</p>' + _html_comparison_table(comparison),
         )
     ]
+    gap_and_transfer = format_gap_and_transfer(comparison) if continual else ""
+    if gap_and_transfer:  # (format_table added it to the markdown)
+        tables.append(
+            (
+                "Plasticity gap and transfer",
+                "gap-and-transfer",
+                f'<p class="muted">{gap_and_transfer.splitlines()[0]}</p>' + _html_gap_and_transfer(comparison),
+            )
+        )
     write_report_files(
         Path(output),
         "plasticity comparison",
