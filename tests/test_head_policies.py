@@ -13,6 +13,7 @@ import torch
 from test_heads import tiny_gpt2
 
 from plasticity_lightning import HeadGrowth, PlasticityConfigError, PlasticityCycle
+from plasticity_lightning.metrics.text import degeneration_summary
 from plasticity_lightning.nn.generation import generate_seeded
 from plasticity_lightning.policies.heads import (
     CYCLE_REVIVER_SETTINGS,
@@ -22,6 +23,7 @@ from plasticity_lightning.policies.heads import (
     IterativeHeadPruner,
     NonFiniteScores,
     ReviverSettings,
+    cycle_measures,
     lowest_heads,
 )
 from plasticity_lightning.policies.heads import reviver as reviver_module
@@ -212,6 +214,31 @@ def test_a_hand_written_loop_runs_judges_and_reverts_whole_cycles():
         controller.start(6, model, gates, reviver, measure)
     assert controller.current is None and controller.retry_step == 9 and bool((gates.mask == 1).all())
     assert not controller.ready(8, start_step=2) and controller.ready(9, start_step=2)
+
+
+def test_cycle_measures_in_a_plain_loop_agree_with_a_computation_by_hand():
+    from test_head_growth import _Tokenizer
+
+    model = tiny_gpt2().train()
+    gates = HeadGates(model)
+    gates.set(2, 1, 0.0)
+    probe = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(5))
+    measures = cycle_measures(model, gates, probe, _Tokenizer(), ["ab", "cde"], max_new_tokens=6, seed=3)
+    assert model.training  # measured in eval mode, handed back as it came
+    model.eval()
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(probe).logits[:, :-1].reshape(-1, 61), probe[:, 1:].reshape(-1))
+    continuations = [
+        generate_seeded(model, torch.tensor([_Tokenizer()(p)["input_ids"]]), 6, seed=3 + i)[0, len(p) :].tolist()
+        for i, p in enumerate(["ab", "cde"])
+    ]
+    assert measures["perplexity"] == pytest.approx(math.exp(float(loss)), rel=1e-5)
+    assert measures["degeneration"] == degeneration_summary(continuations)["repeated_3gram_rate"]
+    assert measures["live_heads"] == 11
+    with torch.no_grad():
+        model.transformer.ln_f.weight[0] = math.nan
+    diverged = cycle_measures(model, gates, probe, _Tokenizer(), ["ab"])
+    assert math.isnan(diverged["perplexity"]) and math.isnan(diverged["degeneration"])  # never reported as 0
 
 
 def test_seeded_generation_leaves_the_global_rng_and_the_training_mode_alone():

@@ -4,18 +4,16 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from typing_extensions import override
 
 from plasticity_lightning.callbacks.heads.growth import HeadGrowth, RevivingIntervention
 from plasticity_lightning.callbacks.heads.importance import HeadImportance, find_head_importance, require_validation
-from plasticity_lightning.callbacks.heads.monitors import check_prompts, resolve_tokenizer, score_generations
+from plasticity_lightning.callbacks.heads.monitors import check_prompts, resolve_tokenizer
 from plasticity_lightning.callbacks.heads.pruning import HeadPruning
 from plasticity_lightning.core.batches import token_ids
 from plasticity_lightning.core.errors import PlasticityConfigError, check_choice, check_positive_int
@@ -23,7 +21,8 @@ from plasticity_lightning.core.files import write_text_atomic
 from plasticity_lightning.core.rundir import PLASTICITY_CYCLE_FILE, run_directory
 from plasticity_lightning.core.serialization import json_safe
 from plasticity_lightning.policies.heads.cycle import CycleController
-from plasticity_lightning.policies.heads.selection import NonFiniteScores, language_model
+from plasticity_lightning.policies.heads.measures import cycle_measures
+from plasticity_lightning.policies.heads.selection import NonFiniteScores
 from plasticity_lightning.probes import ProbeSet
 
 #: the settings the controller validates and holds (the callback's other arguments are its own)
@@ -257,27 +256,19 @@ class PlasticityCycle(RevivingIntervention):
         )
         self.write_json(trainer)
 
-    @torch.no_grad()
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """Perplexity on the validation probe, degeneration of the seeded generations, live heads — rank 0's."""
-        model = language_model(pl_module)
-        ids = token_ids(self.probe.draw(trainer))
-        was_training = model.training
-        model.eval()
-        with trainer.precision_plugin.forward_context():
-            loss = float(model(ids, labels=ids).loss)
-        model.train(was_training)
-        # a diverged model has no text to judge (sampling from NaN probabilities fails): NaN fails every judgement
-        degeneration = math.nan
-        if math.isfinite(loss):
-            tokenizer = resolve_tokenizer(trainer, self.tokenizer, "PlasticityCycle")
-            scores, _ = score_generations(pl_module, tokenizer, self.prompts, self.max_new_tokens, self.seed)
-            degeneration = scores[self.degeneration_metric]
-        values = {
-            "perplexity": math.inf if loss == math.inf else math.exp(min(loss, 700.0)),  # NaN stays NaN
-            "degeneration": degeneration,
-            "live_heads": int((self._importance.gates.mask > 0).sum()),
-        }
+        values = cycle_measures(
+            pl_module,
+            self._importance.gates,
+            token_ids(self.probe.draw(trainer)),
+            resolve_tokenizer(trainer, self.tokenizer, "PlasticityCycle"),
+            self.prompts,
+            max_new_tokens=self.max_new_tokens,
+            seed=self.seed,
+            metric=self.degeneration_metric,
+            forward_context=trainer.precision_plugin.forward_context,
+        )
         return trainer.strategy.broadcast(values, src=0)
 
     # ------------------------------------------------------------------ record

@@ -14,8 +14,7 @@ from plasticity_lightning.callbacks.heads.importance import require_validation
 from plasticity_lightning.callbacks.monitors.base import PlasticityMonitor
 from plasticity_lightning.core.batches import token_ids
 from plasticity_lightning.core.errors import PlasticityConfigError, check_positive_int
-from plasticity_lightning.metrics.text import degeneration_summary
-from plasticity_lightning.nn.generation import generate_seeded
+from plasticity_lightning.policies.heads.measures import score_generations
 from plasticity_lightning.policies.heads.selection import language_model
 from plasticity_lightning.surgery.heads import head_attention_entropy
 
@@ -31,6 +30,7 @@ class AttentionEntropyMonitor(PlasticityMonitor):
         probe_size: blocks in the probe (default 16).
         probe_source: ``"val"`` (default) or ``"train"``.
         **kwargs: :class:`PlasticityMonitor` cadence arguments.
+        prefix: first part of every logged key.
 
     Example::
 
@@ -85,6 +85,7 @@ class DegenerationMonitor(PlasticityMonitor):
         seed: sampling seed.
         tokenizer: a HF tokenizer (``None``: ``trainer.datamodule.tokenizer``).
         **kwargs: :class:`PlasticityMonitor` cadence arguments.
+        prefix: first part of every logged key.
     """
 
     uses_probe = False
@@ -127,6 +128,7 @@ class DegenerationMonitor(PlasticityMonitor):
 
 
 def check_prompts(owner: str, prompts: Any) -> list[str]:
+    """``prompts`` as a list if it is a non-empty list of strings, else a clear error naming ``owner``."""
     if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise PlasticityConfigError(f"{owner}.prompts={prompts!r} is invalid; expected a non-empty list of strings")
     return list(prompts)
@@ -140,32 +142,3 @@ def resolve_tokenizer(trainer: pl.Trainer, tokenizer: Any, owner: str) -> Any:
             f"{owner} needs a tokenizer: pass tokenizer=..., or use a datamodule with .tokenizer"
         )
     return tokenizer
-
-
-def score_generations(
-    pl_module: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, seed: int
-) -> tuple[dict[str, float], list[str]]:
-    """Continue each prompt (seed ``seed + i`` for prompt ``i``) and score the continuations' token ids with
-    :func:`~plasticity_lightning.metrics.degeneration_summary`. Returns (scores, decoded continuations)."""
-    device = next(pl_module.parameters()).device
-    continuations, samples = [], []
-    for i, prompt in enumerate(prompts):
-        ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=device)
-        generated = _generate(pl_module, ids, max_new_tokens, seed + i)[0, ids.shape[1] :].tolist()
-        continuations.append(generated)
-        samples.append(tokenizer.decode(generated))
-    return degeneration_summary(continuations), samples
-
-
-def _generate(pl_module: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, seed: int) -> torch.Tensor:
-    """The module's own seeded ``generate`` (CausalLM's), else the library's on the HF model at ``.model``."""
-    generate = getattr(pl_module, "generate", None)
-    if callable(generate):
-        return generate(ids, max_new_tokens=max_new_tokens, seed=seed)
-    model = getattr(pl_module, "model", None)
-    if model is None or not hasattr(model, "generate"):
-        raise PlasticityConfigError(
-            f"DegenerationMonitor: {type(pl_module).__name__} has neither generate(input_ids, max_new_tokens, seed) "
-            "nor an HF model at .model"
-        )
-    return generate_seeded(model, ids, max_new_tokens, seed, owner=f"{type(pl_module).__name__}.model")

@@ -1,10 +1,12 @@
 """Attention-head policies for any training loop: head importance, which heads to prune and to revive, the
-reviver (fresh weights, gate ramp, learning-rate boost) and the prune → measure → grow → learn cycle's controller.
+reviver (fresh weights, gate ramp, learning-rate boost), the prune → measure → grow → learn cycle's controller
+and what a cycle is judged on (perplexity, degeneration of seeded generations, live heads).
 The tensor surgery they call (gates, re-initialisation, removal) is :mod:`plasticity_lightning.surgery.heads`; the
 Lightning callbacks over them are :mod:`plasticity_lightning.callbacks.heads`."""
 
 from plasticity_lightning.policies.heads.cycle import CycleController, updated_rating
 from plasticity_lightning.policies.heads.importance import IMPORTANCE_METHODS, HeadImportanceScores
+from plasticity_lightning.policies.heads.measures import continue_prompt, cycle_measures, score_generations
 from plasticity_lightning.policies.heads.pruning import IterativeHeadPruner, PruningStep
 from plasticity_lightning.policies.heads.reviver import CYCLE_REVIVER_SETTINGS, HeadReviver, ReviverSettings
 from plasticity_lightning.policies.heads.selection import (
@@ -35,11 +37,14 @@ __all__ = [
     "PruningStep",
     "ReviverSettings",
     "choose_heads_to_grow",
+    "continue_prompt",
+    "cycle_measures",
     "entropy_gap",
     "head_scores",
     "heads_to_grow",
     "language_model",
     "lowest_heads",
     "require_finite_scores",
+    "score_generations",
     "updated_rating",
 ]
