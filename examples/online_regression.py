@@ -3,10 +3,10 @@
 The loop is plain PyTorch; the library adds three lines — build the policy, call it after ``optimizer.step()``, and
 (optionally) measure the network's plasticity now and then with :func:`plasticity_lightning.policies.measure`::
 
-    python examples/online_regression.py [--steps 200000] [--no-cbp]
+    python examples/online_regression.py [--steps 200000] [--no-cbp] [--plot error.png]
 """
 
-# docs-gallery: --steps 3000 --report-every 1500
+# docs-gallery: --steps 3000 --report-every 300 --plot {figure}
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--report-every", type=int, default=20_000)
     parser.add_argument("--no-cbp", action="store_true", help="plain backprop")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", help="save the error and effective rank at each report to this PNG")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     problem = SlowlyChangingRegression(seed=args.seed)
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             window=1000,
         )
 
-    errors, summary = [], {}
+    errors, summary, history = [], {}, []
     for step in range(args.steps):
         loss = F.mse_loss(model(x[step : step + 1]), y[step : step + 1])
         optimizer.zero_grad()
@@ -63,10 +64,33 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 "dead_fraction": values["1/dead_fraction"],
             }
             print(f"step {step + 1:>8,}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
+            history.append((step + 1, summary))
     if cbp is not None:
         cbp.flush()
         print(f"CBP replaced {sum(s.replaced for s in cbp.states.values())} units of {cbp.bound_layers}")
+    if args.plot:
+        plot(history, args.plot, "plain backprop" if cbp is None else "continual backprop")
     return summary
+
+
+def plot(history: list[tuple[int, dict[str, float]]], path: str, label: str) -> None:
+    """The mean online error and the hidden layer's effective rank at each report, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [step for step, _ in history]
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for axis, key, title in zip(
+        axes, ("error", "effective_rank"), ("mean online error", "effective rank"), strict=True
+    ):
+        axis.plot(steps, [values[key] for _, values in history], marker="o", label=label)
+        axis.set(xlabel="step", title=title)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ buffer only when recycling is due, and optionally CBP::
     python examples/rl_replay.py [--steps 30000] [--cbp]
 """
 
-# docs-gallery: --steps 500 --redo-every 100 --report-every 250 --cbp
+# docs-gallery: --steps 1000 --redo-every 100 --report-every 100 --cbp --plot {figure}
 
 from __future__ import annotations
 
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--report-every", type=int, default=5000)
     parser.add_argument("--cbp", action="store_true", help="also Continual Backprop")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", help="save the return and the dormant share at each report to this PNG")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     env = DriftingChain(args.states, args.switch_every, seed=args.seed)
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     cbp = ContinualBackprop(q, optimizer, replacement_rate=1e-4, init="kaiming") if args.cbp else None
 
-    obs, episode_return, returns, summary = env.reset(), 0.0, [], {}
+    obs, episode_return, returns, summary, history = env.reset(), 0.0, [], {}, []
     explore = torch.Generator().manual_seed(args.seed + 1)
     for step in range(1, args.steps + 1):
         with torch.no_grad():  # acting is not training: the policies' hooks ignore it
@@ -136,7 +137,29 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 "recycled": float(sum(redo.replaced.values())),
             }
             print(f"step {step:>7,}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
+            history.append((step, summary))
+    if args.plot:
+        plot(history, args.plot)
     return summary
+
+
+def plot(history: list[tuple[int, dict[str, float]]], path: str) -> None:
+    """The recent mean return and the ReDo-dormant share at each report, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [step for step, _ in history]
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for axis, key, title in zip(
+        axes, ("return", "dormant"), ("mean return (last 50 episodes)", "ReDo-dormant share"), strict=True
+    ):
+        axis.plot(steps, [values[key] for _, values in history], marker="o")
+        axis.set(xlabel="step", title=title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 if __name__ == "__main__":

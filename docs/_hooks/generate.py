@@ -17,8 +17,10 @@ import ast
 import html
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -301,7 +303,10 @@ def examples() -> list[Path]:
 
 
 def gallery_arguments(path: Path) -> list[str]:
-    """The quick-mode arguments an example declares on its ``# docs-gallery: ARGS`` line."""
+    """The quick-mode arguments an example declares on its ``# docs-gallery: ARGS`` line.
+
+    ``{figure}`` among them stands for a PNG file the example writes; the gallery page shows it.
+    """
     match = GALLERY_LINE.search(path.read_text())
     if match is None:
         raise PluginError(
@@ -311,8 +316,9 @@ def gallery_arguments(path: Path) -> list[str]:
     return match.group(1).split()
 
 
-def _start_example(path: Path) -> tuple[subprocess.Popen, float]:
+def _start_example(path: Path) -> tuple[subprocess.Popen, float, Path]:
     """Start an example's quick run (all examples run at once: the build waits for the slowest, not the sum)."""
+    figure = Path(tempfile.mkdtemp(prefix="gallery-")) / f"{path.stem}.png"
     environment = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
@@ -320,11 +326,16 @@ def _start_example(path: Path) -> tuple[subprocess.Popen, float]:
         "PYTHONWARNINGS": "ignore",
         "OMP_NUM_THREADS": "1",
     }
-    command = [sys.executable, str(path), *gallery_arguments(path)]
+    arguments = [argument.replace("{figure}", str(figure)) for argument in gallery_arguments(path)]
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=environment
+        [sys.executable, str(path), *arguments],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=environment,
     )
-    return process, time.perf_counter()
+    return process, time.perf_counter(), figure
 
 
 def _finish_example(path: Path, process: subprocess.Popen, started: float) -> tuple[str, float]:
@@ -341,7 +352,7 @@ def _finish_example(path: Path, process: subprocess.Popen, started: float) -> tu
 
 
 OUTPUT_PLACEHOLDER = "<!-- gallery output: filled in when the page is rendered -->"
-_RUNNING: dict[str, tuple[Path, subprocess.Popen, float]] = {}
+_RUNNING: dict[str, tuple[Path, subprocess.Popen, float, Path]] = {}
 
 
 def _example_page(path: Path) -> str:
@@ -357,9 +368,19 @@ def _example_page(path: Path) -> str:
     return "\n".join(lines)
 
 
-def _with_output(markdown: str, path: Path, process: subprocess.Popen, started: float) -> str:
+def _with_output(
+    markdown: str, site_dir: str, path: Path, process: subprocess.Popen, started: float, figure: Path
+) -> str:
     output, seconds = _finish_example(path, process, started)
     block = '<pre class="gallery-output"><code>' + html.escape(output.rstrip()) + "</code></pre>"
+    if "{figure}" in " ".join(gallery_arguments(path)):
+        if not figure.is_file():
+            raise PluginError(f"{path.relative_to(REPO)} was given --plot {{figure}} but wrote no figure")
+        target = Path(site_dir) / "gallery" / figure.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(figure, target)  # beside the page, which is written after this hook
+        block += f'\n\n<img class="gallery-figure" src="{figure.name}" alt="the figure {path.name} drew">'
+    shutil.rmtree(figure.parent, ignore_errors=True)
     markdown = markdown.replace(OUTPUT_PLACEHOLDER, f"Run while this site was built ({seconds:.1f} s):", 1)
     return markdown.replace("<!-- output -->", block, 1)
 
@@ -411,14 +432,15 @@ def on_pre_build(config: Any) -> None:
 def on_page_markdown(markdown: str, page: Any, **kwargs: Any) -> str:
     """Embed an example's output in its gallery page (waiting for its run if it is still going)."""
     running = _RUNNING.pop(page.file.src_uri, None)
-    return markdown if running is None else _with_output(markdown, *running)
+    return markdown if running is None else _with_output(markdown, kwargs["config"].site_dir, *running)
 
 
 def on_post_build(config: Any) -> None:
     """Stop any run whose page was not rendered (a failed build)."""
-    for _, process, _ in _RUNNING.values():
+    for _, process, _, figure in _RUNNING.values():
         process.kill()
         process.communicate()
+        shutil.rmtree(figure.parent, ignore_errors=True)
     _RUNNING.clear()
 
 
