@@ -87,6 +87,7 @@ class FeatureStatistics(Metric):
 
     Args:
         num_units: units (columns or channels) of the layer.
+        **kwargs: torchmetrics ``Metric`` arguments (``dist_sync_fn``, ``sync_on_compute``, ...).
 
     Example::
 
@@ -163,6 +164,9 @@ class WeightChange(Metric):
     """Weight change per update accumulated over updates (and processes): ``compute()`` returns
     ``{"mean": mean ‖Δθ‖ per update, "max": the largest, "updates": how many}``.
 
+    Args:
+        **kwargs: torchmetrics ``Metric`` arguments (``dist_sync_fn``, ``sync_on_compute``, ...).
+
     Example::
 
         >>> metric = WeightChange()
@@ -234,6 +238,7 @@ class GradientDormancy(Metric):
     Args:
         num_units: units of the layer.
         tau: GraMa's threshold.
+        **kwargs: torchmetrics ``Metric`` arguments (``dist_sync_fn``, ``sync_on_compute``, ...).
 
     Example::
 
