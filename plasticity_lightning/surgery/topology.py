@@ -8,7 +8,8 @@ per-unit operations:
 
 * ``Linear → act → Linear`` (also with ``BatchNorm1d``/``LayerNorm``, dropout; with LayerNorm a reset unit shifts
   the statistics LayerNorm computes across units, so the others' outputs change slightly);
-* ``Conv → (BN) → act → (pool) → Conv``;
+* ``Conv → (BN or GroupNorm) → act → (pool) → Conv`` (GroupNorm, like LayerNorm, normalises across units: a reset
+  unit shifts the others' statistics slightly);
 * ``Conv → … → flatten → Linear``: each channel owns ``in_features / channels`` consecutive columns (its H×W map);
 * inside ResNet basic blocks, ``conv1 → bn1 → act1 → conv2``. A block's ``conv2`` output enters a residual sum,
   which mixes it with the block input, so it is *not* a pair (as in ReDo, which recycles only such inner layers);
@@ -56,7 +57,7 @@ from plasticity_lightning.probes.capture import INPUT_SUFFIX, is_transposed_line
 from plasticity_lightning.surgery.rules import PairingRule, rule_for
 
 WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)  # and HF's Conv1D, recognised by is_transposed_linear
-NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
+NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 # Operations that act on every unit separately: a unit's output passes through them as the same unit.
 _PER_UNIT_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU,
@@ -312,6 +313,12 @@ def pair_units(
             rule = f" for {type(modules[block]).__name__}"
         skipped = f" (skipped: {'; '.join(f'{k}: {v}' for k, v in found.skipped.items())})" if found.skipped else ""
         unpaired = f"; nothing paired the weight layers of {_describe_blocks(modules, blocks)}" if blocks else ""
+        recurrent = [f"{name} ({type(m).__name__})" for name, m in modules.items() if isinstance(m, nn.RNNBase)]
+        if recurrent:  # what a user of an LSTM/GRU model looks for: why its units are not replaced
+            unpaired += (
+                f"; the units of {', '.join(recurrent[:3])}{' …' if len(recurrent) > 3 else ''} live inside the "
+                "recurrence, which unit surgery does not change (the monitors read them)"
+            )
         fix = (
             f"pass the pairs explicitly, e.g. {owner}(pairs={example!r}) (each producer's output units are its "
             f"consumer's inputs), or register a PairingRule{rule} (plasticity_lightning.surgery.rules)"
@@ -688,10 +695,12 @@ def _bind(pair: UnitPair, modules: dict[str, nn.Module], owner: str) -> None:
         size = norm.num_features if isinstance(norm, nn.modules.batchnorm._BatchNorm) else None
         if isinstance(norm, nn.LayerNorm):
             size = norm.normalized_shape[-1] if len(norm.normalized_shape) == 1 else None
+        if isinstance(norm, nn.GroupNorm):  # a per-channel scale and shift; statistics over groups of channels
+            size = norm.num_channels
         if not isinstance(norm, NORM_LAYERS) or size != units:
             raise PlasticityConfigError(
                 f"{owner}: norm layer {name!r} ({type(norm).__name__}) does not normalise the {units} units of "
-                f"{pair.producer!r} one entry per unit; supported: BatchNorm1d/2d and 1-D LayerNorm"
+                f"{pair.producer!r} one entry per unit; supported: BatchNorm1d/2d, 1-D LayerNorm and GroupNorm"
             )
         norm_modules.append(norm)
     pair.producer_module, pair.consumer_module, pair.norm_modules = producer, consumer, tuple(norm_modules)
