@@ -21,7 +21,12 @@ from plasticity_lightning.core.batches import token_ids
 from plasticity_lightning.core.errors import PlasticityConfigError, check_choice, check_fraction, check_positive_int
 from plasticity_lightning.policies.base import Policy
 from plasticity_lightning.policies.heads.reviver import HeadReviver, ReviverSettings
-from plasticity_lightning.policies.heads.selection import GROWTH_CHOICES, NonFiniteScores, choose_heads_to_grow
+from plasticity_lightning.policies.heads.selection import (
+    GROWTH_CHOICES,
+    NonFiniteScores,
+    choose_heads_to_grow,
+    share_count,
+)
 from plasticity_lightning.probes import ProbeSet
 from plasticity_lightning.surgery.heads import HeadGates
 
@@ -196,7 +201,7 @@ class HeadGrowth(RevivingIntervention):
         """Revive ``count`` dead heads (default: ``fraction`` of them, at least one). Returns the heads revived."""
         dead = int((self._gates().mask == 0).sum())
         if count is None:
-            count = max(1, int(self.fraction * dead)) if dead else 0
+            count = share_count(self.fraction, dead)
         try:
             heads = self.choose(trainer, pl_module, count) if count > 0 else []
         except NonFiniteScores as skipped:

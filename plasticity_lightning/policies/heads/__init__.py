@@ -21,6 +21,7 @@ from plasticity_lightning.policies.heads.selection import (
     language_model,
     lowest_heads,
     require_finite_scores,
+    share_count,
 )
 
 __all__ = [
@@ -46,5 +47,6 @@ __all__ = [
     "lowest_heads",
     "require_finite_scores",
     "score_generations",
+    "share_count",
     "updated_rating",
 ]

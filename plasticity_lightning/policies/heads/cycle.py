@@ -35,6 +35,7 @@ from plasticity_lightning.policies.heads.selection import (
     choose_heads_to_grow,
     head_scores,
     lowest_heads,
+    share_count,
 )
 from plasticity_lightning.surgery.heads import HeadGates
 
@@ -243,7 +244,7 @@ class CycleController(Policy):
         """Steps 3–4: gate off the lowest-scored heads, measure, choose the dead heads to revive (by the plan's
         strategies; :class:`NonFiniteScores` on NaN/inf scores, before anything is revived)."""
         alive = gates.mask.cpu() > 0
-        count = max(1, int(plan["prune_level"] * int(alive.sum())))
+        count = share_count(plan["prune_level"], int(alive.sum()))
         scoring = {"importance": importance, "input_ids": input_ids, "generator": self.generator}
         scores = head_scores(plan["prune_strategy"], model, gates, **scoring)
         pruned = self.broadcast(lowest_heads(scores, alive, count, plan["prune_strategy"]))
@@ -251,7 +252,7 @@ class CycleController(Policy):
             gates.set(layer, head, 0.0)
         after_pruning = measure()
         dead = int((gates.mask == 0).sum())
-        grow_count = max(1, int(plan["growth_ratio"] * dead)) if dead else 0
+        grow_count = share_count(plan["growth_ratio"], dead)
         grown = choose_heads_to_grow(plan["growth_strategy"], model, gates, grow_count, **scoring)
         return pruned, after_pruning, self.broadcast(grown)
 

@@ -39,6 +39,18 @@ def require_finite_scores(scores: torch.Tensor, candidates: torch.Tensor, what: 
         raise NonFiniteScores(what)
 
 
+def share_count(fraction: float, total: int) -> int:
+    """How many of ``total`` heads a share selects: ``max(1, int(fraction · total))``, and 0 of none (the one rule
+    of the pruning and growth steps).
+
+    Example::
+
+        >>> share_count(0.2, 12), share_count(0.5, 1), share_count(0.5, 0)
+        (2, 1, 0)
+    """
+    return max(1, int(fraction * total)) if total else 0
+
+
 def language_model(module: nn.Module) -> nn.Module:
     """The HF transformers model of ``module``: ``module.model`` (as in CausalLM) or ``module`` itself."""
     inner = getattr(module, "model", None)
