@@ -53,6 +53,22 @@ def test_layer_norm_models_are_invariant_to_the_scale_of_a_normalised_layer():
     assert plain.hidden[0].norm is None and "hidden.0.norm.weight" not in plain.state_dict()
 
 
+def test_unit_surgery_pairs_through_the_convnets_group_norm():
+    from plasticity_lightning.surgery import find_unit_pairs, reinit_units
+
+    conv = ConvNet(num_classes=3, in_channels=1, input_size=30, norm="layer")
+    pairs = {(p.producer, p.consumer): p for p in find_unit_pairs(conv)}
+    pair = pairs[("features.conv1", "features.conv2")]  # a GroupNorm between them used to hide the conv pairs
+    assert pair.norms == ("features.norm1",) and ("features.conv3", "classifier.fc1") in pairs
+    with torch.no_grad():
+        conv.features.norm1.weight.fill_(2.0)
+        conv.features.norm1.bias.fill_(0.5)
+    reinit_units(pair, torch.tensor([3, 7]), init="default", generator=torch.Generator().manual_seed(0))
+    assert conv.features.norm1.weight[[3, 7]].tolist() == [1.0, 1.0] and conv.features.norm1.bias[3].item() == 0.0
+    assert conv.features.norm1.weight[0].item() == 2.0  # other units untouched
+    assert conv.features.conv2.weight[:, [3, 7]].abs().sum().item() == 0.0  # outgoing weights zeroed
+
+
 def test_normalize_and_project_holds_every_weight_at_its_initial_norm(tmp_path):
     model = _mlp(norm="layer")
     initial = {n: np.linalg.norm(p.detach().double().numpy()) for n, p in model.named_parameters() if p.ndim >= 2}
