@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from plasticity_lightning import PlasticityConfigError
-from plasticity_lightning.probes import ProbeSet, capture_outputs, unit_axes
+from plasticity_lightning.probes import ProbeSet, capture_outputs, resolve_layers, unit_axes, units_first
 
 
 def full(message: str) -> str:
@@ -137,3 +137,25 @@ def test_augmentations_see_the_global_rng_exactly_as_seeding_it_with_the_probe_s
     order = torch.randperm(6, generator=torch.Generator().manual_seed(4))[:3].sort().values
     expected = torch.rand(3)  # nothing else draws from it first (the reader has its own generator)
     assert torch.equal(rows[:, 0], order.float()) and torch.equal(rows[:, 1], expected)
+
+
+def test_unit_axes_of_nested_layers_and_of_a_recurrent_layers_input():
+    inner = nn.Sequential(nn.Linear(3, 4), nn.GELU())
+    deep = nn.Sequential(nn.Sequential(nn.TransformerEncoderLayer(8, 2, dim_feedforward=16)))  # not batch_first
+    lstm = nn.ModuleDict({"lstm": nn.LSTM(3, 5)})
+    assert unit_axes(nn.Sequential(inner), {"0.1": inner[1]}) == {"0.1": (0, -1)}  # its sibling in its own parent
+    assert unit_axes(deep, {"0.0.linear1": deep[0][0].linear1}) == {"0.0.linear1": (1, -1)}  # an ancestor's axis
+    assert unit_axes(lstm, {"lstm:input": lstm["lstm"]}) == {"lstm:input": (1, -1)}  # the tapped module's own
+    # a name the model does not hold takes no sibling's axis
+    assert unit_axes(nn.Sequential(inner), {"0.9": nn.ReLU()}) == {"0.9": (0, None)}
+
+
+def test_two_dimensional_outputs_are_samples_by_units_whatever_the_axes_say():
+    x = torch.arange(6.0).reshape(2, 3)
+    assert units_first(x, sample_axis=1) is x and units_first(x, unit_axis=0) is x
+
+
+def test_a_missing_layer_lists_the_first_twelve_module_names():
+    net = nn.Sequential(*(nn.ReLU() for _ in range(14)))
+    with pytest.raises(PlasticityConfigError, match=r"e\.g\. 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 \(add"):
+        resolve_layers(net, ["x"])
