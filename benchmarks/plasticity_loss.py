@@ -5,7 +5,8 @@ several seeds — plain backprop (`recipes/plasticity_loss_digits.yaml`) and the
 ReDo, Shrink & Perturb, L2 Init, layer resets, layer normalisation, Normalize-and-Project, Parseval regularisation,
 plasticity injection or CReLU
 (`recipes/plasticity_loss_digits_{cbp,redo,shrink_perturb,l2_init,reset,layernorm,nap,parseval,injection,crelu}.yaml`);
-`--from-scratch` adds the from-scratch baseline (`continual/plasticity_gap`) to every run — then
+`--from-scratch` adds the from-scratch baseline (`continual/plasticity_gap`) to every run, `--eval-on all` the full
+task-accuracy matrix and with it backward and forward transfer (`continual/bwt`, `continual/fwt_next`, `fwt_all`) — then
 compares them with one `plasticity report --compare` command: the per-task curves of every variant (mean and 95%
 band over its seeds) in `<output>/comparison/report.html`, and the table of the first tasks against the last for
 new-task accuracy, effective rank and dormant units, with paired tests against BP. Expected direction (Dohare et
@@ -49,6 +50,7 @@ def fit(
     in_process: bool = False,
     batches: int | None = None,
     from_scratch: bool = False,
+    eval_on: str | None = None,
 ) -> float:
     """One run of ``variant`` through ``plasticity fit`` (a new process, or this one); returns its wall time.
     ``from_scratch``: with ``configs/callbacks/from_scratch.yaml`` (the plasticity gap on every task)."""
@@ -68,6 +70,7 @@ def fit(
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_checkpointing=false",
         *cut,
+        *([f"--data.init_args.schedule.init_args.eval_on={eval_on}"] if eval_on else []),
     ]
     start = time.perf_counter()
     if in_process:
@@ -103,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also train a network from scratch on every task: the plasticity gap",
     )
+    parser.add_argument(
+        "--eval-on",
+        choices=["current", "seen", "all"],
+        help="which tasks validation evaluates (the recipes: current). 'all' fills the task-accuracy matrix, so each "
+        "run also reports backward transfer (BWT) and forward transfer (FWT) against the random-init row; it "
+        "evaluates every task at every validation (50 tasks: ~50x the validation time)",
+    )
     args = parser.parse_args(argv)
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             if (out / variant / f"version_{seed}" / "metrics.csv").is_file():
                 print(f"{variant} seed {seed}: kept from an earlier run")
                 continue
-            seconds = fit(variant, seed, args.tasks, out, args.in_process, args.batches, args.from_scratch)
+            seconds = fit(
+                variant, seed, args.tasks, out, args.in_process, args.batches, args.from_scratch, args.eval_on
+            )
             print(f"{variant} seed {seed}: {seconds:.0f} s", flush=True)
     command = [
         "report",

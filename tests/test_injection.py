@@ -93,6 +93,27 @@ def test_a_block_head_schedules_and_state_round_trip():
     assert not torch.equal(net(x), twin(x))  # detached: only the live head
 
 
+def test_a_head_with_hooks_holding_uncopyable_state_is_injected():
+    import threading
+
+    net = _net()
+
+    class Capture:  # a callback's hook: a bound method, whose object holds what deepcopy cannot copy
+        def __init__(self):
+            self.lock = threading.Lock()  # as a dataloader iterator behind a trainer does
+
+        def hook(self, module, args, output):
+            return None
+
+    net[2].register_forward_hook(Capture().hook)
+    x = torch.randn(4, 6)
+    before = net(x).detach()
+    injection = policies.PlasticityInjection(net, layer="2")
+    injection.apply()
+    injection.apply()  # a second time: the head now also carries the injection's own hook
+    assert torch.equal(net(x), before) and len(net[2]._forward_hooks) == 2
+
+
 def test_bad_targets():
     net = _net()
     with pytest.raises(

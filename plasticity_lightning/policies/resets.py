@@ -46,8 +46,19 @@ def _layer_init(model: nn.Module, name: str) -> tuple[str, float]:
 
 
 def fresh_layer(model: nn.Module, name: str, module: nn.Module, generator: torch.Generator) -> nn.Module:
-    """A copy of ``module`` re-initialised as the model initialised it (``layer_init``; else PyTorch's default)."""
-    fresh = copy.deepcopy(module)
+    """A copy of ``module`` re-initialised as the model initialised it (``layer_init``; else PyTorch's default).
+
+    Hooks on ``module`` (a monitor's capture, an injection's frozen terms) are not copied: what they hold (a callback,
+    its trainer, a dataloader iterator) need not be copyable, and the copy only lends its fresh values.
+    """
+    saved = [(attr, hooks) for attr in _HOOK_DICTS if (hooks := module.__dict__.get(attr))]
+    for attr, hooks in saved:
+        module.__dict__[attr] = type(hooks)()
+    try:
+        fresh = copy.deepcopy(module)
+    finally:
+        for attr, hooks in saved:
+            module.__dict__[attr] = hooks
     if isinstance(module, _WEIGHT_LAYERS):
         scheme, gain = _layer_init(model, name)
         init_layer_(fresh, scheme, gain=gain, generator=generator)
