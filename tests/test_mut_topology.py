@@ -25,9 +25,11 @@ from plasticity_lightning.surgery import (
     unregister_pairing_rule,
 )
 from plasticity_lightning.surgery.topology import (
+    FusedRows,
     UnitPair,
     UnitPairing,
     is_weight_layer,
+    parameter_slices,
     unit_weight,
     weight_unit_axis,
 )
@@ -455,7 +457,7 @@ def test_binding_errors_name_the_module_and_what_is_wrong():
 
 @pytest.mark.parametrize(
     ("norm", "kind"),
-    [(nn.BatchNorm1d(5), "BatchNorm1d"), (nn.LayerNorm([2, 4]), "LayerNorm"), (nn.GroupNorm(2, 4), "GroupNorm")],
+    [(nn.BatchNorm1d(5), "BatchNorm1d"), (nn.LayerNorm([2, 4]), "LayerNorm"), (nn.GroupNorm(2, 6), "GroupNorm")],
 )
 def test_a_norm_that_does_not_normalise_one_entry_per_unit_is_refused(norm, kind):
     net = nn.Sequential(nn.Linear(3, 4), norm, nn.Linear(4, 2))
@@ -463,7 +465,7 @@ def test_a_norm_that_does_not_normalise_one_entry_per_unit_is_refused(norm, kind
         PlasticityConfigError,
         match=full(
             f"X: norm layer '1' ({kind}) does not normalise the 4 units of '0' one entry per unit; supported: "
-            "BatchNorm1d/2d and 1-D LayerNorm"
+            "BatchNorm1d/2d, 1-D LayerNorm and GroupNorm"
         ),
     ):
         find_unit_pairs(net, pairs=[["0", "2", ["1"]]], owner="X")
@@ -792,3 +794,111 @@ def test_blocks_a_rule_reads_are_never_named_as_unpaired():
             find_unit_pairs(nn.Sequential(_Wrapped(), _Softmaxed()), owner="X")
     finally:
         unregister_pairing_rule("test_nopairs")
+
+
+def test_fused_rows_are_views_of_their_block_and_locate_it():
+    layer = nn.Linear(3, 8)
+    up = FusedRows(layer, 4, 8)
+    assert up.weight.shape == (4, 3) and up.weight.data_ptr() == layer.weight[4].data_ptr()
+    assert torch.equal(up.bias, layer.bias[4:]) and up.in_features == 3
+    assert parameter_slices(up) == (layer, 4) and parameter_slices(layer) == (layer, 0)
+    assert FusedRows(nn.Linear(3, 8, bias=False), 0, 4).bias is None
+    pair = UnitPair("mlp.gate_up", "mlp.down", fused=2)
+    assert pair.describe() == "mlp.gate_up (2 fused row blocks) → mlp.down" and pair.gated
+    assert UnitPair("a", "b", fused=1).describe() == "a → b" and not UnitPair("a", "b", fused=1).gated
+
+
+class _FusedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_up, self.down = nn.Linear(4, 12), nn.Linear(6, 4)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(torch.relu(gate) * up)
+
+
+def test_an_explicit_pair_takes_what_the_rule_knows_of_its_producer_or_partner(gated_rule):
+    register_pairing_rule(
+        PairingRule("test_fused", blocks=(_FusedBlock,), producer="gate_up", consumer="down", fused=2)
+    )
+    try:
+        fused = nn.Sequential(_FusedBlock())
+        (pair,) = find_unit_pairs(fused, pairs=[["0.gate_up", "0.down"]])
+    finally:
+        unregister_pairing_rule("test_fused")
+    assert pair.fused == 2 and pair.num_units == 6
+    assert [(m.module, m.start) for m in (pair.producer_module, *pair.partner_modules)] == [
+        (fused[0].gate_up, 0),
+        (fused[0].gate_up, 6),
+    ]
+    model = nn.Sequential(_Block(nn.Identity()))
+    given = pair_units(model, pairs=[["0.up", "0.down"]])  # a partner named as the producer
+    (pair,) = given.pairs
+    assert pair.activation is model[0].act and pair.activation_name == "0.act"  # from the rule's pair
+    assert pair.partners == () and pair.rule is None  # the partners belong to the rule's own producer
+    assert given.rule_blocks == {"0": "test_gated"} and given.trace_error is None
+    held = pair_units(_Holder(), pairs=[["head.0", "head.2"]])
+    assert held.trace_error.startswith("TraceError: ") and held.rule_blocks == {}
+
+
+def test_an_explicit_pair_sharing_parameters_is_refused_in_full():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.fc, self.out = nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 10)
+            self.out.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.out(torch.relu(self.fc(self.embed(ids))))
+
+    with pytest.raises(
+        PlasticityConfigError,
+        match=full(
+            "X: 'out' shares its parameters with 'embed' (tied or shared weights); replacing a unit of 'fc' would "
+            "rewrite 'embed' too, so the pair ['fc', 'out'] is refused"
+        ),
+    ):
+        find_unit_pairs(Tied(), pairs=[["fc", "out"]], owner="X")
+
+
+class _Sinked(nn.Module):
+    """A traced block with a layer that is registered and never called, and a layer whose output leaves it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 4)
+        self.sink = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class _TwoBlocks(nn.Module):
+    """Untraceable; its children are traced one by one: ``first``'s graph, then ``block``'s."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.first = _Sinked()
+        self.block = _Paths(mode)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = -x
+        return self.block(self.first(x))
+
+
+def test_each_traced_graph_is_asked_and_the_layer_never_called_is_the_one_named():
+    with pytest.raises(
+        PlasticityConfigError,
+        match=full(
+            "X.pairs: ['first.fc2', 'first.sink'] contradicts the traced model: 'first.sink' is never called in the "
+            "forward pass of 'first'"
+        ),
+    ):
+        find_unit_pairs(_TwoBlocks("dead"), pairs=[["first.fc2", "first.sink"]], owner="X")
+    with pytest.raises(
+        PlasticityConfigError,
+        match=full("X.pairs: ['block.a', 'block.b'] contradicts the traced model: 'block.a' does not feed 'block.b'"),
+    ):
+        find_unit_pairs(_TwoBlocks("dead"), pairs=[["block.a", "block.b"]], owner="X")  # the second graph
