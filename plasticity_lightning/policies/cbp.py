@@ -527,20 +527,21 @@ class ContinualBackprop(UnitPolicy):
         if key is None or torch.compiler.is_compiling():
             return None
         adaptable = self.utility == "adaptable_contribution"
-        finite = unit_surgery.run_compiled(
-            _fused_pairs_update,
-            key,
-            [unit_weight(pair.consumer_module).detach() for pair in pairs],
-            [unit_weight(pair.producer_module).detach() if adaptable else None for pair in pairs],
-            [activity for activity, _ in activities],
-            [state.utility for state in states],
-            [state.mean_activation for state in states],
-            [mean_activation for _, mean_activation in activities],
-            [state.skipped for state in states],
-            self.decay_rate,
-            describe=f"the fused CBP step (torch.compile) failed for {', '.join(names)}; their statistics use eager "
-            "PyTorch",
-        )
+        with torch.no_grad():  # one grad mode for the compiled program, whatever the caller's (no recompile)
+            finite = unit_surgery.run_compiled(
+                _fused_pairs_update,
+                key,
+                [unit_weight(pair.consumer_module).detach() for pair in pairs],
+                [unit_weight(pair.producer_module).detach() if adaptable else None for pair in pairs],
+                [activity for activity, _ in activities],
+                [state.utility for state in states],
+                [state.mean_activation for state in states],
+                [mean_activation for _, mean_activation in activities],
+                [state.skipped for state in states],
+                self.decay_rate,
+                describe=f"the fused CBP step (torch.compile) failed for {', '.join(names)}; their statistics use "
+                "eager PyTorch",
+            )
         if finite is not None:  # as the eager path leaves them: fresh this step (no cache is reused at n = 1)
             self._magnitudes, self._magnitude_age = None, 1
         return finite
