@@ -146,6 +146,12 @@ def test_home_api_page_and_search_work_offline_in_a_headless_browser(site):
         page.on("pageerror", lambda error: problems.append(str(error)))
         page.goto((site / "index.html").as_uri())
         assert "plasticity_lightning" in page.title()
+        figure = page.locator("article img").first
+        assert figure.evaluate("img => img.complete && img.naturalWidth > 0")  # the figure loads from the site
+        # the done-when paths, one click from home: a plain-loop CBP example, the measures, the pairing fix
+        for target in ("plain-loop.html#continual-backprop", "measuring.html#what-each-measure-means",
+                       "troubleshooting.html#layer-pairing"):  # fmt: skip
+            assert page.locator(f'article a[href*="{target}"]').count() >= 1, target
         page.goto((site / "reference" / "callbacks.html").as_uri())
         assert page.locator('[id="plasticity_lightning.callbacks.ContinualBackprop"]').count() == 1
         page.fill("input.md-search__input", "ContinualBackprop")  # Material's own search, from file://
