@@ -78,3 +78,9 @@ def test_per_task_series_ignores_measurements_outside_the_stream():
     # the last task measured only at the very end: no end state
     ended = per_task_series([0, 1], [1.0, 2.0], 2)
     assert ended[:2] == [1.0, 2.0] and math.isnan(ended[2])
+
+
+def test_an_infinite_cell_is_not_a_measurement_in_the_seen_mean():
+    rows = {0: [0.5, NAN], 1: [math.inf, 0.5]}
+    assert math.isnan(accuracy_matrix_summary(rows)["avg_seen_acc"])
+    assert seen_accuracy(rows, 2)[0] == 0.5 and math.isnan(seen_accuracy(rows, 2)[1])
