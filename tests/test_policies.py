@@ -500,7 +500,7 @@ class UserNet(nn.Module):
 
 PROBE = torch.randn(32, 6, generator=torch.Generator().manual_seed(11))
 #: (optimizer, the policy on (model, optimizer), its call in the loop at step i (after optimizer.step()), the layers
-#: it reports) — each policy with another optimizer, each acting several times within 40 steps
+#: it reports) — each policy with another optimizer, each acting at least once on each side of step 12 of 24
 EVERY_POLICY = {
     "cbp": (
         torch.optim.Adam,
@@ -518,7 +518,7 @@ EVERY_POLICY = {
     ),
     "redo": (
         torch.optim.RMSprop,
-        lambda m, o: policies.ReDo(m, o, every_n_steps=5, tau=0.5, init="kaiming", seed=2),
+        lambda m, o: policies.ReDo(m, o, every_n_steps=4, tau=0.7, init="kaiming", seed=2),
         lambda p, i: p.step(PROBE),
         ["encoder → hidden", "hidden → out"],
     ),
@@ -594,7 +594,7 @@ def test_every_policy_runs_on_a_users_module_with_its_own_generator_and_resumes_
         assert all(name in reports[0] for name in layers)
         torch.manual_seed(123)
         global_rng = torch.get_rng_state()
-        every_policy_loop(kind, whole, optimizer, policy, range(40))
+        every_policy_loop(kind, whole, optimizer, policy, range(24))
         assert torch.equal(torch.get_rng_state(), global_rng), "the policy drew from the global RNG"
     # fresh weights on a module without layer_init: PyTorch's default init, said once, with what settles it (the
     # unit policies were given init="kaiming": nothing guessed)
@@ -609,7 +609,7 @@ def test_every_policy_runs_on_a_users_module_with_its_own_generator_and_resumes_
         first = _user_net(0)
         optimizer = make_optimizer(first.parameters(), **settings)
         policy = make_policy(first, optimizer)
-        every_policy_loop(kind, first, optimizer, policy, range(20))
+        every_policy_loop(kind, first, optimizer, policy, range(12))
         saved = copy.deepcopy((first.state_dict(), optimizer.state_dict(), policy.state_dict()))
         second = _user_net(9)  # other weights: everything comes from the saved state
         second.load_state_dict(saved[0])
@@ -617,12 +617,12 @@ def test_every_policy_runs_on_a_users_module_with_its_own_generator_and_resumes_
         optimizer.load_state_dict(saved[1])
         resumed = make_policy(second, optimizer)
         resumed.load_state_dict(saved[2])
-        every_policy_loop(kind, second, optimizer, resumed, range(20, 40))
+        every_policy_loop(kind, second, optimizer, resumed, range(12, 24))
     for (name, a), b in zip(whole.named_parameters(), second.parameters(), strict=True):
         assert torch.equal(a, b), name
     # and the policy acted: the weights are not those plain training alone would give
     plain = UserNet()
     plain.load_state_dict(initial)
     optimizer = make_optimizer(plain.parameters(), **settings)
-    every_policy_loop(kind, plain, optimizer, None, range(40))
+    every_policy_loop(kind, plain, optimizer, None, range(24))
     assert any(not torch.equal(a, b) for a, b in zip(whole.parameters(), plain.parameters(), strict=True))
