@@ -16,7 +16,7 @@ noise only ever adds time) are compared with the fit without callbacks:
 The MLP quickstart's own ratio (benchmarks/monitor_overhead.py, issue 12's target: <= 1.05) is measured in the same
 rotation, so both ratios come from the same minutes of the same machine.
 
-    python benchmarks/monitor_overhead_transformer.py [--repeats 4] [--mlp-epochs 30]
+    python benchmarks/monitor_overhead_transformer.py [--repeats 4] [--mlp-epochs 30] [--skip "16 blocks"]
 
 ``benchmarks/monitor_overhead.py`` runs this workload interleaved with the quickstart and the
 plasticity_loss_digits fit, and prints the three ratios together.
@@ -96,7 +96,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=80_000, help="tokens of the stream, cut into --tasks parts")
     parser.add_argument("--mlp-epochs", type=int, default=30, help="epochs of the MLP quickstart fit (0: skip it)")
     parser.add_argument("--data-dir", default="data", help="where the tokenizer trained on the plays is cached")
+    parser.add_argument(
+        "--skip", nargs="*", default=[], help="leave out the variants whose names contain one of these words"
+    )
     args = parser.parse_args()
+    for name in [n for n in VARIANTS if n != "no callbacks" and any(word in n for word in args.skip)]:
+        del VARIANTS[name]
     warnings.filterwarnings("ignore")
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load {os.getloadavg()}"
