@@ -49,16 +49,20 @@ class Regressor(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
-def plain_loop(model, policy_step, x, y, batch_size):
-    """The loop a user writes: forward, loss, zero_grad, backward, step, then the policy."""
+def plain_loop(model, policy_step, x, y, batch_size, before_step=False):
+    """The loop a user writes: forward, loss, zero_grad, backward, step, then the policy (L2Init: before the
+    step)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     policy = policy_step(model, optimizer)
     for start in range(0, len(x), batch_size):
         loss = F.mse_loss(model(x[start : start + batch_size]), y[start : start + batch_size])
         optimizer.zero_grad()
         loss.backward()
+        if before_step:
+            policy.step()
         optimizer.step()
-        policy.step()
+        if not before_step:
+            policy.step()
     return policy
 
 
@@ -91,6 +95,10 @@ SAME_STREAM = {
             model, opt, every_n_steps=3, tau=0.6, init="kaiming", seed=2, probe=stream()[0]
         ),
     ),
+    "l2_init": (
+        lambda: callbacks.L2Init(weight=0.05),
+        lambda model, opt: policies.L2Init(model, weight=0.05),
+    ),
     "shrink_perturb": (
         lambda: callbacks.ShrinkAndPerturb(
             shrink=0.9, perturb=0.01, noise="gaussian", on_task_change=False, every_n_steps=2, seed=1
@@ -113,13 +121,15 @@ def test_the_callback_and_the_bare_policy_give_bit_identical_weights(tmp_path, k
         callback = make_callback()
         data = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
         make_trainer(tmp_path, callbacks=[callback], max_epochs=1, limit_val_batches=0).fit(lightning_model, data)
-        policy = plain_loop(plain_model, make_policy, x, y, batch_size=8)
+        policy = plain_loop(plain_model, make_policy, x, y, batch_size=8, before_step=kind == "l2_init")
     for (name, ours), theirs in zip(lightning_model.net.named_parameters(), plain_model.parameters(), strict=True):
         assert torch.equal(ours, theirs), name
     if kind.startswith("cbp"):  # units were replaced along the way, identically
         replaced = [state.replaced for state in callback.states.values()]  # "net.0" there, "0" here
         assert replaced == [state.replaced for state in policy.states.values()]
         assert sum(replaced) > 0
+    elif kind == "l2_init":  # both pulled toward the same θ₀ (named "net.0.weight" there, "0.weight" here)
+        assert [v.tolist() for v in callback.initial.values()] == [v.tolist() for v in policy.initial.values()]
     elif kind == "redo":  # dormant units were recycled at steps 3, 6, 9 and 12, identically
         assert list(callback.replaced.values()) == list(policy.replaced.values()) and sum(policy.replaced.values()) > 0
     else:
