@@ -496,6 +496,25 @@ def test_the_window_refuses_what_it_cannot_do():
 
 
 # ---------------------------------------------------------------------------------------------- every policy, alike
+@pytest.mark.parametrize(
+    ("make", "bound"),
+    [
+        (lambda: policies.PlasticityInjection(layer="out"), ["out"]),
+        (lambda: policies.ParsevalRegularization(), ["encoder", "hidden"]),
+        (lambda: policies.ParsevalRegularization(layers=["hidden"]), ["hidden"]),
+    ],
+)
+def test_injection_and_parseval_report_their_binding_once(make, bound):
+    policy = make()
+    reports = []
+    policy.announce = reports.append
+    assert policy.bound_layers == []
+    policy.attach(UserNet())
+    owner = type(policy).__name__
+    assert policy.bound_layers == bound
+    assert reports == [f"{owner}: bound to {len(bound)} module(s): {', '.join(bound)}"]
+
+
 class UserNet(nn.Module):
     """A user's own module: named attributes, not a Sequential; no layer_init."""
 

@@ -168,8 +168,10 @@ class PlasticityInjection(Policy):
         # the fresh head is LayerReset's (the model's init, optimizer state dropped), drawn from this policy's generator
         self._reset = LayerReset(layers=[name], reset_optimizer=True, seed=self.seed, prefix=self.prefix)
         self._reset.generator = self.generator
-        self._reset.owner, self._reset.warn, self._reset.announce = self.owner, self.warn, self.announce
+        self._reset.owner, self._reset.warn = self.owner, self.warn
+        self._reset.announce = lambda message: None  # the injection reports the binding itself, once
         self._reset.attach(model, self.optimizers)
+        self.report_binding([name])
         self._shadow = fresh_copy(head, seed=0).requires_grad_(False)  # its own values are never used
         device = next(head.parameters()).device
         self.frozen = [{k: v.to(device) for k, v in values.items()} for values in self.frozen]

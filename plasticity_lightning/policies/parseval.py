@@ -127,7 +127,7 @@ class ParsevalRegularization(Policy):
     def attach(self, model: nn.Module) -> None:
         """Regularise ``model``'s selected weights (checked now)."""
         self._bound = self.select(model)
-        self.announce(f"{self.owner}: regularising {', '.join(self._bound)}")
+        self.report_binding(self._bound)
 
     @property
     def bound(self) -> Mapping[str, nn.Parameter]:
