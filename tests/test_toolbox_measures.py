@@ -33,6 +33,7 @@ from plasticity_lightning.metrics import (
     low_activity_fraction,
     weight_change,
 )
+from plasticity_lightning.policies import measure
 
 
 def _conv_outputs(seed=0, n=7):
@@ -188,6 +189,9 @@ def test_monitors_log_what_an_independent_computation_gives(tmp_path):
     assert first["net.1/feature_variance"] == pytest.approx(h.var(axis=0).mean(), rel=1e-5)
     assert first["net.1/active_fraction"] == pytest.approx((np.abs(h) <= 0.99).mean())
     assert first["net.1/inactive_fraction"] == pytest.approx(1 / 6)  # "auto" reads the Tanh: unit 0, saturated
+    # the trainer-free entry point gives what the monitor logged (lr 0: the weights never moved)
+    plain = measure(model, x, families=["features"])
+    assert plain.keys() == {k for k in first if "/" in k} and all(plain[k] == pytest.approx(first[k]) for k in plain)
     z = model.net[0](x).detach().requires_grad_(True)
     (g,) = torch.autograd.grad(nn.functional.cross_entropy(model.net[2](torch.tanh(z)), y), z)
     assert [entry["step"] for entry in grama.history] == [2, 4]

@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from plasticity_lightning.core.errors import PlasticityConfigError, check_choice
-from plasticity_lightning.metrics.activity import Activity, activity_statistics
+from plasticity_lightning.metrics.activity import Activity, active_share, activity_statistics, low_activity_mask
 from plasticity_lightning.metrics.entropy import activation_entropy, prediction_entropy
+from plasticity_lightning.metrics.features import feature_norm, feature_variance
 from plasticity_lightning.metrics.rank import (
     NonFiniteFeaturesError,
     approximate_rank,
@@ -40,7 +41,8 @@ from plasticity_lightning.surgery import hidden_unit_layers
 
 RANK_MEASURES = ("effective_rank", "srank", "approximate_rank", "stable_rank", "numerical_rank")
 ACTIVITY_MEASURES = ("redo_dormant_fraction", "dead_fraction", "low_activity_fraction")
-FAMILIES = ("rank", "activity", "entropy", "weights")
+FAMILIES = ("rank", "activity", "entropy", "weights", "features")
+DEFAULT_FAMILIES = ("rank", "activity", "entropy", "weights")
 
 
 def rank_values(
@@ -111,6 +113,44 @@ def activity_values(
     return values, rows, shares
 
 
+def activity_rule(module: nn.Module) -> Activity:
+    """What counts as active in a layer's outputs: ``"tanh"``/``"sigmoid"`` (not saturated) for those activation
+    modules, else ``"nonzero"``.
+
+    Example::
+
+        >>> activity_rule(nn.Tanh()), activity_rule(nn.Sigmoid()), activity_rule(nn.ReLU())
+        ('tanh', 'sigmoid', 'nonzero')
+    """
+    if isinstance(module, nn.Tanh):
+        return "tanh"
+    if isinstance(module, nn.Sigmoid):
+        return "sigmoid"
+    return "nonzero"
+
+
+def feature_values(
+    outputs: Mapping[str, torch.Tensor], rules: Mapping[str, Activity], max_active: float = 0.01
+) -> dict[str, float]:
+    """:class:`~plasticity_lightning.callbacks.FeatureMonitor`'s values of each layer's features (``[samples, units,
+    ...]``): ``feature_norm``, ``feature_variance``, ``active_fraction`` and ``inactive_fraction`` (units active on
+    fewer than ``max_active`` of the positions, by the layer's rule in ``rules``), plus ``all/inactive_fraction``."""
+    values: dict[str, float] = {}
+    units = inactive = 0.0
+    for name, output in outputs.items():
+        rule = rules.get(name, "nonzero")
+        mask = low_activity_mask(output, max_active, rule)
+        values[f"{name}/feature_norm"] = float(feature_norm(output))
+        values[f"{name}/feature_variance"] = float(feature_variance(output))
+        values[f"{name}/active_fraction"] = float(active_share(output, rule).mean())
+        values[f"{name}/inactive_fraction"] = float(mask.to(torch.float64).mean())
+        units += mask.numel()
+        inactive += float(mask.sum())
+    if units:
+        values["all/inactive_fraction"] = inactive / units
+    return values
+
+
 def entropy_values(
     outputs: Mapping[str, torch.Tensor], model_output: Any, predictions: bool = True, activations: bool = True
 ) -> tuple[dict[str, float], torch.Tensor | None]:
@@ -170,7 +210,7 @@ def measure(
     batch: Any,
     *,
     layers: Sequence[str] | None = None,
-    families: Sequence[str] = FAMILIES,
+    families: Sequence[str] = DEFAULT_FAMILIES,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     unit_dim: int | None = None,
     initial: Mapping[str, torch.Tensor] | None = None,
@@ -197,8 +237,10 @@ def measure(
         layers: layers to read (``None``: discovered).
         families: any of ``"rank"`` (:class:`~plasticity_lightning.callbacks.RankMonitor`), ``"activity"``
             (:class:`~plasticity_lightning.callbacks.DormantUnitMonitor`), ``"entropy"``
-            (:class:`~plasticity_lightning.callbacks.EntropyMonitor`) and ``"weights"``
-            (:class:`~plasticity_lightning.callbacks.WeightMonitor`; every weight with two or more dimensions).
+            (:class:`~plasticity_lightning.callbacks.EntropyMonitor`), ``"weights"``
+            (:class:`~plasticity_lightning.callbacks.WeightMonitor`; every weight with two or more dimensions) and
+            ``"features"`` (:class:`~plasticity_lightning.callbacks.FeatureMonitor` with ``active="auto"``; not in
+            the default).
         forward: ``forward(model, batch)`` for models whose input is not the batch's first element.
         unit_dim: the axis of every layer's output that holds units (``None``: from each layer's type).
         initial: initial weights per weight-layer name, for ``distance_from_init``.
@@ -226,7 +268,7 @@ def measure(
         check_choice("measure", "rank_measures", name, RANK_MEASURES)
     values: dict[str, float] = {}
     # each family NaNs what it found non-finite, as each monitor does for its own values
-    if {"rank", "activity", "entropy"} & set(families):
+    if {"rank", "activity", "entropy", "features"} & set(families):
         found = resolve_layers(model, None if layers is None else list(layers), discover=hidden_unit_layers)
         axes = unit_axes(model, found)
         outputs, model_output = capture_outputs(model, batch, found, forward=forward or default_forward)
@@ -239,6 +281,9 @@ def measure(
         if "activity" in families:
             activity = activity_values(outputs, tau, dead_threshold, max_active, active)[0]
             values.update(nan_where_nonfinite(activity, broken))
+        if "features" in families:
+            rules = {name: "nonzero" if name.endswith(":input") else activity_rule(m) for name, m in found.items()}
+            values.update(nan_where_nonfinite(feature_values(outputs, rules, max_active), broken))
         if "entropy" in families:
             entropy, logits = entropy_values(outputs, model_output)
             nonfinite_logits = logits is not None and not bool(torch.isfinite(logits).all())

@@ -19,29 +19,14 @@ from typing_extensions import override
 from plasticity_lightning.callbacks.monitors.base import PlasticityMonitor
 from plasticity_lightning.callbacks.monitors.weights import _selected_weights
 from plasticity_lightning.core.errors import PlasticityConfigError, check_choice, check_fraction, check_positive_float
-from plasticity_lightning.metrics.activity import ACTIVITY_CHOICES, active_share, low_activity_mask
-from plasticity_lightning.metrics.features import GradientDormancy, feature_norm, feature_variance, weight_change
+from plasticity_lightning.metrics.activity import ACTIVITY_CHOICES
+from plasticity_lightning.metrics.features import GradientDormancy, weight_change
+from plasticity_lightning.policies.measurement import activity_rule, feature_values
 from plasticity_lightning.probes import resolve_layers, unit_axes, units_first
 from plasticity_lightning.probes.capture import INPUT_SUFFIX
 from plasticity_lightning.surgery import hidden_unit_layers
 
 _AUTO = "auto"
-
-
-def activity_rule(module: nn.Module) -> str:
-    """What counts as active for a layer's outputs: ``"tanh"``/``"sigmoid"`` (not saturated) for those activation
-    modules, else ``"nonzero"``.
-
-    Example::
-
-        >>> activity_rule(nn.Tanh()), activity_rule(nn.Sigmoid()), activity_rule(nn.ReLU())
-        ('tanh', 'sigmoid', 'nonzero')
-    """
-    if isinstance(module, nn.Tanh):
-        return "tanh"
-    if isinstance(module, nn.Sigmoid):
-        return "sigmoid"
-    return "nonzero"
 
 
 def _require_step_cadence(owner: str, every_n_steps: int | None, what: str) -> None:
@@ -97,21 +82,8 @@ class FeatureMonitor(PlasticityMonitor):
 
     @override
     def measure(self, trainer, pl_module, outputs, model_output) -> dict[str, float]:
-        values: dict[str, float] = {}
-        units = inactive = 0.0
-        for name, output in outputs.items():
-            rule = self.rule(name)
-            share = active_share(output, rule)
-            mask = low_activity_mask(output, self.max_active, rule)
-            values[f"{name}/feature_norm"] = float(feature_norm(output))
-            values[f"{name}/feature_variance"] = float(feature_variance(output))
-            values[f"{name}/active_fraction"] = float(share.mean())
-            values[f"{name}/inactive_fraction"] = float(mask.to(torch.float64).mean())
-            units += mask.numel()
-            inactive += float(mask.sum())
-        if units:
-            values["all/inactive_fraction"] = inactive / units
-        return values  # a layer with NaN/inf outputs: the base class logs its values (and all/) as NaN
+        # a layer with NaN/inf outputs: the base class logs its values (and all/) as NaN
+        return feature_values(outputs, {name: self.rule(name) for name in outputs}, self.max_active)
 
 
 class WeightChangeMonitor(PlasticityMonitor):
