@@ -27,3 +27,26 @@ def test_ci_runs_the_readme_test_command():
     # CI takes the command from the README itself, so the two cannot drift apart
     assert "README.md" in ci
     assert (REPO / ".ci" / "run").stat().st_mode & 0o111
+
+
+def test_readme_is_a_front_page_that_links_into_the_docs():
+    """At most 200 lines: the set-up commands, one figure, the feature table and links into docs/ that resolve."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docs_hooks", REPO / "docs" / "_hooks" / "generate.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    assert len(README.splitlines()) <= 200
+    assert README.count("![") == 1 and (REPO / "docs" / "images" / "plasticity_loss_comparison.png").exists()
+    assert "mkdocs build --strict" in README  # the docs build, beside the test command
+    links = re.findall(r"\]\(([^)\s]+)\)", README)
+    local = [link for link in links if not link.startswith(("http://", "https://"))]
+    for link in local:
+        path, _, anchor = link.partition("#")
+        assert (REPO / path).exists(), link
+        if anchor:  # the heading exists on that page, as the site's table of contents names it
+            headings = re.findall(r"^#{1,6} (.+)$", (REPO / path).read_text(), re.M)
+            assert anchor in {hooks._slugify(h) for h in headings}, link
+    # the done-when paths: each one link from the front page
+    for page in ("docs/guides/plain-loop.md", "docs/guides/measuring.md", "docs/troubleshooting.md"):
+        assert any(link.startswith(page) for link in local), page
