@@ -84,3 +84,9 @@ def test_an_infinite_cell_is_not_a_measurement_in_the_seen_mean():
     rows = {0: [0.5, NAN], 1: [math.inf, 0.5]}
     assert math.isnan(accuracy_matrix_summary(rows)["avg_seen_acc"])
     assert seen_accuracy(rows, 2)[0] == 0.5 and math.isnan(seen_accuracy(rows, 2)[1])
+
+
+def test_transfer_of_rows_shorter_than_the_stream_and_of_no_rows():
+    # rows that hold only the first task's accuracy: the missing cells are NaN, not an error
+    assert _same(transfer_summary({0: [0.9], 1: [0.6], 2: [0.5]}), {"bwt": 0.5 - 0.9, "fwt_next": NAN, "fwt_all": NAN})
+    assert _same(transfer_summary({}), {"bwt": NAN, "fwt_next": NAN, "fwt_all": NAN})
