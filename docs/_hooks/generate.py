@@ -401,6 +401,25 @@ def _gallery_index(all_examples: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _recipe_nav(slugs: list[str]) -> list[Any]:
+    """Nav entries for the recipe pages: recipes whose names share a first word (three or more) form one section,
+    titled by their longest common prefix (``plasticity_loss_digits``, ``grokking``, ``studies_phase``)."""
+    families: dict[str, list[str]] = {}
+    for slug in slugs:
+        families.setdefault(slug.split("_")[0], []).append(slug)
+    entries: list[Any] = []
+    for members in families.values():
+        if len(members) < 3:
+            entries += [{slug: f"recipes/{slug}.md"} for slug in members]
+            continue
+        words = [slug.split("_") for slug in members]
+        differ = (i for i, group in enumerate(zip(*words, strict=False)) if len(set(group)) > 1)
+        common = next(differ, min(map(len, words)))
+        title = "_".join(words[0][:common])
+        entries.append({f"{title}…": [{slug: f"recipes/{slug}.md"} for slug in members]})
+    return entries
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # mkdocs hooks
 
@@ -408,8 +427,7 @@ def _gallery_index(all_examples: list[Path]) -> str:
 def on_config(config: Any) -> Any:
     """Put the generated pages into the navigation: after the hand-written entries of their sections."""
     generated = {
-        "Recipes": ["recipes/index.md", "recipes/configs.md"]
-        + [{f"{_recipe_slug(p)}": f"recipes/{_recipe_slug(p)}.md"} for p in recipes()],
+        "Recipes": ["recipes/index.md", "recipes/configs.md", *_recipe_nav([_recipe_slug(p) for p in recipes()])],
         "Example gallery": ["gallery/index.md"] + [{p.stem: f"gallery/{p.stem}.md"} for p in examples()],
         "API reference": ["reference/index.md"]
         + [{dotted.removeprefix(PACKAGE + "."): _reference_uri(dotted)} for dotted, _ in reference_packages()],
