@@ -374,7 +374,7 @@ def gated_rule():
             producer="gate",
             partners=("up",),
             consumer="down",
-            norms=("norm", "missing"),
+            norms=("missing", "norm"),  # an absent norm first: the ones after it still count
             activation="act",
         )
     )
@@ -902,3 +902,21 @@ def test_each_traced_graph_is_asked_and_the_layer_never_called_is_the_one_named(
         match=full("X.pairs: ['block.a', 'block.b'] contradicts the traced model: 'block.a' does not feed 'block.b'"),
     ):
         find_unit_pairs(_TwoBlocks("dead"), pairs=[["block.a", "block.b"]], owner="X")  # the second graph
+
+
+def test_traced_pairs_before_a_rule_block_are_kept(gated_rule):
+    mixed = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 4), nn.Softmax(dim=-1), _Block(nn.Identity()))
+    found = discover_unit_pairs(mixed)
+    assert [(p.producer, p.consumer) for p in found.pairs] == [("0", "2"), ("4.gate", "4.down")]
+
+
+def test_a_rule_partner_that_is_not_a_weight_layer_is_skipped_naming_its_role():
+    register_pairing_rule(
+        PairingRule("test_bad_partner", blocks=(_Block,), producer="gate", partners=("act",), consumer="down")
+    )
+    try:
+        found = discover_unit_pairs(nn.Sequential(_Block(nn.Identity())))
+    finally:
+        unregister_pairing_rule("test_bad_partner")
+    assert found.pairs == []
+    assert found.skipped == {"0.gate": "producer '0.act' is a SiLU; unit surgery supports Linear, Conv2d and HF Conv1D"}
