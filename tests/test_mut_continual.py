@@ -90,3 +90,15 @@ def test_transfer_of_rows_shorter_than_the_stream_and_of_no_rows():
     # rows that hold only the first task's accuracy: the missing cells are NaN, not an error
     assert _same(transfer_summary({0: [0.9], 1: [0.6], 2: [0.5]}), {"bwt": 0.5 - 0.9, "fwt_next": NAN, "fwt_all": NAN})
     assert _same(transfer_summary({}), {"bwt": NAN, "fwt_next": NAN, "fwt_all": NAN})
+
+
+def test_per_task_accuracy_names_the_shapes_it_got_in_full():
+    import re
+
+    import torch
+
+    from plasticity_lightning.metrics.continual import per_task_accuracy
+
+    message = "Expected `preds` ([N] or [N, C]), `target` [N] and `task_ids` [N] with matching N, got (2,), (1,), (2,)"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        per_task_accuracy(torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([0, 0]), 2)
