@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -19,6 +20,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import huggingface_hub.constants
 
 huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+# pytest-xdist's workers (addopts `-n auto`) share the cores: each worker's torch thread pool, and its subprocesses'
+# (through the variable), gets its share instead of every pool spanning every core.
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _XDIST_WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _XDIST_WORKERS))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
