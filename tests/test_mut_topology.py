@@ -920,3 +920,31 @@ def test_a_rule_partner_that_is_not_a_weight_layer_is_skipped_naming_its_role():
         unregister_pairing_rule("test_bad_partner")
     assert found.pairs == []
     assert found.skipped == {"0.gate": "producer '0.act' is a SiLU; unit surgery supports Linear, Conv2d and HF Conv1D"}
+
+
+class _OddFused(nn.Module):
+    def __init__(self, rows):
+        super().__init__()
+        self.gate_up, self.down = (nn.Linear(4, rows) if rows else nn.Conv2d(4, 6, 1)), nn.Linear(3, 4)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(torch.relu(gate) * up)
+
+
+@pytest.mark.parametrize(
+    ("rows", "why"),
+    [
+        (7, "a Linear whose 7 rows split into 2 equal blocks, got Linear"),
+        (0, "a Linear whose output rows split into 2 equal blocks, got Conv2d"),
+    ],
+)
+def test_a_fused_producer_that_does_not_split_is_skipped_with_the_reason(rows, why):
+    register_pairing_rule(PairingRule("test_odd", blocks=(_OddFused,), producer="gate_up", consumer="down", fused=2))
+    try:
+        found = discover_unit_pairs(nn.Sequential(_OddFused(rows)))
+    finally:
+        unregister_pairing_rule("test_odd")
+    assert found.pairs == [] and found.skipped == {"0.gate_up": f"fused producer '0.gate_up' must be {why}"}
+    with pytest.raises(PlasticityConfigError, match=r"^find_unit_pairs\.layers: 'x' is not a producer"):
+        pair_units(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1)), layers=["x"])  # the default owner
