@@ -178,6 +178,10 @@ CASES = [
     ("weight_precision_bits", _callback("WeightPrecision", "bits=99"), ["WeightPrecision.bits=99"]),
     ("james_stein_variance", _callback("JamesSteinShrinkage", "variance=-1"), ["JamesSteinShrinkage.variance=-1"]),
     ("monitor_layer_unknown", _callback("RankMonitor", "layers=[nowhere]"), ["nowhere"]),
+    # a grouped setting (a dataclass argument): its field and value, or the unknown key and its group
+    ("cycle_prune_level", _callback("PlasticityCycle", "cycle.prune_level=1.5"), ["CycleController.prune_level=1.5"]),
+    ("cycle_key_unknown", _callback("PlasticityCycle", 'cycle={{"learn_stepz": 3}}'), ["'cycle'", "'learn_stepz'"]),
+    ("growth_boost_negative", _callback("HeadGrowth", "reviver.boost_steps=-1"), ["boost_steps=-1"]),
 ]
 
 

@@ -375,7 +375,12 @@ def test_tiny_head_plasticity_recipe_runs_cycles_end_to_end(in_tmp):
     config = yaml.safe_load((REPO / "recipes" / "head_plasticity_tiny_gpt2.yaml").read_text())
     config["trainer"].update(max_steps=30, val_check_interval=10, limit_val_batches=2, enable_progress_bar=False)
     short = {
-        "PlasticityCycle": {"start_step": 6, "learn_steps": 8, "max_cycles": 3, "probe_size": 8, "max_new_tokens": 8},
+        "PlasticityCycle": {
+            "start_step": 6,
+            "cycle": {"learn_steps": 8, "max_cycles": 3},
+            "probe_size": 8,
+            "max_new_tokens": 8,
+        },
         "AttentionEntropyMonitor": {"every_n_steps": 10},
         "DegenerationMonitor": {"every_n_steps": 15, "max_new_tokens": 8},
     }

@@ -195,7 +195,10 @@ def test_heads_snippet_runs_shortened(in_tmp):
     code = _snippet("guides/attention-heads.md", "test_heads_snippet_runs_shortened")
     for long, short in [
         ("max_steps=1000", "max_steps=8, enable_progress_bar=False, logger=False"),
-        ("start_step=400, learn_steps=100", "start_step=2, learn_steps=3, probe_size=4, max_new_tokens=4"),
+        (
+            "start_step=400, cycle=CycleSettings(learn_steps=100)",
+            "start_step=2, cycle=CycleSettings(learn_steps=3), probe_size=4, max_new_tokens=4",
+        ),
         ('TextDataModule(corpus="shakespeare")', 'TextDataModule(corpus="shakespeare", max_tokens=40_000)'),
     ]:
         assert long in code

@@ -1,6 +1,7 @@
 """Head growth, attention entropy and the prune → measure → grow → learn cycle."""
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -18,7 +19,14 @@ from plasticity_lightning import (
     PlasticityConfigError,
     PlasticityCycle,
 )
-from plasticity_lightning.policies.heads import HeadReviver, heads_to_grow, updated_rating
+from plasticity_lightning.policies.heads import (
+    CYCLE_REVIVER_SETTINGS,
+    CycleSettings,
+    HeadReviver,
+    ReviverSettings,
+    heads_to_grow,
+    updated_rating,
+)
 from plasticity_lightning.surgery import HeadGates
 
 HEAD_DIM, WIDTH = 8, 32  # tiny_gpt2: 4 heads of 8 in a 32-wide model
@@ -81,8 +89,8 @@ def test_gate_ramp_and_learning_rate_boost_schedule():
     assert reviver.reviving == [] and gates.gates[0, 1].item() == 1.0
     with pytest.raises(PlasticityConfigError, match=r"HeadReviver.initial_gate=1.5 is invalid"):
         HeadReviver(gates, initial_gate=1.5)
-    with pytest.raises(PlasticityConfigError, match=r"HeadGrowth.warmup_steps=-1 is invalid"):
-        HeadGrowth(warmup_steps=-1)
+    with pytest.raises(PlasticityConfigError, match=r"HeadReviver.warmup_steps=-1 is invalid"):
+        HeadGrowth(reviver=ReviverSettings(warmup_steps=-1))
 
 
 @pytest.mark.parametrize(
@@ -141,7 +149,7 @@ def test_head_growth_revives_dead_heads_by_gradient_importance_in_a_fit(tmp_path
 
     importance = HeadImportance(num_batches=6)
     pruning = HeadPruning(fraction=0.5, max_fraction=0.5, tolerance=10.0)
-    growth = HeadGrowth(fraction=0.5, choice="gradient", every_n_validations=1, warmup_steps=4)
+    growth = HeadGrowth(fraction=0.5, choice="gradient", every_n_validations=1, reviver=ReviverSettings(warmup_steps=4))
     trainer = make_trainer(tmp_path, callbacks=[importance, pruning, growth], max_epochs=2, num_sanity_val_steps=0)
     trainer.fit(_LMWithPerplexity(), train, val)
     # each epoch: prune up to the cap of 6 dead heads, then revive half of the dead
@@ -259,6 +267,7 @@ class _CycleLM(__import__("lightning.pytorch").pytorch.LightningModule):
 
 
 def _cycle(**kwargs):
+    """A small PlasticityCycle; ``kwargs`` are its own arguments or fields of its ``cycle`` or ``reviver`` group."""
     settings = {
         "start_step": 3,
         "learn_steps": 4,
@@ -269,8 +278,13 @@ def _cycle(**kwargs):
         "tokenizer": _Tokenizer(),
         "warmup_steps": 2,
         "boost_steps": 4,
+        **kwargs,
     }
-    return PlasticityCycle(**{**settings, **kwargs})
+    groups = {"cycle": CycleSettings(), "reviver": CYCLE_REVIVER_SETTINGS}
+    for group, declared in groups.items():
+        fields = {name: settings.pop(name) for name in declared.values() if name in settings}
+        groups[group] = dataclasses.replace(declared, **fields)
+    return PlasticityCycle(**settings, **groups)
 
 
 def _fit_cycle(root, cycle, max_steps, ckpt=None, extra=()):
@@ -372,18 +386,20 @@ def test_a_run_resumed_mid_cycle_ends_like_the_uninterrupted_one(tmp_path):
 
 
 def test_cycle_configuration_errors(tmp_path):
-    with pytest.raises(PlasticityConfigError, match=r"PlasticityCycle.pruning_strategies=\['loudest'\] is invalid"):
-        PlasticityCycle(pruning_strategies=["loudest"])
-    with pytest.raises(PlasticityConfigError, match=r"PlasticityCycle.prune_level=1.0 is invalid"):
-        PlasticityCycle(prune_level=1.0)
+    with pytest.raises(PlasticityConfigError, match=r"CycleController.pruning_strategies=\['loudest'\] is invalid"):
+        _cycle(pruning_strategies=["loudest"])
+    with pytest.raises(PlasticityConfigError, match=r"CycleController.prune_level=1.0 is invalid"):
+        CycleSettings(prune_level=1.0)
     with pytest.raises(PlasticityConfigError, match=r"PlasticityCycle.growth_strategies=\['random', 'random'\]"):
-        PlasticityCycle(growth_strategies=["random", "random"])
+        CycleSettings(growth_strategies=["random", "random"], owner="PlasticityCycle")
     with pytest.raises(PlasticityConfigError, match=r"PlasticityCycle.adapt='no' is invalid"):
-        PlasticityCycle(adapt="no")
+        CycleSettings(adapt="no", owner="PlasticityCycle")
+    with pytest.raises(PlasticityConfigError, match=r"PlasticityCycle.cycle=\{'learn_steps': 3\} is invalid; expected"):
+        PlasticityCycle(cycle={"learn_steps": 3})
     with pytest.raises(PlasticityConfigError, match=r"PlasticityCycle.probe_size=0 is invalid"):
         PlasticityCycle(probe_size=0)
-    with pytest.raises(PlasticityConfigError, match=r"HeadGrowth.lr_multiplier=inf is invalid"):
-        HeadGrowth(lr_multiplier=float("inf"))
+    with pytest.raises(PlasticityConfigError, match=r"HeadReviver.lr_multiplier=inf is invalid"):
+        HeadGrowth(reviver=ReviverSettings(lr_multiplier=float("inf")))
     with pytest.raises(PlasticityConfigError, match=r"head \(7, 0\) is out of range"):
         HeadReviver(HeadGates(tiny_gpt2())).revive([(7, 0)], step=0)
     _, train, _ = _token_loaders()
@@ -426,7 +442,9 @@ def test_the_boost_acts_on_the_optimizer_a_fit_uses(tmp_path):
 
     importance = HeadImportance(num_batches=6)
     pruning = HeadPruning(fraction=0.25, max_fraction=0.25, tolerance=10.0)
-    growth = HeadGrowth(fraction=1.0, choice="random", warmup_steps=0, lr_multiplier=3.0, boost_steps=1000)
+    growth = HeadGrowth(
+        fraction=1.0, choice="random", reviver=ReviverSettings(warmup_steps=0, lr_multiplier=3.0, boost_steps=1000)
+    )
     watch = Watch()
     trainer = make_trainer(
         tmp_path, callbacks=[importance, pruning, growth, watch], max_steps=7, num_sanity_val_steps=0

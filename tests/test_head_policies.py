@@ -8,6 +8,7 @@ import dataclasses
 import inspect
 import math
 
+import jsonargparse
 import pytest
 import torch
 from test_heads import tiny_gpt2
@@ -18,6 +19,7 @@ from plasticity_lightning.nn.generation import generate_seeded
 from plasticity_lightning.policies.heads import (
     CYCLE_REVIVER_SETTINGS,
     CycleController,
+    CycleSettings,
     HeadImportanceScores,
     HeadReviver,
     IterativeHeadPruner,
@@ -30,40 +32,49 @@ from plasticity_lightning.policies.heads import reviver as reviver_module
 from plasticity_lightning.surgery import HeadGates, head_importance
 from plasticity_lightning.surgery.heads import head_weight_norms
 
-REVIVER_FIELDS = [f.name for f in dataclasses.fields(ReviverSettings) if f.name not in ("owner", "std")]
-
 
 def defaults(function) -> dict[str, object]:
     return {name: p.default for name, p in inspect.signature(function).parameters.items()}
 
 
-def test_the_callbacks_reviver_defaults_are_the_declared_ones():
-    # LightningCLI needs each callback's own signature: these tests keep them equal to the one declaration
+def test_the_callbacks_take_the_declared_settings_as_their_defaults():
+    # one declaration each: the callbacks' grouped arguments default to it, the controller to the same settings
     growth, cycle = defaults(HeadGrowth.__init__), defaults(PlasticityCycle.__init__)
-    assert {name: growth[name] for name in REVIVER_FIELDS} == {
-        name: getattr(ReviverSettings(), name) for name in REVIVER_FIELDS
-    }
-    assert {name: cycle[name] for name in REVIVER_FIELDS} == {
-        name: getattr(CYCLE_REVIVER_SETTINGS, name) for name in REVIVER_FIELDS
-    }
+    assert growth["reviver"] == ReviverSettings() and cycle["reviver"] == CYCLE_REVIVER_SETTINGS
+    assert cycle["cycle"] == CycleSettings() == CycleController().settings
+    assert PlasticityCycle().reviver_settings == CYCLE_REVIVER_SETTINGS  # re-owned, same values
+    assert PlasticityCycle().reviver_settings.owner == "PlasticityCycle"
     # the cycle's shorter ramp and boost end within its default learning phase (the reason for its own defaults)
-    assert max(CYCLE_REVIVER_SETTINGS.warmup_steps, CYCLE_REVIVER_SETTINGS.boost_steps) <= cycle["learn_steps"]
-    controller = defaults(CycleController.__init__)
-    shared = controller.keys() & cycle.keys() - {"self", "seed"}
-    assert len(shared) >= 10 and {k: cycle[k] for k in shared} == {k: controller[k] for k in shared}
+    assert max(CYCLE_REVIVER_SETTINGS.warmup_steps, CYCLE_REVIVER_SETTINGS.boost_steps) <= CycleSettings().learn_steps
+
+
+def test_a_yaml_group_changes_only_the_fields_it_names():
+    # what LightningCLI does with `init_args: {cycle: {...}, reviver: {...}}`: the rest keep the declared defaults
+    parser = jsonargparse.ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(PlasticityCycle, "cycle_callback")
+    config = parser.parse_args(["--cycle_callback.cycle.learn_steps=7", "--cycle_callback.reviver.warmup_steps=3"])
+    callback = parser.instantiate(config).cycle_callback
+    assert callback.controller.settings == dataclasses.replace(CycleSettings(), learn_steps=7)
+    assert callback.reviver_settings == dataclasses.replace(CYCLE_REVIVER_SETTINGS, warmup_steps=3)
+    assert callback.learn_steps == 7 and callback.reviver_settings.boost_steps == 100
+    with pytest.raises(PlasticityConfigError, match=r"\.prune_level=1.5 is invalid"):
+        parser.instantiate(parser.parse_args(["--cycle_callback.cycle.prune_level=1.5"]))
 
 
 def test_reviver_settings_are_validated_once_at_construction(monkeypatch):
     calls = []
     original = ReviverSettings.__post_init__
     monkeypatch.setattr(ReviverSettings, "__post_init__", lambda self: (calls.append(1), original(self)))
-    growth = HeadGrowth(warmup_steps=7)
-    HeadReviver(HeadGates(tiny_gpt2()), growth.reviver_settings)  # what the callback does at fit start
-    assert len(calls) == 1 and growth.reviver_settings.warmup_steps == 7
-    with pytest.raises(PlasticityConfigError, match=r"HeadGrowth.boost_steps=-1 is invalid"):
-        HeadGrowth(boost_steps=-1)
+    settings = ReviverSettings(warmup_steps=7)
+    growth = HeadGrowth(reviver=settings)  # re-owned: validated again (2)
+    HeadReviver(HeadGates(tiny_gpt2()), growth.reviver_settings)  # what the callback does at fit start: not again
+    assert len(calls) == 2 and growth.reviver_settings.warmup_steps == 7
+    with pytest.raises(PlasticityConfigError, match=r"HeadReviver.boost_steps=-1 is invalid"):
+        ReviverSettings(boost_steps=-1)
     with pytest.raises(PlasticityConfigError, match=r"PlasticityCycle.lr_multiplier=inf is invalid"):
-        PlasticityCycle(lr_multiplier=math.inf)
+        ReviverSettings(lr_multiplier=math.inf, owner="PlasticityCycle")
+    with pytest.raises(PlasticityConfigError, match=r"HeadGrowth.reviver=\{'warmup_steps': 3\} is invalid; expected"):
+        HeadGrowth(reviver={"warmup_steps": 3})
     with pytest.raises(PlasticityConfigError, match=r"HeadReviver: unknown setting\(s\) warmup"):
         HeadReviver(HeadGates(tiny_gpt2()), warmup=3)
     assert reviver_module.HeadReviver is HeadReviver
@@ -112,11 +123,11 @@ def test_head_policies_resume_from_their_state_and_read_old_reviver_checkpoints(
     reviver = HeadReviver(gates)
     reviver.load_state_dict({"reviving": [[0, 1, 5]], "step": 7})  # a checkpoint written before the reviver's generator
     assert reviver.reviving == [(0, 1, 5)] and reviver.step == 7
-    first = CycleController(seed=4, memory_replay=0.5)
+    first = CycleController(CycleSettings(memory_replay=0.5), seed=4)
     plan = first.plan()
     first.begin(10, {**plan, "before": {"perplexity": 20.0, "live_heads": 12}})
     first.conclude({"perplexity": 15.0, "live_heads": 11, "degeneration": 0.1}, success=True, step=14)
-    second = CycleController(seed=4, memory_replay=0.5)
+    second = CycleController(CycleSettings(memory_replay=0.5), seed=4)
     second.load_state_dict(first.state_dict())
     assert second.record() == first.record() and second.memory[0]["improvement"] == pytest.approx(0.25 + 0.5 / 12)
     assert [second.plan() for _ in range(5)] == [first.plan() for _ in range(5)]  # the generator resumed too
@@ -186,7 +197,9 @@ def test_a_hand_written_loop_runs_judges_and_reverts_whole_cycles():
 
     train(2)  # Adam has state to snapshot
     settings = {"learn_steps": 3, "max_degeneration": 0.5, "memory_replay": 0.0, "adapt": False}
-    controller = CycleController(pruning_strategies=["magnitude"], growth_strategies=["random"], **settings)
+    controller = CycleController(
+        CycleSettings(pruning_strategies=["magnitude"], growth_strategies=["random"], **settings)
+    )
     weights, moments = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()["state"])
     norms = torch.stack([head_weight_norms(module) for _, module in gates.layers])
     assert controller.ready(2, start_step=2) and not controller.ready(1, start_step=2)
@@ -270,7 +283,7 @@ def test_state_keys_are_those_of_existing_checkpoints():
         HeadImportance().state_key,
         HeadPruning().state_key,
         HeadGrowth(seed=1, choice="gradient").state_key,
-        PlasticityCycle(learn_steps=30).state_key,
+        PlasticityCycle(cycle=CycleSettings(learn_steps=30)).state_key,
         ReDo().state_key,
         RestoreBestPerTask().state_key,
         AttentionEntropyMonitor(every_n_steps=5).state_key,

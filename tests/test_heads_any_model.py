@@ -14,7 +14,7 @@ from plasticity_lightning import PlasticityConfigError
 from plasticity_lightning.callbacks import AttentionEntropyMonitor, HeadGrowth, HeadImportance, HeadPruning
 from plasticity_lightning.data import TextDataModule
 from plasticity_lightning.models.causal_lm import CausalLM
-from plasticity_lightning.policies.heads import HeadReviver
+from plasticity_lightning.policies.heads import HeadReviver, ReviverSettings
 from plasticity_lightning.surgery import HeadGates, head_weight_norms, prune_heads_, reinit_heads
 from plasticity_lightning.surgery.heads import attention_layouts
 
@@ -169,7 +169,9 @@ def test_head_callbacks_on_a_llama_causal_lm_with_zero_configuration(corpus):
     )
     importance = HeadImportance(num_batches=4)
     pruning = HeadPruning(fraction=0.25, max_fraction=0.5, tolerance=10.0)
-    growth = HeadGrowth(fraction=0.5, choice="entropy_gap", every_n_validations=1, warmup_steps=2, probe_size=4)
+    growth = HeadGrowth(
+        fraction=0.5, choice="entropy_gap", every_n_validations=1, reviver=ReviverSettings(warmup_steps=2), probe_size=4
+    )
     entropy = AttentionEntropyMonitor(probe_size=4, every_n_epochs=1)
     trainer = make_trainer(
         corpus,

@@ -15,6 +15,7 @@ SCRIPT = textwrap.dedent(
     from torch.utils.data import DataLoader, TensorDataset
     from transformers import GPT2Config, GPT2LMHeadModel
     from plasticity_lightning import HeadGrowth, HeadImportance, HeadPruning, PlasticityCycle
+    from plasticity_lightning.policies.heads import CycleSettings, ReviverSettings
 
     out, variant = sys.argv[1], sys.argv[2]
 
@@ -55,13 +56,16 @@ SCRIPT = textwrap.dedent(
     val = DataLoader(TensorDataset(data[64:]), batch_size=4)
     if variant == "prune_grow":
         callbacks = [HeadImportance(num_batches=4), HeadPruning(fraction=0.25, max_fraction=0.5, tolerance=10.0),
-                     HeadGrowth(choice="entropy_gap", fraction=0.5, probe_size=8, warmup_steps=3, boost_steps=6)]
+                     HeadGrowth(choice="entropy_gap", fraction=0.5, probe_size=8,
+                                reviver=ReviverSettings(warmup_steps=3, boost_steps=6))]
         limits = {"max_epochs": 3}
     else:
         callbacks = [HeadImportance(num_batches=2),
-                     PlasticityCycle(start_step=2, learn_steps=3, max_cycles=3, probe_size=8, prompts=["ab", "cd"],
-                                     max_new_tokens=6, tokenizer=Tokenizer(), max_degeneration=0.0,
-                                     degeneration_metric="max_token_repetition", warmup_steps=2, boost_steps=3)]
+                     PlasticityCycle(start_step=2,
+                                     cycle=CycleSettings(learn_steps=3, max_cycles=3, max_degeneration=0.0),
+                                     probe_size=8, prompts=["ab", "cd"], max_new_tokens=6, tokenizer=Tokenizer(),
+                                     degeneration_metric="max_token_repetition",
+                                     reviver=ReviverSettings(warmup_steps=2, boost_steps=3))]
         limits = {"max_steps": 16}
     pl.seed_everything(0)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,27 +21,11 @@ from plasticity_lightning.core.errors import PlasticityConfigError, check_choice
 from plasticity_lightning.core.files import write_text_atomic
 from plasticity_lightning.core.rundir import PLASTICITY_CYCLE_FILE, run_directory
 from plasticity_lightning.core.serialization import json_safe
-from plasticity_lightning.policies.heads.cycle import CycleController
+from plasticity_lightning.policies.heads.cycle import CycleController, CycleSettings
 from plasticity_lightning.policies.heads.measures import cycle_measures
+from plasticity_lightning.policies.heads.reviver import CYCLE_REVIVER_SETTINGS, ReviverSettings
 from plasticity_lightning.policies.heads.selection import NonFiniteScores
 from plasticity_lightning.probes import ProbeSet
-
-#: the settings the controller validates and holds (the callback's other arguments are its own)
-_CONTROLLER_ARGS = (
-    "learn_steps",
-    "max_cycles",
-    "prune_level",
-    "growth_ratio",
-    "pruning_strategies",
-    "growth_strategies",
-    "max_perplexity_increase",
-    "max_degeneration",
-    "memory_capacity",
-    "memory_replay",
-    "adapt",
-    "patience",
-    "min_improvement",
-)
 
 
 class PlasticityCycle(RevivingIntervention):
@@ -64,32 +49,19 @@ class PlasticityCycle(RevivingIntervention):
 
     Args:
         start_step: optimizer step of the first cycle.
-        learn_steps: optimizer steps of the learning phase (the controller's, as are the arguments down to
-            ``min_improvement``: :class:`~plasticity_lightning.policies.heads.CycleController`).
-        max_cycles: cycles at most.
-        prune_level: starting share of live heads pruned per cycle.
-        growth_ratio: starting share of dead heads revived per cycle.
-        pruning_strategies: head scores to choose among (``gradient``, ``entropy``, ``magnitude``, ``random``).
-        growth_strategies: growth choices (``balanced``, ``entropy_gap``, ``gradient``, ``random``).
-        max_perplexity_increase: allowed relative perplexity rise over a cycle.
-        max_degeneration: upper bound of ``degeneration_metric`` (``None``: not judged).
+        cycle: the cycle's settings (learning steps, levels, strategies, judgement, memory, adaptation, stop rule):
+            :class:`~plasticity_lightning.policies.heads.CycleSettings`, by default its defaults (in a YAML:
+            ``cycle: {learn_steps: 100, max_cycles: 6}``).
         degeneration_metric: ``repeated_3gram_rate`` or ``max_token_repetition`` (lower is better).
-        memory_capacity: successful transformations remembered.
-        memory_replay: probability of replaying one.
-        adapt: adapt prune level, growth ratio and learning steps between cycles.
-        patience: cycles without a new best before cycling stops (``None``: never).
-        min_improvement: relative perplexity gain that makes a new best.
         probe_size: validation blocks of the perplexity probe.
         prompts: prompts whose seeded continuations are scored for degeneration.
         max_new_tokens: tokens generated per prompt.
         tokenizer: encodes the prompts (``None``: the datamodule's).
-        output_scale: revived heads' output rows ~ N(0, (output_scale·std)²) (``ReviverSettings``, as are the
-            four below; the defaults are :data:`~plasticity_lightning.policies.heads.CYCLE_REVIVER_SETTINGS`: a
-            shorter ramp and boost than growth's, so that both end within a cycle's learning phase).
-        warmup_steps: optimizer steps of a revived head's gate ramp.
-        initial_gate: where the gate ramp starts.
-        lr_multiplier: learning-rate factor of a revived head right after revival.
-        boost_steps: optimizer steps over which the factor decays back to 1.
+        reviver: how revived heads start and learn again:
+            :class:`~plasticity_lightning.policies.heads.ReviverSettings`, by default
+            :data:`~plasticity_lightning.policies.heads.CYCLE_REVIVER_SETTINGS` (a shorter ramp and boost than
+            growth's, so that both end within a cycle's learning phase; a YAML ``reviver: {warmup_steps: 10}``
+            changes only that field of it).
         json_path: where to write the record (``None``: ``<log_dir>/plasticity_cycle.json``).
         seed: seed of every random choice.
         prefix: first part of every logged key.
@@ -97,7 +69,9 @@ class PlasticityCycle(RevivingIntervention):
     Example::
 
         >>> from lightning.pytorch import Trainer
-        >>> trainer = Trainer(callbacks=[HeadImportance(num_batches=20), PlasticityCycle(learn_steps=200)])
+        >>> from plasticity_lightning.policies.heads import CycleSettings
+        >>> cycle = PlasticityCycle(start_step=400, cycle=CycleSettings(learn_steps=200))
+        >>> trainer = Trainer(callbacks=[HeadImportance(num_batches=20), cycle])
     """
 
     policy: CycleController
@@ -105,46 +79,23 @@ class PlasticityCycle(RevivingIntervention):
     def __init__(
         self,
         start_step: int = 100,
-        learn_steps: int = 100,
-        max_cycles: int = 10,
-        prune_level: float = 0.2,
-        growth_ratio: float = 0.5,
-        pruning_strategies: Sequence[str] = ("gradient", "entropy", "magnitude", "random"),
-        growth_strategies: Sequence[str] = ("balanced", "entropy_gap", "gradient", "random"),
-        max_perplexity_increase: float = 0.15,
-        max_degeneration: float | None = 0.5,
+        cycle: CycleSettings = CycleSettings(),  # noqa: B008 (frozen: one shared default is safe)
         degeneration_metric: Literal["repeated_3gram_rate", "max_token_repetition"] = "repeated_3gram_rate",
-        memory_capacity: int = 10,
-        memory_replay: float = 0.7,
-        adapt: bool = True,
-        patience: int | None = 3,
-        min_improvement: float = 0.01,
         probe_size: int = 16,
         prompts: Sequence[str] = ("The", "It was", "And then"),
         max_new_tokens: int = 32,
         tokenizer: Any = None,
-        output_scale: float = 0.01,
-        warmup_steps: int = 20,
-        initial_gate: float = 0.0,
-        lr_multiplier: float = 5.0,
-        boost_steps: int = 100,
+        reviver: ReviverSettings = CYCLE_REVIVER_SETTINGS,
         json_path: str | None = None,
         seed: int = 0,
         prefix: str = "cycle",
     ) -> None:
-        arguments = locals()
         owner = "PlasticityCycle"
-        controller = CycleController(seed=seed, owner=owner, **{name: arguments[name] for name in _CONTROLLER_ARGS})
-        super().__init__(
-            output_scale=output_scale,
-            warmup_steps=warmup_steps,
-            initial_gate=initial_gate,
-            lr_multiplier=lr_multiplier,
-            boost_steps=boost_steps,
-            seed=seed,
-            prefix=prefix,
-            policy=controller,
-        )
+        if not isinstance(cycle, CycleSettings):
+            raise PlasticityConfigError(f"{owner}.cycle={cycle!r} is invalid; expected a CycleSettings")
+        # validated when it was built; re-owned so that the controller's messages name this callback
+        controller = CycleController(dataclasses.replace(cycle, owner=owner), seed=seed)
+        super().__init__(reviver=reviver, seed=seed, prefix=prefix, policy=controller)
         self.start_step = check_positive_int(owner, "start_step", start_step, allow_zero=True)
         self.degeneration_metric = check_choice(
             owner, "degeneration_metric", degeneration_metric, ("repeated_3gram_rate", "max_token_repetition")
@@ -289,5 +240,5 @@ class PlasticityCycle(RevivingIntervention):
 # The controller's settings and record read as the callback's own (cycle.history, cycle.ratings, cycle.prune_level,
 # ...), as before the controller was split out; they are changed through the controller only.
 _STATE = ("ratings", "memory", "history", "best", "stale", "stopped", "current", "snapshot", "retry_step")
-for _name in (*_CONTROLLER_ARGS, *_STATE):
+for _name in (*CycleSettings().values(), *_STATE):
     setattr(PlasticityCycle, _name, property(lambda self, name=_name: getattr(self.policy, name)))

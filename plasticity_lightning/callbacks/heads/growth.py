@@ -4,6 +4,7 @@ callbacks over :class:`~plasticity_lightning.policies.heads.HeadReviver` and
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -37,28 +38,14 @@ class RevivingIntervention(SkipsNonFinite, Intervention):
     checkpointed state, the gate ramp set before every training batch and the learning-rate boost hooked onto the
     trainer's optimizers for the fit."""
 
-    def __init__(
-        self,
-        *,
-        output_scale: float,
-        warmup_steps: int,
-        initial_gate: float,
-        lr_multiplier: float,
-        boost_steps: int,
-        seed: int,
-        prefix: str,
-        policy: Policy | None = None,
-    ) -> None:
+    def __init__(self, *, reviver: ReviverSettings, seed: int, prefix: str, policy: Policy | None = None) -> None:
         super().__init__(seed=seed, prefix=prefix, policy=policy)
-        # validated once, now: a bad value fails at construction, not at fit start
-        self.reviver_settings = ReviverSettings(
-            output_scale=output_scale,
-            warmup_steps=warmup_steps,
-            initial_gate=initial_gate,
-            lr_multiplier=lr_multiplier,
-            boost_steps=boost_steps,
-            owner=type(self).__name__,
-        )
+        if not isinstance(reviver, ReviverSettings):
+            raise PlasticityConfigError(
+                f"{type(self).__name__}.reviver={reviver!r} is invalid; expected a ReviverSettings"
+            )
+        # validated when it was built; re-owned so that the reviver's messages name this callback
+        self.reviver_settings = dataclasses.replace(reviver, owner=type(self).__name__)
         self.reviver: HeadReviver | None = None
         self._pending_reviver: dict[str, Any] | None = None
 
@@ -111,11 +98,9 @@ class HeadGrowth(RevivingIntervention):
         fraction: share of the dead heads revived per growth step.
         choice: one of ``balanced``, ``entropy_gap``, ``gradient``, ``random``.
         every_n_validations: growth cadence in validation runs (``None``: only when :meth:`grow` is called).
-        output_scale: as in ``ReviverSettings``, with its defaults.
-        warmup_steps: as in ``ReviverSettings``, with its defaults.
-        initial_gate: as in ``ReviverSettings``, with its defaults.
-        lr_multiplier: as in ``ReviverSettings``, with its defaults.
-        boost_steps: as in ``ReviverSettings``, with its defaults.
+        reviver: how revived heads start and learn again (output scale, gate ramp, learning-rate boost):
+            :class:`~plasticity_lightning.policies.heads.ReviverSettings`, by default its defaults (in a YAML:
+            ``reviver: {warmup_steps: 50}``).
         probe_size: validation blocks on which the entropy gap is measured.
         seed: seed of the random choices and the fresh weights.
         prefix: first part of every logged key.
@@ -123,7 +108,9 @@ class HeadGrowth(RevivingIntervention):
     Example::
 
         >>> from lightning.pytorch import Trainer
-        >>> trainer = Trainer(callbacks=[HeadImportance(), HeadGrowth(choice="gradient")])
+        >>> from plasticity_lightning.policies.heads import ReviverSettings
+        >>> growth = HeadGrowth(choice="gradient", reviver=ReviverSettings(warmup_steps=50))
+        >>> trainer = Trainer(callbacks=[HeadImportance(), growth])
     """
 
     def __init__(
@@ -131,24 +118,12 @@ class HeadGrowth(RevivingIntervention):
         fraction: float = 0.5,
         choice: Literal["balanced", "entropy_gap", "gradient", "random"] = "balanced",
         every_n_validations: int | None = 1,
-        output_scale: float = 0.01,
-        warmup_steps: int = 100,
-        initial_gate: float = 0.0,
-        lr_multiplier: float = 5.0,
-        boost_steps: int = 1000,
+        reviver: ReviverSettings = ReviverSettings(),  # noqa: B008 (frozen: one shared default is safe)
         probe_size: int = 16,
         seed: int = 0,
         prefix: str = "heads",
     ) -> None:
-        super().__init__(
-            output_scale=output_scale,
-            warmup_steps=warmup_steps,
-            initial_gate=initial_gate,
-            lr_multiplier=lr_multiplier,
-            boost_steps=boost_steps,
-            seed=seed,
-            prefix=prefix,
-        )
+        super().__init__(reviver=reviver, seed=seed, prefix=prefix)
         self.fraction = check_fraction("HeadGrowth", "fraction", fraction, low_open=True, high_open=False)
         self.choice = check_choice("HeadGrowth", "choice", choice, GROWTH_CHOICES)
         if every_n_validations is not None:

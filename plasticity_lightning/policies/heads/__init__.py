@@ -4,7 +4,7 @@ and what a cycle is judged on (perplexity, degeneration of seeded generations, l
 The tensor surgery they call (gates, re-initialisation, removal) is :mod:`plasticity_lightning.surgery.heads`; the
 Lightning callbacks over them are :mod:`plasticity_lightning.callbacks.heads`."""
 
-from plasticity_lightning.policies.heads.cycle import CycleController, updated_rating
+from plasticity_lightning.policies.heads.cycle import CycleController, CycleSettings, updated_rating
 from plasticity_lightning.policies.heads.importance import IMPORTANCE_METHODS, HeadImportanceScores
 from plasticity_lightning.policies.heads.measures import continue_prompt, cycle_measures, score_generations
 from plasticity_lightning.policies.heads.pruning import IterativeHeadPruner, PruningStep
@@ -31,6 +31,7 @@ __all__ = [
     "HEAD_SCORES",
     "IMPORTANCE_METHODS",
     "CycleController",
+    "CycleSettings",
     "HeadImportanceScores",
     "HeadReviver",
     "IterativeHeadPruner",

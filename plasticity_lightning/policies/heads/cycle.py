@@ -12,6 +12,7 @@ probe, degeneration of seeded generations, head scores from gradients, attention
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -57,6 +58,79 @@ def updated_rating(rating: float, success: bool, improvement: float) -> float:
     return min(max(rating * factor, RATING_RANGE[0]), RATING_RANGE[1])
 
 
+@dataclasses.dataclass(frozen=True)
+class CycleSettings:
+    """The settings of a :class:`CycleController` (and of a PlasticityCycle's ``cycle`` argument), validated once at
+    construction (errors name ``owner``'s field). In a LightningCLI YAML they are one group:
+    ``cycle: {learn_steps: 100, prune_level: 0.2}``.
+
+    Attributes:
+        learn_steps: optimizer steps of the learning phase.
+        max_cycles: cycles at most.
+        prune_level: starting share of live heads pruned per cycle.
+        growth_ratio: starting share of dead heads revived per cycle.
+        pruning_strategies: head scores to choose among (``gradient``, ``entropy``, ``magnitude``, ``random``).
+        growth_strategies: growth choices (``balanced``, ``entropy_gap``, ``gradient``, ``random``).
+        max_perplexity_increase: allowed relative perplexity rise over a cycle.
+        max_degeneration: upper bound of the degeneration measure (``None``: not judged).
+        memory_capacity: successful transformations remembered.
+        memory_replay: probability of replaying one.
+        adapt: adapt prune level, growth ratio and learning steps between cycles.
+        patience: cycles without a new best before cycling stops (``None``: never).
+        min_improvement: relative perplexity gain that makes a new best.
+        owner: the name in error messages (the callback or policy that takes these settings).
+
+    Example::
+
+        >>> CycleSettings(learn_steps=50, pruning_strategies=["entropy"]).pruning_strategies
+        ('entropy',)
+    """
+
+    learn_steps: int = 100
+    max_cycles: int = 10
+    prune_level: float = 0.2
+    growth_ratio: float = 0.5
+    pruning_strategies: Sequence[str] = ("gradient", "entropy", "magnitude", "random")
+    growth_strategies: Sequence[str] = ("balanced", "entropy_gap", "gradient", "random")
+    max_perplexity_increase: float = 0.15
+    max_degeneration: float | None = 0.5
+    memory_capacity: int = 10
+    memory_replay: float = 0.7
+    adapt: bool = True
+    patience: int | None = 3
+    min_improvement: float = 0.01
+    owner: str = dataclasses.field(default="CycleController", compare=False)
+
+    def __post_init__(self) -> None:
+        owner = self.owner
+        if not isinstance(self.adapt, bool):
+            raise PlasticityConfigError(f"{owner}.adapt={self.adapt!r} is invalid; expected true or false")
+        checked = {
+            "learn_steps": check_positive_int(owner, "learn_steps", self.learn_steps),
+            "max_cycles": check_positive_int(owner, "max_cycles", self.max_cycles),
+            "prune_level": check_fraction(owner, "prune_level", self.prune_level, low_open=True),
+            "growth_ratio": check_fraction(owner, "growth_ratio", self.growth_ratio, low_open=True, high_open=False),
+            "pruning_strategies": _check_strategies(owner, "pruning_strategies", self.pruning_strategies, HEAD_SCORES),
+            "growth_strategies": _check_strategies(owner, "growth_strategies", self.growth_strategies, GROWTH_CHOICES),
+            "max_perplexity_increase": check_positive_float(
+                owner, "max_perplexity_increase", self.max_perplexity_increase, allow_zero=True
+            ),
+            "max_degeneration": None
+            if self.max_degeneration is None
+            else check_positive_float(owner, "max_degeneration", self.max_degeneration, allow_zero=True),
+            "memory_capacity": check_positive_int(owner, "memory_capacity", self.memory_capacity, allow_zero=True),
+            "memory_replay": check_fraction(owner, "memory_replay", self.memory_replay, high_open=False),
+            "patience": None if self.patience is None else check_positive_int(owner, "patience", self.patience),
+            "min_improvement": check_positive_float(owner, "min_improvement", self.min_improvement, allow_zero=True),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    def values(self) -> dict[str, Any]:
+        """The settings without ``owner``."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "owner"}
+
+
 class CycleController(Policy):
     """Cycles of prune → measure → grow → learn on attention heads, each judged and kept or reverted.
 
@@ -100,64 +174,28 @@ class CycleController(Policy):
             controller.start(step, model, gates, reviver, measure, input_ids=probe_ids, importance=scores.current())
 
     Args:
-        learn_steps: optimizer steps of the learning phase.
-        max_cycles: cycles at most.
-        prune_level: starting share of live heads pruned per cycle.
-        growth_ratio: starting share of dead heads revived per cycle.
-        pruning_strategies: head scores to choose among (``gradient``, ``entropy``, ``magnitude``, ``random``).
-        growth_strategies: growth choices (``balanced``, ``entropy_gap``, ``gradient``, ``random``).
-        max_perplexity_increase: allowed relative perplexity rise over a cycle.
-        max_degeneration: upper bound of the degeneration measure (``None``: not judged).
-        memory_capacity: successful transformations remembered.
-        memory_replay: probability of replaying one.
-        adapt: adapt prune level, growth ratio and learning steps between cycles.
-        patience: cycles without a new best before cycling stops (``None``: never).
-        min_improvement: relative perplexity gain that makes a new best.
+        settings: a validated :class:`CycleSettings` (default: its defaults).
         seed: seed of every random choice.
-        owner: the name in error messages.
     """
 
-    def __init__(
-        self,
-        learn_steps: int = 100,
-        max_cycles: int = 10,
-        prune_level: float = 0.2,
-        growth_ratio: float = 0.5,
-        pruning_strategies: Sequence[str] = ("gradient", "entropy", "magnitude", "random"),
-        growth_strategies: Sequence[str] = ("balanced", "entropy_gap", "gradient", "random"),
-        max_perplexity_increase: float = 0.15,
-        max_degeneration: float | None = 0.5,
-        memory_capacity: int = 10,
-        memory_replay: float = 0.7,
-        adapt: bool = True,
-        patience: int | None = 3,
-        min_improvement: float = 0.01,
-        seed: int = 0,
-        owner: str = "CycleController",
-    ) -> None:
+    def __init__(self, settings: CycleSettings | None = None, *, seed: int = 0) -> None:
         super().__init__(seed=seed, prefix="cycle")
-        self.owner = owner
-        self.learn_steps = check_positive_int(owner, "learn_steps", learn_steps)
-        self.max_cycles = check_positive_int(owner, "max_cycles", max_cycles)
-        self.prune_level = check_fraction(owner, "prune_level", prune_level, low_open=True)
-        self.growth_ratio = check_fraction(owner, "growth_ratio", growth_ratio, low_open=True, high_open=False)
-        self.pruning_strategies = _check_strategies(owner, "pruning_strategies", pruning_strategies, HEAD_SCORES)
-        self.growth_strategies = _check_strategies(owner, "growth_strategies", growth_strategies, GROWTH_CHOICES)
-        self.max_perplexity_increase = check_positive_float(
-            owner, "max_perplexity_increase", max_perplexity_increase, allow_zero=True
-        )
-        self.max_degeneration = (
-            None
-            if max_degeneration is None
-            else check_positive_float(owner, "max_degeneration", max_degeneration, allow_zero=True)
-        )
-        self.memory_capacity = check_positive_int(owner, "memory_capacity", memory_capacity, allow_zero=True)
-        self.memory_replay = check_fraction(owner, "memory_replay", memory_replay, high_open=False)
-        if not isinstance(adapt, bool):
-            raise PlasticityConfigError(f"{owner}.adapt={adapt!r} is invalid; expected true or false")
-        self.adapt = adapt
-        self.patience = None if patience is None else check_positive_int(owner, "patience", patience)
-        self.min_improvement = check_positive_float(owner, "min_improvement", min_improvement, allow_zero=True)
+        self.settings = settings or CycleSettings()
+        self.owner = self.settings.owner
+        # the levels and learn_steps adapt between cycles: the controller's own copies, starting at the settings
+        self.learn_steps: int = self.settings.learn_steps
+        self.max_cycles: int = self.settings.max_cycles
+        self.prune_level: float = self.settings.prune_level
+        self.growth_ratio: float = self.settings.growth_ratio
+        self.pruning_strategies = list(self.settings.pruning_strategies)
+        self.growth_strategies = list(self.settings.growth_strategies)
+        self.max_perplexity_increase: float = self.settings.max_perplexity_increase
+        self.max_degeneration: float | None = self.settings.max_degeneration
+        self.memory_capacity: int = self.settings.memory_capacity
+        self.memory_replay: float = self.settings.memory_replay
+        self.adapt: bool = self.settings.adapt
+        self.patience: int | None = self.settings.patience
+        self.min_improvement: float = self.settings.min_improvement
 
         self.ratings = {
             **{f"prune/{s}": INITIAL_RATING.get(s, 1.0) for s in self.pruning_strategies},
@@ -454,4 +492,4 @@ def _check_strategies(owner: str, name: str, values: Any, allowed: Sequence[str]
             f"{owner}.{name}={values!r} is invalid; expected a non-empty list of distinct entries drawn from "
             f"{', '.join(allowed)}"
         )
-    return list(values)
+    return tuple(values)
