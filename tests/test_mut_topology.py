@@ -170,6 +170,13 @@ def test_the_librarys_sine_activation_is_a_per_unit_activation():
     assert pair.activation is sine[2] and pair.activation_name == "2"  # a registered activation of our own
 
 
+def test_hf_conv1d_layers_outside_a_rule_block_are_traced_as_layers_and_paired():
+    # while torch.fx traces, `module.weight` is a Proxy: a Conv1D must still be recognised (and kept a leaf)
+    model = nn.Sequential(Conv1D(4, 6), nn.ReLU(), Conv1D(6, 2))
+    (pair,) = find_unit_pairs(model)
+    assert (pair.producer, pair.consumer, pair.activation_name) == ("0", "2", "1")
+
+
 def test_an_unknown_module_between_two_layers_ends_the_pair():
     net = nn.Sequential(nn.Linear(3, 4), nn.Softmax(dim=-1), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
     assert _pairs(net) == [("2", "4", (), 1)]

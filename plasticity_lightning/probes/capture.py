@@ -41,7 +41,9 @@ _CHANNEL_AXIS_TYPES: tuple[type[nn.Module], ...] = (
 
 def is_transposed_linear(module: nn.Module) -> bool:
     """Whether ``module`` is HF's ``Conv1D`` (GPT-2's linear layer, whose weight is stored ``[in, out]``)."""
-    weight = getattr(module, "weight", None)
+    # Read the registered parameter itself: while torch.fx traces, `module.weight` is a Proxy, and a Conv1D that
+    # looked like no weight layer was traced into (`x @ w + b`) and vanished from the graph.
+    weight = getattr(module, "_parameters", {}).get("weight")
     return (
         type(module).__name__ == "Conv1D"
         and hasattr(module, "nf")
