@@ -426,7 +426,9 @@ def test_wandb_runs_keep_their_files_in_their_own_folder_and_get_the_report(in_t
         # W&B alone: the run's files go to <save_dir>/<project>/<run id>/, beside its checkpoints, never save_dir
         PlasticityCLI(
             args=["fit", "--config", quickstart, "--trainer.logger=lightning.pytorch.loggers.WandbLogger",
-                  "--trainer.logger.init_args.save_dir=solo", "--trainer.logger.init_args.project=p", *_SHORT_STREAM]
+                  # absolute: W&B's service process resolves a relative `dir` against its own working directory
+                  f"--trainer.logger.init_args.save_dir={in_tmp / 'solo'}", "--trainer.logger.init_args.project=p",
+                  *_SHORT_STREAM]
         )  # fmt: skip
         folders = list((in_tmp / "solo" / "p").iterdir())
         assert len(folders) == 1
