@@ -69,6 +69,9 @@ def test_site_builds_strict_with_every_generated_page(site):
         page = (site / "gallery" / f"{path.stem}.html").read_text()
         output = re.search(r'<pre class="gallery-output"><code>(.*?)</code></pre>', page, re.S)
         assert output is not None and output.group(1).strip(), path.name
+        # the docstring's prose, before its source: reST's "text::" reads "text:" on the page
+        prose = page.split('id="source"')[0]
+        assert not re.search(r"::\s*</p>", prose), path.name
         if "{figure}" in path.read_text():  # the figure the quick run drew, beside its page
             assert f'src="{path.stem}.png"' in page
             assert (site / "gallery" / f"{path.stem}.png").read_bytes().startswith(b"\x89PNG")

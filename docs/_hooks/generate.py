@@ -359,8 +359,9 @@ def _example_page(path: Path) -> str:
     source = path.read_text()
     doc = ast.get_docstring(ast.parse(source)) or ""
     title, _, rest = doc.partition("\n")
+    rest = re.sub(r"::$", ":", rest.strip(), flags=re.M)  # reST's "text::" before a literal block reads "text:"
     arguments = " ".join(gallery_arguments(path))
-    lines = [f"# `{path.name}`", "", title, "", rest.strip(), ""]
+    lines = [f"# `{path.name}`", "", title, "", rest, ""]
     lines += ["## Output of a quick run", "", OUTPUT_PLACEHOLDER, ""]
     lines += ["```bash", f"python examples/{path.name} {arguments}", "```", ""]
     lines += ["<!-- output -->", ""]
