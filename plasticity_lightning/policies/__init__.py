@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from plasticity_lightning.core.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from plasticity_lightning.policies.base import Policy, UnitPolicy, all_reduce_mean
+    from plasticity_lightning.policies.base import Policy, ScheduledPolicy, UnitPolicy, all_reduce_mean
     from plasticity_lightning.policies.cadence import StepCadence
     from plasticity_lightning.policies.cbp import ContinualBackprop
     from plasticity_lightning.policies.injection import PlasticityInjection
@@ -53,6 +53,7 @@ _EXPORTS = {
     "ParsevalRegularization": "plasticity_lightning.policies.parseval",
     "Policy": "plasticity_lightning.policies.base",
     "ReDo": "plasticity_lightning.policies.redo",
+    "ScheduledPolicy": "plasticity_lightning.policies.base",
     "ShrinkAndPerturb": "plasticity_lightning.policies.resets",
     "StepCadence": "plasticity_lightning.policies.cadence",
     "UnitPolicy": "plasticity_lightning.policies.base",
@@ -73,6 +74,7 @@ __all__ = [
     "PlasticityInjection",
     "Policy",
     "ReDo",
+    "ScheduledPolicy",
     "ShrinkAndPerturb",
     "StepCadence",
     "UnitPolicy",

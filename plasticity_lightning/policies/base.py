@@ -155,6 +155,35 @@ class Policy:
         self._pending_device_states = dict(state_dict.get("device_generators", {}))
 
 
+class ScheduledPolicy(Policy):
+    """A policy that acts on the whole model at moments: every ``cadence`` optimizer step (:meth:`step`) or when the
+    task changes (:meth:`step_task`). Subclasses set :attr:`cadence` and :attr:`steps` and define :meth:`apply`."""
+
+    cadence: Any  # a policies.cadence.StepCadence
+    steps: int
+
+    def step(self) -> bool:
+        """One optimizer step has been taken: :meth:`apply` if it is the ``every_n_steps``-th; returns whether it
+        did."""
+        self.steps += 1
+        if not self.cadence.take(self.steps):
+            return False
+        self.apply()
+        return True
+
+    def step_task(self, task: Any) -> bool:
+        """:meth:`apply` if ``task`` differs from the task of the previous call (never on the first); returns whether
+        it did."""
+        if not self.task_changed(task):
+            return False
+        self.apply()
+        return True
+
+    def apply(self, model: nn.Module | None = None) -> None:
+        """Act now (on ``model``, or the model the policy was built with)."""
+        raise NotImplementedError
+
+
 class UnitPolicy(Policy):
     """A policy on hidden units: binds the producer → consumer pairs and the init of each producer's new units.
 

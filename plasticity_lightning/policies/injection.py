@@ -10,12 +10,12 @@ from torch import nn
 from torch.func import functional_call
 
 from plasticity_lightning.core.errors import PlasticityConfigError, check_positive_int
-from plasticity_lightning.policies.base import Policy, as_optimizers
+from plasticity_lightning.policies.base import ScheduledPolicy, as_optimizers
 from plasticity_lightning.policies.cadence import StepCadence
 from plasticity_lightning.policies.resets import LayerReset, fresh_copy
 
 
-class PlasticityInjection(Policy):
+class PlasticityInjection(ScheduledPolicy):
     """Plasticity injection (Nikishin et al. 2023, "Deep Reinforcement Learning with Plasticity Injection").
 
     At an injection the head h with parameters θ is frozen and a fresh copy θ'₁ is added, minus a frozen copy θ'₂ of
@@ -207,22 +207,6 @@ class PlasticityInjection(Policy):
                 self._frozen_output(frozen[j], args, kwargs) - self._frozen_output(frozen[j - 1], args, kwargs)
             ) + total
         return (output - self._frozen_output(frozen[-1], args, kwargs)) + total
-
-    def step(self) -> bool:
-        """One optimizer step has been taken: inject if it is the ``every_n_steps``-th; returns whether it did."""
-        self.steps += 1
-        if not self.cadence.take(self.steps):
-            return False
-        self.apply()
-        return True
-
-    def step_task(self, task: Any) -> bool:
-        """Inject if ``task`` differs from the task of the previous call (never on the first); returns whether it
-        did."""
-        if not self.task_changed(task):
-            return False
-        self.apply()
-        return True
 
     @torch.no_grad()
     def apply(self, model: nn.Module | None = None) -> None:

@@ -17,7 +17,7 @@ from plasticity_lightning.core.errors import (
     check_positive_int,
 )
 from plasticity_lightning.nn.init import init_layer_
-from plasticity_lightning.policies.base import Policy, as_optimizers, owning_modules
+from plasticity_lightning.policies.base import Policy, ScheduledPolicy, as_optimizers, owning_modules
 from plasticity_lightning.policies.cadence import StepCadence
 from plasticity_lightning.surgery import reset_optimizer_state
 
@@ -158,7 +158,7 @@ def _guessed_inits(owner: str, model: nn.Module, names: Iterable[str]) -> str | 
     )
 
 
-class ShrinkAndPerturb(Policy):
+class ShrinkAndPerturb(ScheduledPolicy):
     """Shrink & Perturb (Ash & Adams 2020): θ ← λ·θ + p·θ_fresh (or + p·θ₀, toward the initial weights).
 
     ``noise="fresh_init"`` (the paper): θ_fresh is a newly initialised copy of each weight and normalisation layer
@@ -245,14 +245,6 @@ class ShrinkAndPerturb(Policy):
                 self.initial = {name: p.detach().clone() for name, p in params.items()}
             else:
                 self.initial = {name: value.to(params[name].device) for name, value in self.initial.items()}
-
-    def step(self) -> bool:
-        """One optimizer step has been taken: apply if it is the ``every_n_steps``-th; returns whether it did."""
-        self.steps += 1
-        if not self.cadence.take(self.steps):
-            return False
-        self.apply()
-        return True
 
     @torch.no_grad()
     def apply(self, model: nn.Module | None = None) -> None:
@@ -512,7 +504,7 @@ class HeadReset(Policy):
         self.task = state_dict.get("task")
 
 
-class LayerReset(Policy):
+class LayerReset(ScheduledPolicy):
     """Reset chosen layers, or the whole network, to fresh initial values (Nikishin et al. 2022, "The Primacy Bias in
     Deep Reinforcement Learning"), with their optimizer state cleared.
 
@@ -623,22 +615,6 @@ class LayerReset(Policy):
         guess = _guessed_inits(self.owner, model, weights)
         if guess:
             self.warn_once("init", guess)
-
-    def step(self) -> bool:
-        """One optimizer step has been taken: reset if it is the ``every_n_steps``-th; returns whether it did."""
-        self.steps += 1
-        if not self.cadence.take(self.steps):
-            return False
-        self.apply()
-        return True
-
-    def step_task(self, task: Any) -> bool:
-        """Reset if ``task`` differs from the task of the previous call (never on the first); returns whether it
-        did."""
-        if not self.task_changed(task):
-            return False
-        self.apply()
-        return True
 
     @torch.no_grad()
     def apply(self, model: nn.Module | None = None) -> None:

@@ -156,12 +156,13 @@ class Intervention(TaskAwareCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), **self.policy.state_dict()}
+        return {**super().state_dict(), **self.policy.state_dict(), "last_step": self._last_step}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.policy.load_state_dict(state_dict)
+        self._last_step = state_dict.get("last_step")
 
 
 class UnitIntervention(Intervention):

@@ -173,12 +173,3 @@ class ContinualBackprop(UnitIntervention):
         self.connect(trainer)
         step = None if trainer is None else trainer.global_step
         return self.policy.step_pair(pair, features, inputs, magnitudes, step=step)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "last_step": self._last_step}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._last_step = state_dict.get("last_step")

@@ -79,12 +79,3 @@ class PlasticityInjection(Intervention):
         self.connect(trainer)
         self.policy.apply(pl_module)
         self.log_values(trainer, {"injections": self.injections}, force=True)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "last_step": self._last_step}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._last_step = state_dict.get("last_step")

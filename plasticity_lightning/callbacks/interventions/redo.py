@@ -130,12 +130,3 @@ class ReDo(UnitIntervention):
         values["skipped_nonfinite"] = sum(self.skipped.values())
         self.log_values(trainer, values, force=True)
         return counts
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "last_step": self._last_step}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._last_step = state_dict.get("last_step")
