@@ -209,12 +209,14 @@ class TaskAccuracyTable(TaskAwareCallback):
     def summary(self) -> dict[str, float]:
         """:func:`~plasticity_lightning.metrics.accuracy_matrix_summary` of the finished rows: ``new_task_acc``,
         ``avg_seen_acc`` and ``avg_forgetting`` (NaN when validation did not evaluate the cells they need, e.g.
-        ``eval_on: current``)."""
+        ``eval_on: current``).
+        """
         return accuracy_matrix_summary(self.rows)
 
     def transfer(self) -> dict[str, float]:
         """:func:`~plasticity_lightning.metrics.continual.transfer_summary` of the finished rows and the random-init
-        row: ``bwt``, ``fwt_next``, ``fwt_all`` (NaN when the cells they need were not measured)."""
+        row: ``bwt``, ``fwt_next``, ``fwt_all`` (NaN when the cells they need were not measured).
+        """
         return transfer_summary(self.rows, self.random_init)
 
     def measured(self) -> str:

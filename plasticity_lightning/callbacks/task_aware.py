@@ -1,5 +1,6 @@
 """The base of the library's callbacks: continual-task changes, the one place a checkpoint ``state_key`` is built, and
-the one logging helper (:func:`log_scalars`) that monitors and interventions share."""
+the one logging helper (:func:`log_scalars`) that monitors and interventions share.
+"""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ class TaskAwareCallback(Callback):
     def state_identity(self) -> dict[str, Any]:
         """What tells two instances of one class apart in a checkpoint (their settings): the parts of
         :attr:`state_key`. Changing it orphans the state in existing checkpoints. Empty: the class name alone, as
-        Lightning's default."""
+        Lightning's default.
+        """
         return {}
 
     @property
@@ -71,7 +73,8 @@ class TaskAwareCallback(Callback):
 def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], row_extra: dict[str, float] | None = None) -> None:
     """Send ``metrics`` to every logger at the trainer's global step (``row_extra``, e.g. the task id, only in the
     logged row) and into ``trainer.callback_metrics``, so they reach checkpoint monitors and early stopping even with
-    ``logger=False``."""
+    ``logger=False``.
+    """
     row = {**metrics, **row_extra} if row_extra else metrics
     for logger in trainer.loggers:
         logger.log_metrics(row, step=trainer.global_step)

@@ -1,5 +1,6 @@
 """Algorithmic and synthetic tasks: modular arithmetic and sparse parity (Prieto et al. 2025, the grokking tasks),
-and SurgeCollapseNet's binary Gaussian task."""
+and SurgeCollapseNet's binary Gaussian task.
+"""
 
 from __future__ import annotations
 

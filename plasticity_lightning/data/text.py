@@ -1,5 +1,6 @@
 """Text for causal language models: sources, a tokenizer that works offline, packing into fixed-length blocks, and
-continual streams of the text's contiguous parts (:class:`TextParts`)."""
+continual streams of the text's contiguous parts (:class:`TextParts`).
+"""
 
 from __future__ import annotations
 
@@ -293,7 +294,8 @@ class TextDataModule(PlasticityDataModule):
 
     def load_splits(self) -> dict[str, torch.Tensor]:
         """``{"train", "val", "test"}`` token blocks ``[N, block_size]``; each block's part (task) goes to
-        :attr:`block_tasks` (all 0 without a schedule)."""
+        :attr:`block_tasks` (all 0 without a schedule).
+        """
         texts = self.texts()
         self.tokenizer = load_tokenizer(
             self.tokenizer_name, texts=texts, cache_dir=self.data_dir, vocab_size=self.vocab_size_hint
@@ -336,7 +338,8 @@ class TextDataModule(PlasticityDataModule):
 
     def _token_ids(self, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
         """The token stream (each document followed by EOS, cut at ``max_tokens``) and each document's length in
-        it."""
+        it.
+        """
         eos = self.tokenizer.eos_token_id
         ids: list[int] = []
         lengths: list[int] = []

@@ -236,7 +236,8 @@ class ActivityStatistics(NamedTuple):
     def masks(self, tau: float = 0.0, dead_threshold: float = 0.0, max_active: float = 0.01) -> dict[str, torch.Tensor]:
         """The three unit counts' masks: ``redo_dormant`` (score ≤ τ), ``dead`` and ``low_activity``.
 
-        A unit with a non-finite activation is in none of them (see the module's convention)."""
+        A unit with a non-finite activation is in none of them (see the module's convention).
+        """
         return {
             "redo_dormant": _redo_dormant(self.mean_abs, tau),
             "dead": _dead(self.max_abs, dead_threshold),

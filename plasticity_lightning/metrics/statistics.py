@@ -1,7 +1,8 @@
 """The statistics of the library's reports, in one place: Student-t intervals of a mean (one sample, or many along
 an axis ignoring NaN), Cohen's d, the Wilcoxon signed-rank test of paired runs and Welch's t-test. Used by
 ``plasticity report --compare`` (:mod:`plasticity_lightning.reports`) and the study reports
-(:mod:`plasticity_lightning.studies`)."""
+(:mod:`plasticity_lightning.studies`).
+"""
 
 from __future__ import annotations
 

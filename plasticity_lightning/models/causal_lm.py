@@ -1,5 +1,6 @@
 """Causal language model over any HF causal-LM architecture (GPT-2's distilgpt2 by default), with perplexity,
-per-task evaluation on continual text streams and seeded generation."""
+per-task evaluation on continual text streams and seeded generation.
+"""
 
 from __future__ import annotations
 
@@ -101,7 +102,8 @@ def build_config(
 def _check_heads(config: Any, settings: dict[str, Any], owner: str) -> None:
     """Head counts that HF accepts in the config but torch fails on in the first forward pass (a shape mismatch deep
     in attention): key/value heads that do not divide the query heads (grouped-query attention, e.g. Mistral's
-    default of 8 key/value heads left beside 4 query heads), or a width the heads do not divide."""
+    default of 8 key/value heads left beside 4 query heads), or a width the heads do not divide.
+    """
     # the user's spelling of a field (GPT-2 calls num_attention_heads n_head)
     spelled = getattr(config, "attribute_map", {})  # {"num_attention_heads": "n_head", ...}
 
@@ -271,7 +273,8 @@ class CausalLM(InjectedOptimizer, pl.LightningModule):
         pretrained: bool, architecture: str | None, config: dict[str, Any] | None, **gpt2_sizes: int | None
     ) -> str | None:
         """The ``model_type`` to build from ``config`` (``None``: GPT-2 by name), with the config checked now, so a
-        bad recipe fails before any data is read."""
+        bad recipe fails before any data is read.
+        """
         if config is not None and not isinstance(config, dict):
             raise PlasticityConfigError(
                 f"CausalLM.config={config!r} is invalid; expected a mapping of config fields, e.g. "
@@ -427,7 +430,8 @@ class CausalLM(InjectedOptimizer, pl.LightningModule):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, seed: int = 0, **kwargs: Any) -> torch.Tensor:
         """Seeded sampling (top-k 50 unless given): the same prompt and seed give the same text, and the global RNG
-        is left as it was."""
+        is left as it was.
+        """
         return generate_seeded(self.model, input_ids, max_new_tokens, seed, owner="CausalLM", **kwargs)
 
 

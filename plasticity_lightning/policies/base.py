@@ -1,5 +1,6 @@
 """What every trainer-free policy shares: its own random source, its state, the optimizers it resets, DDP averaging,
-and, for unit policies, which producer → consumer pairs it bound and which init their new units get (and why)."""
+and, for unit policies, which producer → consumer pairs it bound and which init their new units get (and why).
+"""
 
 from __future__ import annotations
 
@@ -97,7 +98,8 @@ class Policy:
 
     def report_binding(self, names: Iterable[str]) -> None:
         """Record the modules the policy acts on (:attr:`bound_layers`; ``""``, the model itself, is ``<model>``) and
-        report them once through :attr:`announce`: ``"<owner>: bound to N module(s): a, b, ..."``."""
+        report them once through :attr:`announce`: ``"<owner>: bound to N module(s): a, b, ..."``.
+        """
         self._bound_layers = [name or "<model>" for name in names]
         shown = self._bound_layers[:12] + (
             [f"… {len(self._bound_layers) - 12} more"] if len(self._bound_layers) > 12 else []
@@ -107,7 +109,8 @@ class Policy:
     def generator_on(self, device: torch.device | str) -> torch.Generator:
         """The random source for draws made on ``device``: the CPU generator itself on the CPU; on an accelerator a
         generator of that device type, seeded alike on every rank and kept in the checkpoint. Noise for every
-        parameter is then drawn where the parameters live, with no host-side draw and copy per application."""
+        parameter is then drawn where the parameters live, with no host-side draw and copy per application.
+        """
         kind = torch.device(device).type
         if kind == "cpu":
             return self.generator
@@ -124,7 +127,8 @@ class Policy:
 
     def task_changed(self, task: Any) -> bool:
         """Record ``task``; whether it differs from the previous call's (never on the first call): the one task-change
-        rule of the task-triggered policies."""
+        rule of the task-triggered policies.
+        """
         previous, self.task = getattr(self, "task", None), task
         return previous is not None and previous != task
 
@@ -157,14 +161,16 @@ class Policy:
 
 class ScheduledPolicy(Policy):
     """A policy that acts on the whole model at moments: every ``cadence`` optimizer step (:meth:`step`) or when the
-    task changes (:meth:`step_task`). Subclasses set :attr:`cadence` and :attr:`steps` and define :meth:`apply`."""
+    task changes (:meth:`step_task`). Subclasses set :attr:`cadence` and :attr:`steps` and define :meth:`apply`.
+    """
 
     cadence: Any  # a policies.cadence.StepCadence
     steps: int
 
     def step(self) -> bool:
         """One optimizer step has been taken: :meth:`apply` if it is the ``every_n_steps``-th; returns whether it
-        did."""
+        did.
+        """
         self.steps += 1
         if not self.cadence.take(self.steps):
             return False
@@ -173,7 +179,8 @@ class ScheduledPolicy(Policy):
 
     def step_task(self, task: Any) -> bool:
         """:meth:`apply` if ``task`` differs from the task of the previous call (never on the first); returns whether
-        it did."""
+        it did.
+        """
         if not self.task_changed(task):
             return False
         self.apply()
@@ -245,7 +252,8 @@ class UnitPolicy(Policy):
 
     def bind(self, model: nn.Module) -> None:
         """Find the pairs on the (built) model and the init of each producer; report them once, with what was
-        skipped, and warn once if an init had to be guessed."""
+        skipped, and warn once if an init had to be guessed.
+        """
         owner = self.owner
         pairing = pair_units(model, self.layer_names, self.explicit_pairs, owner=owner, warn=False)
         if self.explicit_pairs is None and pairing.skipped:

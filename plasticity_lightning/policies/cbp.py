@@ -81,7 +81,8 @@ def _fused_pairs_update(
 ) -> list[torch.Tensor]:
     """:func:`utility_step` for several pairs, with each pair's weight magnitudes taken here from its consumer
     weight (and producer weight, for the adaptable utility) as :func:`~plasticity_lightning.surgery.unit_magnitudes`
-    takes them: what ``torch.compile`` turns into one program (see ``ContinualBackprop._fused_update``)."""
+    takes them: what ``torch.compile`` turns into one program (see ``ContinualBackprop._fused_update``).
+    """
     finite = []
     for i, consumer in enumerate(consumers):
         matrix = consumer.reshape(consumer.shape[0], -1)
@@ -389,7 +390,8 @@ class ContinualBackprop(UnitPolicy):
         optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
     ) -> None:
         """Bind to ``model``'s pairs with fresh statistics (or those of a loaded :meth:`state_dict`) and start
-        recording the consumers' training inputs. ``optimizer``: the optimizer(s) whose state is reset."""
+        recording the consumers' training inputs. ``optimizer``: the optimizer(s) whose state is reset.
+        """
         if optimizer is not None:
             self.optimizers = as_optimizers(optimizer)
         self.bind(model)
@@ -517,7 +519,8 @@ class ContinualBackprop(UnitPolicy):
         EMAs of all pairs, a few kernels in place of tens of small operations), or ``None`` (nothing done) where it
         does not apply: weights below :data:`~plasticity_lightning.surgery.units.FUSED_MIN_ELEMENTS`, reused
         magnitudes (``magnitudes_every_n_steps > 1``), inside a compiled region, or no compiler. The same
-        arithmetic as the eager path, so results agree within float32 round-off."""
+        arithmetic as the eager path, so results agree within float32 round-off.
+        """
         if not pairs or unit_surgery.FUSED_MIN_ELEMENTS is None or self.magnitudes_every_n_steps != 1:
             return None
         names = tuple(pair.producer for pair in pairs)
@@ -581,7 +584,8 @@ class ContinualBackprop(UnitPolicy):
     def _step_in_window(self, step: int) -> dict[str, int]:
         """:meth:`step` that only records (the step's consumer inputs and a weight snapshot) and counts on the
         host, and brings the statistics up to date — all pending steps at once — when a unit is due for replacement
-        or the window is full."""
+        or the window is full.
+        """
         pending = self._pending_steps
         for pair in self.pairs:  # each list holds one input per pending step, then this step's forward passes
             features = self._features[pair.producer]
@@ -647,7 +651,8 @@ class ContinualBackprop(UnitPolicy):
 
     def _window_magnitudes(self, pair: UnitPair, snapshots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per pending step: mean |w_out| per (unit, column) ``[k, units, columns]`` and, for the adaptable utility,
-        mean |w_in| per unit ``[k, units]`` — :func:`~plasticity_lightning.surgery.unit_magnitudes` on snapshots."""
+        mean |w_in| per unit ``[k, units]`` — :func:`~plasticity_lightning.surgery.unit_magnitudes` on snapshots.
+        """
         k = len(snapshots)
 
         def weight(module: nn.Module) -> torch.Tensor:  # [k, out, in, ...], as unit_weight orients it
@@ -667,7 +672,8 @@ class ContinualBackprop(UnitPolicy):
     @staticmethod
     def _unrolled(a: float, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """float64 (a^(j+1) for j < k, the k×k matrix a^(j−i) for i ≤ j, 0 above): x_j = a·x_(j−1) + b_j unrolled,
-        x_j = a^(j+1)·x_(−1) + Σ_(i≤j) a^(j−i)·b_i."""
+        x_j = a^(j+1)·x_(−1) + Σ_(i≤j) a^(j−i)·b_i.
+        """
         j = torch.arange(k, dtype=torch.float64, device=device)
         lag = j[:, None] - j[None, :]
         return a ** (j + 1), torch.where(lag >= 0, a ** lag.clamp(min=0), torch.zeros((), dtype=torch.float64))
@@ -700,7 +706,8 @@ class ContinualBackprop(UnitPolicy):
         incoming: torch.Tensor | None,
     ) -> bool:
         """The EMAs over the ``k`` pending steps at once (``features``: ``[k, ...]``, one step's consumer input each),
-        in float64; False (nothing changed) if any statistic is NaN/inf."""
+        in float64; False (nothing changed) if any statistic is NaN/inf.
+        """
         k = len(features)
         eta = self.decay_rate
         device = state.utility.device
@@ -826,7 +833,8 @@ class ContinualBackprop(UnitPolicy):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This step's mean |h| (``"contribution"``) or mean |h − f̂| per (unit, column) ``[units, columns]``,
         averaged across ranks, and the updated mean-activation EMA f that it used (``None`` for
-        ``"contribution"``, which does not track f). The units have aged."""
+        ``"contribution"``, which does not track f). The units have aged.
+        """
         # every micro-batch of the step (gradient accumulation) counts, as one batch
         x = (features[0] if len(features) == 1 else torch.cat(features)).detach().float()
         conv = isinstance(pair.consumer_module, nn.Conv2d)

@@ -159,7 +159,8 @@ class PlasticityInjection(ScheduledPolicy):
         self, model: nn.Module, optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None
     ) -> None:
         """Use ``model`` (its head is checked now) and add the frozen terms held so far (a loaded state's) to its
-        head's output; ``optimizer``: the optimizer(s) whose head state is dropped at each injection."""
+        head's output; ``optimizer``: the optimizer(s) whose head state is dropped at each injection.
+        """
         if optimizer is not None:
             self.optimizers = as_optimizers(optimizer)
         self.detach()
@@ -211,7 +212,8 @@ class PlasticityInjection(ScheduledPolicy):
     @torch.no_grad()
     def apply(self, model: nn.Module | None = None) -> None:
         """Inject now: freeze the head's function so far, draw fresh head parameters and subtract their frozen
-        copy."""
+        copy.
+        """
         if model is not None and model is not self.model:
             self.attach(model)
         if self.model is None or self._head is None or self._reset is None:

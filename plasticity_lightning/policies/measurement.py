@@ -53,7 +53,8 @@ def rank_values(
     conv: Literal["pool", "positions", "flatten"] = "pool",
 ) -> tuple[dict[str, float], dict[str, torch.Tensor], list[str]]:
     """Rank measures of each layer's features (``[samples, units, ...]``): (values keyed ``"<layer>/<measure>"``,
-    singular values per layer, layers whose features were not finite — their values are NaN)."""
+    singular values per layer, layers whose features were not finite — their values are NaN).
+    """
     values: dict[str, float] = {}
     spectra: dict[str, torch.Tensor] = {}
     broken: list[str] = []
@@ -88,7 +89,8 @@ def activity_values(
     active: Activity = "nonzero",
 ) -> tuple[dict[str, float], list[list[Any]], dict[str, torch.Tensor]]:
     """Dormant and dead unit shares per layer and over all units pooled (``all/``): (values, one table row per layer
-    ``[layer, units, redo_dormant, dead, low_activity]``, per-unit active share per layer)."""
+    ``[layer, units, redo_dormant, dead, low_activity]``, per-unit active share per layer).
+    """
     values: dict[str, float] = {}
     counts = torch.zeros(4, dtype=torch.float64)  # units, redo-dormant, dead, low-activity
     rows: list[list[Any]] = []
@@ -134,7 +136,8 @@ def feature_values(
 ) -> dict[str, float]:
     """:class:`~plasticity_lightning.callbacks.FeatureMonitor`'s values of each layer's features (``[samples, units,
     ...]``): ``feature_norm``, ``feature_variance``, ``active_fraction`` and ``inactive_fraction`` (units active on
-    fewer than ``max_active`` of the positions, by the layer's rule in ``rules``), plus ``all/inactive_fraction``."""
+    fewer than ``max_active`` of the positions, by the layer's rule in ``rules``), plus ``all/inactive_fraction``.
+    """
     values: dict[str, float] = {}
     units = inactive = 0.0
     for name, output in outputs.items():
@@ -155,7 +158,8 @@ def entropy_values(
     outputs: Mapping[str, torch.Tensor], model_output: Any, predictions: bool = True, activations: bool = True
 ) -> tuple[dict[str, float], torch.Tensor | None]:
     """Activation entropy per layer and the prediction entropy of ``[N, C]`` logits: (values, the logits used or
-    ``None`` — check them for NaN/inf: a -inf logit would give a clean 0)."""
+    ``None`` — check them for NaN/inf: a -inf logit would give a clean 0).
+    """
     values: dict[str, float] = {}
     if activations:
         for name, output in outputs.items():
@@ -168,7 +172,8 @@ def entropy_values(
 
 def prediction_logits(model_output: Any) -> torch.Tensor | None:
     """The ``[N, C]`` logits (C > 1) whose prediction entropy is measured, or ``None``: one output column has no
-    distribution to measure (a binary logit or a regression), and sequence outputs are not ``[N, C]``."""
+    distribution to measure (a binary logit or a regression), and sequence outputs are not ``[N, C]``.
+    """
     logits = model_output[0] if isinstance(model_output, (tuple, list)) else model_output
     if isinstance(logits, torch.Tensor) and logits.ndim == 2 and logits.shape[1] > 1:
         return logits
@@ -197,7 +202,8 @@ def weight_values(
 
 def nan_where_nonfinite(values: dict[str, float], broken: Iterable[str]) -> dict[str, float]:
     """``values`` with every ``"<name>/…"`` value of a ``broken`` name, and every pooled ``"all/…"`` value (which
-    includes it), set to NaN: a diverged layer must not read as a healthy one."""
+    includes it), set to NaN: a diverged layer must not read as a healthy one.
+    """
     broken = tuple(f"{name}/" for name in broken)
     if not broken:
         return values

@@ -136,7 +136,8 @@ class ParsevalRegularization(Policy):
 
     def step(self, penalty: bool = True) -> float | None:
         """Add λ·∇ of the penalty to every bound weight's gradient; returns λ·penalty (``None`` with
-        ``penalty=False``, which saves a read-back)."""
+        ``penalty=False``, which saves a read-back).
+        """
         if not self._bound:
             raise PlasticityConfigError(f"{self.owner}.step: no model; pass it to {self.owner}(model, ...)")
         weights = list(self._bound.values())

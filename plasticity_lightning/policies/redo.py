@@ -122,7 +122,8 @@ class ReDo(UnitPolicy):
     @torch.no_grad()
     def recycle(self, probe: Any = None, *, step: int | None = None) -> dict[str, int]:
         """Measure on ``probe`` (else the one given at construction) and re-initialise dormant units now; returns
-        the count per producer."""
+        the count per producer.
+        """
         if self.model is None:
             raise PlasticityConfigError("ReDo.recycle: no model; pass it to ReDo(model, ...) or call attach(model)")
         batch = self.probe if probe is None else probe

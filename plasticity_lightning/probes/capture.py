@@ -182,7 +182,8 @@ def resolve_layers(
 
 def default_forward(model: nn.Module, batch: Any) -> Any:
     """Run ``model`` on a batch: the first element of a tuple/list batch, a dict's ``"x"``/``"input_ids"``/
-    ``"inputs"`` entry, or the batch itself."""
+    ``"inputs"`` entry, or the batch itself.
+    """
     if isinstance(batch, (tuple, list)):
         return model(batch[0])
     if isinstance(batch, Mapping):
@@ -295,7 +296,8 @@ class _EnoughCaptured(Exception):
 @contextmanager
 def _without_fastpath() -> Iterator[None]:
     """Torch's fused ``TransformerEncoderLayer``/``MultiheadAttention`` kernels (taken in eval mode without grad)
-    bypass ``linear1``/``linear2`` and their hooks: measure through the modules instead."""
+    bypass ``linear1``/``linear2`` and their hooks: measure through the modules instead.
+    """
     enabled = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:

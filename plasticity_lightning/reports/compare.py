@@ -53,7 +53,8 @@ GAP_AND_TRANSFER = {
 
 def gap_and_transfer(run: RunData, window: int) -> dict[str, float]:
     """What a continual run logged of the plasticity gap (mean of its first and last ``window`` tasks) and of
-    transfer (the values after the last finished task); keys it never logged are left out."""
+    transfer (the values after the last finished task); keys it never logged are left out.
+    """
     values: dict[str, float] = {}
     gap = finished_task_values(run, PLASTICITY_GAP_KEY)
     if gap:
@@ -144,7 +145,8 @@ def _compare_losses(runs: dict[str, list[RunData]], metric: str) -> dict[str, An
 
 def _compare_continual(runs: dict[str, list[RunData]], window: int | None) -> dict[str, Any]:
     """Per-task summaries of every run; per variant the mean and 95% interval of each measure's first and last
-    windows, and tests of the last window against the first variant's."""
+    windows, and tests of the last window against the first variant's.
+    """
     tasks = min(run.num_tasks for group in runs.values() for run in group)
     window = window or max(1, tasks // 10)
     summaries = {name: [continual_summary(run, window) for run in group] for name, group in runs.items()}
@@ -191,7 +193,8 @@ def _compare_continual(runs: dict[str, list[RunData]], window: int | None) -> di
 
 def _gap_and_transfer_table(runs: dict[str, list[RunData]], window: int) -> dict[str, Any]:
     """Per variant, the mean and 95% interval over seeds of each gap-and-transfer column every run logged (a column
-    that is NaN in every run, such as forward transfer without ``eval_on: all``, is left out)."""
+    that is NaN in every run, such as forward transfer without ``eval_on: all``, is left out).
+    """
     values = {name: [gap_and_transfer(run, window) for run in group] for name, group in runs.items()}
     every = [v for group in values.values() for v in group]
     columns = [c for c in GAP_AND_TRANSFER if all(c in v for v in every) and any(math.isfinite(v[c]) for v in every)]
@@ -258,7 +261,8 @@ def _number(value: Any, digits: int = 4) -> str:
 
 def format_table(comparison: dict[str, Any]) -> str:
     """Markdown table of a comparison (:func:`compare_runs` or a continual comparison; a continual one is followed by
-    its plasticity-gap and transfer table when the runs logged them)."""
+    its plasticity-gap and transfer table when the runs logged them).
+    """
     if comparison.get("kind") == "continual":
         window = comparison["window"]
         lines = [
@@ -367,7 +371,8 @@ def write_comparison(
     window: int | None = None,
 ) -> dict[str, Any]:
     """Compare the variants and write ``report.html`` (every shared panel, mean and 95% band per variant),
-    ``summary.json`` (the comparison), ``comparison.md`` (the table) and, with ``png``, one PNG per chart."""
+    ``summary.json`` (the comparison), ``comparison.md`` (the table) and, with ``png``, one PNG per chart.
+    """
     runs = load_variants(variants)
     continual = all(run.continual and run.num_tasks > 0 for group in runs.values() for run in group)
     comparison = _compare_continual(runs, window) if continual else _compare_losses(runs, metric)

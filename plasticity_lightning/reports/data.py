@@ -69,7 +69,8 @@ def find_run_dirs(path: str | Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------------------- metrics
 def read_metrics_csv(path: str | Path) -> pd.DataFrame:
     """A CSVLogger ``metrics.csv`` as a float table (one row per logging call), checked: a file that is not one
-    gets a one-line error naming the problem."""
+    gets a one-line error naming the problem.
+    """
     path = Path(path)
     raw = path.read_bytes()
     if b"\x00" in raw[:8192]:
@@ -115,7 +116,8 @@ def read_metrics_csv(path: str | Path) -> pd.DataFrame:
 def read_tensorboard(directory: str | Path) -> pd.DataFrame:
     """Every scalar of the TensorBoard event files in ``directory``, read with TensorBoard's own
     ``EventAccumulator``, as one table: a row per (step, n-th value of a key at that step), so two measurements at
-    one step stay two rows, as in a ``metrics.csv``."""
+    one step stay two rows, as in a ``metrics.csv``.
+    """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     accumulator = EventAccumulator(str(directory), size_guidance={"scalars": 0})
@@ -236,7 +238,8 @@ class RunData:
     def row_tasks(self) -> np.ndarray:
         """The task each row belongs to: the row's own ``task_id`` (the monitors log it with their values), else the
         task logged next at or after its step (a measurement belongs to the task it precedes), else the last one.
-        NaN in runs without tasks."""
+        NaN in runs without tasks.
+        """
         if TASK_ID_KEY not in self.table.columns:
             return np.full(len(self.table), np.nan)
         tasks = self.table[TASK_ID_KEY]
@@ -245,7 +248,8 @@ class RunData:
     @cached_property
     def training_tasks(self) -> np.ndarray:
         """The task of each row as training saw it: the last task logged at or before the row (validation and
-        epoch-end rows follow the training steps they summarise)."""
+        epoch-end rows follow the training steps they summarise).
+        """
         if TASK_ID_KEY not in self.table.columns:
             return np.full(len(self.table), np.nan)
         tasks = self.table[TASK_ID_KEY]
@@ -263,7 +267,8 @@ class RunData:
     @cached_property
     def accuracy_matrix(self) -> dict[int, list[float]]:
         """``R[t][k]``: accuracy on task ``k`` at the last validation while training on task ``t``. From
-        ``task_accuracy.csv`` when the run wrote one, else from the ``val/acc_task_<k>`` values of the table."""
+        ``task_accuracy.csv`` when the run wrote one, else from the ``val/acc_task_<k>`` values of the table.
+        """
         if self.task_accuracy:
             return self.task_accuracy
         width = self.num_tasks
@@ -283,7 +288,8 @@ class RunData:
 
     def epoch_table(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Per-epoch values of every key (the last value logged in each epoch). Rows without an epoch take the
-        epoch of the latest row at or before their step that has one."""
+        epoch of the latest row at or before their step that has one.
+        """
         if "epoch" not in self.table.columns or not self.table["epoch"].notna().any():
             return np.empty(0, dtype=int), {}
         epochs = self.table["epoch"].ffill().bfill().astype(int)
@@ -363,7 +369,8 @@ def read_epoch_table(path: str | Path) -> tuple[np.ndarray, dict[str, np.ndarray
 
 def finished_task_values(run: RunData, key: str) -> dict[int, float]:
     """``{task: value}`` of a ``continual/*`` key, each value with the task it describes (``continual/task`` on
-    its row; runs written before that key existed: the n-th value is task n)."""
+    its row; runs written before that key existed: the n-th value is task n).
+    """
     _, values = run.series(key)
     if not len(values):
         return {}

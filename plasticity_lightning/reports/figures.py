@@ -31,7 +31,8 @@ DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
 @dataclass
 class FigureChart(Chart):
     """A chart another library has drawn (``optuna.visualization`` for ``plasticity tune``): its Plotly figure
-    dictionary goes onto the page as it is, beside the library's own charts."""
+    dictionary goes onto the page as it is, beside the library's own charts.
+    """
 
     plotly: dict[str, Any] = field(default_factory=dict)
 
@@ -42,7 +43,8 @@ class FigureChart(Chart):
 
 def _values(array: np.ndarray | Sequence[Any]) -> list[Any]:
     """JSON-ready values: NaN and ±inf become ``null`` (a gap in the line), floats keep 7 significant digits (float32's
-    precision, which is what the loggers record; it keeps a 150-task comparison's page small)."""
+    precision, which is what the loggers record; it keeps a 150-task comparison's page small).
+    """
     values = np.asarray(array)
     if values.dtype.kind in "fc":
         return [float(f"{v:.7g}") if math.isfinite(v) else None for v in values.tolist()]

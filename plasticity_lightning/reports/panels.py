@@ -700,7 +700,8 @@ def _aggregate(
 
 def compare_charts(variants: dict[str, list[RunData]]) -> tuple[list[Chart], dict[str, str]]:
     """Charts of every variant overlaid, each series the mean of the variant's runs with a 95% band; heatmaps are
-    drawn once per variant (its mean). Only charts that every variant has are drawn; the rest are listed."""
+    drawn once per variant (its mean). Only charts that every variant has are drawn; the rest are listed.
+    """
     per_variant: dict[str, dict[str, list[Chart]]] = {}
     for name, runs in variants.items():
         by_id: dict[str, list[Chart]] = {}

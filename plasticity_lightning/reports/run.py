@@ -133,7 +133,8 @@ def _column(columns: dict[str, np.ndarray], *names: str) -> np.ndarray | None:
 def continual_summary(run: RunData, window: int | None = None) -> dict[str, Any]:
     """The per-task summary of a continual run: for every measure, the mean of its first ``window`` tasks and of
     its last ``window`` (monitors: measured as each task starts, the last window ending at the end of training),
-    what the accuracy matrix measured, and the interventions' totals."""
+    what the accuracy matrix measured, and the interventions' totals.
+    """
     tasks = run.num_tasks
     window = window or summary_window(tasks)
     matrix = run.accuracy_matrix
@@ -174,7 +175,8 @@ def continual_summary(run: RunData, window: int | None = None) -> dict[str, Any]
 
 def summarize_run(run: RunData, window: int | None = None) -> dict[str, Any]:
     """The JSON summary of a run: per task for continual runs; otherwise best/final losses, convergence, gap,
-    time, held-out scores and baselines."""
+    time, held-out scores and baselines.
+    """
     summary: dict[str, Any] = {"run_dir": str(run.directory), "task": run.task, "seed": run.seed, "source": run.source}
     if run.continual and run.num_tasks > 0:
         summary.update(continual_summary(run, window))

@@ -130,7 +130,8 @@ class ResultStore:
     @contextlib.contextmanager
     def _transaction(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:
         """A connection in one transaction (committed on success, rolled back on error, always closed); SQLite's
-        errors become one clear line (locked, damaged, not a store)."""
+        errors become one clear line (locked, damaged, not a store).
+        """
         try:
             db = sqlite3.connect(self.path, timeout=self.timeout)
         except sqlite3.Error as err:
@@ -148,7 +149,8 @@ class ResultStore:
 
     def check(self, *, deep: bool = False) -> None:
         """Fail clearly unless the file is an undamaged study store: ``PRAGMA quick_check`` and the tables' columns
-        (``deep`` also decodes every stored run)."""
+        (``deep`` also decodes every stored run).
+        """
         with self._transaction() as db:
             problems = [row[0] for row in db.execute("PRAGMA quick_check")]
             if problems != ["ok"]:
@@ -193,7 +195,8 @@ class ResultStore:
     ) -> dict[str, Any]:
         """One stored run as Python values; a value that does not decode is a damaged store. The history's zlib
         stream carries an Adler-32 checksum: decompressing it checks every byte (``parse_history=False`` stops
-        there, which is what a check needs)."""
+        there, which is what a check needs).
+        """
         try:
             row = {"key": key, "study": study, "config": json.loads(config), "seed": seed, **json.loads(metrics)}
             if not (isinstance(key, str) and isinstance(study, str) and isinstance(seed, int)):
@@ -217,7 +220,8 @@ class ResultStore:
 
     def write(self, rows: Iterable[dict[str, Any]], *, release: str | None = None, owner: str | None = None) -> None:
         """Insert finished runs in one transaction (all or nothing), releasing ``owner``'s claim on the group
-        ``release`` in the same transaction."""
+        ``release`` in the same transaction.
+        """
         now = time.time()
         records = [
             (
@@ -256,7 +260,8 @@ class ResultStore:
 
     def claim(self, group: str, keys: Sequence[str], owner: str) -> bool:
         """Claim the group ``group`` (runs ``keys``) for ``owner``: False when all its runs are stored or a live
-        process holds it. One write transaction, so two processes never both get a group."""
+        process holds it. One write transaction, so two processes never both get a group.
+        """
         with self._transaction(immediate=True) as db:
             db.execute(CLAIMS_SCHEMA)
             stored = db.execute(
@@ -314,7 +319,8 @@ class ResultStore:
 
     def export(self, path: str | Path) -> Path:
         """One line per run (config fields and scalar metrics) as CSV, or Parquet for a ``.parquet`` path; written
-        through a temporary file, so a failed export leaves nothing half-written."""
+        through a temporary file, so a failed export leaves nothing half-written.
+        """
         path = Path(path)
         if path.suffix not in (".csv", ".parquet"):
             raise PlasticityConfigError(f"export path {str(path)!r}: expected a .csv or .parquet file")
@@ -381,7 +387,8 @@ def open_store(path: str | Path, *, timeout: float = 60.0) -> ResultStore:
 
 def owner_alive(owner: str, heartbeat: float) -> bool:
     """Whether the ``study run`` named ``owner`` (``host:pid:start time:token``) still runs: on this host, its
-    process; on another host, a heartbeat within :data:`STALE_AFTER` seconds."""
+    process; on another host, a heartbeat within :data:`STALE_AFTER` seconds.
+    """
     try:
         host, pid, started, _ = owner.rsplit(":", 3)
         pid_number, start_time = int(pid), float(started)

@@ -200,7 +200,8 @@ class StudySpec:
 
 def run_key(study: str, config: dict[str, Any], seed: int = 0) -> str:
     """Readable grid coordinates plus a hash of the training settings: a spec changed under the same name (other
-    epochs, lr, seed, ...) gets new keys, so its stale rows are never mistaken for finished runs."""
+    epochs, lr, seed, ...) gets new keys, so its stale rows are never mistaken for finished runs.
+    """
     hidden = "-".join(map(str, config["hidden_sizes"])) or "linear"
     settings = {k: config.get(k) for k in ("epochs", "lr", "record_every", "test_fraction", "noise_levels")}
     digest = hashlib.sha1(json.dumps({**settings, "seed": seed}, sort_keys=True).encode()).hexdigest()[:8]
@@ -224,7 +225,8 @@ def _split(dataset: str, n_samples: int, test_fraction: float) -> tuple[int, int
 
 def _check_split(owner: str, dataset: str, n_samples: int, test_fraction: float) -> None:
     """A run must have training rows, and a test split must hold rows out (else its "test" columns would
-    silently repeat the training ones)."""
+    silently repeat the training ones).
+    """
     n_train, n_test = _split(dataset, n_samples, test_fraction)
     where = f"{owner}: n_samples={n_samples} on dataset {dataset!r} ({n_train + n_test} rows)"
     if n_train < 1:
@@ -315,7 +317,8 @@ def _noise_robustness(
     model: StackedMLP, data: dict[str, torch.Tensor | None], levels: Sequence[float], seeds: Sequence[int]
 ) -> dict[float, list[float]]:
     """Neural Elements' test-time robustness: accuracy on the test inputs (the training inputs without a test
-    split) plus N(0, σ²) noise, per σ and run; the noise is seeded by each run's data seed."""
+    split) plus N(0, σ²) noise, per σ and run; the noise is seeded by each run's data seed.
+    """
     x = data["x_test"] if data["x_test"] is not None else data["x"]
     y = data["y_test"] if data["y_test"] is not None else data["y"]
     result = {}
@@ -374,7 +377,8 @@ def run_study(
 
         def claimed() -> Iterator[list[dict[str, Any]]]:
             """The groups this call gets, claimed one at a time as it is ready to train them; a group another call
-            holds is tried once more at the end, in case that call died meanwhile."""
+            holds is tried once more at the end, in case that call died meanwhile.
+            """
             nonlocal total
             held = []
             for attempt, groups in enumerate((todo, held)):

@@ -294,7 +294,8 @@ class HeadGates:
     def fold_(self) -> None:
         """Bake the gates into the weights (each head's output-projection inputs × its gate) and detach the hooks:
         the model then computes exactly what the gated model did, with no hooks (for export; then
-        :func:`prune_heads_` removes the heads whose gate was 0)."""
+        :func:`prune_heads_` removes the heads whose gate was 0).
+        """
         for index, layout in enumerate(self.layouts):
             for piece in layout.slices:
                 if piece.role == "out":  # [.., heads·head_dim, ..] viewed as [.., heads, head_dim, ..]
@@ -324,7 +325,8 @@ class HeadGates:
 
 def normalize_importance(scores: torch.Tensor, normalize: str | None = "layer") -> torch.Tensor:
     """Divide each layer's head scores by their L2 norm (``"layer"``, Michel et al.'s
-    ``--normalize_pruning_by_layer``), or leave them (``None``)."""
+    ``--normalize_pruning_by_layer``), or leave them (``None``).
+    """
     if normalize is None:
         return scores
     if normalize != "layer":

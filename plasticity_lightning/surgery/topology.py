@@ -120,7 +120,8 @@ def is_weight_layer(module: nn.Module) -> bool:
 
 def unit_weight(module: nn.Module) -> torch.Tensor:
     """``module``'s weight as ``[out, in, ...]``: a unit's incoming weights are a row, its outgoing ones a column
-    (a view: writes reach the parameter)."""
+    (a view: writes reach the parameter).
+    """
     return module.weight.t() if is_transposed_linear(module) else module.weight
 
 
@@ -342,7 +343,8 @@ def pair_units(
 
 def _unpaired_blocks(modules: dict[str, nn.Module], found: UnitPairing) -> dict[str, list[str]]:
     """Block → the names of its own weight layers (children) that no pair uses, for blocks with two or more of them
-    (where a pair could have been) outside the blocks a rule reads (attention: no unit pairs by design)."""
+    (where a pair could have been) outside the blocks a rule reads (attention: no unit pairs by design).
+    """
     used = {name for pair in found.pairs for name in (pair.producer, pair.consumer, *pair.partners)}
     ruled = [name for name in found.rule_blocks if name not in found.skipped]
     blocks: dict[str, list[str]] = {}
@@ -709,7 +711,8 @@ def _bind(pair: UnitPair, modules: dict[str, nn.Module], owner: str) -> None:
 
 def _parameter_owners(model: nn.Module) -> dict[int, dict[int, str]]:
     """id(parameter) → {id(module): name} of every module that holds it directly. One module registered under two
-    names is one owner (it is one layer); two modules holding one parameter are tied."""
+    names is one owner (it is one layer); two modules holding one parameter are tied.
+    """
     owners: dict[int, dict[int, str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         for param in module.parameters(recurse=False):
@@ -761,7 +764,8 @@ def _check_against_graphs(
 
 def _seen_by(name: str, prefix: str, nodes: dict[str, list[torch.fx.Node]]) -> bool:
     """Whether a graph of the module ``prefix`` would show ``name`` if it were called: it lies inside that module
-    and inside no module the graph keeps whole."""
+    and inside no module the graph keeps whole.
+    """
     inside = not prefix or name.startswith(f"{prefix}.")
     return inside and not any(name.startswith(f"{called}.") for called in nodes)
 

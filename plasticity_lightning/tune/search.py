@@ -201,7 +201,8 @@ class SearchSpec:
 
     def build_sampler(self, worker: int = 0) -> Any:
         """The search file's sampler (Optuna's default when none). A ``seed`` is offset by ``worker``: workers
-        seeded alike would draw the same values for their trials."""
+        seeded alike would draw the same values for their trials.
+        """
         import optuna
 
         if self.sampler is None:
@@ -334,7 +335,8 @@ def _categorical(where: str, key: str, choices: Any) -> Param:
 
 def _labels(values: list[Any]) -> list[Any]:
     """The Optuna values of listed choices: plain values as they are; a block by its class name (with its position
-    when two share a class); anything else (a list) by its text."""
+    when two share a class); anything else (a list) by its text.
+    """
     names = [str(v["class_path"]).rpartition(".")[2] if isinstance(v, Mapping) else None for v in values]
     labels = []
     for index, (value, name) in enumerate(zip(values, names, strict=True)):

@@ -86,7 +86,8 @@ class TrialInterrupted(KeyboardInterrupt):
 class _Signals:
     """SIGTERM and SIGINT while a worker runs: recorded, and raised as :class:`TrialInterrupted` only where the worker
     can stop cleanly (inside a trial, or while it waits), never while it records a trial in the storage; a signal
-    that arrives there stops the worker at its next check."""
+    that arrives there stops the worker at its next check.
+    """
 
     def __init__(self) -> None:
         self.received: list[int] = []
@@ -131,7 +132,8 @@ def _stop_on_signals() -> Iterator[_Signals]:
 
 def _interruption(err: BaseException) -> TrialInterrupted | None:
     """The signal behind ``err``: Lightning turns an interruption inside a fit into ``SystemExit(1)`` (after a
-    ``KeyboardInterrupt``, ours included) or its ``SIGTERMException`` (a SIGTERM that reached the fit before ours)."""
+    ``KeyboardInterrupt``, ours included) or its ``SIGTERMException`` (a SIGTERM that reached the fit before ours).
+    """
     from plasticity_lightning.cli import _stopped_by_sigterm
 
     seen: set[int] = set()
@@ -203,7 +205,8 @@ def _logger_blocks(trainer: dict[str, Any]) -> list[Any]:
 def run_config(base: dict[str, Any], directory: Path, **trainer: Any) -> dict[str, Any]:
     """``base`` logging into ``directory`` (its first logger, CSV or TensorBoard, redirected; else a CSVLogger
     added first), with ``trainer`` settings on top. DDP that re-launches the command becomes ``ddp_spawn``: a trial
-    runs inside a worker, whose command is ``plasticity tune``, not ``fit``."""
+    runs inside a worker, whose command is ``plasticity tune``, not ``fit``.
+    """
     config = copy.deepcopy(base)
     settings = config.setdefault("trainer", {})
     loggers = _logger_blocks(settings)
@@ -240,7 +243,8 @@ def _fit(config: dict[str, Any], path: Path, callbacks: list[Any]) -> Any:
 @contextlib.contextmanager
 def _output_to(path: Path | None) -> Iterator[None]:
     """Send everything this process prints (Python, logging, C libraries) to ``path`` while a trial runs: the
-    workers' fits would interleave on one terminal."""
+    workers' fits would interleave on one terminal.
+    """
     if path is None:
         yield
         return
@@ -265,7 +269,8 @@ def _output_to(path: Path | None) -> Iterator[None]:
 def probe(base: dict[str, Any], spec: SearchSpec, folder: Path) -> list[str]:
     """Run the recipe for ``spec.probe_epochs`` epochs of one batch and check that every objective metric is logged
     (and the pruning monitor reaches ``trainer.callback_metrics``) before any trial is spent. Returns the logged
-    keys."""
+    keys.
+    """
     from plasticity_lightning.reports.data import load_run
 
     directory = folder / PROBE_DIR / TRIALS_DIR / "probe"
@@ -451,7 +456,8 @@ def _queue_lock(url: str, folder: Path) -> Iterator[None]:
     trial, failing stale ones (whose retries are queued). A storage in a local file needs it: SQLite lets two
     processes read a trial as waiting and both write it as running (no row locks), and two workers failing the same
     stale trial would queue two retries. PostgreSQL/MySQL lock the row themselves (``SELECT ... FOR UPDATE``), and
-    the journal file replays its log in one order; for them this lock only orders this machine's workers."""
+    the journal file replays its log in one order; for them this lock only orders this machine's workers.
+    """
     target = url.removeprefix("journal:") if url.startswith("journal:") else None
     if url.startswith("sqlite:///"):
         target = url.removeprefix("sqlite:///")
@@ -467,7 +473,8 @@ def _queue_lock(url: str, folder: Path) -> Iterator[None]:
 
 def fingerprint(base: dict[str, Any], spec: SearchSpec) -> str:
     """What a study was started with (the complete recipe, less where it logs, and the search): a rerun with other
-    settings under the same study name is refused instead of mixing two searches."""
+    settings under the same study name is refused instead of mixing two searches.
+    """
     recipe = copy.deepcopy(base)
     recipe.get("trainer", {}).pop("logger", None)
     text = json.dumps({"recipe": recipe, "search": spec.to_dict()}, sort_keys=True, default=str)
@@ -555,7 +562,8 @@ def prepare(setup: TuneSetup) -> Any:
 # ---------------------------------------------------------------------------------------------------- workers
 def _claim(study: Any, storage: Any) -> int | None:
     """Move one waiting trial to RUNNING (Optuna's queue grants it to one worker) and record its first heartbeat
-    at once: Optuna never calls a running trial without a heartbeat stale."""
+    at once: Optuna never calls a running trial without a heartbeat stale.
+    """
     import optuna
 
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
@@ -607,7 +615,8 @@ def _queue_again(study: Any, trial: Any, stop: TrialInterrupted, seconds: tuple[
     """Record an interrupted trial as failed (the signal its reason) and queue a copy with the same values, which
     counts instead of it (Optuna's retry callback, as for a stale trial; an interruption is not the trial's fault,
     so it is not limited by ``retries``). Returns the copy's number, None if the trial was failed as stale
-    meanwhile (its heartbeat copy counts)."""
+    meanwhile (its heartbeat copy counts).
+    """
     import optuna
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
@@ -735,7 +744,8 @@ def _die_with_parent(grace: float = 30.0) -> None:
     """End this worker when the process that started it dies, however it died (``kill -9`` included): a thread
     waits on the pipe the parent holds open (multiprocessing's parent sentinel; the kernel closes it with the
     parent), then sends this process SIGTERM, which records and requeues its trial; should that hang, the thread
-    ends the process after ``grace`` seconds."""
+    ends the process after ``grace`` seconds.
+    """
     from multiprocessing.connection import wait
 
     parent = multiprocessing.parent_process()
@@ -755,7 +765,8 @@ def preload(setup: TuneSetup) -> None:
     """Import what a trial runs before a fresh worker claims its first trial: Lightning, the CLI, the recipe's
     classes and the pruning callback would otherwise load inside that trial (about 20 s of a busy 2-core machine,
     seen as the first trial of each worker taking that much longer). A plain ``plasticity fit`` process pays the
-    same imports once; a worker pays them once for all its trials."""
+    same imports once; a worker pays them once for all its trials.
+    """
     import importlib
 
     import plasticity_lightning.cli.fit  # noqa: F401  (Lightning, jsonargparse, the CLI)
@@ -798,7 +809,8 @@ def _worker_main(setup: TuneSetup) -> None:
 
 def _stop_workers(processes: list[Any], grace: float = 60.0) -> None:
     """SIGTERM to each worker still running (each records and requeues its trial), then SIGKILL to any that has
-    not exited within ``grace`` seconds (its trial is then found stale by its heartbeat)."""
+    not exited within ``grace`` seconds (its trial is then found stale by its heartbeat).
+    """
     started = [process for process in processes if process.pid is not None]  # a signal may come between starts
     for process in started:
         if process.is_alive():
@@ -855,7 +867,8 @@ def best_trials(study: Any) -> list[Any]:
 def write_best(study: Any, setup: TuneSetup) -> Path | None:
     """``best.yaml``: the complete recipe with the best trial's values (the first objective's best on a Pareto
     front, whose other members go to ``pareto/trial_N.yaml``), logging where the recipe logs.
-    ``plasticity fit --config best.yaml`` runs that trial again with the same seed."""
+    ``plasticity fit --config best.yaml`` runs that trial again with the same seed.
+    """
     best = best_trials(study)
     if not best:
         return None

@@ -1,5 +1,6 @@
 """The prune → measure → grow → learn cycle of attention heads in a Lightning fit: a callback over
-:class:`~plasticity_lightning.policies.heads.CycleController`, which holds the cycle itself."""
+:class:`~plasticity_lightning.policies.heads.CycleController`, which holds the cycle itself.
+"""
 
 from __future__ import annotations
 
@@ -155,7 +156,8 @@ class PlasticityCycle(RevivingIntervention):
 
     def _room(self, trainer: pl.Trainer) -> bool:
         """Whether a whole cycle fits before ``max_steps``: an unfinished cycle would leave heads pruned and revived
-        heads unjudged (and unrevertable)."""
+        heads unjudged (and unrevertable).
+        """
         return (
             trainer.max_steps is None
             or trainer.max_steps < 0

@@ -1,6 +1,7 @@
 """Head growth: reviving gated-off heads (fresh weights, gate ramp, learning-rate boost) chosen by a growth rule;
 callbacks over :class:`~plasticity_lightning.policies.heads.HeadReviver` and
-:func:`~plasticity_lightning.policies.heads.choose_heads_to_grow`."""
+:func:`~plasticity_lightning.policies.heads.choose_heads_to_grow`.
+"""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ class RevivingIntervention(SkipsNonFinite, Intervention):
     """Base of the callbacks that revive heads with a :class:`~plasticity_lightning.policies.heads.HeadReviver`: its
     settings (:class:`~plasticity_lightning.policies.heads.ReviverSettings`, validated once at construction), its
     checkpointed state, the gate ramp set before every training batch and the learning-rate boost hooked onto the
-    trainer's optimizers for the fit."""
+    trainer's optimizers for the fit.
+    """
 
     def __init__(self, *, reviver: ReviverSettings, seed: int, prefix: str, policy: Policy | None = None) -> None:
         super().__init__(seed=seed, prefix=prefix, policy=policy)

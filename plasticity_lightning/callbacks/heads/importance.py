@@ -3,7 +3,8 @@ attaches, the check that a fit has validation, and the count of steps skipped on
 
 Every head callback works on the one :class:`~plasticity_lightning.surgery.HeadGates` that :class:`HeadImportance`
 attaches, so add a ``HeadImportance`` first; its checkpoint state holds the gates, so a resumed run continues
-with the same heads gated off and ramping. The algorithms are in :mod:`plasticity_lightning.policies.heads`."""
+with the same heads gated off and ramping. The algorithms are in :mod:`plasticity_lightning.policies.heads`.
+"""
 
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def find_head_importance(trainer: pl.Trainer, owner: str) -> HeadImportance:
 class SkipsNonFinite:
     """The head callbacks' record of steps skipped on NaN/inf statistics, as CBP and ReDo keep theirs: each skip is
     counted in ``<prefix>/skipped_nonfinite`` (logged, and kept in the checkpoint) and the first one per statistic
-    warns."""
+    warns.
+    """
 
     skipped_nonfinite: int = 0
 

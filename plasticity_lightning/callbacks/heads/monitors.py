@@ -1,5 +1,6 @@
 """Monitors of a language model's attention and text: per-head attention entropy and the degeneration of seeded
-generations."""
+generations.
+"""
 
 from __future__ import annotations
 

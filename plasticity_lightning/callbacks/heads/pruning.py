@@ -1,5 +1,6 @@
 """Iterative head pruning by importance (Michel et al. 2019): the Lightning adapter over
-:class:`~plasticity_lightning.policies.heads.IterativeHeadPruner` (cadence, DDP averaging, logging, checkpoints)."""
+:class:`~plasticity_lightning.policies.heads.IterativeHeadPruner` (cadence, DDP averaging, logging, checkpoints).
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Continual Backprop (Dohare et al., Nature 2024) and RR-CBP as a Lightning callback: an adapter over
-:class:`plasticity_lightning.policies.ContinualBackprop`, which holds the algorithm."""
+:class:`plasticity_lightning.policies.ContinualBackprop`, which holds the algorithm.
+"""
 
 from __future__ import annotations
 
@@ -169,7 +170,8 @@ class ContinualBackprop(UnitIntervention):
         magnitudes: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """One CBP step for ``pair`` on the given consumer inputs (see
-        :meth:`plasticity_lightning.policies.ContinualBackprop.step_pair`); returns the replaced unit indices."""
+        :meth:`plasticity_lightning.policies.ContinualBackprop.step_pair`); returns the replaced unit indices.
+        """
         self.connect(trainer)
         step = None if trainer is None else trainer.global_step
         return self.policy.step_pair(pair, features, inputs, magnitudes, step=step)

@@ -1,5 +1,6 @@
 """ReDo (Sokar et al., ICML 2023) as a Lightning callback, an adapter over
-:class:`plasticity_lightning.policies.ReDo`."""
+:class:`plasticity_lightning.policies.ReDo`.
+"""
 
 from __future__ import annotations
 

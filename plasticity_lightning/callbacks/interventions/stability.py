@@ -1,5 +1,6 @@
 """Numerical stability and surge/collapse: :class:`SoftmaxCollapseMonitor` (Prieto et al. 2025) and
-:class:`SurgeCollapse` (SurgeCollapseNet / StabilAI's weight collapse and noise surge)."""
+:class:`SurgeCollapse` (SurgeCollapseNet / StabilAI's weight collapse and noise surge).
+"""
 
 from __future__ import annotations
 
@@ -118,7 +119,8 @@ class SoftmaxCollapseMonitor(PlasticityMonitor):
     def _zero_terms(self, pl_module: nn.Module, logits: torch.Tensor, targets: torch.Tensor) -> float:
         """Share of exactly-zero loss terms: softmax cross-entropy in ``precision``, or the model's own criterion
         per sample when it is another loss with a ``reduction`` (StableMax cross-entropy: its terms are what
-        training sees)."""
+        training sees).
+        """
         criterion = getattr(pl_module, "criterion", None)
         if criterion is None or isinstance(criterion, nn.CrossEntropyLoss) or not hasattr(criterion, "reduction"):
             return zero_loss_fraction(logits, targets, self.precision)

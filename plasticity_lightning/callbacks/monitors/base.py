@@ -182,7 +182,8 @@ class PlasticityMonitor(TaskAwareCallback):
     def needs_model_output(self, model_output: Any) -> bool:
         """Whether :meth:`measure` reads the model's output on the probe, given the output of a full probe pass.
         When no monitor sharing a probe pass needs it, later passes end after the last measured layer (see
-        :func:`~plasticity_lightning.probes.capture_outputs`'s ``until``). Subclasses that never read it say so."""
+        :func:`~plasticity_lightning.probes.capture_outputs`'s ``until``). Subclasses that never read it say so.
+        """
         return True
 
     def measure(
@@ -262,7 +263,8 @@ class PlasticityMonitor(TaskAwareCallback):
         One forward pass serves every monitor of this monitor's :class:`MonitorCollection` that reads the same
         probe batch through the same ``forward``: it captures the union of their layers. The first pass on a probe
         of a given shape runs the whole model and counts each layer's calls; when none of those monitors reads the
-        model's output (:meth:`needs_model_output`), later passes end once every layer has run that often."""
+        model's output (:meth:`needs_model_output`), later passes end once every layer has run that often.
+        """
         batch = self._probe_batch(trainer, self.current_task)
         group = self.collection
         sharers = [self]
@@ -387,7 +389,8 @@ class PlasticityMonitor(TaskAwareCallback):
 
     def check_finite(self, trainer: pl.Trainer, name: str, tensor: torch.Tensor, what: str = "outputs") -> bool:
         """Whether ``tensor`` is finite. If not, every ``<name>/...`` value (and every ``all/...`` value) of this
-        measurement is logged as NaN, and the first time for ``name`` a warning says so."""
+        measurement is logged as NaN, and the first time for ``name`` a warning says so.
+        """
         if bool(torch.isfinite(tensor).all()):
             return True
         self.mark_nonfinite(trainer, name, what)
@@ -405,7 +408,8 @@ class PlasticityMonitor(TaskAwareCallback):
 
     def nonfinite_as_nan(self, values: dict[str, float]) -> dict[str, float]:
         """``values`` with the measures of what :meth:`check_finite` found non-finite (and pooled ``all/`` values,
-        which include them) set to NaN: a diverged layer must not read as a healthy one."""
+        which include them) set to NaN: a diverged layer must not read as a healthy one.
+        """
         return nan_where_nonfinite(values, self._nonfinite)
 
     # ------------------------------------------------------------------ state

@@ -96,7 +96,8 @@ class MonitorCollection(Callback):
     @classmethod
     def gather(cls, trainer: pl.Trainer) -> None:
         """Put each run of two or more adjacent joinable monitors of ``trainer.callbacks`` into a collection, placed
-        where the run starts (a member's order relative to other callbacks does not change)."""
+        where the run starts (a member's order relative to other callbacks does not change).
+        """
         callbacks = trainer.callbacks
         present = {id(c) for c in callbacks}
         for callback in callbacks:  # a fit that ended in an exception never tore its collection down

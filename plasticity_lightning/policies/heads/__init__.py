@@ -2,7 +2,8 @@
 reviver (fresh weights, gate ramp, learning-rate boost), the prune → measure → grow → learn cycle's controller
 and what a cycle is judged on (perplexity, degeneration of seeded generations, live heads).
 The tensor surgery they call (gates, re-initialisation, removal) is :mod:`plasticity_lightning.surgery.heads`; the
-Lightning callbacks over them are :mod:`plasticity_lightning.callbacks.heads`."""
+Lightning callbacks over them are :mod:`plasticity_lightning.callbacks.heads`.
+"""
 
 from plasticity_lightning.policies.heads.cycle import CycleController, CycleSettings, updated_rating
 from plasticity_lightning.policies.heads.importance import IMPORTANCE_METHODS, HeadImportanceScores

@@ -280,7 +280,8 @@ class CycleController(Policy):
         importance: torch.Tensor | None,
     ) -> tuple[list[tuple[int, int]], dict[str, float], list[tuple[int, int]]]:
         """Steps 3–4: gate off the lowest-scored heads, measure, choose the dead heads to revive (by the plan's
-        strategies; :class:`NonFiniteScores` on NaN/inf scores, before anything is revived)."""
+        strategies; :class:`NonFiniteScores` on NaN/inf scores, before anything is revived).
+        """
         alive = gates.mask.cpu() > 0
         count = share_count(plan["prune_level"], int(alive.sum()))
         scoring = {"importance": importance, "input_ids": input_ids, "generator": self.generator}
@@ -305,7 +306,8 @@ class CycleController(Policy):
         optimizers: Iterable[torch.optim.Optimizer] | None = None,
     ) -> dict[str, Any]:
         """Step 5 at optimizer step ``step``: measure, judge, keep or revert (to the snapshot), rate, remember, adapt.
-        Returns the cycle's record (``after``, ``success``, ``reverted`` added). Arguments as in :meth:`start`."""
+        Returns the cycle's record (``after``, ``success``, ``reverted`` added). Arguments as in :meth:`start`.
+        """
         optimizers = self.optimizers if optimizers is None else list(optimizers)
         after = measure()
         success = self.judge(self.current["before"], after)
@@ -337,7 +339,8 @@ class CycleController(Policy):
 
     def begin(self, start_step: int, record: dict[str, Any]) -> None:
         """Enter the learning phase, from optimizer step ``start_step``, of the cycle described by ``record`` (its
-        plan, heads and measurements)."""
+        plan, heads and measurements).
+        """
         self.current = {"cycle": len(self.history), "start_step": start_step, "learn_steps": self.learn_steps, **record}
 
     def skip(self, step: int) -> None:
@@ -361,7 +364,8 @@ class CycleController(Policy):
 
     def conclude(self, after: dict[str, float], success: bool, step: int) -> dict[str, Any]:
         """Close the running cycle: rate, remember, adapt, track the best, record it, maybe stop; returns the
-        cycle's record."""
+        cycle's record.
+        """
         record, self.current = self.current, None
         before = record["before"]
         self.snapshot = None
@@ -420,7 +424,8 @@ class CycleController(Policy):
         self, model: nn.Module, optimizers: Iterable[torch.optim.Optimizer], gates: Any, reviver: Any
     ) -> None:
         """Copy parameters, optimizer states, gates and reviver state to the CPU (about three model copies with
-        Adam), for :meth:`restore_snapshot`."""
+        Adam), for :meth:`restore_snapshot`.
+        """
         self.snapshot = {
             "model": _to_cpu(model.state_dict()),
             "optimizers": [_to_cpu(optimizer.state_dict()["state"]) for optimizer in optimizers],
@@ -432,7 +437,8 @@ class CycleController(Policy):
         self, model: nn.Module, optimizers: Iterable[torch.optim.Optimizer], gates: Any, reviver: Any
     ) -> None:
         """Restore :meth:`take_snapshot`'s copy exactly (into the existing parameters, which DDP and the optimizers
-        keep referring to; the optimizers keep their current param groups: a scheduler's learning rates)."""
+        keep referring to; the optimizers keep their current param groups: a scheduler's learning rates).
+        """
         snapshot = self.snapshot
         model.load_state_dict(snapshot["model"])
         for optimizer, state in zip(optimizers, snapshot["optimizers"], strict=True):

@@ -1,6 +1,7 @@
 """Head importance over a window of training batches, for any training loop: Michel et al.'s gradient importance
 (from the loop's own backward pass, through the gates of :class:`~plasticity_lightning.surgery.HeadGates`), the
-attention-entropy gap, or the weights' magnitude."""
+attention-entropy gap, or the weights' magnitude.
+"""
 
 from __future__ import annotations
 
@@ -79,7 +80,8 @@ class HeadImportanceScores(Policy):
 
     def bind(self, model: nn.Module) -> HeadGates:
         """Attach the gates to ``model`` (kept when already on it: a second fit keeps its pruned heads) and restore
-        a loaded window; returns the gates."""
+        a loaded window; returns the gates.
+        """
         self.model = model
         if self.gates is None or not self.gates.attached_to(model):
             self.gates = HeadGates(model, differentiable=self.method == "gradient")
@@ -107,7 +109,8 @@ class HeadImportanceScores(Policy):
     def accumulate(self, loss_scale: float | None = None) -> None:
         """Add |∂L/∂ξ| of the last backward pass (divided by ``loss_scale``: the gates are in no optimizer, so a
         mixed-precision GradScaler never unscales their gradient) and clear it; a non-finite gradient (an
-        overflowing, skipped step) carries no information and is dropped."""
+        overflowing, skipped step) carries no information and is dropped.
+        """
         if self.gates is None or self.method != "gradient" or self.gates.gates.grad is None:
             return
         grad = self.gates.gates.grad
@@ -119,7 +122,8 @@ class HeadImportanceScores(Policy):
 
     def step(self, input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """Count one training batch (``input_ids``: its token ids, for ``method="entropy"``); at the end of a window
-        compute :attr:`importance`, start a new window and return it, else return ``None``."""
+        compute :attr:`importance`, start a new window and return it, else return ``None``.
+        """
         self.count += 1
         if self.method == "entropy":
             self.last_ids = input_ids
@@ -137,7 +141,8 @@ class HeadImportanceScores(Policy):
     @torch.no_grad()
     def compute(self, reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """The importance of the current window, ``[layers, heads]`` on the CPU, averaged across processes and
-        normalised."""
+        normalised.
+        """
         if self.gates is None or self.sum is None:
             raise RuntimeError(f"{self.owner}.compute() needs the gates that bind(model) attaches")
         reduce = reduce_mean or self.reduce

@@ -1,5 +1,6 @@
 """What the head policies are judged on, in any loop: the degeneration of seeded continuations of prompts, and the
-measures a prune → grow cycle compares (perplexity on a fixed probe, degeneration, live heads)."""
+measures a prune → grow cycle compares (perplexity on a fixed probe, degeneration, live heads).
+"""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from plasticity_lightning.surgery.heads import HeadGates
 def continue_prompt(module: nn.Module, ids: torch.Tensor, max_new_tokens: int, seed: int) -> torch.Tensor:
     """``ids`` continued by ``max_new_tokens`` seeded tokens: the module's own seeded ``generate(ids,
     max_new_tokens, seed)`` (CausalLM's), else :func:`~plasticity_lightning.nn.generation.generate_seeded` on the HF
-    model (the module itself, or the one at ``.model``)."""
+    model (the module itself, or the one at ``.model``).
+    """
     is_hf = hasattr(module, "config") and hasattr(module, "set_attn_implementation")
     generate = getattr(module, "generate", None)
     if callable(generate) and not is_hf:
@@ -40,7 +42,8 @@ def score_generations(
 ) -> tuple[dict[str, float], list[str]]:
     """Continue each prompt (seed ``seed + i`` for prompt ``i``, :func:`continue_prompt`) and score the
     continuations' token ids with :func:`~plasticity_lightning.metrics.degeneration_summary`. Returns (scores,
-    decoded continuations)."""
+    decoded continuations).
+    """
     device = next(module.parameters()).device
     continuations, samples = [], []
     for i, prompt in enumerate(prompts):

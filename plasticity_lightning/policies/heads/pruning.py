@@ -1,5 +1,6 @@
 """Iterative head pruning by importance (Michel et al. 2019, "Are Sixteen Heads Really Better than One?"), without a
-trainer: the perplexity baseline, the tolerance, the budget and the undo of the step that cost too much."""
+trainer: the perplexity baseline, the tolerance, the budget and the undo of the step that cost too much.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Reviving gated-off attention heads: fresh weights, a gate ramp and a per-slice learning-rate boost — the one
-declaration of the reviver's settings (:class:`ReviverSettings`) and the stateful :class:`HeadReviver`."""
+declaration of the reviver's settings (:class:`ReviverSettings`) and the stateful :class:`HeadReviver`.
+"""
 
 from __future__ import annotations
 
@@ -190,7 +191,8 @@ class HeadReviver(Policy):
     ) -> None:
         """Re-initialise ``heads`` (``(layer, head)`` pairs) and start their gate ramp and boost with optimizer step
         ``step`` (the next one). Draws come from ``generator`` (default: the reviver's own); the optimizer state
-        of the revived slices is cleared in ``optimizers`` (default: the attached ones)."""
+        of the revived slices is cleared in ``optimizers`` (default: the attached ones).
+        """
         optimizers = self.optimizers if optimizers is None else list(optimizers)
         generator = self.generator if generator is None else generator
         by_layer: dict[int, list[int]] = {}
@@ -220,7 +222,8 @@ class HeadReviver(Policy):
     @torch.no_grad()
     def update(self, step: int) -> None:
         """Set the ramping gates for optimizer step ``step``; forget heads whose ramp and boost are over, and heads
-        gated off again meanwhile (pruned: the ramp itself never sets 0)."""
+        gated off again meanwhile (pruned: the ramp itself never sets 0).
+        """
         self.step = int(step)
         self.reviving = [r for r in self.reviving if float(self.gates.gates[r[0], r[1]]) != 0.0]
         for layer, head, start in self.reviving:

@@ -1,6 +1,7 @@
 """Which attention heads to prune and which to revive: head scores (gradient importance, entropy gap, weight
 magnitude, random draws) and the selection rules on them, for any HF transformers model with sliceable attention
-(:func:`~plasticity_lightning.surgery.attention_layouts`). Plain functions: no trainer, the caller's generator."""
+(:func:`~plasticity_lightning.surgery.attention_layouts`). Plain functions: no trainer, the caller's generator.
+"""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ class NonFiniteScores(ArithmeticError):
 
 def require_finite_scores(scores: torch.Tensor, candidates: torch.Tensor, what: str) -> None:
     """Raise :class:`NonFiniteScores` when a score of a candidate head (``candidates``: a boolean ``[layers, heads]``
-    mask) is NaN/inf."""
+    mask) is NaN/inf.
+    """
     if not bool(torch.isfinite(scores[candidates.to(scores.device)]).all()):
         raise NonFiniteScores(what)
 
