@@ -13,6 +13,10 @@ new-task accuracy, effective rank and dormant units, with paired tests against B
 al. 2024): BP declines over tasks; the others hold.
 
     python benchmarks/plasticity_loss.py [--tasks 50] [--seeds 3] [--variants bp cbp ...] [--output DIR] [--png]
+        [--from-scratch] [--eval-on all] [--jobs N]
+
+`--jobs N` runs N fits at once, each its own process (the runs are independent and seeded, so the results are the
+same as one at a time; each fit's wall time then includes the others' competition for the CPU).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="runs/plasticity_loss", help="where the runs and the comparison go")
     parser.add_argument("--png", action="store_true", help="also write the comparison's PNGs")
     parser.add_argument("--in-process", action="store_true", help="fit in this process (tests; no new imports)")
+    parser.add_argument("--jobs", type=int, default=1, help="fits run at once, each in its own process (default 1)")
     parser.add_argument("--batches", type=int, help="training batches per epoch (tests: a short stream; default all)")
     parser.add_argument(
         "--from-scratch",
@@ -117,15 +123,24 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     print(f"{args.tasks} permuted-digit tasks, MLP 64-256-256-10, SGD 0.1, {args.seeds} seeds per variant")
+    if args.jobs < 1 or (args.jobs > 1 and args.in_process):
+        parser.error(f"--jobs must be >= 1 (and 1 with --in-process); got {args.jobs}")
+    todo = []
     for variant in args.variants:
         for seed in range(args.seeds):
             if (out / variant / f"version_{seed}" / "metrics.csv").is_file():
                 print(f"{variant} seed {seed}: kept from an earlier run")
-                continue
-            seconds = fit(
-                variant, seed, args.tasks, out, args.in_process, args.batches, args.from_scratch, args.eval_on
-            )
-            print(f"{variant} seed {seed}: {seconds:.0f} s", flush=True)
+            else:
+                todo.append((variant, seed))
+
+    def one(run: tuple[str, int]) -> None:
+        variant, seed = run
+        seconds = fit(variant, seed, args.tasks, out, args.in_process, args.batches, args.from_scratch, args.eval_on)
+        print(f"{variant} seed {seed}: {seconds:.0f} s", flush=True)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for done in pool.map(one, todo):  # re-raises a failed fit's exit at once
+            del done
     command = [
         "report",
         "--compare",
