@@ -47,6 +47,10 @@ REDO_EPS = 1e-9  # ReDo's guard against an all-zero layer
 def unit_view(outputs: torch.Tensor) -> torch.Tensor:
     """``[positions, units]`` view: units on the last axis, every other axis pooled into positions.
 
+    Args:
+        outputs: one layer's outputs on the probe, ``[N, units]`` or ``[N, C, ...]`` (channels are the units; every
+            other axis is pooled into positions).
+
     Example::
 
         >>> unit_view(torch.zeros(2, 3, 4, 5)).shape
@@ -60,12 +64,21 @@ def unit_view(outputs: torch.Tensor) -> torch.Tensor:
 
 
 def mean_abs_activation(outputs: torch.Tensor) -> torch.Tensor:
-    """E|h_i| per unit, over batch (× spatial positions), float64."""
+    """E|h_i| per unit, over batch (× spatial positions), float64.
+
+    Args:
+        outputs: one layer's outputs on the probe, ``[N, units]`` or ``[N, C, ...]`` (channels are the units; every
+            other axis is pooled into positions).
+    """
     return unit_view(outputs).detach().abs().to(torch.float64).mean(dim=0)
 
 
 def redo_scores(outputs: torch.Tensor) -> torch.Tensor:
     """ReDo's normalised activity score s_i = E|h_i| / (mean_k E|h_k| + 1e-9); all NaN if any unit is non-finite.
+
+    Args:
+        outputs: one layer's outputs on the probe, ``[N, units]`` or ``[N, C, ...]`` (channels are the units; every
+            other axis is pooled into positions).
 
     Example::
 
@@ -104,13 +117,26 @@ def _finite_units(mean_abs: torch.Tensor) -> torch.Tensor:
 
 
 def redo_dormant_mask(outputs: torch.Tensor, tau: float = 0.0) -> torch.Tensor:
-    """Units with ReDo score s_i ≤ τ (``τ = 0``: exactly silent units); none in a layer with a non-finite unit."""
+    """Units with ReDo score s_i ≤ τ (``τ = 0``: exactly silent units); none in a layer with a non-finite unit.
+
+    Args:
+        outputs: one layer's outputs on the probe, ``[N, units]`` or ``[N, C, ...]`` (channels are the units; every
+            other axis is pooled into positions).
+        tau: ReDo's threshold on the normalised score s_i (dimensionless; default 0.0 counts exactly silent units; Sokar
+            et al. 2023 use 0.025 and 0.1 for Atari).
+    """
     check_positive_float("redo_dormant_mask", "tau", tau, allow_zero=True)
     return _redo_dormant(mean_abs_activation(outputs), tau)
 
 
 def redo_dormant_fraction(outputs: torch.Tensor, tau: float = 0.0) -> torch.Tensor:
     """Share of τ-dormant units (ReDo); NaN when any activation is non-finite (see the module's convention).
+
+    Args:
+        outputs: one layer's outputs on the probe, ``[N, units]`` or ``[N, C, ...]`` (channels are the units; every
+            other axis is pooled into positions).
+        tau: ReDo's threshold on the normalised score s_i (dimensionless; default 0.0 counts exactly silent units; Sokar
+            et al. 2023 use 0.025 and 0.1 for Atari).
 
     Example::
 
@@ -128,6 +154,12 @@ def dead_unit_mask(outputs: torch.Tensor, threshold: float = 0.0) -> torch.Tenso
     """Units whose |h| never exceeds ``threshold`` on the probe (0: exactly zero everywhere, Dohare's dead units).
 
     A unit with a NaN or infinite activation is not dead.
+
+    Args:
+        outputs: one layer's outputs on the probe, ``[N, units]`` or ``[N, C, ...]`` (channels are the units; every
+            other axis is pooled into positions).
+        threshold: the largest |h| a dead unit may reach anywhere on the probe (activation units; default 0.0: exactly
+            zero).
     """
     check_positive_float("dead_unit_mask", "threshold", threshold, allow_zero=True)
     # amax propagates NaN, and NaN ≤ threshold is false: a NaN unit is not dead, like an infinite one
@@ -136,6 +168,12 @@ def dead_unit_mask(outputs: torch.Tensor, threshold: float = 0.0) -> torch.Tenso
 
 def dead_unit_fraction(outputs: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
     """Share of dead units; NaN when any activation is non-finite.
+
+    Args:
+        outputs: one layer's outputs on the probe, ``[N, units]`` or ``[N, C, ...]`` (channels are the units; every
+            other axis is pooled into positions).
+        threshold: the largest |h| a dead unit may reach anywhere on the probe (activation units; default 0.0: exactly
+            zero).
 
     Example::
 
@@ -172,6 +210,12 @@ def active_share(outputs: torch.Tensor, active: Activity = "nonzero") -> torch.T
     (Plasticine's active-unit rule): tanh is active where |h| ≤ 0.99, sigmoid where 0.01 ≤ h ≤ 0.99
     (:data:`SATURATION_MARGIN`). A saturated unit passes almost no gradient, so it has stopped learning although
     it is not zero.
+
+    Args:
+        outputs: one layer's outputs on the probe, ``[N, units]`` or ``[N, C, ...]`` (channels are the units; every
+            other axis is pooled into positions).
+        active: what counts as active: ``"nonzero"`` (h ≠ 0, Dohare et al.'s CIFAR code; default), ``"positive"`` (h >
+            0, their RL code), ``"tanh"`` or ``"sigmoid"`` (not saturated, Plasticine's rule).
     """
     check_choice("active_share", "active", active, ACTIVITY_CHOICES)
     return _is_active(unit_view(outputs).detach(), active).to(torch.float64).mean(dim=0)
@@ -182,6 +226,14 @@ def low_activity_mask(outputs: torch.Tensor, max_active: float = 0.01, active: A
 
     A unit with a NaN or infinite activation is not counted (with ``active="positive"`` NaN > 0 is false, so it
     would otherwise read as inactive).
+
+    Args:
+        outputs: one layer's outputs on the probe, ``[N, units]`` or ``[N, C, ...]`` (channels are the units; every
+            other axis is pooled into positions).
+        max_active: the share of probe positions (0-1) below which a unit counts as of low activity (default 0.01,
+            Dohare et al. 2024).
+        active: what counts as active: ``"nonzero"`` (h ≠ 0, Dohare et al.'s CIFAR code; default), ``"positive"`` (h >
+            0, their RL code), ``"tanh"`` or ``"sigmoid"`` (not saturated, Plasticine's rule).
     """
     check_fraction("low_activity_mask", "max_active", max_active, high_open=False)
     finite = _finite_units(mean_abs_activation(outputs))
@@ -191,6 +243,12 @@ def low_activity_mask(outputs: torch.Tensor, max_active: float = 0.01, active: A
 def active_fraction(outputs: torch.Tensor, active: Activity = "nonzero") -> torch.Tensor:
     """Share of (position, unit) entries that are active: Plasticine's *fraction of active units* (FAU); NaN when
     any activation is non-finite. With ``active="tanh"`` or ``"sigmoid"`` saturated outputs count as inactive.
+
+    Args:
+        outputs: one layer's outputs on the probe, ``[N, units]`` or ``[N, C, ...]`` (channels are the units; every
+            other axis is pooled into positions).
+        active: what counts as active: ``"nonzero"`` (h ≠ 0, Dohare et al.'s CIFAR code; default), ``"positive"`` (h >
+            0, their RL code), ``"tanh"`` or ``"sigmoid"`` (not saturated, Plasticine's rule).
 
     Example::
 
@@ -205,6 +263,14 @@ def low_activity_fraction(
     outputs: torch.Tensor, max_active: float = 0.01, active: Activity = "nonzero"
 ) -> torch.Tensor:
     """Share of units active on fewer than ``max_active`` of the inputs.
+
+    Args:
+        outputs: one layer's outputs on the probe, ``[N, units]`` or ``[N, C, ...]`` (channels are the units; every
+            other axis is pooled into positions).
+        max_active: the share of probe positions (0-1) below which a unit counts as of low activity (default 0.01,
+            Dohare et al. 2024).
+        active: what counts as active: ``"nonzero"`` (h ≠ 0, Dohare et al.'s CIFAR code; default), ``"positive"`` (h >
+            0, their RL code), ``"tanh"`` or ``"sigmoid"`` (not saturated, Plasticine's rule).
 
     Example::
 
@@ -264,6 +330,12 @@ def _activity_sums(view: torch.Tensor, active: Activity) -> tuple[torch.Tensor, 
 
 def activity_statistics(outputs: torch.Tensor, active: Activity = "nonzero") -> ActivityStatistics:
     """Every per-unit statistic the unit counts need, in one pass over the outputs.
+
+    Args:
+        outputs: one layer's outputs on the probe, ``[N, units]`` or ``[N, C, ...]`` (channels are the units; every
+            other axis is pooled into positions).
+        active: what counts as active: ``"nonzero"`` (h ≠ 0, Dohare et al.'s CIFAR code; default), ``"positive"`` (h >
+            0, their RL code), ``"tanh"`` or ``"sigmoid"`` (not saturated, Plasticine's rule).
 
     Example::
 

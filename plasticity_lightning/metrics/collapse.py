@@ -63,6 +63,11 @@ def _share(flags: torch.Tensor, logits: torch.Tensor, precision: str) -> float:
 def softmax_collapse_fraction(logits: torch.Tensor, precision: str = "float32") -> float:
     """Share of rows whose softmax normaliser is exactly 1 in ``precision`` (NaN if any logit is non-finite).
 
+    Args:
+        logits: the model's output logits, ``[N, classes]``.
+        precision: the floating-point format the softmax is evaluated in: ``"float16"``, ``"float32"`` (default: what a
+            float32 model computes) or ``"float64"`` (Prieto et al. 2025).
+
     Example::
 
         >>> softmax_collapse_fraction(torch.tensor([[0.0, 200.0], [0.0, 5.0]]))
@@ -74,6 +79,12 @@ def softmax_collapse_fraction(logits: torch.Tensor, precision: str = "float32") 
 def zero_loss_fraction(logits: torch.Tensor, targets: torch.Tensor, precision: str = "float32") -> float:
     """Share of rows whose cross-entropy in ``precision`` is exactly 0 (NaN if any logit is non-finite).
 
+    Args:
+        logits: the model's output logits, ``[N, classes]``.
+        targets: the class index of each row, ``[N]``.
+        precision: the floating-point format the softmax is evaluated in: ``"float16"``, ``"float32"`` (default: what a
+            float32 model computes) or ``"float64"`` (Prieto et al. 2025).
+
     Example::
 
         >>> zero_loss_fraction(torch.tensor([[0.0, 200.0], [0.0, 200.0]]), torch.tensor([1, 0]))
@@ -83,13 +94,21 @@ def zero_loss_fraction(logits: torch.Tensor, targets: torch.Tensor, precision: s
 
 
 def logit_norm(logits: torch.Tensor) -> float:
-    """Mean L2 norm of the logit rows."""
+    """Mean L2 norm of the logit rows.
+
+    Args:
+        logits: the model's output logits, ``[N, classes]``.
+    """
     return float(logits.detach().double().norm(dim=1).mean())
 
 
 def nlm_alignment(params: Iterable[torch.Tensor], grads: Iterable[torch.Tensor | None]) -> float:
     """cos(−g, θ) over the concatenation of ``params`` and their gradients (``None`` gradients are skipped); 0 when
     either is all zero, NaN when either holds a NaN or infinite value.
+
+    Args:
+        params: the parameters θ (any shapes; flattened and concatenated).
+        grads: their gradients g, in the same order (``None`` skips that parameter).
 
     Example::
 

@@ -36,6 +36,10 @@ def _entropy(probs: torch.Tensor, dim: int) -> torch.Tensor:
 def prediction_entropy(logits: torch.Tensor, *, from_logits: bool = True) -> torch.Tensor:
     """Mean entropy of the predicted class distributions (``[N, C]`` logits, or probabilities).
 
+    Args:
+        logits: the model's outputs, ``[N, classes]``.
+        from_logits: whether ``logits`` are logits (softmax first; default) or already probabilities.
+
     Example::
 
         >>> prediction_entropy(torch.zeros(3, 4))  # uniform over 4 classes: ln 4
@@ -64,6 +68,9 @@ def activation_entropy(outputs: torch.Tensor) -> torch.Tensor:
 
     For convolutions the softmax runs over channels at each position, and the mean over batch and positions.
 
+    Args:
+        outputs: one layer's outputs, ``[N, units]`` or ``[N, C, ...]`` (softmax over the unit axis).
+
     Example::
 
         >>> round(float(activation_entropy(torch.zeros(5, 8))), 4)  # uniform over 8 units: ln 8
@@ -82,6 +89,10 @@ def _attention_entropies(attention: torch.Tensor) -> torch.Tensor:
 
 def attention_entropy(attention: torch.Tensor) -> torch.Tensor:
     """Entropy of each head's attention distribution, averaged over batch and queries → ``[heads]``.
+
+    Args:
+        attention: attention probabilities, ``[batch, heads, queries, keys]`` (each row sums to 1), as HF models return
+            with ``output_attentions=True``.
 
     Example::
 
@@ -118,6 +129,10 @@ class _MeanOf(Metric):
 class PredictionEntropy(_MeanOf):
     """Accumulating twin of :func:`prediction_entropy`.
 
+    Args:
+        from_logits: whether ``logits`` are logits (softmax first; default) or already probabilities.
+        **kwargs: passed to :class:`torchmetrics.Metric`.
+
     Example::
 
         >>> metric = PredictionEntropy()
@@ -139,7 +154,12 @@ class PredictionEntropy(_MeanOf):
 
 
 class ActivationEntropy(_MeanOf):
-    """Accumulating twin of :func:`activation_entropy`."""
+    """Accumulating twin of :func:`activation_entropy`.
+
+    Args:
+        size: length of the accumulated value (``None``, the default: a single number).
+        **kwargs: passed to :class:`torchmetrics.Metric`.
+    """
 
     def update(self, outputs: torch.Tensor) -> None:
         entropies = _activation_entropies(outputs)

@@ -42,7 +42,7 @@ def _samples(outputs: torch.Tensor) -> torch.Tensor:
     """``[N, everything else]`` float64 view: one row per sample."""
     if outputs.ndim < 2:
         raise ValueError(f"Expected layer outputs [N, units, ...], got shape {tuple(outputs.shape)}")
-    return outputs.detach().reshape(outputs.shape[0], -1).to(torch.float64)
+    return outputs.detach().flatten(1).to(torch.float64)  # reshape(N, -1) cannot infer -1 when N is 0
 
 
 def _nan_unless_finite(value: torch.Tensor, finite: torch.Tensor | bool) -> torch.Tensor:
@@ -51,6 +51,9 @@ def _nan_unless_finite(value: torch.Tensor, finite: torch.Tensor | bool) -> torc
 
 def feature_norm(outputs: torch.Tensor) -> torch.Tensor:
     """Mean over samples of the L2 norm of each sample's output; NaN when any output is non-finite.
+
+    Args:
+        outputs: one layer's outputs on the probe, ``[N, units]`` or ``[N, C, ...]`` (channels are the units).
 
     Example::
 
@@ -66,6 +69,9 @@ def feature_norm(outputs: torch.Tensor) -> torch.Tensor:
 def feature_variance(outputs: torch.Tensor) -> torch.Tensor:
     """Mean over units of each unit's population variance over the probe positions; NaN when any output is
     non-finite.
+
+    Args:
+        outputs: one layer's outputs on the probe, ``[N, units]`` or ``[N, C, ...]`` (channels are the units).
 
     Example::
 
@@ -152,6 +158,11 @@ def weight_change(
     The same distance as :func:`~plasticity_lightning.metrics.distance_from_init`, taken from the weights before
     the update instead of the initial ones.
 
+    Args:
+        current: the weights after the update: a tensor or an iterable of tensors.
+        previous: the weights before it, in the same order and shapes.
+        relative: divide by ‖θ_{t−1}‖₂ (default False: the absolute distance, in weight units).
+
     Example::
 
         >>> weight_change(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 0.0]), relative=True)
@@ -209,6 +220,10 @@ def grama_scores(gradients: torch.Tensor) -> torch.Tensor:
     """GraMa scores: ReDo's normalised score on |∂L/∂h| per unit (pooled over batch × positions); all NaN when any
     gradient is non-finite.
 
+    Args:
+        gradients: the loss gradient at each unit's pre-activation, ∂L/∂z, shaped like the layer's outputs ``[N,
+            units]`` or ``[N, C, ...]``.
+
     Example::
 
         >>> grama_scores(torch.tensor([[1.0, 0.0, -2.0], [-1.0, 0.0, 0.0]]))
@@ -220,6 +235,12 @@ def grama_scores(gradients: torch.Tensor) -> torch.Tensor:
 def grama_dormant_fraction(gradients: torch.Tensor, tau: float = 0.0) -> torch.Tensor:
     """Share of units whose GraMa score is at or below ``tau`` (0: no gradient at all reaches them); NaN when any
     gradient is non-finite.
+
+    Args:
+        gradients: the loss gradient at each unit's pre-activation, ∂L/∂z, shaped like the layer's outputs ``[N,
+            units]`` or ``[N, C, ...]``.
+        tau: threshold on the normalised GraMa score (dimensionless; default 0.0: units no gradient reaches; Liu et al.
+            2025).
 
     Example::
 
