@@ -36,7 +36,20 @@ import numpy as np
 
 @dataclass(frozen=True)
 class DynamicsThresholds:
-    """Neural Elements' thresholds (the defaults)."""
+    """Neural Elements' thresholds (the defaults).
+
+    Attributes:
+        convergence_share: convergence is the first record reaching this share of the final accuracy (default 0.9).
+        tail_share: stability is the std of the loss over this final share of the records (default 0.2).
+        vanishing: a final mean |∂L/∂W| below this is ``vanishing_gradients`` (default 1e-6).
+        exploding: a final max |∂L/∂W| above this, or non-finite, is ``exploding_gradients`` (default 100).
+        slow_epochs: convergence later than this many epochs is ``slow_convergence`` (default 500).
+        fast_epochs: convergence earlier than this many epochs is ``fast_convergence`` (default 100).
+        unstable_std: a loss std (loss units) above this is ``unstable`` (default 0.1).
+        stable_std: a loss std below this is ``stable`` (default 0.01).
+        decay_ratio: a late/early mean-gradient ratio below this is ``gradient_decay`` (default 0.1).
+        growth_ratio: a late/early mean-gradient ratio above this is ``gradient_growth`` (default 10).
+    """
 
     convergence_share: float = 0.9  #: convergence = first record reaching this share of the final accuracy
     tail_share: float = 0.2  #: stability = std of the loss over this final share of the records
@@ -61,6 +74,11 @@ def convergence_epoch(
 
     Without ``epochs`` the index is returned as the epoch.
 
+    Args:
+        accuracy: the training accuracy of each record (0-1).
+        epochs: the epoch of each record (default ``None``: the record's index stands for its epoch).
+        share: the share of the final accuracy that counts as converged (default 0.9, Neural Elements).
+
     Example::
 
         >>> convergence_epoch([0.1, 0.5, 0.95, 1.0], epochs=[0, 10, 20, 30])
@@ -82,6 +100,11 @@ def loss_convergence_epoch(
     ``loss <= first - share·(first - best)``. The loss counterpart of :func:`convergence_epoch` (a run that never
     improves converges at its first record). Non-finite losses never count as converged.
 
+    Args:
+        loss: the training loss of each record.
+        epochs: the epoch of each record (default ``None``: the record's index stands for its epoch).
+        share: the share of the total improvement (first → best loss) that counts as converged (default 0.9).
+
     Example::
 
         >>> loss_convergence_epoch([1.0, 0.5, 0.15, 0.1, 0.12], epochs=[1, 2, 3, 4, 5])
@@ -98,6 +121,10 @@ def loss_convergence_epoch(
 
 def loss_stability(loss: Sequence[float], tail_share: float = 0.2) -> dict[str, float]:
     """Standard deviation (not variance) of the loss over the final ``tail_share`` of records, plus endpoints.
+
+    Args:
+        loss: the training loss of each record.
+        tail_share: the final share of the records whose loss std is taken (default 0.2, Neural Elements).
 
     Example::
 
@@ -122,7 +149,14 @@ def gradient_health(
     layer_grad_norms: Sequence[Sequence[float]] | None = None,
     thresholds: DynamicsThresholds = DynamicsThresholds(),
 ) -> dict[str, Any]:
-    """Gradient-flow health over training (Neural Elements' ``compute_gradient_health``)."""
+    """Gradient-flow health over training (Neural Elements' ``compute_gradient_health``).
+
+    Args:
+        mean_grad: per record, the mean over layers of mean |∂L/∂W_l|.
+        max_grad: per record, the max over layers of max |∂L/∂W_l|.
+        layer_grad_norms: per record, the list of ‖∂L/∂W_l‖_F (default ``None``: no per-layer part).
+        thresholds: the labels' thresholds (default: Neural Elements', :class:`DynamicsThresholds`).
+    """
     if len(mean_grad) == 0:
         return {}
     valid_mean = [g for g in mean_grad if math.isfinite(g)]
@@ -182,7 +216,13 @@ def weight_evolution(
     std_weight: Sequence[float],
     layer_weight_norms: Sequence[Sequence[float]] | None = None,
 ) -> dict[str, Any]:
-    """How the weights moved (Neural Elements' ``compute_weight_evolution``)."""
+    """How the weights moved (Neural Elements' ``compute_weight_evolution``).
+
+    Args:
+        mean_weight: per record, the layer-averaged mean of the weights.
+        std_weight: per record, the layer-averaged std of the weights.
+        layer_weight_norms: per record, the list of ‖W_l‖_F (default ``None``: no per-layer part).
+    """
     if len(mean_weight) == 0:
         return {}
     layers = []
@@ -210,6 +250,9 @@ def weight_evolution(
 def learning_curve(accuracy: Sequence[float]) -> dict[str, float]:
     """Shape of the accuracy curve: improvements over the first and last quarter, monotonicity, extremes.
 
+    Args:
+        accuracy: the training accuracy of each record (0-1).
+
     Example::
 
         >>> learning_curve([0.5, 0.6, 0.55, 0.9])["monotonicity"]
@@ -234,6 +277,10 @@ def learning_curve(accuracy: Sequence[float]) -> dict[str, float]:
 def generalization_gap(train_accuracy: float, test_accuracy: float) -> float:
     """Train minus held-out accuracy (Neural Elements' Phase 7 definition).
 
+    Args:
+        train_accuracy: final training accuracy (0-1).
+        test_accuracy: final held-out accuracy (0-1).
+
     Example::
 
         >>> round(generalization_gap(0.98, 0.91), 4)
@@ -248,6 +295,11 @@ def classify_training_pattern(
 ) -> str:
     """Comma-separated labels: vanishing/exploding_gradients, slow/fast_convergence, unstable/stable,
     gradient_decay/growth, or ``normal`` when none applies.
+
+    Args:
+        summary: a summary as :func:`dynamics_summary` returns it (the labels read its convergence, stability and
+            gradient entries).
+        thresholds: the labels' thresholds (default: Neural Elements', :class:`DynamicsThresholds`).
 
     Example::
 
@@ -283,6 +335,10 @@ def dynamics_summary(
     thresholds: DynamicsThresholds = DynamicsThresholds(),
 ) -> dict[str, Any]:
     """Every dynamics metric the history supports, plus the pattern label (``compute_dynamics_metrics``).
+
+    Args:
+        history: per-record sequences under the keys of the module's table (each optional).
+        thresholds: the labels' thresholds (default: Neural Elements', :class:`DynamicsThresholds`).
 
     Example::
 

@@ -55,6 +55,11 @@ def feature_matrix(features: torch.Tensor, conv: Literal["pool", "positions", "f
     (average over the remaining axes), treat every position as a sample with ``conv="positions"``
     (``[N·H·W, C]``), or flatten everything after the sample axis with ``conv="flatten"``.
 
+    Args:
+        features: a layer's outputs: ``[N, D]``, ``[N, C, H, W]`` or ``[N, T, D]``.
+        conv: how outputs of more than two axes become a matrix: ``"pool"`` (average over the extra axes; default),
+            ``"positions"`` (every position is a sample) or ``"flatten"``.
+
     Example::
 
         >>> feature_matrix(torch.ones(2, 3, 4, 4)).shape, feature_matrix(torch.ones(2, 3, 4, 4), "positions").shape
@@ -250,6 +255,15 @@ def srank(
     srank = min{k : Σ_{i≤k} σ_i / Σσ ≥ 1 − δ}. This is the "stable rank" of Dohare et al.'s CIFAR/RL code and of
     Plasticine (``np.sum(cumsum(σ)/Σσ < 0.99) + 1``), not :func:`stable_rank`. 0 for an all-zero matrix.
 
+    Args:
+        features: ``[n, d]`` samples × units matrix (:func:`feature_matrix` makes one from other shapes); pass it or
+            ``sigma``.
+        delta: the share of Σσ that may be left out (dimensionless; default 0.01, Kumar et al. 2021 and Dohare et al.
+            2024).
+        sigma: precomputed singular values (e.g. from :func:`singular_values`) instead of ``features``.
+        method: how the singular values are computed: ``"auto"`` (default), ``"gram"`` or ``"svd"``; see
+            :func:`singular_values`.
+
     Example::
 
         >>> srank(torch.diag(torch.tensor([10.0, 1.0, 0.05])), delta=0.01)
@@ -269,6 +283,14 @@ def approximate_rank(
     """The fewest singular values holding a ``threshold`` share of the energy Σσ² (Dohare's ``approximate_rank``).
 
     approximate_rank = min{k : Σ_{i≤k} σ_i² / Σσ² ≥ threshold}. 0 for an all-zero matrix.
+
+    Args:
+        features: ``[n, d]`` samples × units matrix (:func:`feature_matrix` makes one from other shapes); pass it or
+            ``sigma``.
+        threshold: the share of the energy Σσ² to keep (dimensionless; default 0.99, Dohare et al. 2024).
+        sigma: precomputed singular values (e.g. from :func:`singular_values`) instead of ``features``.
+        method: how the singular values are computed: ``"auto"`` (default), ``"gram"`` or ``"svd"``; see
+            :func:`singular_values`.
 
     Example::
 
@@ -307,6 +329,13 @@ def numerical_rank(
     alternatives: ``rtol=0, atol=0`` counts non-zero σ (Dohare's ``rank``); Lyle et al.'s feature rank counts
     σ(Φ/√n) > 0.01, i.e. ``atol=0.01·√n``. Singular values come from an SVD. 0 for an all-zero matrix.
 
+    Args:
+        features: ``[n, d]`` samples × units matrix (:func:`feature_matrix` makes one from other shapes); pass it or
+            ``sigma``.
+        atol: absolute tolerance, in the units of σ (default 0.0).
+        rtol: tolerance relative to σ₁ (default ``None``: ``max(n, d)·eps`` of the input dtype, as above).
+        sigma: precomputed singular values (e.g. from :func:`singular_values`) instead of ``features``.
+
     Example::
 
         >>> numerical_rank(torch.diag(torch.tensor([1.0, 1e-3, 1e-9])))
@@ -339,6 +368,13 @@ def stable_rank(
 ) -> torch.Tensor:
     """Rudelson–Vershynin stable rank ‖Φ‖_F² / ‖Φ‖₂² = Σσ² / σ₁² (continuous, between 1 and rank; 0 for all-zero).
 
+    Args:
+        features: ``[n, d]`` samples × units matrix (:func:`feature_matrix` makes one from other shapes); pass it or
+            ``sigma``.
+        sigma: precomputed singular values (e.g. from :func:`singular_values`) instead of ``features``.
+        method: how the singular values are computed: ``"auto"`` (default), ``"gram"`` or ``"svd"``; see
+            :func:`singular_values`.
+
     Example::
 
         >>> stable_rank(torch.diag(torch.tensor([2.0, 1.0])))
@@ -352,6 +388,13 @@ def rank_measures(
     features: torch.Tensor, *, delta: float = 0.01, threshold: float = 0.99, method: Method = "auto"
 ) -> dict[str, torch.Tensor]:
     """All spectrum-based measures from one decomposition (``numerical_rank`` excluded: it needs an SVD).
+
+    Args:
+        features: ``[n, d]`` samples × units matrix.
+        delta: srank's δ, as in :func:`srank` (default 0.01).
+        threshold: approximate rank's energy share, as in :func:`approximate_rank` (default 0.99).
+        method: how the singular values are computed: ``"auto"`` (default), ``"gram"`` or ``"svd"``; see
+            :func:`singular_values`.
 
     Example::
 
@@ -422,7 +465,12 @@ class EffectiveRank(FeatureSpectrum):
 
 
 class SRank(FeatureSpectrum):
-    """Accumulating twin of :func:`srank`."""
+    """Accumulating twin of :func:`srank`.
+
+    Args:
+        delta: the share of Σσ that may be left out (dimensionless; default 0.01, Kumar et al. 2021 and Dohare et al.
+            2024).
+    """
 
     def __init__(self, num_units: int, delta: float = 0.01, **kwargs) -> None:
         super().__init__(num_units, **kwargs)
@@ -433,7 +481,11 @@ class SRank(FeatureSpectrum):
 
 
 class ApproximateRank(FeatureSpectrum):
-    """Accumulating twin of :func:`approximate_rank`."""
+    """Accumulating twin of :func:`approximate_rank`.
+
+    Args:
+        threshold: the share of the energy Σσ² to keep (dimensionless; default 0.99, Dohare et al. 2024).
+    """
 
     def __init__(self, num_units: int, threshold: float = 0.99, **kwargs) -> None:
         super().__init__(num_units, **kwargs)

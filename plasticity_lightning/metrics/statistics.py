@@ -59,6 +59,10 @@ def cohens_d(values: Sequence[float], reference: Sequence[float]) -> float:
     0 when both samples are constant and equal; ±inf when constant and different; NaN when either sample has fewer
     than two values (no spread to compare against).
 
+    Args:
+        values: one variant's values (e.g. one per seed).
+        reference: the reference variant's values (another sample; need not be paired).
+
     Example::
 
         >>> round(cohens_d([2.0, 3.0, 4.0], [1.0, 2.0, 3.0]), 4)
@@ -75,7 +79,12 @@ def cohens_d(values: Sequence[float], reference: Sequence[float]) -> float:
 
 
 def wilcoxon_p(values: Sequence[float], reference: Sequence[float]) -> float | None:
-    """Two-sided Wilcoxon signed-rank p-value of paired samples (1.0 when every difference is 0; None below 2 pairs)."""
+    """Two-sided Wilcoxon signed-rank p-value of paired samples (1.0 when every difference is 0; None below 2 pairs).
+
+    Args:
+        values: one variant's values, paired with ``reference`` by position (e.g. by seed).
+        reference: the reference variant's values, as many as ``values``.
+    """
     from scipy import stats
 
     differences = np.asarray(values, dtype=float) - np.asarray(reference, dtype=float)

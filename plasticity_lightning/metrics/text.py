@@ -31,6 +31,10 @@ def _ngrams(sample: Sample, n: int) -> list[tuple[Hashable, ...]]:
 def distinct_n(samples: Sequence[Sample], n: int = 1) -> float:
     """Unique n-grams over all n-grams of all samples.
 
+    Args:
+        samples: generated samples, each a sequence of tokens (ids or strings).
+        n: the n-gram length (default 1: distinct tokens; Li et al. 2016's distinct-n).
+
     Example::
 
         >>> distinct_n([[1, 2, 3], [1, 2, 4]], n=2)
@@ -43,6 +47,10 @@ def distinct_n(samples: Sequence[Sample], n: int = 1) -> float:
 
 def repeated_ngram_rate(samples: Sequence[Sample], n: int = 3) -> float:
     """Mean over samples of the share of n-grams that repeat an earlier n-gram of the same sample.
+
+    Args:
+        samples: generated samples, each a sequence of tokens (ids or strings).
+        n: the n-gram length (default 3).
 
     Example::
 
@@ -61,6 +69,9 @@ def repeated_ngram_rate(samples: Sequence[Sample], n: int = 3) -> float:
 def max_token_repetition(samples: Sequence[Sample]) -> float:
     """Mean over samples of the share of tokens taken by the sample's most frequent token.
 
+    Args:
+        samples: generated samples, each a sequence of tokens (ids or strings).
+
     Example::
 
         >>> max_token_repetition([[5, 5, 5, 1], [1, 2]])
@@ -72,6 +83,9 @@ def max_token_repetition(samples: Sequence[Sample]) -> float:
 
 def degeneration_summary(samples: Sequence[Sample]) -> dict[str, float]:
     """The four numbers :class:`~plasticity_lightning.callbacks.DegenerationMonitor` logs.
+
+    Args:
+        samples: generated samples, each a sequence of tokens (ids or strings).
 
     Example::
 

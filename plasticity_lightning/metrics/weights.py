@@ -16,6 +16,9 @@ def _tensors(weights: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Tenso
 def mean_abs_weight(weights: torch.Tensor | Iterable[torch.Tensor]) -> torch.Tensor:
     """Mean |w| over every element of one tensor or of several (Dohare et al.'s average weight magnitude).
 
+    Args:
+        weights: one tensor, or an iterable of tensors taken together as one vector.
+
     Example::
 
         >>> mean_abs_weight([torch.tensor([1.0, -3.0]), torch.tensor([2.0])])
@@ -29,6 +32,9 @@ def mean_abs_weight(weights: torch.Tensor | Iterable[torch.Tensor]) -> torch.Ten
 
 def weight_norm(weights: torch.Tensor | Iterable[torch.Tensor]) -> torch.Tensor:
     """L2 (Frobenius) norm over every element.
+
+    Args:
+        weights: one tensor, or an iterable of tensors taken together as one vector.
 
     Example::
 
@@ -46,6 +52,11 @@ def distance_from_init(
     relative: bool = False,
 ) -> torch.Tensor:
     """‖θ − θ₀‖₂ over every element (÷ ‖θ₀‖₂ with ``relative``; 0 when θ₀ = 0 and θ = θ₀).
+
+    Args:
+        weights: the current weights θ: one tensor, or an iterable of tensors taken together as one vector.
+        initial: the initial weights θ₀, in the same order and shapes.
+        relative: divide by ‖θ₀‖₂ (default False: the absolute distance, in weight units).
 
     Example::
 
@@ -71,6 +82,9 @@ def layer_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """``{layer name: weight}`` for every parameter with two or more dimensions (Linear/Conv/embedding weights),
     named after its module; biases and normalisation parameters are left out, as Neural Elements does.
 
+    Args:
+        module: the model whose weight matrices and kernels are collected.
+
     Example::
 
         >>> list(layer_weights(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))))
@@ -93,6 +107,9 @@ def gradient_stats(weights: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Neural Elements' per-record gradient statistics of the given weights (their ``.grad``):
     ``layer_grad_norms`` (‖∂L/∂W_l‖_F), ``mean_grad`` (mean over layers of mean |g_l|), ``max_grad``
     (max over layers of max |g_l|) and ``global_norm``. Layers without a gradient are skipped.
+
+    Args:
+        weights: ``{layer name: weight}``, e.g. from :func:`layer_weights`, after a backward pass.
 
     Example::
 
@@ -119,6 +136,9 @@ def gradient_stats(weights: dict[str, torch.Tensor]) -> dict[str, Any]:
 def weight_stats(weights: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Neural Elements' per-record weight statistics: ``layer_weight_norms``, layer-averaged ``mean_weight`` and
     ``std_weight``, plus ``mean_abs_weight`` over all elements (Dohare et al.).
+
+    Args:
+        weights: ``{layer name: weight}``, e.g. from :func:`layer_weights`.
 
     Example::
 
