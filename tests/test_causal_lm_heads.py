@@ -17,6 +17,12 @@ SMALL = {"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 1, "nu
         ("llama", {**SMALL, "num_key_value_heads": 3}, r"num_key_value_heads=3 does not divide num_attention_heads=4"),
         # GPT-2 spells them n_embd / n_head: the message uses the user's names
         ("gpt2", {"n_embd": 60, "n_head": 8, "n_layer": 1}, r"n_embd=60 is not a multiple of n_head=8"),
+        (
+            "gpt2",
+            {"hidden_size": 60, "num_attention_heads": 8},
+            r"hidden_size=60 is not a multiple of num_attention_heads=8",
+        ),
+        ("gpt2", {"n_embd": 64}, r"n_embd=64 is not a multiple of n_head=12 \(GPT2Config's default\)"),
     ],
 )
 def test_inconsistent_heads_fail_in_one_line(architecture, settings, message):

@@ -67,13 +67,21 @@ def _autograd_sgd(model: StackedMLP, x, y, epochs: int, record_every: int, lr: f
 
 @pytest.mark.parametrize("activation", sorted(a for a in ACTIVATIONS if width_factor(a) == 1))  # studies keep widths
 def test_the_hand_written_backward_equals_autograd_for_every_activation(activation):
-    """float64: identical up to the last bits; float32 (the studies' dtype): within float32 round-off, which a
-    different matmul kernel's summation order moves by a few ulp over 30 SGD steps."""
+    """float64: identical up to the last bits. float32 (the studies' dtype): within float32 round-off of each
+    tensor's scale. The two runs round differently (numpy's matmul against torch's bmm), and a pre-activation
+    within round-off of a kink takes the other side in one run: with torch 2.6, one SELU input at -8.2e-8 (float64)
+    is +3.7e-9 in our float32 run, so its derivative is 1.05 instead of 1.76; from that step on one weight differs
+    by 7e-6 of its tensor's scale and one gradient by 2.4e-5 (torch 2.14's rounding keeps that input on the same
+    side). A wrong derivative differs by percents; the float64 run holds the backward exact."""
     spec = StudySpec(name="ad", activations=[activation], hidden_sizes=[[4, 4, 1]], skip=[True], trials=2, epochs=30)
     group = spec.groups()[0][::3]  # xor, moons and circles draws, one stack
     data = group_data(group)
     # [4, 4, 1]: a skip connection between the equal widths and none into the 1-wide layer
-    for dtype, rtol, atol in ((torch.float64, 1e-10, 1e-12), (torch.float32, 2e-5, 1e-5)):
+
+    def close(mine, theirs, rtol, scale):  # |mine - theirs| <= atol + rtol |theirs|, atol = scale * max |theirs|
+        torch.testing.assert_close(mine, theirs, rtol=rtol, atol=scale * theirs.abs().max().item())
+
+    for dtype, rtol, scale in ((torch.float64, 1e-10, 1e-12), (torch.float32, 2e-5, 1e-4)):
         x, y = data["x"].to(dtype), data["y"].to(dtype)
         kwargs = {"in_features": 2, "hidden_sizes": [4, 4, 1], "activation": activation, "skip": True, "dtype": dtype}
         ours = StackedMLP(seeds=[r["seed"] for r in group], **kwargs)
@@ -81,10 +89,10 @@ def test_the_hand_written_backward_equals_autograd_for_every_activation(activati
         history = train_stacked(ours, x, y, epochs=30, record_every=7)
         losses, norms = _autograd_sgd(reference, x, y, epochs=30, record_every=7)
         for mine, theirs in zip([*ours.parameters()], [*reference.parameters()], strict=True):
-            torch.testing.assert_close(mine, theirs, rtol=rtol, atol=atol)
-            torch.testing.assert_close(mine.grad, theirs.grad, rtol=rtol, atol=atol)  # the last recorded state's
-        torch.testing.assert_close(history.loss, losses, rtol=rtol, atol=atol)
-        torch.testing.assert_close(history.layer_grad_norms, norms, rtol=rtol, atol=atol)
+            close(mine, theirs, rtol, scale)
+            close(mine.grad, theirs.grad, rtol, scale)  # the last recorded state's
+        close(history.loss, losses, rtol, scale)
+        close(history.layer_grad_norms, norms, rtol, scale)
         assert history.epoch == [0, 7, 14, 21, 28, 29] and history.loss[-1].mean() < history.loss[0].mean()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -74,8 +75,9 @@ def build_config(
             "gemma, phi3"
         )
     config_class = CONFIG_MAPPING[model_type]
-    allowed = {*inspect.signature(config_class.__init__).parameters, *getattr(config_class, "attribute_map", {})}
-    allowed -= {"self", "kwargs", "args"}
+    parameters = inspect.signature(config_class.__init__).parameters
+    attribute_map: dict[str, str] = dict(getattr(config_class, "attribute_map", {}))  # GPT-2: hidden_size → n_embd
+    allowed = {*parameters, *attribute_map} - {"self", "kwargs", "args"}
     for key in settings:
         if key not in allowed:
             close = difflib.get_close_matches(str(key), sorted(allowed), n=3)
@@ -84,6 +86,20 @@ def build_config(
                 f"{owner}.config: key {key!r} (value {settings[key]!r}) is not a field of {config_class.__name__}; "
                 f"{hint}allowed: {', '.join(sorted(allowed))}"
             )
+    # Checked before HF's own checks, so the line is the same whatever transformers release: from 5 on the config
+    # classes refuse a wrong type or a width the heads do not divide themselves; 4.x builds such a config silently.
+    declared = {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
+    for key, value in settings.items():
+        default = declared.get(attribute_map.get(key, key))
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and isinstance(value, str):
+            raise PlasticityConfigError(
+                f"{owner}.config: field {key!r} expected {type(default).__name__}, got str (value: {value!r}); "
+                f"{config_class.__name__}'s default is {default!r}"
+            )
+    given = {**(defaults or {}), **settings}
+    fields = {**declared, **{attribute_map.get(key, key): value for key, value in given.items()}}
+    fields.update({alias: fields[field] for alias, field in attribute_map.items() if field in fields})
+    _check_heads(SimpleNamespace(**fields), settings, owner, config_class.__name__, attribute_map)
     try:
         from huggingface_hub.errors import StrictDataclassError
     except ImportError:  # huggingface_hub before strict dataclasses: configs raise ValueError/TypeError themselves
@@ -95,24 +111,27 @@ def build_config(
         raise PlasticityConfigError(
             f"{owner}.config={settings!r} is refused by {config_class.__name__}: {reason}"
         ) from None
-    _check_heads(config, settings, owner)
+    _check_heads(config, settings, owner, config_class.__name__, attribute_map)  # the values HF derived as well
     return config
 
 
-def _check_heads(config: Any, settings: dict[str, Any], owner: str) -> None:
+def _check_heads(
+    config: Any, settings: dict[str, Any], owner: str, config_name: str, attribute_map: dict[str, str]
+) -> None:
     """Head counts that HF accepts in the config but torch fails on in the first forward pass (a shape mismatch deep
     in attention): key/value heads that do not divide the query heads (grouped-query attention, e.g. Mistral's
-    default of 8 key/value heads left beside 4 query heads), or a width the heads do not divide.
+    default of 8 key/value heads left beside 4 query heads), or a width the heads do not divide. ``config`` is read
+    with ``getattr``: the fields the config class declares (before HF checks them), then the config HF built.
     """
     # the user's spelling of a field (GPT-2 calls num_attention_heads n_head)
-    spelled = getattr(config, "attribute_map", {})  # {"num_attention_heads": "n_head", ...}
+    spelled = attribute_map  # {"num_attention_heads": "n_head", ...}
 
     def name(field: str) -> str:
         own = spelled.get(field, field)
         return field if field in settings and own not in settings else own
 
     def origin(field: str) -> str:
-        return "" if name(field) in settings else f" ({type(config).__name__}'s default)"
+        return "" if name(field) in settings else f" ({config_name}'s default)"
 
     heads = getattr(config, "num_attention_heads", None)
     if not isinstance(heads, int) or heads <= 0:

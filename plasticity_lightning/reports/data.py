@@ -103,7 +103,9 @@ def read_metrics_csv(path: str | Path) -> pd.DataFrame:
             raise PlasticityConfigError(
                 f"{path}: column {name!r}, data row {row + 1} holds {text.iloc[row]!r}, not a number"
             )
-        table[name] = converted
+        # the values through Python's correctly rounded float(): pandas 2.0's to_numeric reads a 20-digit integer
+        # one ulp off (1.0000000000000002e+20); to_numeric above only decides which entries are numbers
+        table[name] = text.where(converted.notna()).astype(float)
     table = table.astype(float)
     if table["step"].isna().any():
         row = int(np.flatnonzero(table["step"].isna().to_numpy())[0])
