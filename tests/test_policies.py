@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from plasticity_lightning import PlasticityConfigError, callbacks, policies
+from plasticity_lightning.core.tasks import TaskContext
 from plasticity_lightning.policies import StepCadence, measure
 
 
@@ -134,6 +135,75 @@ def test_the_callback_and_the_bare_policy_give_bit_identical_weights(tmp_path, k
         assert list(callback.replaced.values()) == list(policy.replaced.values()) and sum(policy.replaced.values()) > 0
     else:
         assert callback.applied == policy.applied == len(x) // 8 // 2
+
+
+class TaskRegressor(Regressor):
+    """A task stream without a datamodule: task ``global_step // 5`` (the protocol's LightningModule provider), SGD
+    with momentum, so a reset's cleared optimizer state shows in the next steps."""
+
+    def task_context(self):
+        return TaskContext(task_id=self.trainer.global_step // 5, num_tasks=3)
+
+
+#: (the callback, the bare policy on (model, optimizer), what both must have done): each on a task stream of 12
+#: batches, tasks 0-2 (steps 0-4, 5-9, 10-11)
+TASK_STREAM = {
+    "head_reset": (
+        lambda: callbacks.HeadReset(layer="net.4", mode="init", seed=4),
+        lambda model, opt: policies.HeadReset(model, opt, layer="4", mode="init", seed=4),
+        2,
+    ),
+    "head_reset_zero": (
+        lambda: callbacks.HeadReset(layer="net.4", mode="zero"),
+        lambda model, opt: policies.HeadReset(model, opt, layer="4", mode="zero"),
+        2,
+    ),
+    # on task changes (steps 5 and 10) and every 4 steps (4, 8, 12): one generator's fresh values, drawn in that order
+    "layer_reset": (
+        lambda: callbacks.LayerReset(layers=["net.2"], on_task_change=True, every_n_steps=4, seed=6),
+        lambda model, opt: policies.LayerReset(model, opt, layers=["2"], every_n_steps=4, seed=6),
+        5,
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(TASK_STREAM))
+def test_the_task_triggered_callback_and_the_bare_policy_give_bit_identical_weights(tmp_path, kind):
+    """HeadReset and LayerReset on a task stream: the callback (tasks from the trainer's task protocol) and the bare
+    policy in a plain loop (``step(task)`` / ``step_task(task)`` before each batch, ``step()`` after the optimizer
+    step) reset the same layers at the same steps to the same values, with the same optimizer state cleared."""
+    x, y = stream()
+    make_callback, make_policy, resets = TASK_STREAM[kind]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the default init on a model without layer_init warns on both sides
+        lightning_model = TaskRegressor(net())
+        plain_model = copy.deepcopy(lightning_model.net)
+        untouched = copy.deepcopy(lightning_model.net)
+        callback = make_callback()
+        data = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
+        make_trainer(tmp_path, callbacks=[callback], max_epochs=1, limit_val_batches=0).fit(lightning_model, data)
+        optimizer = torch.optim.SGD(plain_model.parameters(), lr=0.05, momentum=0.9)
+        policy = make_policy(plain_model, optimizer)
+        for i, start in enumerate(range(0, len(x), 8)):
+            task = i // 5
+            policy.step_task(task) if kind == "layer_reset" else policy.step(task)
+            loss = F.mse_loss(plain_model(x[start : start + 8]), y[start : start + 8])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if kind == "layer_reset":
+                policy.step()
+    assert callback.resets == policy.resets == resets
+    for (name, ours), theirs in zip(lightning_model.net.named_parameters(), plain_model.parameters(), strict=True):
+        assert torch.equal(ours, theirs), name
+    # the resets changed the training: the weights are not those of the same loop without the policy
+    optimizer = torch.optim.SGD(untouched.parameters(), lr=0.05, momentum=0.9)
+    for start in range(0, len(x), 8):
+        optimizer.zero_grad()
+        F.mse_loss(untouched(x[start : start + 8]), y[start : start + 8]).backward()
+        optimizer.step()
+    layer = 4 if kind.startswith("head") else 2
+    assert not torch.equal(untouched[layer].weight, plain_model[layer].weight)
 
 
 def test_an_interrupted_plain_loop_resumes_bit_exactly_from_the_policy_state():
