@@ -96,6 +96,9 @@ def configuration_error(err: BaseException) -> BaseException | None:
 
     jsonargparse wraps exceptions raised while it instantiates classes (e.g. ``MLP(activation="foo")``) in its
     own ``ValueError``; the user's mistake is the cause further down the chain.
+
+    Args:
+        err: the exception the command line caught.
     """
     errors = _configuration_errors()
     seen: set[int] = set()

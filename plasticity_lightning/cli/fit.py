@@ -60,7 +60,11 @@ def _library_classes(base: type) -> list[str]:
 
 
 def summarize_parser_error(message: str) -> str:
-    """One line from jsonargparse's multi-line parse error: the field, the bad value and what is allowed."""
+    """One line from jsonargparse's multi-line parse error: the field, the bad value and what is allowed.
+
+    Args:
+        message: jsonargparse's error message (several lines).
+    """
     keys = list(dict.fromkeys(re.findall(r'Parser key "([^"]+)"', message)))
     value_match = re.search(r"Got value: (.*)", message) or re.search(r"Given value: (.*)", message)
     value = value_match.group(1).strip() if value_match else "?"

@@ -11,7 +11,11 @@ from plasticity_lightning.core.errors import PlasticityConfigError
 
 
 def token_ids(batch: Any) -> torch.Tensor:
-    """The ``[N, T]`` token ids of a language-model batch (a tensor, ``(ids, ...)`` or ``{"input_ids": ids}``)."""
+    """The ``[N, T]`` token ids of a language-model batch (a tensor, ``(ids, ...)`` or ``{"input_ids": ids}``).
+
+    Args:
+        batch: a ``[N, T]`` tensor, a tuple or list whose first item it is, or a mapping with ``"input_ids"``.
+    """
     if isinstance(batch, torch.Tensor):
         return batch
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):

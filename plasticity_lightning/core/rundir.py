@@ -61,7 +61,12 @@ MONITOR_PREFIX = "plasticity"  # <prefix>/<layer>/<measure>; <prefix>/all/<measu
 
 
 def per_task_accuracy_key(stage: str, task: int) -> str:
-    """Logged key of one task's accuracy, e.g. ``val/acc_task_3``. Models log it; callbacks read it."""
+    """Logged key of one task's accuracy, e.g. ``val/acc_task_3``. Models log it; callbacks read it.
+
+    Args:
+        stage: the logging stage, e.g. ``"val"`` or ``"test"``.
+        task: the task index.
+    """
     return f"{stage}/acc_task_{task}"
 
 

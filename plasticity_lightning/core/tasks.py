@@ -63,6 +63,9 @@ def get_task_context(trainer: pl.Trainer | None) -> TaskContext | None:
 
     Returns ``None`` when neither provides tasks, i.e. ordinary single-task training.
 
+    Args:
+        trainer: the running trainer, or ``None``.
+
     Example::
 
         >>> get_task_context(None) is None

@@ -93,6 +93,14 @@ def cyclotron_motion(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Final ``(velocity, position)`` (each ``[N, 2]``) after time ``time`` in a perpendicular field ``field``.
 
+    Args:
+        mass: mass per particle, ``[N]``, > 0.
+        charge: charge per particle, ``[N]``.
+        field: magnetic field strength per particle, ``[N]``.
+        time: simulated time per particle, ``[N]``.
+        velocity: initial velocity ``[N, 2]``.
+        position: initial position ``[N, 2]``.
+
     Example::
 
         >>> v, r = cyclotron_motion(np.array([1.0]), np.array([1.0]), np.array([1.0]), np.array([np.pi]),
@@ -122,6 +130,12 @@ def generate_particles(
 ) -> dict[str, np.ndarray]:
     """Simulate ``n_particles`` particles; returns float64 columns named as in ``RAW_FEATURES``, ``DERIVED_FEATURES``
     and ``TARGETS``.
+
+    Args:
+        n_particles: how many particles (default 2000).
+        seed: seed of the NumPy generator (default 42, the seed's).
+        noise: relative Gaussian noise on the final velocity and position (default 0.0: exact physics).
+        ranges: uniform sampling ranges that replace :data:`DEFAULT_RANGES`' (default ``None``: the seed's).
 
     Example::
 

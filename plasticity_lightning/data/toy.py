@@ -28,6 +28,11 @@ Arrays = tuple[np.ndarray, np.ndarray]
 def make_xor(n_samples: int = 200, noise: float = 0.1, seed: int = 0) -> Arrays:
     """Four Gaussian clusters; class 0 around (−1, 1) and (1, −1), class 1 around (1, 1) and (−1, −1).
 
+    Args:
+        n_samples: the number of points, split evenly between the two classes (default 200).
+        noise: standard deviation of the Gaussian noise, in the coordinates' units (default 0.1).
+        seed: seed of the NumPy generator (default 0).
+
     Example::
 
         >>> X, y = make_xor(8, seed=0)
@@ -44,7 +49,13 @@ def make_xor(n_samples: int = 200, noise: float = 0.1, seed: int = 0) -> Arrays:
 
 
 def make_moons(n_samples: int = 200, noise: float = 0.1, seed: int = 0) -> Arrays:
-    """Two interleaved half circles: (cos θ, sin θ) and (1 − cos θ, 0.5 − sin θ), θ evenly spaced on [0, π]."""
+    """Two interleaved half circles: (cos θ, sin θ) and (1 − cos θ, 0.5 − sin θ), θ evenly spaced on [0, π].
+
+    Args:
+        n_samples: the number of points, split evenly between the two classes (default 200).
+        noise: standard deviation of the Gaussian noise, in the coordinates' units (default 0.1).
+        seed: seed of the NumPy generator (default 0).
+    """
     rng = np.random.RandomState(seed)
     per_class = n_samples // 2
     theta = np.linspace(0, np.pi, per_class)
@@ -59,7 +70,15 @@ def make_moons(n_samples: int = 200, noise: float = 0.1, seed: int = 0) -> Array
 
 
 def make_circles(n_samples: int = 200, noise: float = 0.1, factor: float = 0.5, seed: int = 0) -> Arrays:
-    """Two concentric circles: class 0 at radius 1, class 1 at radius ``factor``, noise on the radius."""
+    """Two concentric circles: class 0 at radius 1, class 1 at radius ``factor``, noise on the radius.
+
+    Args:
+        n_samples: the number of points, split evenly between the two classes (default 200).
+        noise: standard deviation of the Gaussian noise, in the coordinates' units (default 0.1). It perturbs the
+            radius.
+        factor: radius of class 1's circle relative to class 0's (default 0.5).
+        seed: seed of the NumPy generator (default 0).
+    """
     rng = np.random.RandomState(seed)
     per_class = n_samples // 2
     parts = []
@@ -74,7 +93,14 @@ def make_circles(n_samples: int = 200, noise: float = 0.1, factor: float = 0.5, 
 
 
 def make_spirals(n_samples: int = 200, noise: float = 0.2, n_turns: float = 1.5, seed: int = 0) -> Arrays:
-    """Two interleaved spirals: θ = √U·n_turns·2π, r = 2θ/(n_turns·2π); class 1 is class 0 rotated by π."""
+    """Two interleaved spirals: θ = √U·n_turns·2π, r = 2θ/(n_turns·2π); class 1 is class 0 rotated by π.
+
+    Args:
+        n_samples: the number of points, split evenly between the two classes (default 200).
+        noise: standard deviation of the Gaussian noise, in the coordinates' units (default 0.2).
+        n_turns: turns of each spiral (default 1.5).
+        seed: seed of the NumPy generator (default 0).
+    """
     rng = np.random.RandomState(seed)
     per_class = n_samples // 2
     parts = []
@@ -101,6 +127,13 @@ TOY_DATASETS: dict[str, tuple[Callable[..., Arrays], float]] = {
 
 def make_toy(name: str, n_samples: int = 200, noise: float | None = None, seed: int = 0, **extra: Any) -> Arrays:
     """Generate toy set ``name`` with Neural Elements' defaults (noise 0.1, spirals 0.2).
+
+    Args:
+        name: ``"xor"``, ``"moons"``, ``"circles"`` or ``"spirals"``.
+        n_samples: the number of points, split evenly between the two classes (default 200).
+        noise: noise level (default ``None``: the set's Neural Elements default).
+        seed: seed of the NumPy generator (default 0).
+        **extra: passed to the set's generator (``factor``, ``n_turns``).
 
     Example::
 

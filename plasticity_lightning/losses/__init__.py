@@ -26,18 +26,34 @@ DEFAULT_LOSS = {"classification": "cross_entropy", "regression": "mse"}
 
 
 def register_loss(name: str, factory: Callable[[], nn.Module], task: str) -> None:
-    """Make ``factory`` available to every model as ``loss: <name>`` for ``task`` (classification/regression)."""
+    """Make ``factory`` available to every model as ``loss: <name>`` for ``task`` (classification/regression).
+
+    Args:
+        name: the name recipes and models use (``loss: <name>``).
+        factory: called without arguments, returns a fresh loss module.
+        task: ``"classification"`` or ``"regression"``.
+    """
     check_choice("register_loss", "task", task, DEFAULT_LOSS)
     _LOSSES[name] = (factory, task)
 
 
 def available_losses(task: str | None = None) -> list[str]:
-    """Names usable as ``loss`` (for one task, or all)."""
+    """Names usable as ``loss`` (for one task, or all).
+
+    Args:
+        task: ``"classification"`` or ``"regression"`` (default ``None``: every task).
+    """
     return [name for name, (_, kind) in _LOSSES.items() if task is None or kind == task]
 
 
 def build_loss(spec: str | nn.Module | None, task: str, *, owner: str = "") -> nn.Module:
     """An ``nn.Module`` loss from a name, an instance, or ``None`` (the task's default).
+
+    Args:
+        spec: a registered name (see :func:`available_losses`), a loss module (used as is) or ``None`` (the task's
+            default loss).
+        task: ``"classification"`` or ``"regression"``.
+        owner: the model named in an error message (default ``""``).
 
     Example::
 

@@ -39,7 +39,12 @@ def _from_score(score: float) -> tuple[float, float]:
 
 
 def sine_weights(epoch: int, count: int = 2) -> list[float]:
-    """The seed's exploration schedule: ``(sin(epoch + 2πi/count) + 1)/2``, L1-normalised."""
+    """The seed's exploration schedule: ``(sin(epoch + 2πi/count) + 1)/2``, L1-normalised.
+
+    Args:
+        epoch: the current epoch (the sine's phase: one radian per epoch).
+        count: the number of weights (default 2: MSE and MAE).
+    """
     raw = [(math.sin(epoch + 2 * math.pi * i / count) + 1) / 2 for i in range(count)]
     total = sum(abs(v) for v in raw)
     return [v / total for v in raw] if total > 0 else raw
@@ -54,6 +59,13 @@ def adaptive_loss_weights(
 ) -> tuple[float, float]:
     """``(w_mse, w_mae)`` of ``strategy`` given the latest R² and loss and, for ``physics_aware``, the per-epoch
     loss and weight histories (oldest first; ``loss_history`` includes the latest loss).
+
+    Args:
+        strategy: ``"r2_based"``, ``"loss_based"``, ``"combined"`` or ``"physics_aware"`` (the seed's four strategies).
+        r2: the latest validation R² (default 0.5).
+        loss: the latest loss, in the loss's units (default 1.0).
+        loss_history: per-epoch losses, oldest first (``physics_aware`` only; default empty).
+        weight_history: per-epoch ``(w_mse, w_mae)``, oldest first (``physics_aware`` only; default empty).
 
     Example::
 

@@ -18,6 +18,9 @@ _DTYPES = {"float64": torch.float64, "float32": torch.float32, "input": None}
 def stablemax_s(x: torch.Tensor) -> torch.Tensor:
     """s(x) = x + 1 (x ≥ 0), 1 / (1 − x) (x < 0): positive, continuous, with continuous first derivative at 0.
 
+    Args:
+        x: logits (any shape).
+
     Example::
 
         >>> stablemax_s(torch.tensor([-3.0, 0.0, 2.0]))
@@ -41,7 +44,12 @@ def stablemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def log_stablemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """log StableMax(x) along ``dim``."""
+    """log StableMax(x) along ``dim``.
+
+    Args:
+        x: logits (any shape).
+        dim: the class axis (default -1).
+    """
     s = stablemax_s(x)
     return torch.log(s) - torch.log(s.sum(dim=dim, keepdim=True))
 
@@ -81,6 +89,11 @@ class StableMaxCrossEntropy(nn.Module):
 
 class PrecisionCrossEntropy(nn.Module):
     """Softmax cross-entropy computed in a chosen precision (the paper's float16/32/64 baselines).
+
+    Args:
+        precision: the float format the cross-entropy is computed in: ``"float16"``, ``"float32"`` or ``"float64"``
+            (default; Prieto et al. 2025's baselines).
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``, as in :func:`torch.nn.functional.cross_entropy`.
 
     Example::
 

@@ -22,6 +22,15 @@ class DenseBlock(nn.Module):
     The skip is added after the activation, so ``act``'s output is the block's units and the block's
     output is ``units + x``. Without dropout the block holds no dropout module; without ``norm`` no norm module
     (``norm="layer"``: a ``LayerNorm`` over the block's units, before the activation, as in Lyle et al. 2024).
+
+    Args:
+        in_features: inputs per sample.
+        out_features: the block's units.
+        activation: an activation name of :data:`~plasticity_lightning.nn.ACTIVATIONS`.
+        bias: whether the linear layer has a bias.
+        skip: add the input to the output when the widths match (Neural Elements' skip connections).
+        dropout: dropout probability after the activation (default 0.0: no dropout module).
+        norm: ``"layer"`` for a LayerNorm before the activation, or ``None`` (default).
     """
 
     def __init__(

@@ -114,6 +114,12 @@ def build_activation(name: str, *, owner: str = "", field: str = "activation", u
     """Build a fresh activation module from its name (see :data:`ACTIVATIONS`); ``unit_dim``: the axis of the units
     for an activation that changes the width (:class:`CReLU`; 1 after a ``Conv2d``).
 
+    Args:
+        name: an activation name of :data:`ACTIVATIONS`.
+        owner: the class or function named in an error message (default ``""``).
+        field: the argument named in an error message (default ``"activation"``).
+        unit_dim: the axis of the units (default -1; 1 after a ``Conv2d``).
+
     Example::
 
         >>> build_activation("swish"), build_activation("crelu", unit_dim=1)
@@ -130,6 +136,9 @@ def width_factor(name: str) -> int:
     """How many outputs the activation ``name`` gives per unit (:class:`CReLU`: 2; the others 1): the next layer
     reads ``width_factor × units`` inputs.
 
+    Args:
+        name: an activation name of :data:`ACTIVATIONS`.
+
     Example::
 
         >>> width_factor("crelu"), width_factor("relu")
@@ -141,6 +150,9 @@ def width_factor(name: str) -> int:
 
 def activation_gain(name: str) -> float:
     """Init gain recommended for ``name`` (used by Kaiming and Xavier schemes).
+
+    Args:
+        name: an activation name of :data:`ACTIVATIONS`.
 
     Example::
 

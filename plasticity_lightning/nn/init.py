@@ -48,6 +48,11 @@ _ALIASES = {"kaiming": "kaiming_uniform", "xavier": "xavier_uniform", "lecun": "
 def resolve_init_scheme(name: str, *, owner: str = "", field: str = "init") -> str:
     """Canonical scheme name for ``name`` (aliases resolved), or a clear error.
 
+    Args:
+        name: an init scheme of :data:`INIT_SCHEMES` or an alias (``kaiming``, ``xavier``, ``lecun``).
+        owner: the class or function named in an error message (default ``""``).
+        field: the argument named in an error message (default ``"init"``).
+
     Example::
 
         >>> resolve_init_scheme("kaiming")
@@ -93,6 +98,15 @@ def sample_init_(
     ``tensor`` may be the whole weight or a slice of it (e.g. the incoming rows of replaced units);
     the fans are those of the full layer.
 
+    Args:
+        tensor: the tensor filled in place (the whole weight or a slice of it).
+        scheme: an init scheme of :data:`INIT_SCHEMES` or an alias (``kaiming``, ``xavier``, ``lecun``).
+        fan_in: the full layer's fan-in (inputs × kernel size).
+        fan_out: the full layer's fan-out (outputs × kernel size).
+        gain: the gain multiplying the scheme's standard deviation or bound (default 1.0; see
+            :func:`~plasticity_lightning.nn.activation_gain`).
+        generator: the random generator to draw from (default ``None``: torch's global generator).
+
     Example::
 
         >>> w = torch.empty(4, 3)
@@ -130,6 +144,13 @@ def init_layer_(
     generator: torch.Generator | None = None,
 ) -> nn.Module:
     """Initialise a Linear/Conv layer's weight (and bias) in place according to ``scheme``.
+
+    Args:
+        module: a Linear or Conv layer.
+        scheme: an init scheme of :data:`INIT_SCHEMES` or an alias (``kaiming``, ``xavier``, ``lecun``).
+        gain: the gain multiplying the scheme's standard deviation or bound (default 1.0; see
+            :func:`~plasticity_lightning.nn.activation_gain`).
+        generator: the random generator to draw from (default ``None``: torch's global generator).
 
     Example::
 

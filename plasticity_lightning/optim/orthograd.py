@@ -25,6 +25,12 @@ def orthogonalize_gradient_(param: torch.Tensor, *, rescale: bool = True, eps: f
     With ``rescale`` the result is scaled back to the original gradient norm (the reference code's behaviour);
     without, it is the paper's formula.
 
+    Args:
+        param: a parameter with a ``.grad`` (left unchanged when it has none, or a sparse one).
+        rescale: scale the result back to the original gradient's norm (default True, Prieto et al. 2025's reference
+            code).
+        eps: added to ‖θ‖² in the projection's denominator (default 1e-30).
+
     Example::
 
         >>> w = torch.nn.Parameter(torch.tensor([1.0, 0.0]))
