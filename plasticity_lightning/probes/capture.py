@@ -40,7 +40,11 @@ _CHANNEL_AXIS_TYPES: tuple[type[nn.Module], ...] = (
 
 
 def is_transposed_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is HF's ``Conv1D`` (GPT-2's linear layer, whose weight is stored ``[in, out]``)."""
+    """Whether ``module`` is HF's ``Conv1D`` (GPT-2's linear layer, whose weight is stored ``[in, out]``).
+
+    Args:
+        module: any module.
+    """
     # Read the registered parameter itself: while torch.fx traces, `module.weight` is a Proxy, and a Conv1D that
     # looked like no weight layer was traced into (`x @ w + b`) and vanished from the graph.
     weight = getattr(module, "_parameters", {}).get("weight")
@@ -71,6 +75,10 @@ def unit_axes(model: nn.Module, layers: Mapping[str, nn.Module]) -> dict[str, tu
     ``None`` where nothing tells: then 3-D outputs use their last axis and others axis 1. The sample axis is 1
     for the ``[time, batch, hidden]`` outputs of recurrent and attention blocks built without ``batch_first``,
     else 0.
+
+    Args:
+        model: the model.
+        layers: ``{name: module}`` of the layers to read, e.g. from :func:`resolve_layers`.
 
     Example::
 
@@ -117,6 +125,11 @@ def _sample_axis(named: dict[str, nn.Module], path: str) -> int:
 def units_first(output: torch.Tensor, sample_axis: int = 0, unit_axis: int | None = None) -> torch.Tensor:
     """``output`` rearranged to ``[samples, units, ...]`` (see :func:`unit_axes`).
 
+    Args:
+        output: one layer's output.
+        sample_axis: the axis of the samples (default 0).
+        unit_axis: the axis of the units (default ``None``: the last axis of a 3-D output, else axis 1).
+
     Example::
 
         >>> units_first(torch.zeros(2, 5, 64)).shape  # [batch, time, hidden]: 64 units at 5 positions
@@ -143,6 +156,12 @@ def resolve_layers(
     which also finds units behind functional or unknown activations), else every activation module it contains,
     in registration order. A name ending in ``:input`` reads that module's input (``"mlp.down_proj:input"``). A
     name that is not a submodule, or a model with no layers to read, is a clear error.
+
+    Args:
+        model: the model.
+        layers: module names (``"<name>:input"`` reads a module's input), or ``None`` (default: ask the model, as
+            above).
+        discover: finds the layers when the model names none (default ``None``: every activation module).
 
     Example::
 
@@ -183,6 +202,10 @@ def resolve_layers(
 def default_forward(model: nn.Module, batch: Any) -> Any:
     """Run ``model`` on a batch: the first element of a tuple/list batch, a dict's ``"x"``/``"input_ids"``/
     ``"inputs"`` entry, or the batch itself.
+
+    Args:
+        model: the model.
+        batch: a tensor, a tuple/list (its first element is the input) or a dict.
     """
     if isinstance(batch, (tuple, list)):
         return model(batch[0])
@@ -224,6 +247,15 @@ def capture_outputs(
     can be most of its cost. The captured outputs are the full pass's. A layer that runs more often than ``until``
     says is cut short, so pass only counts measured on inputs shaped alike, for models without data-dependent
     control flow.
+
+    Args:
+        model: the model.
+        batch: the probe batch, passed to ``forward``.
+        layers: ``{name: module}`` of the layers to read, e.g. from :func:`resolve_layers`.
+        forward: runs the model on the batch (default :func:`default_forward`).
+        inputs: capture each layer's first input instead of its output (default False).
+        until: ``{name: calls}``: stop the forward pass once every layer ran that often (default ``None``: a full pass).
+        calls: filled with how many times each layer ran (default ``None``: not counted).
 
     Example::
 

@@ -71,6 +71,8 @@ class ProbeSet:
             (see above).
         source: ``"train"`` or ``"val"`` dataloader.
         seed: seed of the row subset.
+        owner: the callback that owns the probe, named in error messages (e.g. ``"ReDo"``: ``ReDo.probe_size=0``;
+            default ``None``: ``ProbeSet``).
 
     Example::
 

@@ -69,7 +69,8 @@ class HeadLayout:
     Attributes:
         kind: ``"gpt2"`` or ``"qkvo"`` (see the module docstring).
         module: the attention module.
-        num_heads, head_dim: its (query) heads and their width.
+        num_heads: its (query) heads.
+        head_dim: the width of each head (features per head).
         output: the projection that receives the heads' concatenated outputs (the gates tap its input).
         slices: every parameter slice owned by heads, producers first (Q, K, V weights, their biases), then the
             output projection's columns.
@@ -173,6 +174,9 @@ def attention_layouts(model: nn.Module) -> list[tuple[str, HeadLayout]]:
     ``attention`` pairing rule names and any other module with a known layout (the outermost one: an attention
     module inside another is part of it).
 
+    Args:
+        model: a model with GPT-2-style (fused ``c_attn``) or Llama-style (``q/k/v/o_proj``) attention modules.
+
     Example::
 
         >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -203,6 +207,9 @@ def attention_layouts(model: nn.Module) -> list[tuple[str, HeadLayout]]:
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The attention modules of ``model`` (see :func:`attention_layouts`), in forward (layer) order.
+
+    Args:
+        model: a model with GPT-2-style (fused ``c_attn``) or Llama-style (``q/k/v/o_proj``) attention modules.
 
     Example::
 
@@ -326,6 +333,11 @@ class HeadGates:
 def normalize_importance(scores: torch.Tensor, normalize: str | None = "layer") -> torch.Tensor:
     """Divide each layer's head scores by their L2 norm (``"layer"``, Michel et al.'s
     ``--normalize_pruning_by_layer``), or leave them (``None``).
+
+    Args:
+        scores: head scores, ``[layers, heads]``.
+        normalize: ``"layer"`` (default): divide each layer's scores by their L2 norm (Michel et al. 2019's
+            ``--normalize_pruning_by_layer``); ``None``: raw scores.
     """
     if normalize is None:
         return scores
@@ -342,6 +354,12 @@ def head_importance(
     The functional twin of :class:`~plasticity_lightning.callbacks.HeadImportance`, which takes the gradient from
     the training step instead of running its own. ``model`` is a HF causal LM (``model(ids, labels=ids).loss``);
     gates already on it stay in force (a gated-off head scores 0). Parameter gradients are left as they were.
+
+    Args:
+        model: a HF causal language model (``model(ids, labels=ids).loss``).
+        batches: batches of token ids, each ``[N, T]``.
+        normalize: ``"layer"`` (default): divide each layer's scores by their L2 norm (Michel et al. 2019's
+            ``--normalize_pruning_by_layer``); ``None``: raw scores.
 
     Example::
 
@@ -374,6 +392,9 @@ def head_weight_norms(module: nn.Module | HeadLayout) -> torch.Tensor:
     """‖(the head's Q, K, V weights, its output-projection inputs)‖₂ of every head of one attention module →
     ``[heads]`` (float32); with grouped K/V, the weights a head owns alone (see :class:`HeadLayout`).
 
+    Args:
+        module: one attention module, or its :class:`HeadLayout`.
+
     Example::
 
         >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -400,6 +421,10 @@ def head_attention_entropy(model: nn.Module, input_ids: torch.Tensor) -> torch.T
     ``model`` is a HF GPT-2 model. Attention probabilities only exist with eager attention, so the model is switched
     to ``eager`` for this one forward pass (in eval mode, no dropout) and switched back; training is unaffected.
     Gates act after attention, so a gated-off head still has an entropy (growth uses it to choose heads).
+
+    Args:
+        model: a HF GPT-2 model.
+        input_ids: token ids, ``[N, T]``.
 
     Example::
 
@@ -452,6 +477,15 @@ def reinit_heads(
     (``c_proj`` rows, ``o_proj`` columns) from N(0, (output_scale·std)²) — a small ``output_scale`` lets a revived
     head start near silent. Exactly those slices of every per-element optimizer state are zeroed.
 
+    Args:
+        module: one attention module, or its :class:`HeadLayout`.
+        heads: the indices of the heads to re-initialise.
+        std: standard deviation of the fresh Q/K/V weights (default 0.02, GPT-2's ``initializer_range``).
+        output_scale: the output weights' std relative to ``std`` (default 1.0; small values start a revived head near
+            silent).
+        generator: the random generator to draw from (default ``None``: torch's global one).
+        optimizers: optimizers whose per-element state of the re-initialised slices is zeroed (default none).
+
     Example::
 
         >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -497,6 +531,10 @@ def prune_heads_(model: nn.Module, heads: Mapping[int, Iterable[int]]) -> dict[i
     must be rebuilt: this is not for use during a (DDP) fit — gate instead. Returns the heads kept per layer.
     GPT-2's fused layout only (other layouts: gate the heads, or fold the gates into the weights with
     :meth:`HeadGates.fold_`).
+
+    Args:
+        model: a HF GPT-2 model (fused ``c_attn``).
+        heads: ``{layer index: heads to remove}``, layers in :func:`attention_modules` order.
     """
     layers = attention_layouts(model)
     kept_per_layer = {}

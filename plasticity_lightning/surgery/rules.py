@@ -234,6 +234,9 @@ def register_pairing_rule(rule: PairingRule) -> PairingRule:
 
     A rule with the name of a registered one replaces it.
 
+    Args:
+        rule: the rule to add (see :class:`PairingRule`).
+
     Example::
 
         >>> class FFN(nn.Module):
@@ -256,7 +259,11 @@ def register_pairing_rule(rule: PairingRule) -> PairingRule:
 
 
 def unregister_pairing_rule(name: str) -> None:
-    """Remove the rule called ``name`` (nothing happens if there is none)."""
+    """Remove the rule called ``name`` (nothing happens if there is none).
+
+    Args:
+        name: the rule's ``name``.
+    """
     _RULES[:] = [rule for rule in _RULES if rule.name != name]
 
 

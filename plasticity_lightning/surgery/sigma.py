@@ -28,7 +28,11 @@ _CHI0 = {"ReLU": 0.5, "GELU": 0.5, "SELU": 0.5, "SiLU": 0.5, "Tanh": 1.0, "Sigmo
 
 
 def activation_energy_share(activation: torch.nn.Module | None) -> float:
-    """χ₀ of an activation module (1 for none or an unknown one; (1 + α²)/2 for leaky ReLU)."""
+    """χ₀ of an activation module (1 for none or an unknown one; (1 + α²)/2 for leaky ReLU).
+
+    Args:
+        activation: the activation module between producer and consumer, or ``None``.
+    """
     if activation is None:
         return 1.0
     if isinstance(activation, torch.nn.LeakyReLU):

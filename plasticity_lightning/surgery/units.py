@@ -34,6 +34,11 @@ def unit_columns(features: torch.Tensor, pair: UnitPair) -> torch.Tensor:
     ``[..., units·columns_per_unit]`` (leading axes — batch, and time for ``[N, T, D]`` sequences — are positions;
     the columns of one unit are consecutive, as ``flatten`` lays out a channel's H×W map). Conv consumers read
     ``[N, units, H, W]``: batch × spatial places are positions, one column per unit.
+
+    Args:
+        features: the consumer's input as captured on the probe (``[N, units·columns]`` for a Linear consumer, ``[N,
+            units, H, W]`` for a convolution).
+        pair: the producer → consumer pair whose units are meant (see :class:`UnitPair`).
     """
     x = features.detach().float()
     if not isinstance(pair.consumer_module, nn.Conv2d):
@@ -42,7 +47,13 @@ def unit_columns(features: torch.Tensor, pair: UnitPair) -> torch.Tensor:
 
 
 def unit_statistics(features: torch.Tensor, pair: UnitPair) -> torch.Tensor:
-    """``[positions, units]`` view of the consumer's input: every column of a unit counts as a position."""
+    """``[positions, units]`` view of the consumer's input: every column of a unit counts as a position.
+
+    Args:
+        features: the consumer's input as captured on the probe (``[N, units·columns]`` for a Linear consumer, ``[N,
+            units, H, W]`` for a convolution).
+        pair: the producer → consumer pair whose units are meant (see :class:`UnitPair`).
+    """
     columns = unit_columns(features, pair)
     return columns.transpose(1, 2).reshape(-1, pair.num_units)
 
@@ -53,6 +64,10 @@ def outgoing_magnitude(pair: UnitPair, absolute: torch.Tensor | None = None) -> 
     A mean over the consumer's rows (and kernel positions), as Dohare's ``output_weight_mag``; for conv → flatten →
     linear, one value per flattened column, so utilities can weight each column's activity by its own weights as
     his ``ConvGnT`` does. ``absolute``: the consumer weight's |w|, if already computed.
+
+    Args:
+        pair: the producer → consumer pair whose units are meant (see :class:`UnitPair`).
+        absolute: the consumer weight's |w|, when already computed (default ``None``: computed here).
     """
     weight = unit_weight(pair.consumer_module).detach()
     absolute = weight.abs() if absolute is None else absolute
@@ -74,7 +89,12 @@ def column_means(column_sums: torch.Tensor, rows: int, num_units: int, columns_p
 
 
 def incoming_magnitude(pair: UnitPair, absolute: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean |w| of each unit's incoming weights (Dohare's ``input_weight_mag``)."""
+    """Mean |w| of each unit's incoming weights (Dohare's ``input_weight_mag``).
+
+    Args:
+        pair: the producer → consumer pair whose units are meant (see :class:`UnitPair`).
+        absolute: the producer weight's |w|, when already computed (default ``None``: computed here).
+    """
     weight = unit_weight(pair.producer_module).detach()
     absolute = (weight.abs() if absolute is None else absolute).flatten(1)
     return absolute.sum(dim=1).float() / absolute.shape[1]
@@ -90,6 +110,10 @@ def unit_magnitudes(
     it gives both its column sums (outgoing) and its row sums (incoming). The pass runs in row blocks through a
     small reused buffer, so |w| is never materialised whole (CBP does this every step; on CPU a full-size
     temporary costs more than the arithmetic).
+
+    Args:
+        pairs: the pairs, e.g. a chain ``0 → 2``, ``2 → 4``.
+        incoming: also compute the incoming magnitudes (default False: ``None`` in their place).
     """
     sums: dict[nn.Module, tuple[torch.Tensor | None, torch.Tensor]] = {}
     producers = {pair.producer_module for pair in pairs} if incoming else set()
@@ -303,6 +327,12 @@ def _consumer_columns(pair: UnitPair, units: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def reset_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, dim: int, index: torch.Tensor) -> None:
     """Zero the slices ``index`` along ``dim`` of every per-element state tensor ``optimizer`` keeps for ``param``.
+
+    Args:
+        optimizer: the optimizer whose state is edited.
+        param: the parameter whose state slices are zeroed.
+        dim: the axis the slices are taken along (0: rows, 1: columns).
+        index: the indices along ``dim`` to zero (a 1-D integer tensor).
 
     Example::
 
