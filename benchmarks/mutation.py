@@ -28,12 +28,8 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 EQUIVALENT = REPO / "benchmarks" / "mutation_equivalent.tsv"

@@ -9,18 +9,15 @@ from __future__ import annotations
 import ast
 import re
 import sys
+import tomllib
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import Version
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10: the same parser as a package (the test extra installs it there)
-    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
@@ -104,3 +101,9 @@ def test_the_floors_job_installs_the_pins_and_runs_the_readme_tests():
     script = (REPO / ".ci" / "floors").read_text()
     assert re.search(r"pip install [^\n]*-c \.ci/floors\.txt", script)
     assert "pytest" in script
+
+
+def test_the_floors_job_runs_on_the_lowest_python_the_package_allows():
+    (floor,) = [spec.version for spec in SpecifierSet(PYPROJECT["requires-python"]) if spec.operator == ">="]
+    assert re.findall(r"\b(python[\d.]*) -m venv", (REPO / ".ci" / "floors").read_text()) == [f"python{floor}"]
+    assert f'target-version = "py{floor.replace(".", "")}"' in (REPO / "pyproject.toml").read_text()  # ruff's
