@@ -34,6 +34,9 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Average ``tensor`` over the processes of the default ``torch.distributed`` group (identity without one).
 
     Pass it as a policy's ``reduce_mean`` in a hand-written DDP loop, so every rank takes the same decisions.
+
+    Args:
+        tensor: a tensor with the same shape on every process.
     """
     import torch.distributed as dist
 

@@ -18,6 +18,10 @@ def parseval_penalty(weights: torch.Tensor | Iterable[torch.Tensor], scale: floa
     ``[out, in·k·k]``), ``s`` the ``scale`` (1: rows orthonormal). The penalty is 0 exactly when every layer's rows
     are orthogonal with squared norm ``s``; a layer with more rows than columns cannot reach 0.
 
+    Args:
+        weights: one weight or several, each with one row per output unit.
+        scale: the target squared row norm s (default 1.0: orthonormal rows; Chung et al. 2024).
+
     Example::
 
         >>> parseval_penalty(torch.eye(3))

@@ -51,6 +51,12 @@ def fresh_layer(model: nn.Module, name: str, module: nn.Module, generator: torch
 
     Hooks on ``module`` (a monitor's capture, an injection's frozen terms) are not copied: what they hold (a callback,
     its trainer, a dataloader iterator) need not be copyable, and the copy only lends its fresh values.
+
+    Args:
+        model: the model holding the layer (its ``layer_init`` decides the scheme).
+        name: the layer's name in ``model``.
+        module: the layer.
+        generator: the random generator the fresh values are drawn from.
     """
     saved = [(attr, hooks) for attr in _HOOK_DICTS if (hooks := module.__dict__.get(attr))]
     for attr, hooks in saved:
@@ -96,6 +102,10 @@ def fresh_copy(model: nn.Module, seed: int) -> nn.Module:
     generator seeded from ``seed``. The copy is the same on every DDP rank. Hooks on the model's modules (a
     monitor's feature capture, an intervention's) are not copied: they belong to the original, and what they hold (a
     callback, its trainer, a dataloader) need not be copyable.
+
+    Args:
+        model: the model to copy.
+        seed: seed of every fresh parameter.
 
     Example::
 

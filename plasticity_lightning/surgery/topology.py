@@ -139,6 +139,11 @@ class FusedRows:
     layer's parameters (read anew on each access, so they follow ``.to()`` and in-place updates; writes reach the
     parameters); :attr:`module` and :attr:`start` locate them for optimizer state.
 
+    Args:
+        module: the fused producer ``Linear``.
+        start: the first row of this block.
+        stop: one past its last row.
+
     Example::
 
         >>> layer = nn.Linear(3, 8)
@@ -189,6 +194,10 @@ class UnitPair:
             unit's two outputs adjacent, so the unit owns ``widening`` consecutive consumer inputs; else 1).
         rule: the pairing rule that read the pair (``None``: traced or given).
         activation_name: the activation module's name, if known.
+        producer_module: the producer module, once bound to a model (else ``None``).
+        consumer_module: the consumer module, once bound.
+        norm_modules: the modules of ``norms``, once bound.
+        partner_modules: the modules of ``partners`` (and of the fused row blocks), once bound.
     """
 
     producer: str
@@ -231,6 +240,7 @@ class UnitPairing:
         skipped: block or producer name → why nothing was paired there (untraceable block, tied weights, …).
         rule_blocks: block name → name of the rule that read it.
         trace_error: why the whole model could not be traced (``None`` if it could).
+        graphs: ``(block name, torch.fx graph)`` of every traced block.
     """
 
     pairs: list[UnitPair] = field(default_factory=list)
@@ -290,7 +300,15 @@ def pair_units(
     owner: str = "find_unit_pairs",
     warn: bool = True,
 ) -> UnitPairing:
-    """:func:`find_unit_pairs` with what was skipped: one warning names the blocks nothing could read (``warn``)."""
+    """:func:`find_unit_pairs` with what was skipped: one warning names the blocks nothing could read (``warn``).
+
+    Args:
+        model: the model.
+        layers: producer names to keep (default ``None``: every pair found).
+        pairs: explicit ``[producer, consumer]`` pairs instead of finding them (default ``None``).
+        owner: the class or function named in errors and the warning (default ``"find_unit_pairs"``).
+        warn: warn once about the blocks nothing could read (default True).
+    """
     modules = dict(model.named_modules())
     found = discover_unit_pairs(model)
     if pairs is not None:
@@ -372,7 +390,11 @@ def _describe_blocks(modules: dict[str, nn.Module], blocks: dict[str, list[str]]
 
 
 def discover_unit_pairs(model: nn.Module) -> UnitPairing:
-    """Every pair that the registered rules and the traces can read, and what was skipped (never raises)."""
+    """Every pair that the registered rules and the traces can read, and what was skipped (never raises).
+
+    Args:
+        model: the model.
+    """
     modules = dict(model.named_modules())
     result = UnitPairing()
     rule_pairs: dict[str, list[UnitPair]] = {}
@@ -414,6 +436,9 @@ def hidden_unit_layers(model: nn.Module) -> dict[str, nn.Module]:
     when a rule or trace names one (HF's ``NewGELUActivation``), else the consumer's input (``"<consumer>:input"``:
     a functional activation such as ``F.relu`` in ``nn.TransformerEncoderLayer``, or a gated MLP's
     ``act(gate) * up``, read by a forward pre-hook on ``down_proj``). In registration order.
+
+    Args:
+        model: the model.
 
     Example::
 

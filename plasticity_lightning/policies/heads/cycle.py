@@ -49,6 +49,11 @@ def updated_rating(rating: float, success: bool, improvement: float) -> float:
     """Sentinel-AI's rating rule: success multiplies by 1 + clip(improvement, 0, 0.5), failure by 0.8; the result is
     kept in [0.1, 10].
 
+    Args:
+        rating: the strategy's current rating.
+        success: whether the last cycle improved the metric.
+        improvement: the relative improvement (clipped to [0, 0.5]).
+
     Example::
 
         >>> updated_rating(1.0, True, 0.2), updated_rating(1.0, True, 0.9), updated_rating(0.11, False, 0.0)

@@ -23,6 +23,12 @@ def continue_prompt(module: nn.Module, ids: torch.Tensor, max_new_tokens: int, s
     """``ids`` continued by ``max_new_tokens`` seeded tokens: the module's own seeded ``generate(ids,
     max_new_tokens, seed)`` (CausalLM's), else :func:`~plasticity_lightning.nn.generation.generate_seeded` on the HF
     model (the module itself, or the one at ``.model``).
+
+    Args:
+        module: a CausalLM, a HF causal language model, or a module holding one at ``.model``.
+        ids: the prompt's token ids, ``[batch, T]``.
+        max_new_tokens: how many tokens to add.
+        seed: seed of the sampling.
     """
     is_hf = hasattr(module, "config") and hasattr(module, "set_attn_implementation")
     generate = getattr(module, "generate", None)
@@ -43,6 +49,13 @@ def score_generations(
     """Continue each prompt (seed ``seed + i`` for prompt ``i``, :func:`continue_prompt`) and score the
     continuations' token ids with :func:`~plasticity_lightning.metrics.degeneration_summary`. Returns (scores,
     decoded continuations).
+
+    Args:
+        module: as in :func:`continue_prompt`.
+        tokenizer: the HF tokenizer that encodes the prompts and decodes the continuations.
+        prompts: the prompts (text).
+        max_new_tokens: tokens added to each prompt.
+        seed: seed of the first prompt's sampling (prompt ``i`` uses ``seed + i``).
     """
     device = next(module.parameters()).device
     continuations, samples = [], []

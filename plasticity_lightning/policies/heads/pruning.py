@@ -17,7 +17,13 @@ from plasticity_lightning.surgery.heads import HeadGates
 
 @dataclass
 class PruningStep:
-    """What one :meth:`IterativeHeadPruner.step` did: the heads gated off, or the undo of the previous step."""
+    """What one :meth:`IterativeHeadPruner.step` did: the heads gated off, or the undo of the previous step.
+
+    Attributes:
+        heads: ``(layer, head)`` of every head gated off by this step (empty for an undo).
+        reverted: whether this step undid the previous one.
+        importance: the importance the step ranked by, ``[layers, heads]`` (``None`` when the step gated nothing off).
+    """
 
     heads: list[tuple[int, int]] = field(default_factory=list)
     reverted: bool = False

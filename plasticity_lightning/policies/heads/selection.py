@@ -36,6 +36,11 @@ class NonFiniteScores(ArithmeticError):
 def require_finite_scores(scores: torch.Tensor, candidates: torch.Tensor, what: str) -> None:
     """Raise :class:`NonFiniteScores` when a score of a candidate head (``candidates``: a boolean ``[layers, heads]``
     mask) is NaN/inf.
+
+    Args:
+        scores: head scores, ``[layers, heads]``.
+        candidates: boolean ``[layers, heads]`` mask of the heads that may be chosen.
+        what: what the scores are, named in the error.
     """
     if not bool(torch.isfinite(scores[candidates.to(scores.device)]).all()):
         raise NonFiniteScores(what)
@@ -44,6 +49,10 @@ def require_finite_scores(scores: torch.Tensor, candidates: torch.Tensor, what: 
 def share_count(fraction: float, total: int) -> int:
     """How many of ``total`` heads a share selects: ``max(1, int(fraction · total))``, and 0 of none (the one rule
     of the pruning and growth steps).
+
+    Args:
+        fraction: the share of heads to select (0-1).
+        total: the number of heads to select from.
 
     Example::
 
@@ -54,7 +63,11 @@ def share_count(fraction: float, total: int) -> int:
 
 
 def language_model(module: nn.Module) -> nn.Module:
-    """The HF transformers model of ``module``: ``module.model`` (as in CausalLM) or ``module`` itself."""
+    """The HF transformers model of ``module``: ``module.model`` (as in CausalLM) or ``module`` itself.
+
+    Args:
+        module: a CausalLM-style module or the HF model itself.
+    """
     inner = getattr(module, "model", None)
     for candidate in (inner, module):
         if candidate is not None and hasattr(candidate, "config") and hasattr(candidate, "set_attn_implementation"):
@@ -65,7 +78,12 @@ def language_model(module: nn.Module) -> nn.Module:
 
 
 def entropy_gap(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """ln T − attention entropy of every head, ``[layers, heads]``: high for focused heads, 0 for uniform ones."""
+    """ln T − attention entropy of every head, ``[layers, heads]``: high for focused heads, 0 for uniform ones.
+
+    Args:
+        model: a HF GPT-2 model.
+        input_ids: token ids, ``[N, T]``.
+    """
     return math.log(input_ids.shape[-1]) - head_attention_entropy(model, input_ids)
 
 
@@ -84,6 +102,15 @@ def head_scores(
     ``"entropy"`` the entropy gap on ``input_ids`` (Sentinel-AI prunes the highest-entropy heads, i.e. the smallest
     gap); ``"magnitude"`` the L2 norm of each head's weights; ``"random"`` uniform draws from ``generator``.
     ``model`` is the HF model or a module holding it at ``.model``.
+
+    Args:
+        method: ``"gradient"``, ``"entropy"``, ``"magnitude"`` or ``"random"`` (:data:`HEAD_SCORES`).
+        model: the HF model, or a module holding it at ``.model``.
+        gates: the model's head gates (:class:`~plasticity_lightning.surgery.HeadGates`).
+        importance: Michel et al.'s importance, ``[layers, heads]`` (needed by ``"gradient"``).
+        input_ids: token ids, ``[N, T]``, for the entropy scores (needed by ``"entropy"``).
+        generator: the random generator of the ``"random"`` scores (and of ``"balanced"``'s draws); default ``None``:
+            torch's global one.
     """
     if method == "gradient":
         if importance is None:
@@ -105,6 +132,12 @@ def lowest_heads(
 ) -> list[tuple[int, int]]:
     """The ``count`` alive heads of lowest importance, never a layer's last alive head (ties: lowest index);
     :class:`NonFiniteScores` (naming ``what``) when an alive head's importance is NaN/inf.
+
+    Args:
+        importance: head scores, ``[layers, heads]``.
+        alive: boolean ``[layers, heads]`` mask of the live heads.
+        count: how many heads to return.
+        what: what the scores are, named in the error (default ``"importance"``).
 
     Example::
 
@@ -143,6 +176,14 @@ def heads_to_grow(
     of it; the other choices take the dead heads of highest ``scores`` (entropy gap, gradient importance, or random
     draws — see :func:`head_scores`).
 
+    Args:
+        choice: ``"balanced"``, ``"entropy_gap"``, ``"gradient"`` or ``"random"`` (:data:`GROWTH_CHOICES`).
+        mask: the gate mask, ``[layers, heads]`` (0: gated off).
+        count: how many heads at most.
+        scores: the scores the choice ranks by (default ``None``; not used by ``"balanced"``).
+        generator: the random generator of the ``"random"`` scores (and of ``"balanced"``'s draws); default ``None``:
+            torch's global one.
+
     Example::
 
         >>> mask = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
@@ -180,7 +221,18 @@ def choose_heads_to_grow(
     input_ids: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> list[tuple[int, int]]:
-    """:func:`heads_to_grow` with the scores ``choice`` ranks by (:data:`GROWTH_SCORE`, :func:`head_scores`)."""
+    """:func:`heads_to_grow` with the scores ``choice`` ranks by (:data:`GROWTH_SCORE`, :func:`head_scores`).
+
+    Args:
+        choice: ``"balanced"``, ``"entropy_gap"``, ``"gradient"`` or ``"random"`` (:data:`GROWTH_CHOICES`).
+        model: the HF model, or a module holding it at ``.model``.
+        gates: the model's head gates (:class:`~plasticity_lightning.surgery.HeadGates`).
+        count: how many heads at most.
+        importance: Michel et al.'s importance, ``[layers, heads]`` (needed by ``"gradient"``).
+        input_ids: token ids, ``[N, T]``, for the entropy scores (needed by ``"entropy"``).
+        generator: the random generator of the ``"random"`` scores (and of ``"balanced"``'s draws); default ``None``:
+            torch's global one.
+    """
     method = GROWTH_SCORE[choice]
     scores = (
         None
