@@ -63,6 +63,13 @@ MODULE_TESTS: dict[str, list[str]] = {
         "tests/test_transfer.py::test_transfer_matches_the_papers_formulas_and_skips_missing_cells",
     ],
     "plasticity_lightning/metrics/text.py": ["tests/test_metrics_edges.py"],
+    "plasticity_lightning/metrics/features.py": [
+        "tests/test_mut_features.py",
+        "tests/test_toolbox_measures.py::test_feature_norm_and_variance_match_numpy_and_the_twin_equals_one_pass",
+        "tests/test_toolbox_measures.py::test_weight_change_matches_numpy_and_accumulates_over_updates",
+        "tests/test_toolbox_measures.py::test_grama_scores_match_numpy_and_the_twin_reduces_across_ranks",
+    ],
+    "plasticity_lightning/metrics/statistics.py": ["tests/test_mut_statistics.py"],
     "plasticity_lightning/probes/capture.py": ["tests/test_probes.py", "tests/test_mut_probes.py"],
     "plasticity_lightning/probes/probe_set.py": ["tests/test_probes.py", "tests/test_mut_probes.py"],
     "plasticity_lightning/surgery/units.py": ["tests/test_surgery.py", "tests/test_cbp_units.py"],
