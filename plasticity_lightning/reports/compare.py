@@ -117,7 +117,14 @@ def _tests(outcomes: dict[str, list[dict[str, Any]]], name: str, reference: str,
 
 
 def compare_runs(variants: dict[str, str | Path], metric: str = "val/loss") -> dict[str, Any]:
-    """Outcomes per variant (every run below each directory) and tests of each variant against the first."""
+    """Outcomes per variant (every run below each directory) and tests of each variant against the first.
+
+    Args:
+        variants: ``{variant name: directory}``; each directory holds one run per seed (in the order the table lists
+            them; the first is the reference).
+        metric: the loss compared across non-continual variants (default ``"val/loss"``; continual variants are compared
+            per task).
+    """
     runs = load_variants(variants)
     return _compare_losses(runs, metric)
 
@@ -262,6 +269,9 @@ def _number(value: Any, digits: int = 4) -> str:
 def format_table(comparison: dict[str, Any]) -> str:
     """Markdown table of a comparison (:func:`compare_runs` or a continual comparison; a continual one is followed by
     its plasticity-gap and transfer table when the runs logged them).
+
+    Args:
+        comparison: what :func:`compare_runs` (or :func:`write_comparison`) returned.
     """
     if comparison.get("kind") == "continual":
         window = comparison["window"]
@@ -348,7 +358,12 @@ def _html_comparison_table(comparison: dict[str, Any]) -> str:
 
 
 def load_variants(variants: dict[str, str | Path]) -> dict[str, list[RunData]]:
-    """Every run below each variant's directory (one per seed), checked to be comparable."""
+    """Every run below each variant's directory (one per seed), checked to be comparable.
+
+    Args:
+        variants: ``{variant name: directory}``; each directory holds one run per seed (in the order the table lists
+            them; the first is the reference).
+    """
     if len(variants) < 2:
         raise PlasticityConfigError(f"--compare needs at least two variants; got {len(variants)}")
     runs = {name: [load_run(d) for d in find_run_dirs(path)] for name, path in variants.items()}
@@ -372,6 +387,15 @@ def write_comparison(
 ) -> dict[str, Any]:
     """Compare the variants and write ``report.html`` (every shared panel, mean and 95% band per variant),
     ``summary.json`` (the comparison), ``comparison.md`` (the table) and, with ``png``, one PNG per chart.
+
+    Args:
+        variants: ``{variant name: directory}``; each directory holds one run per seed (in the order the table lists
+            them; the first is the reference).
+        output: the folder written to.
+        metric: the loss compared across non-continual variants (default ``"val/loss"``; continual variants are compared
+            per task).
+        png: also write one PNG per chart (needs Chromium; default False).
+        window: tasks averaged at each end of a stream (default ``None``: a tenth of the stream, at least 1).
     """
     runs = load_variants(variants)
     continual = all(run.continual and run.num_tasks > 0 for group in runs.values() for run in group)

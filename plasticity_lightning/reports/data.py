@@ -47,7 +47,11 @@ def _is_run(directory: Path) -> bool:
 
 
 def find_run_dirs(path: str | Path) -> list[Path]:
-    """Every run directory (a ``metrics.csv`` or TensorBoard event files) at or below ``path``, sorted."""
+    """Every run directory (a ``metrics.csv`` or TensorBoard event files) at or below ``path``, sorted.
+
+    Args:
+        path: a run directory or a folder of runs.
+    """
     root = Path(path)
     if not root.exists():
         raise DataNotFoundError(f"{root}: no such file or directory")
@@ -70,6 +74,9 @@ def find_run_dirs(path: str | Path) -> list[Path]:
 def read_metrics_csv(path: str | Path) -> pd.DataFrame:
     """A CSVLogger ``metrics.csv`` as a float table (one row per logging call), checked: a file that is not one
     gets a one-line error naming the problem.
+
+    Args:
+        path: the ``metrics.csv`` file.
     """
     path = Path(path)
     raw = path.read_bytes()
@@ -119,6 +126,9 @@ def read_tensorboard(directory: str | Path) -> pd.DataFrame:
     """Every scalar of the TensorBoard event files in ``directory``, read with TensorBoard's own
     ``EventAccumulator``, as one table: a row per (step, n-th value of a key at that step), so two measurements at
     one step stay two rows, as in a ``metrics.csv``.
+
+    Args:
+        directory: the folder of the event files.
     """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -155,8 +165,11 @@ class RunData:
         table: a row per logging call, sorted by step (ties keep the logging order): ``step``, ``epoch`` (NaN on
             rows that did not log it) and every logged key.
         source: ``"csv"`` or ``"tensorboard"``.
-        hparams, config: ``hparams.yaml`` and LightningCLI's ``config.yaml`` (empty when absent).
-        dynamics, predictions, cycle: ``learning_dynamics.json``, ``predictions.npz``, ``plasticity_cycle.json``.
+        hparams: ``hparams.yaml`` (empty when absent).
+        config: LightningCLI's ``config.yaml`` (empty when absent).
+        dynamics: ``learning_dynamics.json`` (``None`` when absent).
+        predictions: ``predictions.npz`` (``None`` when absent).
+        cycle: ``plasticity_cycle.json`` (``None`` when absent).
         task_accuracy: ``task_accuracy.csv`` as ``{after_task: row}`` (NaN where a task was not evaluated).
     """
 
@@ -315,7 +328,11 @@ def _read_task_accuracy(path: Path) -> dict[int, list[float]] | None:
 
 
 def load_run(path: str | Path) -> RunData:
-    """Read the run at ``path`` (a run directory, or a directory holding exactly one)."""
+    """Read the run at ``path`` (a run directory, or a directory holding exactly one).
+
+    Args:
+        path: a run directory, or a directory holding exactly one.
+    """
     found = find_run_dirs(path)
     if len(found) > 1:
         listing = ", ".join(str(p) for p in found[:6])
@@ -362,7 +379,11 @@ def load_run(path: str | Path) -> RunData:
 
 
 def read_epoch_table(path: str | Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Per-epoch values of every column of a CSVLogger ``metrics.csv`` (:meth:`RunData.epoch_table`)."""
+    """Per-epoch values of every column of a CSVLogger ``metrics.csv`` (:meth:`RunData.epoch_table`).
+
+    Args:
+        path: the ``metrics.csv`` file.
+    """
     table = read_metrics_csv(path)
     if "epoch" not in table.columns:
         table["epoch"] = np.nan

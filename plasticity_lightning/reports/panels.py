@@ -31,7 +31,18 @@ from plasticity_lightning.reports.data import RunData, finished_task_values
 
 @dataclass
 class Series:
-    """One line (or bar, histogram, box) of a chart; ``low``/``high`` bound a 95% interval over ``seeds`` runs."""
+    """One line (or bar, histogram, box) of a chart; ``low``/``high`` bound a 95% interval over ``seeds`` runs.
+
+    Attributes:
+        name: the legend entry.
+        x: x values.
+        y: y values (the mean over seeds in comparisons).
+        low: lower bound of the 95% interval, per x (default ``None``: no band).
+        high: upper bound of the 95% interval, per x (default ``None``).
+        seeds: how many runs the values are over (default 1).
+        mode: ``"lines"``, ``"markers"``, ``"lines+markers"`` (default), ``"bar"``, ``"histogram"`` or ``"box"``.
+        group: the variant, in comparisons (default ``None``).
+    """
 
     name: str
     x: np.ndarray
@@ -45,7 +56,23 @@ class Series:
 
 @dataclass
 class Chart:
-    """A chart: series on shared axes (``kind="xy"``), or a heatmap ``z[row][column]``."""
+    """A chart: series on shared axes (``kind="xy"``), or a heatmap ``z[row][column]``.
+
+    Attributes:
+        id: the chart's HTML id (and PNG name).
+        section: the report section it belongs to.
+        title: its title.
+        x_label: the x axis label, with units.
+        y_label: the y axis label, with units.
+        series: its series (``kind="xy"``).
+        kind: ``"xy"`` (default) or ``"heatmap"``.
+        z: the heatmap's values ``z[row][column]`` (default ``None``).
+        x_ticks: tick labels of the heatmap's columns (default ``None``).
+        y_ticks: tick labels of its rows (default ``None``).
+        log_y: a log-scale y axis (default False).
+        note: a line under the title (default empty).
+        value_range: fixed ``(low, high)`` of the y axis or colour scale (default ``None``: from the data).
+    """
 
     id: str
     section: str
@@ -648,7 +675,14 @@ def _target_names(run: RunData, count: int) -> list[str]:
 def run_charts(
     run: RunData, scores: dict[str, Any] | None = None, baselines: dict[str, Any] | None = None
 ) -> tuple[list[Chart], dict[str, str]]:
-    """Every chart that applies to ``run``, and the panels left out with the reason (each listed once)."""
+    """Every chart that applies to ``run``, and the panels left out with the reason (each listed once).
+
+    Args:
+        run: the run.
+        scores: its held-out regression scores (:func:`~plasticity_lightning.reports.regression_scores`; default
+            ``None``).
+        baselines: the baselines' scores from ``predictions.npz``, by name (default ``None``).
+    """
     axis = _Axis(run)
     charts: list[Chart] = []
     skipped: dict[str, str] = {}
@@ -701,6 +735,9 @@ def _aggregate(
 def compare_charts(variants: dict[str, list[RunData]]) -> tuple[list[Chart], dict[str, str]]:
     """Charts of every variant overlaid, each series the mean of the variant's runs with a 95% band; heatmaps are
     drawn once per variant (its mean). Only charts that every variant has are drawn; the rest are listed.
+
+    Args:
+        variants: ``{variant name: runs}``, one run per seed (:func:`~plasticity_lightning.reports.load_variants`).
     """
     per_variant: dict[str, dict[str, list[Chart]]] = {}
     for name, runs in variants.items():

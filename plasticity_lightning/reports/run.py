@@ -71,6 +71,10 @@ def regression_scores(predictions: np.ndarray, targets: np.ndarray) -> dict[str,
     float64 (MAPE as a fraction, as ``val/mape`` is logged). scikit-learn rather than torchmetrics' functional R²,
     which treats sums of squares below an absolute 1e-4 as zero and so scores small-unit targets 1 or 0.
 
+    Args:
+        predictions: predicted targets, ``[N]`` or ``[N, targets]``.
+        targets: true targets, the same shape.
+
     Example::
 
         >>> scores = regression_scores(np.array([[1.0], [2.0], [4.0]]), np.array([[1.0], [2.0], [3.0]]))
@@ -134,6 +138,10 @@ def continual_summary(run: RunData, window: int | None = None) -> dict[str, Any]
     """The per-task summary of a continual run: for every measure, the mean of its first ``window`` tasks and of
     its last ``window`` (monitors: measured as each task starts, the last window ending at the end of training),
     what the accuracy matrix measured, and the interventions' totals.
+
+    Args:
+        run: the run (:func:`~plasticity_lightning.reports.load_run`).
+        window: tasks averaged at each end of the stream (default ``None``: a tenth of the stream, at least 1).
     """
     tasks = run.num_tasks
     window = window or summary_window(tasks)
@@ -176,6 +184,10 @@ def continual_summary(run: RunData, window: int | None = None) -> dict[str, Any]
 def summarize_run(run: RunData, window: int | None = None) -> dict[str, Any]:
     """The JSON summary of a run: per task for continual runs; otherwise best/final losses, convergence, gap,
     time, held-out scores and baselines.
+
+    Args:
+        run: the run (:func:`~plasticity_lightning.reports.load_run`).
+        window: tasks averaged at each end of the stream (default ``None``: a tenth of the stream, at least 1).
     """
     summary: dict[str, Any] = {"run_dir": str(run.directory), "task": run.task, "seed": run.seed, "source": run.source}
     if run.continual and run.num_tasks > 0:
@@ -331,6 +343,12 @@ def write_run_report(
 
     Returns the summary: its ``panels`` lists the charts drawn, ``skipped`` the panels left out and why, ``files``
     what was written.
+
+    Args:
+        path: the run directory.
+        output: the output folder (default ``None``: ``<run>/report``).
+        png: also write one PNG per chart (needs Chromium; default False).
+        window: tasks averaged at each end of the stream (default ``None``: a tenth of the stream, at least 1).
     """
     run = load_run(path)
     folder = Path(output) if output is not None else run.directory / REPORT_DIR
