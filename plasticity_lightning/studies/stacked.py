@@ -45,6 +45,7 @@ class StackedMLP(nn.Module):
         out_features: output width.
         activation: an activation name (:func:`~plasticity_lightning.nn.build_activation`).
         skip: add skip connections where widths match.
+        dtype: the parameters' dtype (default ``torch.float32``).
 
     Example::
 
@@ -110,6 +111,19 @@ class StackedMLP(nn.Module):
 class StackedHistory:
     """Per-run records every ``record_every`` epochs: tensors ``[records, R]`` (``[records, R, layers]`` for the
     per-layer ones), as Neural Elements' ``gradient_stats`` and ``weight_stats``.
+
+    Attributes:
+        epoch: the epoch of each record.
+        loss: training loss, ``[records, R]``.
+        accuracy: training accuracy (0-1), ``[records, R]``.
+        test_loss: held-out loss (the training loss without a test set), ``[records, R]``.
+        test_accuracy: held-out accuracy (0-1), ``[records, R]``.
+        layer_grad_norms: ‖∂L_r/∂W_l[r]‖_F per layer, ``[records, R, layers]``.
+        max_grad: max |g| over the weights, ``[records, R]``.
+        mean_grad: mean over layers of mean |g|, ``[records, R]``.
+        layer_weight_norms: ‖W_l[r]‖_F per layer, ``[records, R, layers]``.
+        mean_weight: layer-averaged mean of the weights, ``[records, R]``.
+        std_weight: layer-averaged population std of the weights, ``[records, R]``.
     """
 
     epoch: list[int]
@@ -281,6 +295,16 @@ def train_stacked(
     last one, on the updated weights — loss, accuracy, ‖∂L_r/∂W_l[r]‖_F per layer, max |g| and mean over layers of
     mean |g| (weights only), ‖W_l[r]‖_F and the layer-averaged mean and (population) std of the weights. Without a
     test set the test columns repeat the training ones (Neural Elements' phases 3-6 measure on the training data).
+
+    Args:
+        model: the stacked MLPs (R runs).
+        x: inputs, ``[R, N, features]``.
+        y: binary targets (0/1), ``[R, N]``.
+        epochs: full-batch SGD steps.
+        lr: SGD learning rate (default 0.1, Neural Elements').
+        record_every: record every this many epochs, and after the last one (default 10).
+        x_test: held-out inputs, ``[R, M, features]`` (default ``None``: measure on the training data).
+        y_test: held-out targets, ``[R, M]`` (default ``None``).
     """
     check_positive_int("train_stacked", "epochs", epochs)
     check_positive_int("train_stacked", "record_every", record_every)

@@ -352,6 +352,11 @@ def merge_stores(target: str | Path, sources: Iterable[str | Path], *, timeout: 
     Every source is checked in full (integrity, schema, every run decoded) before anything is written. A new
     ``target`` is built in a temporary file and moved into place at the end; runs merged into an existing
     ``target`` go in one transaction. Either way a failed merge changes nothing and leaves no file behind.
+
+    Args:
+        target: the SQLite store written to (created when absent).
+        sources: the stores whose runs are copied.
+        timeout: seconds to wait for another process's lock on a store (default 60).
     """
     target = Path(target)
     sources = [Path(source) for source in sources]

@@ -55,6 +55,23 @@ DYNAMICS_KEYS = (
 class StudySpec:
     """A grid of runs. In YAML, ``depths: [1, 2, 3]`` with ``width: 8`` is shorthand for ``hidden_sizes``.
 
+    Attributes:
+        name: the study's name (its rows in the store carry it).
+        activations: activation names (:data:`~plasticity_lightning.nn.ACTIVATIONS`).
+        hidden_sizes: hidden-layer widths of each architecture, e.g. ``[[8], [8, 8]]``.
+        skip: with and/or without skip connections (default ``[False]``).
+        datasets: toy sets (default all four: xor, moons, circles, spirals).
+        n_samples: points per data set (default ``[200]``).
+        noise: noise levels (default ``[None]``: each set's Neural Elements default).
+        trials: seeds per grid cell (default 20).
+        epochs: full-batch SGD epochs per run (default 500).
+        lr: SGD learning rate (default 0.1).
+        record_every: epochs between history records (default 50).
+        test_fraction: share of each data set held out for testing (default 0.0: measure on the training data, as Neural
+            Elements' phases 3-6).
+        noise_levels: input-noise levels σ at which each trained run's robustness is measured (default none).
+        seed: the study's base seed (default 0).
+
     Example::
 
         >>> spec = StudySpec(name="tiny", activations=["relu", "tanh"], hidden_sizes=[[8], [8, 8]],
@@ -270,7 +287,12 @@ def group_data(group: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor | None
 
 
 def run_group(study: str, group: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Train one stacked group; returns one store row per run (final metrics, dynamics summary, history)."""
+    """Train one stacked group; returns one store row per run (final metrics, dynamics summary, history).
+
+    Args:
+        study: the study's name.
+        group: the runs of one stacked group (grid cell and seed of each), as the spec lists them.
+    """
     c = group[0]["config"]
     data = group_data(group)
     model = StackedMLP(
@@ -356,6 +378,15 @@ def run_study(
     ``backend="ray"`` runs the groups as Ray tasks (on the cluster at ``address``, or a local Ray runtime) instead
     of local worker processes; their rows come back to this process, the store's only writer, so claims,
     crash-resume and shards work unchanged (:mod:`plasticity_lightning.studies.ray_backend`).
+
+    Args:
+        spec: the grid.
+        store: the result store (runs already in it are skipped).
+        workers: local worker processes (default 1).
+        shard: ``(i, n)``: train shard i of n (default ``(0, 1)``: every group).
+        progress: called with (runs finished, runs to train) at the start and after each group (default ``None``).
+        backend: ``"local"`` (default) or ``"ray"``.
+        address: the Ray cluster's address (default ``None``: a local Ray runtime).
 
     Raises:
         PlasticityConfigError: a damaged or foreign store (checked before any group is trained), or a bad shard.
