@@ -44,7 +44,11 @@ def _parser() -> CommandParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``plasticity tune`` (``argv``: the arguments after ``tune``)."""
+    """``plasticity tune`` (``argv``: the arguments after ``tune``).
+
+    Args:
+        argv: the arguments after ``tune`` (default ``None``: read from ``sys.argv`` by argparse).
+    """
     args = _parser().parse_args(argv)
     from plasticity_lightning.tune.report import write_tune_report
     from plasticity_lightning.tune.search import SearchSpec, check_keys

@@ -40,7 +40,12 @@ def _chart(name: str, section: str, title: str, make: Any, notes: list[str]) -> 
 
 
 def tune_charts(study: Any, spec: SearchSpec) -> tuple[list[FigureChart], list[str]]:
-    """Optuna's charts of ``study``: history, importances, parallel coordinates, intermediate values, Pareto."""
+    """Optuna's charts of ``study``: history, importances, parallel coordinates, intermediate values, Pareto.
+
+    Args:
+        study: the Optuna study.
+        spec: the search it ran.
+    """
     from optuna import visualization as vis
     from optuna.trial import TrialState
 
@@ -100,7 +105,12 @@ def tune_charts(study: Any, spec: SearchSpec) -> tuple[list[FigureChart], list[s
 
 
 def trials_table(study: Any, spec: SearchSpec) -> str:
-    """Every trial: number, state, objective values, parameters, run directory and the reason of a failure."""
+    """Every trial: number, state, objective values, parameters, run directory and the reason of a failure.
+
+    Args:
+        study: the Optuna study.
+        spec: the search it ran.
+    """
     keys = [param.key for param in spec.params]
     columns = ["trial", "state", *[o.name for o in spec.objectives], *keys, "fit s", "run directory", "reason"]
     rows = []
@@ -121,7 +131,14 @@ def trials_table(study: Any, spec: SearchSpec) -> str:
 
 
 def write_tune_report(study: Any, spec: SearchSpec, folder: Path, summary: dict[str, Any]) -> Path:
-    """Write ``report.html`` and ``summary.json`` into ``folder/report`` atomically; returns the page's path."""
+    """Write ``report.html`` and ``summary.json`` into ``folder/report`` atomically; returns the page's path.
+
+    Args:
+        study: the Optuna study.
+        spec: the search it ran.
+        folder: the tuning folder (the report goes in ``folder/report``).
+        summary: the tuning summary, written as ``summary.json``.
+    """
     charts, notes = tune_charts(study, spec)
     counts = ", ".join(f"{n} {state}" for state, n in summary["trials"].items())
     subtitle = [

@@ -56,7 +56,16 @@ _PLAIN = (type(None), bool, int, float, str)
 
 @dataclass(frozen=True)
 class Objective:
-    """One optimised number: ``reduce`` over the values a trial logged under ``metric``."""
+    """One optimised number: ``reduce`` over the values a trial logged under ``metric``.
+
+    Attributes:
+        metric: the logged key optimised (e.g. ``continual/new_task_acc``).
+        direction: ``"maximize"`` (default) or ``"minimize"``.
+        reduce: ``"last"`` (default), ``"mean_last"``, ``"mean"``, ``"max"`` or ``"min"`` of the values the trial
+            logged.
+        window: ``mean_last``: how many values (tasks, for ``continual/*`` keys) are averaged at the end (default
+            ``None``).
+    """
 
     metric: str
     direction: str = "maximize"
@@ -77,6 +86,16 @@ class Param:
 
     ``labels`` name the categorical choices as Optuna stores them (strings); ``values`` are what each puts into
     the config (a number, a string, ``None`` or a whole ``class_path`` block).
+
+    Attributes:
+        key: the dotted config key (``model.optimizer.lr``; a trailing ``+`` appends to a list).
+        kind: ``"float"``, ``"int"`` or ``"categorical"``.
+        low: the lower bound (float and int).
+        high: the upper bound (float and int).
+        log: sample on a log scale (default False).
+        step: the grid step (default ``None``: continuous).
+        labels: the categorical choices' names, as Optuna stores them.
+        values: what each categorical choice puts into the config.
     """
 
     key: str
@@ -120,7 +139,18 @@ class Param:
 
 @dataclass
 class SearchSpec:
-    """A parsed, checked search file (see the module's docstring)."""
+    """A parsed, checked search file (see the module's docstring).
+
+    Attributes:
+        params: the searched keys.
+        objectives: one objective, or several (a Pareto front).
+        pruning_monitor: the key a pruner watches (default ``None``: no pruning).
+        pruner: the pruner's ``class_path``/``init_args`` block (default ``None``).
+        sampler: the sampler's ``class_path``/``init_args`` block (default ``None``: Optuna's default).
+        baseline: the first trial runs the recipe's own values (default True).
+        probe_epochs: epochs of the probe run that checks the objective is logged before any trial (default 3).
+        source: the search file's path, named in errors (default ``"search"``).
+    """
 
     params: list[Param]
     objectives: list[Objective]
@@ -416,6 +446,10 @@ def _list_item(node: list[Any], segment: str, shown: str) -> int:
 def resolve(config: dict[str, Any], key: str) -> tuple[Any, Any]:
     """``(container, slot)`` of dotted ``key`` in ``config``: ``container[slot]`` is the value it names.
 
+    Args:
+        config: a complete recipe configuration (nested dicts and lists, as ``--print_config`` writes it).
+        key: a dotted key, as on the command line.
+
     Raises:
         PlasticityConfigError: the key names nothing in ``config`` (the message says which part is unknown and
             what exists there).
@@ -450,7 +484,12 @@ def resolve(config: dict[str, Any], key: str) -> tuple[Any, Any]:
 
 
 def current_value(config: dict[str, Any], param: Param) -> Any:
-    """The value the config holds at the parameter's key (``None`` for an append key: nothing appended)."""
+    """The value the config holds at the parameter's key (``None`` for an append key: nothing appended).
+
+    Args:
+        config: a complete recipe configuration (nested dicts and lists, as ``--print_config`` writes it).
+        param: the searched parameter.
+    """
     if param.key.endswith("+"):
         return None
     container, slot = resolve(config, param.key)
@@ -458,7 +497,14 @@ def current_value(config: dict[str, Any], param: Param) -> Any:
 
 
 def apply(config: dict[str, Any], param: Param, value: Any) -> None:
-    """Put ``value`` (a config value, see :meth:`Param.value`) at the parameter's key, in place."""
+    """Put ``value`` (a config value, see :meth:`Param.value`) at the parameter's key, in place.
+
+    Args:
+        config: a complete recipe configuration (nested dicts and lists, as ``--print_config`` writes it). Edited in
+            place.
+        param: the searched parameter.
+        value: the config value to put there.
+    """
     if param.key.endswith("+"):
         container, slot = resolve(config, param.key[:-1])
         target = container[slot]
@@ -474,7 +520,12 @@ def apply(config: dict[str, Any], param: Param, value: Any) -> None:
 
 
 def check_keys(config: dict[str, Any], spec: SearchSpec) -> None:
-    """Every searched key names something in ``config``; else one line naming the key and what is there."""
+    """Every searched key names something in ``config``; else one line naming the key and what is there.
+
+    Args:
+        config: a complete recipe configuration (nested dicts and lists, as ``--print_config`` writes it).
+        spec: the search.
+    """
     for param in spec.params:
         try:
             if param.key.endswith("+"):

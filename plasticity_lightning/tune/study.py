@@ -72,6 +72,9 @@ class TrialInterrupted(KeyboardInterrupt):
     The trial it was running is recorded as failed with the signal as its reason and queued again with the same
     values, so rerunning the command completes the study. A ``KeyboardInterrupt`` so that Lightning, interrupted
     inside a fit, shuts the fit down as it does for Ctrl-C (callbacks' ``on_exception``, loggers finalized).
+
+    Args:
+        signum: the signal that stopped the worker (``signal.SIGTERM`` or ``SIGINT``).
     """
 
     def __init__(self, signum: int) -> None:
@@ -165,7 +168,11 @@ def _one_line(err: BaseException) -> str:
 
 
 def recipe_config(configs: list[str]) -> dict[str, Any]:
-    """The complete configuration that ``plasticity fit --config A --config B`` would run (``--print_config``)."""
+    """The complete configuration that ``plasticity fit --config A --config B`` would run (``--print_config``).
+
+    Args:
+        configs: the ``--config`` files, in order (later ones win).
+    """
     import io
 
     from plasticity_lightning.cli import main as plasticity_main
@@ -206,6 +213,11 @@ def run_config(base: dict[str, Any], directory: Path, **trainer: Any) -> dict[st
     """``base`` logging into ``directory`` (its first logger, CSV or TensorBoard, redirected; else a CSVLogger
     added first), with ``trainer`` settings on top. DDP that re-launches the command becomes ``ddp_spawn``: a trial
     runs inside a worker, whose command is ``plasticity tune``, not ``fit``.
+
+    Args:
+        base: the recipe's complete configuration (:func:`recipe_config`).
+        directory: the trial's run directory.
+        **trainer: trainer settings put on top (``max_epochs=1``, ...).
     """
     config = copy.deepcopy(base)
     settings = config.setdefault("trainer", {})
@@ -270,6 +282,11 @@ def probe(base: dict[str, Any], spec: SearchSpec, folder: Path) -> list[str]:
     """Run the recipe for ``spec.probe_epochs`` epochs of one batch and check that every objective metric is logged
     (and the pruning monitor reaches ``trainer.callback_metrics``) before any trial is spent. Returns the logged
     keys.
+
+    Args:
+        base: the recipe's complete configuration (:func:`recipe_config`).
+        spec: the search.
+        folder: the tuning folder (the probe run goes below it).
     """
     from plasticity_lightning.reports.data import load_run
 
@@ -328,6 +345,10 @@ def objective_values(run_dir: Path, spec: SearchSpec) -> list[float]:
     other keys one per logging call. ``mean_last`` averages the last ``window`` of them (a tenth of the values when
     no window is given, as the README's per-task summaries do); NaN entries are not measurements and are skipped.
 
+    Args:
+        run_dir: the finished run's directory.
+        spec: the search.
+
     Raises:
         ValueError: a metric has no finite value (the trial is recorded as failed with this reason).
     """
@@ -364,7 +385,21 @@ def objective_values(run_dir: Path, spec: SearchSpec) -> list[float]:
 # ---------------------------------------------------------------------------------------------------- storage
 @dataclasses.dataclass
 class TuneSetup:
-    """What every worker needs (picklable: sent to spawned processes)."""
+    """What every worker needs (picklable: sent to spawned processes).
+
+    Attributes:
+        base: the recipe's complete configuration (:func:`recipe_config`).
+        spec: the search.
+        folder: the tuning folder (trials, logs, report, ``best.yaml``).
+        storage_url: the Optuna storage URL (:func:`storage_url`).
+        study_name: the study's name in the storage.
+        trials: the number of trial slots to fill.
+        heartbeat: seconds between a running trial's heartbeats (RDB storages; default 10).
+        retries: times a stale trial is queued again (default 2).
+        threads: torch threads per worker (default ``None``: the machine's cores shared among the workers).
+        worker: this worker's index; it offsets the sampler's seed (default 0).
+        capture: write each trial's output to a log file under the folder (default True).
+    """
 
     base: dict[str, Any]
     spec: SearchSpec
@@ -380,13 +415,23 @@ class TuneSetup:
 
 
 def storage_url(folder: Path, storage: str | None) -> str:
-    """The Optuna storage URL: ``storage`` if given, else the study's SQLite file in ``folder``."""
+    """The Optuna storage URL: ``storage`` if given, else the study's SQLite file in ``folder``.
+
+    Args:
+        folder: the tuning folder.
+        storage: an explicit storage URL, or ``None``.
+    """
     return storage or f"sqlite:///{(folder / STUDY_FILE).resolve()}"
 
 
 def open_storage(url: str, heartbeat: int = 10, retries: int = 2) -> Any:
     """The Optuna storage behind ``url``: ``journal:PATH`` (or a ``.journal``/``.log`` file) is a journal file,
     anything else an RDB URL for SQLAlchemy. RDB storages get heartbeats and retries of stale trials.
+
+    Args:
+        url: a storage URL (``journal:PATH``, a ``.journal``/``.log`` file, or an RDB URL).
+        heartbeat: seconds between heartbeats (RDB; default 10).
+        retries: times a stale trial is queued again (RDB; default 2).
 
     Raises:
         PlasticityConfigError: the storage cannot be opened (one line naming the URL and why).
@@ -420,7 +465,11 @@ def open_storage(url: str, heartbeat: int = 10, retries: int = 2) -> Any:
 
 
 def heartbeats(storage: Any) -> bool:
-    """Whether ``storage`` (an RDB storage, or the cache Optuna wraps it in) records heartbeats."""
+    """Whether ``storage`` (an RDB storage, or the cache Optuna wraps it in) records heartbeats.
+
+    Args:
+        storage: an Optuna storage.
+    """
     interval = getattr(storage, "get_heartbeat_interval", None)
     return interval is not None and interval() is not None
 
@@ -474,6 +523,10 @@ def _queue_lock(url: str, folder: Path) -> Iterator[None]:
 def fingerprint(base: dict[str, Any], spec: SearchSpec) -> str:
     """What a study was started with (the complete recipe, less where it logs, and the search): a rerun with other
     settings under the same study name is refused instead of mixing two searches.
+
+    Args:
+        base: the recipe's complete configuration (:func:`recipe_config`).
+        spec: the search.
     """
     recipe = copy.deepcopy(base)
     recipe.get("trainer", {}).pop("logger", None)
@@ -482,7 +535,12 @@ def fingerprint(base: dict[str, Any], spec: SearchSpec) -> str:
 
 
 def load_study(setup: TuneSetup, storage: Any | None = None) -> Any:
-    """The Optuna study of ``setup`` from its storage (or ``storage``, already open)."""
+    """The Optuna study of ``setup`` from its storage (or ``storage``, already open).
+
+    Args:
+        setup: the study's settings.
+        storage: an already open storage (default ``None``: open ``setup.storage_url``).
+    """
     import optuna
 
     _quiet_optuna()
@@ -501,13 +559,22 @@ def _retried(trials: list[Any]) -> set[int]:
 
 
 def counted_trials(trials: list[Any]) -> list[Any]:
-    """The trials that fill the study's slots: all but the stale ones that were retried."""
+    """The trials that fill the study's slots: all but the stale ones that were retried.
+
+    Args:
+        trials: the study's trials.
+    """
     retried = _retried(trials)
     return [t for t in trials if t.number not in retried]
 
 
 def baseline_params(base: dict[str, Any], spec: SearchSpec) -> dict[str, Any]:
-    """The recipe's own values as Optuna parameters, for the ones the search can represent."""
+    """The recipe's own values as Optuna parameters, for the ones the search can represent.
+
+    Args:
+        base: the recipe's complete configuration (:func:`recipe_config`).
+        spec: the search.
+    """
     params = {}
     for param in spec.params:
         label = param.label_of(current_value(base, param))
@@ -517,7 +584,11 @@ def baseline_params(base: dict[str, Any], spec: SearchSpec) -> dict[str, Any]:
 
 
 def prepare(setup: TuneSetup) -> Any:
-    """Create or resume the study and top its queue up to ``setup.trials`` slots; returns the study."""
+    """Create or resume the study and top its queue up to ``setup.trials`` slots; returns the study.
+
+    Args:
+        setup: the study's settings.
+    """
     import optuna
 
     storage = open_storage(setup.storage_url, setup.heartbeat, setup.retries)
@@ -586,12 +657,23 @@ def _suggest(trial: Any, param: Param) -> Any:
 
 
 def trial_directory(folder: Path, number: int) -> Path:
-    """Where trial ``number`` runs: ``<folder>/trials/trial_NNNN``."""
+    """Where trial ``number`` runs: ``<folder>/trials/trial_NNNN``.
+
+    Args:
+        folder: the tuning folder.
+        number: the trial's number.
+    """
     return folder / TRIALS_DIR / f"trial_{number:04d}"
 
 
 def configured(base: dict[str, Any], spec: SearchSpec, params: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with the Optuna parameters ``params`` put in place."""
+    """``base`` with the Optuna parameters ``params`` put in place.
+
+    Args:
+        base: the recipe's complete configuration (:func:`recipe_config`).
+        spec: the search.
+        params: Optuna's parameters of one trial.
+    """
     config = copy.deepcopy(base)
     for param in spec.params:
         if param.key in params:
@@ -640,6 +722,13 @@ def run_trial(
     signals: _Signals | None = None,
 ) -> str:
     """Run one claimed trial as a ``fit`` and tell the study how it ended; returns the state's name.
+
+    Args:
+        study: the Optuna study.
+        trial_id: the storage's id of the claimed trial.
+        setup: the study's settings.
+        report: prints one line per trial (default :func:`print`).
+        signals: the worker's signal handler (default ``None``: a fresh one).
 
     Raises:
         TrialInterrupted: a signal stopped the trial (recorded as failed and queued again first).
@@ -714,6 +803,10 @@ def work(setup: TuneSetup, report: Callable[[str], None] = print) -> int:
     """One worker: claim and run waiting trials until the study holds no waiting or running trial; returns how
     many it ran. While other workers' trials run it waits: one may die, and its retry must still be run.
 
+    Args:
+        setup: the study's settings.
+        report: prints one line per trial (default :func:`print`).
+
     Raises:
         TrialInterrupted: SIGTERM or SIGINT stopped the worker (its trial, if any, is queued again).
     """
@@ -766,6 +859,9 @@ def preload(setup: TuneSetup) -> None:
     classes and the pruning callback would otherwise load inside that trial (about 20 s of a busy 2-core machine,
     seen as the first trial of each worker taking that much longer). A plain ``plasticity fit`` process pays the
     same imports once; a worker pays them once for all its trials.
+
+    Args:
+        setup: the study's settings.
     """
     import importlib
 
@@ -828,6 +924,10 @@ def run_workers(setup: TuneSetup, workers: int) -> None:
 
     SIGTERM or SIGINT to this process stops every worker (each records and requeues its trial) before it raises
     :class:`TrialInterrupted`; a worker whose parent dies without that (``kill -9``) stops itself.
+
+    Args:
+        setup: the study's settings.
+        workers: the number of worker processes.
     """
     if workers == 1:
         work(setup)
@@ -855,7 +955,11 @@ def run_workers(setup: TuneSetup, workers: int) -> None:
 
 # ---------------------------------------------------------------------------------------------------- results
 def best_trials(study: Any) -> list[Any]:
-    """The best trial (one objective) or the Pareto front (several), among completed trials."""
+    """The best trial (one objective) or the Pareto front (several), among completed trials.
+
+    Args:
+        study: the Optuna study.
+    """
     import optuna
 
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -868,6 +972,10 @@ def write_best(study: Any, setup: TuneSetup) -> Path | None:
     """``best.yaml``: the complete recipe with the best trial's values (the first objective's best on a Pareto
     front, whose other members go to ``pareto/trial_N.yaml``), logging where the recipe logs.
     ``plasticity fit --config best.yaml`` runs that trial again with the same seed.
+
+    Args:
+        study: the Optuna study.
+        setup: the study's settings.
     """
     best = best_trials(study)
     if not best:
@@ -887,7 +995,12 @@ def write_best(study: Any, setup: TuneSetup) -> Path | None:
 
 
 def summary(study: Any, setup: TuneSetup) -> dict[str, Any]:
-    """Counts, the baseline, the best value(s) and per-trial timing, as ``plasticity tune`` prints them."""
+    """Counts, the baseline, the best value(s) and per-trial timing, as ``plasticity tune`` prints them.
+
+    Args:
+        study: the Optuna study.
+        setup: the study's settings.
+    """
     import optuna
 
     trials = study.get_trials(deepcopy=False)
