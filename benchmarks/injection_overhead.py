@@ -7,8 +7,9 @@ no-injection network's in the same round.
 
 Measured (2-core CPU shared with other jobs, load ~12, 100 steps x 5 rounds; 0.62 ms per step without): x1.38 per
 step after 1 injection (rounds 1.27-1.47), x2.89 after 10 (2.36-3.15), x8.08 after 49 (6.65-9.11) — the
-plasticity-loss recipe's injection at each of 49 task changes ends at the last. Inject once or every few tasks where
-that matters (``every_n_steps``, or a schedule with fewer tasks).
+plasticity-loss recipe's injection at each of 49 task changes ends at the last. ``merge=True`` folds the frozen terms
+into one frozen head after each injection's next step (a Linear or Conv head), so its networks cost one extra head
+pass whatever k; they are timed in the same rounds (``merged`` rows).
 
     python benchmarks/injection_overhead.py [--steps 200] [--rounds 5] [--injections 0 1 10 49]
 """
@@ -26,14 +27,15 @@ from torch.nn import functional as F
 from plasticity_lightning import MLP, policies
 
 
-def network(injections: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def network(injections: int, merge: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = MLP(input_dim=64, num_outputs=10, hidden_sizes=[256, 256])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     if injections:
-        injection = policies.PlasticityInjection(model, optimizer)
+        injection = policies.PlasticityInjection(model, optimizer, merge=merge)
         for _ in range(injections):
             injection.apply()
+            injection.fold()  # what step() does after the optimizer step that follows an injection (merge only)
     return model, optimizer
 
 
@@ -58,20 +60,22 @@ def main(argv: list[str] | None = None) -> None:
     generator = torch.Generator().manual_seed(0)
     x, y = torch.randn(1024, 64, generator=generator), torch.randint(10, (1024,), generator=generator)
     counts = sorted({0, *args.injections})
-    networks = {k: network(k) for k in counts}
+    keys = [(0, False)] + [(k, merge) for k in counts[1:] for merge in (False, True)]
+    networks = {key: network(*key) for key in keys}
     for model, optimizer in networks.values():  # warm-up
         seconds_per_step(model, optimizer, x, y, 20)
-    ratios: dict[int, list[float]] = {k: [] for k in counts}
+    ratios: dict[tuple[int, bool], list[float]] = {key: [] for key in keys}
     base_times = []
     for _ in range(args.rounds):
-        times = {k: seconds_per_step(*networks[k], x, y, args.steps) for k in counts}
-        base_times.append(times[0])
-        for k in counts:
-            ratios[k].append(times[k] / times[0])
+        times = {key: seconds_per_step(*networks[key], x, y, args.steps) for key in keys}
+        base_times.append(times[(0, False)])
+        for key in keys:
+            ratios[key].append(times[key] / times[(0, False)])
     print(f"MLP 64-256-256-10, batch 32, SGD, 1 thread: {statistics.median(base_times) * 1e3:.3f} ms per step without")
-    for k in counts[1:]:
-        r = ratios[k]
-        print(f"{k:3d} injection(s): x{statistics.median(r):.2f} per step (rounds: {min(r):.2f}-{max(r):.2f})")
+    for k, merge in keys[1:]:
+        r = ratios[(k, merge)]
+        label = "merged" if merge else "      "
+        print(f"{k:3d} injection(s) {label}: x{statistics.median(r):.2f} per step (rounds: {min(r):.2f}-{max(r):.2f})")
 
 
 if __name__ == "__main__":

@@ -156,6 +156,63 @@ def test_bad_targets():
         model(torch.randn(3, 2))
 
 
+def test_merge_folds_every_injection_into_one_frozen_head():
+    merged_net, exact_net = _net(), _net()
+    merged_opt = torch.optim.SGD(merged_net.parameters(), lr=0.1)
+    exact_opt = torch.optim.SGD(exact_net.parameters(), lr=0.1)
+    merged = policies.PlasticityInjection(merged_net, merged_opt, layer="2", merge=True, seed=4)
+    exact = policies.PlasticityInjection(exact_net, exact_opt, layer="2", seed=4)
+    head_passes = []
+    merged._shadow.register_forward_pre_hook(lambda module, args: head_passes.append(1))
+    x = torch.randn(32, 6)
+    expected = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in merged_net[2].named_parameters()}
+    for injection in range(6):
+        for net, opt, policy in ((merged_net, merged_opt, merged), (exact_net, exact_opt, exact)):
+            generator = torch.Generator().manual_seed(injection)  # the same batches for both
+            for _ in range(3):
+                opt.zero_grad()
+                batch = torch.randn(8, 6, generator=generator)
+                F.cross_entropy(net(batch), torch.randint(3, (8,), generator=generator)).backward()
+                opt.step()
+                policy.step()  # folds the previous injection's terms (merge) after the optimizer step
+        assert merged.frozen == [] or injection == 0  # folded: no terms held apart
+        theta = {k: v.detach().double() for k, v in merged_net[2].named_parameters()}
+        before = merged_net(x).detach()
+        merged.apply()
+        exact.apply()
+        assert torch.equal(merged_net(x), before)  # bit for bit at the injection, as without merge
+        for k, v in merged_net[2].named_parameters():
+            expected[k] += theta[k] - v.detach().double()  # M = Σθ − Σ(fresh head)
+        assert len(merged.frozen) == 2 and len(exact.frozen) == 2 * (injection + 1)
+    merged.step()
+    assert merged.frozen == [] and merged.injections == exact.injections == 6
+    for k, v in merged.merged.items():
+        torch.testing.assert_close(v.double(), expected[k], rtol=0, atol=1e-5)
+    # an independent computation: the live head plus the linear head at M (float64), and the unmerged policy's output
+    features = merged_net[1](merged_net[0](x)).double()
+    live = {k: v.detach().double() for k, v in merged_net[2].named_parameters()}
+    reference = F.linear(features, live["weight"] + expected["weight"], live["bias"] + expected["bias"])
+    torch.testing.assert_close(merged_net(x).double(), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged_net(x), exact_net(x), rtol=1e-4, atol=1e-5)
+    head_passes.clear()
+    merged_net(x)
+    assert len(head_passes) == 1  # one frozen head pass after 6 injections (the unmerged policy: 2 per injection)
+    # the merged head is the policy's state: a restored policy on a hook-free copy computes the same function
+    twin = copy.deepcopy(merged_net)
+    for module in twin.modules():
+        module._forward_hooks.clear()
+    restored = policies.PlasticityInjection(layer="2", merge=True)
+    restored.load_state_dict(copy.deepcopy(merged.state_dict()))
+    restored.attach(twin)
+    assert torch.equal(twin(x), merged_net(x))
+    with pytest.raises(PlasticityConfigError, match=r"merge=True needs a head whose output is linear in its param"):
+        policies.PlasticityInjection(
+            nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2))), layer="1", merge=True
+        )
+    with pytest.raises(PlasticityConfigError, match=r"PlasticityInjection.merge='yes' is invalid; expected true or"):
+        policies.PlasticityInjection(layer="2", merge="yes")
+
+
 def _mlp():
     pl.seed_everything(0)
     return MLP(hidden_sizes=[16], optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
@@ -165,7 +222,8 @@ def _data():
     return DigitsDataModule(batch_size=64, schedule=PermutedInputs(num_tasks=3, epochs_per_task=1))
 
 
-def test_callback_injects_at_each_task_change_without_changing_the_output(tmp_path):
+@pytest.mark.parametrize("merge", [False, True])
+def test_callback_injects_at_each_task_change_without_changing_the_output(tmp_path, merge):
     adapter = dict(inspect.signature(callbacks.PlasticityInjection.__init__).parameters)
     algorithm = dict(inspect.signature(policies.PlasticityInjection.__init__).parameters)
     for name in set(algorithm) - {"self", "model", "optimizer"}:
@@ -180,28 +238,35 @@ def test_callback_injects_at_each_task_change_without_changing_the_output(tmp_pa
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             seen.append(("end", trainer.datamodule.task_context().task_id, pl_module(x).detach()))
 
-    injection = callbacks.PlasticityInjection()  # the MLP's output_layer(): 'head'
+    injection = callbacks.PlasticityInjection(merge=merge)  # the MLP's output_layer(): 'head'
     trainer = make_trainer(tmp_path, max_epochs=3, callbacks=[injection, Watch()], limit_train_batches=2)
     trainer.fit(_mlp(), _data())
-    assert injection.injections == 2 and len(injection.policy.frozen) == 4
+    assert injection.injections == 2
+    # merge: each injection's terms were folded after the next optimizer step, into one frozen head
+    assert (
+        (injection.policy.frozen, set(injection.policy.merged)) == ([], {"weight", "bias"})
+        if merge
+        else (len(injection.policy.frozen) == 4 and injection.policy.merged is None)
+    )
     for task in (1, 2):
         first = next(i for i, entry in enumerate(seen) if entry[1] == task)
         assert seen[first - 1][0] == "end" and seen[first][0] == "start"
         assert torch.equal(seen[first - 1][2], seen[first][2]), task  # injected in between, output unchanged
 
 
-def test_resume_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("merge", [False, True])
+def test_resume_is_bit_exact(tmp_path, merge):
     full_model = _mlp()
     make_trainer(
-        tmp_path / "full", max_epochs=3, callbacks=[callbacks.PlasticityInjection()], limit_train_batches=3
+        tmp_path / "full", max_epochs=3, callbacks=[callbacks.PlasticityInjection(merge=merge)], limit_train_batches=3
     ).fit(full_model, _data())
     half_model = _mlp()
     trainer = make_trainer(
-        tmp_path / "half", max_epochs=2, callbacks=[callbacks.PlasticityInjection()], limit_train_batches=3
+        tmp_path / "half", max_epochs=2, callbacks=[callbacks.PlasticityInjection(merge=merge)], limit_train_batches=3
     )
     trainer.fit(half_model, _data())  # injected once, at the start of task 1
     trainer.save_checkpoint(tmp_path / "half.ckpt")
-    resumed_model, second = _mlp(), callbacks.PlasticityInjection()
+    resumed_model, second = _mlp(), callbacks.PlasticityInjection(merge=merge)
     make_trainer(tmp_path / "resumed", max_epochs=3, callbacks=[second], limit_train_batches=3).fit(
         resumed_model, _data(), ckpt_path=tmp_path / "half.ckpt"
     )

@@ -29,7 +29,15 @@ class PlasticityInjection(ScheduledPolicy):
     parameters is unchanged, as in the paper.
 
     Repeated injections nest: the whole function before an injection is what is frozen, so every injection leaves
-    the output unchanged; each one adds two frozen forward passes of the head to every forward pass.
+    the output unchanged; each one adds two frozen forward passes of the head to every forward pass (after 49
+    injections a step of the plasticity-loss recipe's MLP costs ~8x one without; ``benchmarks/injection_overhead.py``).
+
+    ``merge=True`` bounds that cost for a head whose output is linear in its parameters (one ``Linear`` or
+    ``Conv``: h(x; a) + h(x; b) − h(x; c) = h(x; a + b − c)): the frozen terms are folded into one frozen head
+    M = Σθ − Σθ'₂, so every forward pass costs one extra head pass whatever the number of injections. An injection
+    still leaves the output unchanged bit for bit (its new terms are held apart until the next :meth:`step`); they
+    are folded at that step, right after an optimizer step has changed the function anyway, and the fold rounds the
+    sum once (a change of float round-off, ~1e-7 relative in float32, instead of the exact cancellation).
 
     The frozen tensors are the policy's state (:meth:`state_dict`), not the model's: a model loaded without its
     injection state computes only the live head.
@@ -46,6 +54,8 @@ class PlasticityInjection(ScheduledPolicy):
         layer: module name of the head (any module with parameters, e.g. a block of the last layers); ``None``: the
             model's ``output_layer()``.
         every_n_steps: period of :meth:`step` (``None``: only task changes and :meth:`apply`).
+        merge: fold the frozen terms into one frozen head at the :meth:`step` after each injection (a ``Linear`` or
+            ``Conv`` head only): a constant cost per step instead of one growing with the injections.
         seed: seed of the fresh heads.
         prefix: name of the values in reports.
 
@@ -68,11 +78,14 @@ class PlasticityInjection(ScheduledPolicy):
         *,
         layer: str | None = None,
         every_n_steps: int | None = None,
+        merge: bool = False,
         seed: int = 0,
         prefix: str = "injection",
     ) -> None:
         super().__init__(seed=seed, prefix=prefix)
         owner = type(self).__name__
+        if not isinstance(merge, bool):
+            raise PlasticityConfigError(f"{owner}.merge={merge!r} is invalid; expected true or false")
         if layer is not None and not isinstance(layer, str):
             raise PlasticityConfigError(
                 f"{owner}.layer={layer!r} is invalid; expected the module name of the head (e.g. 'head'), or null "
@@ -81,6 +94,7 @@ class PlasticityInjection(ScheduledPolicy):
         if every_n_steps is not None:
             check_positive_int(owner, "every_n_steps", every_n_steps)
         self.layer = layer
+        self.merge = merge
         self.cadence = StepCadence(every_n_steps)
         self.model: nn.Module | None = None
         self.injections = 0
@@ -88,6 +102,8 @@ class PlasticityInjection(ScheduledPolicy):
         self.task: Any = None
         # θ₁, c₁, θ₂, c₂, …: the head's parameters frozen at each injection (θ) and the fresh values drawn then (c)
         self.frozen: list[dict[str, torch.Tensor]] = []
+        # merge=True: the folded terms Σθ − Σc as one set of head parameters (None: nothing folded yet)
+        self.merged: dict[str, torch.Tensor] | None = None
         self._name = ""
         self._head: nn.Module | None = None
         self._shadow: nn.Module | None = None  # a hook-free copy of the head that evaluates the frozen tensors
@@ -153,6 +169,11 @@ class PlasticityInjection(ScheduledPolicy):
                     f"{owner}: the head {name!r} is not separable: {other_name!r}.{shared[0]} is one of its parameters "
                     "(tied weights); freezing the head would freeze that module too"
                 )
+        if self.merge and not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            raise PlasticityConfigError(
+                f"{owner}.merge=True needs a head whose output is linear in its parameters (one Linear or Conv "
+                f"module); the head {name!r} is a {type(module).__name__}; use merge=False"
+            )
         return name, module
 
     def attach(
@@ -176,6 +197,8 @@ class PlasticityInjection(ScheduledPolicy):
         self._shadow = fresh_copy(head, seed=0).requires_grad_(False)  # its own values are never used
         device = next(head.parameters()).device
         self.frozen = [{k: v.to(device) for k, v in values.items()} for values in self.frozen]
+        if self.merged is not None:
+            self.merged = {k: v.to(device) for k, v in self.merged.items()}
         self._handle = head.register_forward_hook(self._add_frozen, with_kwargs=True)
 
     def detach(self) -> None:
@@ -192,22 +215,49 @@ class PlasticityInjection(ScheduledPolicy):
         return functional_call(shadow, values, args, kwargs)
 
     def _add_frozen(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if not self.frozen:
+        if not self.frozen and self.merged is None:
             return None
         if not isinstance(output, torch.Tensor):
             raise PlasticityConfigError(
                 f"{self.owner}: the head {self._name!r} returns a {type(output).__name__}; injection adds the outputs "
                 "of frozen copies of the head, so it must return one tensor"
             )
-        # g₁ = h(θ₁); g_j = (h(θ_j) − h(c_(j−1))) + g_(j−1); output = (h(live) − h(c_k)) + g_k. The terms that cancel
-        # at an injection are subtracted first, so the sum is unchanged bit for bit.
+        # g₁ = h(θ₁) (+ h(M), the folded terms); g_j = (h(θ_j) − h(c_(j−1))) + g_(j−1); output = (h(live) − h(c_k))
+        # + g_k. The terms that cancel at an injection are subtracted first, so the sum is unchanged bit for bit
+        # (h(θ₁) + h(M) equals the h(live) + h(M) before it: float addition commutes).
         frozen = self.frozen
+        if not frozen:
+            return output + self._frozen_output(self.merged, args, kwargs)
         total = self._frozen_output(frozen[0], args, kwargs)
+        if self.merged is not None:
+            total = total + self._frozen_output(self.merged, args, kwargs)
         for j in range(2, len(frozen), 2):
             total = (
                 self._frozen_output(frozen[j], args, kwargs) - self._frozen_output(frozen[j - 1], args, kwargs)
             ) + total
         return (output - self._frozen_output(frozen[-1], args, kwargs)) + total
+
+    def step(self) -> bool:
+        """One optimizer step has been taken: with ``merge``, fold the terms of the injections since the last step
+        (:meth:`fold`); then inject if it is the ``every_n_steps``-th. Returns whether it injected.
+        """
+        self.fold()
+        return super().step()
+
+    @torch.no_grad()
+    def fold(self) -> bool:
+        """With ``merge``: fold the frozen terms into the one merged frozen head M = Σθ − Σθ'₂ (a head linear in its
+        parameters computes the same function up to the rounding of that sum); returns whether there was anything to
+        fold. Without ``merge`` it does nothing.
+        """
+        if not self.merge or not self.frozen:
+            return False
+        merged = self.merged
+        for theta, fresh in zip(self.frozen[0::2], self.frozen[1::2], strict=True):
+            delta = {k: theta[k] - fresh[k] for k in theta}
+            merged = delta if merged is None else {k: merged[k] + delta[k] for k in merged}
+        self.merged, self.frozen = merged, []
+        return True
 
     @torch.no_grad()
     def apply(self, model: nn.Module | None = None) -> None:
@@ -231,6 +281,7 @@ class PlasticityInjection(ScheduledPolicy):
             "steps": self.steps,
             "task": self.task,
             "frozen": [{k: v.cpu() for k, v in values.items()} for values in self.frozen],
+            "merged": None if self.merged is None else {k: v.cpu() for k, v in self.merged.items()},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -240,7 +291,10 @@ class PlasticityInjection(ScheduledPolicy):
         self.task = state_dict.get("task")
         self.cadence.mark(self.steps)
         frozen = [dict(values) for values in state_dict.get("frozen", [])]
+        merged = state_dict.get("merged")
+        merged = None if merged is None else dict(merged)
         if self._head is not None:  # attached already: where the head lives
             device = next(self._head.parameters()).device
             frozen = [{k: v.to(device) for k, v in values.items()} for values in frozen]
-        self.frozen = frozen
+            merged = None if merged is None else {k: v.to(device) for k, v in merged.items()}
+        self.frozen, self.merged = frozen, merged

@@ -22,12 +22,17 @@ class PlasticityInjection(Intervention):
     trainable parameters stay the same tensors (no parameter is added or frozen mid-fit, so DDP is unaffected), the
     frozen copies are added by a forward hook on the head and kept in this callback's checkpoint state (a resumed fit
     computes the same function), and the fresh heads come from a generator seeded alike on every rank. Each injection
-    costs two more forward passes of the head per forward pass. Logged: ``injection/injections``.
+    costs two more forward passes of the head per forward pass; ``merge=True`` (a ``Linear`` or ``Conv`` head) folds
+    them after the next optimizer step into one frozen head, one extra pass in all (see the policy). Logged:
+    ``injection/injections``.
 
     Args:
         layer: module name of the head (any module with parameters); ``None``: the model's ``output_layer()``.
         on_task_change: inject when a new task starts (not before the first).
         every_n_steps: also inject every n optimizer steps (``None``: never).
+        merge: fold the frozen terms into one frozen head after the optimizer step that follows each injection
+            (a constant cost per step; the output is unchanged at the injection and moves by float round-off at the
+            fold).
         seed: seed of the fresh heads.
         prefix: first part of logged keys.
 
@@ -44,16 +49,21 @@ class PlasticityInjection(Intervention):
         layer: str | None = None,
         on_task_change: bool = True,
         every_n_steps: int | None = None,
+        merge: bool = False,
         seed: int = 0,
         prefix: str = "injection",
     ) -> None:
-        injection = policy.PlasticityInjection(layer=layer, every_n_steps=every_n_steps, seed=seed, prefix=prefix)
+        injection = policy.PlasticityInjection(
+            layer=layer, every_n_steps=every_n_steps, merge=merge, seed=seed, prefix=prefix
+        )
         super().__init__(seed=seed, prefix=prefix, policy=injection, every_n_steps=every_n_steps)
         self.require_a_trigger(on_task_change, every_n_steps)
         self.on_task_change = on_task_change
+        self._injected_at = -1  # global step of the last injection: its terms are folded after the next step
 
     layer = property(lambda self: self.policy.layer)
     every_n_steps = property(lambda self: self.policy.every_n_steps)
+    merge = property(lambda self: self.policy.merge)
     injections = property(lambda self: self.policy.injections)
 
     @override
@@ -72,6 +82,8 @@ class PlasticityInjection(Intervention):
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
+        if self.policy.frozen and trainer.global_step > self._injected_at:  # an optimizer step since the injection
+            self.policy.fold()
         if self.cadence.take(trainer.global_step):
             self.inject(trainer, pl_module)
 
@@ -79,4 +91,5 @@ class PlasticityInjection(Intervention):
         """Inject now."""
         self.connect(trainer)
         self.policy.apply(pl_module)
+        self._injected_at = trainer.global_step
         self.log_values(trainer, {"injections": self.injections}, force=True)
