@@ -20,8 +20,10 @@ interferes: noise only ever adds time). The floor of an exact per-step utility i
 plus one read-only pass over the consumer weights (``torch.mv``), the least any implementation of Dohare's
 per-step ``mean |w_out|`` must spend; another variant runs the default CBP with eager PyTorch's |w| sums instead of
 the fused kernel (:data:`plasticity_lightning.surgery.units.FUSED_MIN_ELEMENTS`, compiled before timing; the
-compile time is printed). Printed per setting, as ranges over the three statistics: exact CBP / BP, floor / BP,
-exact CBP / floor. Targets (issue 20): exact CBP / floor <= 1.05 on the MLP, CBP / BP <= 1.05 on the ConvNet.
+compile time is printed), and one with its hooks keeping every consumer input until the step instead of reducing it
+to Σ|h| in the forward pass (what the default did before). Printed per setting, as ranges over the three
+statistics: exact CBP / BP, floor / BP, exact CBP / floor, exact CBP / the same keeping its inputs. Targets
+(issue 20): exact CBP / floor <= 1.05 on the MLP, CBP / BP <= 1.05 on the ConvNet.
 
 With ``--reference`` (the root of a checkout of https://github.com/shibhansh/loss-of-plasticity, not part of this
 project) every setting adds Dohare et al.'s own implementation as one more variant in the same rotation (``GnT``
@@ -32,6 +34,7 @@ for the MLP, ``ConvGnT`` for the ConvNet; contribution utility, accumulated coun
 are those of the work, not of its launch.
 
     python benchmarks/cbp_overhead.py [--steps 700] [--block 7] [--reference ../loss-of-plasticity] [--accelerator gpu]
+        [--settings mlp1 mlp16 convnet]
 """
 
 from __future__ import annotations
@@ -88,12 +91,24 @@ class Floor(pl.Callback):
 REFERENCE = "reference GnT (Dohare et al.)"
 FLOOR = "floor: BP + one read of |w_out|"
 EAGER = "CBP contribution, eager |w|"
+KEPT = "CBP contribution, inputs kept"
+
+
+def _keeping_inputs() -> ContinualBackprop:
+    """The default CBP with its hooks keeping every consumer input until the step (as before they reduced it to
+    Σ|h| as it passed: ``ContinualBackprop._reduce_in_hook``)."""
+    callback = ContinualBackprop(replacement_rate=1e-4, maturity_threshold=100)
+    callback.policy._reduce_in_hook = False
+    return callback
+
+
 VARIANTS = {
     "BP": lambda: None,
     FLOOR: Floor,
     "CBP contribution (default)": lambda: ContinualBackprop(replacement_rate=1e-4, maturity_threshold=100),
     # the same, with the |w| sums from eager PyTorch's two passes instead of the fused kernel
     EAGER: lambda: ContinualBackprop(replacement_rate=1e-4, maturity_threshold=100),
+    KEPT: _keeping_inputs,
     "CBP adaptable_contribution": lambda: ContinualBackprop(
         replacement_rate=1e-4, maturity_threshold=100, utility="adaptable_contribution"
     ),
@@ -227,6 +242,9 @@ def step_times(
     return {**interleave.times, "floor": [floor], "replaced": replaced, "compile": interleave.compile_seconds}
 
 
+SETTINGS = ("mlp1", "mlp16", "convnet")
+
+
 def settings(steps: int, block: int) -> list[tuple[str, int, int]]:
     """(model, batch size, steps) of the issue's three settings; the ConvNet's steps are 2-4x slower."""
     return [("mlp", 1, steps), ("mlp", 16, steps), ("convnet", 100, max(steps // 2, 8 * block))]
@@ -258,6 +276,9 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=7, help="steps a variant runs before the next takes over")
     parser.add_argument("--reference", help="root of a shibhansh/loss-of-plasticity checkout (adds its GnT)")
     parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument(
+        "--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS), help="which of the three settings to run"
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     if args.accelerator == "gpu" and not torch.cuda.is_available():
@@ -267,7 +288,8 @@ def main() -> None:
     references = load_reference_gnt(args.reference) if args.reference else None
     device = torch.cuda.get_device_name() if args.accelerator == "gpu" else f"{os.cpu_count()} CPUs"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}")
-    for kind, batch_size, steps in settings(args.steps, args.block):
+    chosen = [SETTINGS.index(name) for name in args.settings]
+    for kind, batch_size, steps in [s for i, s in enumerate(settings(args.steps, args.block)) if i in chosen]:
         times = step_times(kind, batch_size, steps, args.block, references, args.accelerator)
         bp = times["BP"]
         base, mean_base, fast_base = statistics.median(bp), statistics.fmean(bp), _fast(bp)
@@ -290,7 +312,8 @@ def main() -> None:
         exact, lowest = times["CBP contribution (default)"], times[FLOOR]
         print(
             f"  exact CBP / BP {_ratios(exact, bp)}; floor / BP {_ratios(lowest, bp)}; "
-            f"exact CBP / floor {_ratios(exact, lowest)}; eager-|w| CBP / floor {_ratios(times[EAGER], lowest)}"
+            f"exact CBP / floor {_ratios(exact, lowest)}; eager-|w| CBP / floor {_ratios(times[EAGER], lowest)}; "
+            f"exact CBP / the same keeping its inputs {_ratios(exact, times[KEPT])}"
         )
         print(f"  fused |w| kernels compiled before timing in {times['compile']:.1f} s (0: none needed or cached)")
     print("targets: exact CBP / floor <= 1.05 (MLP); CBP / BP <= 1.05 (ConvNet)")

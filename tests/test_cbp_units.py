@@ -249,13 +249,19 @@ def test_cached_magnitudes_are_recomputed_every_n_steps():
 
 
 # ---------------------------------------------------------------------------------------------- hooks and state
-def test_hooks_record_training_forward_passes_only():
+@pytest.mark.parametrize("utility", ["contribution", "zero_contribution"])
+def test_hooks_record_training_forward_passes_only(utility):
     net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
-    cbp = bound(net)
+    cbp = bound(net, utility=utility)
     net.train()
     net(torch.ones(4, 2))
-    assert len(cbp.policy._features["0"]) == 1 and cbp.policy._features["0"][0].shape == (4, 3)
-    assert not cbp.policy._features["0"][0].requires_grad
+    recorded = cbp.policy._features["0"]
+    if utility == "contribution":  # reduced as it passes: Σ|h| per unit over the 4 rows, and the count
+        expected = net[1](net[0](torch.ones(4, 2))).abs().sum(dim=0).detach()
+        assert len(recorded) == 1 and torch.equal(recorded[0], expected) and cbp.policy._counts["0"] == [4]
+    else:  # |h − f̂| needs this step's mean first: the input itself is kept
+        assert len(recorded) == 1 and recorded[0].shape == (4, 3) and "0" not in cbp.policy._counts
+    assert not recorded[0].requires_grad
     net.eval()
     net(torch.ones(1, 2))
     net.train()
@@ -609,3 +615,45 @@ def test_the_fused_step_falls_back_to_eager_with_one_warning(fused_kernel, monke
     for a, b in zip(eager[1].states.values(), fallback[1].states.values(), strict=True):
         assert torch.equal(a.utility, b.utility)
     assert not fused_kernel._compiled and any(key[0] == "cbp" for key in fused_kernel._failed)
+
+
+def _reduced_run(reduce, micro_batches, steps=45):
+    """The default utility on the conv → conv → flatten → linear net, its inputs reduced in the hooks or kept until
+    the step; ``micro_batches`` forward passes per step (gradient accumulation); NaN inputs at step 30."""
+    torch.manual_seed(6)
+    model, shape = _cbp_net("conv")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        cbp = policies.ContinualBackprop(replacement_rate=0.05, maturity_threshold=5, seed=1)
+        cbp._reduce_in_hook = reduce
+        cbp.attach(model, optimizer)
+        history = []
+        for step in range(steps):
+            optimizer.zero_grad()
+            for _ in range(micro_batches):
+                x = torch.randn(3, *shape)
+                torch.nn.functional.mse_loss(model(x), x.flatten(1).sum(dim=1, keepdim=True).sin()).backward()
+            optimizer.step()
+            if step == 30:
+                recorded = cbp._features[cbp.pairs[0].producer]
+                recorded[0] = torch.full_like(recorded[0], math.nan)
+            cbp.step()
+            history.append(tuple(state.ages.tolist() for state in cbp.states.values()))
+    return cbp, history
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_inputs_reduced_in_the_hooks_give_what_kept_inputs_give(micro_batches):
+    kept, kept_history = _reduced_run(False, micro_batches)
+    reduced, reduced_history = _reduced_run(True, micro_batches)
+    assert reduced._reduced and not kept._reduced
+    assert reduced_history == kept_history and sum(s.replaced for s in reduced.states.values()) > 10
+    assert (
+        [int(s.skipped) for s in reduced.states.values()] == [int(s.skipped) for s in kept.states.values()] != [0] * 3
+    )
+    for a, b in zip(kept.states.values(), reduced.states.values(), strict=True):
+        if micro_batches == 1:  # one forward pass per step: Σ|h| / n is mean |h|, bit for bit
+            assert torch.equal(a.utility, b.utility)
+        else:  # the micro-batches summed apart, then added: float32 round-off
+            torch.testing.assert_close(b.utility, a.utility, rtol=1e-5, atol=1e-7)

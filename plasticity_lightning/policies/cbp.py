@@ -299,6 +299,9 @@ class ContinualBackprop(UnitPolicy):
     """
 
     extra_inits = ("sigma_orthogonal",)
+    #: the default utility's hooks reduce each consumer input to Σ|h| as it passes (``False``: they keep the inputs
+    #: until the step, as the other utilities need; ``benchmarks/cbp_overhead.py`` times both)
+    _reduce_in_hook = True
 
     def __init__(
         self,
@@ -358,6 +361,9 @@ class ContinualBackprop(UnitPolicy):
         self.covariances: dict[str, InputCovariance] = {}
         self._features: dict[str, list[torch.Tensor]] = {}
         self._inputs: dict[str, list[torch.Tensor]] = {}
+        # per producer: positions summed by each recorded forward pass, when the hooks reduce (see _reducer)
+        self._counts: dict[str, list[int]] = {}
+        self._reduced = False  # do the hooks record Σ|h| (True) or the consumer inputs themselves
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._pending: dict[str, Any] | None = None
         self.steps = 0  # calls of step() since attach
@@ -420,7 +426,7 @@ class ContinualBackprop(UnitPolicy):
             )
             if self.sigma_orthogonal:
                 self.covariances[pair.producer] = InputCovariance(pair.producer_module.in_features, self.sigma_decay)
-        self._features, self._inputs, self._pending_steps = {}, {}, 0
+        self._features, self._inputs, self._counts, self._pending_steps = {}, {}, {}, 0
         if self.window > 1:
             self._setup_window()
         if self._pending is not None:
@@ -430,9 +436,17 @@ class ContinualBackprop(UnitPolicy):
 
     def _register_hooks(self) -> None:
         self.detach()
+        # the default utility needs only Σ|h| per (unit, column) of a step: each forward pass reduces its consumer
+        # input there and then, so no feature map is held (or concatenated) until the step
+        self._reduced = self._reduce_in_hook and self.utility == "contribution" and self.window == 1
         for pair in self.pairs:
             features = self._features.setdefault(pair.producer, [])  # a loaded state may have filled it
-            self._handles.append(pair.consumer_module.register_forward_pre_hook(self._recorder(features)))
+            if self._reduced:
+                counts = self._counts.setdefault(pair.producer, [])
+                record = self._reducer(pair, features, counts)
+            else:
+                record = self._recorder(features)
+            self._handles.append(pair.consumer_module.register_forward_pre_hook(record))
             if self.sigma_orthogonal:
                 inputs = self._inputs.setdefault(pair.producer, [])
                 self._handles.append(pair.producer_module.register_forward_pre_hook(self._recorder(inputs)))
@@ -446,6 +460,27 @@ class ContinualBackprop(UnitPolicy):
 
         return record
 
+    @staticmethod
+    def _reducer(pair: UnitPair, sums: list[torch.Tensor], counts: list[int]):
+        """A recorder that keeps Σ|h| over the positions of each training forward pass (float32, per unit and
+        column: ``[units · columns]``, or ``[units]`` for a conv consumer) and how many positions it summed.
+        """
+        conv = isinstance(pair.consumer_module, nn.Conv2d)
+        width = pair.num_units * pair.columns_per_unit
+
+        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if module.training and torch.is_grad_enabled():  # as _recorder: training forward passes only
+                x = args[0].detach().float()
+                if conv:  # [N, units, H, W]
+                    sums.append(x.abs().sum(dim=(0, 2, 3)))
+                    counts.append(x.numel() // x.shape[1])
+                else:  # [..., units · columns]
+                    x = x.reshape(-1, width)
+                    sums.append(x.abs().sum(dim=0))
+                    counts.append(x.shape[0])
+
+        return record
+
     def detach(self) -> None:
         """Stop recording (remove the forward hooks); :meth:`attach` starts again."""
         for handle in self._handles:
@@ -456,7 +491,7 @@ class ContinualBackprop(UnitPolicy):
 
     def clear(self) -> None:
         """Forget what was recorded since the last step (e.g. forward passes whose step was skipped)."""
-        for store in (self._features, self._inputs):
+        for store in (self._features, self._inputs, self._counts):
             for recorded in store.values():
                 recorded.clear()
 
@@ -490,7 +525,9 @@ class ContinualBackprop(UnitPolicy):
         for state in states:
             state.age()
         activities = [
-            self._activity(pair, state, self._features[pair.producer])
+            self._activity(
+                pair, state, self._features[pair.producer], self._counts[pair.producer] if self._reduced else None
+            )
             for pair, state in zip(active, states, strict=True)
         ]
         finite = self._fused_update(active, states, activities)
@@ -505,6 +542,7 @@ class ContinualBackprop(UnitPolicy):
             inputs = self._inputs.get(pair.producer, [])
             self._finish(pair, state, ok, inputs, step)
             self._features[pair.producer].clear()
+            self._counts.get(pair.producer, []).clear()
             inputs.clear()
             replaced[pair.producer] = state.replaced
         return replaced
@@ -829,12 +867,20 @@ class ContinualBackprop(UnitPolicy):
         )
 
     def _activity(
-        self, pair: UnitPair, state: _LayerState, features: list[torch.Tensor]
+        self, pair: UnitPair, state: _LayerState, features: list[torch.Tensor], counts: list[int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This step's mean |h| (``"contribution"``) or mean |h − f̂| per (unit, column) ``[units, columns]``,
         averaged across ranks, and the updated mean-activation EMA f that it used (``None`` for
         ``"contribution"``, which does not track f). The units have aged.
+
+        ``counts``: ``features`` are the hooks' Σ|h| per forward pass (see :meth:`_reducer`), over these many
+        positions each; the same mean (bit for bit with one forward pass per step; within float32 round-off over
+        several micro-batches, which are summed apart).
         """
+        if counts is not None:
+            total = features[0] if len(features) == 1 else torch.stack(features).sum(dim=0)
+            activity = (total / sum(counts)).reshape(pair.num_units, -1)
+            return self.reduce(activity), None
         # every micro-batch of the step (gradient accumulation) counts, as one batch
         x = (features[0] if len(features) == 1 else torch.cat(features)).detach().float()
         conv = isinstance(pair.consumer_module, nn.Conv2d)
