@@ -26,58 +26,15 @@ from collections.abc import Callable
 import lightning.pytorch as pl
 import torch
 from _common import quiet_trainer
+from _zoo import SEQ, VOCAB, Wrapped, hf_causal_lm, random_data
 from torch import nn
-from torch.nn import functional as F
 
 from plasticity_lightning import PlasticityConfigError
 from plasticity_lightning.callbacks import ContinualBackprop, DormantUnitMonitor, RankMonitor, ReDo
 
-VOCAB, SEQ = 32, 6
-
-
-class Wrapped(pl.LightningModule):
-    """A user's model in the thinnest LightningModule: its own forward and cross-entropy."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.net(x)
-        return getattr(out, "logits", out)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self(x)
-        if logits.ndim == 3:
-            return F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        return F.cross_entropy(logits, y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)  # 0.05 sends efficientnet_b0 to NaN in 2 steps
-
 
 def _hf_lm(kind: str, **extra) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        import transformers as tf
-
-        config = tf.AutoConfig.for_model(
-            kind,
-            hidden_size=16,
-            intermediate_size=24,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            vocab_size=VOCAB,
-            max_position_embeddings=SEQ,
-            bos_token_id=0,
-            eos_token_id=0,
-            pad_token_id=0,
-            **extra,
-        )
-        return tf.AutoModelForCausalLM.from_config(config)
-
-    return build
+    return lambda: hf_causal_lm(kind, **extra)
 
 
 def _hf_classifier(kind: str, **extra) -> Callable[[], nn.Module]:
@@ -135,13 +92,13 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], str]] = {
         ),
         "sentence",
     ),
-    "torchvision efficientnet_b0": (_torchvision("efficientnet_b0"), "image"),
-    "torchvision convnext_tiny": (_torchvision("convnext_tiny"), "image"),
-    "torchvision swin_t": (_torchvision("swin_t"), "image"),
-    "torchvision mobilenet_v2": (_torchvision("mobilenet_v2"), "image"),
-    "timm resnet18": (_timm("resnet18"), "image"),
-    "timm deit_tiny": (_timm("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=2), "image"),
-    "timm efficientnet_b0": (_timm("efficientnet_b0"), "image"),
+    "torchvision efficientnet_b0": (_torchvision("efficientnet_b0"), "image32"),
+    "torchvision convnext_tiny": (_torchvision("convnext_tiny"), "image32"),
+    "torchvision swin_t": (_torchvision("swin_t"), "image32"),
+    "torchvision mobilenet_v2": (_torchvision("mobilenet_v2"), "image32"),
+    "timm resnet18": (_timm("resnet18"), "image32"),
+    "timm deit_tiny": (_timm("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=2), "image32"),
+    "timm efficientnet_b0": (_timm("efficientnet_b0"), "image32"),
 }
 CALLBACKS: dict[str, Callable[[], pl.Callback]] = {
     "Rank": RankMonitor,
@@ -151,24 +108,13 @@ CALLBACKS: dict[str, Callable[[], pl.Callback]] = {
 }
 
 
-def _data(kind: str) -> torch.utils.data.DataLoader:
-    g = torch.Generator().manual_seed(0)
-    if kind == "image":
-        x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 4, (8,), generator=g)
-    else:
-        x = torch.randint(1, VOCAB, (8, SEQ), generator=g)
-        shape = (8, SEQ) if kind == "tokens" else (8,)
-        y = torch.randint(0, VOCAB if kind == "tokens" else 4, shape, generator=g)
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
-
-
 def run_pair(build: Callable[[], nn.Module], kind: str, name: str) -> str:
     """``"✓"`` or ``"✗ <why>"`` for one model × callback pair."""
     torch.manual_seed(0)
     callback = CALLBACKS[name]()
     trainer = quiet_trainer(callbacks=[callback], max_steps=2, log_every_n_steps=1)
     try:
-        trainer.fit(Wrapped(build()), _data(kind))
+        trainer.fit(Wrapped(build(), lr=0.01), random_data(kind))  # 0.05 sends efficientnet_b0 to NaN in 2 steps
     except PlasticityConfigError as error:
         lines = str(error).splitlines()
         return f"✗ {'one line' if len(lines) == 1 else f'{len(lines)} lines'}: {lines[0]}"
@@ -176,7 +122,7 @@ def run_pair(build: Callable[[], nn.Module], kind: str, name: str) -> str:
         return f"✗ crash: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     model = trainer.lightning_module.eval()
     with torch.no_grad():
-        if not torch.isfinite(model(next(iter(_data(kind)))[0])).all():
+        if not torch.isfinite(model(next(iter(random_data(kind)))[0])).all():
             return "– the model itself diverged (non-finite outputs): not the callback's result"
     if name in ("Rank", "Dormant"):
         values = {k: v for k, v in callback.history[-1].items() if "/" in k} if callback.history else {}

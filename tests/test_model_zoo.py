@@ -19,35 +19,31 @@ import pytest
 import torch
 from conftest import make_trainer
 from torch import nn
-from torch.nn import functional as F
 
 from plasticity_lightning import PlasticityConfigError
 from plasticity_lightning.callbacks import ContinualBackprop, DormantUnitMonitor, RankMonitor, ReDo, SurgeCollapse
 from plasticity_lightning.surgery.topology import unit_weight
 
-VOCAB, SEQ, STEPS = 32, 6, 2
+STEPS = 2
 
 
-class Wrapped(pl.LightningModule):
-    """A user's model in the thinnest LightningModule: its own forward and cross-entropy."""
+def _shared_zoo():
+    """benchmarks/_zoo.py, which benchmarks/any_model.py also builds its models and data with (loaded by path)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
 
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
+    if "benchmarks_zoo" not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / "_zoo.py"
+        spec = importlib.util.spec_from_file_location("benchmarks_zoo", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["benchmarks_zoo"] = module  # Lightning deep-copies the wrapped model: its class must resolve
+        spec.loader.exec_module(module)
+    return sys.modules["benchmarks_zoo"]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.net(x)
-        return getattr(out, "logits", out)
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self(x)
-        if logits.ndim == 3:  # a language model: every position predicts
-            return F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        return F.cross_entropy(logits, y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
+_zoo = _shared_zoo()
+VOCAB, SEQ, Wrapped, _data = _zoo.VOCAB, _zoo.SEQ, _zoo.Wrapped, _zoo.random_data
 
 
 class TransformerLM(nn.Module):
@@ -102,30 +98,8 @@ def _hf(kind: str) -> nn.Module:
         return tf.GPT2LMHeadModel(
             tf.GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=SEQ, vocab_size=VOCAB, **special)
         )
-    if kind == "phi3":  # gate and up in one weight: gate, up = gate_up_proj(x).chunk(2, dim=-1)
-        config = tf.Phi3Config(
-            hidden_size=16,
-            intermediate_size=24,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            vocab_size=VOCAB,
-            max_position_embeddings=SEQ,
-            **special,
-        )
-        return tf.Phi3ForCausalLM(config)
-    if kind == "llama":
-        config = tf.LlamaConfig(
-            hidden_size=16,
-            intermediate_size=24,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            vocab_size=VOCAB,
-            max_position_embeddings=SEQ,
-            **special,
-        )
-        return tf.LlamaForCausalLM(config)
+    if kind in ("phi3", "llama"):  # phi3: gate and up in one weight, gate, up = gate_up_proj(x).chunk(2, dim=-1)
+        return _zoo.hf_causal_lm(kind)
     config = tf.BertConfig(
         hidden_size=16,
         intermediate_size=24,
@@ -174,21 +148,6 @@ ZOO = {
     "timm_vit_tiny": (lambda: _timm("vit_tiny"), "image"),
     "timm_convnext_atto": (lambda: _timm("convnext_atto"), "image32"),  # four stride-2 stages
 }
-
-
-def _data(kind: str) -> torch.utils.data.DataLoader:
-    g = torch.Generator().manual_seed(0)
-    if kind.startswith("image"):
-        size = 32 if kind == "image32" else 16
-        x, y = torch.randn(8, 3, size, size, generator=g), torch.randint(0, 4, (8,), generator=g)
-    else:
-        x = torch.randint(1, VOCAB, (8, SEQ), generator=g)
-        y = (
-            torch.randint(0, VOCAB, (8, SEQ), generator=g)
-            if kind == "tokens"
-            else torch.randint(0, 4, (8,), generator=g)
-        )
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
 
 
 class _SnapshotBeforeSurgery(pl.Callback):
