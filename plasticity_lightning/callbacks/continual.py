@@ -207,9 +207,10 @@ class TaskAccuracyTable(TaskAwareCallback):
 
     # ------------------------------------------------------------------ results
     def summary(self) -> dict[str, float]:
-        """:func:`~plasticity_lightning.metrics.accuracy_matrix_summary` of the finished rows: ``new_task_acc``,
-        ``avg_seen_acc`` and ``avg_forgetting`` (NaN when validation did not evaluate the cells they need, e.g.
-        ``eval_on: current``).
+        """:func:`~plasticity_lightning.metrics.accuracy_matrix_summary` of the finished rows.
+
+        ``new_task_acc``, ``avg_seen_acc`` and ``avg_forgetting`` (NaN when validation did not evaluate the cells they
+        need, e.g. ``eval_on: current``).
         """
         return accuracy_matrix_summary(self.rows)
 

@@ -1,5 +1,7 @@
-"""The base of the library's callbacks: continual-task changes, the one place a checkpoint ``state_key`` is built, and
-the one logging helper (:func:`log_scalars`) that monitors and interventions share.
+"""The base of the library's callbacks.
+
+Continual-task changes, the one place a checkpoint ``state_key`` is built, and the one logging helper
+(:func:`log_scalars`) that monitors and interventions share.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ class TaskAwareCallback(Callback):
         self.current_task: int | None = None
 
     def state_identity(self) -> dict[str, Any]:
-        """What tells two instances of one class apart in a checkpoint (their settings): the parts of
-        :attr:`state_key`. Changing it orphans the state in existing checkpoints. Empty: the class name alone, as
-        Lightning's default.
+        """What tells two instances of one class apart in a checkpoint (their settings).
+
+        The parts of :attr:`state_key`. Changing it orphans the state in existing checkpoints. Empty: the class name
+        alone, as Lightning's default.
         """
         return {}
 

@@ -29,9 +29,10 @@ def token_ids(batch: Any) -> torch.Tensor:
 
 
 def supervised_batch(batch: Any, owner: str = "the model") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(x, y, task_ids)`` of a supervised batch: ``(x, y)``, ``(x, y, task_ids)`` or a dict with ``"x"``, ``"y"``
-    and optionally ``"task_ids"`` (``task_ids`` is ``None`` when absent). The library's one unpacker of such batches
-    (the models' steps, the prediction writer).
+    """``(x, y, task_ids)`` of a supervised batch.
+
+    ``(x, y)``, ``(x, y, task_ids)`` or a dict with ``"x"``, ``"y"`` and optionally ``"task_ids"`` (``task_ids`` is
+    ``None`` when absent). The library's one unpacker of such batches (the models' steps, the prediction writer).
 
     Example::
 

@@ -52,8 +52,9 @@ def write_csv_atomic(path: str | Path, rows: Iterable[Sequence[Any]]) -> Path:
 
 @contextlib.contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Fill a temporary folder beside ``path``; on success it replaces ``path`` whole, on failure it is removed and
-    ``path`` is left as it was.
+    """Fill a temporary folder beside ``path``.
+
+    On success it replaces ``path`` whole, on failure it is removed and ``path`` is left as it was.
 
     Example::
 

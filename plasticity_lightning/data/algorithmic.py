@@ -1,5 +1,7 @@
-"""Algorithmic and synthetic tasks: modular arithmetic and sparse parity (Prieto et al. 2025, the grokking tasks),
-and SurgeCollapseNet's binary Gaussian task.
+"""Algorithmic and synthetic tasks.
+
+Modular arithmetic and sparse parity (Prieto et al. 2025, the grokking tasks), and SurgeCollapseNet's binary Gaussian
+task.
 """
 
 from __future__ import annotations

@@ -200,8 +200,9 @@ class TaskSchedule:
 
 
 class PermutedInputs(TaskSchedule):
-    """Permuted inputs (permuted MNIST): each task applies its own fixed random permutation to the flattened
-    input features; labels are unchanged.
+    """Permuted inputs (permuted MNIST).
+
+    Each task applies its own fixed random permutation to the flattened input features; labels are unchanged.
 
     Args:
         first_task_identity: leave task 0 unpermuted (the original data) instead of permuting it too.
@@ -415,8 +416,9 @@ class ClassIncremental(TaskSchedule):
 
 
 class GrowingData(TaskSchedule):
-    """Warm-starting on growing data (Ash & Adams 2020): the training set arrives in ``num_tasks`` chunks, and each
-    chunk is a task.
+    """Warm-starting on growing data (Ash & Adams 2020).
+
+    The training set arrives in ``num_tasks`` chunks, and each chunk is a task.
 
     The training rows are split into ``num_tasks`` chunks of (nearly) equal size by a seeded random assignment. With
     ``cumulative=True`` (the paper's setting) task t trains on chunks 0..t, i.e. on all the data so far, so a network

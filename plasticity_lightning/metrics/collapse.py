@@ -103,8 +103,9 @@ def logit_norm(logits: torch.Tensor) -> float:
 
 
 def nlm_alignment(params: Iterable[torch.Tensor], grads: Iterable[torch.Tensor | None]) -> float:
-    """cos(−g, θ) over the concatenation of ``params`` and their gradients (``None`` gradients are skipped); 0 when
-    either is all zero, NaN when either holds a NaN or infinite value.
+    """cos(−g, θ) over the concatenation of ``params`` and their gradients (``None`` gradients are skipped).
+
+    0 when either is all zero, NaN when either holds a NaN or infinite value.
 
     Args:
         params: the parameters θ (any shapes; flattened and concatenated).

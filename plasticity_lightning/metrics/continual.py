@@ -1,5 +1,7 @@
-"""Accuracy broken down by continual-learning task. The summaries of a stream (first tasks against the last, the
-accuracy matrix) are in :mod:`~plasticity_lightning.metrics.continual_summary` (no torch) and importable here.
+"""Accuracy broken down by continual-learning task.
+
+The summaries of a stream (first tasks against the last, the accuracy matrix) are in
+:mod:`~plasticity_lightning.metrics.continual_summary` (no torch) and importable here.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
-"""Summaries of a continual stream from its per-task numbers: the accuracy matrix (average accuracy, forgetting,
-backward and forward transfer, what was measured), the first tasks against the last, per-task series. Plain Python,
-no torch: ``plasticity report`` reads finished runs with these without importing torch or torchmetrics.
+"""Summaries of a continual stream from its per-task numbers.
+
+The accuracy matrix (average accuracy, forgetting, backward and forward transfer, what was measured), the first tasks
+against the last, per-task series. Plain Python, no torch: ``plasticity report`` reads finished runs with these without
+importing torch or torchmetrics.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from plasticity_lightning.core.errors import check_positive_int
 
 
 def summary_window(num_tasks: int) -> int:
-    """Tasks averaged at each end of a stream when the first tasks are set against the last: a tenth of the
-    stream, at least one (5 of 50 tasks, 15 of 150, as in the README's tables).
+    """Tasks averaged at each end of a stream when the first tasks are set against the last.
+
+    A tenth of the stream, at least one (5 of 50 tasks, 15 of 150, as in the README's tables).
 
     Example::
 
@@ -25,7 +28,8 @@ def summary_window(num_tasks: int) -> int:
 
 
 def first_and_last(values: Sequence[float], window: int) -> tuple[float, float]:
-    """Means of the first and of the last ``window`` entries of a per-task series, ignoring NaN (not measured);
+    """Means of the first and of the last ``window`` entries of a per-task series, ignoring NaN (not measured).
+
     NaN where a window has no measured entry.
 
     Example::
@@ -130,8 +134,10 @@ def transfer_summary(
 
 
 def seen_accuracy(rows: Mapping[int, Sequence[float]], num_tasks: int) -> list[float]:
-    """Mean accuracy over the tasks seen so far after each task: ``mean(rows[t][:t + 1])``, NaN where any of them
-    was not evaluated (or row ``t`` is missing). Entry ``t`` equals ``accuracy_matrix_summary`` of rows ``0..t``.
+    """Mean accuracy over the tasks seen so far after each task.
+
+    ``mean(rows[t][:t + 1])``, NaN where any of them was not evaluated (or row ``t`` is missing). Entry ``t`` equals
+    ``accuracy_matrix_summary`` of rows ``0..t``.
 
     Example::
 
@@ -147,8 +153,10 @@ def seen_accuracy(rows: Mapping[int, Sequence[float]], num_tasks: int) -> list[f
 
 
 def matrix_coverage(rows: Mapping[int, Sequence[float]]) -> str:
-    """What an accuracy matrix measured: ``"seen"`` (every task so far after each task), ``"current"`` (only the
-    task being learned, e.g. ``eval_on: current``), ``"partial"`` or ``"none"``.
+    """What an accuracy matrix measured.
+
+    ``"seen"`` (every task so far after each task), ``"current"`` (only the task being learned, e.g. ``eval_on:
+    current``), ``"partial"`` or ``"none"``.
 
     Example::
 

@@ -293,8 +293,10 @@ def classify_training_pattern(
     summary: Mapping[str, Any],
     thresholds: DynamicsThresholds = DynamicsThresholds(),
 ) -> str:
-    """Comma-separated labels: vanishing/exploding_gradients, slow/fast_convergence, unstable/stable,
-    gradient_decay/growth, or ``normal`` when none applies.
+    """Comma-separated labels.
+
+    Any of vanishing/exploding_gradients, slow/fast_convergence, unstable/stable, gradient_decay/growth, or
+    ``normal`` when none applies.
 
     Args:
         summary: a summary as :func:`dynamics_summary` returns it (the labels read its convergence, stability and

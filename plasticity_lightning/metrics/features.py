@@ -67,8 +67,9 @@ def feature_norm(outputs: torch.Tensor) -> torch.Tensor:
 
 
 def feature_variance(outputs: torch.Tensor) -> torch.Tensor:
-    """Mean over units of each unit's population variance over the probe positions; NaN when any output is
-    non-finite.
+    """Mean over units of each unit's population variance over the probe positions.
+
+    NaN when any output is non-finite.
 
     Args:
         outputs: one layer's outputs on the probe, ``[N, units]`` or ``[N, C, ...]`` (channels are the units).
@@ -172,8 +173,9 @@ def weight_change(
 
 
 class WeightChange(Metric):
-    """Weight change per update accumulated over updates (and processes): ``compute()`` returns
-    ``{"mean": mean ‖Δθ‖ per update, "max": the largest, "updates": how many}``.
+    """Weight change per update accumulated over updates (and processes).
+
+    ``compute()`` returns ``{"mean": mean ‖Δθ‖ per update, "max": the largest, "updates": how many}``.
 
     Args:
         **kwargs: torchmetrics ``Metric`` arguments (``dist_sync_fn``, ``sync_on_compute``, ...).
@@ -217,8 +219,9 @@ class WeightChange(Metric):
 
 
 def grama_scores(gradients: torch.Tensor) -> torch.Tensor:
-    """GraMa scores: ReDo's normalised score on |∂L/∂h| per unit (pooled over batch × positions); all NaN when any
-    gradient is non-finite.
+    """GraMa scores: ReDo's normalised score on |∂L/∂h| per unit (pooled over batch × positions).
+
+    All NaN when any gradient is non-finite.
 
     Args:
         gradients: the loss gradient at each unit's pre-activation, ∂L/∂z, shaped like the layer's outputs ``[N,
@@ -233,8 +236,9 @@ def grama_scores(gradients: torch.Tensor) -> torch.Tensor:
 
 
 def grama_dormant_fraction(gradients: torch.Tensor, tau: float = 0.0) -> torch.Tensor:
-    """Share of units whose GraMa score is at or below ``tau`` (0: no gradient at all reaches them); NaN when any
-    gradient is non-finite.
+    """Share of units whose GraMa score is at or below ``tau`` (0: no gradient at all reaches them).
+
+    NaN when any gradient is non-finite.
 
     Args:
         gradients: the loss gradient at each unit's pre-activation, ∂L/∂z, shaped like the layer's outputs ``[N,
@@ -253,8 +257,10 @@ def grama_dormant_fraction(gradients: torch.Tensor, tau: float = 0.0) -> torch.T
 
 
 class GradientDormancy(Metric):
-    """GraMa over several batches (and processes): accumulates Σ|∂L/∂h_i| per unit; ``compute()`` returns
-    ``{"dormant_fraction": ..., "scores": per-unit GraMa scores}``.
+    """GraMa over several batches (and processes).
+
+    Accumulates Σ|∂L/∂h_i| per unit; ``compute()`` returns ``{"dormant_fraction": ..., "scores": per-unit GraMa
+    scores}``.
 
     Args:
         num_units: units of the layer.

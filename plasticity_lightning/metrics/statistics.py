@@ -1,7 +1,8 @@
-"""The statistics of the library's reports, in one place: Student-t intervals of a mean (one sample, or many along
-an axis ignoring NaN), Cohen's d, the Wilcoxon signed-rank test of paired runs and Welch's t-test. Used by
-``plasticity report --compare`` (:mod:`plasticity_lightning.reports`) and the study reports
-(:mod:`plasticity_lightning.studies`).
+"""The statistics of the library's reports, in one place.
+
+Student-t intervals of a mean (one sample, or many along an axis ignoring NaN), Cohen's d, the Wilcoxon signed-rank test
+of paired runs and Welch's t-test. Used by ``plasticity report --compare`` (:mod:`plasticity_lightning.reports`) and the
+study reports (:mod:`plasticity_lightning.studies`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def confidence_interval(values: Sequence[float], confidence: float = 0.95) -> tu
 
 def t_interval(values: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Mean, lower and upper bound of the 95% Student-t interval over ``axis`` ignoring NaN, and the count.
+
     The bounds are NaN below two values.
 
     Example::

@@ -104,9 +104,10 @@ def _norm_mean_std(values: torch.Tensor) -> torch.Tensor:
 
 
 def gradient_stats(weights: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Neural Elements' per-record gradient statistics of the given weights (their ``.grad``):
-    ``layer_grad_norms`` (‖∂L/∂W_l‖_F), ``mean_grad`` (mean over layers of mean |g_l|), ``max_grad``
-    (max over layers of max |g_l|) and ``global_norm``. Layers without a gradient are skipped.
+    """Neural Elements' per-record gradient statistics of the given weights (their ``.grad``).
+
+    ``layer_grad_norms`` (‖∂L/∂W_l‖_F), ``mean_grad`` (mean over layers of mean |g_l|), ``max_grad`` (max over layers of
+    max |g_l|) and ``global_norm``. Layers without a gradient are skipped.
 
     Args:
         weights: ``{layer name: weight}``, e.g. from :func:`layer_weights`, after a backward pass.
@@ -134,8 +135,10 @@ def gradient_stats(weights: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def weight_stats(weights: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Neural Elements' per-record weight statistics: ``layer_weight_norms``, layer-averaged ``mean_weight`` and
-    ``std_weight``, plus ``mean_abs_weight`` over all elements (Dohare et al.).
+    """Neural Elements' per-record weight statistics.
+
+    ``layer_weight_norms``, layer-averaged ``mean_weight`` and ``std_weight``, plus ``mean_abs_weight`` over all
+    elements (Dohare et al.).
 
     Args:
         weights: ``{layer name: weight}``, e.g. from :func:`layer_weights`.

@@ -155,9 +155,10 @@ def _check_heads(
 
 
 class PerTaskTokenLoss(Metric):
-    """Mean next-token cross-entropy (nats) per continual task, summed over tokens and across processes; NaN for a
-    task with no tokens (not evaluated is not a loss of 0). ``exp`` of it is the task's perplexity, as torchmetrics'
-    ``Perplexity`` computes it over all tokens.
+    """Mean next-token cross-entropy (nats) per continual task, summed over tokens and across processes.
+
+    NaN for a task with no tokens (not evaluated is not a loss of 0). ``exp`` of it is the task's perplexity, as
+    torchmetrics' ``Perplexity`` computes it over all tokens.
 
     Example::
 
@@ -448,8 +449,9 @@ class CausalLM(InjectedOptimizer, pl.LightningModule):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, seed: int = 0, **kwargs: Any) -> torch.Tensor:
-        """Seeded sampling (top-k 50 unless given): the same prompt and seed give the same text, and the global RNG
-        is left as it was.
+        """Seeded sampling (top-k 50 unless given).
+
+        The same prompt and seed give the same text, and the global RNG is left as it was.
         """
         return generate_seeded(self.model, input_ids, max_new_tokens, seed, owner="CausalLM", **kwargs)
 

@@ -42,9 +42,10 @@ class Sine(nn.Module):
 
 
 class CReLU(nn.Module):
-    """Concatenated ReLU (Shang et al. 2016), which Abbas et al. (2023) found to keep plasticity: every unit x gives
-    two outputs, ``relu(x)`` and ``relu(−x)``, so no unit is ever silent on all inputs and the width along ``dim``
-    doubles (:attr:`width_factor`; the next layer reads twice as many inputs).
+    """Concatenated ReLU (Shang et al. 2016), which Abbas et al. (2023) found to keep plasticity.
+
+    Every unit x gives two outputs, ``relu(x)`` and ``relu(−x)``, so no unit is ever silent on all inputs and the width
+    along ``dim`` doubles (:attr:`width_factor`; the next layer reads twice as many inputs).
 
     The two outputs of a unit are *adjacent* — ``[relu(x₀), relu(−x₀), relu(x₁), relu(−x₁), …]`` — rather than two
     concatenated halves: a fixed permutation of the next layer's inputs, so the same function class and, under an
@@ -111,8 +112,9 @@ _GAINS: dict[str, float] = {
 
 
 def build_activation(name: str, *, owner: str = "", field: str = "activation", unit_dim: int = -1) -> nn.Module:
-    """Build a fresh activation module from its name (see :data:`ACTIVATIONS`); ``unit_dim``: the axis of the units
-    for an activation that changes the width (:class:`CReLU`; 1 after a ``Conv2d``).
+    """Build a fresh activation module from its name (see :data:`ACTIVATIONS`).
+
+    ``unit_dim``: the axis of the units for an activation that changes the width (:class:`CReLU`; 1 after a ``Conv2d``).
 
     Args:
         name: an activation name of :data:`ACTIVATIONS`.
@@ -133,8 +135,9 @@ def build_activation(name: str, *, owner: str = "", field: str = "activation", u
 
 
 def width_factor(name: str) -> int:
-    """How many outputs the activation ``name`` gives per unit (:class:`CReLU`: 2; the others 1): the next layer
-    reads ``width_factor × units`` inputs.
+    """How many outputs the activation ``name`` gives per unit (:class:`CReLU`: 2; the others 1).
+
+    The next layer reads ``width_factor × units`` inputs.
 
     Args:
         name: an activation name of :data:`ACTIVATIONS`.
@@ -190,8 +193,10 @@ _RELU_LIKE_WORDS = ("GELU", "SILU", "SWISH")
 
 
 def gain_name_of(activation: nn.Module | None) -> str:
-    """torch's gain name for an activation module; unknown GELU/SiLU variants (HF's ``NewGELUActivation``,
-    ``SiLUActivation``) are ReLU-like; none or an unknown kind: ``"linear"`` (gain 1).
+    """torch's gain name for an activation module.
+
+    Unknown GELU/SiLU variants (HF's ``NewGELUActivation``, ``SiLUActivation``) are ReLU-like; none or an unknown kind:
+    ``"linear"`` (gain 1).
 
     Example::
 

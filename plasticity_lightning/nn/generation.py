@@ -1,5 +1,7 @@
-"""Seeded text generation with a HF transformers model: the one sampling routine of the library
-(:meth:`~plasticity_lightning.models.CausalLM.generate`, the degeneration monitor and the plasticity cycle).
+"""Seeded text generation with a HF transformers model.
+
+The one sampling routine of the library (:meth:`~plasticity_lightning.models.CausalLM.generate`, the degeneration
+monitor and the plasticity cycle).
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
-"""Optimizers and schedules: :class:`OrthoGrad` (⊥Grad around any torch optimizer) and :class:`PeriodicMultiStepLR`
-(a step schedule that restarts every task).
+"""Optimizers and schedules.
+
+:class:`OrthoGrad` (⊥Grad around any torch optimizer) and :class:`PeriodicMultiStepLR` (a step schedule that restarts
+every task).
 """
 
 from plasticity_lightning.optim.orthograd import OrthoGrad, orthogonalize_gradient_

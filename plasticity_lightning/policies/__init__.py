@@ -14,6 +14,8 @@ after ``optimizer.step()``::
 * whole parameters: :class:`ShrinkAndPerturb`, :class:`L2Init` (call it before ``optimizer.step()``),
   :class:`HeadReset`, :class:`LayerReset`, :class:`PlasticityInjection`, :class:`ParsevalRegularization` (call it
   before ``optimizer.step()``; :func:`parseval_penalty` to put it in a loss);
+* weight constraints: :class:`WeightPrecision`, :class:`OscillationDampener`, :class:`JamesSteinShrinkage`
+  (:class:`ParameterConstraint` their base);
 * measuring: :func:`measure` — model + probe batch → every monitor's measures in one dict;
 * when: :class:`StepCadence`, the step rule the Lightning callbacks share (never at step 0, once per step).
 
@@ -31,6 +33,12 @@ if TYPE_CHECKING:
     from plasticity_lightning.policies.base import Policy, ScheduledPolicy, UnitPolicy, all_reduce_mean
     from plasticity_lightning.policies.cadence import StepCadence
     from plasticity_lightning.policies.cbp import ContinualBackprop
+    from plasticity_lightning.policies.constraints import (
+        JamesSteinShrinkage,
+        OscillationDampener,
+        ParameterConstraint,
+        WeightPrecision,
+    )
     from plasticity_lightning.policies.injection import PlasticityInjection
     from plasticity_lightning.policies.measurement import measure
     from plasticity_lightning.policies.parseval import ParsevalRegularization, parseval_penalty
@@ -47,8 +55,11 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "ContinualBackprop": "plasticity_lightning.policies.cbp",
     "HeadReset": "plasticity_lightning.policies.resets",
+    "JamesSteinShrinkage": "plasticity_lightning.policies.constraints",
     "L2Init": "plasticity_lightning.policies.resets",
     "LayerReset": "plasticity_lightning.policies.resets",
+    "OscillationDampener": "plasticity_lightning.policies.constraints",
+    "ParameterConstraint": "plasticity_lightning.policies.constraints",
     "PlasticityInjection": "plasticity_lightning.policies.injection",
     "ParsevalRegularization": "plasticity_lightning.policies.parseval",
     "Policy": "plasticity_lightning.policies.base",
@@ -57,6 +68,7 @@ _EXPORTS = {
     "ShrinkAndPerturb": "plasticity_lightning.policies.resets",
     "StepCadence": "plasticity_lightning.policies.cadence",
     "UnitPolicy": "plasticity_lightning.policies.base",
+    "WeightPrecision": "plasticity_lightning.policies.constraints",
     "all_reduce_mean": "plasticity_lightning.policies.base",
     "fresh_copy": "plasticity_lightning.policies.resets",
     "fresh_layer": "plasticity_lightning.policies.resets",
@@ -68,8 +80,11 @@ __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 __all__ = [
     "ContinualBackprop",
     "HeadReset",
+    "JamesSteinShrinkage",
     "L2Init",
     "LayerReset",
+    "OscillationDampener",
+    "ParameterConstraint",
     "ParsevalRegularization",
     "PlasticityInjection",
     "Policy",
@@ -78,6 +93,7 @@ __all__ = [
     "ShrinkAndPerturb",
     "StepCadence",
     "UnitPolicy",
+    "WeightPrecision",
     "all_reduce_mean",
     "fresh_copy",
     "fresh_layer",

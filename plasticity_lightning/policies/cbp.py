@@ -497,8 +497,10 @@ class ContinualBackprop(UnitPolicy):
 
     # ------------------------------------------------------------------ the algorithm
     def step(self, step: int | None = None) -> dict[str, int]:
-        """One optimizer step has been taken: update every pair on the inputs its consumer received since the last
-        call and replace units. Call it after ``optimizer.step()``.
+        """One optimizer step has been taken.
+
+        Update every pair on the inputs its consumer received since the last call and replace units. Call it after
+        ``optimizer.step()``.
 
         Args:
             step: the training step, for messages (``None``: the number of calls so far).
@@ -652,8 +654,9 @@ class ContinualBackprop(UnitPolicy):
 
     @torch.no_grad()
     def flush(self) -> dict[str, bool]:
-        """Bring the statistics of the pending steps (``window > 1``) up to date now; returns, per producer, whether
-        the last step's statistics were finite.
+        """Bring the statistics of the pending steps (``window > 1``) up to date now.
+
+        Returns, per producer, whether the last step's statistics were finite.
 
         :meth:`step` flushes by itself when a unit is due for replacement and when the window is full; between,
         :attr:`states` lags by the pending steps. Flushing by hand (e.g. to read the states at the end) starts a new
@@ -709,8 +712,9 @@ class ContinualBackprop(UnitPolicy):
 
     @staticmethod
     def _unrolled(a: float, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """float64 (a^(j+1) for j < k, the k×k matrix a^(j−i) for i ≤ j, 0 above): x_j = a·x_(j−1) + b_j unrolled,
-        x_j = a^(j+1)·x_(−1) + Σ_(i≤j) a^(j−i)·b_i.
+        """float64 (a^(j+1) for j < k, the k×k matrix a^(j−i) for i ≤ j, 0 above).
+
+        x_j = a·x_(j−1) + b_j unrolled, x_j = a^(j+1)·x_(−1) + Σ_(i≤j) a^(j−i)·b_i.
         """
         j = torch.arange(k, dtype=torch.float64, device=device)
         lag = j[:, None] - j[None, :]

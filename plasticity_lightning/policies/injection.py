@@ -238,8 +238,10 @@ class PlasticityInjection(ScheduledPolicy):
         return (output - self._frozen_output(frozen[-1], args, kwargs)) + total
 
     def step(self) -> bool:
-        """One optimizer step has been taken: with ``merge``, fold the terms of the injections since the last step
-        (:meth:`fold`); then inject if it is the ``every_n_steps``-th. Returns whether it injected.
+        """One optimizer step has been taken.
+
+        With ``merge``, fold the terms of the injections since the last step (:meth:`fold`); then inject if it is the
+        ``every_n_steps``-th. Returns whether it injected.
         """
         self.fold()
         return super().step()

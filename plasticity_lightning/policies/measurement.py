@@ -52,8 +52,10 @@ def rank_values(
     threshold: float = 0.99,
     conv: Literal["pool", "positions", "flatten"] = "pool",
 ) -> tuple[dict[str, float], dict[str, torch.Tensor], list[str]]:
-    """Rank measures of each layer's features (``[samples, units, ...]``): (values keyed ``"<layer>/<measure>"``,
-    singular values per layer, layers whose features were not finite — their values are NaN).
+    """Rank measures of each layer's features (``[samples, units, ...]``).
+
+    (values keyed ``"<layer>/<measure>"``, singular values per layer, layers whose features were not finite — their
+    values are NaN).
     """
     values: dict[str, float] = {}
     spectra: dict[str, torch.Tensor] = {}
@@ -88,8 +90,10 @@ def activity_values(
     max_active: float = 0.01,
     active: Activity = "nonzero",
 ) -> tuple[dict[str, float], list[list[Any]], dict[str, torch.Tensor]]:
-    """Dormant and dead unit shares per layer and over all units pooled (``all/``): (values, one table row per layer
-    ``[layer, units, redo_dormant, dead, low_activity]``, per-unit active share per layer).
+    """Dormant and dead unit shares per layer and over all units pooled (``all/``).
+
+    (values, one table row per layer ``[layer, units, redo_dormant, dead, low_activity]``, per-unit active share per
+    layer).
     """
     values: dict[str, float] = {}
     counts = torch.zeros(4, dtype=torch.float64)  # units, redo-dormant, dead, low-activity
@@ -116,8 +120,9 @@ def activity_values(
 
 
 def activity_rule(module: nn.Module) -> Activity:
-    """What counts as active in a layer's outputs: ``"tanh"``/``"sigmoid"`` (not saturated) for those activation
-    modules, else ``"nonzero"``.
+    """What counts as active in a layer's outputs.
+
+    ``"tanh"``/``"sigmoid"`` (not saturated) for those activation modules, else ``"nonzero"``.
 
     Example::
 
@@ -157,8 +162,9 @@ def feature_values(
 def entropy_values(
     outputs: Mapping[str, torch.Tensor], model_output: Any, predictions: bool = True, activations: bool = True
 ) -> tuple[dict[str, float], torch.Tensor | None]:
-    """Activation entropy per layer and the prediction entropy of ``[N, C]`` logits: (values, the logits used or
-    ``None`` — check them for NaN/inf: a -inf logit would give a clean 0).
+    """Activation entropy per layer and the prediction entropy of ``[N, C]`` logits.
+
+    (values, the logits used or ``None`` — check them for NaN/inf: a -inf logit would give a clean 0).
     """
     values: dict[str, float] = {}
     if activations:
@@ -171,8 +177,10 @@ def entropy_values(
 
 
 def prediction_logits(model_output: Any) -> torch.Tensor | None:
-    """The ``[N, C]`` logits (C > 1) whose prediction entropy is measured, or ``None``: one output column has no
-    distribution to measure (a binary logit or a regression), and sequence outputs are not ``[N, C]``.
+    """The ``[N, C]`` logits (C > 1) whose prediction entropy is measured, or ``None``.
+
+    One output column has no distribution to measure (a binary logit or a regression), and sequence outputs are not
+    ``[N, C]``.
     """
     logits = model_output[0] if isinstance(model_output, (tuple, list)) else model_output
     if isinstance(logits, torch.Tensor) and logits.ndim == 2 and logits.shape[1] > 1:

@@ -53,8 +53,9 @@ def _output_layer(model: nn.Module) -> str | None:
 
 
 class ParsevalRegularization(Policy):
-    """Parseval regularisation (Chung et al. 2024, "Parseval regularization for continual reinforcement learning"):
-    adds λ·Σ_l ‖W_l W_lᵀ − s·I‖²_F over the hidden layers' weights to the loss.
+    """Parseval regularisation (Chung et al. 2024, "Parseval regularization for continual reinforcement learning").
+
+    Adds λ·Σ_l ‖W_l W_lᵀ − s·I‖²_F over the hidden layers' weights to the loss.
 
     Orthogonal rows keep a layer's singular values near 1, which keeps gradients and features well conditioned as
     tasks change. As in the paper, the output layer is left out. Implemented on the gradients (like
@@ -139,8 +140,9 @@ class ParsevalRegularization(Policy):
         return self._bound
 
     def step(self, penalty: bool = True) -> float | None:
-        """Add λ·∇ of the penalty to every bound weight's gradient; returns λ·penalty (``None`` with
-        ``penalty=False``, which saves a read-back).
+        """Add λ·∇ of the penalty to every bound weight's gradient.
+
+        Returns λ·penalty (``None`` with ``penalty=False``, which saves a read-back).
         """
         if not self._bound:
             raise PlasticityConfigError(f"{self.owner}.step: no model; pass it to {self.owner}(model, ...)")

@@ -108,8 +108,10 @@ class ReDo(UnitPolicy):
         self.bind(model)
 
     def step(self, probe: Any = None) -> dict[str, int] | None:
-        """One optimizer step has been taken: recycle if it is the ``every_n_steps``-th. Call it after
-        ``optimizer.step()``. ``probe``: the batch (or a function returning it) to score units on when due.
+        """One optimizer step has been taken: recycle if it is the ``every_n_steps``-th.
+
+        Call it after ``optimizer.step()``. ``probe``: the batch (or a function returning it) to score units on when
+        due.
 
         Returns:
             The units recycled per producer when it recycled, else ``None``.
@@ -121,8 +123,9 @@ class ReDo(UnitPolicy):
 
     @torch.no_grad()
     def recycle(self, probe: Any = None, *, step: int | None = None) -> dict[str, int]:
-        """Measure on ``probe`` (else the one given at construction) and re-initialise dormant units now; returns
-        the count per producer.
+        """Measure on ``probe`` (else the one given at construction) and re-initialise dormant units now.
+
+        Returns the count per producer.
         """
         if self.model is None:
             raise PlasticityConfigError("ReDo.recycle: no model; pass it to ReDo(model, ...) or call attach(model)")

@@ -1,5 +1,6 @@
-"""Whole-parameter policies for any training loop: Shrink & Perturb, L2 toward the initial weights, head and layer
-resets.
+"""Whole-parameter policies for any training loop.
+
+Shrink & Perturb, L2 toward the initial weights, head and layer resets.
 """
 
 from __future__ import annotations
@@ -379,8 +380,9 @@ class L2Init(Policy):
 
     @torch.no_grad()
     def step(self, penalty: bool = True) -> float | None:
-        """Add 2λ(θ − θ₀) to every bound gradient; returns the penalty λ‖θ − θ₀‖² (``None`` with
-        ``penalty=False``, which saves a read-back).
+        """Add 2λ(θ − θ₀) to every bound gradient.
+
+        Returns the penalty λ‖θ − θ₀‖² (``None`` with ``penalty=False``, which saves a read-back).
         """
         total = 0.0
         for name, param in self._bound.items():
@@ -483,8 +485,9 @@ class HeadReset(Policy):
                 self.warn_once("init", guess)
 
     def step(self, task: Any) -> bool:
-        """Reset if ``task`` differs from the task of the previous call (never on the first); returns whether it
-        did.
+        """Reset if ``task`` differs from the task of the previous call (never on the first).
+
+        Returns whether it did.
         """
         if not self.task_changed(task):
             return False

@@ -200,8 +200,9 @@ def resolve_layers(
 
 
 def default_forward(model: nn.Module, batch: Any) -> Any:
-    """Run ``model`` on a batch: the first element of a tuple/list batch, a dict's ``"x"``/``"input_ids"``/
-    ``"inputs"`` entry, or the batch itself.
+    """Run ``model`` on a batch.
+
+    The first element of a tuple/list batch, a dict's ``"x"``/``"input_ids"``/ ``"inputs"`` entry, or the batch itself.
 
     Args:
         model: the model.

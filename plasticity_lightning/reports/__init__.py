@@ -1,7 +1,8 @@
-"""Reading finished runs back (``plasticity report``): an interactive offline HTML report with the panels that apply
-to a run (continual runs per task: new-task accuracy, the accuracy matrix, ranks, dormant units, weights,
-interventions), a per-task or per-run JSON summary, PNGs on request, and comparisons of variants over seeds (mean
-and 95% band per variant, Wilcoxon signed-rank tests and Cohen's d).
+"""Reading finished runs back (``plasticity report``).
+
+An interactive offline HTML report with the panels that apply to a run (continual runs per task: new-task accuracy, the
+accuracy matrix, ranks, dormant units, weights, interventions), a per-task or per-run JSON summary, PNGs on request, and
+comparisons of variants over seeds (mean and 95% band per variant, Wilcoxon signed-rank tests and Cohen's d).
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
-"""Compare variants across seeds (``plasticity report --compare``): every panel the variants share, each variant
-drawn as the mean of its seeds with a 95% band, and a table of per-variant numbers with paired statistics.
+"""Compare variants across seeds (``plasticity report --compare``).
+
+Every panel the variants share, each variant drawn as the mean of its seeds with a 95% band, and a table of per-variant
+numbers with paired statistics.
 
 Continual runs are compared on their per-task summary (the first tasks against the last for every measure; the
 last-tasks value is tested); other runs on the best ``--metric`` (a loss) and its convergence epoch. When every run
@@ -151,8 +153,10 @@ def _compare_losses(runs: dict[str, list[RunData]], metric: str) -> dict[str, An
 
 
 def _compare_continual(runs: dict[str, list[RunData]], window: int | None) -> dict[str, Any]:
-    """Per-task summaries of every run; per variant the mean and 95% interval of each measure's first and last
-    windows, and tests of the last window against the first variant's.
+    """Per-task summaries of every run.
+
+    Per variant the mean and 95% interval of each measure's first and last windows, and tests of the last window against
+    the first variant's.
     """
     tasks = min(run.num_tasks for group in runs.values() for run in group)
     window = window or max(1, tasks // 10)

@@ -72,8 +72,9 @@ def find_run_dirs(path: str | Path) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------------- metrics
 def read_metrics_csv(path: str | Path) -> pd.DataFrame:
-    """A CSVLogger ``metrics.csv`` as a float table (one row per logging call), checked: a file that is not one
-    gets a one-line error naming the problem.
+    """A CSVLogger ``metrics.csv`` as a float table (one row per logging call), checked.
+
+    A file that is not one gets a one-line error naming the problem.
 
     Args:
         path: the ``metrics.csv`` file.
@@ -251,9 +252,10 @@ class RunData:
 
     @cached_property
     def row_tasks(self) -> np.ndarray:
-        """The task each row belongs to: the row's own ``task_id`` (the monitors log it with their values), else the
-        task logged next at or after its step (a measurement belongs to the task it precedes), else the last one.
-        NaN in runs without tasks.
+        """The task each row belongs to.
+
+        The row's own ``task_id`` (the monitors log it with their values), else the task logged next at or after its
+        step (a measurement belongs to the task it precedes), else the last one. NaN in runs without tasks.
         """
         if TASK_ID_KEY not in self.table.columns:
             return np.full(len(self.table), np.nan)
@@ -262,8 +264,10 @@ class RunData:
 
     @cached_property
     def training_tasks(self) -> np.ndarray:
-        """The task of each row as training saw it: the last task logged at or before the row (validation and
-        epoch-end rows follow the training steps they summarise).
+        """The task of each row as training saw it.
+
+        The last task logged at or before the row (validation and epoch-end rows follow the training steps they
+        summarise).
         """
         if TASK_ID_KEY not in self.table.columns:
             return np.full(len(self.table), np.nan)
@@ -281,8 +285,9 @@ class RunData:
 
     @cached_property
     def accuracy_matrix(self) -> dict[int, list[float]]:
-        """``R[t][k]``: accuracy on task ``k`` at the last validation while training on task ``t``. From
-        ``task_accuracy.csv`` when the run wrote one, else from the ``val/acc_task_<k>`` values of the table.
+        """``R[t][k]``: accuracy on task ``k`` at the last validation while training on task ``t``.
+
+        From ``task_accuracy.csv`` when the run wrote one, else from the ``val/acc_task_<k>`` values of the table.
         """
         if self.task_accuracy:
             return self.task_accuracy
@@ -302,8 +307,9 @@ class RunData:
         return dict(sorted(rows.items()))
 
     def epoch_table(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Per-epoch values of every key (the last value logged in each epoch). Rows without an epoch take the
-        epoch of the latest row at or before their step that has one.
+        """Per-epoch values of every key (the last value logged in each epoch).
+
+        Rows without an epoch take the epoch of the latest row at or before their step that has one.
         """
         if "epoch" not in self.table.columns or not self.table["epoch"].notna().any():
             return np.empty(0, dtype=int), {}

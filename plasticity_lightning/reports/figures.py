@@ -30,8 +30,9 @@ DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
 
 @dataclass
 class FigureChart(Chart):
-    """A chart another library has drawn (``optuna.visualization`` for ``plasticity tune``): its Plotly figure
-    dictionary goes onto the page as it is, beside the library's own charts.
+    """A chart another library has drawn (``optuna.visualization`` for ``plasticity tune``).
+
+    Its Plotly figure dictionary goes onto the page as it is, beside the library's own charts.
     """
 
     plotly: dict[str, Any] = field(default_factory=dict)

@@ -733,8 +733,9 @@ def _aggregate(
 
 
 def compare_charts(variants: dict[str, list[RunData]]) -> tuple[list[Chart], dict[str, str]]:
-    """Charts of every variant overlaid, each series the mean of the variant's runs with a 95% band; heatmaps are
-    drawn once per variant (its mean). Only charts that every variant has are drawn; the rest are listed.
+    """Charts of every variant overlaid, each series the mean of the variant's runs with a 95% band.
+
+    Heatmaps are drawn once per variant (its mean). Only charts that every variant has are drawn; the rest are listed.
 
     Args:
         variants: ``{variant name: runs}``, one run per seed (:func:`~plasticity_lightning.reports.load_variants`).

@@ -135,9 +135,11 @@ def _column(columns: dict[str, np.ndarray], *names: str) -> np.ndarray | None:
 
 
 def continual_summary(run: RunData, window: int | None = None) -> dict[str, Any]:
-    """The per-task summary of a continual run: for every measure, the mean of its first ``window`` tasks and of
-    its last ``window`` (monitors: measured as each task starts, the last window ending at the end of training),
-    what the accuracy matrix measured, and the interventions' totals.
+    """The per-task summary of a continual run.
+
+    For every measure, the mean of its first ``window`` tasks and of its last ``window`` (monitors: measured as each
+    task starts, the last window ending at the end of training), what the accuracy matrix measured, and the
+    interventions' totals.
 
     Args:
         run: the run (:func:`~plasticity_lightning.reports.load_run`).
@@ -182,8 +184,9 @@ def continual_summary(run: RunData, window: int | None = None) -> dict[str, Any]
 
 
 def summarize_run(run: RunData, window: int | None = None) -> dict[str, Any]:
-    """The JSON summary of a run: per task for continual runs; otherwise best/final losses, convergence, gap,
-    time, held-out scores and baselines.
+    """The JSON summary of a run.
+
+    Per task for continual runs; otherwise best/final losses, convergence, gap, time, held-out scores and baselines.
 
     Args:
         run: the run (:func:`~plasticity_lightning.reports.load_run`).
@@ -338,8 +341,9 @@ def write_report_files(
 def write_run_report(
     path: str | Path, output: str | Path | None = None, png: bool = False, window: int | None = None
 ) -> dict[str, Any]:
-    """Write the report of the run at ``path`` into ``output`` (default ``<run>/report``): ``report.html``,
-    ``summary.json`` and, with ``png``, one PNG per chart under ``png/``.
+    """Write the report of the run at ``path`` into ``output`` (default ``<run>/report``).
+
+    ``report.html``, ``summary.json`` and, with ``png``, one PNG per chart under ``png/``.
 
     Returns the summary: its ``panels`` lists the charts drawn, ``skipped`` the panels left out and why, ``files``
     what was written.

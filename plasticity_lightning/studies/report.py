@@ -1,6 +1,7 @@
-"""Statistics and figures of a study: group means with confidence intervals, pairwise tests with Bonferroni
-correction, a markdown/CSV summary and PNG figures (accuracy heatmaps, depth curves, skip effect, gradient
-ratios, generalisation gap vs sample size).
+"""Statistics and figures of a study.
+
+Group means with confidence intervals, pairwise tests with Bonferroni correction, a markdown/CSV summary and PNG figures
+(accuracy heatmaps, depth curves, skip effect, gradient ratios, generalisation gap vs sample size).
 """
 
 from __future__ import annotations

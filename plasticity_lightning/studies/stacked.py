@@ -109,8 +109,10 @@ class StackedMLP(nn.Module):
 
 @dataclass
 class StackedHistory:
-    """Per-run records every ``record_every`` epochs: tensors ``[records, R]`` (``[records, R, layers]`` for the
-    per-layer ones), as Neural Elements' ``gradient_stats`` and ``weight_stats``.
+    """Per-run records every ``record_every`` epochs.
+
+    Tensors ``[records, R]`` (``[records, R, layers]`` for the per-layer ones), as Neural Elements' ``gradient_stats``
+    and ``weight_stats``.
 
     Attributes:
         epoch: the epoch of each record.
@@ -177,9 +179,10 @@ _ACTIVATION_BACKWARD: dict[str, ActivationBackward] = {
 def _numpy_unary(
     numpy_fn: Callable[..., np.ndarray], torch_fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor
 ) -> torch.Tensor:
-    """``torch_fn(z)`` through numpy's ufunc on the tensor's own memory where it can: this torch build's CPU tanh,
-    sin and cos take 3-7x as long as numpy's SIMD loops on these [R, 8, N] blocks (they dominated the study
-    engine's profile); both are within 1.5 ulp of the exact value.
+    """``torch_fn(z)`` through numpy's ufunc on the tensor's own memory where it can.
+
+    This torch build's CPU tanh, sin and cos take 3-7x as long as numpy's SIMD loops on these [R, 8, N] blocks (they
+    dominated the study engine's profile); both are within 1.5 ulp of the exact value.
     """
     if z.device.type != "cpu" or z.dtype not in (torch.float32, torch.float64) or not z.is_contiguous():
         return torch_fn(z)
@@ -189,9 +192,11 @@ def _numpy_unary(
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Stacked ``[R, m, k] @ [R, k, n]``, through numpy's matmul on CPU: on these small blocks (k, m or n of 1-8
-    against 200 samples) it takes 35-55% of ``torch.bmm``'s time on this build (28 vs 83 µs for a weight gradient
-    of 80 runs), which was the largest item of the engine's profile once autograd was gone.
+    """Stacked ``[R, m, k] @ [R, k, n]``, through numpy's matmul on CPU.
+
+    On these small blocks (k, m or n of 1-8 against 200 samples) it takes 35-55% of ``torch.bmm``'s time on this build
+    (28 vs 83 µs for a weight gradient of 80 runs), which was the largest item of the engine's profile once autograd was
+    gone.
     """
     if a.shape[-1] == 1:  # an outer product (the 1-output layer's input gradient): numpy's k = 1 path is slow
         return a * b

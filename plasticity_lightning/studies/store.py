@@ -129,8 +129,9 @@ class ResultStore:
 
     @contextlib.contextmanager
     def _transaction(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:
-        """A connection in one transaction (committed on success, rolled back on error, always closed); SQLite's
-        errors become one clear line (locked, damaged, not a store).
+        """A connection in one transaction (committed on success, rolled back on error, always closed).
+
+        SQLite's errors become one clear line (locked, damaged, not a store).
         """
         try:
             db = sqlite3.connect(self.path, timeout=self.timeout)
@@ -148,8 +149,9 @@ class ResultStore:
         return _store_error(self.path, err, self.timeout)
 
     def check(self, *, deep: bool = False) -> None:
-        """Fail clearly unless the file is an undamaged study store: ``PRAGMA quick_check`` and the tables' columns
-        (``deep`` also decodes every stored run).
+        """Fail clearly unless the file is an undamaged study store.
+
+        ``PRAGMA quick_check`` and the tables' columns (``deep`` also decodes every stored run).
         """
         with self._transaction() as db:
             problems = [row[0] for row in db.execute("PRAGMA quick_check")]
@@ -193,9 +195,10 @@ class ResultStore:
         *,
         parse_history: bool = True,
     ) -> dict[str, Any]:
-        """One stored run as Python values; a value that does not decode is a damaged store. The history's zlib
-        stream carries an Adler-32 checksum: decompressing it checks every byte (``parse_history=False`` stops
-        there, which is what a check needs).
+        """One stored run as Python values; a value that does not decode is a damaged store.
+
+        The history's zlib stream carries an Adler-32 checksum: decompressing it checks every byte
+        (``parse_history=False`` stops there, which is what a check needs).
         """
         try:
             row = {"key": key, "study": study, "config": json.loads(config), "seed": seed, **json.loads(metrics)}
@@ -259,8 +262,10 @@ class ResultStore:
     # -- claims of concurrent `study run` processes -----------------------------------------------------------
 
     def claim(self, group: str, keys: Sequence[str], owner: str) -> bool:
-        """Claim the group ``group`` (runs ``keys``) for ``owner``: False when all its runs are stored or a live
-        process holds it. One write transaction, so two processes never both get a group.
+        """Claim the group ``group`` (runs ``keys``) for ``owner``.
+
+        False when all its runs are stored or a live process holds it. One write transaction, so two processes never
+        both get a group.
         """
         with self._transaction(immediate=True) as db:
             db.execute(CLAIMS_SCHEMA)
@@ -318,8 +323,9 @@ class ResultStore:
     # -- export -----------------------------------------------------------------------------------------------
 
     def export(self, path: str | Path) -> Path:
-        """One line per run (config fields and scalar metrics) as CSV, or Parquet for a ``.parquet`` path; written
-        through a temporary file, so a failed export leaves nothing half-written.
+        """One line per run (config fields and scalar metrics) as CSV, or Parquet for a ``.parquet`` path.
+
+        Written through a temporary file, so a failed export leaves nothing half-written.
         """
         path = Path(path)
         if path.suffix not in (".csv", ".parquet"):
@@ -391,8 +397,9 @@ def open_store(path: str | Path, *, timeout: float = 60.0) -> ResultStore:
 
 
 def owner_alive(owner: str, heartbeat: float) -> bool:
-    """Whether the ``study run`` named ``owner`` (``host:pid:start time:token``) still runs: on this host, its
-    process; on another host, a heartbeat within :data:`STALE_AFTER` seconds.
+    """Whether the ``study run`` named ``owner`` (``host:pid:start time:token``) still runs.
+
+    On this host, its process; on another host, a heartbeat within :data:`STALE_AFTER` seconds.
     """
     try:
         host, pid, started, _ = owner.rsplit(":", 3)

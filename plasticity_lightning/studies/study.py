@@ -216,8 +216,10 @@ class StudySpec:
 
 
 def run_key(study: str, config: dict[str, Any], seed: int = 0) -> str:
-    """Readable grid coordinates plus a hash of the training settings: a spec changed under the same name (other
-    epochs, lr, seed, ...) gets new keys, so its stale rows are never mistaken for finished runs.
+    """Readable grid coordinates plus a hash of the training settings.
+
+    A spec changed under the same name (other epochs, lr, seed, ...) gets new keys, so its stale rows are never mistaken
+    for finished runs.
     """
     hidden = "-".join(map(str, config["hidden_sizes"])) or "linear"
     settings = {k: config.get(k) for k in ("epochs", "lr", "record_every", "test_fraction", "noise_levels")}
@@ -338,8 +340,10 @@ def run_group(study: str, group: Sequence[dict[str, Any]]) -> list[dict[str, Any
 def _noise_robustness(
     model: StackedMLP, data: dict[str, torch.Tensor | None], levels: Sequence[float], seeds: Sequence[int]
 ) -> dict[float, list[float]]:
-    """Neural Elements' test-time robustness: accuracy on the test inputs (the training inputs without a test
-    split) plus N(0, σ²) noise, per σ and run; the noise is seeded by each run's data seed.
+    """Neural Elements' test-time robustness.
+
+    Accuracy on the test inputs (the training inputs without a test split) plus N(0, σ²) noise, per σ and run; the noise
+    is seeded by each run's data seed.
     """
     x = data["x_test"] if data["x_test"] is not None else data["x"]
     y = data["y_test"] if data["y_test"] is not None else data["y"]
@@ -407,8 +411,9 @@ def run_study(
     with store.claimant() as owner:
 
         def claimed() -> Iterator[list[dict[str, Any]]]:
-            """The groups this call gets, claimed one at a time as it is ready to train them; a group another call
-            holds is tried once more at the end, in case that call died meanwhile.
+            """The groups this call gets, claimed one at a time as it is ready to train them.
+
+            A group another call holds is tried once more at the end, in case that call died meanwhile.
             """
             nonlocal total
             held = []

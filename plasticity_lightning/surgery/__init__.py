@@ -1,6 +1,8 @@
-"""Changing a model in place: producer → consumer topology (registered per-block pairing rules, then traces), unit
-re-initialisation, optimizer-state resets, Σ-orthogonal weights for replaced units, and attention-head gates,
-re-initialisation and removal. Pure torch; the callbacks decide when and which.
+"""Changing a model in place.
+
+Producer → consumer topology (registered per-block pairing rules, then traces), unit re-initialisation, optimizer-state
+resets, Σ-orthogonal weights for replaced units, and attention-head gates, re-initialisation and removal. Pure torch;
+the callbacks decide when and which.
 """
 
 from __future__ import annotations

@@ -170,9 +170,10 @@ def _as_layout(module: nn.Module | HeadLayout) -> HeadLayout:
 
 
 def attention_layouts(model: nn.Module) -> list[tuple[str, HeadLayout]]:
-    """Every attention module of ``model`` with its :class:`HeadLayout`, in forward (layer) order: the blocks the
-    ``attention`` pairing rule names and any other module with a known layout (the outermost one: an attention
-    module inside another is part of it).
+    """Every attention module of ``model`` with its :class:`HeadLayout`, in forward (layer) order.
+
+    The blocks the ``attention`` pairing rule names and any other module with a known layout (the outermost one: an
+    attention module inside another is part of it).
 
     Args:
         model: a model with GPT-2-style (fused ``c_attn``) or Llama-style (``q/k/v/o_proj``) attention modules.
@@ -299,9 +300,10 @@ class HeadGates:
 
     @torch.no_grad()
     def fold_(self) -> None:
-        """Bake the gates into the weights (each head's output-projection inputs × its gate) and detach the hooks:
-        the model then computes exactly what the gated model did, with no hooks (for export; then
-        :func:`prune_heads_` removes the heads whose gate was 0).
+        """Bake the gates into the weights (each head's output-projection inputs × its gate) and detach the hooks.
+
+        The model then computes exactly what the gated model did, with no hooks (for export; then :func:`prune_heads_`
+        removes the heads whose gate was 0).
         """
         for index, layout in enumerate(self.layouts):
             for piece in layout.slices:

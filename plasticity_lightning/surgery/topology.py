@@ -119,8 +119,9 @@ def is_weight_layer(module: nn.Module) -> bool:
 
 
 def unit_weight(module: nn.Module) -> torch.Tensor:
-    """``module``'s weight as ``[out, in, ...]``: a unit's incoming weights are a row, its outgoing ones a column
-    (a view: writes reach the parameter).
+    """``module``'s weight as ``[out, in, ...]``.
+
+    A unit's incoming weights are a row, its outgoing ones a column (a view: writes reach the parameter).
     """
     return module.weight.t() if is_transposed_linear(module) else module.weight
 
@@ -735,8 +736,9 @@ def _bind(pair: UnitPair, modules: dict[str, nn.Module], owner: str) -> None:
 
 
 def _parameter_owners(model: nn.Module) -> dict[int, dict[int, str]]:
-    """id(parameter) → {id(module): name} of every module that holds it directly. One module registered under two
-    names is one owner (it is one layer); two modules holding one parameter are tied.
+    """id(parameter) → {id(module): name} of every module that holds it directly.
+
+    One module registered under two names is one owner (it is one layer); two modules holding one parameter are tied.
     """
     owners: dict[int, dict[int, str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
@@ -788,8 +790,9 @@ def _check_against_graphs(
 
 
 def _seen_by(name: str, prefix: str, nodes: dict[str, list[torch.fx.Node]]) -> bool:
-    """Whether a graph of the module ``prefix`` would show ``name`` if it were called: it lies inside that module
-    and inside no module the graph keeps whole.
+    """Whether a graph of the module ``prefix`` would show ``name`` if it were called.
+
+    It lies inside that module and inside no module the graph keeps whole.
     """
     inside = not prefix or name.startswith(f"{prefix}.")
     return inside and not any(name.startswith(f"{called}.") for called in nodes)

@@ -230,8 +230,9 @@ class SearchSpec:
         return _instantiate(self.pruner, "pruning.pruner", optuna.pruners.BasePruner, self.source)
 
     def build_sampler(self, worker: int = 0) -> Any:
-        """The search file's sampler (Optuna's default when none). A ``seed`` is offset by ``worker``: workers
-        seeded alike would draw the same values for their trials.
+        """The search file's sampler (Optuna's default when none).
+
+        A ``seed`` is offset by ``worker``: workers seeded alike would draw the same values for their trials.
         """
         import optuna
 
@@ -364,8 +365,10 @@ def _categorical(where: str, key: str, choices: Any) -> Param:
 
 
 def _labels(values: list[Any]) -> list[Any]:
-    """The Optuna values of listed choices: plain values as they are; a block by its class name (with its position
-    when two share a class); anything else (a list) by its text.
+    """The Optuna values of listed choices.
+
+    Plain values as they are; a block by its class name (with its position when two share a class); anything else (a
+    list) by its text.
     """
     names = [str(v["class_path"]).rpartition(".")[2] if isinstance(v, Mapping) else None for v in values]
     labels = []

@@ -87,9 +87,11 @@ class TrialInterrupted(KeyboardInterrupt):
 
 
 class _Signals:
-    """SIGTERM and SIGINT while a worker runs: recorded, and raised as :class:`TrialInterrupted` only where the worker
-    can stop cleanly (inside a trial, or while it waits), never while it records a trial in the storage; a signal
-    that arrives there stops the worker at its next check.
+    """SIGTERM and SIGINT while a worker runs.
+
+    Recorded, and raised as :class:`TrialInterrupted` only where the worker can stop cleanly (inside a trial, or while
+    it waits), never while it records a trial in the storage; a signal that arrives there stops the worker at its next
+    check.
     """
 
     def __init__(self) -> None:
@@ -134,8 +136,10 @@ def _stop_on_signals() -> Iterator[_Signals]:
 
 
 def _interruption(err: BaseException) -> TrialInterrupted | None:
-    """The signal behind ``err``: Lightning turns an interruption inside a fit into ``SystemExit(1)`` (after a
-    ``KeyboardInterrupt``, ours included) or its ``SIGTERMException`` (a SIGTERM that reached the fit before ours).
+    """The signal behind ``err``.
+
+    Lightning turns an interruption inside a fit into ``SystemExit(1)`` (after a ``KeyboardInterrupt``, ours included)
+    or its ``SIGTERMException`` (a SIGTERM that reached the fit before ours).
     """
     from plasticity_lightning.cli import _stopped_by_sigterm
 
@@ -254,8 +258,9 @@ def _fit(config: dict[str, Any], path: Path, callbacks: list[Any]) -> Any:
 
 @contextlib.contextmanager
 def _output_to(path: Path | None) -> Iterator[None]:
-    """Send everything this process prints (Python, logging, C libraries) to ``path`` while a trial runs: the
-    workers' fits would interleave on one terminal.
+    """Send everything this process prints (Python, logging, C libraries) to ``path`` while a trial runs.
+
+    The workers' fits would interleave on one terminal.
     """
     if path is None:
         yield
@@ -425,8 +430,10 @@ def storage_url(folder: Path, storage: str | None) -> str:
 
 
 def open_storage(url: str, heartbeat: int = 10, retries: int = 2) -> Any:
-    """The Optuna storage behind ``url``: ``journal:PATH`` (or a ``.journal``/``.log`` file) is a journal file,
-    anything else an RDB URL for SQLAlchemy. RDB storages get heartbeats and retries of stale trials.
+    """The Optuna storage behind ``url``.
+
+    ``journal:PATH`` (or a ``.journal``/``.log`` file) is a journal file, anything else an RDB URL for SQLAlchemy. RDB
+    storages get heartbeats and retries of stale trials.
 
     Args:
         url: a storage URL (``journal:PATH``, a ``.journal``/``.log`` file, or an RDB URL).
@@ -501,11 +508,12 @@ def _heartbeat(storage: Any, trial_id: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _queue_lock(url: str, folder: Path) -> Iterator[None]:
-    """An exclusive lock, across this machine's processes, while the queue changes: topping it up, claiming a
-    trial, failing stale ones (whose retries are queued). A storage in a local file needs it: SQLite lets two
-    processes read a trial as waiting and both write it as running (no row locks), and two workers failing the same
-    stale trial would queue two retries. PostgreSQL/MySQL lock the row themselves (``SELECT ... FOR UPDATE``), and
-    the journal file replays its log in one order; for them this lock only orders this machine's workers.
+    """An exclusive lock, across this machine's processes, while the queue changes.
+
+    Topping it up, claiming a trial, failing stale ones (whose retries are queued). A storage in a local file needs it:
+    SQLite lets two processes read a trial as waiting and both write it as running (no row locks), and two workers
+    failing the same stale trial would queue two retries. PostgreSQL/MySQL lock the row themselves (``SELECT ... FOR
+    UPDATE``), and the journal file replays its log in one order; for them this lock only orders this machine's workers.
     """
     target = url.removeprefix("journal:") if url.startswith("journal:") else None
     if url.startswith("sqlite:///"):
@@ -521,8 +529,9 @@ def _queue_lock(url: str, folder: Path) -> Iterator[None]:
 
 
 def fingerprint(base: dict[str, Any], spec: SearchSpec) -> str:
-    """What a study was started with (the complete recipe, less where it logs, and the search): a rerun with other
-    settings under the same study name is refused instead of mixing two searches.
+    """What a study was started with (the complete recipe, less where it logs, and the search).
+
+    A rerun with other settings under the same study name is refused instead of mixing two searches.
 
     Args:
         base: the recipe's complete configuration (:func:`recipe_config`).
@@ -800,8 +809,9 @@ def run_trial(
 
 
 def work(setup: TuneSetup, report: Callable[[str], None] = print) -> int:
-    """One worker: claim and run waiting trials until the study holds no waiting or running trial; returns how
-    many it ran. While other workers' trials run it waits: one may die, and its retry must still be run.
+    """One worker: claim and run waiting trials until the study holds no waiting or running trial.
+
+    Returns how many it ran. While other workers' trials run it waits: one may die, and its retry must still be run.
 
     Args:
         setup: the study's settings.
@@ -834,10 +844,11 @@ def work(setup: TuneSetup, report: Callable[[str], None] = print) -> int:
 
 
 def _die_with_parent(grace: float = 30.0) -> None:
-    """End this worker when the process that started it dies, however it died (``kill -9`` included): a thread
-    waits on the pipe the parent holds open (multiprocessing's parent sentinel; the kernel closes it with the
-    parent), then sends this process SIGTERM, which records and requeues its trial; should that hang, the thread
-    ends the process after ``grace`` seconds.
+    """End this worker when the process that started it dies, however it died (``kill -9`` included).
+
+    A thread waits on the pipe the parent holds open (multiprocessing's parent sentinel; the kernel closes it with the
+    parent), then sends this process SIGTERM, which records and requeues its trial; should that hang, the thread ends
+    the process after ``grace`` seconds.
     """
     from multiprocessing.connection import wait
 
@@ -855,10 +866,11 @@ def _die_with_parent(grace: float = 30.0) -> None:
 
 
 def preload(setup: TuneSetup) -> None:
-    """Import what a trial runs before a fresh worker claims its first trial: Lightning, the CLI, the recipe's
-    classes and the pruning callback would otherwise load inside that trial (about 20 s of a busy 2-core machine,
-    seen as the first trial of each worker taking that much longer). A plain ``plasticity fit`` process pays the
-    same imports once; a worker pays them once for all its trials.
+    """Import what a trial runs before a fresh worker claims its first trial.
+
+    Lightning, the CLI, the recipe's classes and the pruning callback would otherwise load inside that trial (about 20 s
+    of a busy 2-core machine, seen as the first trial of each worker taking that much longer). A plain ``plasticity
+    fit`` process pays the same imports once; a worker pays them once for all its trials.
 
     Args:
         setup: the study's settings.

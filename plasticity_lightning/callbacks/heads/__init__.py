@@ -1,6 +1,8 @@
-"""Attention-head callbacks for language models: head importance, attention entropy and degeneration monitors,
-head pruning and growth, and the :class:`PlasticityCycle` that combines them. Adapters over
-:mod:`plasticity_lightning.policies.heads` (the algorithms, usable in any training loop).
+"""Attention-head callbacks for language models.
+
+Head importance, attention entropy and degeneration monitors, head pruning and growth, and the :class:`PlasticityCycle`
+that combines them. Adapters over :mod:`plasticity_lightning.policies.heads` (the algorithms, usable in any training
+loop).
 """
 
 from plasticity_lightning.callbacks.heads.cycle import PlasticityCycle

@@ -1,5 +1,6 @@
-"""The :class:`HeadImportance` callback (Michel et al. 2019) and what every head callback shares: the gates it
-attaches, the check that a fit has validation, and the count of steps skipped on NaN/inf statistics.
+"""The :class:`HeadImportance` callback (Michel et al. 2019) and what every head callback shares.
+
+The gates it attaches, the check that a fit has validation, and the count of steps skipped on NaN/inf statistics.
 
 Every head callback works on the one :class:`~plasticity_lightning.surgery.HeadGates` that :class:`HeadImportance`
 attaches, so add a ``HeadImportance`` first; its checkpoint state holds the gates, so a resumed run continues
@@ -52,9 +53,10 @@ def find_head_importance(trainer: pl.Trainer, owner: str) -> HeadImportance:
 
 
 class SkipsNonFinite:
-    """The head callbacks' record of steps skipped on NaN/inf statistics, as CBP and ReDo keep theirs: each skip is
-    counted in ``<prefix>/skipped_nonfinite`` (logged, and kept in the checkpoint) and the first one per statistic
-    warns.
+    """The head callbacks' record of steps skipped on NaN/inf statistics, as CBP and ReDo keep theirs.
+
+    Each skip is counted in ``<prefix>/skipped_nonfinite`` (logged, and kept in the checkpoint) and the first one per
+    statistic warns.
     """
 
     skipped_nonfinite: int = 0
@@ -67,8 +69,9 @@ class SkipsNonFinite:
 
 
 class HeadImportance(Intervention):
-    """Per-head importance, accumulated over ``num_batches`` training batches and refreshed every window: an adapter
-    over :class:`~plasticity_lightning.policies.heads.HeadImportanceScores`.
+    """Per-head importance, accumulated over ``num_batches`` training batches and refreshed every window.
+
+    An adapter over :class:`~plasticity_lightning.policies.heads.HeadImportanceScores`.
 
     ``method="gradient"``: Michel et al.'s I_h = E|∂L/∂ξ_h|, with ξ the gates of :class:`HeadGates` (1 unless a
     head is pruned or ramping, so the model computes what it would without them); the gradient comes from the

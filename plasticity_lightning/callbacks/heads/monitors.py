@@ -1,5 +1,6 @@
-"""Monitors of a language model's attention and text: per-head attention entropy and the degeneration of seeded
-generations.
+"""Monitors of a language model's attention and text.
+
+Per-head attention entropy and the degeneration of seeded generations.
 """
 
 from __future__ import annotations
@@ -70,10 +71,12 @@ class AttentionEntropyMonitor(PlasticityMonitor):
 
 
 class DegenerationMonitor(PlasticityMonitor):
-    """Seeded generation from fixed prompts, scored for degeneration: ``degeneration/{distinct_1, distinct_2,
-    repeated_3gram_rate, max_token_repetition}`` (:func:`~plasticity_lightning.metrics.degeneration_summary`, on
-    the generated token ids), at the monitors' cadence. Deterministic: the same weights give the same numbers
-    (sampling is seeded and leaves the global RNG alone). W&B and TensorBoard also get a table of the samples.
+    """Seeded generation from fixed prompts, scored for degeneration.
+
+    ``degeneration/{distinct_1, distinct_2, repeated_3gram_rate, max_token_repetition}``
+    (:func:`~plasticity_lightning.metrics.degeneration_summary`, on the generated token ids), at the monitors' cadence.
+    Deterministic: the same weights give the same numbers (sampling is seeded and leaves the global RNG alone). W&B and
+    TensorBoard also get a table of the samples.
 
     The model generates with its ``generate(input_ids, max_new_tokens=..., seed=...)`` (as
     :class:`~plasticity_lightning.models.CausalLM` does) or, failing that, through an HF model at ``.model``

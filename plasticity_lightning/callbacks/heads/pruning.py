@@ -1,5 +1,7 @@
-"""Iterative head pruning by importance (Michel et al. 2019): the Lightning adapter over
-:class:`~plasticity_lightning.policies.heads.IterativeHeadPruner` (cadence, DDP averaging, logging, checkpoints).
+"""Iterative head pruning by importance (Michel et al. 2019).
+
+The Lightning adapter over :class:`~plasticity_lightning.policies.heads.IterativeHeadPruner` (cadence, DDP averaging,
+logging, checkpoints).
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from plasticity_lightning.policies.heads.selection import NonFiniteScores
 
 
 class HeadPruning(SkipsNonFinite, Intervention):
-    """Iterative head pruning by importance (Michel et al.): after every ``every_n_validations``-th validation of the
-    fit (not of ``trainer.validate``), gate off
-    the ``fraction`` of all heads with the lowest importance — never a layer's last head — until ``max_fraction``
-    is pruned or validation perplexity exceeds the first measured one by more than ``tolerance`` (relative); the
-    step that broke the tolerance is undone and pruning stops.
+    """Iterative head pruning by importance (Michel et al.).
+
+    After every ``every_n_validations``-th validation of the fit (not of ``trainer.validate``), gate off the
+    ``fraction`` of all heads with the lowest importance — never a layer's last head — until ``max_fraction`` is pruned
+    or validation perplexity exceeds the first measured one by more than ``tolerance`` (relative); the step that broke
+    the tolerance is undone and pruning stops.
 
     Importance and gates come from a :class:`HeadImportance` callback on the same trainer (add it before this
     one). Decisions use DDP-averaged importance and the perplexity averaged across ranks, so every rank prunes the

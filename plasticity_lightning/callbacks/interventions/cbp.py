@@ -1,5 +1,6 @@
-"""Continual Backprop (Dohare et al., Nature 2024) and RR-CBP as a Lightning callback: an adapter over
-:class:`plasticity_lightning.policies.ContinualBackprop`, which holds the algorithm.
+"""Continual Backprop (Dohare et al., Nature 2024) and RR-CBP as a Lightning callback.
+
+An adapter over :class:`plasticity_lightning.policies.ContinualBackprop`, which holds the algorithm.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Parseval regularisation (Chung et al. 2024) as a Lightning callback: an adapter over
-:class:`plasticity_lightning.policies.ParsevalRegularization`.
+"""Parseval regularisation (Chung et al. 2024) as a Lightning callback.
+
+An adapter over :class:`plasticity_lightning.policies.ParsevalRegularization`.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
-"""Whole-parameter interventions as Lightning callbacks — Shrink & Perturb, L2 toward the initial weights, output-head
-and layer resets: adapters over :mod:`plasticity_lightning.policies.resets`.
+"""Whole-parameter interventions as Lightning callbacks.
+
+Shrink & Perturb, L2 toward the initial weights, output-head and layer resets: adapters over
+:mod:`plasticity_lightning.policies.resets`.
 """
 
 from __future__ import annotations

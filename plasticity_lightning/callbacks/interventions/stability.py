@@ -1,5 +1,7 @@
-"""Numerical stability and surge/collapse: :class:`SoftmaxCollapseMonitor` (Prieto et al. 2025) and
-:class:`SurgeCollapse` (SurgeCollapseNet / StabilAI's weight collapse and noise surge).
+"""Numerical stability and surge/collapse.
+
+:class:`SoftmaxCollapseMonitor` (Prieto et al. 2025) and :class:`SurgeCollapse` (SurgeCollapseNet / StabilAI's weight
+collapse and noise surge).
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ from plasticity_lightning.surgery import hidden_unit_layers
 
 
 class SoftmaxCollapseMonitor(PlasticityMonitor):
-    """Softmax Collapse on the training set: ``collapse/{softmax_collapse, zero_terms, logit_norm, nlm_alignment}``
-    and ``collapse/nlm_alignment/<parameter>`` per weight tensor, at the monitors' cadence.
+    """Softmax Collapse on the training set.
+
+    ``collapse/{softmax_collapse, zero_terms, logit_norm, nlm_alignment}`` and ``collapse/nlm_alignment/<parameter>``
+    per weight tensor, at the monitors' cadence.
 
     * ``softmax_collapse``: share of training rows whose softmax normaliser is exactly 1 in ``precision``;
     * ``zero_terms``: share whose loss term is exactly 0 — softmax cross-entropy in ``precision``, or the model's
@@ -117,9 +121,10 @@ class SoftmaxCollapseMonitor(PlasticityMonitor):
         return values
 
     def _zero_terms(self, pl_module: nn.Module, logits: torch.Tensor, targets: torch.Tensor) -> float:
-        """Share of exactly-zero loss terms: softmax cross-entropy in ``precision``, or the model's own criterion
-        per sample when it is another loss with a ``reduction`` (StableMax cross-entropy: its terms are what
-        training sees).
+        """Share of exactly-zero loss terms.
+
+        Softmax cross-entropy in ``precision``, or the model's own criterion per sample when it is another loss with a
+        ``reduction`` (StableMax cross-entropy: its terms are what training sees).
         """
         criterion = getattr(pl_module, "criterion", None)
         if criterion is None or isinstance(criterion, nn.CrossEntropyLoss) or not hasattr(criterion, "reduction"):

@@ -181,6 +181,7 @@ class PlasticityMonitor(TaskAwareCallback):
     # ------------------------------------------------------------------ to implement
     def needs_model_output(self, model_output: Any) -> bool:
         """Whether :meth:`measure` reads the model's output on the probe, given the output of a full probe pass.
+
         When no monitor sharing a probe pass needs it, later passes end after the last measured layer (see
         :func:`~plasticity_lightning.probes.capture_outputs`'s ``until``). Subclasses that never read it say so.
         """
@@ -388,8 +389,10 @@ class PlasticityMonitor(TaskAwareCallback):
             rank_zero_warn(message)
 
     def check_finite(self, trainer: pl.Trainer, name: str, tensor: torch.Tensor, what: str = "outputs") -> bool:
-        """Whether ``tensor`` is finite. If not, every ``<name>/...`` value (and every ``all/...`` value) of this
-        measurement is logged as NaN, and the first time for ``name`` a warning says so.
+        """Whether ``tensor`` is finite.
+
+        If not, every ``<name>/...`` value (and every ``all/...`` value) of this measurement is logged as NaN, and the
+        first time for ``name`` a warning says so.
         """
         if bool(torch.isfinite(tensor).all()):
             return True

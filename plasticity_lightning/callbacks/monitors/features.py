@@ -1,5 +1,7 @@
-"""Feature, update and gradient monitors: feature norm and variance with saturation-aware active units, weight change
-per update, and gradient-based dormancy (GraMa).
+"""Feature, update and gradient monitors.
+
+Feature norm and variance with saturation-aware active units, weight change per update, and gradient-based dormancy
+(GraMa).
 
 Add any of them to a Trainer, or all of them with ``--config configs/callbacks/feature_monitors.yaml``::
 
@@ -149,8 +151,10 @@ class WeightChangeMonitor(PlasticityMonitor):
 
 
 class GradientDormancyMonitor(PlasticityMonitor):
-    """GraMa (Liu et al. 2025, "Measure gradients, not activations!"): units whose share of the loss gradient has
-    fallen to (almost) nothing, read from the real training gradients of every n-th optimizer step.
+    """GraMa (Liu et al. 2025, "Measure gradients, not activations!").
+
+    Units whose share of the loss gradient has fallen to (almost) nothing, read from the real training gradients of
+    every n-th optimizer step.
 
     For each hidden layer, the gradient of the loss with respect to the layer's input (``at="input"``: for an
     activation module, the pre-activation — what reaches the unit's incoming weights, so a dead ReLU or a saturated

@@ -1,8 +1,10 @@
-"""Attention-head policies for any training loop: head importance, which heads to prune and to revive, the
-reviver (fresh weights, gate ramp, learning-rate boost), the prune → measure → grow → learn cycle's controller
-and what a cycle is judged on (perplexity, degeneration of seeded generations, live heads).
-The tensor surgery they call (gates, re-initialisation, removal) is :mod:`plasticity_lightning.surgery.heads`; the
-Lightning callbacks over them are :mod:`plasticity_lightning.callbacks.heads`.
+"""Attention-head policies for any training loop.
+
+Head importance, which heads to prune and to revive, the reviver (fresh weights, gate ramp, learning-rate boost), the
+prune → measure → grow → learn cycle's controller and what a cycle is judged on (perplexity, degeneration of seeded
+generations, live heads). The tensor surgery they call (gates, re-initialisation, removal) is
+:mod:`plasticity_lightning.surgery.heads`; the Lightning callbacks over them are
+:mod:`plasticity_lightning.callbacks.heads`.
 """
 
 from plasticity_lightning.policies.heads.cycle import CycleController, CycleSettings, updated_rating

@@ -1,6 +1,7 @@
-"""Head importance over a window of training batches, for any training loop: Michel et al.'s gradient importance
-(from the loop's own backward pass, through the gates of :class:`~plasticity_lightning.surgery.HeadGates`), the
-attention-entropy gap, or the weights' magnitude.
+"""Head importance over a window of training batches, for any training loop.
+
+Michel et al.'s gradient importance (from the loop's own backward pass, through the gates of
+:class:`~plasticity_lightning.surgery.HeadGates`), the attention-entropy gap, or the weights' magnitude.
 """
 
 from __future__ import annotations
@@ -121,8 +122,9 @@ class HeadImportanceScores(Policy):
             self.sum += grad.abs()
 
     def step(self, input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Count one training batch (``input_ids``: its token ids, for ``method="entropy"``); at the end of a window
-        compute :attr:`importance`, start a new window and return it, else return ``None``.
+        """Count one training batch (``input_ids``: its token ids, for ``method="entropy"``).
+
+        At the end of a window compute :attr:`importance`, start a new window and return it, else return ``None``.
         """
         self.count += 1
         if self.method == "entropy":

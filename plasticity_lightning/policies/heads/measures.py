@@ -1,5 +1,7 @@
-"""What the head policies are judged on, in any loop: the degeneration of seeded continuations of prompts, and the
-measures a prune → grow cycle compares (perplexity on a fixed probe, degeneration, live heads).
+"""What the head policies are judged on, in any loop.
+
+The degeneration of seeded continuations of prompts, and the measures a prune → grow cycle compares (perplexity on a
+fixed probe, degeneration, live heads).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from plasticity_lightning.surgery.heads import HeadGates
 
 
 def continue_prompt(module: nn.Module, ids: torch.Tensor, max_new_tokens: int, seed: int) -> torch.Tensor:
-    """``ids`` continued by ``max_new_tokens`` seeded tokens: the module's own seeded ``generate(ids,
-    max_new_tokens, seed)`` (CausalLM's), else :func:`~plasticity_lightning.nn.generation.generate_seeded` on the HF
-    model (the module itself, or the one at ``.model``).
+    """``ids`` continued by ``max_new_tokens`` seeded tokens.
+
+    The module's own seeded ``generate(ids, max_new_tokens, seed)`` (CausalLM's), else
+    :func:`~plasticity_lightning.nn.generation.generate_seeded` on the HF model (the module itself, or the one at
+    ``.model``).
 
     Args:
         module: a CausalLM, a HF causal language model, or a module holding one at ``.model``.
@@ -80,10 +84,11 @@ def cycle_measures(
     metric: str = "repeated_3gram_rate",
     forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext,
 ) -> dict[str, float]:
-    """What a :class:`~plasticity_lightning.policies.heads.CycleController` judges a cycle on, now: the perplexity
-    of ``model`` on ``input_ids`` (in eval mode; inside ``forward_context``, e.g. a mixed-precision autocast), the
-    degeneration ``metric`` of seeded continuations of ``prompts`` (:func:`score_generations`; NaN when the
-    perplexity is not finite: a diverged model has no text to judge, and NaN fails every judgement) and the live
+    """What a :class:`~plasticity_lightning.policies.heads.CycleController` judges a cycle on, now.
+
+    The perplexity of ``model`` on ``input_ids`` (in eval mode; inside ``forward_context``, e.g. a mixed-precision
+    autocast), the degeneration ``metric`` of seeded continuations of ``prompts`` (:func:`score_generations`; NaN when
+    the perplexity is not finite: a diverged model has no text to judge, and NaN fails every judgement) and the live
     heads of ``gates``.
 
     Args:

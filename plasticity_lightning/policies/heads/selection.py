@@ -1,6 +1,8 @@
-"""Which attention heads to prune and which to revive: head scores (gradient importance, entropy gap, weight
-magnitude, random draws) and the selection rules on them, for any HF transformers model with sliceable attention
-(:func:`~plasticity_lightning.surgery.attention_layouts`). Plain functions: no trainer, the caller's generator.
+"""Which attention heads to prune and which to revive.
+
+Head scores (gradient importance, entropy gap, weight magnitude, random draws) and the selection rules on them, for any
+HF transformers model with sliceable attention (:func:`~plasticity_lightning.surgery.attention_layouts`). Plain
+functions: no trainer, the caller's generator.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ GROWTH_CHOICES = tuple(GROWTH_SCORE)
 
 
 class NonFiniteScores(ArithmeticError):
-    """Head scores that a decision ranks by (importance, entropy gap, weight norms) are NaN/inf: the callers skip
-    that step instead of ranking heads on them.
+    """Head scores that a decision ranks by (importance, entropy gap, weight norms) are NaN/inf.
+
+    The callers skip that step instead of ranking heads on them.
 
     Attributes:
         what: which scores (``"importance"``, ``"entropy"``, …), for the warning and the skip count.
@@ -47,8 +50,9 @@ def require_finite_scores(scores: torch.Tensor, candidates: torch.Tensor, what: 
 
 
 def share_count(fraction: float, total: int) -> int:
-    """How many of ``total`` heads a share selects: ``max(1, int(fraction · total))``, and 0 of none (the one rule
-    of the pruning and growth steps).
+    """How many of ``total`` heads a share selects.
+
+    ``max(1, int(fraction · total))``, and 0 of none (the one rule of the pruning and growth steps).
 
     Args:
         fraction: the share of heads to select (0-1).
@@ -130,7 +134,8 @@ def head_scores(
 def lowest_heads(
     importance: torch.Tensor, alive: torch.Tensor, count: int, what: str = "importance"
 ) -> list[tuple[int, int]]:
-    """The ``count`` alive heads of lowest importance, never a layer's last alive head (ties: lowest index);
+    """The ``count`` alive heads of lowest importance, never a layer's last alive head (ties: lowest index).
+
     :class:`NonFiniteScores` (naming ``what``) when an alive head's importance is NaN/inf.
 
     Args:
