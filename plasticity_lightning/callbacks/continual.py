@@ -215,8 +215,10 @@ class TaskAccuracyTable(TaskAwareCallback):
         return accuracy_matrix_summary(self.rows)
 
     def transfer(self) -> dict[str, float]:
-        """:func:`~plasticity_lightning.metrics.continual.transfer_summary` of the finished rows and the random-init
-        row: ``bwt``, ``fwt_next``, ``fwt_all`` (NaN when the cells they need were not measured).
+        """Backward and forward transfer of the finished rows.
+
+        :func:`~plasticity_lightning.metrics.continual.transfer_summary` of the finished rows and the random-init row:
+        ``bwt``, ``fwt_next``, ``fwt_all`` (NaN when the cells they need were not measured).
         """
         return transfer_summary(self.rows, self.random_init)
 
@@ -351,11 +353,13 @@ class TaskAccuracyTable(TaskAwareCallback):
 def evaluate_per_task(
     trainer: pl.Trainer, pl_module: pl.LightningModule, model: torch.nn.Module, num_tasks: int
 ) -> list[float] | None:
-    """Accuracy of ``model`` on each task of the trainer's validation data (NaN where a task has no rows), as the
-    validation loop would see it: the same batches (``limit_val_batches`` included), transformed for the task by
-    the datamodule, with the current task's class mask; reduced across DDP ranks by torchmetrics. ``model`` is
-    ``pl_module`` itself or a network that takes the same inputs. ``None`` when there is no validation data or its
-    batches carry no task ids. The global RNG is left as it was, so training that follows is unchanged.
+    """Accuracy of ``model`` on each task of the trainer's validation data.
+
+    Accuracy of ``model`` on each task of the trainer's validation data (NaN where a task has no rows), as the
+    validation loop would see it: the same batches (``limit_val_batches`` included), transformed for the task by the
+    datamodule, with the current task's class mask; reduced across DDP ranks by torchmetrics. ``model`` is ``pl_module``
+    itself or a network that takes the same inputs. ``None`` when there is no validation data or its batches carry no
+    task ids. The global RNG is left as it was, so training that follows is unchanged.
     """
     if trainer.val_dataloaders is None:  # Lightning sets them up before fit starts when validation runs
         return None

@@ -175,7 +175,9 @@ class SavePredictions(pl.Callback):
 
 
 class SaveRunConfig(SaveConfigCallback):
-    """LightningCLI's :class:`~lightning.pytorch.cli.SaveConfigCallback`, writing ``config.yaml`` into the run's own
+    """LightningCLI's config saver, writing ``config.yaml`` into the run's own directory.
+
+    LightningCLI's :class:`~lightning.pytorch.cli.SaveConfigCallback`, writing ``config.yaml`` into the run's own
     directory (:func:`~plasticity_lightning.core.rundir.run_directory`) rather than ``trainer.log_dir``, which for a
     W&B-only trainer is the ``save_dir`` that every run shares (one run's config would overwrite the last's).
     """

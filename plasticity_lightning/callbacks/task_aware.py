@@ -74,8 +74,10 @@ class TaskAwareCallback(Callback):
 
 
 def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], row_extra: dict[str, float] | None = None) -> None:
-    """Send ``metrics`` to every logger at the trainer's global step (``row_extra``, e.g. the task id, only in the
-    logged row) and into ``trainer.callback_metrics``, so they reach checkpoint monitors and early stopping even with
+    """Log ``metrics`` to every logger and into ``trainer.callback_metrics``.
+
+    Send ``metrics`` to every logger at the trainer's global step (``row_extra``, e.g. the task id, only in the logged
+    row) and into ``trainer.callback_metrics``, so they reach checkpoint monitors and early stopping even with
     ``logger=False``.
     """
     row = {**metrics, **row_extra} if row_extra else metrics

@@ -14,8 +14,10 @@ from typing import Any
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename, so that an
-    interrupted write leaves the old file (or none), never a truncated one.
+    """Write ``data`` to ``path`` atomically (a temporary file, then a rename).
+
+    Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename, so that an interrupted
+    write leaves the old file (or none), never a truncated one.
 
     Example::
 

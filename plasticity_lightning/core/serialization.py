@@ -7,9 +7,11 @@ from typing import Any
 
 
 def json_safe(value: Any) -> Any:
-    """``value`` with every non-finite float (a diverged run's NaN or inf) replaced by ``None``, recursively through
-    dicts, lists and tuples, and tensors and arrays as lists, so ``json.dumps(..., allow_nan=False)`` accepts it.
-    The library's one JSON sanitiser.
+    """``value`` made JSON-safe: non-finite floats become ``None``, tensors and arrays lists.
+
+    ``value`` with every non-finite float (a diverged run's NaN or inf) replaced by ``None``, recursively through dicts,
+    lists and tuples, and tensors and arrays as lists, so ``json.dumps(..., allow_nan=False)`` accepts it. The library's
+    one JSON sanitiser.
 
     Example::
 

@@ -84,8 +84,10 @@ def get_task_context(trainer: pl.Trainer | None) -> TaskContext | None:
 
 
 def stopped_mid_task(trainer: pl.Trainer) -> bool:
-    """Whether training stopped before the current task's scheduled end (``max_steps``, an interruption), as the
-    trainer's datamodule reports it through ``task_completed()``; ``False`` when it cannot tell.
+    """Whether training stopped before the current task's scheduled end.
+
+    Whether training stopped before the current task's scheduled end (``max_steps``, an interruption), as the trainer's
+    datamodule reports it through ``task_completed()``; ``False`` when it cannot tell.
 
     Example::
 

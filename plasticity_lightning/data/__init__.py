@@ -1,5 +1,7 @@
-"""LightningDataModules (toy 2-D, digits, torchvision image sets, text, algorithmic tasks, charged particles,
-Dohare et al.'s slowly-changing regression) and continual task schedules.
+"""LightningDataModules and continual task schedules.
+
+LightningDataModules (toy 2-D, digits, torchvision image sets, text, algorithmic tasks, charged particles, Dohare et
+al.'s slowly-changing regression) and continual task schedules.
 """
 
 from plasticity_lightning.data.algorithmic import (

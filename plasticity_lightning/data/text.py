@@ -347,8 +347,9 @@ class TextDataModule(PlasticityDataModule):
         }
 
     def _token_ids(self, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
-        """The token stream (each document followed by EOS, cut at ``max_tokens``) and each document's length in
-        it.
+        """The token stream and each document's length in it.
+
+        The token stream (each document followed by EOS, cut at ``max_tokens``) and each document's length in it.
         """
         eos = self.tokenizer.eos_token_id
         ids: list[int] = []

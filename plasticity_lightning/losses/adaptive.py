@@ -57,8 +57,10 @@ def adaptive_loss_weights(
     loss_history: Sequence[float] = (),
     weight_history: Sequence[Sequence[float]] = (),
 ) -> tuple[float, float]:
-    """``(w_mse, w_mae)`` of ``strategy`` given the latest R² and loss and, for ``physics_aware``, the per-epoch
-    loss and weight histories (oldest first; ``loss_history`` includes the latest loss).
+    """``(w_mse, w_mae)`` of ``strategy`` given the latest R², loss and histories.
+
+    ``(w_mse, w_mae)`` of ``strategy`` given the latest R² and loss and, for ``physics_aware``, the per-epoch loss and
+    weight histories (oldest first; ``loss_history`` includes the latest loss).
 
     Args:
         strategy: ``"r2_based"``, ``"loss_based"``, ``"combined"`` or ``"physics_aware"`` (the seed's four strategies).

@@ -131,9 +131,11 @@ def nlm_alignment(params: Iterable[torch.Tensor], grads: Iterable[torch.Tensor |
 
 
 class SoftmaxCollapse(Metric):
-    """Accumulating twin of :func:`softmax_collapse_fraction` and :func:`zero_loss_fraction` (``update(logits,
-    targets)``; ``compute()`` returns ``{"softmax_collapse", "zero_terms", "logit_norm"}``), summed across
-    processes. Both shares are NaN once any row had a non-finite logit.
+    """Accumulating twin of :func:`softmax_collapse_fraction` and :func:`zero_loss_fraction`.
+
+    Accumulating twin of :func:`softmax_collapse_fraction` and :func:`zero_loss_fraction` (``update(logits, targets)``;
+    ``compute()`` returns ``{"softmax_collapse", "zero_terms", "logit_norm"}``), summed across processes. Both shares
+    are NaN once any row had a non-finite logit.
 
     Args:
         precision: ``float16``, ``float32`` or ``float64``.

@@ -47,8 +47,10 @@ def first_and_last(values: Sequence[float], window: int) -> tuple[float, float]:
 
 
 def accuracy_matrix_summary(rows: Mapping[int, Sequence[float]]) -> dict[str, float]:
-    """Standard continual-learning numbers from an accuracy matrix ``rows[t][k]`` (accuracy on task ``k`` after
-    training on task ``t``; NaN where task ``k`` was not evaluated then).
+    """Standard continual-learning numbers from an accuracy matrix ``rows[t][k]``.
+
+    Standard continual-learning numbers from an accuracy matrix ``rows[t][k]`` (accuracy on task ``k`` after training on
+    task ``t``; NaN where task ``k`` was not evaluated then).
 
     * ``new_task_acc``: accuracy on the latest task right after learning it, ``rows[t][t]``;
     * ``avg_seen_acc``: mean of ``rows[t][k]`` over ``k ≤ t``; NaN unless every one of them was evaluated (a mean
@@ -84,8 +86,10 @@ def accuracy_matrix_summary(rows: Mapping[int, Sequence[float]]) -> dict[str, fl
 def transfer_summary(
     rows: Mapping[int, Sequence[float]], random_init: Sequence[float] | None = None
 ) -> dict[str, float]:
-    """Backward and forward transfer of an accuracy matrix (Lopez-Paz & Ranzato 2017, GEM), NaN where the cells
-    they need were not measured.
+    """Backward and forward transfer of an accuracy matrix (Lopez-Paz & Ranzato 2017, GEM).
+
+    Backward and forward transfer of an accuracy matrix (Lopez-Paz & Ranzato 2017, GEM), NaN where the cells they need
+    were not measured.
 
     * ``bwt``: mean over earlier tasks ``k`` of ``rows[T][k] − rows[k][k]`` (``T`` the last row): what later
       training did to a task once learned (negative: forgetting);

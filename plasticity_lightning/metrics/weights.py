@@ -79,8 +79,10 @@ def distance_from_init(
 
 
 def layer_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``{layer name: weight}`` for every parameter with two or more dimensions (Linear/Conv/embedding weights),
-    named after its module; biases and normalisation parameters are left out, as Neural Elements does.
+    """``{layer name: weight}`` for every parameter with two or more dimensions.
+
+    ``{layer name: weight}`` for every parameter with two or more dimensions (Linear/Conv/embedding weights), named
+    after its module; biases and normalisation parameters are left out, as Neural Elements does.
 
     Args:
         module: the model whose weight matrices and kernels are collected.

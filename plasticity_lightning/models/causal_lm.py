@@ -1,5 +1,7 @@
-"""Causal language model over any HF causal-LM architecture (GPT-2's distilgpt2 by default), with perplexity,
-per-task evaluation on continual text streams and seeded generation.
+"""Causal language model over any HF causal-LM architecture.
+
+Causal language model over any HF causal-LM architecture (GPT-2's distilgpt2 by default), with perplexity, per-task
+evaluation on continual text streams and seeded generation.
 """
 
 from __future__ import annotations
@@ -52,10 +54,12 @@ def causal_lm_types() -> tuple[str, ...]:
 def build_config(
     model_type: str, settings: dict[str, Any], owner: str = "CausalLM", defaults: dict[str, Any] | None = None
 ) -> Any:
-    """The HF config of a causal LM of ``model_type`` from ``settings`` (the config class's own field names), with a
-    one-line error naming the field, the value and what is allowed for an unknown type, an unknown key (HF would
-    keep it silently and build another model than the one asked for) or a value HF refuses. ``defaults`` (the
-    library's own choices, such as the tokenizer's EOS id) are set unless ``settings`` names them.
+    """The HF config of a causal LM of ``model_type`` from ``settings``, checked.
+
+    The HF config of a causal LM of ``model_type`` from ``settings`` (the config class's own field names), with a
+    one-line error naming the field, the value and what is allowed for an unknown type, an unknown key (HF would keep it
+    silently and build another model than the one asked for) or a value HF refuses. ``defaults`` (the library's own
+    choices, such as the tokenizer's EOS id) are set unless ``settings`` names them.
 
     Example::
 
@@ -118,10 +122,12 @@ def build_config(
 def _check_heads(
     config: Any, settings: dict[str, Any], owner: str, config_name: str, attribute_map: dict[str, str]
 ) -> None:
-    """Head counts that HF accepts in the config but torch fails on in the first forward pass (a shape mismatch deep
-    in attention): key/value heads that do not divide the query heads (grouped-query attention, e.g. Mistral's
-    default of 8 key/value heads left beside 4 query heads), or a width the heads do not divide. ``config`` is read
-    with ``getattr``: the fields the config class declares (before HF checks them), then the config HF built.
+    """Head counts that HF accepts but torch fails on in the first forward pass.
+
+    Head counts that HF accepts in the config but torch fails on in the first forward pass (a shape mismatch deep in
+    attention): key/value heads that do not divide the query heads (grouped-query attention, e.g. Mistral's default of 8
+    key/value heads left beside 4 query heads), or a width the heads do not divide. ``config`` is read with ``getattr``:
+    the fields the config class declares (before HF checks them), then the config HF built.
     """
     # the user's spelling of a field (GPT-2 calls num_attention_heads n_head)
     spelled = attribute_map  # {"num_attention_heads": "n_head", ...}
@@ -292,8 +298,10 @@ class CausalLM(InjectedOptimizer, pl.LightningModule):
     def _check_architecture(
         pretrained: bool, architecture: str | None, config: dict[str, Any] | None, **gpt2_sizes: int | None
     ) -> str | None:
-        """The ``model_type`` to build from ``config`` (``None``: GPT-2 by name), with the config checked now, so a
-        bad recipe fails before any data is read.
+        """The ``model_type`` to build from ``config``, with the config checked now.
+
+        The ``model_type`` to build from ``config`` (``None``: GPT-2 by name), with the config checked now, so a bad
+        recipe fails before any data is read.
         """
         if config is not None and not isinstance(config, dict):
             raise PlasticityConfigError(

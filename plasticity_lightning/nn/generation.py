@@ -23,7 +23,9 @@ def generate_seeded(
     owner: str | None = None,
     **kwargs: Any,
 ) -> torch.Tensor:
-    """``model.generate`` with seeded sampling (top-k 50 unless given), in eval mode, leaving the global RNG and the
+    """``model.generate`` with seeded sampling, leaving the global RNG and the training mode as they were.
+
+    ``model.generate`` with seeded sampling (top-k 50 unless given), in eval mode, leaving the global RNG and the
     model's training mode as they were: the same weights, prompt and seed give the same tokens.
 
     Args:

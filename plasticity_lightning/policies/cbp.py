@@ -79,9 +79,11 @@ def _fused_pairs_update(
     skipped: list[torch.Tensor],
     decay_rate: float,
 ) -> list[torch.Tensor]:
-    """:func:`utility_step` for several pairs, with each pair's weight magnitudes taken here from its consumer
-    weight (and producer weight, for the adaptable utility) as :func:`~plasticity_lightning.surgery.unit_magnitudes`
-    takes them: what ``torch.compile`` turns into one program (see ``ContinualBackprop._fused_update``).
+    """:func:`utility_step` for several pairs.
+
+    :func:`utility_step` for several pairs, with each pair's weight magnitudes taken here from its consumer weight (and
+    producer weight, for the adaptable utility) as :func:`~plasticity_lightning.surgery.unit_magnitudes` takes them:
+    what ``torch.compile`` turns into one program (see ``ContinualBackprop._fused_update``).
     """
     finite = []
     for i, consumer in enumerate(consumers):
@@ -395,8 +397,10 @@ class ContinualBackprop(UnitPolicy):
         model: nn.Module,
         optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
     ) -> None:
-        """Bind to ``model``'s pairs with fresh statistics (or those of a loaded :meth:`state_dict`) and start
-        recording the consumers' training inputs. ``optimizer``: the optimizer(s) whose state is reset.
+        """Bind to ``model``'s pairs and start recording the consumers' training inputs.
+
+        Bind to ``model``'s pairs with fresh statistics (or those of a loaded :meth:`state_dict`) and start recording
+        the consumers' training inputs. ``optimizer``: the optimizer(s) whose state is reset.
         """
         if optimizer is not None:
             self.optimizers = as_optimizers(optimizer)
@@ -462,8 +466,10 @@ class ContinualBackprop(UnitPolicy):
 
     @staticmethod
     def _reducer(pair: UnitPair, sums: list[torch.Tensor], counts: list[int]):
-        """A recorder that keeps Σ|h| over the positions of each training forward pass (float32, per unit and
-        column: ``[units · columns]``, or ``[units]`` for a conv consumer) and how many positions it summed.
+        """A recorder of Σ|h| over the positions of each training forward pass.
+
+        A recorder that keeps Σ|h| over the positions of each training forward pass (float32, per unit and column:
+        ``[units · columns]``, or ``[units]`` for a conv consumer) and how many positions it summed.
         """
         conv = isinstance(pair.consumer_module, nn.Conv2d)
         width = pair.num_units * pair.columns_per_unit
@@ -555,11 +561,13 @@ class ContinualBackprop(UnitPolicy):
         states: list[_LayerState],
         activities: list[tuple[torch.Tensor, torch.Tensor | None]],
     ) -> list[torch.Tensor] | None:
-        """:meth:`_apply` for every pair in one compiled program (``torch.compile``: the |w| sums, utilities and
-        EMAs of all pairs, a few kernels in place of tens of small operations), or ``None`` (nothing done) where it
-        does not apply: weights below :data:`~plasticity_lightning.surgery.units.FUSED_MIN_ELEMENTS`, reused
-        magnitudes (``magnitudes_every_n_steps > 1``), inside a compiled region, or no compiler. The same
-        arithmetic as the eager path, so results agree within float32 round-off.
+        """:meth:`_apply` for every pair in one compiled program, or ``None`` where it does not apply.
+
+        :meth:`_apply` for every pair in one compiled program (``torch.compile``: the |w| sums, utilities and EMAs of
+        all pairs, a few kernels in place of tens of small operations), or ``None`` (nothing done) where it does not
+        apply: weights below :data:`~plasticity_lightning.surgery.units.FUSED_MIN_ELEMENTS`, reused magnitudes
+        (``magnitudes_every_n_steps > 1``), inside a compiled region, or no compiler. The same arithmetic as the eager
+        path, so results agree within float32 round-off.
         """
         if not pairs or unit_surgery.FUSED_MIN_ELEMENTS is None or self.magnitudes_every_n_steps != 1:
             return None
@@ -622,9 +630,11 @@ class ContinualBackprop(UnitPolicy):
         self._ring_rows = self._ring.unbind(0)
 
     def _step_in_window(self, step: int) -> dict[str, int]:
-        """:meth:`step` that only records (the step's consumer inputs and a weight snapshot) and counts on the
-        host, and brings the statistics up to date — all pending steps at once — when a unit is due for replacement
-        or the window is full.
+        """:meth:`step` that records and counts, and updates the statistics only when needed.
+
+        :meth:`step` that only records (the step's consumer inputs and a weight snapshot) and counts on the host, and
+        brings the statistics up to date — all pending steps at once — when a unit is due for replacement or the window
+        is full.
         """
         pending = self._pending_steps
         for pair in self.pairs:  # each list holds one input per pending step, then this step's forward passes
@@ -691,8 +701,10 @@ class ContinualBackprop(UnitPolicy):
         return finite
 
     def _window_magnitudes(self, pair: UnitPair, snapshots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per pending step: mean |w_out| per (unit, column) ``[k, units, columns]`` and, for the adaptable utility,
-        mean |w_in| per unit ``[k, units]`` — :func:`~plasticity_lightning.surgery.unit_magnitudes` on snapshots.
+        """Per pending step, the weight magnitudes of every unit.
+
+        Per pending step: mean |w_out| per (unit, column) ``[k, units, columns]`` and, for the adaptable utility, mean
+        |w_in| per unit ``[k, units]`` — :func:`~plasticity_lightning.surgery.unit_magnitudes` on snapshots.
         """
         k = len(snapshots)
 
@@ -747,8 +759,10 @@ class ContinualBackprop(UnitPolicy):
         outgoing: torch.Tensor,
         incoming: torch.Tensor | None,
     ) -> bool:
-        """The EMAs over the ``k`` pending steps at once (``features``: ``[k, ...]``, one step's consumer input each),
-        in float64; False (nothing changed) if any statistic is NaN/inf.
+        """The EMAs over the ``k`` pending steps at once, in float64.
+
+        The EMAs over the ``k`` pending steps at once (``features``: ``[k, ...]``, one step's consumer input each), in
+        float64; False (nothing changed) if any statistic is NaN/inf.
         """
         k = len(features)
         eta = self.decay_rate
@@ -873,9 +887,11 @@ class ContinualBackprop(UnitPolicy):
     def _activity(
         self, pair: UnitPair, state: _LayerState, features: list[torch.Tensor], counts: list[int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """This step's mean |h| (``"contribution"``) or mean |h − f̂| per (unit, column) ``[units, columns]``,
-        averaged across ranks, and the updated mean-activation EMA f that it used (``None`` for
-        ``"contribution"``, which does not track f). The units have aged.
+        """This step's utility terms per (unit, column), averaged across ranks.
+
+        This step's mean |h| (``"contribution"``) or mean |h − f̂| per (unit, column) ``[units, columns]``, averaged
+        across ranks, and the updated mean-activation EMA f that it used (``None`` for ``"contribution"``, which does
+        not track f). The units have aged.
 
         ``counts``: ``features`` are the hooks' Σ|h| per forward pass (see :meth:`_reducer`), over these many
         positions each; the same mean (bit for bit with one forward pass per step; within float32 round-off over

@@ -179,8 +179,10 @@ class PlasticityInjection(ScheduledPolicy):
     def attach(
         self, model: nn.Module, optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None
     ) -> None:
-        """Use ``model`` (its head is checked now) and add the frozen terms held so far (a loaded state's) to its
-        head's output; ``optimizer``: the optimizer(s) whose head state is dropped at each injection.
+        """Use ``model`` and add the frozen terms held so far to its head's output.
+
+        Use ``model`` (its head is checked now) and add the frozen terms held so far (a loaded state's) to its head's
+        output; ``optimizer``: the optimizer(s) whose head state is dropped at each injection.
         """
         if optimizer is not None:
             self.optimizers = as_optimizers(optimizer)
@@ -248,7 +250,9 @@ class PlasticityInjection(ScheduledPolicy):
 
     @torch.no_grad()
     def fold(self) -> bool:
-        """With ``merge``: fold the frozen terms into the one merged frozen head M = Σθ − Σθ'₂ (a head linear in its
+        """Fold the frozen terms into one merged frozen head (with ``merge``).
+
+        With ``merge``: fold the frozen terms into the one merged frozen head M = Σθ − Σθ'₂ (a head linear in its
         parameters computes the same function up to the rounding of that sum); returns whether there was anything to
         fold. Without ``merge`` it does nothing.
         """
@@ -263,8 +267,9 @@ class PlasticityInjection(ScheduledPolicy):
 
     @torch.no_grad()
     def apply(self, model: nn.Module | None = None) -> None:
-        """Inject now: freeze the head's function so far, draw fresh head parameters and subtract their frozen
-        copy.
+        """Inject now.
+
+        Inject now: freeze the head's function so far, draw fresh head parameters and subtract their frozen copy.
         """
         if model is not None and model is not self.model:
             self.attach(model)

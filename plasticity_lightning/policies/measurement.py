@@ -139,7 +139,9 @@ def activity_rule(module: nn.Module) -> Activity:
 def feature_values(
     outputs: Mapping[str, torch.Tensor], rules: Mapping[str, Activity], max_active: float = 0.01
 ) -> dict[str, float]:
-    """:class:`~plasticity_lightning.callbacks.FeatureMonitor`'s values of each layer's features (``[samples, units,
+    """:class:`~plasticity_lightning.callbacks.FeatureMonitor`'s values of each layer's features.
+
+    :class:`~plasticity_lightning.callbacks.FeatureMonitor`'s values of each layer's features (``[samples, units,
     ...]``): ``feature_norm``, ``feature_variance``, ``active_fraction`` and ``inactive_fraction`` (units active on
     fewer than ``max_active`` of the positions, by the layer's rule in ``rules``), plus ``all/inactive_fraction``.
     """
@@ -209,8 +211,10 @@ def weight_values(
 
 
 def nan_where_nonfinite(values: dict[str, float], broken: Iterable[str]) -> dict[str, float]:
-    """``values`` with every ``"<name>/…"`` value of a ``broken`` name, and every pooled ``"all/…"`` value (which
-    includes it), set to NaN: a diverged layer must not read as a healthy one.
+    """``values`` with every value of a ``broken`` name set to NaN.
+
+    ``values`` with every ``"<name>/…"`` value of a ``broken`` name, and every pooled ``"all/…"`` value (which includes
+    it), set to NaN: a diverged layer must not read as a healthy one.
     """
     broken = tuple(f"{name}/" for name in broken)
     if not broken:
@@ -237,7 +241,9 @@ def measure(
     max_active: float = 0.01,
     active: Activity = "nonzero",
 ) -> dict[str, float]:
-    """Every monitor's measures of ``model`` on ``batch``, in one dict keyed as the monitors log them (without the
+    """Every monitor's measures of ``model`` on ``batch``, in one dict.
+
+    Every monitor's measures of ``model`` on ``batch``, in one dict keyed as the monitors log them (without the
     ``plasticity/`` prefix).
 
     The hidden layers are found as the monitors find them (the model's ``hidden_layers()``, else its activation

@@ -521,8 +521,10 @@ class HeadReset(Policy):
 
 
 class LayerReset(ScheduledPolicy):
-    """Reset chosen layers, or the whole network, to fresh initial values (Nikishin et al. 2022, "The Primacy Bias in
-    Deep Reinforcement Learning"), with their optimizer state cleared.
+    """Reset chosen layers, or the whole network, to fresh initial values (Nikishin et al. 2022).
+
+    Reset chosen layers, or the whole network, to fresh initial values (Nikishin et al. 2022, "The Primacy Bias in Deep
+    Reinforcement Learning"), with their optimizer state cleared.
 
     Every weight and normalisation layer inside each target module is redrawn as the model initialised it
     (``layer_init(name)``, else PyTorch's default, which warns once) from the policy's generator (seeded alike on

@@ -328,8 +328,10 @@ class _EnoughCaptured(Exception):
 
 @contextmanager
 def _without_fastpath() -> Iterator[None]:
-    """Torch's fused ``TransformerEncoderLayer``/``MultiheadAttention`` kernels (taken in eval mode without grad)
-    bypass ``linear1``/``linear2`` and their hooks: measure through the modules instead.
+    """Switch off torch's fused transformer kernels, which bypass the submodules' hooks.
+
+    Torch's fused ``TransformerEncoderLayer``/``MultiheadAttention`` kernels (taken in eval mode without grad) bypass
+    ``linear1``/``linear2`` and their hooks: measure through the modules instead.
     """
     enabled = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)

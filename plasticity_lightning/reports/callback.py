@@ -22,9 +22,11 @@ WANDB_PREFIX = "plasticity_report"
 
 
 class PlasticityReport(Callback):
-    """At the end of ``fit``, write ``plasticity report`` for this run into ``<run dir>/report`` and log its
-    figures to every :class:`~lightning.pytorch.loggers.WandbLogger` of the trainer: each chart as an interactive
-    ``wandb.Plotly`` panel under ``plasticity_report/<chart>``, and the whole page as ``wandb.Html``.
+    """At the end of ``fit``, write ``plasticity report`` for this run and log its figures to W&B.
+
+    At the end of ``fit``, write ``plasticity report`` for this run into ``<run dir>/report`` and log its figures to
+    every :class:`~lightning.pytorch.loggers.WandbLogger` of the trainer: each chart as an interactive ``wandb.Plotly``
+    panel under ``plasticity_report/<chart>``, and the whole page as ``wandb.Html``.
 
     The report reads the run's ``metrics.csv`` (or TensorBoard events), so the trainer needs a CSV or TensorBoard
     logger beside W&B; ``configs/logger/wandb.yaml`` adds a CSVLogger first. Without one the callback warns once

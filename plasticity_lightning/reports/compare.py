@@ -54,8 +54,10 @@ GAP_AND_TRANSFER = {
 
 
 def gap_and_transfer(run: RunData, window: int) -> dict[str, float]:
-    """What a continual run logged of the plasticity gap (mean of its first and last ``window`` tasks) and of
-    transfer (the values after the last finished task); keys it never logged are left out.
+    """What a continual run logged of the plasticity gap and of transfer.
+
+    What a continual run logged of the plasticity gap (mean of its first and last ``window`` tasks) and of transfer (the
+    values after the last finished task); keys it never logged are left out.
     """
     values: dict[str, float] = {}
     gap = finished_task_values(run, PLASTICITY_GAP_KEY)
@@ -203,8 +205,10 @@ def _compare_continual(runs: dict[str, list[RunData]], window: int | None) -> di
 
 
 def _gap_and_transfer_table(runs: dict[str, list[RunData]], window: int) -> dict[str, Any]:
-    """Per variant, the mean and 95% interval over seeds of each gap-and-transfer column every run logged (a column
-    that is NaN in every run, such as forward transfer without ``eval_on: all``, is left out).
+    """Per variant, the mean and 95% interval over seeds of each gap-and-transfer column.
+
+    Per variant, the mean and 95% interval over seeds of each gap-and-transfer column every run logged (a column that is
+    NaN in every run, such as forward transfer without ``eval_on: all``, is left out).
     """
     values = {name: [gap_and_transfer(run, window) for run in group] for name, group in runs.items()}
     every = [v for group in values.values() for v in group]
@@ -271,8 +275,10 @@ def _number(value: Any, digits: int = 4) -> str:
 
 
 def format_table(comparison: dict[str, Any]) -> str:
-    """Markdown table of a comparison (:func:`compare_runs` or a continual comparison; a continual one is followed by
-    its plasticity-gap and transfer table when the runs logged them).
+    """Markdown table of a comparison.
+
+    Markdown table of a comparison (:func:`compare_runs` or a continual comparison; a continual one is followed by its
+    plasticity-gap and transfer table when the runs logged them).
 
     Args:
         comparison: what :func:`compare_runs` (or :func:`write_comparison`) returned.
@@ -389,8 +395,10 @@ def write_comparison(
     png: bool = False,
     window: int | None = None,
 ) -> dict[str, Any]:
-    """Compare the variants and write ``report.html`` (every shared panel, mean and 95% band per variant),
-    ``summary.json`` (the comparison), ``comparison.md`` (the table) and, with ``png``, one PNG per chart.
+    """Compare the variants and write the comparison's report, summary and table.
+
+    Compare the variants and write ``report.html`` (every shared panel, mean and 95% band per variant), ``summary.json``
+    (the comparison), ``comparison.md`` (the table) and, with ``png``, one PNG per chart.
 
     Args:
         variants: ``{variant name: directory}``; each directory holds one run per seed (in the order the table lists

@@ -124,9 +124,11 @@ def read_metrics_csv(path: str | Path) -> pd.DataFrame:
 
 
 def read_tensorboard(directory: str | Path) -> pd.DataFrame:
-    """Every scalar of the TensorBoard event files in ``directory``, read with TensorBoard's own
-    ``EventAccumulator``, as one table: a row per (step, n-th value of a key at that step), so two measurements at
-    one step stay two rows, as in a ``metrics.csv``.
+    """Every scalar of the TensorBoard event files in ``directory``, as one table.
+
+    Every scalar of the TensorBoard event files in ``directory``, read with TensorBoard's own ``EventAccumulator``, as
+    one table: a row per (step, n-th value of a key at that step), so two measurements at one step stay two rows, as in
+    a ``metrics.csv``.
 
     Args:
         directory: the folder of the event files.
@@ -397,8 +399,10 @@ def read_epoch_table(path: str | Path) -> tuple[np.ndarray, dict[str, np.ndarray
 
 
 def finished_task_values(run: RunData, key: str) -> dict[int, float]:
-    """``{task: value}`` of a ``continual/*`` key, each value with the task it describes (``continual/task`` on
-    its row; runs written before that key existed: the n-th value is task n).
+    """``{task: value}`` of a ``continual/*`` key.
+
+    ``{task: value}`` of a ``continual/*`` key, each value with the task it describes (``continual/task`` on its row;
+    runs written before that key existed: the n-th value is task n).
     """
     _, values = run.series(key)
     if not len(values):

@@ -43,7 +43,9 @@ class FigureChart(Chart):
 
 
 def _values(array: np.ndarray | Sequence[Any]) -> list[Any]:
-    """JSON-ready values: NaN and ±inf become ``null`` (a gap in the line), floats keep 7 significant digits (float32's
+    """JSON-ready values for a chart.
+
+    JSON-ready values: NaN and ±inf become ``null`` (a gap in the line), floats keep 7 significant digits (float32's
     precision, which is what the loggers record; it keeps a 150-task comparison's page small).
     """
     values = np.asarray(array)

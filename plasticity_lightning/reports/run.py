@@ -67,9 +67,11 @@ __all__ = [
 
 # ---------------------------------------------------------------------------------------------------- scores
 def regression_scores(predictions: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
-    """R² (uniform average over targets), MAE, RMSE and MAPE, overall and per target, by scikit-learn's metrics in
-    float64 (MAPE as a fraction, as ``val/mape`` is logged). scikit-learn rather than torchmetrics' functional R²,
-    which treats sums of squares below an absolute 1e-4 as zero and so scores small-unit targets 1 or 0.
+    """R², MAE, RMSE and MAPE, overall and per target.
+
+    R² (uniform average over targets), MAE, RMSE and MAPE, overall and per target, by scikit-learn's metrics in float64
+    (MAPE as a fraction, as ``val/mape`` is logged). scikit-learn rather than torchmetrics' functional R², which treats
+    sums of squares below an absolute 1e-4 as zero and so scores small-unit targets 1 or 0.
 
     Args:
         predictions: predicted targets, ``[N]`` or ``[N, targets]``.

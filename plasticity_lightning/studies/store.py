@@ -222,8 +222,10 @@ class ResultStore:
         return {row[0] for row in self._select("SELECT key FROM runs")}
 
     def write(self, rows: Iterable[dict[str, Any]], *, release: str | None = None, owner: str | None = None) -> None:
-        """Insert finished runs in one transaction (all or nothing), releasing ``owner``'s claim on the group
-        ``release`` in the same transaction.
+        """Insert finished runs in one transaction, releasing ``owner``'s claim on a group.
+
+        Insert finished runs in one transaction (all or nothing), releasing ``owner``'s claim on the group ``release``
+        in the same transaction.
         """
         now = time.time()
         records = [

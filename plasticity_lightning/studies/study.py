@@ -243,8 +243,10 @@ def _split(dataset: str, n_samples: int, test_fraction: float) -> tuple[int, int
 
 
 def _check_split(owner: str, dataset: str, n_samples: int, test_fraction: float) -> None:
-    """A run must have training rows, and a test split must hold rows out (else its "test" columns would
-    silently repeat the training ones).
+    """Check the split: a run needs training rows, and a test split must hold rows out.
+
+    A run must have training rows, and a test split must hold rows out (else its "test" columns would silently repeat
+    the training ones).
     """
     n_train, n_test = _split(dataset, n_samples, test_fraction)
     where = f"{owner}: n_samples={n_samples} on dataset {dataset!r} ({n_train + n_test} rows)"

@@ -139,8 +139,10 @@ def _qkvo_layout(name: str, module: nn.Module) -> HeadLayout:
 
 
 def head_layout(module: nn.Module, name: str = "") -> HeadLayout | None:
-    """The :class:`HeadLayout` of ``module``, ``None`` when it has no known attention layout (one line when it has
-    one whose shapes do not fit).
+    """The :class:`HeadLayout` of ``module``, ``None`` when it has no known attention layout.
+
+    The :class:`HeadLayout` of ``module``, ``None`` when it has no known attention layout (one line when it has one
+    whose shapes do not fit).
 
     Example::
 
@@ -223,8 +225,10 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 class HeadGates:
-    """Per-layer, per-head multiplicative gates on the heads' outputs (the input of each attention's output
-    projection: ``c_proj``, ``o_proj``, ``out_proj``).
+    """Per-layer, per-head multiplicative gates on the heads' outputs.
+
+    Per-layer, per-head multiplicative gates on the heads' outputs (the input of each attention's output projection:
+    ``c_proj``, ``o_proj``, ``out_proj``).
 
     ``gates`` is a ``[layers, heads]`` tensor: 1 keeps a head, 0 silences it, values between scale it (a growth
     warm-up ramp). With ``differentiable=True`` the gates require grad, so after ``loss.backward()``,
@@ -333,8 +337,10 @@ class HeadGates:
 
 
 def normalize_importance(scores: torch.Tensor, normalize: str | None = "layer") -> torch.Tensor:
-    """Divide each layer's head scores by their L2 norm (``"layer"``, Michel et al.'s
-    ``--normalize_pruning_by_layer``), or leave them (``None``).
+    """Divide each layer's head scores by their L2 norm, or leave them.
+
+    Divide each layer's head scores by their L2 norm (``"layer"``, Michel et al.'s ``--normalize_pruning_by_layer``), or
+    leave them (``None``).
 
     Args:
         scores: head scores, ``[layers, heads]``.
@@ -391,8 +397,10 @@ def head_importance(
 
 
 def head_weight_norms(module: nn.Module | HeadLayout) -> torch.Tensor:
-    """‖(the head's Q, K, V weights, its output-projection inputs)‖₂ of every head of one attention module →
-    ``[heads]`` (float32); with grouped K/V, the weights a head owns alone (see :class:`HeadLayout`).
+    """The L2 norm of each head's weights in one attention module, ``[heads]``.
+
+    ‖(the head's Q, K, V weights, its output-projection inputs)‖₂ of every head of one attention module → ``[heads]``
+    (float32); with grouped K/V, the weights a head owns alone (see :class:`HeadLayout`).
 
     Args:
         module: one attention module, or its :class:`HeadLayout`.
@@ -471,8 +479,9 @@ def reinit_heads(
     generator: torch.Generator | None = None,
     optimizers: Iterable[torch.optim.Optimizer] = (),
 ) -> None:
-    """Give ``heads`` of one attention module fresh Q/K/V weights and output weights, and clear their optimizer
-    state.
+    """Give ``heads`` of one attention module fresh weights and clear their optimizer state.
+
+    Give ``heads`` of one attention module fresh Q/K/V weights and output weights, and clear their optimizer state.
 
     The head's Q/K/V weights (GPT-2: columns of ``c_attn``; q/k/v_proj rows; with grouped K/V only its query rows)
     are drawn from N(0, std²) (GPT-2's ``initializer_range``) with zero bias; its inputs of the output projection

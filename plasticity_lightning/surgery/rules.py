@@ -1,5 +1,7 @@
-"""Pairing rules: which child of a standard block produces hidden units and which consumes them, read from the
-block's structure before any trace.
+"""Pairing rules: which child of a standard block produces hidden units and which consumes them.
+
+Pairing rules: which child of a standard block produces hidden units and which consumes them, read from the block's
+structure before any trace.
 
 A whole-model ``torch.fx`` trace fails on most real transformers (dynamic shapes, cache objects, ``**kwargs``), and
 where it works it cannot see through gated products or activations it does not know. A :class:`PairingRule` names,

@@ -361,8 +361,10 @@ def pair_units(
 
 
 def _unpaired_blocks(modules: dict[str, nn.Module], found: UnitPairing) -> dict[str, list[str]]:
-    """Block → the names of its own weight layers (children) that no pair uses, for blocks with two or more of them
-    (where a pair could have been) outside the blocks a rule reads (attention: no unit pairs by design).
+    """Weight layers of each block that no pair uses.
+
+    Block → the names of its own weight layers (children) that no pair uses, for blocks with two or more of them (where
+    a pair could have been) outside the blocks a rule reads (attention: no unit pairs by design).
     """
     used = {name for pair in found.pairs for name in (pair.producer, pair.consumer, *pair.partners)}
     ruled = [name for name in found.rule_blocks if name not in found.skipped]
@@ -500,8 +502,10 @@ def _rule_pairs(
 
 
 class _Reader:
-    """Traces a module; where it cannot, reads its children one by one and traces it again with the children that
-    no trace reads kept whole. Collects pairs in graph order, a kept-whole block's pairs where the block is called.
+    """Traces a module, reading its children one by one where it cannot.
+
+    Traces a module; where it cannot, reads its children one by one and traces it again with the children that no trace
+    reads kept whole. Collects pairs in graph order, a kept-whole block's pairs where the block is called.
     """
 
     def __init__(

@@ -81,8 +81,10 @@ def _per_column(column_sums: torch.Tensor, pair: UnitPair) -> torch.Tensor:
 
 
 def column_means(column_sums: torch.Tensor, rows: int, num_units: int, columns_per_unit: int) -> torch.Tensor:
-    """Column sums of |w| of a ``rows``-row consumer (one per input element) → mean |w| per (unit, column),
-    ``[num_units, columns_per_unit]`` (a conv consumer's kernel positions are averaged too).
+    """Mean |w| per (unit, column) of a consumer, from its column sums.
+
+    Column sums of |w| of a ``rows``-row consumer (one per input element) → mean |w| per (unit, column), ``[num_units,
+    columns_per_unit]`` (a conv consumer's kernel positions are averaged too).
     """
     per_input = column_sums.float().reshape(num_units * columns_per_unit, -1)  # conv: kernel positions
     return (per_input.sum(dim=1) / (rows * per_input.shape[1])).reshape(num_units, -1)

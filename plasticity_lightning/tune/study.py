@@ -214,9 +214,11 @@ def _logger_blocks(trainer: dict[str, Any]) -> list[Any]:
 
 
 def run_config(base: dict[str, Any], directory: Path, **trainer: Any) -> dict[str, Any]:
-    """``base`` logging into ``directory`` (its first logger, CSV or TensorBoard, redirected; else a CSVLogger
-    added first), with ``trainer`` settings on top. DDP that re-launches the command becomes ``ddp_spawn``: a trial
-    runs inside a worker, whose command is ``plasticity tune``, not ``fit``.
+    """``base`` logging into ``directory``, with ``trainer`` settings on top.
+
+    ``base`` logging into ``directory`` (its first logger, CSV or TensorBoard, redirected; else a CSVLogger added
+    first), with ``trainer`` settings on top. DDP that re-launches the command becomes ``ddp_spawn``: a trial runs
+    inside a worker, whose command is ``plasticity tune``, not ``fit``.
 
     Args:
         base: the recipe's complete configuration (:func:`recipe_config`).
@@ -284,9 +286,10 @@ def _output_to(path: Path | None) -> Iterator[None]:
 
 
 def probe(base: dict[str, Any], spec: SearchSpec, folder: Path) -> list[str]:
-    """Run the recipe for ``spec.probe_epochs`` epochs of one batch and check that every objective metric is logged
-    (and the pruning monitor reaches ``trainer.callback_metrics``) before any trial is spent. Returns the logged
-    keys.
+    """Check on a short run that every objective metric is logged, before any trial is spent.
+
+    Run the recipe for ``spec.probe_epochs`` epochs of one batch and check that every objective metric is logged (and
+    the pruning monitor reaches ``trainer.callback_metrics``) before any trial is spent. Returns the logged keys.
 
     Args:
         base: the recipe's complete configuration (:func:`recipe_config`).
@@ -641,8 +644,10 @@ def prepare(setup: TuneSetup) -> Any:
 
 # ---------------------------------------------------------------------------------------------------- workers
 def _claim(study: Any, storage: Any) -> int | None:
-    """Move one waiting trial to RUNNING (Optuna's queue grants it to one worker) and record its first heartbeat
-    at once: Optuna never calls a running trial without a heartbeat stale.
+    """Move one waiting trial to RUNNING and record its first heartbeat at once.
+
+    Move one waiting trial to RUNNING (Optuna's queue grants it to one worker) and record its first heartbeat at once:
+    Optuna never calls a running trial without a heartbeat stale.
     """
     import optuna
 
@@ -703,10 +708,12 @@ def _tell(study: Any, trial: Any, values: list[float] | None, state: Any) -> Non
 
 
 def _queue_again(study: Any, trial: Any, stop: TrialInterrupted, seconds: tuple[float, float]) -> int | None:
-    """Record an interrupted trial as failed (the signal its reason) and queue a copy with the same values, which
-    counts instead of it (Optuna's retry callback, as for a stale trial; an interruption is not the trial's fault,
-    so it is not limited by ``retries``). Returns the copy's number, None if the trial was failed as stale
-    meanwhile (its heartbeat copy counts).
+    """Record an interrupted trial as failed and queue a copy with the same values.
+
+    Record an interrupted trial as failed (the signal its reason) and queue a copy with the same values, which counts
+    instead of it (Optuna's retry callback, as for a stale trial; an interruption is not the trial's fault, so it is not
+    limited by ``retries``). Returns the copy's number, None if the trial was failed as stale meanwhile (its heartbeat
+    copy counts).
     """
     import optuna
     from optuna.storages import RetryHeartbeatStaleTrialCallback
@@ -916,8 +923,10 @@ def _worker_main(setup: TuneSetup) -> None:
 
 
 def _stop_workers(processes: list[Any], grace: float = 60.0) -> None:
-    """SIGTERM to each worker still running (each records and requeues its trial), then SIGKILL to any that has
-    not exited within ``grace`` seconds (its trial is then found stale by its heartbeat).
+    """Stop the workers: SIGTERM, then SIGKILL to any still running after ``grace`` seconds.
+
+    SIGTERM to each worker still running (each records and requeues its trial), then SIGKILL to any that has not exited
+    within ``grace`` seconds (its trial is then found stale by its heartbeat).
     """
     started = [process for process in processes if process.pid is not None]  # a signal may come between starts
     for process in started:
@@ -981,9 +990,11 @@ def best_trials(study: Any) -> list[Any]:
 
 
 def write_best(study: Any, setup: TuneSetup) -> Path | None:
-    """``best.yaml``: the complete recipe with the best trial's values (the first objective's best on a Pareto
-    front, whose other members go to ``pareto/trial_N.yaml``), logging where the recipe logs.
-    ``plasticity fit --config best.yaml`` runs that trial again with the same seed.
+    """Write ``best.yaml``: the complete recipe with the best trial's values.
+
+    ``best.yaml``: the complete recipe with the best trial's values (the first objective's best on a Pareto front, whose
+    other members go to ``pareto/trial_N.yaml``), logging where the recipe logs. ``plasticity fit --config best.yaml``
+    runs that trial again with the same seed.
 
     Args:
         study: the Optuna study.

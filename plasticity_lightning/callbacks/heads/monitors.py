@@ -22,11 +22,13 @@ from plasticity_lightning.surgery.heads import head_attention_entropy
 
 
 class AttentionEntropyMonitor(PlasticityMonitor):
-    """Per-head attention entropy (nats, mean over probe blocks and queries) of a GPT-2-style model, logged as
-    ``attention_entropy/<layer>/head_<h>`` and ``attention_entropy/<layer>/mean`` at the monitors' cadence; the
-    latest ``[layers, heads]`` values are :attr:`entropy`. Collapsing entropy (heads locking onto one token) and
-    uniform heads (entropy near ln T) are both visible here. The probe is a fixed set of validation blocks; the
-    forward pass runs in eval mode with eager attention (:func:`~plasticity_lightning.surgery.head_attention_entropy`).
+    """Per-head attention entropy of a GPT-2-style model, in nats.
+
+    Per-head attention entropy (nats, mean over probe blocks and queries) of a GPT-2-style model, logged as
+    ``attention_entropy/<layer>/head_<h>`` and ``attention_entropy/<layer>/mean`` at the monitors' cadence; the latest
+    ``[layers, heads]`` values are :attr:`entropy`. Collapsing entropy (heads locking onto one token) and uniform heads
+    (entropy near ln T) are both visible here. The probe is a fixed set of validation blocks; the forward pass runs in
+    eval mode with eager attention (:func:`~plasticity_lightning.surgery.head_attention_entropy`).
 
     Args:
         probe_size: blocks in the probe (default 16).

@@ -170,7 +170,9 @@ class ContinualBackprop(UnitIntervention):
         inputs: list[torch.Tensor] | None = None,
         magnitudes: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
-        """One CBP step for ``pair`` on the given consumer inputs (see
+        """One CBP step for ``pair`` on the given consumer inputs.
+
+        One CBP step for ``pair`` on the given consumer inputs (see
         :meth:`plasticity_lightning.policies.ContinualBackprop.step_pair`); returns the replaced unit indices.
         """
         self.connect(trainer)

@@ -27,7 +27,9 @@ def project_to_norm(value: torch.Tensor, norm: torch.Tensor | float) -> torch.Te
 
 
 class NormalizeAndProject(ParameterConstraint):
-    """Normalize-and-Project (NaP; Lyle et al. 2024, "Normalization and effective learning rates in reinforcement
+    """Normalize-and-Project (NaP; Lyle et al. 2024) as a Lightning callback.
+
+    Normalize-and-Project (NaP; Lyle et al. 2024, "Normalization and effective learning rates in reinforcement
     learning"): after every optimizer step each weight is rescaled to the norm it had when training started.
 
     With normalisation layers before each activation (``norm: layer`` in :class:`~plasticity_lightning.models.MLP`

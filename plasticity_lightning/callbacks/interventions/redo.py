@@ -1,5 +1,6 @@
-"""ReDo (Sokar et al., ICML 2023) as a Lightning callback, an adapter over
-:class:`plasticity_lightning.policies.ReDo`.
+"""ReDo (Sokar et al., ICML 2023) as a Lightning callback.
+
+ReDo (Sokar et al., ICML 2023) as a Lightning callback, an adapter over :class:`plasticity_lightning.policies.ReDo`.
 """
 
 from __future__ import annotations

@@ -163,8 +163,10 @@ class SoftmaxCollapseMonitor(PlasticityMonitor):
 
 
 def magnitude_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
-    """The ``q`` quantile of ``|values|`` with linear interpolation (``torch.quantile``'s default), for tensors of
-    any size (``torch.quantile`` refuses more than 2²⁴ elements).
+    """The ``q`` quantile of ``|values|``, for tensors of any size.
+
+    The ``q`` quantile of ``|values|`` with linear interpolation (``torch.quantile``'s default), for tensors of any size
+    (``torch.quantile`` refuses more than 2²⁴ elements).
 
     Example::
 

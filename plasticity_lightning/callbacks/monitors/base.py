@@ -258,8 +258,10 @@ class PlasticityMonitor(TaskAwareCallback):
     def _capture(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> tuple[dict[str, torch.Tensor], Any, dict[str, bool]]:
-        """(outputs of :attr:`layers`, model output or ``None`` when nobody sharing the pass reads it, whether each
-        layer's outputs are finite).
+        """One probe pass: the layers' outputs, the model's output and which layers are finite.
+
+        (outputs of :attr:`layers`, model output or ``None`` when nobody sharing the pass reads it, whether each layer's
+        outputs are finite).
 
         One forward pass serves every monitor of this monitor's :class:`MonitorCollection` that reads the same
         probe batch through the same ``forward``: it captures the union of their layers. The first pass on a probe
@@ -410,8 +412,10 @@ class PlasticityMonitor(TaskAwareCallback):
         )
 
     def nonfinite_as_nan(self, values: dict[str, float]) -> dict[str, float]:
-        """``values`` with the measures of what :meth:`check_finite` found non-finite (and pooled ``all/`` values,
-        which include them) set to NaN: a diverged layer must not read as a healthy one.
+        """``values`` with the non-finite measures set to NaN.
+
+        ``values`` with the measures of what :meth:`check_finite` found non-finite (and pooled ``all/`` values, which
+        include them) set to NaN: a diverged layer must not read as a healthy one.
         """
         return nan_where_nonfinite(values, self._nonfinite)
 

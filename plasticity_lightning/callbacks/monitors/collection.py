@@ -95,8 +95,10 @@ class MonitorCollection(Callback):
 
     @classmethod
     def gather(cls, trainer: pl.Trainer) -> None:
-        """Put each run of two or more adjacent joinable monitors of ``trainer.callbacks`` into a collection, placed
-        where the run starts (a member's order relative to other callbacks does not change).
+        """Join adjacent joinable monitors of ``trainer.callbacks`` into collections.
+
+        Put each run of two or more adjacent joinable monitors of ``trainer.callbacks`` into a collection, placed where
+        the run starts (a member's order relative to other callbacks does not change).
         """
         callbacks = trainer.callbacks
         present = {id(c) for c in callbacks}

@@ -87,8 +87,10 @@ class WeightMonitor(PlasticityMonitor):
 
 
 class GradientFlowMonitor(PlasticityMonitor):
-    """Per-layer gradient norms every ``every_n_steps`` optimizer steps, with a one-time warning when gradients
-    vanish or explode.
+    """Per-layer gradient norms, with a warning when gradients vanish or explode.
+
+    Per-layer gradient norms every ``every_n_steps`` optimizer steps, with a one-time warning when gradients vanish or
+    explode.
 
     The gradients of the n-th, 2n-th, ... optimizer step are read (:class:`~plasticity_lightning.policies.StepCadence`,
     the rule every periodic action of the library follows), logged at the step count before that update

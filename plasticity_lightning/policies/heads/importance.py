@@ -80,8 +80,10 @@ class HeadImportanceScores(Policy):
         return [] if self.gates is None else [name for name, _ in self.gates.layers]
 
     def bind(self, model: nn.Module) -> HeadGates:
-        """Attach the gates to ``model`` (kept when already on it: a second fit keeps its pruned heads) and restore
-        a loaded window; returns the gates.
+        """Attach the gates to ``model`` and restore a loaded window; returns the gates.
+
+        Attach the gates to ``model`` (kept when already on it: a second fit keeps its pruned heads) and restore a
+        loaded window; returns the gates.
         """
         self.model = model
         if self.gates is None or not self.gates.attached_to(model):
@@ -108,9 +110,11 @@ class HeadImportanceScores(Policy):
 
     @torch.no_grad()
     def accumulate(self, loss_scale: float | None = None) -> None:
-        """Add |∂L/∂ξ| of the last backward pass (divided by ``loss_scale``: the gates are in no optimizer, so a
-        mixed-precision GradScaler never unscales their gradient) and clear it; a non-finite gradient (an
-        overflowing, skipped step) carries no information and is dropped.
+        """Add |∂L/∂ξ| of the last backward pass and clear it.
+
+        Add |∂L/∂ξ| of the last backward pass (divided by ``loss_scale``: the gates are in no optimizer, so a
+        mixed-precision GradScaler never unscales their gradient) and clear it; a non-finite gradient (an overflowing,
+        skipped step) carries no information and is dropped.
         """
         if self.gates is None or self.method != "gradient" or self.gates.gates.grad is None:
             return
@@ -142,8 +146,9 @@ class HeadImportanceScores(Policy):
 
     @torch.no_grad()
     def compute(self, reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        """The importance of the current window, ``[layers, heads]`` on the CPU, averaged across processes and
-        normalised.
+        """The importance of the current window, ``[layers, heads]`` on the CPU.
+
+        The importance of the current window, ``[layers, heads]`` on the CPU, averaged across processes and normalised.
         """
         if self.gates is None or self.sum is None:
             raise RuntimeError(f"{self.owner}.compute() needs the gates that bind(model) attaches")

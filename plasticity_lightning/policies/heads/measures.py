@@ -50,9 +50,10 @@ def continue_prompt(module: nn.Module, ids: torch.Tensor, max_new_tokens: int, s
 def score_generations(
     module: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, seed: int
 ) -> tuple[dict[str, float], list[str]]:
-    """Continue each prompt (seed ``seed + i`` for prompt ``i``, :func:`continue_prompt`) and score the
-    continuations' token ids with :func:`~plasticity_lightning.metrics.degeneration_summary`. Returns (scores,
-    decoded continuations).
+    """Continue each prompt and score the continuations for degeneration.
+
+    Continue each prompt (seed ``seed + i`` for prompt ``i``, :func:`continue_prompt`) and score the continuations'
+    token ids with :func:`~plasticity_lightning.metrics.degeneration_summary`. Returns (scores, decoded continuations).
 
     Args:
         module: as in :func:`continue_prompt`.

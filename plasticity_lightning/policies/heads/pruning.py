@@ -1,4 +1,6 @@
-"""Iterative head pruning by importance (Michel et al. 2019, "Are Sixteen Heads Really Better than One?"), without a
+"""Iterative head pruning by importance (Michel et al. 2019), without a trainer.
+
+Iterative head pruning by importance (Michel et al. 2019, "Are Sixteen Heads Really Better than One?"), without a
 trainer: the perplexity baseline, the tolerance, the budget and the undo of the step that cost too much.
 """
 
@@ -31,9 +33,11 @@ class PruningStep:
 
 
 class IterativeHeadPruner:
-    """Gate off the ``fraction`` of all heads with the lowest importance per step (never a layer's last head), until
-    ``max_fraction`` is pruned or the measured perplexity exceeds the first one by more than ``tolerance``
-    (relative); the step that broke the tolerance is undone and pruning stops.
+    """Gate off the least important heads step by step, within a perplexity tolerance.
+
+    Gate off the ``fraction`` of all heads with the lowest importance per step (never a layer's last head), until
+    ``max_fraction`` is pruned or the measured perplexity exceeds the first one by more than ``tolerance`` (relative);
+    the step that broke the tolerance is undone and pruning stops.
 
     Works in any loop: call :meth:`step` after each evaluation with the gates, the perplexity and a function that
     returns the current importance (called only when heads are chosen). :class:`~plasticity_lightning.callbacks.

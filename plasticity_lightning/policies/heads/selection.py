@@ -37,8 +37,10 @@ class NonFiniteScores(ArithmeticError):
 
 
 def require_finite_scores(scores: torch.Tensor, candidates: torch.Tensor, what: str) -> None:
-    """Raise :class:`NonFiniteScores` when a score of a candidate head (``candidates``: a boolean ``[layers, heads]``
-    mask) is NaN/inf.
+    """Raise :class:`NonFiniteScores` when a candidate head's score is NaN/inf.
+
+    Raise :class:`NonFiniteScores` when a score of a candidate head (``candidates``: a boolean ``[layers, heads]`` mask)
+    is NaN/inf.
 
     Args:
         scores: head scores, ``[layers, heads]``.
