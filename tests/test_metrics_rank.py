@@ -503,16 +503,20 @@ def test_svd_values_are_exact_and_the_auto_route_resolves_round_off():
     auto = singular_values(rank_one, "auto")
     assert auto[1:].tolist() == [0.0] * 4 and auto[0].item() == pytest.approx(svd[0], rel=1e-12)
     assert effective_rank(rank_one).item() == 1.0 and srank(rank_one).item() == 1.0
-    # on the resolution itself: diag(1, 2·eps) has σ₂ = max(n, d)·eps·σ₁ exactly, which counts as round-off
+    import plasticity_lightning.metrics.rank as rank_module
+
+    # on the SVD's resolution itself: diag(1, 2·eps) has σ₂ = max(n, d)·eps·σ₁ exactly, which counts as round-off
     eps = torch.finfo(torch.float64).eps
     tie = torch.diag(torch.tensor([1.0, 2 * eps], dtype=torch.float64))
-    assert singular_values(tie, "auto").tolist() == [1.0, 0.0]
+    assert rank_module._svd_values(tie, resolve=True).tolist() == [1.0, 0.0]
     assert singular_values(tie, "svd").tolist() == [1.0, 2 * eps]
     # a value just above it is genuine
-    assert singular_values(torch.diag(torch.tensor([1.0, 4 * eps], dtype=torch.float64)), "auto").tolist() == [
-        1.0,
-        4 * eps,
-    ]
+    above = torch.diag(torch.tensor([1.0, 4 * eps], dtype=torch.float64))
+    assert rank_module._svd_values(above, resolve=True).tolist() == [1.0, 4 * eps]
+    # "auto" needs no SVD for either: the interlacing bound (σ of x·v, v the Gram's eigenvector of the zeroed value)
+    # shows σ₂ <= 1e-9·Σσ, so the Gram route's 0 is within its 1e-9 of the SVD's answer
+    for x in (tie, above):
+        assert singular_values(x, "auto").tolist() == [1.0, 0.0]
 
 
 def test_gram_floor_tie_counts_as_round_off_in_the_functional_and_the_twin():
@@ -578,3 +582,37 @@ def test_auto_keeps_the_gram_route_when_the_zeroed_values_cannot_matter(monkeypa
     monkeypatch.setattr(rank_module, "_svd_values", no_svd)
     auto = singular_values(x)
     assert auto[-1].item() == 0.0 and auto[:-1].numpy() == pytest.approx(np.ones(k - 1), rel=1e-12)
+
+
+def test_exactly_rank_deficient_features_need_no_svd(monkeypatch):
+    # ReLU features with more always-active units than input dimensions: those units span at most 9 dimensions, so
+    # the 40×40 Gram matrix has exact (round-off) zeros that the old criterion (zeroed × floor > 1e-9·Σσ) sent to an
+    # SVD; the interlacing bound shows they hold < 1e-9 of Σσ, and every measure still agrees with SciPy's SVD
+    import plasticity_lightning.metrics.rank as rank_module
+
+    rng = np.random.default_rng(5)
+    inputs = rng.standard_normal((500, 8))
+    weights = rng.standard_normal((8, 40))
+    bias = np.where(np.arange(40) < 30, 100.0, 0.0)  # 30 units always active (affine in 8 inputs), 10 ReLU units
+    x = np.maximum(inputs @ weights + bias, 0.0)
+    s = scipy.linalg.svdvals(x)
+    assert (s > 1e-6 * s[0]).sum() < 40  # the premise: exactly rank-deficient
+    gram_values, zeroed, floor = rank_module._gram_singular_values(torch.from_numpy(x.T @ x))
+    assert zeroed * floor > 1e-9 * gram_values.sum().item()  # what used to trigger the SVD
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("fell back to an SVD")
+
+    monkeypatch.setattr(rank_module, "_svd_values", no_svd)
+    features = torch.from_numpy(x)
+    p = s / s.sum()
+    p = p[p > 0]
+    expected = {
+        "effective_rank": float(np.exp(-(p * np.log(p)).sum())),
+        "stable_rank": float((s**2).sum() / s[0] ** 2),
+    }
+    measures = rank_measures(features)
+    for name, value in expected.items():
+        assert measures[name].item() == pytest.approx(value, rel=1e-9), name
+    assert measures["srank"].item() == float(np.searchsorted(np.cumsum(s) / s.sum(), 0.99) + 1)
+    assert measures["approximate_rank"].item() == float(np.searchsorted(np.cumsum(s**2) / (s**2).sum(), 0.99) + 1)
