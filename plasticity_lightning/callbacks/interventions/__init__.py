@@ -1,11 +1,12 @@
 """Interventions: callbacks that change the model or its training to keep plasticity.
 
 Each is a thin Lightning adapter over an algorithm object in :mod:`plasticity_lightning.policies` (hooks, cadence,
-DDP agreement, checkpoint state, logging). :class:`Intervention` / :class:`UnitIntervention` are the bases.
+DDP agreement, checkpoint state, logging). :class:`Intervention`, :class:`UnitIntervention` and
+:class:`ScheduledIntervention` (whole-model policies applied at task changes and/or every n steps) are the bases.
 """
 
 from plasticity_lightning.callbacks.interventions.adaptive_loss import AdaptiveLossWeights
-from plasticity_lightning.callbacks.interventions.base import Intervention, UnitIntervention
+from plasticity_lightning.callbacks.interventions.base import Intervention, ScheduledIntervention, UnitIntervention
 from plasticity_lightning.callbacks.interventions.cbp import ContinualBackprop
 from plasticity_lightning.callbacks.interventions.constraints import (
     JamesSteinShrinkage,
@@ -34,6 +35,7 @@ __all__ = [
     "ParsevalRegularization",
     "PlasticityInjection",
     "ReDo",
+    "ScheduledIntervention",
     "ShrinkAndPerturb",
     "SoftmaxCollapseMonitor",
     "SurgeCollapse",

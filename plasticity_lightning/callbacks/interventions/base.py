@@ -225,3 +225,59 @@ class UnitIntervention(Intervention):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.connect(trainer)
         self.bind(pl_module)
+
+
+class ScheduledIntervention(Intervention):
+    """An intervention that applies its whole-model policy when a new task starts and/or every n steps.
+
+    The shared adapter of :class:`~plasticity_lightning.policies.base.ScheduledPolicy`-like policies (Shrink &
+    Perturb, LayerReset, PlasticityInjection, HeadReset): at the start of every fit it hands the policy the
+    trainer's optimizers (:meth:`connect`) and the model (``policy.attach``); it applies the policy when a new task
+    starts (``on_task_change``; never before the first task) and every ``every_n_steps`` optimizer steps
+    (:attr:`cadence`: never at step 0, once per step); after each application it logs the policy's counter
+    ``<prefix>/<count>``. The policy's state and the cadence's last step are the checkpoint (:class:`Intervention`).
+
+    Args:
+        policy: the algorithm, with ``attach(model)`` and ``apply(model)``.
+        on_task_change: apply when a new task starts (not before the first).
+        every_n_steps: also apply every n optimizer steps (``None``: never).
+        seed: seed of the policy's random draws.
+        prefix: first part of logged keys.
+    """
+
+    #: the policy's counter logged after each application, e.g. ``"resets"``
+    count: str = "applied"
+
+    def __init__(
+        self, policy: Policy, *, on_task_change: bool = True, every_n_steps: int | None = None, seed: int, prefix: str
+    ) -> None:
+        super().__init__(seed=seed, prefix=prefix, policy=policy, every_n_steps=every_n_steps)
+        self.require_a_trigger(on_task_change, every_n_steps)
+        self.on_task_change = on_task_change
+
+    @property
+    def log_each_application(self) -> bool:
+        """Whether every application is logged (else at the trainer's ``log_every_n_steps``)."""
+        return True
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.connect(trainer)
+        self.policy.attach(pl_module)
+
+    @override
+    def on_task_start(self, trainer, pl_module, context, previous_task) -> None:
+        if self.on_task_change and previous_task is not None:
+            self.apply(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
+        if self.cadence.take(trainer.global_step):
+            self.apply(trainer, pl_module)
+
+    def apply(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule) -> None:
+        """Apply the policy now, and log its counter."""
+        self.connect(trainer)
+        self.policy.apply(pl_module)
+        if trainer is not None:
+            self.log_values(trainer, {self.count: getattr(self.policy, self.count)}, force=self.log_each_application)

@@ -9,11 +9,11 @@ from typing import Any
 import lightning.pytorch as pl
 from typing_extensions import override
 
-from plasticity_lightning.callbacks.interventions.base import Intervention
+from plasticity_lightning.callbacks.interventions.base import ScheduledIntervention
 from plasticity_lightning.policies import injection as policy
 
 
-class PlasticityInjection(Intervention):
+class PlasticityInjection(ScheduledIntervention):
     """Inject plasticity into the head when a new task starts and/or every n steps (Nikishin et al. 2023).
 
     At each injection the head's function so far is frozen and a fresh head minus a frozen copy of it is added, so the
@@ -43,6 +43,7 @@ class PlasticityInjection(Intervention):
     """
 
     policy: policy.PlasticityInjection
+    count = "injections"
 
     def __init__(
         self,
@@ -56,9 +57,9 @@ class PlasticityInjection(Intervention):
         injection = policy.PlasticityInjection(
             layer=layer, every_n_steps=every_n_steps, merge=merge, seed=seed, prefix=prefix
         )
-        super().__init__(seed=seed, prefix=prefix, policy=injection, every_n_steps=every_n_steps)
-        self.require_a_trigger(on_task_change, every_n_steps)
-        self.on_task_change = on_task_change
+        super().__init__(
+            injection, on_task_change=on_task_change, every_n_steps=every_n_steps, seed=seed, prefix=prefix
+        )
         self._injected_at = -1  # global step of the last injection: its terms are folded after the next step
 
     layer = property(lambda self: self.policy.layer)
@@ -71,25 +72,16 @@ class PlasticityInjection(Intervention):
         return {**super().settings(), "layer": self.layer}
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.connect(trainer)
-        self.policy.attach(pl_module)
-
-    @override
-    def on_task_start(self, trainer, pl_module, context, previous_task) -> None:
-        if self.on_task_change and previous_task is not None:
-            self.inject(trainer, pl_module)
-
-    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
         if self.policy.frozen and trainer.global_step > self._injected_at:  # an optimizer step since the injection
             self.policy.fold()
-        if self.cadence.take(trainer.global_step):
-            self.inject(trainer, pl_module)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    @override
+    def apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().apply(trainer, pl_module)
+        self._injected_at = trainer.global_step
 
     def inject(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Inject now."""
-        self.connect(trainer)
-        self.policy.apply(pl_module)
-        self._injected_at = trainer.global_step
-        self.log_values(trainer, {"injections": self.injections}, force=True)
+        """Inject now (:meth:`apply`)."""
+        self.apply(trainer, pl_module)

@@ -12,12 +12,12 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 from typing_extensions import override
 
-from plasticity_lightning.callbacks.interventions.base import Intervention
+from plasticity_lightning.callbacks.interventions.base import Intervention, ScheduledIntervention
 from plasticity_lightning.policies import resets as policy
 from plasticity_lightning.policies.resets import fresh_layer  # noqa: F401  (re-exported for old imports)
 
 
-class ShrinkAndPerturb(Intervention):
+class ShrinkAndPerturb(ScheduledIntervention):
     """Shrink & Perturb (Ash & Adams 2020): θ ← λ·θ + p·θ_fresh, when a new task starts and/or every n steps.
 
     The update is :class:`plasticity_lightning.policies.ShrinkAndPerturb`'s (``noise="fresh_init"``: the paper,
@@ -45,6 +45,7 @@ class ShrinkAndPerturb(Intervention):
     """
 
     policy: policy.ShrinkAndPerturb
+    count = "applied"
 
     def __init__(
         self,
@@ -66,9 +67,7 @@ class ShrinkAndPerturb(Intervention):
             seed=seed,
             prefix=prefix,
         )
-        super().__init__(seed=seed, prefix=prefix, policy=snp, every_n_steps=every_n_steps)
-        self.require_a_trigger(on_task_change, every_n_steps)
-        self.on_task_change = on_task_change
+        super().__init__(snp, on_task_change=on_task_change, every_n_steps=every_n_steps, seed=seed, prefix=prefix)
 
     shrink = property(lambda self: self.policy.shrink)
     perturb = property(lambda self: self.policy.perturb)
@@ -77,37 +76,14 @@ class ShrinkAndPerturb(Intervention):
     layer_names = property(lambda self: self.policy.layer_names)
     applied = property(lambda self: self.policy.applied)
 
+    @property
+    @override
+    def log_each_application(self) -> bool:
+        return self.every_n_steps is None  # a step cadence logs at the trainer's log_every_n_steps
+
     @override
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "shrink": self.shrink, "perturb": self.perturb, "noise": self.noise}
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.policy.attach(pl_module)
-
-    @override
-    def on_task_start(self, trainer, pl_module, context, previous_task) -> None:
-        if self.on_task_change and previous_task is not None:
-            self.apply(trainer, pl_module)
-
-    @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
-        if self.cadence.take(trainer.global_step):
-            self.apply(trainer, pl_module)
-
-    def apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Shrink and perturb now."""
-        self.policy.apply(pl_module)
-        self.log_values(trainer, {"applied": self.applied}, force=self.every_n_steps is None)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "last_step": self._last_step}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._last_step = state_dict.get("last_step")
 
 
 class L2Init(Intervention):
@@ -156,7 +132,7 @@ class L2Init(Intervention):
         self.log_values(trainer, {"penalty": penalty or 0.0})
 
 
-class HeadReset(Intervention):
+class HeadReset(ScheduledIntervention):
     """Re-initialise the output layer when a new task starts (Dohare et al.'s Continual-ImageNet protocol).
 
     The reset is :class:`plasticity_lightning.policies.HeadReset`'s (``mode="init"``: fresh weights as the model
@@ -176,6 +152,7 @@ class HeadReset(Intervention):
     """
 
     policy: policy.HeadReset
+    count = "resets"
 
     def __init__(
         self,
@@ -184,9 +161,7 @@ class HeadReset(Intervention):
         seed: int = 0,
         prefix: str = "head_reset",
     ) -> None:
-        super().__init__(
-            seed=seed, prefix=prefix, policy=policy.HeadReset(layer=layer, mode=mode, seed=seed, prefix=prefix)
-        )
+        super().__init__(policy.HeadReset(layer=layer, mode=mode, seed=seed, prefix=prefix), seed=seed, prefix=prefix)
 
     layer = property(lambda self: self.policy.layer)
     mode = property(lambda self: self.policy.mode)
@@ -196,23 +171,12 @@ class HeadReset(Intervention):
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "layer": self.layer, "mode": self.mode}
 
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.policy.attach(pl_module)
-
-    @override
-    def on_task_start(self, trainer, pl_module, context, previous_task) -> None:
-        if previous_task is not None:
-            self.reset(trainer, pl_module)
-
     def reset(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Reset the head now."""
-        self.connect(trainer)
-        self.policy.apply(pl_module)
-        self.log_values(trainer, {"resets": self.resets}, force=True)
+        """Reset the head now (:meth:`apply`)."""
+        self.apply(trainer, pl_module)
 
 
-class LayerReset(Intervention):
+class LayerReset(ScheduledIntervention):
     """Reset chosen layers, or the whole network, when a new task starts and/or every n steps (Nikishin et al. 2022).
 
     The reset is :class:`plasticity_lightning.policies.LayerReset`'s: every weight and normalisation layer inside
@@ -237,6 +201,7 @@ class LayerReset(Intervention):
     """
 
     policy: policy.LayerReset
+    count = "resets"
 
     def __init__(
         self,
@@ -250,9 +215,7 @@ class LayerReset(Intervention):
         reset = policy.LayerReset(
             layers=layers, every_n_steps=every_n_steps, reset_optimizer=reset_optimizer, seed=seed, prefix=prefix
         )
-        super().__init__(seed=seed, prefix=prefix, policy=reset, every_n_steps=every_n_steps)
-        self.require_a_trigger(on_task_change, every_n_steps)
-        self.on_task_change = on_task_change
+        super().__init__(reset, on_task_change=on_task_change, every_n_steps=every_n_steps, seed=seed, prefix=prefix)
 
     layer_names = property(lambda self: self.policy.layer_names)
     every_n_steps = property(lambda self: self.policy.every_n_steps)
@@ -263,22 +226,6 @@ class LayerReset(Intervention):
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "layers": self.layer_names, "reset_optimizer": self.reset_optimizer}
 
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.policy.attach(pl_module)
-
-    @override
-    def on_task_start(self, trainer, pl_module, context, previous_task) -> None:
-        if self.on_task_change and previous_task is not None:
-            self.reset(trainer, pl_module)
-
-    @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
-        if self.cadence.take(trainer.global_step):
-            self.reset(trainer, pl_module)
-
     def reset(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Reset the layers now."""
-        self.connect(trainer)
-        self.policy.apply(pl_module)
-        self.log_values(trainer, {"resets": self.resets}, force=True)
+        """Reset the layers now (:meth:`apply`)."""
+        self.apply(trainer, pl_module)
