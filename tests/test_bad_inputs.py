@@ -178,10 +178,28 @@ CASES = [
     ("weight_precision_bits", _callback("WeightPrecision", "bits=99"), ["WeightPrecision.bits=99"]),
     ("james_stein_variance", _callback("JamesSteinShrinkage", "variance=-1"), ["JamesSteinShrinkage.variance=-1"]),
     ("monitor_layer_unknown", _callback("RankMonitor", "layers=[nowhere]"), ["nowhere"]),
-    # a grouped setting (a dataclass argument): its field and value, or the unknown key and its group
-    ("cycle_prune_level", _callback("PlasticityCycle", "cycle.prune_level=1.5"), ["CycleController.prune_level=1.5"]),
-    ("cycle_key_unknown", _callback("PlasticityCycle", 'cycle={{"learn_stepz": 3}}'), ["'cycle'", "'learn_stepz'"]),
-    ("growth_boost_negative", _callback("HeadGrowth", "reviver.boost_steps=-1"), ["boost_steps=-1"]),
+    # a grouped setting (a dataclass argument): its key path and value, or the unknown key and the allowed ones
+    (
+        "cycle_prune_level",
+        _callback("PlasticityCycle", "cycle.prune_level=1.5"),
+        ["PlasticityCycle.cycle.prune_level=1.5"],
+    ),
+    (
+        "cycle_key_unknown",
+        _callback("PlasticityCycle", 'cycle={{"learn_stepz": 3}}'),
+        ["PlasticityCycle.cycle: unknown key 'learn_stepz'", "allowed keys: learn_steps, max_cycles"],
+    ),
+    (  # a prefix of a key is not completed to it
+        "cycle_key_prefix",
+        _callback("PlasticityCycle", "cycle.learn_step=3"),
+        ["PlasticityCycle.cycle: unknown key 'learn_step'", "allowed keys: learn_steps, max_cycles"],
+    ),
+    (  # the settings' owner (the name in their messages) is not a key
+        "cycle_owner_not_a_key",
+        _callback("PlasticityCycle", "cycle.owner=me"),
+        ["PlasticityCycle.cycle: unknown key 'owner'", "min_improvement"],
+    ),
+    ("growth_boost_negative", _callback("HeadGrowth", "reviver.boost_steps=-1"), ["HeadGrowth.reviver.boost_steps=-1"]),
 ]
 
 

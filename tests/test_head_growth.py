@@ -19,6 +19,7 @@ from plasticity_lightning import (
     PlasticityConfigError,
     PlasticityCycle,
 )
+from plasticity_lightning.policies.base import settings_owner
 from plasticity_lightning.policies.heads import (
     CYCLE_REVIVER_SETTINGS,
     CycleSettings,
@@ -390,10 +391,16 @@ def test_cycle_configuration_errors(tmp_path):
         _cycle(pruning_strategies=["loudest"])
     with pytest.raises(PlasticityConfigError, match=r"CycleController.prune_level=1.0 is invalid"):
         CycleSettings(prune_level=1.0)
-    with pytest.raises(PlasticityConfigError, match=r"PlasticityCycle.growth_strategies=\['random', 'random'\]"):
-        CycleSettings(growth_strategies=["random", "random"], owner="PlasticityCycle")
-    with pytest.raises(PlasticityConfigError, match=r"PlasticityCycle.adapt='no' is invalid"):
-        CycleSettings(adapt="no", owner="PlasticityCycle")
+    with (
+        pytest.raises(PlasticityConfigError, match=r"PlasticityCycle.growth_strategies=\['random', 'random'\]"),
+        settings_owner("PlasticityCycle"),
+    ):
+        CycleSettings(growth_strategies=["random", "random"])
+    with (
+        pytest.raises(PlasticityConfigError, match=r"PlasticityCycle.adapt='no' is invalid"),
+        settings_owner("PlasticityCycle"),
+    ):
+        CycleSettings(adapt="no")
     with pytest.raises(PlasticityConfigError, match=r"PlasticityCycle.cycle=\{'learn_steps': 3\} is invalid; expected"):
         PlasticityCycle(cycle={"learn_steps": 3})
     with pytest.raises(PlasticityConfigError, match=r"PlasticityCycle.probe_size=0 is invalid"):

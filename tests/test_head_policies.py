@@ -16,6 +16,7 @@ from test_heads import tiny_gpt2
 from plasticity_lightning import HeadGrowth, PlasticityConfigError, PlasticityCycle
 from plasticity_lightning.metrics.text import degeneration_summary
 from plasticity_lightning.nn.generation import generate_seeded
+from plasticity_lightning.policies.base import settings_owner
 from plasticity_lightning.policies.heads import (
     CYCLE_REVIVER_SETTINGS,
     CycleController,
@@ -71,8 +72,11 @@ def test_reviver_settings_are_validated_once_at_construction(monkeypatch):
     assert len(calls) == 2 and growth.reviver_settings.warmup_steps == 7
     with pytest.raises(PlasticityConfigError, match=r"HeadReviver.boost_steps=-1 is invalid"):
         ReviverSettings(boost_steps=-1)
-    with pytest.raises(PlasticityConfigError, match=r"PlasticityCycle.lr_multiplier=inf is invalid"):
-        ReviverSettings(lr_multiplier=math.inf, owner="PlasticityCycle")
+    with (
+        pytest.raises(PlasticityConfigError, match=r"PlasticityCycle.lr_multiplier=inf is invalid"),
+        settings_owner("PlasticityCycle"),
+    ):
+        ReviverSettings(lr_multiplier=math.inf)
     with pytest.raises(PlasticityConfigError, match=r"HeadGrowth.reviver=\{'warmup_steps': 3\} is invalid; expected"):
         HeadGrowth(reviver={"warmup_steps": 3})
     with pytest.raises(PlasticityConfigError, match=r"HeadReviver: unknown setting\(s\) warmup"):

@@ -6,12 +6,15 @@ The command's documentation is :mod:`plasticity_lightning.cli`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
+import inspect
 import os
 import re
 import sys
 import tempfile
 import traceback
+import typing
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -39,6 +42,7 @@ from plasticity_lightning.core.checkpoints import (
 from plasticity_lightning.core.errors import PlasticityConfigError
 from plasticity_lightning.core.files import write_csv_atomic
 from plasticity_lightning.core.rundir import CHECKPOINT_DIR, LAST_CHECKPOINT, METRICS_FILE
+from plasticity_lightning.policies.base import settings_owner
 
 DESCRIPTION = "Measure and maintain the plasticity of neural networks with PyTorch Lightning."
 DEFAULT_LOGGER = {
@@ -65,6 +69,16 @@ def summarize_parser_error(message: str) -> str:
     Args:
         message: jsonargparse's error message (several lines).
     """
+    unknown = re.search(
+        r"class_path '([^']+)':\s*(?:Group '([^']+)' does not accept option '([^']+)'|unrecognized arguments: --(\S+))",
+        message,
+    )
+    if unknown:  # a misspelt key of a class or of one of its settings groups: name it and the allowed ones
+        class_path, group, key, argument = unknown.groups()
+        if argument is not None:
+            group, _, key = argument.partition("=")[0].rpartition(".")
+        owner = ".".join(filter(None, (class_path.rpartition(".")[2], group)))
+        return f"{owner}: unknown key {key!r}; allowed keys: {', '.join(_allowed_keys(class_path, group)) or '?'}"
     keys = list(dict.fromkeys(re.findall(r'Parser key "([^"]+)"', message)))
     value_match = re.search(r"Got value: (.*)", message) or re.search(r"Given value: (.*)", message)
     value = value_match.group(1).strip() if value_match else "?"
@@ -98,8 +112,50 @@ def summarize_parser_error(message: str) -> str:
     return " ".join(lines)[:400]
 
 
+def _allowed_keys(class_path: str, group: str) -> list[str]:
+    """The keys of the class at ``class_path`` (``group`` empty) or of its settings group ``group`` (a dataclass)."""
+    try:
+        module, _, name = class_path.rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        if not group:
+            return [name for name in inspect.signature(cls).parameters if name not in ("args", "kwargs")]
+        settings = typing.get_type_hints(cls.__init__).get(group)
+    except Exception:
+        return []
+    return [f.name for f in dataclasses.fields(settings) if f.init] if dataclasses.is_dataclass(settings) else []
+
+
+def _owned_by(instantiate: Any, owner: str) -> Any:
+    """``instantiate`` (jsonargparse's builder of a settings group) with the group's messages naming ``owner``."""
+
+    def instantiate_class(group: Any, cfg: Any) -> None:
+        with settings_owner(owner):
+            instantiate(group, cfg)
+
+    return instantiate_class
+
+
 class PlasticityArgumentParser(LightningArgumentParser):
-    """LightningCLI's parser with one-line errors instead of a page of usage text."""
+    """LightningCLI's parser with one-line errors instead of a page of usage text, no abbreviated keys (a misspelt
+    ``--trainer.callbacks.cycle.learn_step`` is refused, not completed to ``learn_steps``), and a refused value in a
+    settings group named by its key path (``PlasticityCycle.cycle.prune_level=1.5 is invalid; ...``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def add_class_arguments(self, theclass: Any, nested_key: str | None = None, *args: Any, **kwargs: Any) -> Any:
+        known = {id(group) for group in self._action_groups}
+        added = super().add_class_arguments(theclass, nested_key, *args, **kwargs)
+        for group in self._action_groups:
+            settings = getattr(group, "group_class", None)
+            if id(group) in known or settings is theclass or not dataclasses.is_dataclass(settings):
+                continue
+            if hasattr(group, "instantiate_class"):
+                key = group.dest[len(nested_key) + 1 :] if nested_key else group.dest
+                group.instantiate_class = _owned_by(group.instantiate_class, f"{theclass.__name__}.{key}")
+        return added
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error or os.environ.get("PLASTICITY_TRACEBACK"):

@@ -1,13 +1,18 @@
-"""What every trainer-free policy shares: its own random source, its state, the optimizers it resets, DDP averaging,
-and, for unit policies, which producer → consumer pairs it bound and which init their new units get (and why).
+"""What every trainer-free policy shares.
+
+Its own random source, its state, the optimizers it resets, DDP averaging, and, for unit policies, which producer →
+consumer pairs it bound and which init their new units get (and why).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextvars import ContextVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -19,6 +24,74 @@ from plasticity_lightning.surgery import UnitPair, pair_units
 from plasticity_lightning.surgery.topology import unit_weight
 
 log = logging.getLogger(__name__)
+
+_SETTINGS_OWNER: ContextVar[str | None] = ContextVar("settings_owner", default=None)
+_Settings = TypeVar("_Settings", bound="Settings")
+
+
+@contextlib.contextmanager
+def settings_owner(owner: str) -> Iterator[None]:
+    """Name ``owner`` in the messages of the settings objects built inside (their :func:`owner_field`).
+
+    How a callback re-owns its settings (:meth:`Settings.with_owner`) and how the CLI names a YAML group's key path
+    (``PlasticityCycle.cycle``) when one of its values is refused.
+
+    Args:
+        owner: the name that starts each message, e.g. ``PlasticityCycle`` or ``PlasticityCycle.cycle``.
+    """
+    token = _SETTINGS_OWNER.set(owner)
+    try:
+        yield
+    finally:
+        _SETTINGS_OWNER.reset(token)
+
+
+def owner_field(default: str) -> Any:
+    """The ``owner`` field of a settings dataclass: the name its validation messages start with.
+
+    Not an argument (LightningCLI does not show it as a key): the name given by an enclosing :func:`settings_owner`,
+    else ``default``.
+
+    Args:
+        default: the owner outside any :func:`settings_owner` (the policy that takes the settings).
+    """
+    return dataclasses.field(default_factory=lambda: _SETTINGS_OWNER.get() or default, init=False, compare=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Base of the frozen settings dataclasses: validated once when built, messages naming their owner.
+
+    :class:`~plasticity_lightning.policies.heads.CycleSettings` and
+    :class:`~plasticity_lightning.policies.heads.ReviverSettings` check their values in ``__post_init__``
+    (:meth:`_keep` stores the checked values); their messages start with ``owner`` (an :func:`owner_field`). A
+    dataclass without fields of its own (jsonargparse reads only pure dataclasses as YAML groups); each subclass
+    declares ``owner = owner_field(...)`` last.
+    """
+
+    def _keep(self, checked: dict[str, Any]) -> None:
+        """Store the validated (normalised) values of ``checked`` on the frozen instance."""
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    def values(self) -> dict[str, Any]:
+        """The settings without ``owner``."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "owner"}  # type: ignore[arg-type]
+
+    def with_owner(self: _Settings, owner: str) -> _Settings:
+        """A copy whose messages name ``owner`` (validated again, as built).
+
+        Args:
+            owner: the name its messages start with from now on (a callback's name).
+
+        Example::
+
+            >>> from plasticity_lightning.policies.heads import ReviverSettings
+            >>> ReviverSettings(warmup_steps=3).with_owner("HeadGrowth").owner
+            'HeadGrowth'
+        """
+        with settings_owner(owner):
+            return dataclasses.replace(self)  # type: ignore[type-var]
 
 
 def as_optimizers(optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None) -> list[Any]:
@@ -110,9 +183,11 @@ class Policy:
         self.announce(f"{self.owner}: bound to {len(self._bound_layers)} module(s): {', '.join(shown)}")
 
     def generator_on(self, device: torch.device | str) -> torch.Generator:
-        """The random source for draws made on ``device``: the CPU generator itself on the CPU; on an accelerator a
-        generator of that device type, seeded alike on every rank and kept in the checkpoint. Noise for every
-        parameter is then drawn where the parameters live, with no host-side draw and copy per application.
+        """The random source for draws made on ``device``.
+
+        The CPU generator itself on the CPU; on an accelerator a generator of that device type, seeded alike on every
+        rank and kept in the checkpoint. Noise for every parameter is then drawn where the parameters live, with no
+        host-side draw and copy per application.
         """
         kind = torch.device(device).type
         if kind == "cpu":
@@ -129,8 +204,9 @@ class Policy:
         return tensor if self.reduce_mean is None else self.reduce_mean(tensor)
 
     def task_changed(self, task: Any) -> bool:
-        """Record ``task``; whether it differs from the previous call's (never on the first call): the one task-change
-        rule of the task-triggered policies.
+        """Record ``task``; whether it differs from the previous call's (never on the first call).
+
+        The one task-change rule of the task-triggered policies.
         """
         previous, self.task = getattr(self, "task", None), task
         return previous is not None and previous != task
@@ -163,16 +239,19 @@ class Policy:
 
 
 class ScheduledPolicy(Policy):
-    """A policy that acts on the whole model at moments: every ``cadence`` optimizer step (:meth:`step`) or when the
-    task changes (:meth:`step_task`). Subclasses set :attr:`cadence` and :attr:`steps` and define :meth:`apply`.
+    """A policy that acts on the whole model at moments.
+
+    Every ``cadence`` optimizer step (:meth:`step`) or when the task changes (:meth:`step_task`). Subclasses set
+    :attr:`cadence` and :attr:`steps` and define :meth:`apply`.
     """
 
     cadence: Any  # a policies.cadence.StepCadence
     steps: int
 
     def step(self) -> bool:
-        """One optimizer step has been taken: :meth:`apply` if it is the ``every_n_steps``-th; returns whether it
-        did.
+        """One optimizer step has been taken.
+
+        :meth:`apply` if it is the ``every_n_steps``-th; returns whether it did.
         """
         self.steps += 1
         if not self.cadence.take(self.steps):
@@ -181,8 +260,9 @@ class ScheduledPolicy(Policy):
         return True
 
     def step_task(self, task: Any) -> bool:
-        """:meth:`apply` if ``task`` differs from the task of the previous call (never on the first); returns whether
-        it did.
+        """:meth:`apply` if ``task`` differs from the task of the previous call (never on the first).
+
+        Returns whether it did.
         """
         if not self.task_changed(task):
             return False
@@ -254,8 +334,9 @@ class UnitPolicy(Policy):
         return [pair.describe() for pair in self.pairs]
 
     def bind(self, model: nn.Module) -> None:
-        """Find the pairs on the (built) model and the init of each producer; report them once, with what was
-        skipped, and warn once if an init had to be guessed.
+        """Find the pairs on the (built) model and the init of each producer.
+
+        Report them once, with what was skipped, and warn once if an init had to be guessed.
         """
         owner = self.owner
         pairing = pair_units(model, self.layer_names, self.explicit_pairs, owner=owner, warn=False)

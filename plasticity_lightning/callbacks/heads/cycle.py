@@ -1,10 +1,11 @@
-"""The prune → measure → grow → learn cycle of attention heads in a Lightning fit: a callback over
-:class:`~plasticity_lightning.policies.heads.CycleController`, which holds the cycle itself.
+"""The prune → measure → grow → learn cycle of attention heads in a Lightning fit.
+
+A callback over :class:`~plasticity_lightning.policies.heads.CycleController`, which holds the cycle itself.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,23 +31,18 @@ from plasticity_lightning.probes import ProbeSet
 
 
 class PlasticityCycle(RevivingIntervention):
-    """Cycles of prune → measure → grow → learn on attention heads, each judged and kept or reverted: the Lightning
-    adapter of :class:`~plasticity_lightning.policies.heads.CycleController`, which holds the cycle, its judgement,
-    the ratings, memory and adaptation (read there how a cycle runs).
+    """Cycles of prune → measure → grow → learn on attention heads, each judged and kept or reverted.
 
-    This callback decides *when*: the first cycle starts at optimizer step ``start_step`` (and only if a whole
-    cycle fits before ``max_steps``), and a cycle ends after its ``learn_steps``. It measures on the trainer: the
-    perplexity on a fixed validation probe (``probe_size`` blocks), the degeneration of seeded generations of
-    ``prompts`` (``degeneration_metric``), the live heads. Under DDP every rank measures the same probe with the
-    same weights and rank 0's measurements and choices are broadcast, so all ranks prune, grow and revert alike.
-    Everything, the snapshot included, is in ``state_dict``, so a run resumed mid-cycle finishes it as the
-    uninterrupted run would. The record of cycles, ratings and memory is written to
-    ``<log_dir>/plasticity_cycle.json`` after each cycle. A cycle skipped on NaN/inf statistics is counted in
-    ``cycle/skipped_nonfinite`` (the first one warns).
-
-    Needs a :class:`HeadImportance` before it (its gates; its gradient importance for ``"gradient"`` pruning or
-    growth), and no :class:`HeadPruning` or :class:`HeadGrowth` on the same trainer (they would change the gates
-    mid-cycle). The tokenizer is ``tokenizer`` or the datamodule's.
+    The Lightning adapter of :class:`~plasticity_lightning.policies.heads.CycleController`, which holds the cycle, its
+    judgement, ratings, memory and adaptation (read there how a cycle runs). This callback decides *when*: a cycle
+    starts from optimizer step ``start_step`` if it fits before ``max_steps`` and ends after its ``learn_steps``.
+    It measures on the trainer: perplexity on a fixed validation probe, degeneration of seeded generations of
+    ``prompts``, live heads. Under DDP rank 0's measurements and choices are broadcast, so all ranks prune, grow and
+    revert alike. Everything, the snapshot included, is in ``state_dict`` (a run resumed mid-cycle finishes it as
+    the uninterrupted run would); the record is written to ``<log_dir>/plasticity_cycle.json`` after each cycle; a
+    cycle skipped on NaN/inf statistics is counted in ``cycle/skipped_nonfinite`` (the first one warns). Needs a
+    :class:`HeadImportance` before it (its gates; its gradient importance for ``"gradient"`` strategies) and no
+    :class:`HeadPruning` or :class:`HeadGrowth` (they would change the gates mid-cycle).
 
     Args:
         start_step: optimizer step of the first cycle.
@@ -94,13 +90,11 @@ class PlasticityCycle(RevivingIntervention):
         owner = "PlasticityCycle"
         if not isinstance(cycle, CycleSettings):
             raise PlasticityConfigError(f"{owner}.cycle={cycle!r} is invalid; expected a CycleSettings")
-        # validated when it was built; re-owned so that the controller's messages name this callback
-        controller = CycleController(dataclasses.replace(cycle, owner=owner), seed=seed)
+        controller = CycleController(cycle.with_owner(owner), seed=seed)  # its messages name this callback
         super().__init__(reviver=reviver, seed=seed, prefix=prefix, policy=controller)
         self.start_step = check_positive_int(owner, "start_step", start_step, allow_zero=True)
-        self.degeneration_metric = check_choice(
-            owner, "degeneration_metric", degeneration_metric, ("repeated_3gram_rate", "max_token_repetition")
-        )
+        metrics = ("repeated_3gram_rate", "max_token_repetition")
+        self.degeneration_metric = check_choice(owner, "degeneration_metric", degeneration_metric, metrics)
         self.probe = ProbeSet(size=probe_size, source="val", seed=seed, owner=owner)
         self.prompts = check_prompts(owner, prompts)
         self.max_new_tokens = check_positive_int(owner, "max_new_tokens", max_new_tokens)
@@ -118,104 +112,70 @@ class PlasticityCycle(RevivingIntervention):
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), **self._initial}
 
-    # ------------------------------------------------------------------ hooks
+    # ------------------------------------------------------------------ when it acts
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._importance = find_head_importance(trainer, "PlasticityCycle")
+        self._importance = importance = find_head_importance(trainer, "PlasticityCycle")
         rivals = [type(c).__name__ for c in trainer.callbacks if isinstance(c, (HeadPruning, HeadGrowth))]
         if rivals:
             raise PlasticityConfigError(
                 f"PlasticityCycle prunes and grows heads itself; remove {', '.join(rivals)} from the trainer (they "
                 "would change the gates mid-cycle)"
             )
-        controller = self.controller
-        wants_gradient = "gradient" in controller.pruning_strategies or "gradient" in controller.growth_strategies
-        if wants_gradient and self._importance.method != "gradient":
+        if self.controller.wants_gradient and importance.method != "gradient":
             raise PlasticityConfigError(
                 "PlasticityCycle's 'gradient' strategies need HeadImportance(method='gradient'), got "
-                f"method={self._importance.method!r}; drop 'gradient' from pruning_strategies/growth_strategies"
+                f"method={importance.method!r}; drop 'gradient' from pruning_strategies/growth_strategies"
             )
         resolve_tokenizer(trainer, self.tokenizer, "PlasticityCycle")
         require_validation(trainer, pl_module, "PlasticityCycle")
-        self.start_reviver(trainer, self._importance.gates)
-        controller.optimizers = self.optimizers(trainer)
-        controller.broadcast = lambda value: trainer.strategy.broadcast(value, src=0)
+        self.start_reviver(trainer, importance.gates)
+        self.controller.optimizers = self.optimizers(trainer)
+        self.controller.broadcast = lambda value: trainer.strategy.broadcast(value, src=0)  # rank 0's plan and heads
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
+        step, max_steps = trainer.global_step, trainer.max_steps
+        if self.controller.due(step):
+            self.finish_cycle(trainer, pl_module)
+        if self.controller.ready(step, self.start_step, None if max_steps is None or max_steps < 0 else max_steps):
+            self.start_cycle(trainer, pl_module)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_end(trainer, pl_module)
         self.write_json(trainer)
 
-    @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
-        step = trainer.global_step
-        if self.controller.due(step):
-            self.finish_cycle(trainer, pl_module)
-        if self.controller.ready(step, self.start_step) and self._room(trainer):
-            self.start_cycle(trainer, pl_module)
-
-    def _room(self, trainer: pl.Trainer) -> bool:
-        """Whether a whole cycle fits before ``max_steps``: an unfinished cycle would leave heads pruned and revived
-        heads unjudged (and unrevertable).
-        """
-        return (
-            trainer.max_steps is None
-            or trainer.max_steps < 0
-            or (trainer.global_step + self.controller.learn_steps <= trainer.max_steps)
-        )
-
     def start_cycle(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Start a cycle now (:meth:`CycleController.start`), or count and warn a skip on NaN/inf statistics."""
-        gradient = self._importance.method == "gradient"
+        ids = token_ids(self.probe.draw(trainer))
+        gradient = self._importance.current(trainer) if self._importance.method == "gradient" else None
         try:
-            record = self.controller.start(
-                trainer.global_step,
-                pl_module,
-                self._importance.gates,
-                self.reviver,
-                lambda: self.evaluate(trainer, pl_module),
-                input_ids=token_ids(self.probe.draw(trainer)),
-                importance=self._importance.current(trainer) if gradient else None,
-            )
+            record = self.controller.start(*self._inputs(trainer, pl_module), input_ids=ids, importance=gradient)
         except NonFiniteScores as skipped:  # the same statistics on every rank: all ranks skip
             self.skip_nonfinite(trainer, skipped.what)
             return
-        before, after = record["before"], record["after_pruning"]
-        values = {"perplexity_before": before["perplexity"], "perplexity_after_pruning": after["perplexity"]}
-        self.log_values(
-            trainer, {**values, "pruned_heads": len(record["pruned"]), "grown_heads": len(record["grown"])}, force=True
-        )
+        self.log_values(trainer, self.controller.summary(record), force=True)
 
     def finish_cycle(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """End the cycle in its learning phase now (:meth:`CycleController.finish`), log it and write the record."""
-        record = self.controller.finish(
-            trainer.global_step,
-            pl_module,
-            self._importance.gates,
-            self.reviver,
-            lambda: self.evaluate(trainer, pl_module),
-        )
-        after, success = record["after"], record["success"]
-        self.log_values(
-            trainer,
-            {
-                "perplexity_after": after["perplexity"],
-                "degeneration": after["degeneration"],
-                "success": float(success),
-                "live_heads": after["live_heads"] if success else record["before"]["live_heads"],
-                **{f"rating/{k}": v for k, v in self.controller.ratings.items()},
-            },
-            force=True,
-        )
+        record = self.controller.finish(*self._inputs(trainer, pl_module))
+        self.log_values(trainer, self.controller.summary(record), force=True)
         self.write_json(trainer)
+
+    def _inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Any, ...]:
+        """What a cycle acts on: the optimizer step, the model, the gates, the reviver and the measurement."""
+        measure = functools.partial(self.evaluate, trainer, pl_module)  # rank 0's values, broadcast
+        return trainer.global_step, pl_module, self._importance.gates, self.reviver, measure
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """Perplexity on the validation probe, degeneration of the seeded generations, live heads — rank 0's."""
+        tokenizer = resolve_tokenizer(trainer, self.tokenizer, "PlasticityCycle")
         values = cycle_measures(
             pl_module,
             self._importance.gates,
             token_ids(self.probe.draw(trainer)),
-            resolve_tokenizer(trainer, self.tokenizer, "PlasticityCycle"),
+            tokenizer,
             self.prompts,
             max_new_tokens=self.max_new_tokens,
             seed=self.seed,
@@ -230,12 +190,11 @@ class PlasticityCycle(RevivingIntervention):
         return self.controller.record()
 
     def write_json(self, trainer: pl.Trainer) -> Path | None:
-        """Write :meth:`record` on rank 0; returns the path."""
+        """Write :meth:`record` on rank 0 (strict JSON: a diverged perplexity is null); returns the path."""
         # run_directory broadcasts from rank 0: every rank must ask, or the ranks' collectives fall out of step
         path = Path(self.json_path or run_directory(trainer) / PLASTICITY_CYCLE_FILE)
         if not trainer.is_global_zero:
             return None
-        # strict JSON: a diverged perplexity (inf/NaN) is written as null
         return write_text_atomic(path, json.dumps(json_safe(self.record()), indent=2, allow_nan=False))
 
 

@@ -1,11 +1,11 @@
-"""Head growth: reviving gated-off heads (fresh weights, gate ramp, learning-rate boost) chosen by a growth rule;
-callbacks over :class:`~plasticity_lightning.policies.heads.HeadReviver` and
+"""Head growth: reviving gated-off heads (fresh weights, gate ramp, learning-rate boost) chosen by a growth rule.
+
+Callbacks over :class:`~plasticity_lightning.policies.heads.HeadReviver` and
 :func:`~plasticity_lightning.policies.heads.choose_heads_to_grow`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -34,8 +34,9 @@ from plasticity_lightning.surgery.heads import HeadGates
 
 
 class RevivingIntervention(SkipsNonFinite, Intervention):
-    """Base of the callbacks that revive heads with a :class:`~plasticity_lightning.policies.heads.HeadReviver`: its
-    settings (:class:`~plasticity_lightning.policies.heads.ReviverSettings`, validated once at construction), its
+    """Base of the callbacks that revive heads with a :class:`~plasticity_lightning.policies.heads.HeadReviver`.
+
+    Its settings (:class:`~plasticity_lightning.policies.heads.ReviverSettings`, validated once at construction), its
     checkpointed state, the gate ramp set before every training batch and the learning-rate boost hooked onto the
     trainer's optimizers for the fit.
     """
@@ -47,7 +48,7 @@ class RevivingIntervention(SkipsNonFinite, Intervention):
                 f"{type(self).__name__}.reviver={reviver!r} is invalid; expected a ReviverSettings"
             )
         # validated when it was built; re-owned so that the reviver's messages name this callback
-        self.reviver_settings = dataclasses.replace(reviver, owner=type(self).__name__)
+        self.reviver_settings = reviver.with_owner(type(self).__name__)
         self.reviver: HeadReviver | None = None
         self._pending_reviver: dict[str, Any] | None = None
 
@@ -82,11 +83,12 @@ class RevivingIntervention(SkipsNonFinite, Intervention):
 
 
 class HeadGrowth(RevivingIntervention):
-    """Revive gated-off heads after every ``every_n_validations``-th validation of the fit: ``fraction`` of the dead
-    heads (at least
-    one) get fresh Q/K/V weights and near-silent output rows, a gate that ramps from ``initial_gate`` to 1 over
-    ``warmup_steps`` and a learning rate ``lr_multiplier``× the optimizer's that decays back over ``boost_steps``
-    (see :class:`~plasticity_lightning.policies.heads.HeadReviver` for why the boost is per slice, not a param group).
+    """Revive gated-off heads after every ``every_n_validations``-th validation of the fit.
+
+    ``fraction`` of the dead heads (at least one) get fresh Q/K/V weights and near-silent output rows, a gate that ramps
+    from ``initial_gate`` to 1 over ``warmup_steps`` and a learning rate ``lr_multiplier``× the optimizer's that decays
+    back over ``boost_steps`` (see :class:`~plasticity_lightning.policies.heads.HeadReviver` for why the boost is per
+    slice, not a param group).
 
     Which heads (``choice``): ``"balanced"`` (layers with the fewest live heads first), ``"entropy_gap"`` (the dead
     heads whose attention is most focused, ln T − H on a fixed validation probe), ``"gradient"`` (the largest

@@ -27,7 +27,7 @@ from plasticity_lightning.core.errors import (
     check_positive_float,
     check_positive_int,
 )
-from plasticity_lightning.policies.base import Policy
+from plasticity_lightning.policies.base import Policy, Settings, owner_field
 from plasticity_lightning.policies.heads.reviver import HeadReviver
 from plasticity_lightning.policies.heads.selection import (
     GROWTH_CHOICES,
@@ -46,8 +46,9 @@ RATING_RANGE = (0.1, 10.0)
 
 
 def updated_rating(rating: float, success: bool, improvement: float) -> float:
-    """Sentinel-AI's rating rule: success multiplies by 1 + clip(improvement, 0, 0.5), failure by 0.8; the result is
-    kept in [0.1, 10].
+    """Sentinel-AI's rating rule.
+
+    Success multiplies by 1 + clip(improvement, 0, 0.5), failure by 0.8; the result is kept in [0.1, 10].
 
     Args:
         rating: the strategy's current rating.
@@ -64,7 +65,7 @@ def updated_rating(rating: float, success: bool, improvement: float) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class CycleSettings:
+class CycleSettings(Settings):
     """The settings of a :class:`CycleController` (and of a PlasticityCycle's ``cycle`` argument), validated once at
     construction (errors name ``owner``'s field). In a LightningCLI YAML they are one group:
     ``cycle: {learn_steps: 100, prune_level: 0.2}``.
@@ -83,7 +84,8 @@ class CycleSettings:
         adapt: adapt prune level, growth ratio and learning steps between cycles.
         patience: cycles without a new best before cycling stops (``None``: never).
         min_improvement: relative perplexity gain that makes a new best.
-        owner: the name in error messages (the callback or policy that takes these settings).
+        owner: the name in error messages, not an argument: ``CycleController``, or the callback that took these
+            settings (:meth:`~plasticity_lightning.policies.base.Settings.with_owner`).
 
     Example::
 
@@ -104,7 +106,7 @@ class CycleSettings:
     adapt: bool = True
     patience: int | None = 3
     min_improvement: float = 0.01
-    owner: str = dataclasses.field(default="CycleController", compare=False)
+    owner: str = owner_field("CycleController")
 
     def __post_init__(self) -> None:
         owner = self.owner
@@ -128,12 +130,7 @@ class CycleSettings:
             "patience": None if self.patience is None else check_positive_int(owner, "patience", self.patience),
             "min_improvement": check_positive_float(owner, "min_improvement", self.min_improvement, allow_zero=True),
         }
-        for name, value in checked.items():
-            object.__setattr__(self, name, value)
-
-    def values(self) -> dict[str, Any]:
-        """The settings without ``owner``."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "owner"}
+        self._keep(checked)
 
 
 class CycleController(Policy):
@@ -230,8 +227,10 @@ class CycleController(Policy):
         importance: torch.Tensor | None = None,
         optimizers: Iterable[torch.optim.Optimizer] | None = None,
     ) -> dict[str, Any]:
-        """Steps 1–4 at optimizer step ``step``: measure, snapshot, choose, prune, measure, revive; the cycle then
-        learns until :meth:`due`. Returns its record (:attr:`current`).
+        """Steps 1–4 at optimizer step ``step``.
+
+        Measure, snapshot, choose, prune, measure, revive; the cycle then learns until :meth:`due`. Returns its record
+        (:attr:`current`).
 
         Args:
             step: the optimizer step the cycle starts at.
@@ -311,6 +310,7 @@ class CycleController(Policy):
         optimizers: Iterable[torch.optim.Optimizer] | None = None,
     ) -> dict[str, Any]:
         """Step 5 at optimizer step ``step``: measure, judge, keep or revert (to the snapshot), rate, remember, adapt.
+
         Returns the cycle's record (``after``, ``success``, ``reverted`` added). Arguments as in :meth:`start`.
         """
         optimizers = self.optimizers if optimizers is None else list(optimizers)
@@ -356,9 +356,42 @@ class CycleController(Policy):
         """Whether the cycle in its learning phase has learned its ``learn_steps`` at optimizer step ``step``."""
         return self.current is not None and step - self.current["start_step"] >= self.current["learn_steps"]
 
-    def ready(self, step: int, start_step: int) -> bool:
-        """Whether a new cycle may start at ``step`` (none running, not stopped, past ``start_step`` and a retry)."""
-        return self.current is None and self.stopped is None and step >= max(start_step, self.retry_step)
+    def ready(self, step: int, start_step: int, max_steps: int | None = None) -> bool:
+        """Whether a new cycle may start at ``step``: none running, not stopped, past ``start_step`` and a retry,
+        and the whole cycle fits before ``max_steps`` (``None``: no end) — an unfinished cycle would leave heads
+        pruned and revived heads unjudged (and unrevertable).
+        """
+        return (
+            self.current is None
+            and self.stopped is None
+            and step >= max(start_step, self.retry_step)
+            and (max_steps is None or step + self.learn_steps <= max_steps)
+        )
+
+    @property
+    def wants_gradient(self) -> bool:
+        """Whether a strategy ranks heads by gradient importance (:meth:`start` then needs ``importance``)."""
+        return "gradient" in self.pruning_strategies or "gradient" in self.growth_strategies
+
+    def summary(self, record: dict[str, Any]) -> dict[str, float]:
+        """The scalars to log of a cycle's record: at its start (perplexities, pruned and grown heads), or once
+        :meth:`finish` has judged it (final perplexity, degeneration, success, live heads kept, the ratings).
+        """
+        if "after" not in record:
+            return {
+                "perplexity_before": record["before"]["perplexity"],
+                "perplexity_after_pruning": record["after_pruning"]["perplexity"],
+                "pruned_heads": len(record["pruned"]),
+                "grown_heads": len(record["grown"]),
+            }
+        after, success = record["after"], record["success"]
+        return {
+            "perplexity_after": after["perplexity"],
+            "degeneration": after["degeneration"],
+            "success": float(success),
+            "live_heads": after["live_heads"] if success else record["before"]["live_heads"],
+            **{f"rating/{k}": v for k, v in self.ratings.items()},
+        }
 
     # ------------------------------------------------------------------ judging
     def judge(self, before: dict[str, float], after: dict[str, float]) -> bool:
@@ -368,8 +401,9 @@ class CycleController(Policy):
         )
 
     def conclude(self, after: dict[str, float], success: bool, step: int) -> dict[str, Any]:
-        """Close the running cycle: rate, remember, adapt, track the best, record it, maybe stop; returns the
-        cycle's record.
+        """Close the running cycle.
+
+        Rate, remember, adapt, track the best, record it, maybe stop; returns the cycle's record.
         """
         record, self.current = self.current, None
         before = record["before"]

@@ -1,5 +1,7 @@
-"""Reviving gated-off attention heads: fresh weights, a gate ramp and a per-slice learning-rate boost — the one
-declaration of the reviver's settings (:class:`ReviverSettings`) and the stateful :class:`HeadReviver`.
+"""Reviving gated-off attention heads.
+
+Fresh weights, a gate ramp and a per-slice learning-rate boost — the one declaration of the reviver's settings
+(:class:`ReviverSettings`) and the stateful :class:`HeadReviver`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from plasticity_lightning.core.errors import (
     check_positive_float,
     check_positive_int,
 )
-from plasticity_lightning.policies.base import Policy, as_optimizers
+from plasticity_lightning.policies.base import Policy, Settings, as_optimizers, owner_field, settings_owner
 from plasticity_lightning.surgery.heads import HeadGates, reinit_heads
 
 
@@ -28,7 +30,7 @@ def _finite(owner: str, name: str, value: float) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class ReviverSettings:
+class ReviverSettings(Settings):
     """How revived heads start and learn again, validated once at construction (errors name ``owner``'s field).
 
     Attributes:
@@ -39,7 +41,8 @@ class ReviverSettings:
         initial_gate: where the gate ramp starts (exclusive).
         lr_multiplier: learning-rate factor of a revived head right after revival (1: no boost).
         boost_steps: optimizer steps over which the factor decays back to 1.
-        owner: the name in error messages (the callback or policy that takes these settings).
+        owner: the name in error messages, not an argument: ``HeadReviver``, or the callback that took these
+            settings (:meth:`~plasticity_lightning.policies.base.Settings.with_owner`).
 
     Example::
 
@@ -53,7 +56,7 @@ class ReviverSettings:
     initial_gate: float = 0.0
     lr_multiplier: float = 5.0
     boost_steps: int = 1000
-    owner: str = dataclasses.field(default="HeadReviver", compare=False)
+    owner: str = owner_field("HeadReviver")
 
     def __post_init__(self) -> None:
         owner = self.owner
@@ -69,12 +72,7 @@ class ReviverSettings:
             ),
             "boost_steps": check_positive_int(owner, "boost_steps", self.boost_steps, allow_zero=True),
         }
-        for name, value in checked.items():
-            object.__setattr__(self, name, value)
-
-    def values(self) -> dict[str, Any]:
-        """The settings without ``owner``."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "owner"}
+        self._keep(checked)
 
 
 #: the reviver settings of a PlasticityCycle. Its cycles judge a revived head after ``learn_steps`` (100 by
@@ -146,7 +144,10 @@ class HeadReviver(Policy):
             )
         # validated here only when something is overridden: a callback hands over settings checked at its __init__
         settings = settings or ReviverSettings()
-        self.settings = dataclasses.replace(settings, **overrides) if overrides else settings
+        if overrides:
+            with settings_owner(overrides.pop("owner", settings.owner)):
+                settings = dataclasses.replace(settings, **overrides)
+        self.settings = settings
         self.owner = self.settings.owner
         self.output_scale: float = self.settings.output_scale
         self.std: float = self.settings.std
@@ -221,8 +222,10 @@ class HeadReviver(Policy):
 
     @torch.no_grad()
     def update(self, step: int) -> None:
-        """Set the ramping gates for optimizer step ``step``; forget heads whose ramp and boost are over, and heads
-        gated off again meanwhile (pruned: the ramp itself never sets 0).
+        """Set the ramping gates for optimizer step ``step``.
+
+        Forget heads whose ramp and boost are over, and heads gated off again meanwhile (pruned: the ramp itself never
+        sets 0).
         """
         self.step = int(step)
         self.reviving = [r for r in self.reviving if float(self.gates.gates[r[0], r[1]]) != 0.0]
