@@ -134,10 +134,16 @@ class _Mixing(nn.Module):
             return self.fc2(x) + 0 * h.sum()
         elif self.op == "module":
             h = nn.functional.normalize(h)
+        elif self.op == "as_argument":  # a per-unit function that reads the units as its `p`, not as its input
+            h = F.dropout(x, h)
+        elif self.op == "keyword_input":  # the input passed by keyword: the trace does not follow it
+            h = torch.relu(input=h)
         return self.fc2(h)
 
 
-@pytest.mark.parametrize("op", ["softmax", "second_argument", "method", "unused", "module"])
+@pytest.mark.parametrize(
+    "op", ["softmax", "second_argument", "method", "unused", "module", "as_argument", "keyword_input"]
+)
 def test_operations_that_mix_units_or_use_them_elsewhere_end_the_pair(op):
     with pytest.raises(PlasticityConfigError, match=r"has no Linear/Conv1D/Conv2d layer whose units feed"):
         find_unit_pairs(_Mixing(op))
@@ -747,6 +753,10 @@ def test_nothing_to_pair_names_the_unpaired_blocks_by_class_and_the_fixes_in_the
         r"e\.g\. X\(pairs=\[\['0', '2'\]\]\)",
     ):
         find_unit_pairs(nn.Sequential(nn.Linear(3, 4), nn.Softmax(dim=-1), nn.Linear(4, 2)), owner="X")
+    with pytest.raises(  # two blocks of one class: the first, "and 1 more"
+        PlasticityConfigError, match=r"; nothing paired the weight layers of _Normalized at 0 and 1 more \(a, b\); "
+    ):
+        find_unit_pairs(nn.Sequential(_Normalized(), _Normalized()), owner="X")
 
 
 class _Ordered(nn.Module):
