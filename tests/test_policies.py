@@ -100,6 +100,10 @@ SAME_STREAM = {
         lambda: callbacks.L2Init(weight=0.05),
         lambda model, opt: policies.L2Init(model, weight=0.05),
     ),
+    "oscillation_dampener": (  # every bias, every step, from the second application on a running history
+        lambda: callbacks.OscillationDampener(mode="shrink", every_n_steps=1, every_n_epochs=None),
+        lambda model, opt: policies.OscillationDampener(model, mode="shrink", every_n_steps=1),
+    ),
     "shrink_perturb": (
         lambda: callbacks.ShrinkAndPerturb(
             shrink=0.9, perturb=0.01, noise="gaussian", on_task_change=False, every_n_steps=2, seed=1
@@ -133,6 +137,9 @@ def test_the_callback_and_the_bare_policy_give_bit_identical_weights(tmp_path, k
         assert [v.tolist() for v in callback.initial.values()] == [v.tolist() for v in policy.initial.values()]
     elif kind == "redo":  # dormant units were recycled at steps 3, 6, 9 and 12, identically
         assert list(callback.replaced.values()) == list(policy.replaced.values()) and sum(policy.replaced.values()) > 0
+    elif kind == "oscillation_dampener":  # it fired on some elements, identically
+        assert callback.applications == policy.applications == len(x) // 8 and policy.fired > 0
+        assert callback.extra_log() == policy.extra_log()
     else:
         assert callback.applied == policy.applied == len(x) // 8 // 2
 
@@ -648,6 +655,25 @@ EVERY_POLICY = {
     "layer_reset": (
         torch.optim.Adam,
         lambda m, o: policies.LayerReset(m, o, layers=["hidden"], every_n_steps=9, seed=6),
+        lambda p, i: p.step(),
+        ["hidden"],
+    ),
+    # the weight constraints: deterministic, their per-parameter history is what a resume must carry
+    "weight_precision": (
+        torch.optim.Adam,
+        lambda m, o: policies.WeightPrecision(m, bits=None, max_additional_bits=1, every_n_steps=5),
+        lambda p, i: p.step(),
+        ["encoder", "hidden", "out"],
+    ),
+    "oscillation_dampener": (
+        torch.optim.SGD,
+        lambda m, o: policies.OscillationDampener(m, mode="shrink", strength=0.5, every_n_steps=1),
+        lambda p, i: p.step(),
+        ["encoder", "hidden", "out"],
+    ),
+    "james_stein": (
+        torch.optim.RMSprop,
+        lambda m, o: policies.JamesSteinShrinkage(m, variance=1e-3, parameters=["hidden.weight"], every_n_steps=4),
         lambda p, i: p.step(),
         ["hidden"],
     ),
