@@ -13,7 +13,8 @@
    Every repeat runs each workload's variants back to back in a rotating order, so machine noise hits them alike.
    Printed: the median ratio and the range of the per-repeat ratios (each repeat's variant over its own baseline).
    The monitors join one MonitorCollection (one set of hook calls, one probe pass per measurement).
-2. With ``--inside``: the monitors' own work inside their hooks (SimpleProfiler), and the time of
+2. With ``--inside``: the monitors' own work inside their hooks (SimpleProfiler), the time of the singular values
+   of rank-deficient probe features (the Gram route with its interlacing bound against an SVD), and the time of
    ``effective_rank`` on a 4096x2048 float32 matrix (Gram + eigvalsh, float64) against the reference route
    (Dohare et al.'s ``compute_effective_rank``: a SciPy SVD) and the two steps any exact float64 spectrum needs.
 
@@ -48,6 +49,7 @@ from plasticity_lightning import (
     WeightMonitor,
     effective_rank,
 )
+from plasticity_lightning.metrics import singular_values
 from plasticity_lightning.metrics.rank import _lower_gram
 
 
@@ -199,6 +201,18 @@ def inside(epochs: int) -> None:
     eigen = time_call(lambda: torch.linalg.eigvalsh(lower))
     eigen32 = time_call(lambda: torch.linalg.eigvalsh(lower.float()))
     product32 = time_call(lambda: x.T @ x)
+    # probe features of rank < units (70 always-active ReLU units on 64 input dimensions: 5 exact zeros): "auto" once
+    # took an SVD for them; it now bounds the Gram route's zeroed values first (Cauchy interlacing), keeping its answer
+    g = torch.Generator().manual_seed(1)
+    inputs = torch.randn(1024, 64, generator=g, dtype=torch.float64)
+    weights = torch.randn(64, 256, generator=g, dtype=torch.float64)
+    deficient = torch.relu(inputs @ weights + torch.where(torch.arange(256) < 70, 100.0, 0.0).double())
+    auto = time_call(lambda: singular_values(deficient))
+    svd = time_call(lambda: singular_values(deficient, method="svd"))
+    print(
+        f"singular values of rank-deficient 1024x256 probe features: 'auto' {auto * 1e3:.1f} ms (Gram route + "
+        f"interlacing bound), the SVD it used to fall back to {svd * 1e3:.1f} ms"
+    )
     print(f"effective_rank 4096x2048 float32: {erank * 1e3:.0f} ms   target < 50 ms")
     print(f"  ratio to the reference's SciPy-SVD effective rank ({reference * 1e3:.0f} ms): {erank / reference:.2f}")
     print(

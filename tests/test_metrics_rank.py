@@ -585,20 +585,21 @@ def test_auto_keeps_the_gram_route_when_the_zeroed_values_cannot_matter(monkeypa
 
 
 def test_exactly_rank_deficient_features_need_no_svd(monkeypatch):
-    # ReLU features with more always-active units than input dimensions: those units span at most 9 dimensions, so
-    # the 40×40 Gram matrix has exact (round-off) zeros that the old criterion (zeroed × floor > 1e-9·Σσ) sent to an
-    # SVD; the interlacing bound shows they hold < 1e-9 of Σσ, and every measure still agrees with SciPy's SVD
+    # ReLU features with more always-active units than input dimensions: those 12 units span at most 9 dimensions,
+    # so the 40×40 Gram matrix has exact (round-off) zeros that the old criterion (zeroed × floor > 1e-9·Σσ) sent to
+    # an SVD; the interlacing bound shows they hold < 1e-9 of Σσ, and every measure still agrees with SciPy's SVD
     import plasticity_lightning.metrics.rank as rank_module
 
     rng = np.random.default_rng(5)
     inputs = rng.standard_normal((500, 8))
     weights = rng.standard_normal((8, 40))
-    bias = np.where(np.arange(40) < 30, 100.0, 0.0)  # 30 units always active (affine in 8 inputs), 10 ReLU units
+    bias = np.where(np.arange(40) < 12, 100.0, 0.0)  # 12 units always active (affine in 8 inputs), 28 ReLU units
     x = np.maximum(inputs @ weights + bias, 0.0)
     s = scipy.linalg.svdvals(x)
     assert (s > 1e-6 * s[0]).sum() < 40  # the premise: exactly rank-deficient
     gram_values, zeroed, floor = rank_module._gram_singular_values(torch.from_numpy(x.T @ x))
     assert zeroed * floor > 1e-9 * gram_values.sum().item()  # what used to trigger the SVD
+    assert 0 < zeroed <= rank_module._BOUND_MAX_ZEROED  # few enough to bound
 
     def no_svd(*args, **kwargs):
         raise AssertionError("fell back to an SVD")
@@ -616,3 +617,19 @@ def test_exactly_rank_deficient_features_need_no_svd(monkeypatch):
         assert measures[name].item() == pytest.approx(value, rel=1e-9), name
     assert measures["srank"].item() == float(np.searchsorted(np.cumsum(s) / s.sum(), 0.99) + 1)
     assert measures["approximate_rank"].item() == float(np.searchsorted(np.cumsum(s**2) / (s**2).sum(), 0.99) + 1)
+
+
+def test_many_zeroed_values_go_straight_to_the_svd(monkeypatch):
+    # 60 exact zeros: more than the bound is tried for (a cluster that large costs MRRR as much as the SVD)
+    import plasticity_lightning.metrics.rank as rank_module
+
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((200, 20)) @ rng.standard_normal((20, 80))
+
+    def no_bound(*args, **kwargs):
+        raise AssertionError("tried the interlacing bound")
+
+    monkeypatch.setattr(rank_module, "_zeroed_bound", no_bound)
+    s = scipy.linalg.svdvals(x)
+    np.testing.assert_allclose(singular_values(torch.from_numpy(x))[:20].numpy(), s[:20], rtol=1e-9)
+    assert singular_values(torch.from_numpy(x))[20:].tolist() == [0.0] * 60  # the SVD's resolution

@@ -29,13 +29,14 @@ as an SVD on CPUs — except for :func:`numerical_rank`, whose small tolerances 
 All-zero rows and columns (dead units) are dropped first, which is exact. The Gram route resolves singular
 values only down to √(k·eps)·σ₁ (≈ 1.5e-8·√k·σ₁); smaller ones are round-off and are set to 0. If the values
 set to 0 could together hold more than 1e-9 of Σσ (a rank-deficient matrix, or a spectrum decaying over many
-decades), ``method="auto"`` first bounds them from above, cheaply: by Cauchy's interlacing theorem the singular
-values of Φ·V, V the Gram matrix's eigenvectors of those smallest eigenvalues (an n × z product; only those z
-vectors are computed), bound the z smallest singular values of Φ from above, however inaccurate the vectors. Where
-that bound is still more than 1e-9 of Σσ, it recomputes them with an SVD, whose round-off floor is
-max(n, d)·eps·σ₁. Either way the result agrees with an SVD-based computation to about 1e-9 relative, and exactly
-low-rank matrices still get exact ranks; the bound spares the SVD (~8× the Gram route's time on a 1024 × 256
-probe) where features are exactly rank-deficient, e.g. more active units than the input has dimensions.
+decades), ``method="auto"`` first bounds them from above, cheaply, if there are at most 16 of them: by Cauchy's
+interlacing theorem the singular values of Φ·V, V the Gram matrix's eigenvectors of those smallest eigenvalues (an
+n × z product; only those z vectors are computed), bound the z smallest singular values of Φ from above, however
+inaccurate the vectors, and their sum is at most √z·‖Φ·V‖_F. Where there are more, or that bound is still more
+than 1e-9 of Σσ, it recomputes them with an SVD, whose round-off floor is max(n, d)·eps·σ₁. Either way the result
+agrees with an SVD-based computation to about 1e-9 relative, and exactly low-rank matrices still get exact ranks;
+the bound spares the SVD (several times the Gram route's time on a 1024 × 256 probe) where features are exactly
+rank-deficient, e.g. more always-active units than the input has dimensions.
 """
 
 from __future__ import annotations
@@ -174,7 +175,11 @@ def singular_values(features: torch.Tensor, method: Method = "auto") -> torch.Te
             gram, tall = gram[alive][:, alive], tall[:, alive]
         values, zeroed, floor = _gram_singular_values(gram)
         tolerance = 1e-9 * values.sum()
-        if method == "auto" and zeroed * floor > tolerance and _zeroed_bound(tall, gram, zeroed) > tolerance:
+        if (
+            method == "auto"
+            and zeroed * floor > tolerance
+            and (zeroed > _BOUND_MAX_ZEROED or _zeroed_bound(tall, gram, zeroed) > tolerance)
+        ):
             # The zeroed values might be genuine and matter: an SVD resolves them, down to its own round-off.
             values = _svd_values(x, resolve=True)
     values = torch.cat([values, values.new_zeros(size - values.numel())])
@@ -190,9 +195,15 @@ def _svd_values(x: torch.Tensor, resolve: bool) -> torch.Tensor:
     return torch.where(values > resolution, values, torch.zeros_like(values))
 
 
+# The interlacing bound is tried for at most this many zeroed values: MRRR finds a few eigenvectors in ~1 ms at
+# k = 256, but a cluster of 63 took as long as the SVD itself.
+_BOUND_MAX_ZEROED = 16
+
+
 def _zeroed_bound(a: torch.Tensor, gram: torch.Tensor, zeroed: int) -> float:
     """An upper bound on the sum of the ``zeroed`` smallest singular values of ``a`` (``[m, k]``, ``gram`` = aᵀa,
-    lower triangle read): Σ σ(a·V), V the eigenvectors of the Gram matrix's ``zeroed`` smallest eigenvalues.
+    lower triangle read): √z·‖a·V‖_F ≥ Σ σ(a·V), V the eigenvectors of the Gram matrix's z = ``zeroed`` smallest
+    eigenvalues.
 
     For any k × z matrix V with orthonormal columns, the j-th smallest singular value of a·V is at least the j-th
     smallest of a (Cauchy interlacing, on the compression VᵀaᵀaV), so the bound holds however accurate V is;
@@ -201,7 +212,7 @@ def _zeroed_bound(a: torch.Tensor, gram: torch.Tensor, zeroed: int) -> float:
     _, vectors = scipy.linalg.eigh(
         gram.cpu().numpy(), lower=True, subset_by_index=[0, zeroed - 1], driver="evr", check_finite=False
     )
-    return float(torch.linalg.svdvals(a @ torch.from_numpy(vectors).to(a.device)).sum())
+    return math.sqrt(zeroed) * float(torch.linalg.matrix_norm(a @ torch.from_numpy(vectors).to(a.device)))
 
 
 def _gram_singular_values(gram: torch.Tensor) -> tuple[torch.Tensor, int, float]:
