@@ -32,6 +32,12 @@ biases and outgoing weights for Dense → Dense and Conv → Conv. Two deviation
 * Adam moments of the recycled units' biases: the reference's bias masks are ``None`` (``p.ndim == 1``), so their
   moments are kept; the library zeroes them with the bias.
 
+Exit status: 1 when the engines disagree anywhere else — other recycled units, an incoming row redrawn outside the
+recycled units, a new row outside the bound, other biases, other zeroed outgoing weights or kernel moments on a pair
+that is not conv → flatten → dense — each such disagreement printed as ``DISAGREEMENT``; 0 otherwise (the on-demand
+CI job ``.ci/redo_reference`` runs it so). ``--self-check`` has the library recycle at twice the reference's τ, to
+show that the check does fail on engines that disagree.
+
     python benchmarks/redo_vs_reference.py --reference ../dopamine [--steps 300] [--every 50] [--tau 0.1]
 """
 
@@ -161,10 +167,11 @@ class Event:
         self.bias_moments_kept = 0  # recycled units whose bias moments the reference kept
         self.bias_moments_zeroed_by_library = 0
         self.notes: list[str] = []
+        self.disagreements: list[str] = []  # beyond the reference's two known deviations: the check fails
 
 
 def compare_once(ref: Any, net: nn.Sequential, optimizer: torch.optim.Adam, probe: torch.Tensor, tau: float,
-                 step: int) -> Event:  # fmt: skip
+                 step: int, library_tau: float | None = None) -> Event:  # fmt: skip
     import jax
     import jax.numpy as jnp
     import optax
@@ -202,7 +209,8 @@ def compare_once(ref: Any, net: nn.Sequential, optimizer: torch.optim.Adam, prob
     new_params, new_state = recycler.recycle_dead_neurons(intermediates, params, jax.random.PRNGKey(step), opt_state)
 
     before = {id(p): p.detach().clone() for p in net.parameters()}
-    redo = policies.ReDo(net, optimizer, every_n_steps=1, tau=tau, init="xavier", gain=1.0, seed=step)
+    library_tau = tau if library_tau is None else library_tau  # --self-check: another threshold than the reference's
+    redo = policies.ReDo(net, optimizer, every_n_steps=1, tau=library_tau, init="xavier", gain=1.0, seed=step)
     redo.recycle(probe)
 
     event = Event()
@@ -217,7 +225,15 @@ def compare_once(ref: Any, net: nn.Sequential, optimizer: torch.optim.Adam, prob
         event.layers += 1
         event.units += int(mask.sum())
         event.same_units += bool(torch.equal(rows_ours, mask))
+        where = f"step {step}, {name}"
+        if not torch.equal(rows_ours, mask):
+            differ = int((rows_ours != mask).sum())
+            event.disagreements.append(f"{where}: the library redrew {int(rows_ours.sum())} unit(s), the "
+                                       f"reference's mask holds {int(mask.sum())} ({differ} differ)")  # fmt: skip
         same_rows = bool(torch.equal(rows_ref, mask))
+        if bool((rows_ref & ~mask).any()):  # the reference's order may leave a recycled row all zero, never more
+            event.disagreements.append(f"{where}: the reference redrew {int((rows_ref & ~mask).sum())} unit(s) it "
+                                       "did not recycle")  # fmt: skip
         event.same_incoming_rows += same_rows
         if not same_rows:
             event.notes.append(f"{name}: the reference redrew the incoming weights of {int(rows_ref.sum())} unit(s), "
@@ -225,11 +241,19 @@ def compare_once(ref: Any, net: nn.Sequential, optimizer: torch.optim.Adam, prob
                                f"(the library: {int((rows_ours & mask).sum())}, none else: "
                                f"{not bool((rows_ours & ~mask).any())})")  # fmt: skip
         bound = (6.0 / sum(nn.init._calculate_fan_in_and_fan_out(layer.weight))) ** 0.5
-        event.within_bound += bool(layer.weight[mask].abs().max() <= bound if mask.any() else True) and bool(
+        within = bool(layer.weight[mask].abs().max() <= bound if mask.any() else True) and bool(
             ref_kernel[mask].abs().max() <= bound if mask.any() else True
         )
+        event.within_bound += within
+        if not within:
+            event.disagreements.append(f"{where}: a new incoming row lies outside xavier_uniform's bound {bound:.4g}")
         ref_bias = torch.from_numpy(np.array(new_params["params"][name]["bias"]))
-        event.same_bias += bool(torch.equal(ref_bias, layer.bias.detach()))
+        same_bias = bool(torch.equal(ref_bias, layer.bias.detach()))
+        event.same_bias += same_bias
+        if not same_bias:
+            event.disagreements.append(f"{where}: the biases differ after recycling")
+        # the reference's known deviation: its conv -> flatten -> dense outgoing mask (and the moments with it)
+        known = isinstance(layer, nn.Conv2d) and isinstance(consumer, nn.Linear)
         # outgoing: which consumer input columns each engine zeroed, in the consumer's rows that neither redrew (a
         # recycled consumer unit gets fresh incoming weights: the reference zeroes its entries from recycled units
         # afterwards, the library, recycling layer by layer, redraws them; both leave the function unchanged)
@@ -245,6 +269,8 @@ def compare_once(ref: Any, net: nn.Sequential, optimizer: torch.optim.Adam, prob
         zeroed_ours, zeroed_ref = zeroed(consumer.weight), zeroed(ref_out)
         same_outgoing = bool(torch.equal(zeroed_ours, zeroed_ref))
         event.same_outgoing += same_outgoing
+        if not same_outgoing and not known:
+            event.disagreements.append(f"{where} -> {layer_names[i + 1]}: other outgoing weights zeroed")
         if not same_outgoing:
             per_unit = zeroed_ours.numel() // mask.numel()
             wrong = int((zeroed_ref & ~zeroed_ours).sum())
@@ -255,14 +281,18 @@ def compare_once(ref: Any, net: nn.Sequential, optimizer: torch.optim.Adam, prob
         # Adam moments: which entries each engine zeroed (kernels; biases below)
         ref_mu = torch_kernel(new_state[0].mu["params"][name]["kernel"], map_shape_before.get(i))
         ours_mu = optimizer.state[layer.weight]["exp_avg"]
-        event.same_moments += bool(torch.equal(ref_mu == 0, ours_mu == 0))
+        same_moments = bool(torch.equal(ref_mu == 0, ours_mu == 0))
+        event.same_moments += same_moments
+        if not same_moments and i not in map_shape_before:  # a flattened conv's outgoing rows: the same deviation
+            event.disagreements.append(f"{where}: other kernel Adam moments zeroed")
         ref_bias_mu = torch.from_numpy(np.array(new_state[0].mu["params"][name]["bias"]))
         event.bias_moments_kept += int((ref_bias_mu[mask] != 0).sum())
         event.bias_moments_zeroed_by_library += int((optimizer.state[layer.bias]["exp_avg"][mask] == 0).sum())
     return event
 
 
-def run(kind: str, ref: Any, steps: int, every: int, tau: float, seed: int) -> list[Event]:
+def run(kind: str, ref: Any, steps: int, every: int, tau: float, seed: int, library_tau: float | None = None
+        ) -> list[Event]:  # fmt: skip
     torch.manual_seed(seed)
     net = mlp() if kind == "mlp" else nature_cnn()
     x, y = data(kind, seed)
@@ -276,7 +306,7 @@ def run(kind: str, ref: Any, steps: int, every: int, tau: float, seed: int) -> l
         F.cross_entropy(net(x[rows]), y[rows]).backward()
         optimizer.step()
         if step % every == 0:
-            events.append(compare_once(ref, net, optimizer, probe, tau, step))
+            events.append(compare_once(ref, net, optimizer, probe, tau, step, library_tau))
     return events
 
 
@@ -287,13 +317,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--tau", type=float, default=0.1)
+    parser.add_argument(
+        "--self-check",
+        action="store_true",
+        help="the library recycles at 2x tau: shows that the check fails (non-zero exit) on engines that disagree",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
     args = parser.parse_args(argv)
     ref = load_reference(args.reference, args.extra_path)
     print(f"ReDo (tau={args.tau}) every {args.every} of {args.steps} Adam steps: library vs Dopamine's NeuronRecycler")
+    disagreements = []
     for kind in args.models:
-        events = run(kind, ref, args.steps, args.every, args.tau, args.seed)
+        library_tau = 2 * args.tau if args.self_check else None
+        events = run(kind, ref, args.steps, args.every, args.tau, args.seed, library_tau)
         total = sum(e.layers for e in events)
         print(f"\n{kind}: {len(events)} recyclings x {events[0].layers} layers = {total} layer-recyclings, "
               f"{sum(e.units for e in events)} units recycled by the reference")  # fmt: skip
@@ -309,7 +346,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{zeroed}/{units}")  # fmt: skip
         for note in [n for e in events for n in e.notes]:
             print(f"  deviation at a recycling: {note}")
-    return 0
+        disagreements += [f"{kind}, {d}" for e in events for d in e.disagreements]
+    for line in disagreements:
+        print(f"DISAGREEMENT: {line}")
+    print(f"\n{len(disagreements)} disagreement(s) beyond the reference's two known deviations")
+    return 1 if disagreements else 0
 
 
 if __name__ == "__main__":
