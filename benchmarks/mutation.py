@@ -78,11 +78,12 @@ MODULE_TESTS: dict[str, list[str]] = {
         "tests/test_cbp_units.py",
         "tests/test_mut_topology.py",
     ],
-    "plasticity_lightning/studies/store.py": ["tests/test_study_store.py"],
+    "plasticity_lightning/studies/store.py": ["tests/test_study_store.py", "tests/test_mut_store.py"],
     # the report tests that train runs and open a browser are too slow to repeat per mutant: the data path's own
     # unit tests on hand-written run folders, and the bad inputs through the command
     "plasticity_lightning/reports/data.py": [
         "tests/test_report_data.py",
+        "tests/test_mut_report_data.py",
         "tests/test_report_views.py::test_bad_report_inputs_get_one_line_and_exit_2",
     ],
     # CBP's utility and selection live in the trainer-free policy; the callback is its adapter
