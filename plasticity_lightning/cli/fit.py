@@ -136,9 +136,11 @@ def _owned_by(instantiate: Any, owner: str) -> Any:
 
 
 class PlasticityArgumentParser(LightningArgumentParser):
-    """LightningCLI's parser with one-line errors instead of a page of usage text, no abbreviated keys (a misspelt
-    ``--trainer.callbacks.cycle.learn_step`` is refused, not completed to ``learn_steps``), and a refused value in a
-    settings group named by its key path (``PlasticityCycle.cycle.prune_level=1.5 is invalid; ...``).
+    """LightningCLI's parser with one-line errors instead of a page of usage text.
+
+    No abbreviated keys (a misspelt ``--trainer.callbacks.cycle.learn_step`` is refused, not completed to
+    ``learn_steps``), and a refused value in a settings group is named by its key path
+    (``PlasticityCycle.cycle.prune_level=1.5 is invalid; ...``).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

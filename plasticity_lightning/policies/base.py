@@ -173,8 +173,10 @@ class Policy:
         return list(self._bound_layers)
 
     def report_binding(self, names: Iterable[str]) -> None:
-        """Record the modules the policy acts on (:attr:`bound_layers`; ``""``, the model itself, is ``<model>``) and
-        report them once through :attr:`announce`: ``"<owner>: bound to N module(s): a, b, ..."``.
+        """Record the modules the policy acts on and report them once.
+
+        They become :attr:`bound_layers` (``""``, the model itself, is ``<model>``) and one line through
+        :attr:`announce`: ``"<owner>: bound to N module(s): a, b, ..."``.
         """
         self._bound_layers = [name or "<model>" for name in names]
         shown = self._bound_layers[:12] + (

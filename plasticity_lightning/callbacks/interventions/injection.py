@@ -1,5 +1,6 @@
-"""Plasticity injection (Nikishin et al. 2023) as a Lightning callback, an adapter over
-:class:`plasticity_lightning.policies.PlasticityInjection`.
+"""Plasticity injection (Nikishin et al. 2023) as a Lightning callback.
+
+An adapter over :class:`plasticity_lightning.policies.PlasticityInjection`.
 """
 
 from __future__ import annotations

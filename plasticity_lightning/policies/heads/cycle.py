@@ -1,8 +1,10 @@
-"""The prune → measure → grow → learn cycle of attention heads (Sentinel-AI's ``AdaptivePlasticitySystem``, with
-every number measured), as a plain object: the cycle itself (measure, snapshot, choose, prune, measure, grow; then
-judge, keep or revert), strategy ratings, a memory of successful transformations, adaptation of the levels, the stop
-rule and the snapshot a failed cycle is reverted to. :class:`~plasticity_lightning.callbacks.PlasticityCycle` drives
-it from a Lightning fit; a hand-written loop drives it the same way (:class:`CycleController`).
+"""The prune → measure → grow → learn cycle of attention heads, as a plain object.
+
+Sentinel-AI's ``AdaptivePlasticitySystem`` with every number measured: the cycle itself (measure, snapshot,
+choose, prune, measure, grow; then judge, keep or revert), strategy ratings, a memory of successful transformations,
+adaptation of the levels, the stop rule and the snapshot a failed cycle is reverted to.
+:class:`~plasticity_lightning.callbacks.PlasticityCycle` drives it from a Lightning fit; a hand-written loop drives
+it the same way (:class:`CycleController`).
 
 This is the working version of Sentinel-AI's ``AdaptivePlasticitySystem`` (Sentinel-AI,
 https://github.com/CambrianTech/sentinel-ai), whose shipped code scores heads and perplexity with random
@@ -66,8 +68,9 @@ def updated_rating(rating: float, success: bool, improvement: float) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class CycleSettings(Settings):
-    """The settings of a :class:`CycleController` (and of a PlasticityCycle's ``cycle`` argument), validated once at
-    construction (errors name ``owner``'s field). In a LightningCLI YAML they are one group:
+    """The settings of a :class:`CycleController` (and of a PlasticityCycle's ``cycle`` argument).
+
+    Validated once at construction (errors name ``owner``'s field). In a LightningCLI YAML they are one group:
     ``cycle: {learn_steps: 100, prune_level: 0.2}``.
 
     Attributes:
@@ -283,8 +286,10 @@ class CycleController(Policy):
         input_ids: torch.Tensor | None,
         importance: torch.Tensor | None,
     ) -> tuple[list[tuple[int, int]], dict[str, float], list[tuple[int, int]]]:
-        """Steps 3–4: gate off the lowest-scored heads, measure, choose the dead heads to revive (by the plan's
-        strategies; :class:`NonFiniteScores` on NaN/inf scores, before anything is revived).
+        """Steps 3–4: gate off the lowest-scored heads, measure, choose the dead heads to revive.
+
+        The heads to revive follow the plan's strategies; NaN/inf scores raise :class:`NonFiniteScores` before
+        anything is revived.
         """
         alive = gates.mask.cpu() > 0
         count = share_count(plan["prune_level"], int(alive.sum()))
@@ -343,8 +348,9 @@ class CycleController(Policy):
         return strategies[int(torch.multinomial(weights, 1, generator=self.generator))]
 
     def begin(self, start_step: int, record: dict[str, Any]) -> None:
-        """Enter the learning phase, from optimizer step ``start_step``, of the cycle described by ``record`` (its
-        plan, heads and measurements).
+        """Enter the learning phase, from optimizer step ``start_step``, of the cycle described by ``record``.
+
+        ``record`` holds its plan, heads and measurements.
         """
         self.current = {"cycle": len(self.history), "start_step": start_step, "learn_steps": self.learn_steps, **record}
 
@@ -357,9 +363,11 @@ class CycleController(Policy):
         return self.current is not None and step - self.current["start_step"] >= self.current["learn_steps"]
 
     def ready(self, step: int, start_step: int, max_steps: int | None = None) -> bool:
-        """Whether a new cycle may start at ``step``: none running, not stopped, past ``start_step`` and a retry,
-        and the whole cycle fits before ``max_steps`` (``None``: no end) — an unfinished cycle would leave heads
-        pruned and revived heads unjudged (and unrevertable).
+        """Whether a new cycle may start at ``step``.
+
+        None is running, cycling has not stopped, ``step`` is past ``start_step`` and a retry, and the whole cycle
+        fits before ``max_steps`` (``None``: no end) — an unfinished cycle would leave heads pruned and revived heads
+        unjudged (and unrevertable).
         """
         return (
             self.current is None
@@ -374,8 +382,10 @@ class CycleController(Policy):
         return "gradient" in self.pruning_strategies or "gradient" in self.growth_strategies
 
     def summary(self, record: dict[str, Any]) -> dict[str, float]:
-        """The scalars to log of a cycle's record: at its start (perplexities, pruned and grown heads), or once
-        :meth:`finish` has judged it (final perplexity, degeneration, success, live heads kept, the ratings).
+        """The scalars to log of a cycle's record.
+
+        At its start: perplexities, pruned and grown heads; once :meth:`finish` has judged it: final perplexity,
+        degeneration, success, live heads kept, the ratings.
         """
         if "after" not in record:
             return {
@@ -462,8 +472,9 @@ class CycleController(Policy):
     def take_snapshot(
         self, model: nn.Module, optimizers: Iterable[torch.optim.Optimizer], gates: Any, reviver: Any
     ) -> None:
-        """Copy parameters, optimizer states, gates and reviver state to the CPU (about three model copies with
-        Adam), for :meth:`restore_snapshot`.
+        """Copy parameters, optimizer states, gates and reviver state to the CPU, for :meth:`restore_snapshot`.
+
+        About three model copies with Adam.
         """
         self.snapshot = {
             "model": _to_cpu(model.state_dict()),
@@ -475,8 +486,10 @@ class CycleController(Policy):
     def restore_snapshot(
         self, model: nn.Module, optimizers: Iterable[torch.optim.Optimizer], gates: Any, reviver: Any
     ) -> None:
-        """Restore :meth:`take_snapshot`'s copy exactly (into the existing parameters, which DDP and the optimizers
-        keep referring to; the optimizers keep their current param groups: a scheduler's learning rates).
+        """Restore :meth:`take_snapshot`'s copy exactly.
+
+        Into the existing parameters, which DDP and the optimizers keep referring to; the optimizers keep their
+        current param groups (a scheduler's learning rates).
         """
         snapshot = self.snapshot
         model.load_state_dict(snapshot["model"])

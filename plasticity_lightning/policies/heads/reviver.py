@@ -190,9 +190,10 @@ class HeadReviver(Policy):
         generator: torch.Generator | None = None,
         optimizers: Iterable[torch.optim.Optimizer] | None = None,
     ) -> None:
-        """Re-initialise ``heads`` (``(layer, head)`` pairs) and start their gate ramp and boost with optimizer step
-        ``step`` (the next one). Draws come from ``generator`` (default: the reviver's own); the optimizer state
-        of the revived slices is cleared in ``optimizers`` (default: the attached ones).
+        """Re-initialise ``heads`` and start their gate ramp and boost with optimizer step ``step`` (the next one).
+
+        ``heads`` are ``(layer, head)`` pairs. Draws come from ``generator`` (default: the reviver's own); the
+        optimizer state of the revived slices is cleared in ``optimizers`` (default: the attached ones).
         """
         optimizers = self.optimizers if optimizers is None else list(optimizers)
         generator = self.generator if generator is None else generator
