@@ -15,7 +15,7 @@ after ``optimizer.step()``::
   :class:`HeadReset`, :class:`LayerReset`, :class:`PlasticityInjection`, :class:`ParsevalRegularization` (call it
   before ``optimizer.step()``; :func:`parseval_penalty` to put it in a loss);
 * weight constraints: :class:`WeightPrecision`, :class:`OscillationDampener`, :class:`JamesSteinShrinkage`
-  (:class:`ParameterConstraint` their base);
+  (:class:`ParameterConstraint` their base), :class:`SurgeCollapse` (weight collapse and noise surge);
 * measuring: :func:`measure` — model + probe batch → every monitor's measures in one dict;
 * when: :class:`StepCadence`, the step rule the Lightning callbacks share (never at step 0, once per step).
 
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
         fresh_copy,
         fresh_layer,
     )
+    from plasticity_lightning.policies.surge import SurgeCollapse
 
 _EXPORTS = {
     "ContinualBackprop": "plasticity_lightning.policies.cbp",
@@ -67,6 +68,7 @@ _EXPORTS = {
     "ScheduledPolicy": "plasticity_lightning.policies.base",
     "ShrinkAndPerturb": "plasticity_lightning.policies.resets",
     "StepCadence": "plasticity_lightning.policies.cadence",
+    "SurgeCollapse": "plasticity_lightning.policies.surge",
     "UnitPolicy": "plasticity_lightning.policies.base",
     "WeightPrecision": "plasticity_lightning.policies.constraints",
     "all_reduce_mean": "plasticity_lightning.policies.base",
@@ -92,6 +94,7 @@ __all__ = [
     "ScheduledPolicy",
     "ShrinkAndPerturb",
     "StepCadence",
+    "SurgeCollapse",
     "UnitPolicy",
     "WeightPrecision",
     "all_reduce_mean",

@@ -22,7 +22,6 @@ from plasticity_lightning.core.errors import (
     PlasticityConfigError,
     check_choice,
     check_fraction,
-    check_positive_float,
     check_positive_int,
 )
 from plasticity_lightning.metrics.collapse import (
@@ -32,9 +31,9 @@ from plasticity_lightning.metrics.collapse import (
     softmax_collapse_fraction,
     zero_loss_fraction,
 )
-from plasticity_lightning.metrics.entropy import activation_entropy
-from plasticity_lightning.probes import ProbeSet, capture_outputs, resolve_layers, unit_axes, units_first
-from plasticity_lightning.surgery import hidden_unit_layers
+from plasticity_lightning.policies import surge as policy
+from plasticity_lightning.policies.surge import magnitude_quantile as magnitude_quantile  # re-exported
+from plasticity_lightning.probes import ProbeSet
 
 
 class SoftmaxCollapseMonitor(PlasticityMonitor):
@@ -162,25 +161,11 @@ class SoftmaxCollapseMonitor(PlasticityMonitor):
         self.onset_step = state_dict.get("onset_step")
 
 
-def magnitude_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
-    """The ``q`` quantile of ``|values|``, for tensors of any size.
-
-    The ``q`` quantile of ``|values|`` with linear interpolation (``torch.quantile``'s default), for tensors of any size
-    (``torch.quantile`` refuses more than 2²⁴ elements).
-
-    Example::
-
-        >>> magnitude_quantile(torch.tensor([-4.0, 1.0, 2.0, -3.0]), 0.5)
-        tensor(2.5000)
-    """
-    ordered = values.detach().abs().flatten().double().sort().values
-    position = q * (ordered.numel() - 1)
-    low, high = math.floor(position), math.ceil(position)
-    return (ordered[low] + (ordered[high] - ordered[low]) * (position - low)).to(values.dtype)
-
-
 class SurgeCollapse(Intervention):
     """Weight collapse and noise surge, the two real variants of SurgeCollapseNet / StabilAI.
+
+    The algorithm is :class:`plasticity_lightning.policies.SurgeCollapse`'s; this callback decides when it acts,
+    draws the probe from the training data and logs what it reports.
 
     ``mode="scheduled"`` (SurgeCollapseNet's notebook): every ``collapse_every_n_steps`` optimizer steps, each
     parameter tensor's entries below its ``sparsity`` magnitude quantile are set to 0 (collapse); every
@@ -227,6 +212,8 @@ class SurgeCollapse(Intervention):
         >>> trainer = Trainer(callbacks=[SurgeCollapse(mode="scheduled", sparsity=0.5, recovery=0.1)])
     """
 
+    policy: policy.SurgeCollapse
+
     def __init__(
         self,
         mode: Literal["scheduled", "entropy_gated"] = "scheduled",
@@ -243,29 +230,30 @@ class SurgeCollapse(Intervention):
         seed: int = 0,
         prefix: str = "surge_collapse",
     ) -> None:
-        super().__init__(seed=seed, prefix=prefix, every_n_steps=1)  # the step rule; each schedule below on it
-        owner = "SurgeCollapse"
-        self.mode = check_choice(owner, "mode", mode, ("scheduled", "entropy_gated"))
-        if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)):
-            raise PlasticityConfigError(f"{owner}.layers={layers!r} is invalid; expected a list of module names")
-        self.layer_names = None if layers is None else list(layers)
-        self.collapse_every_n_steps = check_positive_int(owner, "collapse_every_n_steps", collapse_every_n_steps)
-        self.surge_every_n_steps = check_positive_int(owner, "surge_every_n_steps", surge_every_n_steps)
-        self.sparsity = check_fraction(owner, "sparsity", sparsity, low_open=True)
-        self.recovery = check_positive_float(owner, "recovery", recovery)
-        self.every_n_epochs = check_positive_int(owner, "every_n_epochs", every_n_epochs)
-        self.entropy_threshold = check_positive_float(owner, "entropy_threshold", entropy_threshold)
-        self.gradient_threshold = check_positive_float(owner, "gradient_threshold", gradient_threshold)
-        self.noise = check_positive_float(owner, "noise", noise)
-        self.probe = ProbeSet(size=probe_size, source="train", seed=seed, owner=owner)
-        self.counts = {"collapses": 0, "surges": 0, "resets": 0}
-        self.skipped_nonfinite = 0  # steps not taken because their statistics were NaN/inf
-        self.events: list[dict[str, Any]] = []
-        self._params: list[tuple[str, nn.Parameter]] = []
-        self._hidden: dict[str, nn.Module] = {}
-        self._axes: dict[str, tuple[int, int | None]] = {}
-        self._last_step: int | None = None
-        self._grad_norms: dict[str, float] = {}
+        surge = policy.SurgeCollapse(
+            mode=mode,
+            layers=layers,
+            collapse_every_n_steps=collapse_every_n_steps,
+            surge_every_n_steps=surge_every_n_steps,
+            sparsity=sparsity,
+            recovery=recovery,
+            entropy_threshold=entropy_threshold,
+            gradient_threshold=gradient_threshold,
+            noise=noise,
+            seed=seed,
+            prefix=prefix,
+        )
+        super().__init__(seed=seed, prefix=prefix, policy=surge, every_n_steps=1)  # the step rule; schedules on it
+        self.every_n_epochs = check_positive_int("SurgeCollapse", "every_n_epochs", every_n_epochs)
+        self.probe = ProbeSet(size=probe_size, source="train", seed=seed, owner="SurgeCollapse")
+
+    mode = property(lambda self: self.policy.mode)
+    layer_names = property(lambda self: self.policy.layer_names)
+    counts = property(lambda self: self.policy.counts)
+    events = property(lambda self: self.policy.events)
+    skipped_nonfinite = property(lambda self: self.policy.skipped_nonfinite)
+    _hidden = property(lambda self: self.policy.hidden)
+    _grad_norms = property(lambda self: self.policy.grad_norms)
 
     @override
     def settings(self) -> dict[str, Any]:
@@ -273,134 +261,40 @@ class SurgeCollapse(Intervention):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.layer_names is None:
-            self._params = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
-        else:
-            modules = dict(pl_module.named_modules())
-            unknown = [n for n in self.layer_names if n not in modules]
-            if unknown:
-                raise PlasticityConfigError(
-                    f"SurgeCollapse.layers: {unknown} are not modules of {type(pl_module).__name__}; choose among "
-                    f"{', '.join(n for n in modules if n)[:300]}"
-                )
-            self._params = [
-                (f"{n}.{pn}", p) for n in self.layer_names for pn, p in modules[n].named_parameters() if p.requires_grad
-            ]
-        if self.mode == "entropy_gated":  # the monitors' discovery: one engine for every callback that reads units
-            self._hidden = resolve_layers(pl_module, None, discover=hidden_unit_layers)
-            self._axes = unit_axes(pl_module, self._hidden)
+        self.connect(trainer)
+        self.policy.attach(pl_module)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
         if self.mode == "entropy_gated":
             # the last batch's gradient norms (after clipping), read now: by the epoch end Lightning has cleared
             # the gradients for validation
-            self._grad_norms = {n: float(p.grad.norm()) for n, p in self._params if p.grad is not None}
+            self.policy.record_gradients()
             return
         step = trainer.global_step
-        if not self.cadence.take(step):  # the shared step rule: never at step 0, once per step
-            return
-        if step % self.collapse_every_n_steps == 0:
-            self.collapse(trainer)
-        if step % self.surge_every_n_steps == 0:
-            self.surge(trainer)
+        if self.cadence.take(step):  # the shared step rule: never at step 0, once per step
+            for _, values in self.policy.scheduled(step):
+                self.log_values(trainer, values, force=True)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.mode != "entropy_gated" or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        entropy = self.entropy(trainer, pl_module)
-        broken = [n for n, norm in self._grad_norms.items() if not math.isfinite(norm)]
-        if not math.isfinite(entropy) or broken:
-            self._skip(trainer, "activation_entropy" if not math.isfinite(entropy) else broken[0])
-        elif entropy < self.entropy_threshold:
-            self.reset_stalled(trainer, entropy)
-        else:
-            self.log_values(trainer, {"entropy": entropy}, force=True)
+        self.log_values(trainer, self.policy.check(self.probe.draw(trainer), trainer.global_step), force=True)
 
-    # ------------------------------------------------------------------ the operations
-    def _skip(self, trainer: pl.Trainer | None, name: str) -> None:
-        """Count and log a step skipped for NaN/inf statistics of ``name``; warn the first time."""
-        self.skipped_nonfinite += 1
-        self.warn_nonfinite(name, None if trainer is None else trainer.global_step)
-        if trainer is not None:
-            self.log_values(trainer, {"skipped_nonfinite": self.skipped_nonfinite}, force=True)
-
-    @torch.no_grad()
+    # ------------------------------------------------------------------ the operations, outside a fit
     def collapse(self, trainer: pl.Trainer | None = None) -> None:
         """Zero each tensor's entries below its ``sparsity`` magnitude quantile (skipped if one is not finite)."""
-        broken = next((n for n, p in self._params if not bool(torch.isfinite(p).all())), None)
-        if broken is not None:
-            self._skip(trainer, broken)
-            return
-        for _, param in self._params:
-            threshold = magnitude_quantile(param, self.sparsity)
-            param.masked_fill_(param.abs() < threshold, 0.0)
-        self._record(trainer, "collapse")
+        values = self.policy.collapse(None if trainer is None else trainer.global_step)
+        if trainer is not None:
+            self.log_values(trainer, values, force=True)
 
-    @torch.no_grad()
     def surge(self, trainer: pl.Trainer | None = None) -> None:
         """Refill every exact zero with N(0, 1)·``recovery``."""
-        for _, param in self._params:
-            zeros = param == 0
-            count = int(zeros.sum())
-            if count:
-                fresh = torch.randn(count, generator=self.generator_on(param.device), device=param.device)
-                param[zeros] = (fresh * self.recovery).to(param)
-        self._record(trainer, "surge")
-
-    @torch.no_grad()
-    def entropy(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
-        """Mean activation entropy of the hidden layers on the fixed probe, averaged across ranks."""
-        outputs, _ = capture_outputs(pl_module, self.probe.draw(trainer), self._hidden)
-        # [samples, units, positions...]: softmax over units (a sequence's hidden axis, a convolution's channels)
-        entropies = [activation_entropy(units_first(v, *self._axes[name])) for name, v in outputs.items()]
-        mean = torch.stack(entropies).mean()
-        return float(self.reduce_mean(trainer, mean.to(pl_module.device)))
-
-    @torch.no_grad()
-    def reset_stalled(self, trainer: pl.Trainer | None, entropy: float) -> list[str]:
-        """Zero-and-noise every tensor whose gradient norm is below ``gradient_threshold``; returns their names."""
-        # a tensor without a recorded gradient (frozen, unused) is not judged stalled
-        norms = self._grad_norms
-        stalled = [(n, p) for n, p in self._params if n in norms and norms[n] < self.gradient_threshold]
-        for _, param in stalled:
-            fresh = torch.randn(param.shape, generator=self.generator_on(param.device), device=param.device)
-            param.copy_((fresh * self.noise).to(param))
-        self._record(trainer, "reset", entropy=entropy, tensors=[n for n, _ in stalled])
-        return [n for n, _ in stalled]
+        values = self.policy.surge(None if trainer is None else trainer.global_step)
+        if trainer is not None:
+            self.log_values(trainer, values, force=True)
 
     def sparsity_now(self) -> float:
         """Share of exact zeros over the affected parameters."""
-        total = sum(p.numel() for _, p in self._params)
-        return sum(int((p == 0).sum()) for _, p in self._params) / max(total, 1)
-
-    def _record(self, trainer: pl.Trainer | None, kind: str, **extra: Any) -> None:
-        key = {"collapse": "collapses", "surge": "surges", "reset": "resets"}[kind]
-        self.counts[key] += 1
-        sparsity = self.sparsity_now()
-        step = trainer.global_step if trainer is not None else None
-        self.events.append({"step": step, "kind": kind, "sparsity": sparsity, **extra})
-        if trainer is not None:
-            values = {**self.counts, "sparsity": sparsity}
-            if "entropy" in extra:
-                values["entropy"] = extra["entropy"]
-            self.log_values(trainer, values, force=True)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            **super().state_dict(),
-            "counts": dict(self.counts),
-            "skipped_nonfinite": self.skipped_nonfinite,
-            "events": list(self.events),
-            "last_step": self._last_step,
-        }
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.counts.update(state_dict.get("counts", {}))
-        self.skipped_nonfinite = int(state_dict.get("skipped_nonfinite", 0))
-        self.events = list(state_dict.get("events", []))
-        self._last_step = state_dict.get("last_step")
+        return self.policy.sparsity_now()
