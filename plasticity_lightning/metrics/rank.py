@@ -201,13 +201,13 @@ _BOUND_MAX_ZEROED = 16
 
 
 def _zeroed_bound(a: torch.Tensor, gram: torch.Tensor, zeroed: int) -> float:
-    """An upper bound on the sum of the ``zeroed`` smallest singular values of ``a`` (``[m, k]``, ``gram`` = aᵀa,
-    lower triangle read): √z·‖a·V‖_F ≥ Σ σ(a·V), V the eigenvectors of the Gram matrix's z = ``zeroed`` smallest
-    eigenvalues.
+    """An upper bound on the sum of the ``zeroed`` smallest singular values of ``a``.
 
-    For any k × z matrix V with orthonormal columns, the j-th smallest singular value of a·V is at least the j-th
-    smallest of a (Cauchy interlacing, on the compression VᵀaᵀaV), so the bound holds however accurate V is;
-    computed V are orthonormal to round-off. Only those z eigenvectors are computed (LAPACK's MRRR, ``evr``).
+    ``a`` is ``[m, k]``, ``gram`` = aᵀa (its lower triangle is read). The bound is √z·‖a·V‖_F ≥ Σ σ(a·V), V the
+    eigenvectors of the Gram matrix's z = ``zeroed`` smallest eigenvalues. For any k × z matrix V with orthonormal
+    columns, the j-th smallest singular value of a·V is at least the j-th smallest of a (Cauchy interlacing, on the
+    compression VᵀaᵀaV), so the bound holds however accurate V is; computed V are orthonormal to round-off. Only
+    those z eigenvectors are computed (LAPACK's MRRR, ``evr``).
     """
     _, vectors = scipy.linalg.eigh(
         gram.cpu().numpy(), lower=True, subset_by_index=[0, zeroed - 1], driver="evr", check_finite=False
