@@ -104,6 +104,12 @@ SAME_STREAM = {
         lambda: callbacks.OscillationDampener(mode="shrink", every_n_steps=1, every_n_epochs=None),
         lambda model, opt: policies.OscillationDampener(model, mode="shrink", every_n_steps=1),
     ),
+    "surge_collapse": (  # collapses at steps 3, 6, 9, 12, surges at 5 and 10, from one generator
+        lambda: callbacks.SurgeCollapse(collapse_every_n_steps=3, surge_every_n_steps=5, sparsity=0.3, seed=2),
+        lambda model, opt: policies.SurgeCollapse(
+            model, collapse_every_n_steps=3, surge_every_n_steps=5, sparsity=0.3, seed=2
+        ),
+    ),
     "shrink_perturb": (
         lambda: callbacks.ShrinkAndPerturb(
             shrink=0.9, perturb=0.01, noise="gaussian", on_task_change=False, every_n_steps=2, seed=1
@@ -137,6 +143,8 @@ def test_the_callback_and_the_bare_policy_give_bit_identical_weights(tmp_path, k
         assert [v.tolist() for v in callback.initial.values()] == [v.tolist() for v in policy.initial.values()]
     elif kind == "redo":  # dormant units were recycled at steps 3, 6, 9 and 12, identically
         assert list(callback.replaced.values()) == list(policy.replaced.values()) and sum(policy.replaced.values()) > 0
+    elif kind == "surge_collapse":  # the same events at the same steps, with the same sparsity after each
+        assert callback.events == policy.events and policy.counts == {"collapses": 4, "surges": 2, "resets": 0}
     elif kind == "oscillation_dampener":  # it fired on some elements, identically
         assert callback.applications == policy.applications == len(x) // 8 and policy.fired > 0
         assert callback.extra_log() == policy.extra_log()
@@ -657,6 +665,21 @@ EVERY_POLICY = {
         lambda m, o: policies.LayerReset(m, o, layers=["hidden"], every_n_steps=9, seed=6),
         lambda p, i: p.step(),
         ["hidden"],
+    ),
+    "surge_collapse": (
+        torch.optim.Adam,
+        lambda m, o: policies.SurgeCollapse(m, collapse_every_n_steps=5, surge_every_n_steps=7, sparsity=0.3, seed=3),
+        lambda p, i: p.step(),
+        ["encoder", "hidden", "out"],
+    ),
+    # the gate: the last gradients after every step, the entropy on the probe every 6th (the gate always open)
+    "surge_collapse_gated": (
+        torch.optim.SGD,
+        lambda m, o: policies.SurgeCollapse(
+            m, mode="entropy_gated", entropy_threshold=100.0, gradient_threshold=0.3, noise=0.05, seed=7
+        ),
+        lambda p, i: (p.record_gradients(), p.check(PROBE) if i % 6 == 5 else None),
+        ["encoder", "hidden", "out"],
     ),
     # the weight constraints: deterministic, their per-parameter history is what a resume must carry
     "weight_precision": (
