@@ -672,13 +672,14 @@ EVERY_POLICY = {
         lambda p, i: p.step(),
         ["encoder", "hidden", "out"],
     ),
-    # the gate: the last gradients after every step, the entropy on the probe every 6th (the gate always open)
+    # the gate: the last gradients after every step, the entropy on the probe every 6th (the gate always open; it
+    # resets 3 tensors at step 5 and 2 at step 17)
     "surge_collapse_gated": (
         torch.optim.SGD,
         lambda m, o: policies.SurgeCollapse(
-            m, mode="entropy_gated", entropy_threshold=100.0, gradient_threshold=0.3, noise=0.05, seed=7
+            m, mode="entropy_gated", entropy_threshold=100.0, gradient_threshold=1.0, noise=0.05, seed=7
         ),
-        lambda p, i: (p.record_gradients(), p.check(PROBE) if i % 6 == 5 else None),
+        lambda p, i: (p.record_gradients(), p.check(PROBE, step=i) if i % 6 == 5 else None),
         ["encoder", "hidden", "out"],
     ),
     # the weight constraints: deterministic, their per-parameter history is what a resume must carry
