@@ -2,7 +2,7 @@
 (Playwright) and tiled 2×2 into one palette PNG. The measure charts show one layer (``LAYER``, default hidden.1.act),
 hidden the way a reader would, through the page's own Plotly legend state.
 
-    python benchmarks/plasticity_loss.py --tasks 50 --seeds 3
+    python benchmarks/plasticity_loss.py --tasks 50 --seeds 3 --variants bp cbp redo shrink_perturb l2_init
     python benchmarks/readme_figure.py runs/plasticity_loss/comparison/report.html \
         docs/images/plasticity_loss_comparison.png
 
