@@ -87,7 +87,11 @@ MODULE_TESTS: dict[str, list[str]] = {
         "tests/test_report_views.py::test_bad_report_inputs_get_one_line_and_exit_2",
     ],
     # CBP's utility and selection live in the trainer-free policy; the callback is its adapter
-    "plasticity_lightning/policies/cbp.py": ["tests/test_cbp_units.py", "tests/test_policies.py"],
+    "plasticity_lightning/policies/cbp.py": [
+        "tests/test_cbp_units.py",
+        "tests/test_policies.py",
+        "tests/test_mut_cbp.py",
+    ],
 }
 
 
