@@ -2,6 +2,7 @@
 its edges: one value, constant samples, NaN cells, a non-default confidence, unequal variances and sizes."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -59,6 +60,16 @@ def test_t_interval_ignores_nan_cells_along_either_axis():
     np.testing.assert_allclose(high_t, high, rtol=1e-12, equal_nan=True)
 
 
+def test_t_interval_of_an_infinite_value_is_not_finite_and_warns_nothing():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # inf − inf and inf + (−inf) inside: the NaN they make is the answer, not something to warn about
+        mean, low, high, count = t_interval(np.array([[np.inf, np.inf], [3.0, -np.inf]]))
+    assert mean[0] == np.inf and np.isnan([low[0], high[0]]).all()  # a diverged run is never hidden
+    assert np.isnan([mean[1], low[1], high[1]]).all()
+    np.testing.assert_array_equal(count, [1, 0])
+
+
 def test_t_interval_of_a_constant_column_has_zero_width():
     mean, low, high, count = t_interval(np.array([[2.0], [2.0], [2.0]]))
     assert (mean[0], low[0], high[0], count[0]) == (2.0, 2.0, 2.0, 3)
@@ -80,7 +91,11 @@ def test_wilcoxon_p_of_paired_runs_is_the_exact_signed_rank_p():
     assert wilcoxon_p([2.0, 4.0, 6.0, 8.0, 10.0], [1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(0.0625)
     # differences 1, -2, 3, 4 (ranks 1, 2, 3, 4): W- = 2; P(W <= 2) = 3 / 16 of the 16 sign patterns, two-sided 0.375
     assert wilcoxon_p([1.0, 0.0, 3.0, 4.0], [0.0, 2.0, 0.0, 0.0]) == pytest.approx(0.375)
-    assert wilcoxon_p([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == 1.0  # every pair equal
+    assert wilcoxon_p([2.0, 3.0, 4.0], [1.0, 2.0, 3.0]) == pytest.approx(0.25)  # three differences of 1: 2 / 2^3
+    assert wilcoxon_p([1.0, 2.0], [0.0, 0.0]) == pytest.approx(0.5)  # two pairs are enough: 2 / 2^2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every pair equal: 1.0 without asking SciPy (which warns on zeros)
+        assert wilcoxon_p([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == 1.0
     assert wilcoxon_p([1.0], [0.0]) is None and wilcoxon_p([], []) is None
 
 

@@ -95,5 +95,8 @@ def test_merging_passes_its_timeout_to_every_store_it_opens(tmp_path, monkeypatc
     store_module.merge_stores(tmp_path / "new.sqlite", [source.path], timeout=2.5)  # a new target
     store_module.merge_stores(source.path, [tmp_path / "new.sqlite"], timeout=2.5)  # into an existing one
     assert len(opened) >= 6 and {timeout for _, timeout in opened} == {2.5}, opened
+    opened.clear()
+    store_module.merge_stores(tmp_path / "third.sqlite", [source.path])  # the default: 60 s, as ResultStore's
+    assert {timeout for _, timeout in opened} == {60.0}, opened
     with pytest.raises(PlasticityConfigError, match=r"^merge: no source stores given$"):
         store_module.merge_stores(tmp_path / "x.sqlite", [])
