@@ -385,6 +385,31 @@ def test_learning_dynamics_keeps_gradients_when_max_steps_ends_mid_epoch(tmp_pat
     assert len(callback.history["mean_grad"]) == 2 and all(g > 0 for g in callback.history["mean_grad"])
 
 
+def test_learning_dynamics_record_is_the_trainer_free_dynamics_record(tmp_path):
+    from plasticity_lightning.metrics import dynamics_record, gradient_stats, layer_weights
+
+    class BareRecords(pl.Callback):
+        """Calls the bare function at each epoch end with the gradient statistics of the epoch's last step."""
+
+        def __init__(self) -> None:
+            self.records, self.grads = [], None
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.grads = gradient_stats(layer_weights(pl_module))
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            metrics = trainer.callback_metrics
+            keys = {"loss": "train/loss_epoch", "accuracy": "train/acc_epoch", "val_accuracy": "val/acc"}
+            logged = {name: metrics[key] for name, key in keys.items()}
+            self.records.append(dynamics_record(pl_module, trainer.current_epoch, logged, self.grads))
+
+    callback, bare = LearningDynamics(filename=None), BareRecords()
+    fit(tmp_path, [callback, bare], max_epochs=2, data=digits(num_tasks=1))
+    columns = {key: [record[key] for record in bare.records] for key in bare.records[0]}
+    assert columns == callback.history and list(columns) == list(callback.history)
+    assert columns["epoch"] == [0, 1] and all(g > 0 for g in columns["mean_grad"])
+
+
 class _FrozenNormNet(nn.Module):
     """A net whose train() keeps its BatchNorm in eval mode (the frozen-BN pattern), with dropout."""
 

@@ -32,6 +32,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import torch
+
+from plasticity_lightning.metrics.weights import gradient_stats, layer_weights, weight_stats
 
 
 @dataclass(frozen=True)
@@ -374,3 +377,55 @@ def dynamics_summary(
     summary["pattern"] = classify_training_pattern(summary, thresholds)
     summary["thresholds"] = asdict(thresholds)
     return summary
+
+
+def dynamics_record(
+    model: torch.nn.Module,
+    epoch: int,
+    logged: Mapping[str, Any] | None = None,
+    gradients: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One history record of ``model`` at the end of an epoch, under the keys of the module's table.
+
+    The record holds ``epoch``, the ``logged`` values as floats, the gradient statistics of the step to record
+    (``mean_grad``, ``max_grad``, ``layer_grad_norms``) and the model's weight statistics (``mean_weight``,
+    ``std_weight``, ``layer_weight_norms``), all from :mod:`~plasticity_lightning.metrics.weights`.
+
+    Args:
+        model: the model, after the epoch's last optimizer step.
+        epoch: the epoch of the record.
+        logged: the epoch's ``loss``, ``accuracy`` and/or ``val_accuracy`` (any scalar ``float()`` accepts), in
+            the order they should appear in the record.
+        gradients: :func:`~plasticity_lightning.metrics.weights.gradient_stats` of the step to record; ``None``
+            takes them from the gradients on ``model``'s parameters, and leaves them out when there are none.
+
+    Example::
+
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = model.weight.copy_(torch.tensor([[3.0, -4.0]]))
+        >>> record = dynamics_record(model, epoch=4, logged={"loss": torch.tensor(0.5)})
+        >>> record["epoch"], record["loss"], record["layer_weight_norms"], "mean_grad" in record
+        (4, 0.5, [5.0], False)
+        >>> model.weight.grad = torch.tensor([[1.0, -3.0]])
+        >>> dynamics_record(model, epoch=4)["mean_grad"]
+        2.0
+    """
+    record: dict[str, Any] = {"epoch": epoch}
+    record.update((name, float(value)) for name, value in (logged or {}).items())
+    if gradients is None and any(p.grad is not None for p in model.parameters()):
+        gradients = gradient_stats(layer_weights(model))
+    if gradients is not None:
+        record.update(
+            mean_grad=gradients["mean_grad"],
+            max_grad=gradients["max_grad"],
+            layer_grad_norms=list(gradients["layer_grad_norms"].values()),
+        )
+    weights = weight_stats(layer_weights(model))
+    record.update(
+        mean_weight=weights["mean_weight"],
+        std_weight=weights["std_weight"],
+        layer_weight_norms=list(weights["layer_weight_norms"].values()),
+    )
+    return record

@@ -16,8 +16,8 @@ from plasticity_lightning.core.errors import check_positive_int
 from plasticity_lightning.core.files import write_text_atomic
 from plasticity_lightning.core.rundir import LEARNING_DYNAMICS_FILE, run_directory
 from plasticity_lightning.core.serialization import json_safe
-from plasticity_lightning.metrics.dynamics import DynamicsThresholds, dynamics_summary
-from plasticity_lightning.metrics.weights import gradient_stats, layer_weights, weight_stats
+from plasticity_lightning.metrics.dynamics import DynamicsThresholds, dynamics_record, dynamics_summary
+from plasticity_lightning.metrics.weights import gradient_stats, layer_weights
 
 
 class LearningDynamics(Callback):
@@ -95,14 +95,17 @@ class LearningDynamics(Callback):
         if not self._recording(trainer):
             return
         metrics = trainer.callback_metrics
-        record: dict[str, Any] = {"epoch": trainer.current_epoch}
-        for name, key in (
-            ("loss", self.loss_key),
-            ("accuracy", self.accuracy_key),
-            ("val_accuracy", self.val_accuracy_key),
-        ):
-            if key in metrics:
-                record[name] = float(metrics[key])
+        keys = {"loss": self.loss_key, "accuracy": self.accuracy_key, "val_accuracy": self.val_accuracy_key}
+        self._warn_missing(metrics)
+        # With self._grads None (the epoch ended before its last batch: max_steps, limit mid-epoch) the record
+        # takes the latest step's gradients, still on the parameters.
+        logged = {name: metrics[key] for name, key in keys.items() if key in metrics}
+        record = dynamics_record(pl_module, trainer.current_epoch, logged, self._grads)
+        for key, value in record.items():
+            self.history.setdefault(key, []).append(value)
+        self._grads = None
+
+    def _warn_missing(self, metrics: dict[str, Any]) -> None:
         missing = [key for key in (self.loss_key, self.accuracy_key) if key not in metrics]
         if missing and not self._warned_missing:
             self._warned_missing = True
@@ -110,25 +113,6 @@ class LearningDynamics(Callback):
                 f"LearningDynamics: {', '.join(missing)} not logged; the summary leaves out what needs "
                 f"{'it' if len(missing) == 1 else 'them'}. Logged keys: {', '.join(sorted(metrics)[:15])}"
             )
-        if self._grads is None and any(p.grad is not None for p in pl_module.parameters()):
-            # The epoch ended before its last batch (max_steps, limit mid-epoch): the latest step's gradients
-            # are still on the parameters.
-            self._grads = gradient_stats(layer_weights(pl_module))
-        if self._grads is not None:
-            record.update(
-                mean_grad=self._grads["mean_grad"],
-                max_grad=self._grads["max_grad"],
-                layer_grad_norms=list(self._grads["layer_grad_norms"].values()),
-            )
-        weights = weight_stats(layer_weights(pl_module))
-        record.update(
-            mean_weight=weights["mean_weight"],
-            std_weight=weights["std_weight"],
-            layer_weight_norms=list(weights["layer_weight_norms"].values()),
-        )
-        for key, value in record.items():
-            self.history.setdefault(key, []).append(value)
-        self._grads = None
 
     # ------------------------------------------------------------------ summary
     def _complete_history(self) -> dict[str, list[Any]]:
