@@ -23,6 +23,7 @@ from plasticity_lightning.losses import StableMaxCrossEntropy, build_loss, stabl
 from plasticity_lightning.metrics import (
     SoftmaxCollapse,
     logit_norm,
+    loss_nlm_alignment,
     nlm_alignment,
     softmax_collapse_fraction,
     zero_loss_fraction,
@@ -162,6 +163,53 @@ def test_softmax_collapse_monitor_matches_the_training_set_and_marks_the_onset(t
     assert last["nlm_alignment"] == pytest.approx(nlm_alignment(list(model.parameters()), grads), abs=1e-9)
     first_collapsed = next(h["step"] for h in monitor.history if h["softmax_collapse"] > 0.5)
     assert monitor.onset_step == first_collapsed and sum("onset_step" in h for h in monitor.history) == 1
+
+
+def test_zero_terms_with_the_models_own_criterion_and_the_loss_alignment_without_a_trainer():
+    logits, targets = torch.tensor([[-1e8, 1e8], [0.0, 200.0], [0.0, 1.0]]), torch.tensor([1, 1, 1])
+    stablemax_ce = StableMaxCrossEntropy()
+    # StableMax's terms by hand: s = x + 1 (x >= 0), 1 / (1 - x) (x < 0); row 0 is 1 in float64, rows 1-2 are not
+    assert zero_loss_fraction(logits, targets, criterion=stablemax_ce) == pytest.approx(1 / 3)
+    assert zero_loss_fraction(logits, targets) == pytest.approx(2 / 3)  # softmax: rows 0 and 1 are exactly 0
+    assert zero_loss_fraction(logits, targets, criterion=torch.nn.CrossEntropyLoss()) == pytest.approx(2 / 3)
+    assert zero_loss_fraction(logits, targets, criterion=torch.nn.Identity()) == pytest.approx(2 / 3)  # no reduction
+    assert stablemax_ce.reduction == "mean"  # the criterion itself is left as it was
+    assert math.isnan(zero_loss_fraction(logits.clone().fill_(math.nan), targets, criterion=stablemax_ce))
+    with pytest.raises(PlasticityConfigError, match="precision='float8'"):
+        zero_loss_fraction(logits, targets, "float8", criterion=stablemax_ce)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.5), torch.nn.Linear(4, 2)).train()
+    model[0].bias.requires_grad_(False)
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    overall, per_tensor = loss_nlm_alignment(model, lambda: torch.nn.functional.cross_entropy(model(x), y))
+    assert model.training and model[1].training and all(p.grad is None for p in model.parameters())
+    model.eval()  # the expected values: dropout off, every trainable parameter, weights (2-D) one by one
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x), y), params)
+    assert overall == pytest.approx(nlm_alignment(params, grads), abs=1e-12)
+    assert per_tensor == {
+        "0.weight": pytest.approx(nlm_alignment([model[0].weight], [grads[0]]), abs=1e-12),
+        "2.weight": pytest.approx(nlm_alignment([model[2].weight], [grads[1]]), abs=1e-12),
+    }
+
+
+def test_softmax_collapse_monitor_measures_with_the_trainer_free_functions(tmp_path):
+    data = ModularArithmeticDataModule(p=7, train_fraction=0.5, full_batch=True)
+    torch.manual_seed(0)
+    model = MLP(hidden_sizes=[16], loss=StableMaxCrossEntropy(), optimizer=partial(torch.optim.Adam, lr=0.05))
+    monitor = SoftmaxCollapseMonitor(every_n_epochs=5)
+    make_trainer(tmp_path, callbacks=[monitor], max_epochs=10, num_sanity_val_steps=0).fit(model, data)
+    x, y, _ = data.splits["train"][:]
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+    last = monitor.history[-1]
+    assert last["zero_terms"] == zero_loss_fraction(logits, y, criterion=model.criterion)
+    overall, per_tensor = loss_nlm_alignment(model, lambda: model.criterion(model(x), y))
+    assert last["nlm_alignment"] == pytest.approx(overall, abs=1e-9)
+    logged = {key.removeprefix("nlm_alignment/"): v for key, v in last.items() if key.startswith("nlm_alignment/")}
+    assert len(logged) == 2 and logged == {name: pytest.approx(v, abs=1e-9) for name, v in per_tensor.items()}
 
 
 # ---------------------------------------------------------------------------------------------- datasets

@@ -11,6 +11,7 @@ function                           definition
 :func:`logit_norm`                 mean L2 norm of the logit rows
 :func:`nlm_alignment`              cos(−∇L, θ): alignment of the descent direction with scaling the weights along
                                    themselves (naive loss minimisation; ⊥Grad removes this component)
+:func:`loss_nlm_alignment`         the same for a model and a loss closure, overall and per weight tensor
 =================================  =================================================================================
 
 Two classes collapse in float32 once the logit gap exceeds ≈ 16.6 (exp(−gap) < 2⁻²⁴); in float64 ≈ 36.7.
@@ -22,8 +23,9 @@ comparisons (``== 1``, ``== 0``, ``> 0``) would otherwise report it as a clean 0
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torchmetrics import Metric
@@ -76,21 +78,44 @@ def softmax_collapse_fraction(logits: torch.Tensor, precision: str = "float32") 
     return _share(_collapsed(logits, precision), logits, precision)
 
 
-def zero_loss_fraction(logits: torch.Tensor, targets: torch.Tensor, precision: str = "float32") -> float:
+def zero_loss_fraction(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    precision: str = "float32",
+    criterion: torch.nn.Module | None = None,
+) -> float:
     """Share of rows whose cross-entropy in ``precision`` is exactly 0 (NaN if any logit is non-finite).
+
+    With a ``criterion`` that is another loss with a ``reduction`` (StableMax cross-entropy), the share of rows whose
+    own loss term is exactly 0 instead — what its training sees, computed as it computes it (NaN if any logit is
+    non-finite in its own dtype). A ``nn.CrossEntropyLoss`` criterion, or one without ``reduction``, gives the
+    cross-entropy share.
 
     Args:
         logits: the model's output logits, ``[N, classes]``.
         targets: the class index of each row, ``[N]``.
         precision: the floating-point format the softmax is evaluated in: ``"float16"``, ``"float32"`` (default: what a
             float32 model computes) or ``"float64"`` (Prieto et al. 2025).
+        criterion: the model's training loss (``None``: softmax cross-entropy).
 
     Example::
 
         >>> zero_loss_fraction(torch.tensor([[0.0, 200.0], [0.0, 200.0]]), torch.tensor([1, 0]))
         0.5
+        >>> from plasticity_lightning.losses import StableMaxCrossEntropy
+        >>> logits, targets = torch.tensor([[-1e8, 1e8], [0.0, 200.0]]), torch.tensor([1, 1])
+        >>> zero_loss_fraction(logits, targets), zero_loss_fraction(logits, targets, criterion=StableMaxCrossEntropy())
+        (1.0, 0.5)
     """
-    return _share(_zero_loss(logits, targets, precision), logits, precision)
+    if criterion is None or isinstance(criterion, torch.nn.CrossEntropyLoss) or not hasattr(criterion, "reduction"):
+        return _share(_zero_loss(logits, targets, precision), logits, precision)
+    check_choice("softmax collapse", "precision", precision, PRECISIONS)
+    if not bool(torch.isfinite(logits).all()):
+        return math.nan
+    per_row = copy.copy(criterion)
+    per_row.reduction = "none"
+    with torch.no_grad():
+        return float((per_row(logits, targets) == 0).float().mean())
 
 
 def logit_norm(logits: torch.Tensor) -> float:
@@ -128,6 +153,45 @@ def nlm_alignment(params: Iterable[torch.Tensor], grads: Iterable[torch.Tensor |
     if not (math.isfinite(dot) and math.isfinite(denominator)):
         return math.nan  # a NaN would otherwise fail `> 0` and read as a clean 0.0
     return dot / denominator if denominator > 0 else 0.0
+
+
+def loss_nlm_alignment(model: torch.nn.Module, loss: Callable[[], torch.Tensor]) -> tuple[float, dict[str, float]]:
+    """:func:`nlm_alignment` of ``loss()``'s gradient over ``model``'s trainable parameters, overall and per tensor.
+
+    ``loss`` is called with the model in eval mode (each module's mode is restored afterwards) and gradients enabled;
+    the gradient comes from ``torch.autograd.grad``, so no ``.grad`` is touched.
+
+    Args:
+        model: the model θ belongs to.
+        loss: computes the loss from ``model``, e.g. ``lambda: criterion(model(x), y)``.
+
+    Returns:
+        The alignment over all trainable parameters, and ``{name: alignment}`` for each weight tensor (two or more
+        dimensions) that has a gradient.
+
+    Example::
+
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = model.weight.copy_(torch.tensor([[1.0, 0.0]]))
+        >>> loss_nlm_alignment(model, lambda: -model(torch.tensor([[2.0, 0.0]])).sum())  # descent scales θ up
+        (1.0, {'weight': 1.0})
+    """
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    flags = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.enable_grad():
+            grads = torch.autograd.grad(loss(), [p for _, p in named], allow_unused=True)
+    finally:
+        for module, flag in flags.items():
+            module.train(flag)
+    per_tensor = {
+        name: nlm_alignment([param], [grad])
+        for (name, param), grad in zip(named, grads, strict=True)
+        if param.ndim >= 2 and grad is not None
+    }
+    return nlm_alignment([p for _, p in named], grads), per_tensor
 
 
 class SoftmaxCollapse(Metric):

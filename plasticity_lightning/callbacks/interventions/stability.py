@@ -6,7 +6,6 @@ collapse and noise surge).
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -27,7 +26,7 @@ from plasticity_lightning.core.errors import (
 from plasticity_lightning.metrics.collapse import (
     PRECISIONS,
     logit_norm,
-    nlm_alignment,
+    loss_nlm_alignment,
     softmax_collapse_fraction,
     zero_loss_fraction,
 )
@@ -109,7 +108,7 @@ class SoftmaxCollapseMonitor(PlasticityMonitor):
             return dict.fromkeys(names, math.nan)
         values = {
             "softmax_collapse": softmax_collapse_fraction(logits, self.precision),
-            "zero_terms": self._zero_terms(pl_module, logits, targets),
+            "zero_terms": zero_loss_fraction(logits, targets, self.precision, getattr(pl_module, "criterion", None)),
             "logit_norm": logit_norm(logits),
         }
         if self.gradient_alignment:
@@ -119,37 +118,10 @@ class SoftmaxCollapseMonitor(PlasticityMonitor):
             values["onset_step"] = float(self.onset_step)
         return values
 
-    def _zero_terms(self, pl_module: nn.Module, logits: torch.Tensor, targets: torch.Tensor) -> float:
-        """Share of exactly-zero loss terms.
-
-        Softmax cross-entropy in ``precision``, or the model's own criterion per sample when it is another loss with a
-        ``reduction`` (StableMax cross-entropy: its terms are what training sees).
-        """
-        criterion = getattr(pl_module, "criterion", None)
-        if criterion is None or isinstance(criterion, nn.CrossEntropyLoss) or not hasattr(criterion, "reduction"):
-            return zero_loss_fraction(logits, targets, self.precision)
-        per_sample = copy.copy(criterion)
-        per_sample.reduction = "none"
-        with torch.no_grad():
-            return float((per_sample(logits, targets) == 0).float().mean())
-
     def _alignment(self, pl_module: nn.Module, batch: Any, targets: torch.Tensor) -> dict[str, float]:
-        named = [(name, p) for name, p in pl_module.named_parameters() if p.requires_grad]
         criterion = getattr(pl_module, "criterion", None) or nn.CrossEntropyLoss()
-        flags = {module: module.training for module in pl_module.modules()}
-        pl_module.eval()
-        try:
-            with torch.enable_grad():
-                loss = criterion(self.forward(pl_module, batch), targets)
-                grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
-        finally:
-            for module, flag in flags.items():
-                module.train(flag)
-        values = {"nlm_alignment": nlm_alignment([p for _, p in named], grads)}
-        for (name, param), grad in zip(named, grads, strict=True):
-            if param.ndim >= 2 and grad is not None:
-                values[f"nlm_alignment/{name}"] = nlm_alignment([param], [grad])
-        return values
+        overall, per_tensor = loss_nlm_alignment(pl_module, lambda: criterion(self.forward(pl_module, batch), targets))
+        return {"nlm_alignment": overall, **{f"nlm_alignment/{name}": value for name, value in per_tensor.items()}}
 
     @override
     def state_dict(self) -> dict[str, Any]:
