@@ -125,8 +125,9 @@ class ParameterConstraint(Intervention):
 
 
 class WeightPrecision(ParameterConstraint):
-    """Limit the binary precision of float32 weights: :class:`plasticity_lightning.policies.WeightPrecision` applied
-    on the epoch and/or step cadence.
+    """Limit the binary precision of float32 weights.
+
+    :class:`plasticity_lightning.policies.WeightPrecision` applied on the epoch and/or step cadence.
 
     ``mode="mantissa"`` rounds each mantissa to ``bits`` bits (0–23), half to even; ``mode="ieee_bits"`` is
     neural-network-lab-python's ``BinaryWeightConstraintMax`` bit for bit (``bits`` 0–32).
@@ -174,7 +175,8 @@ class WeightPrecision(ParameterConstraint):
 
 
 class OscillationDampener(ParameterConstraint):
-    """Damp elements that oscillate (a strict local extremum over the last three applications):
+    """Damp elements that oscillate (a strict local extremum over the last three applications).
+
     :class:`plasticity_lightning.policies.OscillationDampener` applied on the epoch and/or step cadence.
 
     ``mode="lowest_bit"`` clears the lowest set bit of a firing element (neural-network-lab-python's
@@ -218,9 +220,10 @@ class OscillationDampener(ParameterConstraint):
 
 
 class JamesSteinShrinkage(ParameterConstraint):
-    """James-Stein shrinkage of each tensor toward 0, ``w ← (1 − λ)w`` with ``λ = clip((p − 2)·σ²/‖w‖², 0,
-    max_shrinkage)``: :class:`plasticity_lightning.policies.JamesSteinShrinkage` applied on the epoch and/or step
-    cadence.
+    """James-Stein shrinkage of each tensor toward 0.
+
+    ``w ← (1 − λ)w`` with ``λ = clip((p − 2)·σ²/‖w‖², 0, max_shrinkage)``:
+    :class:`plasticity_lightning.policies.JamesSteinShrinkage` applied on the epoch and/or step cadence.
 
     neural-network-lab-python applies it as a Keras kernel constraint after every optimizer step, to kernels (weights
     with ≥ 2 dims, the default selection here), with ``σ² = 1``. Logs ``mean_shrinkage``, the mean λ.
