@@ -701,6 +701,12 @@ EVERY_POLICY = {
         lambda p, i: p.step(),
         ["hidden"],
     ),
+    "normalize_project": (
+        torch.optim.SGD,
+        lambda m, o: policies.NormalizeAndProject(m, every_n_steps=2),
+        lambda p, i: p.step(),
+        ["encoder", "hidden", "out"],
+    ),
 }
 
 

@@ -14,8 +14,9 @@ after ``optimizer.step()``::
 * whole parameters: :class:`ShrinkAndPerturb`, :class:`L2Init` (call it before ``optimizer.step()``),
   :class:`HeadReset`, :class:`LayerReset`, :class:`PlasticityInjection`, :class:`ParsevalRegularization` (call it
   before ``optimizer.step()``; :func:`parseval_penalty` to put it in a loss);
-* weight constraints: :class:`WeightPrecision`, :class:`OscillationDampener`, :class:`JamesSteinShrinkage`
-  (:class:`ParameterConstraint` their base), :class:`SurgeCollapse` (weight collapse and noise surge);
+* weight constraints: :class:`WeightPrecision`, :class:`OscillationDampener`, :class:`JamesSteinShrinkage`,
+  :class:`NormalizeAndProject` (:class:`ParameterConstraint` their base), :class:`SurgeCollapse` (weight collapse
+  and noise surge);
 * measuring: :func:`measure` — model + probe batch → every monitor's measures in one dict;
 * when: :class:`StepCadence`, the step rule the Lightning callbacks share (never at step 0, once per step).
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from plasticity_lightning.policies.cbp import ContinualBackprop
     from plasticity_lightning.policies.constraints import (
         JamesSteinShrinkage,
+        NormalizeAndProject,
         OscillationDampener,
         ParameterConstraint,
         WeightPrecision,
@@ -59,6 +61,7 @@ _EXPORTS = {
     "JamesSteinShrinkage": "plasticity_lightning.policies.constraints",
     "L2Init": "plasticity_lightning.policies.resets",
     "LayerReset": "plasticity_lightning.policies.resets",
+    "NormalizeAndProject": "plasticity_lightning.policies.constraints",
     "OscillationDampener": "plasticity_lightning.policies.constraints",
     "ParameterConstraint": "plasticity_lightning.policies.constraints",
     "PlasticityInjection": "plasticity_lightning.policies.injection",
@@ -85,6 +88,7 @@ __all__ = [
     "JamesSteinShrinkage",
     "L2Init",
     "LayerReset",
+    "NormalizeAndProject",
     "OscillationDampener",
     "ParameterConstraint",
     "ParsevalRegularization",

@@ -1,4 +1,4 @@
-"""Weight constraints for any training loop: precision limits, oscillation damping, James-Stein shrinkage.
+"""Weight constraints for any training loop: precision limits, oscillation damping, James-Stein shrinkage, NaP.
 
 neural-network-lab-python's constraints (jesse318s/neural-network-lab-python on GitHub, TensorFlow/Keras) as plain
 objects. Each rewrites chosen parameters in place, under ``no_grad``, when :meth:`~ParameterConstraint.apply` is
@@ -38,6 +38,7 @@ from plasticity_lightning.surgery.constraints import (
     clear_lowest_set_bits,
     james_stein_factor,
     mantissa_bits,
+    project_to_norm,
     round_mantissa,
     significant_bits,
     strict_extrema,
@@ -431,3 +432,81 @@ class JamesSteinShrinkage(ParameterConstraint):
 
     def extra_log(self) -> dict[str, float]:
         return {"mean_shrinkage": sum(self.factors) / len(self.factors)} if self.factors else {}
+
+
+class NormalizeAndProject(ParameterConstraint):
+    """Normalize-and-Project (NaP; Lyle et al. 2024): each weight rescaled to the norm it had when attached.
+
+    Lyle et al. 2024, "Normalization and effective learning rates in reinforcement learning": with normalisation
+    layers before each activation a layer's function does not depend on its weights' scale, but its effective
+    learning rate falls as the norm grows; holding the norm fixed keeps the effective learning rate, and with it
+    plasticity. The initial norms are read when the model is attached (and kept in :meth:`state_dict`, so a resumed
+    loop projects to the same norms). Reported: ``mean_scale``, the mean ‖θ₀‖/‖θ‖ before projecting (above 1 when the
+    weights shrank, below 1 when they grew).
+
+    Args:
+        model: see :class:`ParameterConstraint`.
+        every_n_steps: see :class:`ParameterConstraint` (the paper projects after every step: 1).
+        parameters: parameter names or glob patterns; ``None``: every weight with two or more dimensions (Linear and
+            Conv weights). Normalisation scales can be named too.
+        prefix: see :class:`ParameterConstraint`.
+
+    Example::
+
+        >>> net = nn.Linear(4, 3)
+        >>> nap = NormalizeAndProject(net)
+        >>> _ = net.weight.data.mul_(2.0)
+        >>> nap.apply()["mean_scale"]
+        0.5
+        >>> bool(torch.isclose(net.weight.norm(), nap.history["weight"]["initial_norm"].float()))
+        True
+    """
+
+    default_selection = "weights"
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        *,
+        every_n_steps: int | None = 1,
+        parameters: Sequence[str] | None = None,
+        prefix: str = "normalize_project",
+    ) -> None:
+        super().__init__(model, every_n_steps=every_n_steps, parameters=parameters, prefix=prefix)
+        self.scales: list[float] = []
+        self._attach_given_model()
+
+    def attach(self, model: nn.Module) -> None:
+        """Select the parameters and record their norms now (a resumed loop keeps the norms it loaded)."""
+        super().attach(model)
+        parameters = dict(model.named_parameters())
+        for name in self.selected:
+            if self._recall(name, "initial_norm", parameters[name]) is not None:
+                continue
+            norm = torch.linalg.vector_norm(parameters[name].detach().to(torch.float64))
+            if not bool(norm > 0) or not bool(torch.isfinite(norm)):
+                raise PlasticityConfigError(
+                    f"{self.owner}.parameters: {name!r} has initial norm {float(norm)}; projecting to it would "
+                    "hold the parameter at zero (or NaN). Exclude it with `parameters` or initialise it to non-zero"
+                )
+            self._remember(name, "initial_norm", norm)
+
+    def apply(self, model: nn.Module | None = None) -> dict[str, float]:  # type: ignore[override]
+        """Project every selected parameter to its initial norm now (attaching ``model`` first if none is)."""
+        if not self.history:
+            target = model if model is not None else self.model
+            if target is not None:
+                self.attach(target)
+        return super().apply(model)
+
+    def begin(self) -> None:
+        self.scales = []
+
+    def constrain(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        target = self._recall(name, "initial_norm", value)
+        current = torch.linalg.vector_norm(value.to(torch.float64))
+        self.scales.append(float(target / current) if current > 0 else float("nan"))
+        return project_to_norm(value, target)
+
+    def extra_log(self) -> dict[str, float]:
+        return {"mean_scale": sum(self.scales) / len(self.scales)} if self.scales else {}

@@ -1,4 +1,4 @@
-"""Element-wise weight constraints: float32 precision limits, oscillation damping, James-Stein shrinkage.
+"""Element-wise weight constraints: float32 precision, oscillation damping, James-Stein shrinkage, norm projection.
 
 Pure tensor functions; :mod:`plasticity_lightning.callbacks.interventions.constraints` decides when and on
 which parameters.
@@ -194,3 +194,21 @@ def james_stein_factor(weight: torch.Tensor, variance: float = 1.0, max_shrinkag
     p = weight.numel()
     squared_norm = weight.detach().to(_wide_dtype(weight.device)).pow(2).sum().clamp(min=1e-6)
     return ((p - 2) * variance / squared_norm).clamp(0.0, max_shrinkage)
+
+
+def project_to_norm(value: torch.Tensor, norm: torch.Tensor | float) -> torch.Tensor:
+    """``value`` rescaled to Frobenius norm ``norm`` (a zero tensor stays zero; the scale is computed in float64).
+
+    Args:
+        value: the tensor to rescale.
+        norm: the Frobenius norm it should have.
+
+    Example::
+
+        >>> project_to_norm(torch.tensor([[3.0, 4.0]]), 1.0)
+        tensor([[0.6000, 0.8000]])
+    """
+    current = torch.linalg.vector_norm(value.detach().to(torch.float64))
+    target = torch.as_tensor(norm, dtype=torch.float64, device=value.device)
+    scale = torch.where(current > 0, target / current, torch.ones_like(current))
+    return (value.to(torch.float64) * scale).to(value.dtype)
