@@ -220,6 +220,30 @@ def test_iterative_pruning_by_importance_and_revert_beyond_tolerance(tmp_path):
     assert strict.stopped and bool((strict.mask == 1).all())
 
 
+def test_head_pruning_decides_as_the_bare_pruner_fed_its_perplexities_and_importance(tmp_path):
+    from conftest import make_trainer
+
+    from plasticity_lightning import HeadImportance, HeadPruning
+    from plasticity_lightning.policies.heads import IterativeHeadPruner
+    from plasticity_lightning.surgery.heads import HeadGates
+
+    class Worsening(_LMWithPerplexity):  # perplexity rises by 0.3 per epoch: the third step breaks a 0.5 tolerance
+        def validation_step(self, batch, batch_idx):
+            self.log("val/perplexity", 1.0 + 0.3 * self.current_epoch)
+
+    _, train, val = _token_loaders()
+    pruning = HeadPruning(fraction=0.25, max_fraction=0.75, tolerance=0.5)
+    make_trainer(
+        tmp_path, callbacks=[HeadImportance(num_batches=6), pruning], max_epochs=4, num_sanity_val_steps=0
+    ).fit(Worsening(), train, val)
+    bare, gates = IterativeHeadPruner(fraction=0.25, max_fraction=0.75, tolerance=0.5), HeadGates(tiny_gpt2())
+    for record in pruning.history:  # no trainer: the callback's inputs, the pruner's decisions
+        step = bare.step(gates, record["perplexity"], lambda record=record: torch.tensor(record["importance"]))
+        assert (step.heads, step.reverted) == (record["pruned"], record["reverted"])
+    assert [(len(h["pruned"]), h["reverted"]) for h in pruning.history] == [(3, False), (3, False), (0, True)]
+    assert torch.equal(gates.mask, pruning.mask) and bare.state_dict() == pruning.pruner.state_dict()
+
+
 def test_pruning_resumes_from_a_checkpoint_with_its_mask(tmp_path):
     from conftest import make_trainer
 

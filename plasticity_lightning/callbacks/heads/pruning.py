@@ -86,14 +86,7 @@ class HeadPruning(SkipsNonFinite, Intervention):
         self.validations += 1
         if self.validations % self.every_n_validations:
             return
-        if self.monitor not in trainer.callback_metrics:
-            raise PlasticityConfigError(
-                f"HeadPruning.monitor={self.monitor!r} is not logged; logged: "
-                f"{', '.join(sorted(trainer.callback_metrics))}"
-            )
-        # averaged across ranks: a value logged without sync_dist would let ranks decide differently
-        value = trainer.callback_metrics[self.monitor].detach().float().to(pl_module.device)
-        perplexity = float(self.reduce_mean(trainer, value))
+        perplexity = self._perplexity(trainer, pl_module)
         if not math.isfinite(perplexity):  # neither a baseline nor a reason to undo
             self.skip_nonfinite(trainer, self.monitor)
             return
@@ -107,6 +100,16 @@ class HeadPruning(SkipsNonFinite, Intervention):
             self.mask = gates.mask
         importance = step.importance.tolist() if step.importance is not None else None
         self._record(trainer, perplexity, step.heads, reverted=step.reverted, importance=importance)
+
+    def _perplexity(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        """The monitored perplexity averaged across ranks: one logged without sync_dist would split the decision."""
+        if self.monitor not in trainer.callback_metrics:
+            raise PlasticityConfigError(
+                f"HeadPruning.monitor={self.monitor!r} is not logged; logged: "
+                f"{', '.join(sorted(trainer.callback_metrics))}"
+            )
+        value = trainer.callback_metrics[self.monitor].detach().float().to(pl_module.device)
+        return float(self.reduce_mean(trainer, value))
 
     # the pruner's state, read and written under the names this callback's checkpoints have always used
     @property
