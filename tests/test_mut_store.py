@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,19 @@ def test_merging_passes_its_timeout_to_every_store_it_opens(tmp_path, monkeypatc
     assert {timeout for _, timeout in opened} == {60.0}, opened
     with pytest.raises(PlasticityConfigError, match=r"^merge: no source stores given$"):
         store_module.merge_stores(tmp_path / "x.sqlite", [])
+
+
+def test_defaults_canonical_json_and_a_one_byte_file(tmp_path):
+    path = tmp_path / "s.sqlite"
+    store = ResultStore(path)
+    assert store.timeout == 60.0 and store_module.open_store(path).timeout == 60.0
+    store.write(
+        [{"key": "k", "study": "s", "config": {"b": 1, "a": 2}, "seed": 0, "metrics": {"y": 1, "x": 2}, "history": {}}]
+    )
+    with sqlite3.connect(path) as db:  # stored as canonical text: keys sorted, whatever order they came in
+        assert db.execute("SELECT config, metrics FROM runs").fetchone() == ('{"a": 2, "b": 1}', '{"x": 2, "y": 1}')
+    one_byte = tmp_path / "one.sqlite"
+    one_byte.write_bytes(b"x")  # not empty: read as a store, and it is none
+    message = f"{str(one_byte)!r} is not a study store: no runs table; expected key TEXT"
+    with pytest.raises(PlasticityConfigError, match=f"^{re.escape(message)}"):
+        ResultStore(one_byte, create=False)
