@@ -29,12 +29,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from plasticity_lightning.metrics.weights import gradient_stats, layer_weights, weight_stats
+if TYPE_CHECKING:  # the report reads this module's summaries without torch (tests/test_imports.py)
+    import torch
 
 
 @dataclass(frozen=True)
@@ -402,6 +402,7 @@ def dynamics_record(
     Example::
 
         >>> import torch
+        >>> import torch
         >>> model = torch.nn.Linear(2, 1, bias=False)
         >>> with torch.no_grad():
         ...     _ = model.weight.copy_(torch.tensor([[3.0, -4.0]]))
@@ -412,6 +413,9 @@ def dynamics_record(
         >>> dynamics_record(model, epoch=4)["mean_grad"]
         2.0
     """
+    # torch-using helpers, imported here so that importing this module stays torch-free
+    from plasticity_lightning.metrics.weights import gradient_stats, layer_weights, weight_stats
+
     record: dict[str, Any] = {"epoch": epoch}
     record.update((name, float(value)) for name, value in (logged or {}).items())
     if gradients is None and any(p.grad is not None for p in model.parameters()):
