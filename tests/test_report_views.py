@@ -225,6 +225,10 @@ def _bad(tmp_path: Path, case: str) -> list[str]:
     if case == "binary metrics.csv":
         (run / "metrics.csv").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
         return ["report", str(run)]
+    if case == "pickled predictions.npz":
+        (run / "metrics.csv").write_text("epoch,step,val/loss\n0,1,0.5\n")
+        np.savez(run / "predictions.npz", labels=np.array([{"x": 1}], dtype=object))
+        return ["report", str(run)]
     if case == "not a run":
         (run / "notes.txt").write_text("hi")
         return ["report", str(run)]
@@ -260,6 +264,7 @@ BAD_INPUTS = {
     "steps without values": "no logged values",
     "ragged rows": "malformed CSV",
     "binary metrics.csv": "a binary file",
+    "pickled predictions.npz": "predictions.npz: not an .npz of plain arrays (Object arrays cannot be loaded",
     "output is another folder": "is not a report folder",
     "summary-tasks 0": "--summary-tasks=0 is invalid",
     "compare: no shared metric": "share no logged metric",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -33,6 +34,18 @@ from plasticity_lightning.core.rundir import (
     TENSORBOARD_EVENTS_GLOB,
     per_task_accuracy_key,
 )
+
+
+def _read_predictions(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of ``predictions.npz``; pickled (object) arrays are refused in one line, never unpickled."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise PlasticityConfigError(
+            f"{path}: not an .npz of plain arrays ({err}); the report never unpickles a run's files. "
+            "Save numeric arrays (np.savez) or remove the file"
+        ) from None
 
 
 class _HparamsLoader(yaml.SafeLoader):
@@ -372,7 +385,7 @@ def load_run(path: str | Path) -> RunData:
             raise PlasticityConfigError(f"{file}: not valid JSON") from None
 
     predictions_file = directory / PREDICTIONS_FILE
-    predictions = dict(np.load(predictions_file, allow_pickle=False)) if predictions_file.is_file() else None
+    predictions = _read_predictions(predictions_file) if predictions_file.is_file() else None
     return RunData(
         directory=directory,
         table=table,
