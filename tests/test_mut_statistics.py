@@ -68,6 +68,11 @@ def test_t_interval_of_an_infinite_value_is_not_finite_and_warns_nothing():
     assert mean[0] == np.inf and np.isnan([low[0], high[0]]).all()  # a diverged run is never hidden
     assert np.isnan([mean[1], low[1], high[1]]).all()
     np.testing.assert_array_equal(count, [1, 0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # two finite values and an inf: the count is 2, so the interval is computed, from an infinite mean
+        mean, low, high, count = t_interval(np.array([[1.0], [2.0], [np.inf]]))
+    assert mean[0] == np.inf and not np.isfinite([low[0], high[0]]).any() and count[0] == 2
 
 
 def test_t_interval_of_a_constant_column_has_zero_width():

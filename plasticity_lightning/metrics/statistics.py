@@ -51,8 +51,10 @@ def t_interval(values: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarra
         deviations = np.where(np.isfinite(values), values - np.expand_dims(mean, axis), 0.0)
         variance = (deviations**2).sum(axis=axis) / np.maximum(count - 1, 1)
         half = stats.t.ppf(0.975, np.maximum(count - 1, 1)) * np.sqrt(variance / np.maximum(count, 1))
-    half = np.where(count >= 2, half, np.nan)
-    return mean, mean - half, mean + half, count
+        half = np.where(count >= 2, half, np.nan)
+        # an infinite mean gives inf − inf here: NaN bounds are the answer, not something to warn about
+        low, high = mean - half, mean + half
+    return mean, low, high, count
 
 
 def cohens_d(values: Sequence[float], reference: Sequence[float]) -> float:
